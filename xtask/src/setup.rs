@@ -1,0 +1,102 @@
+//! `cargo xtask setup`: installs what building and testing vmsniff needs on a Debian 12 machine
+//! of this project's kind, idempotently. Facts behind each step: ../shared/notes/ebpf-toolchain.md.
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages, and why each is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "rustc 1.96 with LLVM 22: builds the eBPF programs where rustup has no rust-src"),
+    ("cargo-web", "cargo for that rustc"),
+    ("libstd-rust-web-dev-bpf", "precompiled core for bpfel-unknown-none"),
+    ("llvm-22-dev", "bpf-linker links against LLVM 22"),
+    ("qemu-system-x86", "the VM harness boots Debian kernels under TCG"),
+    ("busybox-static", "the VM harness's initramfs"),
+    ("kmod", "depmod for the guest kernels' modules"),
+    ("iproute2", "tests build their topologies with ip and tc"),
+    ("tcpdump", "the demo and tests decode what the collector receives"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("`cargo xtask setup` installs Debian packages: run it as root");
+    }
+    install_packages()?;
+    link_debian_toolchain()?;
+    install_bpf_linker()?;
+    eprintln!("setup: every prerequisite is in place");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !package_installed(name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (name, why) in PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
+        eprintln!("setup: installing {name}: {why}");
+    }
+    run_step(Command::new("apt-get").arg("update").arg("-q"), "apt-get update")?;
+    run_step(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )
+}
+
+fn package_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .stderr(Stdio::null())
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// rustup's proxies come first on PATH, so Debian's rustc is reached as `+debian`.
+fn link_debian_toolchain() -> anyhow::Result<()> {
+    let listed = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
+    if String::from_utf8_lossy(&listed.stdout).lines().any(|l| l.split_whitespace().next() == Some("debian")) {
+        return Ok(());
+    }
+    run_step(Command::new("rustup").args(["toolchain", "link", "debian", "/usr"]), "rustup toolchain link")
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    if home.join("bin/bpf-linker").is_file() {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker 0.13 against LLVM 22 (about two minutes)");
+    run_step(
+        Command::new("cargo")
+            .args(["install", "--locked", "bpf-linker", "--version", "^0.13"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        "cargo install bpf-linker",
+    )
+}
+
+fn run_step(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
