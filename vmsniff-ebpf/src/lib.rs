@@ -236,6 +236,9 @@ pub struct TapSessions {
     /// that detach removes exactly vmsniff's filter and no other.
     pub nl_priority: [u16; 2],
     pub nl_handle: [u32; 2],
+    /// The tap's name when it was attached, NUL-padded: an ifindex alone cannot tell a tap
+    /// that was deleted and replaced from the one vmsniff attached to.
+    pub ifname: [u8; 16],
     pub _reserved: [u32; 3],
 }
 
@@ -246,6 +249,7 @@ impl TapSessions {
         flags: 0,
         nl_priority: [0; 2],
         nl_handle: [0; 2],
+        ifname: [0; 16],
         _reserved: [0; 3],
     };
 
@@ -278,7 +282,7 @@ impl DirectionCounters {
 }
 
 const _: () = assert!(core::mem::size_of::<SessionConfig>() == 96);
-const _: () = assert!(core::mem::size_of::<TapSessions>() == 48);
+const _: () = assert!(core::mem::size_of::<TapSessions>() == 64);
 const _: () = assert!(core::mem::size_of::<DirectionCounters>() == 64);
 
 #[cfg(feature = "user")]

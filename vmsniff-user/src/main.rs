@@ -1,6 +1,58 @@
-fn main() {
-    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmsniff"));
-    let ebpf = aya::Ebpf::load(bytes).unwrap();
-    for (n, _) in ebpf.programs() { println!("{n}"); }
-    for (n, _) in ebpf.maps() { println!("{n}"); }
+//! vmsniff: mirror a VM's frames from the hypervisor to a remote collector.
+mod apply;
+mod cli;
+mod netlink;
+mod netns;
+mod observe;
+mod paths;
+mod plan;
+mod privilege;
+mod resolve;
+mod session;
+
+use std::{io::Write as _, process::ExitCode};
+
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            log::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Attach(args) => cli::attach::run(args).await,
+            Command::Detach(args) => cli::detach::run(args).await,
+            Command::Status(args) => cli::status::run(args).await,
+            Command::Mirror(args) => cli::mirror::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            log::error!("{}", apply::executor::chain(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything but a command's result goes to stderr, one line per event.
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let level = match record.level() {
+                log::Level::Error => "error: ",
+                log::Level::Warn => "warning: ",
+                _ => "",
+            };
+            writeln!(buf, "vmsniff: {level}{}", record.args())
+        })
+        .init();
 }

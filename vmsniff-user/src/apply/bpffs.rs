@@ -1,0 +1,48 @@
+//! The BPF filesystem: mounted when missing, and the host-wide lock on vmsniff's directory.
+use std::{
+    fs::{self, File},
+    os::unix::fs::DirBuilderExt as _,
+    path::Path,
+};
+
+use nix::{
+    fcntl::{Flock, FlockArg},
+    mount::{MsFlags, mount},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
+
+use super::KernelError;
+use crate::paths::lock_path;
+
+/// Mounts bpffs at `bpffs` unless it is mounted there already.
+pub fn ensure_mounted(bpffs: &Path) -> Result<(), KernelError> {
+    if is_bpffs(bpffs) {
+        return Ok(());
+    }
+    log::info!("mounting bpffs at {}", bpffs.display());
+    mount(Some("bpf"), bpffs, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
+        .map_err(|errno| KernelError::BpffsUnavailable { path: bpffs.to_owned(), source: errno.into() })
+}
+
+pub fn is_bpffs(path: &Path) -> bool {
+    statfs(path).map(|s| s.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false)
+}
+
+/// Held while a command reads and changes vmsniff's state; released on drop.
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+/// Takes vmsniff's lock, waiting for another vmsniff that holds it.
+pub fn lock(bpffs: &Path) -> Result<StateLock, KernelError> {
+    let dir = lock_path(bpffs);
+    match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(KernelError::io(format!("creating {}", dir.display()))(e)),
+    }
+    let file = File::open(&dir).map_err(KernelError::io(format!("opening {}", dir.display())))?;
+    let lock = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| KernelError::io(format!("locking {}", dir.display()))(errno.into()))?;
+    Ok(StateLock { _lock: lock })
+}

@@ -1,0 +1,65 @@
+use std::{io, path::PathBuf};
+
+use thiserror::Error;
+
+/// A kernel operation that failed, with what it was doing and on what.
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error("bpffs is not mounted at {path} and mounting it failed; mount it with `mount -t bpf bpf {}`", path.display())]
+    BpffsUnavailable { path: PathBuf, #[source] source: io::Error },
+    #[error(
+        "vmsniff's pinned maps at {} do not match this vmsniff ({detail}); they were made by \
+         another version: detach their sessions with that version, or remove the directory once \
+         no mirror there is needed",
+        path.display()
+    )]
+    AbiMismatch { path: PathBuf, detail: String },
+    #[error(
+        "this kernel cannot create GRE devices (the ip_gre module is missing); load it with \
+         `modprobe ip_gre`, or mirror into a local interface with --to-dev"
+    )]
+    NoGreSupport,
+    #[error(
+        "an interface named {name} exists and is not vmsniff's; rename or delete it (vmsniff \
+         names its GRE devices vms<session>-<direction>)"
+    )]
+    DeviceNameTaken { name: String },
+    #[error(
+        "{name} has a legacy `ingress` qdisc, which leaves no room for the clsact qdisc vmsniff \
+         attaches to; move its filters under clsact (`tc qdisc del dev {name} ingress`, `tc qdisc \
+         add dev {name} clsact`, then re-add them), or use --attach-mode tcx on Linux >= 6.6"
+    )]
+    LegacyIngressQdisc { name: String },
+    #[error("{op}")]
+    Io { op: String, #[source] source: io::Error },
+    #[error("{op}")]
+    Map { op: String, #[source] source: aya::maps::MapError },
+    #[error("{op}")]
+    Program { op: String, #[source] source: aya::programs::ProgramError },
+    #[error("{op}")]
+    Ebpf { op: String, #[source] source: aya::EbpfError },
+    #[error("{op}")]
+    Netlink { op: String, #[source] source: rtnetlink::Error },
+}
+
+impl KernelError {
+    pub fn io(op: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        let op = op.into();
+        move |source| KernelError::Io { op, source }
+    }
+
+    pub fn map(op: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Self {
+        let op = op.into();
+        move |source| KernelError::Map { op, source }
+    }
+
+    pub fn program(op: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> Self {
+        let op = op.into();
+        move |source| KernelError::Program { op, source }
+    }
+
+    pub fn netlink(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
+        let op = op.into();
+        move |source| KernelError::Netlink { op, source }
+    }
+}

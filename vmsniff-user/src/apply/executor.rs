@@ -1,0 +1,215 @@
+//! The one executor: runs a plan's steps against the kernel. An attach that fails half-way is
+//! undone step by step in reverse, so a failed command leaves the system as it found it; a
+//! detach goes on past a failing step and reports every failure at the end.
+use aya::programs::SchedClassifier;
+use vmsniff_ebpf::{
+    SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TapSessions, TcHook, program_name,
+};
+
+use super::{KernelError, gre, maps::{self, PinnedMaps}, tc};
+use crate::{
+    netlink::Netlink,
+    paths::{PinPaths, gre_device_alias},
+    plan::{
+        attach::{AttachPlan, AttachStep},
+        detach::DetachStep,
+    },
+};
+
+/// What the executor works on: the caller's network namespace.
+pub struct Kernel {
+    pub netlink: Netlink,
+    pub paths: PinPaths,
+}
+
+/// Applies an attach plan; on failure undoes what it did and returns the first error.
+pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
+    let mut ebpf = PinnedMaps::load_object(&kernel.paths)?;
+    let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
+        op: format!("vmsniff's maps are not pinned under {} after loading", kernel.paths.maps_dir().display()),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+    })?;
+    let mut undo: Vec<DetachStep> = Vec::new();
+    let mut session = SessionConfig::EMPTY;
+    for step in &plan.steps {
+        let result = apply_attach_step(kernel, &mut ebpf, &mut maps, step, &mut session, &mut undo).await;
+        if let Err(error) = result {
+            log::debug!("attach failed at {step:?}: undoing {} steps", undo.len());
+            for step in undo.iter().rev() {
+                if let Err(undo_error) = apply_detach_step(kernel, &mut maps, step).await {
+                    log::error!("could not undo a step of the failed attach ({step:?}): {}", chain(&undo_error));
+                }
+            }
+            if maps.observe().map(|o| o.sessions.is_empty() && o.taps.is_empty()).unwrap_or(false) {
+                drop(maps);
+                maps::remove_pins(&kernel.paths)?;
+            }
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+async fn apply_attach_step(
+    kernel: &Kernel,
+    ebpf: &mut aya::Ebpf,
+    maps: &mut PinnedMaps,
+    step: &AttachStep,
+    session: &mut SessionConfig,
+    undo: &mut Vec<DetachStep>,
+) -> Result<(), KernelError> {
+    match step {
+        AttachStep::ClaimSession { id, config } => {
+            *session = *config;
+            let claimed = SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..*config };
+            maps.set_session(*id, &claimed)?;
+            undo.push(DetachStep::FreeSession { id: *id });
+        }
+        AttachStep::ResetCounters { id } => maps.reset_counters(*id)?,
+        AttachStep::CreateGreDevice { id, direction, device } => {
+            let ifindex = gre::create(&kernel.netlink, device).await?;
+            session.target_ifindex[direction.index()] = ifindex;
+            undo.push(DetachStep::DeleteGreDevice { id: *id, direction: *direction, ifindex, name: device.name.clone() });
+            // Record the device at once, so that a crash from here on leaves it findable.
+            let mut claimed = maps.session(*id)?;
+            claimed.target_ifindex[direction.index()] = ifindex;
+            maps.set_session(*id, &claimed)?;
+        }
+        AttachStep::RegisterTap { tap, mode } => {
+            let mut entry = TapSessions { attach_mode: mode.abi(), ..TapSessions::EMPTY };
+            let name = tap.name.as_bytes();
+            entry.ifname[..name.len()].copy_from_slice(name);
+            maps.set_tap(tap.ifindex, &entry)?;
+            undo.push(DetachStep::ForgetTap { tap_ifindex: tap.ifindex });
+        }
+        AttachStep::EnsureClsact { tap } => {
+            if tc::ensure_clsact(&kernel.netlink, &tap.name, tap.ifindex).await? {
+                update_tap(maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
+                undo.push(DetachStep::RemoveClsactIfUnused { tap_ifindex: tap.ifindex, tap_name: tap.name.clone() });
+            }
+        }
+        AttachStep::AttachProgram { tap, hook, mode } => {
+            let program = tap_program(ebpf, *hook)?;
+            let attached = tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode)?;
+            undo.push(DetachStep::DetachProgram {
+                tap_ifindex: tap.ifindex,
+                tap_name: tap.name.clone(),
+                hook: *hook,
+                mode: *mode,
+                nl_priority: attached.nl_priority,
+                nl_handle: attached.nl_handle,
+            });
+            update_tap(maps, tap.ifindex, |entry| {
+                entry.nl_priority[hook.index()] = attached.nl_priority;
+                entry.nl_handle[hook.index()] = attached.nl_handle;
+            })?;
+        }
+        AttachStep::ActivateSession { id } => {
+            let active = SessionConfig { state: SESSION_ACTIVE, ..*session };
+            maps.set_session(*id, &active)?;
+            undo.push(DetachStep::DeactivateSession { id: *id });
+        }
+        AttachStep::AddToTap { tap, id } => {
+            let mut full = false;
+            update_tap(maps, tap.ifindex, |entry| match entry.ids.iter().position(|&slot| slot == 0) {
+                Some(slot) => entry.ids[slot] = *id as u16,
+                None => full = true,
+            })?;
+            if full {
+                return Err(KernelError::Io {
+                    op: format!("tap {} has no free session slot", tap.name),
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
+            undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![*id] });
+        }
+    }
+    Ok(())
+}
+
+fn tap_program(ebpf: &mut aya::Ebpf, hook: TcHook) -> Result<&mut SchedClassifier, KernelError> {
+    let name = match hook {
+        TcHook::Ingress => program_name::TAP_INGRESS,
+        TcHook::Egress => program_name::TAP_EGRESS,
+    };
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| KernelError::Io {
+            op: format!("the embedded eBPF object has no program {name}"),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        })?
+        .try_into()
+        .map_err(KernelError::program(format!("{name} is not a tc classifier")))?;
+    if program.fd().is_err() {
+        program.load().map_err(KernelError::program(format!("loading {name} (the kernel's verifier refused it)")))?;
+    }
+    Ok(program)
+}
+
+fn update_tap(maps: &mut PinnedMaps, ifindex: u32, change: impl FnOnce(&mut TapSessions)) -> Result<(), KernelError> {
+    let mut entry = maps.tap(ifindex)?.unwrap_or(TapSessions::EMPTY);
+    change(&mut entry);
+    maps.set_tap(ifindex, &entry)
+}
+
+/// Applies detach steps, all of them: returns the failures, each with the step it came from.
+pub async fn apply_detach(kernel: &Kernel, steps: &[DetachStep]) -> Vec<(DetachStep, KernelError)> {
+    let mut failures = Vec::new();
+    let mut maps = match PinnedMaps::open(&kernel.paths) {
+        Ok(Some(maps)) => maps,
+        Ok(None) => return failures,
+        Err(error) => {
+            failures.push((DetachStep::RemovePins, error));
+            return failures;
+        }
+    };
+    for step in steps {
+        if let Err(error) = apply_detach_step(kernel, &mut maps, step).await {
+            failures.push((step.clone(), error));
+        }
+    }
+    failures
+}
+
+async fn apply_detach_step(kernel: &Kernel, maps: &mut PinnedMaps, step: &DetachStep) -> Result<(), KernelError> {
+    match step {
+        DetachStep::DeactivateSession { id } => {
+            let session = maps.session(*id)?;
+            maps.set_session(*id, &SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..session })
+        }
+        DetachStep::RemoveFromTap { tap_ifindex, ids } => {
+            if maps.tap(*tap_ifindex)?.is_none() {
+                return Ok(());
+            }
+            update_tap(maps, *tap_ifindex, |entry| {
+                let kept: Vec<u16> = entry.ids.iter().copied().filter(|&id| id != 0 && !ids.contains(&u32::from(id))).collect();
+                entry.ids = [0; vmsniff_ebpf::MAX_SESSIONS_PER_TAP];
+                entry.ids[..kept.len()].copy_from_slice(&kept);
+            })
+        }
+        DetachStep::DetachProgram { tap_ifindex, tap_name, hook, mode, nl_priority, nl_handle } => {
+            tc::detach(&kernel.netlink, &kernel.paths, tap_name, *tap_ifindex, *hook, *mode, *nl_priority, *nl_handle).await
+        }
+        DetachStep::RemoveClsactIfUnused { tap_ifindex, tap_name } => {
+            tc::remove_clsact_if_unused(&kernel.netlink, tap_name, *tap_ifindex).await
+        }
+        DetachStep::ForgetTap { tap_ifindex } => maps.remove_tap(*tap_ifindex),
+        DetachStep::DeleteGreDevice { id, direction, ifindex, name } => {
+            gre::delete(&kernel.netlink, *ifindex, name, &gre_device_alias(*id, *direction)).await
+        }
+        DetachStep::FreeSession { id } => maps.set_session(*id, &SessionConfig::EMPTY),
+        DetachStep::RemovePins => maps::remove_pins(&kernel.paths),
+    }
+}
+
+/// An error and its causes on one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,151 @@
+//! vmsniff's pinned maps in one network namespace: the record of every session.
+use std::{fs, io, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use vmsniff_ebpf::{
+    DirectionCounters, SESSION_FREE, SessionConfig, TapSessions, counter_index, map_name, Direction,
+};
+
+use super::KernelError;
+use crate::{paths::PinPaths, plan::Observed};
+
+/// The eBPF object built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmsniff"));
+
+pub struct PinnedMaps {
+    pub sessions: Array<MapData, SessionConfig>,
+    pub taps: HashMap<MapData, u32, TapSessions>,
+    pub counters: PerCpuArray<MapData, DirectionCounters>,
+}
+
+impl PinnedMaps {
+    /// Opens the namespace's pinned maps; `None` when vmsniff has no state here.
+    pub fn open(paths: &PinPaths) -> Result<Option<Self>, KernelError> {
+        let names = [map_name::SESSIONS, map_name::TAPS, map_name::COUNTERS];
+        let present = names.iter().filter(|n| paths.map(n).exists()).count();
+        if present == 0 {
+            return Ok(None);
+        }
+        if present < names.len() {
+            return Err(KernelError::AbiMismatch {
+                path: paths.maps_dir(),
+                detail: "some of vmsniff's maps are missing".into(),
+            });
+        }
+        let open = |name: &str| {
+            MapData::from_pin(paths.map(name)).map_err(KernelError::map(format!("opening pinned map {}", paths.map(name).display())))
+        };
+        let mismatch = |e: aya::maps::MapError| KernelError::AbiMismatch { path: paths.maps_dir(), detail: e.to_string() };
+        Ok(Some(Self {
+            sessions: Array::try_from(aya::maps::Map::Array(open(map_name::SESSIONS)?)).map_err(mismatch)?,
+            taps: HashMap::try_from(aya::maps::Map::HashMap(open(map_name::TAPS)?)).map_err(mismatch)?,
+            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(map_name::COUNTERS)?)).map_err(mismatch)?,
+        }))
+    }
+
+    /// Loads the eBPF object with its maps bound to the namespace's pins (created when absent,
+    /// reused when present: every tap program of the namespace shares them).
+    pub fn load_object(paths: &PinPaths) -> Result<Ebpf, KernelError> {
+        if Self::open(paths)?.is_none() {
+            fs::create_dir_all(paths.maps_dir()).map_err(KernelError::io(format!("creating {}", paths.maps_dir().display())))?;
+        }
+        let (sessions, taps, counters) =
+            (paths.map(map_name::SESSIONS), paths.map(map_name::TAPS), paths.map(map_name::COUNTERS));
+        EbpfLoader::new()
+            .map_pin_path(map_name::SESSIONS, sessions.as_path())
+            .map_pin_path(map_name::TAPS, taps.as_path())
+            .map_pin_path(map_name::COUNTERS, counters.as_path())
+            .load(EBPF_OBJECT)
+            .map_err(|source| KernelError::Ebpf { op: "loading vmsniff's eBPF object".into(), source })
+    }
+
+    /// The state the planner works from.
+    pub fn observe(&self) -> Result<Observed, KernelError> {
+        let mut observed = Observed::default();
+        for (id, session) in self.sessions.iter().enumerate() {
+            let session = session.map_err(KernelError::map("reading the sessions map"))?;
+            if session.state != SESSION_FREE {
+                let id = id as u32;
+                if session.owner_pid != 0 && !process_alive(session.owner_pid) {
+                    observed.orphaned.insert(id);
+                }
+                observed.sessions.insert(id, session);
+            }
+        }
+        for entry in self.taps.iter() {
+            let (ifindex, tap) = entry.map_err(KernelError::map("reading the taps map"))?;
+            observed.taps.insert(ifindex, tap);
+        }
+        Ok(observed)
+    }
+
+    pub fn set_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
+        self.sessions.set(id, config, 0).map_err(KernelError::map(format!("writing session {id}")))
+    }
+
+    pub fn session(&self, id: u32) -> Result<SessionConfig, KernelError> {
+        self.sessions.get(&id, 0).map_err(KernelError::map(format!("reading session {id}")))
+    }
+
+    pub fn tap(&self, ifindex: u32) -> Result<Option<TapSessions>, KernelError> {
+        match self.taps.get(&ifindex, 0) {
+            Ok(tap) => Ok(Some(tap)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(KernelError::map(format!("reading tap {ifindex}"))(e)),
+        }
+    }
+
+    pub fn set_tap(&mut self, ifindex: u32, tap: &TapSessions) -> Result<(), KernelError> {
+        self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}")))
+    }
+
+    pub fn remove_tap(&mut self, ifindex: u32) -> Result<(), KernelError> {
+        match self.taps.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(KernelError::map(format!("removing tap {ifindex}"))(e)),
+        }
+    }
+
+    /// A session's counters for one direction, summed over the CPUs.
+    pub fn counters(&self, id: u32, direction: Direction) -> Result<DirectionCounters, KernelError> {
+        let per_cpu = self
+            .counters
+            .get(&counter_index(id, direction), 0)
+            .map_err(KernelError::map(format!("reading session {id}'s counters")))?;
+        let mut total = DirectionCounters::default();
+        for cpu in per_cpu.iter() {
+            total.add(cpu);
+        }
+        Ok(total)
+    }
+
+    pub fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
+        let cpus = nr_cpus().map_err(|(what, e)| KernelError::io(format!("counting CPUs ({what})"))(e))?;
+        for direction in Direction::ALL {
+            let zero = PerCpuValues::try_from(vec![DirectionCounters::default(); cpus])
+                .map_err(KernelError::io("building zeroed counters"))?;
+            self.counters
+                .set(counter_index(id, direction), zero, 0)
+                .map_err(KernelError::map(format!("resetting session {id}'s counters")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes the namespace's pin directory (maps and TCX link pins). Only called once no session
+/// and no tap entry is left.
+pub fn remove_pins(paths: &PinPaths) -> Result<(), KernelError> {
+    match fs::remove_dir_all(paths.root()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KernelError::io(format!("removing {}", paths.root().display()))(e)),
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}

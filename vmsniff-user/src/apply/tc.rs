@@ -1,0 +1,227 @@
+//! Attaching vmsniff's programs to a tap's tc hooks, and detaching exactly them.
+//!
+//! TCX (Linux >= 6.6): a link per hook, placed first so that no other program's verdict hides
+//! a frame from the mirror, and pinned so it outlives the command. Netlink (below 6.6, or when
+//! asked): a cls_bpf filter in the clsact qdisc; the filter itself keeps the program attached,
+//! and its (priority, handle) are recorded in the tap's entry so detach removes that filter and
+//! no other.
+use std::{fs, io};
+
+use aya::programs::{
+    LinkOrder, SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+};
+use futures::TryStreamExt as _;
+use netlink_packet_route::tc::{TcAttribute, TcHandle as NlTcHandle, TcMessage};
+use vmsniff_ebpf::TcHook;
+
+use super::KernelError;
+use crate::{netlink::Netlink, paths::PinPaths, plan::request::AttachMode};
+
+fn attach_type(hook: TcHook) -> TcAttachType {
+    match hook {
+        TcHook::Ingress => TcAttachType::Ingress,
+        TcHook::Egress => TcAttachType::Egress,
+    }
+}
+
+/// Where a program ended up, for the tap's entry.
+pub struct Attached {
+    pub nl_priority: u16,
+    pub nl_handle: u32,
+}
+
+/// Adds a clsact qdisc to the tap. Returns whether vmsniff created it (false: one was there).
+pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<bool, KernelError> {
+    let qdiscs: Vec<TcMessage> = netlink
+        .handle
+        .qdisc()
+        .get()
+        .index(tap_ifindex as i32)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(KernelError::netlink(format!("listing {tap_name}'s qdiscs")))?;
+    for qdisc in qdiscs.iter().filter(|q| q.header.index == tap_ifindex as i32) {
+        let kind = qdisc.attributes.iter().find_map(|a| match a {
+            TcAttribute::Kind(kind) => Some(kind.as_str()),
+            _ => None,
+        });
+        match kind {
+            Some("clsact") => return Ok(false),
+            Some("ingress") => return Err(KernelError::LegacyIngressQdisc { name: tap_name.to_owned() }),
+            _ => {}
+        }
+    }
+    match tc::qdisc_add_clsact(tap_name) {
+        Ok(()) => Ok(true),
+        // EEXIST: another process added one since the listing; it serves everyone, keep it.
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(source) => Err(KernelError::Program {
+            op: format!("adding a clsact qdisc to {tap_name}"),
+            source: source.into(),
+        }),
+    }
+}
+
+pub fn attach(
+    program: &mut SchedClassifier,
+    paths: &PinPaths,
+    tap_name: &str,
+    tap_ifindex: u32,
+    hook: TcHook,
+    mode: AttachMode,
+) -> Result<Attached, KernelError> {
+    let op = || format!("attaching vmsniff's program to {tap_name}'s {} hook ({})", hook.as_str(), mode.as_str());
+    match mode {
+        AttachMode::Tcx => {
+            let id = program
+                .attach_with_options(tap_name, attach_type(hook), TcAttachOptions::TcxOrder(LinkOrder::first()))
+                .map_err(KernelError::program(op()))?;
+            let link = program.take_link(id).map_err(KernelError::program(op()))?;
+            let link = FdLink::try_from(link).map_err(|e| KernelError::Io { op: op(), source: io::Error::other(e) })?;
+            fs::create_dir_all(paths.links_dir()).map_err(KernelError::io(format!("creating {}", paths.links_dir().display())))?;
+            let path = paths.link(tap_ifindex, hook);
+            // Dropping the unpinned link on error detaches it: nothing is left behind.
+            link.pin(&path).map_err(|e| KernelError::Io { op: format!("pinning {}", path.display()), source: io::Error::other(e) })?;
+            Ok(Attached { nl_priority: 0, nl_handle: 0 })
+        }
+        AttachMode::Netlink => {
+            let id = program
+                .attach_with_options(tap_name, attach_type(hook), TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(KernelError::program(op()))?;
+            let link = program.take_link(id).map_err(KernelError::program(op()))?;
+            let attached = Attached {
+                nl_priority: link.priority().map_err(KernelError::program(op()))?,
+                nl_handle: link.handle().map_err(KernelError::program(op()))?.into(),
+            };
+            // The filter keeps the program attached; dropping the link object would remove it.
+            std::mem::forget(link);
+            Ok(attached)
+        }
+    }
+}
+
+/// Detaches vmsniff's program from one hook. A tap that no longer exists took its programs
+/// with it: that is success.
+pub async fn detach(
+    netlink: &Netlink,
+    paths: &PinPaths,
+    tap_name: &str,
+    tap_ifindex: u32,
+    hook: TcHook,
+    mode: AttachMode,
+    nl_priority: u16,
+    nl_handle: u32,
+) -> Result<(), KernelError> {
+    match mode {
+        AttachMode::Tcx => {
+            let path = paths.link(tap_ifindex, hook);
+            match PinnedLink::from_pin(&path) {
+                // Unpinning and closing the last fd releases the link, which detaches it.
+                Ok(link) => link.unpin().map(drop).map_err(KernelError::io(format!("unpinning {}", path.display()))),
+                Err(aya::programs::links::LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(KernelError::Io { op: format!("opening {}", path.display()), source: io::Error::other(e) }),
+            }
+        }
+        AttachMode::Netlink => {
+            if netlink.link_by_index(tap_ifindex).await.map_err(KernelError::netlink(format!("looking up {tap_name}")))?.is_none() {
+                return Ok(());
+            }
+            if !is_our_filter(netlink, tap_ifindex, hook, nl_priority, nl_handle).await? {
+                log::warn!(
+                    "{tap_name}'s {} hook has no vmsniff filter at priority {nl_priority} handle {nl_handle:#x}: nothing to detach there",
+                    hook.as_str()
+                );
+                return Ok(());
+            }
+            let link = SchedClassifierLink::attached(tap_name, attach_type(hook), nl_priority, TcHandle::from(nl_handle), None)
+                .map_err(KernelError::io(format!("looking up {tap_name}")))?;
+            aya::programs::links::Link::detach(link)
+                .map_err(KernelError::program(format!("removing vmsniff's filter from {tap_name}'s {} hook", hook.as_str())))
+        }
+    }
+}
+
+/// The cls_bpf filters on one hook of an interface: (priority, handle, program name).
+pub async fn bpf_filters(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Result<Vec<(u16, u32, String)>, KernelError> {
+    let mut request = netlink.handle.traffic_filter(ifindex as i32).get();
+    request = match hook {
+        TcHook::Ingress => request.ingress(),
+        TcHook::Egress => request.egress(),
+    };
+    let messages: Vec<TcMessage> = match request.execute().try_collect().await {
+        Ok(messages) => messages,
+        // EINVAL: no clsact qdisc, so no filter on that hook.
+        Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => return Ok(Vec::new()),
+        Err(e) => return Err(KernelError::netlink(format!("listing tc filters of ifindex {ifindex}"))(e)),
+    };
+    Ok(messages
+        .into_iter()
+        .filter(|m| m.header.handle != NlTcHandle::from(0u32))
+        .map(|m| {
+            let priority = (m.header.info >> 16) as u16;
+            let handle = u32::from(m.header.handle);
+            let name = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    TcAttribute::Options(options) => options.iter().find_map(|o| match o {
+                        netlink_packet_route::tc::TcOption::Bpf(netlink_packet_route::tc::TcFilterBpfOption::ProgName(n)) => Some(n.clone()),
+                        _ => None,
+                    }),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            (priority, handle, name)
+        })
+        .collect())
+}
+
+async fn is_our_filter(netlink: &Netlink, ifindex: u32, hook: TcHook, priority: u16, handle: u32) -> Result<bool, KernelError> {
+    let expected = match hook {
+        TcHook::Ingress => vmsniff_ebpf::program_name::TAP_INGRESS,
+        TcHook::Egress => vmsniff_ebpf::program_name::TAP_EGRESS,
+    };
+    Ok(bpf_filters(netlink, ifindex, hook)
+        .await?
+        .iter()
+        .any(|(p, h, name)| *p == priority && *h == handle && name.starts_with(expected)))
+}
+
+/// Removes the clsact qdisc vmsniff added, unless anybody else's filter is in it now.
+pub async fn remove_clsact_if_unused(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<(), KernelError> {
+    if netlink.link_by_index(tap_ifindex).await.map_err(KernelError::netlink(format!("looking up {tap_name}")))?.is_none() {
+        return Ok(());
+    }
+    for hook in TcHook::ALL {
+        if !bpf_filters(netlink, tap_ifindex, hook).await?.is_empty() || has_other_filters(netlink, tap_ifindex, hook).await? {
+            log::info!("keeping {tap_name}'s clsact qdisc: it holds other filters");
+            return Ok(());
+        }
+    }
+    let mut request = netlink.handle.qdisc().del(tap_ifindex as i32);
+    request.message_mut().header.parent = NlTcHandle::from(0xFFFF_FFF1u32);
+    request.message_mut().header.handle = NlTcHandle::from(0xFFFF_0000u32);
+    match request.execute().await {
+        Ok(()) => Ok(()),
+        // ENOENT/EINVAL: the qdisc is gone already.
+        Err(e) if matches!(crate::netlink::errno(&e), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
+        Err(e) => Err(KernelError::netlink(format!("removing the clsact qdisc vmsniff added to {tap_name}"))(e)),
+    }
+}
+
+/// Any filter on the hook, of any kind (u32, flower, ...).
+async fn has_other_filters(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Result<bool, KernelError> {
+    let mut request = netlink.handle.traffic_filter(ifindex as i32).get();
+    request = match hook {
+        TcHook::Ingress => request.ingress(),
+        TcHook::Egress => request.egress(),
+    };
+    match request.execute().try_collect::<Vec<TcMessage>>().await {
+        Ok(messages) => Ok(!messages.is_empty()),
+        Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(KernelError::netlink(format!("listing tc filters of ifindex {ifindex}"))(e)),
+    }
+}

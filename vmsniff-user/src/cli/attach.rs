@@ -1,0 +1,61 @@
+//! `vmsniff attach`: start a persistent mirror, print its session id.
+use clap::Args;
+
+use super::target::MirrorArgs;
+use crate::{plan::request::AttachRequest, session::{Namespace, tcx_supported}};
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub mirror: MirrorArgs,
+}
+
+pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
+    let namespace = Namespace::open()?;
+    let (id, _) = attach(&namespace, &args.mirror, None).await?;
+    // The id alone on stdout, so that `S=$(vmsniff attach ...)` works.
+    println!("{id}");
+    Ok(())
+}
+
+/// Resolves the arguments and attaches, holding the lock; `foreground_pid` ties the session to
+/// a `mirror` process.
+pub async fn attach(namespace: &Namespace, args: &MirrorArgs, foreground_pid: Option<u32>) -> anyhow::Result<(u32, AttachRequest)> {
+    let netlink = &namespace.kernel.netlink;
+    let tap = args.tap(netlink).await?;
+    let target = args.target(netlink).await?;
+    let request = AttachRequest {
+        tap,
+        target,
+        key: args.key,
+        directions: args.direction,
+        mode: args.attach_mode,
+        tcx_supported: tcx_supported(),
+        foreground_pid,
+        now: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    let _lock = namespace.lock()?;
+    namespace.clean_orphans().await?;
+    let (id, key) = namespace.attach(&request).await?;
+    log::info!(
+        "session {id}: mirroring {} ({}) of {} to {}{}",
+        request.directions.as_str(),
+        direction_words(request.directions),
+        request.tap.name,
+        request.target,
+        match request.target {
+            crate::plan::request::Target::Gre { .. } => format!(", GRE key {key} (wire keys {} out, {} in)", key * 2, key * 2 + 1),
+            crate::plan::request::Target::LocalDev { .. } => String::new(),
+        }
+    );
+    Ok((id, request))
+}
+
+fn direction_words(directions: crate::plan::request::Directions) -> &'static str {
+    use crate::plan::request::Directions;
+    match directions {
+        Directions::In => "frames going into the VM",
+        Directions::Out => "frames the VM sends",
+        Directions::Both => "frames the VM sends and receives",
+    }
+}

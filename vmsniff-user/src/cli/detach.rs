@@ -1,0 +1,90 @@
+//! `vmsniff detach`: remove sessions and everything vmsniff created for them.
+use std::collections::BTreeSet;
+
+use anyhow::bail;
+use clap::Args;
+
+use super::target::resolve_vm;
+use crate::{plan::Observed, resolve::interface::validate_name, session::Namespace};
+
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// A session id (as `attach` printed it), or a VM (today: its tap's name).
+    #[arg(value_name = "SESSION|VM", conflicts_with_all = ["tap", "all", "session", "vm"])]
+    pub target: Option<String>,
+
+    /// Every session of this tap.
+    #[arg(long, value_name = "TAP", conflicts_with_all = ["all", "session", "vm"])]
+    pub tap: Option<String>,
+
+    /// This session, even if the argument could name a VM.
+    #[arg(long, value_name = "N", conflicts_with_all = ["all", "vm"])]
+    pub session: Option<u32>,
+
+    /// This VM, even if the argument is all digits.
+    #[arg(long, value_name = "VM", conflicts_with = "all")]
+    pub vm: Option<String>,
+
+    /// Every session in this network namespace.
+    #[arg(long)]
+    pub all: bool,
+}
+
+pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
+    let namespace = Namespace::open()?;
+    let _lock = namespace.lock()?;
+    namespace.clean_orphans().await?;
+    let observed = namespace.observe()?;
+    let ids = select(&namespace, &observed, &args).await?;
+    namespace.detach(&ids).await?;
+    for id in &ids {
+        log::info!("session {id} detached");
+    }
+    Ok(())
+}
+
+async fn select(namespace: &Namespace, observed: &Observed, args: &DetachArgs) -> anyhow::Result<BTreeSet<u32>> {
+    if args.all {
+        return Ok(observed.sessions.keys().copied().collect());
+    }
+    if let Some(id) = args.session {
+        return session(observed, id);
+    }
+    if let Some(text) = &args.target
+        && !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(id) = text.parse::<u32>()
+        && observed.sessions.contains_key(&id)
+    {
+        return Ok(BTreeSet::from([id]));
+    }
+    let (name, is_tap_flag) = match (&args.tap, &args.vm, &args.target) {
+        (Some(tap), _, _) => (tap, true),
+        (None, Some(vm), _) | (None, None, Some(vm)) => (vm, false),
+        (None, None, None) => bail!("say what to detach: a session id, --tap TAP, or --all"),
+    };
+    validate_name(name)?;
+    // A tap that is gone (its VM stopped) is still found by the name recorded at attach.
+    let by_name: BTreeSet<u32> = observed
+        .taps
+        .values()
+        .filter(|t| crate::plan::detach::ifname(&t.ifname) == *name)
+        .flat_map(|t| t.ids.iter().filter(|&&id| id != 0).map(|&id| u32::from(id)))
+        .collect();
+    if !by_name.is_empty() {
+        return Ok(by_name);
+    }
+    if is_tap_flag {
+        bail!("tap {name:?} is not mirrored here; `vmsniff status` lists the sessions");
+    }
+    // Not a recorded tap: a VM selector, which must at least resolve.
+    resolve_vm(&namespace.kernel.netlink, name).await?;
+    bail!("{name:?} is not mirrored here; `vmsniff status` lists the sessions")
+}
+
+fn session(observed: &Observed, id: u32) -> anyhow::Result<BTreeSet<u32>> {
+    if !observed.sessions.contains_key(&id) {
+        bail!("there is no session {id} in this network namespace; `vmsniff status` lists the sessions");
+    }
+    Ok(BTreeSet::from([id]))
+}

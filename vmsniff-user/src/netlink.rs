@@ -1,0 +1,121 @@
+//! One rtnetlink connection per command, and the link facts vmsniff reads through it.
+use futures::TryStreamExt as _;
+use netlink_packet_route::link::{
+    InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+};
+use rtnetlink::Handle;
+
+/// A route netlink socket in the caller's network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    pub handle: Handle,
+}
+
+impl Netlink {
+    /// Must be called inside a tokio runtime: the connection runs as a task on it.
+    pub fn open() -> std::io::Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, rtnetlink::Error> {
+        let mut request = self.handle.link().get().match_name(name.to_owned()).execute();
+        not_found_is_none(request.try_next().await).map(|m| m.map(Link::from_message))
+    }
+
+    pub async fn link_by_index(&self, ifindex: u32) -> Result<Option<Link>, rtnetlink::Error> {
+        let mut request = self.handle.link().get().match_index(ifindex).execute();
+        not_found_is_none(request.try_next().await).map(|m| m.map(Link::from_message))
+    }
+}
+
+/// ENODEV from a lookup means "no such link", which callers handle as `None`.
+fn not_found_is_none(
+    result: Result<Option<LinkMessage>, rtnetlink::Error>,
+) -> Result<Option<LinkMessage>, rtnetlink::Error> {
+    match result {
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        other => other,
+    }
+}
+
+/// The positive errno of a netlink error reply, if it is one.
+pub fn errno(error: &rtnetlink::Error) -> Option<i32> {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => message.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// What vmsniff needs to know about an interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    pub alias: Option<String>,
+    /// The rtnetlink kind (`tun`, `veth`, `gretap`, ...); `None` for physical devices.
+    pub kind: Option<String>,
+    pub ethernet: bool,
+    pub up: bool,
+    pub mtu: u32,
+    pub stats: LinkStats,
+}
+
+/// The kernel's own counters of a device, for the copies vmsniff hands it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LinkStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
+    pub tx_carrier_errors: u64,
+}
+
+impl Link {
+    fn from_message(message: LinkMessage) -> Self {
+        let mut link = Link {
+            ifindex: message.header.index,
+            name: String::new(),
+            alias: None,
+            kind: None,
+            ethernet: message.header.link_layer_type == LinkLayerType::Ether,
+            up: message.header.flags.contains(LinkFlags::Up),
+            mtu: 0,
+            stats: LinkStats::default(),
+        };
+        for attribute in message.attributes {
+            match attribute {
+                LinkAttribute::IfName(name) => link.name = name,
+                LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
+                LinkAttribute::Mtu(mtu) => link.mtu = mtu,
+                LinkAttribute::Stats64(s) => {
+                    link.stats = LinkStats {
+                        tx_packets: s.tx_packets,
+                        tx_bytes: s.tx_bytes,
+                        tx_errors: s.tx_errors,
+                        tx_dropped: s.tx_dropped,
+                        tx_carrier_errors: s.tx_carrier_errors,
+                    }
+                }
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Kind(kind) = info {
+                            link.kind = Some(kind_name(&kind));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+fn kind_name(kind: &InfoKind) -> String {
+    match kind {
+        InfoKind::Other(name) => name.clone(),
+        known => known.to_string(),
+    }
+}

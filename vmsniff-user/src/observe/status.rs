@@ -1,0 +1,218 @@
+//! `status`: every session of the caller's network namespace, from the pinned maps and the
+//! devices' own counters. The JSON form is versioned; fields are added, never renamed.
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+use vmsniff_ebpf::{Direction, DirectionCounters, SESSION_ACTIVE, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV};
+
+use crate::{
+    apply::{KernelError, maps::PinnedMaps},
+    netlink::{LinkStats, Netlink},
+    plan::{
+        Observed,
+        detach::ifname,
+        request::{AttachMode, Directions},
+    },
+};
+
+pub const STATUS_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: u32,
+    pub sessions: Vec<SessionStatus>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SessionStatus {
+    pub session: u32,
+    pub tap: String,
+    pub tap_ifindex: u32,
+    /// The collector (GRE sessions).
+    pub to: Option<Ipv4Addr>,
+    /// The local interface (`--to-dev` sessions).
+    pub to_dev: Option<String>,
+    pub encap: &'static str,
+    pub key: u32,
+    pub ttl: u8,
+    pub tos: u8,
+    pub direction: &'static str,
+    pub attach_mode: Option<&'static str>,
+    /// `active`; `tap-gone` (the tap was deleted: its VM stopped or moved); `orphaned` (its
+    /// owner process died; the next vmsniff command removes it); `busy` (being created or
+    /// removed right now).
+    pub state: &'static str,
+    /// The `mirror` process that owns the session, if any.
+    pub owner_pid: Option<u32>,
+    pub created_at: u64,
+    pub counters: PerDirection<Counters>,
+    /// The devices carrying each direction's copies, with the kernel's own counters.
+    pub devices: PerDirection<Option<DeviceStatus>>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct PerDirection<T> {
+    #[serde(rename = "in")]
+    pub into_vm: T,
+    #[serde(rename = "out")]
+    pub out_of_vm: T,
+}
+
+impl<T> PerDirection<T> {
+    fn get_mut(&mut self, direction: Direction) -> &mut T {
+        match direction {
+            Direction::In => &mut self.into_vm,
+            Direction::Out => &mut self.out_of_vm,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Counters {
+    pub frames: u64,
+    pub bytes: u64,
+    pub clone_errors: u64,
+}
+
+impl From<DirectionCounters> for Counters {
+    fn from(c: DirectionCounters) -> Self {
+        Counters { frames: c.frames, bytes: c.bytes, clone_errors: c.clone_errors }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeviceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub up: bool,
+    #[serde(flatten)]
+    pub stats: LinkStats,
+}
+
+/// Reads every session's status.
+pub async fn read(netlink: &Netlink, maps: Option<&PinnedMaps>, observed: &Observed) -> Result<Status, KernelError> {
+    let mut sessions = Vec::new();
+    for (&id, config) in &observed.sessions {
+        sessions.push(session_status(netlink, maps, observed, id, config).await?);
+    }
+    Ok(Status { version: STATUS_VERSION, sessions })
+}
+
+async fn session_status(
+    netlink: &Netlink,
+    maps: Option<&PinnedMaps>,
+    observed: &Observed,
+    id: u32,
+    config: &SessionConfig,
+) -> Result<SessionStatus, KernelError> {
+    let tap_entry = observed.tap_of(id).map(|(_, tap)| *tap);
+    let tap_link = netlink
+        .link_by_index(config.tap_ifindex)
+        .await
+        .map_err(KernelError::netlink(format!("looking up ifindex {}", config.tap_ifindex)))?;
+    let recorded_name = tap_entry.map(|t| ifname(&t.ifname)).filter(|n| !n.is_empty());
+    let tap_present = match (&tap_link, &recorded_name) {
+        (Some(link), Some(name)) => &link.name == name,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    let tap = recorded_name.or_else(|| tap_link.as_ref().map(|l| l.name.clone())).unwrap_or_default();
+    let state = if observed.orphaned.contains(&id) {
+        "orphaned"
+    } else if config.state != SESSION_ACTIVE {
+        "busy"
+    } else if !tap_present {
+        "tap-gone"
+    } else {
+        "active"
+    };
+
+    let mut counters = PerDirection::<Counters>::default();
+    let mut devices = PerDirection::<Option<DeviceStatus>>::default();
+    let directions = Directions::from_bits(config.directions).unwrap_or(Directions::Both);
+    for direction in directions.iter() {
+        if let Some(maps) = maps {
+            *counters.get_mut(direction) = maps.counters(id, direction)?.into();
+        }
+        let ifindex = config.target_ifindex[direction.index()];
+        if ifindex != 0 {
+            let link = netlink
+                .link_by_index(ifindex)
+                .await
+                .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))?;
+            *devices.get_mut(direction) =
+                link.map(|l| DeviceStatus { name: l.name, ifindex, up: l.up, stats: l.stats });
+        }
+    }
+    let to_dev = (config.target_kind == TARGET_LOCAL_DEV)
+        .then(|| devices.into_vm.as_ref().or(devices.out_of_vm.as_ref()).map(|d| d.name.clone()))
+        .flatten();
+    Ok(SessionStatus {
+        session: id,
+        tap,
+        tap_ifindex: config.tap_ifindex,
+        to: (config.target_kind == TARGET_GRE && config.remote_family == 4)
+            .then(|| Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])),
+        to_dev,
+        encap: if config.target_kind == TARGET_GRE { "gre" } else { "none" },
+        key: config.key,
+        ttl: config.ttl,
+        tos: config.tos,
+        direction: directions.as_str(),
+        attach_mode: tap_entry.and_then(|t| AttachMode::from_abi(t.attach_mode)).map(AttachMode::as_str),
+        state,
+        owner_pid: (config.owner_pid != 0).then_some(config.owner_pid),
+        created_at: config.created_at,
+        counters,
+        devices,
+    })
+}
+
+/// The table `vmsniff status` prints.
+pub fn render_table(status: &Status) -> String {
+    if status.sessions.is_empty() {
+        return "no mirror sessions in this network namespace\n".into();
+    }
+    let mut out = format!(
+        "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
+        "SESSION", "TAP", "TO", "KEY", "DIR", "MODE", "STATE", "OUT FRAMES", "OUT BYTES", "IN FRAMES", "IN BYTES", "LOST"
+    );
+    for s in &status.sessions {
+        let target = match (&s.to, &s.to_dev) {
+            (Some(ip), _) => format!("{ip} (gre)"),
+            (None, Some(dev)) => format!("dev {dev}"),
+            (None, None) => "-".into(),
+        };
+        out.push_str(&format!(
+            "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
+            s.session,
+            s.tap,
+            target,
+            s.key,
+            s.direction,
+            s.attach_mode.unwrap_or("-"),
+            s.state,
+            s.counters.out_of_vm.frames,
+            s.counters.out_of_vm.bytes,
+            s.counters.into_vm.frames,
+            s.counters.into_vm.bytes,
+            lost(s),
+        ));
+    }
+    out
+}
+
+/// Copies that left no trace at the collector: clone failures, plus what the session's own GRE
+/// devices dropped or failed to send (no route to the collector, for example).
+pub fn lost(s: &SessionStatus) -> u64 {
+    let mut lost = s.counters.into_vm.clone_errors + s.counters.out_of_vm.clone_errors;
+    if s.encap == "gre" {
+        for d in [&s.devices.into_vm, &s.devices.out_of_vm].into_iter().flatten() {
+            lost += d.stats.tx_dropped + d.stats.tx_errors;
+        }
+    }
+    lost
+}

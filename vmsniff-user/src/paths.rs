@@ -1,0 +1,84 @@
+//! Where vmsniff keeps its pinned state, and the names of what it creates. Pure functions: the
+//! one place that knows the layout, so that attach, detach, status and tests agree.
+use std::path::{Path, PathBuf};
+
+use vmsniff_ebpf::{Direction, TcHook};
+
+/// The bpffs mount point.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// vmsniff's directory on bpffs; one subdirectory per network namespace below it.
+pub const VMSNIFF_DIR: &str = "vmsniff";
+
+/// Pin paths of one network namespace's state: `/sys/fs/bpf/vmsniff/<netns inode>/...`, so that
+/// sessions in two namespaces never see or clean each other's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinPaths {
+    root: PathBuf,
+}
+
+impl PinPaths {
+    pub fn for_netns(bpffs: &Path, netns_inode: u64) -> Self {
+        Self { root: bpffs.join(VMSNIFF_DIR).join(netns_inode.to_string()) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// A TCX link of one tap hook. Keyed by ifindex, which a re-created tap never reuses while
+    /// the old link is pinned.
+    pub fn link(&self, tap_ifindex: u32, hook: TcHook) -> PathBuf {
+        self.links_dir().join(format!("{tap_ifindex}-{}", hook.as_str()))
+    }
+}
+
+/// The lock every state-changing command holds: one per host, because bpffs is.
+pub fn lock_path(bpffs: &Path) -> PathBuf {
+    bpffs.join(VMSNIFF_DIR)
+}
+
+/// The GRE device that carries one direction of one session: `vms<id>-out`, `vms<id>-in`
+/// (at most 11 characters, below IFNAMSIZ).
+pub fn gre_device_name(session_id: u32, direction: Direction) -> String {
+    format!("vms{session_id}-{}", direction.as_str())
+}
+
+/// The interface alias that marks a device as vmsniff's: detach deletes a device only when its
+/// name and this alias both match.
+pub fn gre_device_alias(session_id: u32, direction: Direction) -> String {
+    format!("vmsniff session {session_id} {}", direction.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_per_network_namespace() {
+        let a = PinPaths::for_netns(Path::new(BPFFS), 4026531840);
+        let b = PinPaths::for_netns(Path::new(BPFFS), 4026532000);
+        assert_eq!(a.root(), Path::new("/sys/fs/bpf/vmsniff/4026531840"));
+        assert_ne!(a.root(), b.root());
+        assert_eq!(a.link(7, TcHook::Egress), Path::new("/sys/fs/bpf/vmsniff/4026531840/links/7-egress"));
+        assert!(a.map("VMSNIFF_TAPS").starts_with(a.maps_dir()));
+    }
+
+    #[test]
+    fn device_names_fit_ifnamsiz() {
+        assert_eq!(gre_device_name(1, Direction::Out), "vms1-out");
+        assert!(gre_device_name(vmsniff_ebpf::MAX_SESSION_ID, Direction::Out).len() < 16);
+        assert_ne!(gre_device_name(3, Direction::In), gre_device_name(3, Direction::Out));
+    }
+}

@@ -1,0 +1,437 @@
+//! Planning an attach: which session id, which devices, which programs, in which order.
+use std::net::Ipv4Addr;
+
+use thiserror::Error;
+use vmsniff_ebpf::{
+    Direction, MAX_GRE_USER_KEY, MAX_SESSION_ID, MAX_SESSIONS_PER_TAP, SESSION_ACTIVE, SESSION_BUSY,
+    SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TcHook, gre_wire_key,
+};
+
+use super::{
+    Observed,
+    request::{AttachMode, AttachModeChoice, AttachRequest, Target, Tap},
+};
+use crate::paths::{gre_device_alias, gre_device_name};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AttachPlanError {
+    #[error(
+        "all {MAX_SESSION_ID} session ids are in use; detach sessions that are no longer needed \
+         (`vmsniff status` lists them)"
+    )]
+    NoFreeSessionId,
+    #[error(
+        "tap {tap} already carries {MAX_SESSIONS_PER_TAP} sessions, the most one tap can have; \
+         detach one first (`vmsniff status` lists them)"
+    )]
+    TapFull { tap: String },
+    #[error(
+        "tap {tap} is already mirrored to {target} with key {key} by session {session}; use that \
+         session, or detach it first (`vmsniff detach {session}`)"
+    )]
+    AlreadyMirrored { tap: String, target: String, key: u32, session: u32 },
+    #[error("--key {key} is too large: the GRE key on the wire is key * 2 + direction, so the key must be at most {MAX_GRE_USER_KEY}")]
+    KeyTooLarge { key: u32 },
+    #[error(
+        "--to-dev {dev} is the mirrored tap itself: its copies would be mirrored again; give \
+         another interface"
+    )]
+    TargetIsTap { dev: String },
+    #[error(
+        "--to-dev {dev} is itself mirrored by vmsniff (session {session}): copies would loop; \
+         give an interface that no session mirrors"
+    )]
+    TargetIsMirrored { dev: String, session: u32 },
+    #[error("TCX needs Linux 6.6 or newer; use --attach-mode netlink (or auto) on this kernel")]
+    TcxUnsupported,
+    #[error(
+        "tap {tap}'s programs are attached through {existing}; --attach-mode {asked} cannot be \
+         used for a further session on it (omit --attach-mode)"
+    )]
+    ModeConflict { tap: String, existing: &'static str, asked: &'static str },
+}
+
+/// Everything an attach creates, in order. Each step is undone in reverse if a later one fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachPlan {
+    pub session_id: u32,
+    pub key: u32,
+    pub steps: Vec<AttachStep>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttachStep {
+    /// Take the session slot, marked busy (skipped by the programs) and owned by this process.
+    ClaimSession { id: u32, config: SessionConfig },
+    /// Zero the slot's per-CPU counters, left from an earlier session with this id.
+    ResetCounters { id: u32 },
+    /// Create and raise one direction's GRE device.
+    CreateGreDevice { id: u32, direction: Direction, device: GreDevice },
+    /// Record the tap (empty session list, attach mode) before its programs are attached, so
+    /// that a run that dies half-way leaves a record of what to clean.
+    RegisterTap { tap: Tap, mode: AttachMode },
+    /// Add the tap's clsact qdisc unless one exists (netlink attach only).
+    EnsureClsact { tap: Tap },
+    /// Attach one tap program.
+    AttachProgram { tap: Tap, hook: TcHook, mode: AttachMode },
+    /// Mark the session active, with the target ifindexes known by now.
+    ActivateSession { id: u32 },
+    /// Put the session in the tap's list: from here on the programs mirror it.
+    AddToTap { tap: Tap, id: u32 },
+}
+
+/// A classic (not collect_md) gretap device of one session and direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GreDevice {
+    pub name: String,
+    pub alias: String,
+    pub remote: Ipv4Addr,
+    /// `key * 2 + d`.
+    pub wire_key: u32,
+    pub ttl: u8,
+    pub tos: u8,
+}
+
+pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<AttachPlan, AttachPlanError> {
+    let tap_name = request.tap.name.clone();
+    let existing_tap = observed.taps.get(&request.tap.ifindex);
+    if let Some(tap) = existing_tap
+        && tap.session_count() >= MAX_SESSIONS_PER_TAP
+    {
+        return Err(AttachPlanError::TapFull { tap: tap_name });
+    }
+    if let Target::LocalDev { name, ifindex } = &request.target {
+        if *ifindex == request.tap.ifindex {
+            return Err(AttachPlanError::TargetIsTap { dev: name.clone() });
+        }
+        if let Some(tap) = observed.taps.get(ifindex)
+            && let Some(&session) = tap.ids.iter().find(|&&id| id != 0)
+        {
+            return Err(AttachPlanError::TargetIsMirrored { dev: name.clone(), session: u32::from(session) });
+        }
+    }
+    let session_id = (1..=MAX_SESSION_ID)
+        .find(|id| !observed.sessions.contains_key(id))
+        .ok_or(AttachPlanError::NoFreeSessionId)?;
+    let key = request.key.unwrap_or(session_id);
+    if key > MAX_GRE_USER_KEY {
+        return Err(AttachPlanError::KeyTooLarge { key });
+    }
+    if let Some(tap) = existing_tap {
+        for &id in tap.ids.iter().filter(|&&id| id != 0) {
+            let id = u32::from(id);
+            if let Some(other) = observed.sessions.get(&id)
+                && same_target(other, &request.target, key)
+            {
+                return Err(AttachPlanError::AlreadyMirrored {
+                    tap: tap_name,
+                    target: request.target.to_string(),
+                    key,
+                    session: id,
+                });
+            }
+        }
+    }
+    let mode = choose_mode(request, existing_tap.map(|t| t.attach_mode))?;
+
+    let mut config = SessionConfig::EMPTY;
+    config.state = SESSION_BUSY;
+    config.directions = request.directions.bits();
+    config.tap_ifindex = request.tap.ifindex;
+    config.owner_pid = request.foreground_pid.unwrap_or(0);
+    config.key = key;
+    config.created_at = request.now;
+    match &request.target {
+        Target::Gre { remote, ttl, tos } => {
+            config.target_kind = TARGET_GRE;
+            config.remote_family = 4;
+            config.remote[..4].copy_from_slice(&remote.octets());
+            config.ttl = *ttl;
+            config.tos = *tos;
+        }
+        Target::LocalDev { ifindex, .. } => {
+            config.target_kind = TARGET_LOCAL_DEV;
+            for direction in request.directions.iter() {
+                config.target_ifindex[direction.index()] = *ifindex;
+            }
+        }
+    }
+
+    let mut steps = vec![
+        AttachStep::ClaimSession { id: session_id, config },
+        AttachStep::ResetCounters { id: session_id },
+    ];
+    if let Target::Gre { remote, ttl, tos } = &request.target {
+        for direction in request.directions.iter() {
+            steps.push(AttachStep::CreateGreDevice {
+                id: session_id,
+                direction,
+                device: GreDevice {
+                    name: gre_device_name(session_id, direction),
+                    alias: gre_device_alias(session_id, direction),
+                    remote: *remote,
+                    wire_key: gre_wire_key(key, direction),
+                    ttl: *ttl,
+                    tos: *tos,
+                },
+            });
+        }
+    }
+    if existing_tap.is_none() {
+        steps.push(AttachStep::RegisterTap { tap: request.tap.clone(), mode });
+        if mode == AttachMode::Netlink {
+            steps.push(AttachStep::EnsureClsact { tap: request.tap.clone() });
+        }
+        // Both hooks even for one direction: a later session on this tap may want the other,
+        // and a program whose tap lists no session for a direction costs one map lookup.
+        for hook in TcHook::ALL {
+            steps.push(AttachStep::AttachProgram { tap: request.tap.clone(), hook, mode });
+        }
+    }
+    steps.push(AttachStep::ActivateSession { id: session_id });
+    steps.push(AttachStep::AddToTap { tap: request.tap.clone(), id: session_id });
+    Ok(AttachPlan { session_id, key, steps })
+}
+
+fn choose_mode(request: &AttachRequest, existing: Option<u32>) -> Result<AttachMode, AttachPlanError> {
+    if let Some(existing) = existing.and_then(AttachMode::from_abi) {
+        let asked = match request.mode {
+            AttachModeChoice::Auto => return Ok(existing),
+            AttachModeChoice::Tcx => AttachMode::Tcx,
+            AttachModeChoice::Netlink => AttachMode::Netlink,
+        };
+        if asked != existing {
+            return Err(AttachPlanError::ModeConflict {
+                tap: request.tap.name.clone(),
+                existing: existing.as_str(),
+                asked: asked.as_str(),
+            });
+        }
+        return Ok(existing);
+    }
+    match request.mode {
+        AttachModeChoice::Auto if request.tcx_supported => Ok(AttachMode::Tcx),
+        AttachModeChoice::Auto | AttachModeChoice::Netlink => Ok(AttachMode::Netlink),
+        AttachModeChoice::Tcx if request.tcx_supported => Ok(AttachMode::Tcx),
+        AttachModeChoice::Tcx => Err(AttachPlanError::TcxUnsupported),
+    }
+}
+
+fn same_target(session: &SessionConfig, target: &Target, key: u32) -> bool {
+    if session.state != SESSION_ACTIVE && session.state != SESSION_BUSY {
+        return false;
+    }
+    match target {
+        Target::Gre { remote, .. } => {
+            session.target_kind == TARGET_GRE
+                && session.remote_family == 4
+                && session.remote[..4] == remote.octets()
+                && session.key == key
+        }
+        Target::LocalDev { ifindex, .. } => {
+            session.target_kind == TARGET_LOCAL_DEV && session.target_ifindex.contains(ifindex)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, TapSessions};
+
+    use super::*;
+    use crate::plan::request::Directions;
+
+    fn request(target: Target) -> AttachRequest {
+        AttachRequest {
+            tap: Tap { ifindex: 7, name: "tap0".into() },
+            target,
+            key: None,
+            directions: Directions::Both,
+            mode: AttachModeChoice::Auto,
+            tcx_supported: true,
+            foreground_pid: None,
+            now: 1_700_000_000,
+        }
+    }
+
+    fn gre(ip: [u8; 4]) -> Target {
+        Target::Gre { remote: Ipv4Addr::from(ip), ttl: 64, tos: 0 }
+    }
+
+    /// The state after planning and applying `req` (as the executor would leave it).
+    fn applied(observed: &mut Observed, req: &AttachRequest) -> u32 {
+        let plan = plan_attach(req, observed).unwrap();
+        let mut config = match &plan.steps[0] {
+            AttachStep::ClaimSession { config, .. } => *config,
+            other => panic!("first step is {other:?}"),
+        };
+        config.state = SESSION_ACTIVE;
+        observed.sessions.insert(plan.session_id, config);
+        let tap = observed.taps.entry(req.tap.ifindex).or_insert(TapSessions { attach_mode: ATTACH_TCX, ..TapSessions::EMPTY });
+        let slot = tap.ids.iter().position(|&id| id == 0).unwrap();
+        tap.ids[slot] = plan.session_id as u16;
+        plan.session_id
+    }
+
+    #[test]
+    fn first_session_creates_devices_then_attaches_then_publishes() {
+        let plan = plan_attach(&request(gre([192, 0, 2, 10])), &Observed::default()).unwrap();
+        assert_eq!(plan.session_id, 1);
+        assert_eq!(plan.key, 1, "the key defaults to the session id");
+        let kinds: Vec<&str> = plan
+            .steps
+            .iter()
+            .map(|s| match s {
+                AttachStep::ClaimSession { .. } => "claim",
+                AttachStep::ResetCounters { .. } => "reset",
+                AttachStep::CreateGreDevice { .. } => "gre",
+                AttachStep::RegisterTap { .. } => "register",
+                AttachStep::EnsureClsact { .. } => "clsact",
+                AttachStep::AttachProgram { .. } => "attach",
+                AttachStep::ActivateSession { .. } => "activate",
+                AttachStep::AddToTap { .. } => "publish",
+            })
+            .collect();
+        assert_eq!(kinds, ["claim", "reset", "gre", "gre", "register", "attach", "attach", "activate", "publish"]);
+        let keys: Vec<u32> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                AttachStep::CreateGreDevice { device, .. } => Some(device.wire_key),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, [2, 3], "wire key = key * 2 + d, out = 0, in = 1");
+    }
+
+    #[test]
+    fn claimed_session_is_busy_until_activated() {
+        let plan = plan_attach(&request(gre([192, 0, 2, 10])), &Observed::default()).unwrap();
+        let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
+        assert_eq!(config.state, SESSION_BUSY);
+        assert_eq!(&config.remote[..4], &[192, 0, 2, 10]);
+        assert_eq!(config.target_kind, TARGET_GRE);
+    }
+
+    #[test]
+    fn one_direction_creates_one_device() {
+        let mut req = request(gre([192, 0, 2, 10]));
+        req.directions = Directions::In;
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
+        let devices: Vec<&GreDevice> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                AttachStep::CreateGreDevice { device, .. } => Some(device),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].name, "vms1-in");
+    }
+
+    #[test]
+    fn session_ids_are_the_lowest_free() {
+        let mut observed = Observed::default();
+        assert_eq!(applied(&mut observed, &request(gre([192, 0, 2, 1]))), 1);
+        assert_eq!(applied(&mut observed, &request(gre([192, 0, 2, 2]))), 2);
+        observed.sessions.remove(&1);
+        let plan = plan_attach(&request(gre([192, 0, 2, 3])), &observed).unwrap();
+        assert_eq!(plan.session_id, 1);
+    }
+
+    #[test]
+    fn a_second_session_on_a_tap_reuses_its_programs() {
+        let mut observed = Observed::default();
+        applied(&mut observed, &request(gre([192, 0, 2, 1])));
+        let plan = plan_attach(&request(gre([192, 0, 2, 2])), &observed).unwrap();
+        assert!(!plan.steps.iter().any(|s| matches!(s, AttachStep::AttachProgram { .. })));
+        assert!(matches!(plan.steps.last(), Some(AttachStep::AddToTap { id: 2, .. })));
+    }
+
+    #[test]
+    fn the_same_collector_and_key_twice_is_refused() {
+        let mut observed = Observed::default();
+        applied(&mut observed, &request(gre([192, 0, 2, 1])));
+        let mut again = request(gre([192, 0, 2, 1]));
+        again.key = Some(1);
+        assert_eq!(
+            plan_attach(&again, &observed),
+            Err(AttachPlanError::AlreadyMirrored { tap: "tap0".into(), target: "192.0.2.1 (GRE)".into(), key: 1, session: 1 })
+        );
+    }
+
+    #[test]
+    fn a_tap_holds_at_most_eight_sessions() {
+        let mut observed = Observed::default();
+        for i in 0..8u8 {
+            applied(&mut observed, &request(gre([192, 0, 2, i + 1])));
+        }
+        assert_eq!(
+            plan_attach(&request(gre([192, 0, 2, 99])), &observed),
+            Err(AttachPlanError::TapFull { tap: "tap0".into() })
+        );
+    }
+
+    #[test]
+    fn session_ids_run_out_at_1023() {
+        let mut observed = Observed::default();
+        for id in 1..=MAX_SESSION_ID {
+            observed.sessions.insert(id, SessionConfig { state: SESSION_ACTIVE, ..SessionConfig::EMPTY });
+        }
+        assert_eq!(plan_attach(&request(gre([192, 0, 2, 1])), &observed), Err(AttachPlanError::NoFreeSessionId));
+    }
+
+    #[test]
+    fn keys_must_leave_room_for_the_direction_bit() {
+        let mut req = request(gre([192, 0, 2, 1]));
+        req.key = Some(MAX_GRE_USER_KEY + 1);
+        assert!(matches!(plan_attach(&req, &Observed::default()), Err(AttachPlanError::KeyTooLarge { .. })));
+        req.key = Some(MAX_GRE_USER_KEY);
+        assert!(plan_attach(&req, &Observed::default()).is_ok());
+    }
+
+    #[test]
+    fn local_targets_cannot_loop() {
+        let req = request(Target::LocalDev { name: "tap0".into(), ifindex: 7 });
+        assert!(matches!(plan_attach(&req, &Observed::default()), Err(AttachPlanError::TargetIsTap { .. })));
+
+        let mut observed = Observed::default();
+        let mut other = request(gre([192, 0, 2, 1]));
+        other.tap = Tap { ifindex: 9, name: "tap1".into() };
+        applied(&mut observed, &other);
+        let req = request(Target::LocalDev { name: "tap1".into(), ifindex: 9 });
+        assert!(matches!(plan_attach(&req, &observed), Err(AttachPlanError::TargetIsMirrored { session: 1, .. })));
+    }
+
+    #[test]
+    fn local_targets_need_no_device_and_fill_both_directions() {
+        let plan = plan_attach(&request(Target::LocalDev { name: "veth0".into(), ifindex: 4 }), &Observed::default()).unwrap();
+        assert!(!plan.steps.iter().any(|s| matches!(s, AttachStep::CreateGreDevice { .. })));
+        let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
+        assert_eq!(config.target_ifindex, [4, 4]);
+        assert_eq!(config.target_kind, TARGET_LOCAL_DEV);
+    }
+
+    #[test]
+    fn attach_mode_follows_the_kernel_and_the_tap() {
+        let mut req = request(gre([192, 0, 2, 1]));
+        req.tcx_supported = false;
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
+        assert!(plan.steps.iter().any(|s| matches!(s, AttachStep::EnsureClsact { .. })));
+        assert!(plan.steps.iter().any(|s| matches!(s, AttachStep::AttachProgram { mode: AttachMode::Netlink, .. })));
+
+        req.mode = AttachModeChoice::Tcx;
+        assert_eq!(plan_attach(&req, &Observed::default()), Err(AttachPlanError::TcxUnsupported));
+
+        let mut observed = Observed::default();
+        observed.taps.insert(7, TapSessions { attach_mode: ATTACH_NETLINK, ids: [5, 0, 0, 0, 0, 0, 0, 0], ..TapSessions::EMPTY });
+        observed.sessions.insert(5, SessionConfig { state: SESSION_ACTIVE, ..SessionConfig::EMPTY });
+        let mut req = request(gre([192, 0, 2, 1]));
+        req.mode = AttachModeChoice::Tcx;
+        assert!(matches!(plan_attach(&req, &observed), Err(AttachPlanError::ModeConflict { .. })));
+        req.mode = AttachModeChoice::Auto;
+        let plan = plan_attach(&req, &observed).unwrap();
+        assert!(!plan.steps.iter().any(|s| matches!(s, AttachStep::RegisterTap { .. } | AttachStep::AttachProgram { .. })));
+    }
+}

@@ -1,0 +1,119 @@
+//! The operations commands are made of: prepare the namespace, attach, detach, observe. Each
+//! state-changing one holds vmsniff's lock and first cleans the remains of crashed runs.
+use std::{collections::BTreeSet, path::Path};
+
+use aya::util::KernelVersion;
+use thiserror::Error;
+
+use crate::{
+    apply::{
+        KernelError, bpffs,
+        executor::{self, Kernel, chain},
+        maps::PinnedMaps,
+    },
+    netlink::Netlink,
+    netns,
+    paths::{BPFFS, PinPaths},
+    plan::{
+        Observed,
+        attach::{AttachPlanError, plan_attach},
+        detach::plan_detach,
+        request::AttachRequest,
+    },
+    privilege::{self, PrivilegeError},
+};
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
+    #[error(transparent)]
+    Plan(#[from] AttachPlanError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("cannot identify this process's network namespace (/proc/thread-self/ns/net)")]
+    Netns(#[source] std::io::Error),
+    #[error("opening a netlink socket failed")]
+    NetlinkSocket(#[source] std::io::Error),
+    #[error("{} step(s) of the detach failed: {}", failures.len(), failures.join("; "))]
+    DetachIncomplete { failures: Vec<String> },
+}
+
+/// The caller's namespace, ready to read or change: privileges checked, bpffs mounted.
+pub struct Namespace {
+    pub kernel: Kernel,
+}
+
+impl Namespace {
+    /// Checks privileges and opens the namespace. Must run inside a tokio runtime.
+    pub fn open() -> Result<Self, SessionError> {
+        privilege::require_admin()?;
+        let bpffs = Path::new(BPFFS);
+        bpffs::ensure_mounted(bpffs)?;
+        let inode = netns::current_inode().map_err(SessionError::Netns)?;
+        let netlink = Netlink::open().map_err(SessionError::NetlinkSocket)?;
+        Ok(Self { kernel: Kernel { netlink, paths: PinPaths::for_netns(bpffs, inode) } })
+    }
+
+    pub fn lock(&self) -> Result<bpffs::StateLock, SessionError> {
+        Ok(bpffs::lock(Path::new(BPFFS))?)
+    }
+
+    /// vmsniff's state here; empty when it has none.
+    pub fn observe(&self) -> Result<Observed, SessionError> {
+        Ok(match PinnedMaps::open(&self.kernel.paths)? {
+            Some(maps) => maps.observe()?,
+            None => Observed::default(),
+        })
+    }
+
+    /// Removes what crashed runs left: sessions whose owner died, tap entries without sessions.
+    /// Call with the lock held.
+    pub async fn clean_orphans(&self) -> Result<(), SessionError> {
+        let observed = self.observe()?;
+        let empty_taps = observed.taps.values().filter(|t| t.session_count() == 0).count();
+        if observed.orphaned.is_empty() && empty_taps == 0 {
+            return Ok(());
+        }
+        for id in &observed.orphaned {
+            log::warn!(
+                "session {id} belonged to process {} which is gone (a crashed or killed vmsniff): removing it",
+                observed.sessions[id].owner_pid
+            );
+        }
+        self.apply_detach(&observed.orphaned, &observed).await
+    }
+
+    /// Plans and applies an attach; returns the session id and its key.
+    pub async fn attach(&self, request: &AttachRequest) -> Result<(u32, u32), SessionError> {
+        let observed = self.observe()?;
+        let plan = plan_attach(request, &observed)?;
+        log::debug!("attach plan: {plan:#?}");
+        executor::apply_attach(&self.kernel, &plan).await?;
+        Ok((plan.session_id, plan.key))
+    }
+
+    /// Plans and applies the removal of `ids`. Call with the lock held.
+    pub async fn detach(&self, ids: &BTreeSet<u32>) -> Result<(), SessionError> {
+        let observed = self.observe()?;
+        self.apply_detach(ids, &observed).await
+    }
+
+    async fn apply_detach(&self, ids: &BTreeSet<u32>, observed: &Observed) -> Result<(), SessionError> {
+        let steps = plan_detach(ids, observed);
+        log::debug!("detach plan: {steps:#?}");
+        let failures = executor::apply_detach(&self.kernel, &steps).await;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(SessionError::DetachIncomplete {
+                failures: failures.iter().map(|(step, e)| format!("{step:?}: {}", chain(e))).collect(),
+            })
+        }
+    }
+}
+
+/// TCX links exist from Linux 6.6 on.
+pub fn tcx_supported() -> bool {
+    KernelVersion::current().map(|v| v >= KernelVersion::new(6, 6, 0)).unwrap_or(false)
+}

@@ -1,0 +1,173 @@
+//! The privileged test suite: built once on the host, then run on the host and in one boot of
+//! each guest kernel.
+//!
+//! Every test runs in its own process (`--exact NAME`), listed beforehand on the host: a test
+//! that crashes or hangs costs only itself, and its output and status land in files of their own
+//! instead of being carved out of libtest's interleaved `--nocapture` stream.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use super::{
+    kernels,
+    qemu::{self, Ended, GuestCommand, Outcome, RunDir, Supervised, quote},
+    report::{self, TargetRun},
+};
+
+/// One test of one test executable; `cwd` is its package's directory, as under `cargo test`.
+pub struct TestCase {
+    pub executable: PathBuf,
+    pub cwd: PathBuf,
+    pub name: String,
+}
+
+/// What every run needs beside the test list.
+pub struct Plan<'a> {
+    pub vm_dir: &'a Path,
+    pub workspace: &'a Path,
+    pub cases: &'a [TestCase],
+    pub env: &'a [(String, String)],
+    pub test_timeout: Duration,
+    pub timeout: Duration,
+}
+
+/// Builds vmsniff and the test executables; returns the vmsniff binary and the executables.
+pub fn build(workspace: &Path) -> anyhow::Result<(PathBuf, Vec<(PathBuf, PathBuf)>)> {
+    let vmsniff = cargo_artifacts(workspace, &["build", "-p", "vmsniff-user"])?
+        .iter()
+        .find(|a| a["target"]["name"] == "vmsniff")
+        .and_then(|a| a["executable"].as_str())
+        .map(PathBuf::from)
+        .context("cargo build -p vmsniff-user reported no vmsniff executable")?;
+    let tests = cargo_artifacts(workspace, &["test", "-p", "vmsniff-tests", "--no-run"])?
+        .iter()
+        .filter(|a| a["profile"]["test"] == true)
+        .filter_map(|a| {
+            let executable = PathBuf::from(a["executable"].as_str()?);
+            let cwd = Path::new(a["manifest_path"].as_str()?).parent()?.to_path_buf();
+            Some((executable, cwd))
+        })
+        .collect();
+    Ok((vmsniff, tests))
+}
+
+fn cargo_artifacts(workspace: &Path, args: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let what = format!("cargo {}", args.join(" "));
+    let out = Command::new(cargo)
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .current_dir(workspace)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({}): see the compiler's messages above", out.status);
+    }
+    let messages = String::from_utf8_lossy(&out.stdout);
+    Ok(messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .collect())
+}
+
+/// The tests of every executable whose name matches `filter` (libtest's substring match).
+pub fn list(executables: &[(PathBuf, PathBuf)], filter: Option<&str>) -> anyhow::Result<Vec<TestCase>> {
+    let mut cases = Vec::new();
+    for (executable, cwd) in executables {
+        let out = Command::new(executable)
+            .args(["--list", "--format=terse"])
+            .args(filter)
+            .current_dir(cwd)
+            .output()
+            .with_context(|| format!("listing the tests of {}", executable.display()))?;
+        if !out.status.success() {
+            bail!("{} --list failed ({})", executable.display(), out.status);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.strip_suffix(": test") {
+                cases.push(TestCase { executable: executable.clone(), cwd: cwd.clone(), name: name.to_owned() });
+            }
+        }
+    }
+    Ok(cases)
+}
+
+/// Runs every case on `target` ("host" or a guest kernel) and collects the results.
+pub fn run(plan: &Plan, target: &str) -> anyhow::Result<TargetRun> {
+    // Downloading a kernel is not part of its run's wall time.
+    let kernel = (target != "host").then(|| kernels::prepare(plan.vm_dir, target)).transpose()?;
+    let run = RunDir::create(plan.vm_dir)?;
+    let results = run.path().join("results");
+    fs::create_dir(&results).with_context(|| format!("creating {}", results.display()))?;
+    let script = run.path().join("tests.sh");
+    qemu::write_script(&script, &test_script(plan, &results))?;
+
+    let started = Instant::now();
+    let problem = match &kernel {
+        None => {
+            eprintln!("vm-test: host: running {} tests", plan.cases.len());
+            let mut sh = Command::new("sh");
+            sh.arg(&script).envs(plan.env.iter().cloned()).current_dir(plan.workspace).stdin(Stdio::null());
+            let mut sh = Supervised::spawn(&mut sh, "sh")?;
+            match sh.wait(plan.timeout)? {
+                Ended::Exited(_) => None,
+                Ended::TimedOut => Some(format!("timed out after {} s", plan.timeout.as_secs())),
+                Ended::Interrupted => bail!("interrupted"),
+            }
+        }
+        Some(kernel) => {
+            eprintln!("vm-test: {target}: booting {} for {} tests", kernel.release, plan.cases.len());
+            let command = GuestCommand {
+                argv: vec!["sh".to_owned(), script.to_string_lossy().into_owned()],
+                env: plan.env.to_vec(),
+                cwd: plan.workspace.to_path_buf(),
+            };
+            match qemu::boot(kernel, &run, &command, plan.timeout)? {
+                Outcome::Exited(_) => None,
+                Outcome::TimedOut => Some(format!("timed out after {} s", plan.timeout.as_secs())),
+                Outcome::Failed(reason) => Some(reason),
+                Outcome::Interrupted => bail!("interrupted"),
+            }
+        }
+    };
+    let wall = started.elapsed();
+    let label = match &kernel {
+        None => "host".to_owned(),
+        Some(kernel) => format!("{} ({})", target, kernel.release),
+    };
+    report::collect(label, plan.cases, &results, plan.test_timeout, wall, problem)
+}
+
+/// A shell script that runs each case with a time limit and records `N.out` and `N.rc`.
+fn test_script(plan: &Plan, results: &Path) -> String {
+    let mut script = format!(
+        "# Generated by `cargo xtask vm-test`.\nresults={}\ntimeout={}\n",
+        quote(&results.to_string_lossy()),
+        plan.test_timeout.as_secs()
+    );
+    script.push_str(
+        r#"t() {
+    echo "vmsniff-vm: test $4"
+    { cd "$3" && timeout -k 10 "$timeout" "$2" --exact "$4" --nocapture --test-threads=1; echo $? > "$results/$1.rc"; } 2>&1 \
+        | tee "$results/$1.out"
+}
+"#,
+    );
+    for (i, case) in plan.cases.iter().enumerate() {
+        script.push_str(&format!(
+            "t {i} {} {} {}\n",
+            quote(&case.executable.to_string_lossy()),
+            quote(&case.cwd.to_string_lossy()),
+            quote(&case.name)
+        ));
+    }
+    script
+}
