@@ -5,7 +5,7 @@ use thiserror::Error;
 /// A kernel operation that failed, with what it was doing and on what.
 #[derive(Debug, Error)]
 pub enum KernelError {
-    #[error("bpffs is not mounted at {path} and mounting it failed; mount it with `mount -t bpf bpf {}`", path.display())]
+    #[error("bpffs is not mounted at {} and vmsniff cannot mount it; mount it with `mount -t bpf bpf {}`", path.display(), path.display())]
     BpffsUnavailable { path: PathBuf, #[source] source: io::Error },
     #[error(
         "vmsniff's pinned maps at {} do not match this vmsniff ({detail}); they were made by \

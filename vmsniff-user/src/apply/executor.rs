@@ -13,6 +13,7 @@ use crate::{
     plan::{
         attach::{AttachPlan, AttachStep},
         detach::DetachStep,
+        request::AttachMode,
     },
 };
 
@@ -89,8 +90,12 @@ async fn apply_attach_step(
             }
         }
         AttachStep::AttachProgram { tap, hook, mode } => {
+            let priority = match mode {
+                AttachMode::Netlink => tc::first_priority(&kernel.netlink, &tap.name, tap.ifindex, *hook).await?,
+                AttachMode::Tcx => 0,
+            };
             let program = tap_program(ebpf, *hook)?;
-            let attached = tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode)?;
+            let attached = tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode, priority)?;
             undo.push(DetachStep::DetachProgram {
                 tap_ifindex: tap.ifindex,
                 tap_name: tap.name.clone(),

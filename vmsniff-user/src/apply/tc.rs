@@ -65,6 +65,31 @@ pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) 
     }
 }
 
+/// The priority that puts vmsniff's filter before every filter already on the hook, so that no
+/// other filter's verdict hides a frame from the mirror. tc's own default when the hook is empty.
+pub async fn first_priority(netlink: &Netlink, tap_name: &str, ifindex: u32, hook: TcHook) -> Result<u16, KernelError> {
+    const TC_DEFAULT_PRIORITY: u16 = 49152;
+    let priorities: Vec<u16> = filter_messages(netlink, ifindex, hook)
+        .await?
+        .iter()
+        .map(|m| (m.header.info >> 16) as u16)
+        .collect();
+    Ok(match (priorities.iter().min(), priorities.iter().max()) {
+        (None, _) => TC_DEFAULT_PRIORITY,
+        (Some(&min), _) if min > 1 => min - 1,
+        (_, Some(&max)) => {
+            log::warn!(
+                "{tap_name}'s {} hook has a filter at priority 1: vmsniff's filter goes after every \
+                 filter there and sees only frames they let through",
+                hook.as_str()
+            );
+            max.saturating_add(1)
+        }
+        (Some(_), None) => unreachable!("a minimum implies a maximum"),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn attach(
     program: &mut SchedClassifier,
     paths: &PinPaths,
@@ -72,6 +97,7 @@ pub fn attach(
     tap_ifindex: u32,
     hook: TcHook,
     mode: AttachMode,
+    nl_priority: u16,
 ) -> Result<Attached, KernelError> {
     let op = || format!("attaching vmsniff's program to {tap_name}'s {} hook ({})", hook.as_str(), mode.as_str());
     match mode {
@@ -89,7 +115,7 @@ pub fn attach(
         }
         AttachMode::Netlink => {
             let id = program
-                .attach_with_options(tap_name, attach_type(hook), TcAttachOptions::Netlink(NlOptions::default()))
+                .attach_with_options(tap_name, attach_type(hook), TcAttachOptions::Netlink(NlOptions { priority: nl_priority, ..NlOptions::default() }))
                 .map_err(KernelError::program(op()))?;
             let link = program.take_link(id).map_err(KernelError::program(op()))?;
             let attached = Attached {
@@ -146,20 +172,9 @@ pub async fn detach(
 
 /// The cls_bpf filters on one hook of an interface: (priority, handle, program name).
 pub async fn bpf_filters(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Result<Vec<(u16, u32, String)>, KernelError> {
-    let mut request = netlink.handle.traffic_filter(ifindex as i32).get();
-    request = match hook {
-        TcHook::Ingress => request.ingress(),
-        TcHook::Egress => request.egress(),
-    };
-    let messages: Vec<TcMessage> = match request.execute().try_collect().await {
-        Ok(messages) => messages,
-        // EINVAL: no clsact qdisc, so no filter on that hook.
-        Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => return Ok(Vec::new()),
-        Err(e) => return Err(KernelError::netlink(format!("listing tc filters of ifindex {ifindex}"))(e)),
-    };
-    Ok(messages
+    Ok(filter_messages(netlink, ifindex, hook)
+        .await?
         .into_iter()
-        .filter(|m| m.header.handle != NlTcHandle::from(0u32))
         .map(|m| {
             let priority = (m.header.info >> 16) as u16;
             let handle = u32::from(m.header.handle);
@@ -196,7 +211,7 @@ pub async fn remove_clsact_if_unused(netlink: &Netlink, tap_name: &str, tap_ifin
         return Ok(());
     }
     for hook in TcHook::ALL {
-        if !bpf_filters(netlink, tap_ifindex, hook).await?.is_empty() || has_other_filters(netlink, tap_ifindex, hook).await? {
+        if !filter_messages(netlink, tap_ifindex, hook).await?.is_empty() {
             log::info!("keeping {tap_name}'s clsact qdisc: it holds other filters");
             return Ok(());
         }
@@ -212,16 +227,18 @@ pub async fn remove_clsact_if_unused(netlink: &Netlink, tap_name: &str, tap_ifin
     }
 }
 
-/// Any filter on the hook, of any kind (u32, flower, ...).
-async fn has_other_filters(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Result<bool, KernelError> {
+/// Every filter on one hook, of any kind (bpf, u32, flower, ...): one message per filter
+/// instance (the per-priority chain headers, with handle 0, are left out).
+async fn filter_messages(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Result<Vec<TcMessage>, KernelError> {
     let mut request = netlink.handle.traffic_filter(ifindex as i32).get();
     request = match hook {
         TcHook::Ingress => request.ingress(),
         TcHook::Egress => request.egress(),
     };
     match request.execute().try_collect::<Vec<TcMessage>>().await {
-        Ok(messages) => Ok(!messages.is_empty()),
-        Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => Ok(false),
+        Ok(messages) => Ok(messages.into_iter().filter(|m| m.header.handle != NlTcHandle::from(0u32)).collect()),
+        // EINVAL: no clsact qdisc, so no filter on that hook.
+        Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => Ok(Vec::new()),
         Err(e) => Err(KernelError::netlink(format!("listing tc filters of ifindex {ifindex}"))(e)),
     }
 }

@@ -34,9 +34,10 @@ pub struct SessionStatus {
     /// The local interface (`--to-dev` sessions).
     pub to_dev: Option<String>,
     pub encap: &'static str,
-    pub key: u32,
-    pub ttl: u8,
-    pub tos: u8,
+    /// GRE sessions: `--key`, `--ttl` and `--tos` (the wire key is key * 2 + d).
+    pub key: Option<u32>,
+    pub ttl: Option<u8>,
+    pub tos: Option<u8>,
     pub direction: &'static str,
     pub attach_mode: Option<&'static str>,
     /// `active`; `tap-gone` (the tap was deleted: its VM stopped or moved); `orphaned` (its
@@ -147,6 +148,7 @@ async fn session_status(
                 link.map(|l| DeviceStatus { name: l.name, ifindex, up: l.up, stats: l.stats });
         }
     }
+    let gre = config.target_kind == TARGET_GRE;
     let to_dev = (config.target_kind == TARGET_LOCAL_DEV)
         .then(|| devices.into_vm.as_ref().or(devices.out_of_vm.as_ref()).map(|d| d.name.clone()))
         .flatten();
@@ -154,13 +156,13 @@ async fn session_status(
         session: id,
         tap,
         tap_ifindex: config.tap_ifindex,
-        to: (config.target_kind == TARGET_GRE && config.remote_family == 4)
+        to: (gre && config.remote_family == 4)
             .then(|| Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])),
         to_dev,
-        encap: if config.target_kind == TARGET_GRE { "gre" } else { "none" },
-        key: config.key,
-        ttl: config.ttl,
-        tos: config.tos,
+        encap: if gre { "gre" } else { "none" },
+        key: gre.then_some(config.key),
+        ttl: gre.then_some(config.ttl),
+        tos: gre.then_some(config.tos),
         direction: directions.as_str(),
         attach_mode: tap_entry.and_then(|t| AttachMode::from_abi(t.attach_mode)).map(AttachMode::as_str),
         state,
@@ -191,7 +193,7 @@ pub fn render_table(status: &Status) -> String {
             s.session,
             s.tap,
             target,
-            s.key,
+            s.key.map_or("-".to_string(), |k| k.to_string()),
             s.direction,
             s.attach_mode.unwrap_or("-"),
             s.state,

@@ -26,10 +26,10 @@ pub enum AttachPlanError {
     )]
     TapFull { tap: String },
     #[error(
-        "tap {tap} is already mirrored to {target} with key {key} by session {session}; use that \
-         session, or detach it first (`vmsniff detach {session}`)"
+        "tap {tap} is already mirrored to {target} by session {session}; use that session, or \
+         detach it first (`vmsniff detach {session}`)"
     )]
-    AlreadyMirrored { tap: String, target: String, key: u32, session: u32 },
+    AlreadyMirrored { tap: String, target: String, session: u32 },
     #[error("--key {key} is too large: the GRE key on the wire is key * 2 + direction, so the key must be at most {MAX_GRE_USER_KEY}")]
     KeyTooLarge { key: u32 },
     #[error(
@@ -123,12 +123,11 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
             if let Some(other) = observed.sessions.get(&id)
                 && same_target(other, &request.target, key)
             {
-                return Err(AttachPlanError::AlreadyMirrored {
-                    tap: tap_name,
-                    target: request.target.to_string(),
-                    key,
-                    session: id,
-                });
+                let target = match &request.target {
+                    Target::Gre { .. } => format!("{} with key {key}", request.target),
+                    Target::LocalDev { .. } => request.target.to_string(),
+                };
+                return Err(AttachPlanError::AlreadyMirrored { tap: tap_name, target, session: id });
             }
         }
     }
@@ -357,7 +356,7 @@ mod tests {
         again.key = Some(1);
         assert_eq!(
             plan_attach(&again, &observed),
-            Err(AttachPlanError::AlreadyMirrored { tap: "tap0".into(), target: "192.0.2.1 (GRE)".into(), key: 1, session: 1 })
+            Err(AttachPlanError::AlreadyMirrored { tap: "tap0".into(), target: "192.0.2.1 (GRE) with key 1".into(), session: 1 })
         );
     }
 

@@ -1,0 +1,194 @@
+//! AF_PACKET sockets: capture what reaches an interface and send raw frames out of one.
+use std::{
+    mem,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::netns::Netns;
+
+const PACKET_OUTGOING: u8 = 4;
+
+/// A raw socket bound to one interface.
+pub struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    /// Opens the socket inside `ns`, bound to `ifname`.
+    pub fn open(ns: &Netns, ifname: &str) -> PacketSocket {
+        let ifindex = ns.ifindex(ifname) as i32;
+        let fd = ns.enter(move || {
+            // SAFETY: plain socket(2); the result is checked.
+            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
+            assert!(raw >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+            // SAFETY: `raw` is a fresh descriptor we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: an all-zero sockaddr_ll is valid; the fields set below bind it.
+            let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            addr.sll_ifindex = ifindex;
+            // SAFETY: addr is a valid sockaddr_ll of the given size.
+            let rc = unsafe {
+                libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_ll>() as u32)
+            };
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            fd
+        });
+        PacketSocket { fd, ifindex }
+    }
+
+    /// Sends a frame out of the interface (through its qdisc and tc egress).
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields set below address the interface.
+        let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: buffer and address are valid for the given lengths.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(n, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+    }
+
+    /// Frames arriving on the interface (not those it sends) for which `keep` holds, until
+    /// `count` are in or `timeout` passes.
+    pub fn capture(&self, count: usize, timeout: Duration, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        while frames.len() < count {
+            match self.recv(deadline.saturating_duration_since(Instant::now())) {
+                Some(frame) if keep(&frame) => frames.push(frame),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        frames
+    }
+
+    /// Keeps reading for `quiet` and returns what arrived: to show that nothing else came.
+    pub fn drain(&self, quiet: Duration, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        self.capture(usize::MAX, quiet, keep)
+    }
+
+    fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+            if poll(&mut fds, ms).expect("poll") == 0 {
+                continue;
+            }
+            let mut buf = vec![0u8; 65536];
+            // SAFETY: zeroed sockaddr_ll is valid output storage.
+            let mut from: libc::sockaddr_ll = unsafe { mem::zeroed() };
+            let mut len = mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: buffers valid for the lengths given.
+            let n = unsafe {
+                libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, &mut from as *mut _ as *mut libc::sockaddr, &mut len)
+            };
+            assert!(n >= 0, "recvfrom: {}", std::io::Error::last_os_error());
+            if from.sll_pkttype == PACKET_OUTGOING {
+                continue;
+            }
+            buf.truncate(n as usize);
+            return Some(buf);
+        }
+    }
+}
+
+/// A GRE packet as a collector sees it (Ethernet, IPv4, GRE with TEB).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gre {
+    pub outer_src: [u8; 4],
+    pub outer_dst: [u8; 4],
+    pub ttl: u8,
+    pub tos: u8,
+    pub dont_fragment: bool,
+    pub checksum: bool,
+    pub key: Option<u32>,
+    pub sequence: Option<u32>,
+    pub protocol: u16,
+    pub inner: Vec<u8>,
+}
+
+/// Decapsulates an Ethernet frame carrying IPv4 GRE; `None` for anything else. Handles the C,
+/// K and S bits (RFC 2890) in their order on the wire.
+pub fn decap_gre(frame: &[u8]) -> Option<Gre> {
+    if frame.len() < 14 + 20 + 4 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ip[9] != 47 || ip.len() < ihl + 4 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+    let gre = &ip[ihl..total];
+    let flags = u16::from_be_bytes([gre[0], gre[1]]);
+    let (c, k, s) = (flags & 0x8000 != 0, flags & 0x2000 != 0, flags & 0x1000 != 0);
+    let protocol = u16::from_be_bytes([gre[2], gre[3]]);
+    let mut at = 4;
+    let mut word = |present: bool| -> Option<Option<u32>> {
+        if !present {
+            return Some(None);
+        }
+        let v = u32::from_be_bytes(gre.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        Some(Some(v))
+    };
+    word(c)?;
+    let key = word(k)?;
+    let sequence = word(s)?;
+    Some(Gre {
+        outer_src: ip[12..16].try_into().ok()?,
+        outer_dst: ip[16..20].try_into().ok()?,
+        ttl: ip[8],
+        tos: ip[1],
+        dont_fragment: ip[6] & 0x40 != 0,
+        checksum: c,
+        key,
+        sequence,
+        protocol,
+        inner: gre[at..].to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decapsulates_key_and_sequence_after_a_checksum() {
+        let inner = crate::frames::frame(crate::frames::VM_MAC, crate::frames::PEER_MAC, 1, 60);
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        let gre_len = 4 + 12 + inner.len();
+        let total = 20 + gre_len;
+        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 47, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend_from_slice(&[0xb0, 0x00, 0x65, 0x58, 0xde, 0xad, 0, 0, 0, 0, 0, 7, 0, 0, 0, 9]);
+        f.extend_from_slice(&inner);
+        let gre = decap_gre(&f).unwrap();
+        assert!(gre.checksum && gre.dont_fragment);
+        assert_eq!((gre.key, gre.sequence, gre.protocol), (Some(7), Some(9), 0x6558));
+        assert_eq!(gre.inner, inner);
+        assert!(decap_gre(&f[..40]).is_none());
+    }
+}

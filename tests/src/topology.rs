@@ -1,0 +1,108 @@
+//! The hypervisor a test builds: the VM's tap in a bridge with the "network" (a veth whose far
+//! end the test uses to send and capture), and a veth pair for `--to-dev` copies.
+use std::time::Duration;
+
+use crate::{
+    frames::{self, PEER_MAC, VM_MAC, is_marked},
+    netns::Netns,
+    packet::PacketSocket,
+    tap::Vm,
+};
+
+pub const TAP: &str = "tapvm0";
+/// `--to-dev` target; the test captures the copies on its peer, [`MIRROR_CAPTURE`].
+pub const MIRROR_DEV: &str = "mir0";
+pub const MIRROR_CAPTURE: &str = "mir1";
+
+pub struct Hypervisor {
+    pub ns: Netns,
+    pub vm: Vm,
+    /// The network beyond the bridge: frames the VM sends arrive here; frames sent here go to
+    /// the VM.
+    pub peer: PacketSocket,
+}
+
+impl Hypervisor {
+    /// Builds the hypervisor and waits until the bridge forwards both ways.
+    pub fn new() -> Hypervisor {
+        let ns = Netns::new("hv");
+        let vm = Vm::create(&ns, TAP);
+        ns.sh(&format!(
+            "ip link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+             ip link set br0 up
+             ip link add peer0 type veth peer name peer1
+             ip link set peer0 master br0
+             ip link set peer0 up
+             ip link set peer1 up
+             ip link set {TAP} master br0"
+        ));
+        let peer = PacketSocket::open(&ns, "peer1");
+        let mut hv = Hypervisor { ns, vm, peer };
+        hv.wait_until_forwarding();
+        hv
+    }
+
+    /// Adds the `--to-dev` veth pair and returns a capture on its far end.
+    pub fn mirror_port(&self) -> PacketSocket {
+        self.ns.sh(&format!(
+            "ip link add {MIRROR_DEV} type veth peer name {MIRROR_CAPTURE}
+             ip link set {MIRROR_DEV} up
+             ip link set {MIRROR_CAPTURE} up"
+        ));
+        PacketSocket::open(&self.ns, MIRROR_CAPTURE)
+    }
+
+    fn wait_until_forwarding(&mut self) {
+        for attempt in 0..100u32 {
+            let probe = frames::frame(VM_MAC, PEER_MAC, 0xffff_0000 + attempt, 60);
+            self.vm.send(&probe);
+            if !self.peer.capture(1, Duration::from_millis(100), is_marked).is_empty() {
+                let back = frames::frame(PEER_MAC, VM_MAC, 0xffff_8000 + attempt, 60);
+                self.peer.send(&back);
+                if !self.vm.recv_marked(1, Duration::from_secs(2)).is_empty() {
+                    // Drain stragglers of earlier attempts.
+                    self.peer.drain(Duration::from_millis(200), is_marked);
+                    self.vm.recv_marked(usize::MAX, Duration::from_millis(200));
+                    return;
+                }
+            }
+        }
+        panic!("the test bridge never forwarded between the tap and the peer");
+    }
+
+    /// The VM sends `frames`; asserts they all cross the bridge unchanged and in order.
+    pub fn vm_sends(&mut self, frames: &[Vec<u8>]) {
+        for frame in frames {
+            self.vm.send(frame);
+        }
+        let got = self.peer.capture(frames.len(), Duration::from_secs(10), is_marked);
+        assert_frames_eq("frames the VM sent, at the peer", frames, &got);
+    }
+
+    /// The peer sends `frames` to the VM; asserts the VM receives them unchanged and in order.
+    pub fn vm_receives(&mut self, frames: &[Vec<u8>]) {
+        for frame in frames {
+            self.peer.send(frame);
+        }
+        let got = self.vm.recv_marked(frames.len(), Duration::from_secs(10));
+        assert_frames_eq("frames sent to the VM, at the VM", frames, &got);
+    }
+}
+
+impl Default for Hypervisor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Compares frame lists with a readable failure.
+pub fn assert_frames_eq(what: &str, expected: &[Vec<u8>], got: &[Vec<u8>]) {
+    assert_eq!(got.len(), expected.len(), "{what}: expected {} frames, got {}", expected.len(), got.len());
+    for (i, (e, g)) in expected.iter().zip(got).enumerate() {
+        assert!(e == g, "{what}: frame {i} differs: expected {} bytes {:02x?}..., got {} bytes {:02x?}...", e.len(), &e[..e.len().min(32)], g.len(), &g[..g.len().min(32)]);
+    }
+}
+
+pub fn total_bytes(frames: &[Vec<u8>]) -> u64 {
+    frames.iter().map(|f| f.len() as u64).sum()
+}

@@ -1,0 +1,209 @@
+//! The mirror's data path on this kernel, through `--to-dev` (no GRE needed): every frame of
+//! each selected direction arrives at the target byte-identical and in order, the VM's frames
+//! are never touched, counters match, and detach leaves nothing behind.
+use std::time::Duration;
+
+use vmsniff_tests::{
+    frames::{self, is_marked},
+    netns::Netns,
+    privileged, run,
+    topology::{Hypervisor, MIRROR_DEV, TAP, assert_frames_eq, total_bytes},
+    vmsniff,
+};
+
+const QUIET: Duration = Duration::from_millis(500);
+
+/// What a clean namespace looks like after detach, checked through the kernel itself.
+fn assert_nothing_left(ns: &Netns, links_before: &str) {
+    assert!(!ns.pin_dir().exists(), "pins left at {}", ns.pin_dir().display());
+    for hook in ["ingress", "egress"] {
+        let filters = run("tc", &["-n", &ns.name, "filter", "show", "dev", TAP, hook]);
+        assert!(!filters.contains("vmsniff"), "a vmsniff filter is left on {hook}: {filters}");
+    }
+    let tcx = tcx_programs(ns);
+    assert!(tcx.is_empty(), "TCX programs left on the tap: {tcx:?}");
+    assert_eq!(link_names(ns), links_before, "detach changed the namespace's interfaces");
+}
+
+fn link_names(ns: &Netns) -> String {
+    let mut names: Vec<String> = run("ip", &["-n", &ns.name, "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_owned()))
+        .collect();
+    names.sort();
+    names.join(" ")
+}
+
+/// Names of TCX programs on both hooks of the tap (empty on kernels without TCX).
+fn tcx_programs(ns: &Netns) -> Vec<String> {
+    ns.enter(|| {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let mut names = Vec::new();
+        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if let Ok((_, programs)) = SchedClassifier::query_tcx(TAP, hook) {
+                names.extend(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()));
+            }
+        }
+        names
+    })
+}
+
+fn counters(ns: &Netns, id: u32, direction: &str) -> (u64, u64, u64) {
+    let s = vmsniff::session(ns, id);
+    let c = &s["counters"][direction];
+    (c["frames"].as_u64().unwrap(), c["bytes"].as_u64().unwrap(), c["clone-errors"].as_u64().unwrap())
+}
+
+#[test]
+fn both_directions_arrive_byte_identical_in_order_with_matching_counters() {
+    if !privileged("both_directions_arrive_byte_identical_in_order_with_matching_counters") {
+        return;
+    }
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let mut hv = Hypervisor::new();
+        let mirror = hv.mirror_port();
+        let before = link_names(&hv.ns);
+        let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        assert_eq!(vmsniff::session(&hv.ns, id)["attach-mode"], mode);
+
+        let (out, into) = frames::both_ways(40);
+        hv.vm_sends(&out);
+        let copies = mirror.capture(out.len(), Duration::from_secs(10), is_marked);
+        assert_frames_eq(&format!("[{mode}] copies of frames the VM sent"), &out, &copies);
+
+        hv.vm_receives(&into);
+        let copies = mirror.capture(into.len(), Duration::from_secs(10), is_marked);
+        assert_frames_eq(&format!("[{mode}] copies of frames the VM received"), &into, &copies);
+        assert!(mirror.drain(QUIET, is_marked).is_empty(), "[{mode}] extra copies arrived");
+
+        assert_eq!(counters(&hv.ns, id, "out"), (out.len() as u64, total_bytes(&out), 0));
+        assert_eq!(counters(&hv.ns, id, "in"), (into.len() as u64, total_bytes(&into), 0));
+
+        vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
+        assert_nothing_left(&hv.ns, &before);
+        // Traffic goes on, unmirrored.
+        hv.vm_sends(&out[..4]);
+        hv.vm_receives(&into[..4]);
+        assert!(mirror.drain(QUIET, is_marked).is_empty(), "[{mode}] copies after detach");
+    }
+}
+
+#[test]
+fn each_direction_selects_only_its_side() {
+    if !privileged("each_direction_selects_only_its_side") {
+        return;
+    }
+    for (direction, expect_out, expect_in) in [("out", true, false), ("in", false, true)] {
+        let mut hv = Hypervisor::new();
+        let mirror = hv.mirror_port();
+        let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--direction", direction]);
+        assert_eq!(vmsniff::session(&hv.ns, id)["direction"], direction);
+        let (out, into) = frames::both_ways(10);
+        hv.vm_sends(&out);
+        hv.vm_receives(&into);
+        let copies = mirror.drain(QUIET * 2, is_marked);
+        let mut expected = Vec::new();
+        if expect_out {
+            expected.extend(out.iter().cloned());
+        }
+        if expect_in {
+            expected.extend(into.iter().cloned());
+        }
+        assert_frames_eq(&format!("--direction {direction}"), &expected, &copies);
+        let (out_frames, _, _) = counters(&hv.ns, id, "out");
+        let (in_frames, _, _) = counters(&hv.ns, id, "in");
+        assert_eq!((out_frames, in_frames), (if expect_out { 10 } else { 0 }, if expect_in { 10 } else { 0 }));
+        vmsniff::ok(&hv.ns, &["detach", "--tap", TAP]);
+    }
+}
+
+#[test]
+fn the_vm_is_undisturbed_when_the_target_is_down_or_deleted_or_the_session_is_emptied() {
+    if !privileged("the_vm_is_undisturbed_when_the_target_is_down_or_deleted_or_the_session_is_emptied") {
+        return;
+    }
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let mut hv = Hypervisor::new();
+        let mirror = hv.mirror_port();
+        let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        let (out, into) = frames::both_ways(16);
+
+        // Session emptied in the kernel: the programs find a free slot and mirror nothing.
+        let sessions_pin = hv.ns.pin_dir().join("maps").join(vmsniff_ebpf::map_name::SESSIONS);
+        let saved = set_session(&sessions_pin, id, vmsniff_ebpf::SessionConfig::EMPTY);
+        hv.vm_sends(&out);
+        hv.vm_receives(&into);
+        assert!(mirror.drain(QUIET, is_marked).is_empty(), "[{mode}] an emptied session still mirrored");
+        set_session(&sessions_pin, id, saved);
+
+        // Target down: each copy is refused (ENETDOWN) and counted; frames pass.
+        hv.ns.sh(&format!("ip link set {MIRROR_DEV} down"));
+        hv.vm_sends(&out);
+        hv.vm_receives(&into);
+        let errors = |hv: &Hypervisor| (counters(&hv.ns, id, "out").2, counters(&hv.ns, id, "in").2);
+        assert_eq!(errors(&hv), (16, 16), "[{mode}] copies toward a down target are counted as lost");
+        hv.ns.sh(&format!("ip link set {MIRROR_DEV} up"));
+
+        // Target deleted: every clone fails (counted), frames pass.
+        hv.ns.sh(&format!("ip link del {MIRROR_DEV}"));
+        hv.vm_sends(&out);
+        hv.vm_receives(&into);
+        assert_eq!(errors(&hv), (32, 32), "[{mode}] clone failures toward a deleted target are counted");
+
+        vmsniff::ok(&hv.ns, &["detach", "--all"]);
+        assert!(!hv.ns.pin_dir().exists());
+        drop(mirror);
+    }
+}
+
+/// Writes a session slot straight into the pinned map (what a corrupted or emptied map looks
+/// like to the programs); returns the old value.
+fn set_session(pin: &std::path::Path, id: u32, value: vmsniff_ebpf::SessionConfig) -> vmsniff_ebpf::SessionConfig {
+    let data = aya::maps::MapData::from_pin(pin).expect("open pinned sessions map");
+    let mut map: aya::maps::Array<_, vmsniff_ebpf::SessionConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("sessions map type");
+    let old = map.get(&id, 0).expect("read session");
+    map.set(id, value, 0).expect("write session");
+    old
+}
+
+#[test]
+fn other_tc_filters_on_the_tap_keep_running_and_stay() {
+    if !privileged("other_tc_filters_on_the_tap_keep_running_and_stay") {
+        return;
+    }
+    vmsniff::report_mode("netlink");
+    let mut hv = Hypervisor::new();
+    let mirror = hv.mirror_port();
+    let ns = hv.ns.name.clone();
+    // The operator's own filter: u32 + mirred, copying every frame of both hooks to oth0.
+    hv.ns.sh("ip link add oth0 type veth peer name oth1; ip link set oth0 up; ip link set oth1 up");
+    let theirs = vmsniff_tests::packet::PacketSocket::open(&hv.ns, "oth1");
+    run("tc", &["-n", &ns, "qdisc", "add", "dev", TAP, "clsact"]);
+    for hook in ["ingress", "egress"] {
+        run("tc", &["-n", &ns, "filter", "add", "dev", TAP, hook, "prio", "100", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev", "oth0"]);
+    }
+
+    let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", "netlink"]);
+    let (out, into) = frames::both_ways(12);
+    hv.vm_sends(&out);
+    hv.vm_receives(&into);
+    let expected: Vec<Vec<u8>> = out.iter().chain(&into).cloned().collect();
+    assert_frames_eq("vmsniff's copies beside the other filter", &expected, &mirror.capture(24, Duration::from_secs(10), is_marked));
+    assert_frames_eq("the other filter's copies while vmsniff runs", &expected, &theirs.capture(24, Duration::from_secs(10), is_marked));
+
+    vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
+    for hook in ["ingress", "egress"] {
+        let filters = run("tc", &["-n", &ns, "filter", "show", "dev", TAP, hook]);
+        assert!(filters.contains("u32"), "the other {hook} filter was removed: {filters}");
+        assert!(!filters.contains("vmsniff"), "vmsniff's {hook} filter was left: {filters}");
+    }
+    assert!(run("tc", &["-n", &ns, "qdisc", "show", "dev", TAP]).contains("clsact"), "the clsact qdisc vmsniff did not create was removed");
+    hv.vm_sends(&out[..3]);
+    hv.vm_receives(&into[..3]);
+    let expected: Vec<Vec<u8>> = out[..3].iter().chain(&into[..3]).cloned().collect();
+    assert_frames_eq("the other filter's copies after detach", &expected, &theirs.capture(6, Duration::from_secs(10), is_marked));
+    assert!(mirror.drain(QUIET, is_marked).is_empty(), "vmsniff copies after detach");
+}
