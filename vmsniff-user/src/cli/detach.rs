@@ -77,6 +77,9 @@ async fn select(namespace: &Namespace, observed: &Observed, args: &DetachArgs) -
     if is_tap_flag {
         bail!("tap {name:?} is not mirrored here; `vmsniff status` lists the sessions");
     }
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("there is no session {name} here, and no VM or tap named {name:?}; `vmsniff status` lists the sessions");
+    }
     // Not a recorded tap: a VM selector, which must at least resolve.
     resolve_vm(&namespace.kernel.netlink, name).await?;
     bail!("{name:?} is not mirrored here; `vmsniff status` lists the sessions")

@@ -29,7 +29,8 @@ pub struct MirrorArgs {
 
     /// The session's GRE key K; on the wire the key is K*2+d (d = 0 out, 1 in). Default: the
     /// session id.
-    #[arg(long, value_name = "N", conflicts_with = "to_dev")]
+    #[arg(long, value_name = "N", conflicts_with = "to_dev",
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(vmsniff_ebpf::MAX_GRE_USER_KEY)))]
     pub key: Option<u32>,
 
     /// Which frames: `in` (going into the VM), `out` (sent by the VM) or `both`.

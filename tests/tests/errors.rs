@@ -1,0 +1,177 @@
+//! Bad input and broken environments: a clear error naming the fix, a non-zero exit, and the
+//! system exactly as it was.
+use std::time::Duration;
+
+use vmsniff_tests::{netns::Netns, privileged, run, skip, topology::{Hypervisor, MIRROR_DEV, TAP}, vmsniff};
+
+fn links(ns: &Netns) -> String {
+    run("ip", &["-n", &ns.name, "-o", "link", "show"]).lines().map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()).collect::<Vec<_>>().join(" ")
+}
+
+fn assert_untouched(ns: &Netns, links_before: &str) {
+    assert!(!ns.pin_dir().exists(), "a failed command left pins at {}", ns.pin_dir().display());
+    assert_eq!(links(ns), links_before, "a failed command changed the interfaces");
+    for hook in ["ingress", "egress"] {
+        let (_, filters, _) = ns.try_sh(&format!("tc filter show dev {TAP} {hook}"));
+        assert!(!filters.contains("vmsniff"), "a failed command left a filter: {filters}");
+    }
+}
+
+#[test]
+fn unknown_tap_and_bad_names_are_refused_without_a_trace() {
+    if !privileged("unknown_tap_and_bad_names_are_refused_without_a_trace") {
+        return;
+    }
+    let hv = Hypervisor::new();
+    hv.mirror_port();
+    let before = links(&hv.ns);
+    let err = vmsniff::fails(&hv.ns, &["attach", "--tap", "tapnothere", "--to-dev", MIRROR_DEV]);
+    assert!(err.contains("does not exist") && err.contains("ip link"), "{err}");
+    let err = vmsniff::fails(&hv.ns, &["attach", "--tap", "tap/../x", "--to-dev", MIRROR_DEV]);
+    assert!(err.contains("not a valid interface name"), "{err}");
+    let err = vmsniff::fails(&hv.ns, &["attach", "--tap", TAP, "--to-dev", "nodev0"]);
+    assert!(err.contains("nodev0") && err.contains("does not exist"), "{err}");
+    let err = vmsniff::fails(&hv.ns, &["attach", "--tap", TAP, "--to-dev", TAP]);
+    assert!(err.contains("mirrored tap itself"), "{err}");
+    let err = vmsniff::fails(&hv.ns, &["attach", "no-such-vm", "--to-dev", MIRROR_DEV]);
+    assert!(err.contains("--tap"), "{err}");
+    assert_untouched(&hv.ns, &before);
+}
+
+#[test]
+fn invalid_collectors_and_options_are_usage_errors() {
+    if !privileged("invalid_collectors_and_options_are_usage_errors") {
+        return;
+    }
+    let ns = Netns::new("args");
+    for (args, needle) in [
+        (vec!["attach", "--tap", "x", "--to", "300.1.1.1"], "not an IPv4 address"),
+        (vec!["attach", "--tap", "x", "--to", "224.0.0.5"], "cannot be a collector"),
+        (vec!["attach", "--tap", "x", "--to", "2001:db8::1"], "IPv6"),
+        (vec!["attach", "--tap", "x"], "--to"),
+        (vec!["attach", "--tap", "x", "--to", "192.0.2.1", "--direction", "sideways"], "sideways"),
+        (vec!["attach", "--tap", "x", "--to", "192.0.2.1", "--key", "4294967295"], "key"),
+        (vec!["attach", "--tap", "x", "--to", "192.0.2.1", "--ttl", "0"], "ttl"),
+        (vec!["detach"], "detach"),
+    ] {
+        let out = vmsniff::run(&ns, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!ns.pin_dir().exists());
+}
+
+#[test]
+fn without_privileges_vmsniff_says_what_it_needs() {
+    if !privileged("without_privileges_vmsniff_says_what_it_needs") {
+        return;
+    }
+    let bin = vmsniff::binary();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(&bin)
+        .args(["status"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("CAP_NET_ADMIN") && err.contains("root"), "{err}");
+}
+
+#[test]
+fn a_kernel_without_gre_gets_a_clear_error_and_nothing_is_left() {
+    if !privileged("a_kernel_without_gre_gets_a_clear_error_and_nothing_is_left") {
+        return;
+    }
+    let probe = Netns::new("greprobe");
+    if probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0 {
+        skip("this kernel has GRE; the missing-GRE error cannot be provoked here");
+        return;
+    }
+    let hv = Hypervisor::new();
+    let before = links(&hv.ns);
+    let err = vmsniff::fails(&hv.ns, &["attach", "--tap", TAP, "--to", "192.0.2.10"]);
+    assert!(err.contains("ip_gre") && err.contains("--to-dev"), "{err}");
+    assert_untouched(&hv.ns, &before);
+}
+
+#[test]
+fn the_same_mirror_twice_is_refused_and_changes_nothing() {
+    if !privileged("the_same_mirror_twice_is_refused_and_changes_nothing") {
+        return;
+    }
+    let hv = Hypervisor::new();
+    hv.mirror_port();
+    let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV]);
+    let status = vmsniff::status(&hv.ns);
+    let err = vmsniff::fails(&hv.ns, &["attach", "--tap", TAP, "--to-dev", MIRROR_DEV]);
+    assert!(err.contains(&format!("already mirrored to device {MIRROR_DEV} by session {id}")), "{err}");
+    assert_eq!(vmsniff::status(&hv.ns)["sessions"], status["sessions"]);
+    let err = vmsniff::fails(&hv.ns, &["detach", "77"]);
+    assert!(err.contains("no session 77") || err.contains("not mirrored"), "{err}");
+    vmsniff::ok(&hv.ns, &["detach", "--all"]);
+}
+
+#[test]
+fn a_killed_mirror_is_reported_then_cleaned_by_the_next_command() {
+    if !privileged("a_killed_mirror_is_reported_then_cleaned_by_the_next_command") {
+        return;
+    }
+    let hv = Hypervisor::new();
+    hv.mirror_port();
+    let bin = vmsniff::binary();
+    let mut child = hv.ns.enter(move || {
+        std::process::Command::new(bin)
+            .args(["mirror", "--tap", TAP, "--to-dev", MIRROR_DEV])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start vmsniff mirror")
+    });
+    let mut id = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut id).unwrap();
+    let id: u32 = id.trim().parse().expect("mirror prints its session id");
+    assert_eq!(vmsniff::session(&hv.ns, id)["state"], "active");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vmsniff::session(&hv.ns, id)["state"], "orphaned");
+
+    let out = vmsniff::run(&hv.ns, &["attach", "--tap", TAP, "--to-dev", MIRROR_DEV]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("session {id} belonged to process")), "{err}");
+    let sessions = vmsniff::status(&hv.ns)["sessions"].as_array().unwrap().clone();
+    assert_eq!(sessions.len(), 1, "the orphan was replaced, not kept: {sessions:?}");
+    assert_eq!(sessions[0]["state"], "active");
+    vmsniff::ok(&hv.ns, &["detach", "--all"]);
+    assert!(!hv.ns.pin_dir().exists());
+}
+
+#[test]
+fn mirror_detaches_everything_on_sigterm() {
+    if !privileged("mirror_detaches_everything_on_sigterm") {
+        return;
+    }
+    let hv = Hypervisor::new();
+    hv.mirror_port();
+    let bin = vmsniff::binary();
+    let mut child = hv.ns.enter(move || {
+        std::process::Command::new(bin)
+            .args(["mirror", "--tap", TAP, "--to-dev", MIRROR_DEV])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start vmsniff mirror")
+    });
+    let mut id = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut id).unwrap();
+    assert!(id.trim().parse::<u32>().is_ok());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!hv.ns.pin_dir().exists(), "mirror left pins after SIGTERM");
+    let (_, filters, _) = hv.ns.try_sh(&format!("tc filter show dev {TAP} ingress"));
+    assert!(!filters.contains("vmsniff"));
+}
