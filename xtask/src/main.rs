@@ -1,6 +1,10 @@
 //! Project commands: `cargo xtask setup | demo | test | vm-run | vm-test`.
+mod demo;
 mod setup;
+mod test;
 mod vm;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +20,12 @@ enum Command {
     /// Install every prerequisite (idempotent): Debian's eBPF toolchain, bpf-linker, QEMU,
     /// busybox and the tools the tests use.
     Setup,
+    /// The built-in demo: a VM stand-in pings its gateway while vmsniff mirrors its tap to a
+    /// collector over GRE, where tcpdump shows the copies (as root).
+    Demo(demo::DemoArgs),
+    /// Every test: unit tests, then the privileged suite on this kernel and in Debian's 5.10,
+    /// 6.1 and 6.12 under QEMU (as root).
+    Test,
     /// Boot a Debian kernel under QEMU and run one command inside it.
     VmRun(vm::VmRunArgs),
     /// Run the privileged test suite inside Debian kernels under QEMU (and on the host).
@@ -25,7 +35,14 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
+        Command::Demo(args) => demo::run(args, &workspace()),
+        Command::Test => test::run(&workspace()),
         Command::VmRun(args) => vm::run_command(args),
         Command::VmTest(args) => vm::test_command(args),
     }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent directory").to_owned()
 }

@@ -21,9 +21,6 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 pub fn run() -> anyhow::Result<()> {
-    if !nix_is_root() {
-        bail!("`cargo xtask setup` installs Debian packages: run it as root");
-    }
     install_packages()?;
     link_debian_toolchain()?;
     install_bpf_linker()?;
@@ -43,6 +40,9 @@ fn install_packages() -> anyhow::Result<()> {
         .collect();
     if missing.is_empty() {
         return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("missing Debian packages {}: run `cargo xtask setup` as root to install them", missing.join(", "));
     }
     for (name, why) in PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
         eprintln!("setup: installing {name}: {why}");

@@ -30,6 +30,11 @@ pub enum KernelError {
          add dev {name} clsact`, then re-add them), or use --attach-mode tcx on Linux >= 6.6"
     )]
     LegacyIngressQdisc { name: String },
+    #[error(
+        "a GRE device toward {remote} with wire key {wire_key} exists already (another tool's, or \
+         a leftover); delete it, or give this session another --key"
+    )]
+    TunnelExists { remote: std::net::Ipv4Addr, wire_key: u32 },
     #[error("{op}")]
     Io { op: String, #[source] source: io::Error },
     #[error("{op}")]

@@ -8,7 +8,7 @@
 //! key, TTL and TOS itself on every kernel from 5.10 on (no bpf_tunnel_key layout to match).
 use netlink_packet_route::link::{GreIOFlags, InfoData, InfoGre, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_core::DefaultNla;
-use rtnetlink::LinkGre;
+use rtnetlink::{LinkGre, LinkUnspec};
 
 use super::KernelError;
 use crate::{netlink::{Netlink, errno}, plan::attach::GreDevice};
@@ -40,7 +40,10 @@ pub async fn create(netlink: &Netlink, device: &GreDevice) -> Result<u32, Kernel
         Ok(()) => {}
         // EOPNOTSUPP: no "gretap" link kind, that is no ip_gre module and none autoloaded.
         Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => return Err(KernelError::NoGreSupport),
-        Err(e) if errno(&e) == Some(libc::EEXIST) => return Err(KernelError::DeviceNameTaken { name: device.name.clone() }),
+        // EEXIST with the name free: a GRE device with the same remote and key exists.
+        Err(e) if errno(&e) == Some(libc::EEXIST) => {
+            return Err(KernelError::TunnelExists { remote: device.remote, wire_key: device.wire_key });
+        }
         Err(e) => {
             return Err(KernelError::netlink(format!("creating GRE device {} toward {}", device.name, device.remote))(e));
         }
@@ -53,6 +56,12 @@ pub async fn create(netlink: &Netlink, device: &GreDevice) -> Result<u32, Kernel
             op: format!("GRE device {} vanished right after its creation", device.name),
             source: std::io::Error::from_raw_os_error(libc::ENODEV),
         })?;
+    // RTM_NEWLINK ignores IFLA_IFALIAS: the mark of ownership is set by a second request.
+    let alias = LinkUnspec::new_with_index(created.ifindex).alias(device.alias.clone()).up().build();
+    if let Err(e) = netlink.handle.link().set(alias).execute().await {
+        let _ = netlink.handle.link().del(created.ifindex).execute().await;
+        return Err(KernelError::netlink(format!("marking {} as vmsniff's", device.name))(e));
+    }
     Ok(created.ifindex)
 }
 
@@ -85,12 +94,14 @@ fn link_message(device: &GreDevice) -> LinkMessage {
         .tos(device.tos)
         .oflags(GreIOFlags::Key)
         .okey(device.wire_key)
+        // The receive key too: the kernel tells classic tunnels apart by (remote, local, ikey),
+        // so the out and in devices of one session toward one collector need distinct ikeys.
+        .iflags(GreIOFlags::Key)
+        .ikey(device.wire_key)
         // No path MTU discovery and DF ignored: the outer header never has DF, so a copy that
         // does not fit the uplink is fragmented rather than lost.
         .pmtudisc(false)
         .mtu(GRE_DEVICE_MTU)
-        .alias(device.alias.clone())
-        .up()
         .build();
     for attribute in &mut message.attributes {
         if let LinkAttribute::LinkInfo(infos) = attribute {
@@ -140,6 +151,6 @@ mod tests {
         assert!(data.contains(&InfoGre::Ttl(64)));
         assert!(data.contains(&InfoGre::PathMTUDiscovery(false)));
         assert!(data.iter().any(|i| i.kind() == IFLA_GRE_IGNORE_DF));
-        assert!(message.attributes.contains(&LinkAttribute::IfAlias("vmsniff session 3 in".into())));
+        assert!(data.contains(&InfoGre::IKey(7)), "distinct receive keys keep the out and in devices apart");
     }
 }

@@ -30,6 +30,11 @@ pub enum AttachPlanError {
          detach it first (`vmsniff detach {session}`)"
     )]
     AlreadyMirrored { tap: String, target: String, session: u32 },
+    #[error(
+        "session {session} already sends to {remote} with key {key}; a collector could not tell \
+         the two apart: give this session another --key"
+    )]
+    KeyInUse { remote: Ipv4Addr, key: u32, session: u32 },
     #[error("--key {key} is too large: the GRE key on the wire is key * 2 + direction, so the key must be at most {MAX_GRE_USER_KEY}")]
     KeyTooLarge { key: u32 },
     #[error(
@@ -130,6 +135,11 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
                 return Err(AttachPlanError::AlreadyMirrored { tap: tap_name, target, session: id });
             }
         }
+    }
+    if let Target::Gre { remote, .. } = &request.target
+        && let Some((&session, _)) = observed.sessions.iter().find(|(_, s)| same_target(s, &request.target, key))
+    {
+        return Err(AttachPlanError::KeyInUse { remote: *remote, key, session });
     }
     let mode = choose_mode(request, existing_tap.map(|t| t.attach_mode))?;
 
@@ -358,6 +368,18 @@ mod tests {
             plan_attach(&again, &observed),
             Err(AttachPlanError::AlreadyMirrored { tap: "tap0".into(), target: "192.0.2.1 (GRE) with key 1".into(), session: 1 })
         );
+    }
+
+    #[test]
+    fn one_key_toward_one_collector_belongs_to_one_session() {
+        let mut observed = Observed::default();
+        applied(&mut observed, &request(gre([192, 0, 2, 1])));
+        let mut other_tap = request(gre([192, 0, 2, 1]));
+        other_tap.tap = Tap { ifindex: 9, name: "tap1".into() };
+        other_tap.key = Some(1);
+        assert!(matches!(plan_attach(&other_tap, &observed), Err(AttachPlanError::KeyInUse { key: 1, session: 1, .. })));
+        other_tap.key = None;
+        assert_eq!(plan_attach(&other_tap, &observed).unwrap().key, 2, "the default key is the new session's id");
     }
 
     #[test]

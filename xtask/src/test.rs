@@ -1,0 +1,36 @@
+//! `cargo xtask test`: the README's test command. Sets up what is missing, runs the unit tests,
+//! then the privileged suite on this kernel and in each Debian kernel under QEMU.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+pub fn run(workspace: &Path) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    let started = std::time::Instant::now();
+    cargo(workspace, &["build", "--workspace"])?;
+    eprintln!("\n==> unit tests (no root)");
+    cargo(workspace, &["test", "--workspace", "--lib", "--bins"])?;
+    eprintln!("\n==> privileged tests: this kernel, then Debian 5.10, 6.1 and 6.12 under QEMU");
+    let status = Command::new(std::env::current_exe()?)
+        .args(["vm-test", "--kernel", "all"])
+        .current_dir(workspace)
+        .status()
+        .context("starting vm-test")?;
+    eprintln!("\n==> all tests took {:.0?}", started.elapsed());
+    if !status.success() {
+        bail!("privileged tests failed (see the table above)");
+    }
+    Ok(())
+}
+
+pub fn cargo(workspace: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(args)
+        .current_dir(workspace)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
