@@ -35,11 +35,8 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = manifest_dir.join("../vmsniff-ebpf").canonicalize()?;
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path to vmsniff-ebpf")?;
     let chain = if toolchain == "nightly" { Toolchain::Nightly } else { Toolchain::Custom(&toolchain) };
-    aya_build::build_ebpf(
-        [Package { name: "vmsniff-ebpf", root_dir: ebpf_dir, ..Default::default() }],
-        chain,
-    )
-    .with_context(|| format!("building the eBPF programs with the `{toolchain}` toolchain failed"))
+    aya_build::build_ebpf([Package { name: "vmsniff-ebpf", root_dir: ebpf_dir, ..Default::default() }], chain)
+        .with_context(|| format!("building the eBPF programs with the `{toolchain}` toolchain failed"))
 }
 
 /// `VMSNIFF_EBPF_TOOLCHAIN` if set; else nightly when it has rust-src; else Debian's.
@@ -69,10 +66,7 @@ fn pick_toolchain() -> anyhow::Result<String> {
 }
 
 fn sysroot(toolchain: &str) -> Option<PathBuf> {
-    let out = Command::new("rustup")
-        .args(["run", toolchain, "rustc", "--print", "sysroot"])
-        .output()
-        .ok()?;
+    let out = Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]).output().ok()?;
     out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 

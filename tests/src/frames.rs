@@ -38,6 +38,7 @@ pub fn sizes(count: usize) -> impl Iterator<Item = usize> {
 /// `count` frames the VM sends and `count` it receives.
 pub fn both_ways(count: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let out = sizes(count).enumerate().map(|(i, len)| frame(VM_MAC, PEER_MAC, i as u32, len)).collect();
-    let into = sizes(count).enumerate().map(|(i, len)| frame(PEER_MAC, VM_MAC, 1000 + i as u32, len)).collect();
+    let into =
+        sizes(count).enumerate().map(|(i, len)| frame(PEER_MAC, VM_MAC, 1000 + i as u32, len)).collect();
     (out, into)
 }

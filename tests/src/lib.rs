@@ -32,7 +32,10 @@ pub fn skip(reason: &str) {
 
 /// Runs a command and returns its stdout, panicking with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(program).args(args).output().unwrap_or_else(|e| panic!("starting {program}: {e}"));
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {} failed: {}{}",

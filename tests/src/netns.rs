@@ -38,7 +38,11 @@ impl Netns {
             .args(["netns", "exec", &self.name, "sh", "-c", line])
             .output()
             .expect("ip netns exec");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn path(&self) -> PathBuf {

@@ -23,7 +23,9 @@ impl PacketSocket {
         let ifindex = ns.ifindex(ifname) as i32;
         let fd = ns.enter(move || {
             // SAFETY: plain socket(2); the result is checked.
-            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
+            let raw = unsafe {
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32)
+            };
             assert!(raw >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
             // SAFETY: `raw` is a fresh descriptor we own.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -34,7 +36,11 @@ impl PacketSocket {
             addr.sll_ifindex = ifindex;
             // SAFETY: addr is a valid sockaddr_ll of the given size.
             let rc = unsafe {
-                libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_ll>() as u32)
+                libc::bind(
+                    fd.as_raw_fd(),
+                    &addr as *const _ as *const libc::sockaddr,
+                    mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
             };
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
             fd
@@ -102,7 +108,14 @@ impl PacketSocket {
             let mut len = mem::size_of::<libc::sockaddr_ll>() as u32;
             // SAFETY: buffers valid for the lengths given.
             let n = unsafe {
-                libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, &mut from as *mut _ as *mut libc::sockaddr, &mut len)
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    &mut from as *mut _ as *mut libc::sockaddr,
+                    &mut len,
+                )
             };
             assert!(n >= 0, "recvfrom: {}", std::io::Error::last_os_error());
             if from.sll_pkttype == PACKET_OUTGOING {
@@ -182,7 +195,28 @@ mod tests {
         f.extend_from_slice(&[0x08, 0x00]);
         let gre_len = 4 + 12 + inner.len();
         let total = 20 + gre_len;
-        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 47, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            47,
+            0,
+            0,
+            10,
+            0,
+            0,
+            1,
+            10,
+            0,
+            0,
+            2,
+        ]);
         f.extend_from_slice(&[0xb0, 0x00, 0x65, 0x58, 0xde, 0xad, 0, 0, 0, 0, 0, 7, 0, 0, 0, 9]);
         f.extend_from_slice(&inner);
         let gre = decap_gre(&f).unwrap();

@@ -30,8 +30,13 @@ impl Vm {
     pub fn create(ns: &Netns, name: &str) -> Vm {
         let owned = name.to_owned();
         let file = ns.enter(move || {
-            let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("open /dev/net/tun");
-            let mut req = IfReq { name: [0; 16], flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short, _pad: [0; 22] };
+            let file =
+                OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("open /dev/net/tun");
+            let mut req = IfReq {
+                name: [0; 16],
+                flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+                _pad: [0; 22],
+            };
             req.name[..owned.len()].copy_from_slice(owned.as_bytes());
             // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
             let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };

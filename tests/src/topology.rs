@@ -99,7 +99,14 @@ impl Default for Hypervisor {
 pub fn assert_frames_eq(what: &str, expected: &[Vec<u8>], got: &[Vec<u8>]) {
     assert_eq!(got.len(), expected.len(), "{what}: expected {} frames, got {}", expected.len(), got.len());
     for (i, (e, g)) in expected.iter().zip(got).enumerate() {
-        assert!(e == g, "{what}: frame {i} differs: expected {} bytes {:02x?}..., got {} bytes {:02x?}...", e.len(), &e[..e.len().min(32)], g.len(), &g[..g.len().min(32)]);
+        assert!(
+            e == g,
+            "{what}: frame {i} differs: expected {} bytes {:02x?}..., got {} bytes {:02x?}...",
+            e.len(),
+            &e[..e.len().min(32)],
+            g.len(),
+            &g[..g.len().min(32)]
+        );
     }
 }
 

@@ -21,7 +21,9 @@ pub fn binary() -> PathBuf {
 pub fn run(ns: &Netns, args: &[&str]) -> Output {
     let bin = binary();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    ns.enter(move || std::process::Command::new(bin).args(&args).env("RUST_LOG", "info").output().expect("start vmsniff"))
+    ns.enter(move || {
+        std::process::Command::new(bin).args(&args).env("RUST_LOG", "info").output().expect("start vmsniff")
+    })
 }
 
 /// Runs vmsniff and returns stdout, panicking with its output when it fails.

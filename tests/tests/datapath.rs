@@ -113,7 +113,10 @@ fn each_direction_selects_only_its_side() {
         assert_frames_eq(&format!("--direction {direction}"), &expected, &copies);
         let (out_frames, _, _) = counters(&hv.ns, id, "out");
         let (in_frames, _, _) = counters(&hv.ns, id, "in");
-        assert_eq!((out_frames, in_frames), (if expect_out { 10 } else { 0 }, if expect_in { 10 } else { 0 }));
+        assert_eq!(
+            (out_frames, in_frames),
+            (if expect_out { 10 } else { 0 }, if expect_in { 10 } else { 0 })
+        );
         vmsniff::ok(&hv.ns, &["detach", "--tap", TAP]);
     }
 }
@@ -160,7 +163,11 @@ fn the_vm_is_undisturbed_when_the_target_is_down_or_deleted_or_the_session_is_em
 
 /// Writes a session slot straight into the pinned map (what a corrupted or emptied map looks
 /// like to the programs); returns the old value.
-fn set_session(pin: &std::path::Path, id: u32, value: vmsniff_ebpf::SessionConfig) -> vmsniff_ebpf::SessionConfig {
+fn set_session(
+    pin: &std::path::Path,
+    id: u32,
+    value: vmsniff_ebpf::SessionConfig,
+) -> vmsniff_ebpf::SessionConfig {
     let data = aya::maps::MapData::from_pin(pin).expect("open pinned sessions map");
     let mut map: aya::maps::Array<_, vmsniff_ebpf::SessionConfig> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("sessions map type");
@@ -183,7 +190,13 @@ fn other_tc_filters_on_the_tap_keep_running_and_stay() {
     let theirs = vmsniff_tests::packet::PacketSocket::open(&hv.ns, "oth1");
     run("tc", &["-n", &ns, "qdisc", "add", "dev", TAP, "clsact"]);
     for hook in ["ingress", "egress"] {
-        run("tc", &["-n", &ns, "filter", "add", "dev", TAP, hook, "prio", "100", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev", "oth0"]);
+        run(
+            "tc",
+            &[
+                "-n", &ns, "filter", "add", "dev", TAP, hook, "prio", "100", "protocol", "all", "u32",
+                "match", "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev", "oth0",
+            ],
+        );
     }
 
     let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", "netlink"]);
@@ -191,8 +204,16 @@ fn other_tc_filters_on_the_tap_keep_running_and_stay() {
     hv.vm_sends(&out);
     hv.vm_receives(&into);
     let expected: Vec<Vec<u8>> = out.iter().chain(&into).cloned().collect();
-    assert_frames_eq("vmsniff's copies beside the other filter", &expected, &mirror.capture(24, Duration::from_secs(10), is_marked));
-    assert_frames_eq("the other filter's copies while vmsniff runs", &expected, &theirs.capture(24, Duration::from_secs(10), is_marked));
+    assert_frames_eq(
+        "vmsniff's copies beside the other filter",
+        &expected,
+        &mirror.capture(24, Duration::from_secs(10), is_marked),
+    );
+    assert_frames_eq(
+        "the other filter's copies while vmsniff runs",
+        &expected,
+        &theirs.capture(24, Duration::from_secs(10), is_marked),
+    );
 
     vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
     for hook in ["ingress", "egress"] {
@@ -200,10 +221,17 @@ fn other_tc_filters_on_the_tap_keep_running_and_stay() {
         assert!(filters.contains("u32"), "the other {hook} filter was removed: {filters}");
         assert!(!filters.contains("vmsniff"), "vmsniff's {hook} filter was left: {filters}");
     }
-    assert!(run("tc", &["-n", &ns, "qdisc", "show", "dev", TAP]).contains("clsact"), "the clsact qdisc vmsniff did not create was removed");
+    assert!(
+        run("tc", &["-n", &ns, "qdisc", "show", "dev", TAP]).contains("clsact"),
+        "the clsact qdisc vmsniff did not create was removed"
+    );
     hv.vm_sends(&out[..3]);
     hv.vm_receives(&into[..3]);
     let expected: Vec<Vec<u8>> = out[..3].iter().chain(&into[..3]).cloned().collect();
-    assert_frames_eq("the other filter's copies after detach", &expected, &theirs.capture(6, Duration::from_secs(10), is_marked));
+    assert_frames_eq(
+        "the other filter's copies after detach",
+        &expected,
+        &theirs.capture(6, Duration::from_secs(10), is_marked),
+    );
     assert!(mirror.drain(QUIET, is_marked).is_empty(), "vmsniff copies after detach");
 }

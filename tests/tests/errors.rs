@@ -2,10 +2,19 @@
 //! system exactly as it was.
 use std::time::Duration;
 
-use vmsniff_tests::{netns::Netns, privileged, run, skip, topology::{Hypervisor, MIRROR_DEV, TAP}, vmsniff};
+use vmsniff_tests::{
+    netns::Netns,
+    privileged, run, skip,
+    topology::{Hypervisor, MIRROR_DEV, TAP},
+    vmsniff,
+};
 
 fn links(ns: &Netns) -> String {
-    run("ip", &["-n", &ns.name, "-o", "link", "show"]).lines().map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()).collect::<Vec<_>>().join(" ")
+    run("ip", &["-n", &ns.name, "-o", "link", "show"])
+        .lines()
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn assert_untouched(ns: &Netns, links_before: &str) {
@@ -168,7 +177,8 @@ fn mirror_detaches_everything_on_sigterm() {
     let mut id = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut id).unwrap();
     assert!(id.trim().parse::<u32>().is_ok());
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!hv.ns.pin_dir().exists(), "mirror left pins after SIGTERM");

@@ -56,12 +56,19 @@ fn copies_reach_the_collector_as_keyed_gre_both_ways() {
     let Some(mut site) = site("copies_reach_the_collector_as_keyed_gre_both_ways") else { return };
     for mode in vmsniff::attach_modes() {
         vmsniff::report_mode(mode);
-        let id = vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR, "--key", "7", "--attach-mode", mode]);
+        let id = vmsniff::attach(
+            &site.hv.ns,
+            &["--tap", TAP, "--to", COLLECTOR, "--key", "7", "--attach-mode", mode],
+        );
         let (out, into) = frames::both_ways(40);
 
         site.hv.vm_sends(&out);
         let copies = gre_copies(&site.capture, out.len());
-        assert_frames_eq(&format!("[{mode}] GRE copies of frames the VM sent"), &out, &copies.iter().map(|g| g.inner.clone()).collect::<Vec<_>>());
+        assert_frames_eq(
+            &format!("[{mode}] GRE copies of frames the VM sent"),
+            &out,
+            &copies.iter().map(|g| g.inner.clone()).collect::<Vec<_>>(),
+        );
         for g in &copies {
             assert_eq!(g.protocol, 0x6558, "transparent Ethernet bridging");
             assert_eq!(g.key, Some(14), "key 7, out: 7 * 2 + 0");
@@ -71,7 +78,11 @@ fn copies_reach_the_collector_as_keyed_gre_both_ways() {
 
         site.hv.vm_receives(&into);
         let copies = gre_copies(&site.capture, into.len());
-        assert_frames_eq(&format!("[{mode}] GRE copies of frames the VM received"), &into, &copies.iter().map(|g| g.inner.clone()).collect::<Vec<_>>());
+        assert_frames_eq(
+            &format!("[{mode}] GRE copies of frames the VM received"),
+            &into,
+            &copies.iter().map(|g| g.inner.clone()).collect::<Vec<_>>(),
+        );
         assert!(copies.iter().all(|g| g.key == Some(15)), "key 7, in: 7 * 2 + 1");
 
         let s = vmsniff::session(&site.hv.ns, id);
@@ -98,7 +109,12 @@ fn an_unreachable_collector_costs_copies_never_frames() {
     site.hv.vm_sends(&out);
     site.hv.vm_receives(&into);
     let s = vmsniff::session(&site.hv.ns, id);
-    let lost: u64 = ["in", "out"].iter().map(|d| s["devices"][d]["tx-errors"].as_u64().unwrap() + s["devices"][d]["tx-dropped"].as_u64().unwrap()).sum();
+    let lost: u64 = ["in", "out"]
+        .iter()
+        .map(|d| {
+            s["devices"][d]["tx-errors"].as_u64().unwrap() + s["devices"][d]["tx-dropped"].as_u64().unwrap()
+        })
+        .sum();
     assert_eq!(lost, 20, "every copy toward the unreachable collector is counted as lost: {s}");
     let table = vmsniff::ok(&site.hv.ns, &["status"]);
     assert!(table.contains(" 20\n"), "status shows the loss: {table}");

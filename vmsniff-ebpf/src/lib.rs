@@ -311,7 +311,10 @@ mod tests {
         assert_eq!(gre_wire_key(7, Direction::Out), 14);
         assert_eq!(gre_wire_key(7, Direction::In), 15);
         assert_eq!(split_gre_wire_key(15), (7, Direction::In));
-        assert_eq!(split_gre_wire_key(gre_wire_key(MAX_GRE_USER_KEY, Direction::In)), (MAX_GRE_USER_KEY, Direction::In));
+        assert_eq!(
+            split_gre_wire_key(gre_wire_key(MAX_GRE_USER_KEY, Direction::In)),
+            (MAX_GRE_USER_KEY, Direction::In)
+        );
         assert_eq!(gre_wire_key(MAX_GRE_USER_KEY, Direction::In), u32::MAX);
     }
 

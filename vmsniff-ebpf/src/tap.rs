@@ -19,8 +19,7 @@ static VMSNIFF_SESSIONS: Array<SessionConfig> = Array::with_max_entries(SESSION_
 static VMSNIFF_TAPS: HashMap<u32, TapSessions> = HashMap::with_max_entries(MAX_TAPS, 0);
 
 #[map]
-static VMSNIFF_COUNTERS: PerCpuArray<DirectionCounters> =
-    PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+static VMSNIFF_COUNTERS: PerCpuArray<DirectionCounters> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Frames the VM sends arrive on the tap's ingress hook.
 #[classifier]

@@ -1,8 +1,6 @@
 //! One rtnetlink connection per command, and the link facts vmsniff reads through it.
 use futures::TryStreamExt as _;
-use netlink_packet_route::link::{
-    InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
-};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage};
 use rtnetlink::Handle;
 
 /// A route netlink socket in the caller's network namespace.

@@ -6,7 +6,11 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum KernelError {
     #[error("bpffs is not mounted at {} and vmsniff cannot mount it; mount it with `mount -t bpf bpf {}`", path.display(), path.display())]
-    BpffsUnavailable { path: PathBuf, #[source] source: io::Error },
+    BpffsUnavailable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "vmsniff's pinned maps at {} do not match this vmsniff ({detail}); they were made by \
          another version: detach their sessions with that version, or remove the directory once \
@@ -36,15 +40,35 @@ pub enum KernelError {
     )]
     TunnelExists { remote: std::net::Ipv4Addr, wire_key: u32 },
     #[error("{op}")]
-    Io { op: String, #[source] source: io::Error },
+    Io {
+        op: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{op}")]
-    Map { op: String, #[source] source: aya::maps::MapError },
+    Map {
+        op: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
     #[error("{op}")]
-    Program { op: String, #[source] source: aya::programs::ProgramError },
+    Program {
+        op: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("{op}")]
-    Ebpf { op: String, #[source] source: aya::EbpfError },
+    Ebpf {
+        op: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
     #[error("{op}")]
-    Netlink { op: String, #[source] source: rtnetlink::Error },
+    Netlink {
+        op: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
 }
 
 impl KernelError {
@@ -55,16 +79,16 @@ impl KernelError {
 
     pub fn map(op: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Self {
         let op = op.into();
-        move |source| KernelError::Map { op, source }
+        move |source| KernelError::Map { op, source: Box::new(source) }
     }
 
     pub fn program(op: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> Self {
         let op = op.into();
-        move |source| KernelError::Program { op, source }
+        move |source| KernelError::Program { op, source: Box::new(source) }
     }
 
     pub fn netlink(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
         let op = op.into();
-        move |source| KernelError::Netlink { op, source }
+        move |source| KernelError::Netlink { op, source: Box::new(source) }
     }
 }

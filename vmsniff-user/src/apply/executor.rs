@@ -6,7 +6,11 @@ use vmsniff_ebpf::{
     SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TapSessions, TcHook, program_name,
 };
 
-use super::{KernelError, gre, maps::{self, PinnedMaps}, tc};
+use super::{
+    KernelError, gre,
+    maps::{self, PinnedMaps},
+    tc,
+};
 use crate::{
     netlink::Netlink,
     paths::{PinPaths, gre_device_alias},
@@ -27,7 +31,10 @@ pub struct Kernel {
 pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
     let mut ebpf = PinnedMaps::load_object(&kernel.paths)?;
     let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
-        op: format!("vmsniff's maps are not pinned under {} after loading", kernel.paths.maps_dir().display()),
+        op: format!(
+            "vmsniff's maps are not pinned under {} after loading",
+            kernel.paths.maps_dir().display()
+        ),
         source: std::io::Error::from_raw_os_error(libc::ENOENT),
     })?;
     let mut undo: Vec<DetachStep> = Vec::new();
@@ -38,7 +45,10 @@ pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), Kern
             log::debug!("attach failed at {step:?}: undoing {} steps", undo.len());
             for step in undo.iter().rev() {
                 if let Err(undo_error) = apply_detach_step(kernel, &mut maps, step).await {
-                    log::error!("could not undo a step of the failed attach ({step:?}): {}", chain(&undo_error));
+                    log::error!(
+                        "could not undo a step of the failed attach ({step:?}): {}",
+                        chain(&undo_error)
+                    );
                 }
             }
             if maps.observe().map(|o| o.sessions.is_empty() && o.taps.is_empty()).unwrap_or(false) {
@@ -70,7 +80,12 @@ async fn apply_attach_step(
         AttachStep::CreateGreDevice { id, direction, device } => {
             let ifindex = gre::create(&kernel.netlink, device).await?;
             session.target_ifindex[direction.index()] = ifindex;
-            undo.push(DetachStep::DeleteGreDevice { id: *id, direction: *direction, ifindex, name: device.name.clone() });
+            undo.push(DetachStep::DeleteGreDevice {
+                id: *id,
+                direction: *direction,
+                ifindex,
+                name: device.name.clone(),
+            });
             // Record the device at once, so that a crash from here on leaves it findable.
             let mut claimed = maps.session(*id)?;
             claimed.target_ifindex[direction.index()] = ifindex;
@@ -86,16 +101,22 @@ async fn apply_attach_step(
         AttachStep::EnsureClsact { tap } => {
             if tc::ensure_clsact(&kernel.netlink, &tap.name, tap.ifindex).await? {
                 update_tap(maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
-                undo.push(DetachStep::RemoveClsactIfUnused { tap_ifindex: tap.ifindex, tap_name: tap.name.clone() });
+                undo.push(DetachStep::RemoveClsactIfUnused {
+                    tap_ifindex: tap.ifindex,
+                    tap_name: tap.name.clone(),
+                });
             }
         }
         AttachStep::AttachProgram { tap, hook, mode } => {
             let priority = match mode {
-                AttachMode::Netlink => tc::first_priority(&kernel.netlink, &tap.name, tap.ifindex, *hook).await?,
+                AttachMode::Netlink => {
+                    tc::first_priority(&kernel.netlink, &tap.name, tap.ifindex, *hook).await?
+                }
                 AttachMode::Tcx => 0,
             };
             let program = tap_program(ebpf, *hook)?;
-            let attached = tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode, priority)?;
+            let attached =
+                tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode, priority)?;
             undo.push(DetachStep::DetachProgram {
                 tap_ifindex: tap.ifindex,
                 tap_name: tap.name.clone(),
@@ -146,12 +167,18 @@ fn tap_program(ebpf: &mut aya::Ebpf, hook: TcHook) -> Result<&mut SchedClassifie
         .try_into()
         .map_err(KernelError::program(format!("{name} is not a tc classifier")))?;
     if program.fd().is_err() {
-        program.load().map_err(KernelError::program(format!("loading {name} (the kernel's verifier refused it)")))?;
+        program
+            .load()
+            .map_err(KernelError::program(format!("loading {name} (the kernel's verifier refused it)")))?;
     }
     Ok(program)
 }
 
-fn update_tap(maps: &mut PinnedMaps, ifindex: u32, change: impl FnOnce(&mut TapSessions)) -> Result<(), KernelError> {
+fn update_tap(
+    maps: &mut PinnedMaps,
+    ifindex: u32,
+    change: impl FnOnce(&mut TapSessions),
+) -> Result<(), KernelError> {
     let mut entry = maps.tap(ifindex)?.unwrap_or(TapSessions::EMPTY);
     change(&mut entry);
     maps.set_tap(ifindex, &entry)
@@ -176,24 +203,46 @@ pub async fn apply_detach(kernel: &Kernel, steps: &[DetachStep]) -> Vec<(DetachS
     failures
 }
 
-async fn apply_detach_step(kernel: &Kernel, maps: &mut PinnedMaps, step: &DetachStep) -> Result<(), KernelError> {
+async fn apply_detach_step(
+    kernel: &Kernel,
+    maps: &mut PinnedMaps,
+    step: &DetachStep,
+) -> Result<(), KernelError> {
     match step {
         DetachStep::DeactivateSession { id } => {
             let session = maps.session(*id)?;
-            maps.set_session(*id, &SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..session })
+            maps.set_session(
+                *id,
+                &SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..session },
+            )
         }
         DetachStep::RemoveFromTap { tap_ifindex, ids } => {
             if maps.tap(*tap_ifindex)?.is_none() {
                 return Ok(());
             }
             update_tap(maps, *tap_ifindex, |entry| {
-                let kept: Vec<u16> = entry.ids.iter().copied().filter(|&id| id != 0 && !ids.contains(&u32::from(id))).collect();
+                let kept: Vec<u16> = entry
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|&id| id != 0 && !ids.contains(&u32::from(id)))
+                    .collect();
                 entry.ids = [0; vmsniff_ebpf::MAX_SESSIONS_PER_TAP];
                 entry.ids[..kept.len()].copy_from_slice(&kept);
             })
         }
         DetachStep::DetachProgram { tap_ifindex, tap_name, hook, mode, nl_priority, nl_handle } => {
-            tc::detach(&kernel.netlink, &kernel.paths, tap_name, *tap_ifindex, *hook, *mode, *nl_priority, *nl_handle).await
+            tc::detach(
+                &kernel.netlink,
+                &kernel.paths,
+                tap_name,
+                *tap_ifindex,
+                *hook,
+                *mode,
+                *nl_priority,
+                *nl_handle,
+            )
+            .await
         }
         DetachStep::RemoveClsactIfUnused { tap_ifindex, tap_name } => {
             tc::remove_clsact_if_unused(&kernel.netlink, tap_name, *tap_ifindex).await

@@ -6,12 +6,15 @@
 //! tenant networks; classic devices coexist with it. Each also keeps its own GRE sequence
 //! counter, so a collector can count lost copies per session and direction, and the kernel sets
 //! key, TTL and TOS itself on every kernel from 5.10 on (no bpf_tunnel_key layout to match).
-use netlink_packet_route::link::{GreIOFlags, InfoData, InfoGre, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_core::DefaultNla;
+use netlink_packet_route::link::{GreIOFlags, InfoData, InfoGre, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{LinkGre, LinkUnspec};
 
 use super::KernelError;
-use crate::{netlink::{Netlink, errno}, plan::attach::GreDevice};
+use crate::{
+    netlink::{Netlink, errno},
+    plan::attach::GreDevice,
+};
 
 /// IFLA_GRE_IGNORE_DF, which netlink-packet-route does not name.
 const IFLA_GRE_IGNORE_DF: u16 = 19;
@@ -45,7 +48,10 @@ pub async fn create(netlink: &Netlink, device: &GreDevice) -> Result<u32, Kernel
             return Err(KernelError::TunnelExists { remote: device.remote, wire_key: device.wire_key });
         }
         Err(e) => {
-            return Err(KernelError::netlink(format!("creating GRE device {} toward {}", device.name, device.remote))(e));
+            return Err(KernelError::netlink(format!(
+                "creating GRE device {} toward {}",
+                device.name, device.remote
+            ))(e));
         }
     }
     let created = netlink
@@ -68,10 +74,8 @@ pub async fn create(netlink: &Netlink, device: &GreDevice) -> Result<u32, Kernel
 /// Deletes the device at `ifindex` if it still is vmsniff's (same name and alias). A device
 /// that is gone is fine; one that is now somebody else's is left alone.
 pub async fn delete(netlink: &Netlink, ifindex: u32, name: &str, alias: &str) -> Result<(), KernelError> {
-    let Some(link) = netlink
-        .link_by_index(ifindex)
-        .await
-        .map_err(KernelError::netlink(format!("looking up {name}")))?
+    let Some(link) =
+        netlink.link_by_index(ifindex).await.map_err(KernelError::netlink(format!("looking up {name}")))?
     else {
         return Ok(());
     };

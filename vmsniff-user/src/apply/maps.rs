@@ -7,7 +7,7 @@ use aya::{
     util::nr_cpus,
 };
 use vmsniff_ebpf::{
-    DirectionCounters, SESSION_FREE, SessionConfig, TapSessions, counter_index, map_name, Direction,
+    Direction, DirectionCounters, SESSION_FREE, SessionConfig, TapSessions, counter_index, map_name,
 };
 
 use super::KernelError;
@@ -37,13 +37,18 @@ impl PinnedMaps {
             });
         }
         let open = |name: &str| {
-            MapData::from_pin(paths.map(name)).map_err(KernelError::map(format!("opening pinned map {}", paths.map(name).display())))
+            MapData::from_pin(paths.map(name))
+                .map_err(KernelError::map(format!("opening pinned map {}", paths.map(name).display())))
         };
-        let mismatch = |e: aya::maps::MapError| KernelError::AbiMismatch { path: paths.maps_dir(), detail: e.to_string() };
+        let mismatch = |e: aya::maps::MapError| KernelError::AbiMismatch {
+            path: paths.maps_dir(),
+            detail: e.to_string(),
+        };
         Ok(Some(Self {
             sessions: Array::try_from(aya::maps::Map::Array(open(map_name::SESSIONS)?)).map_err(mismatch)?,
             taps: HashMap::try_from(aya::maps::Map::HashMap(open(map_name::TAPS)?)).map_err(mismatch)?,
-            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(map_name::COUNTERS)?)).map_err(mismatch)?,
+            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(map_name::COUNTERS)?))
+                .map_err(mismatch)?,
         }))
     }
 
@@ -51,7 +56,8 @@ impl PinnedMaps {
     /// reused when present: every tap program of the namespace shares them).
     pub fn load_object(paths: &PinPaths) -> Result<Ebpf, KernelError> {
         if Self::open(paths)?.is_none() {
-            fs::create_dir_all(paths.maps_dir()).map_err(KernelError::io(format!("creating {}", paths.maps_dir().display())))?;
+            fs::create_dir_all(paths.maps_dir())
+                .map_err(KernelError::io(format!("creating {}", paths.maps_dir().display())))?;
         }
         let (sessions, taps, counters) =
             (paths.map(map_name::SESSIONS), paths.map(map_name::TAPS), paths.map(map_name::COUNTERS));
@@ -60,7 +66,7 @@ impl PinnedMaps {
             .map_pin_path(map_name::TAPS, taps.as_path())
             .map_pin_path(map_name::COUNTERS, counters.as_path())
             .load(EBPF_OBJECT)
-            .map_err(|source| KernelError::Ebpf { op: "loading vmsniff's eBPF object".into(), source })
+            .map_err(|source| KernelError::Ebpf { op: "loading vmsniff's eBPF object".into(), source: Box::new(source) })
     }
 
     /// The state the planner works from.

@@ -60,20 +60,22 @@ pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) 
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
         Err(source) => Err(KernelError::Program {
             op: format!("adding a clsact qdisc to {tap_name}"),
-            source: source.into(),
+            source: Box::new(source.into()),
         }),
     }
 }
 
 /// The priority that puts vmsniff's filter before every filter already on the hook, so that no
 /// other filter's verdict hides a frame from the mirror. tc's own default when the hook is empty.
-pub async fn first_priority(netlink: &Netlink, tap_name: &str, ifindex: u32, hook: TcHook) -> Result<u16, KernelError> {
+pub async fn first_priority(
+    netlink: &Netlink,
+    tap_name: &str,
+    ifindex: u32,
+    hook: TcHook,
+) -> Result<u16, KernelError> {
     const TC_DEFAULT_PRIORITY: u16 = 49152;
-    let priorities: Vec<u16> = filter_messages(netlink, ifindex, hook)
-        .await?
-        .iter()
-        .map(|m| (m.header.info >> 16) as u16)
-        .collect();
+    let priorities: Vec<u16> =
+        filter_messages(netlink, ifindex, hook).await?.iter().map(|m| (m.header.info >> 16) as u16).collect();
     Ok(match (priorities.iter().min(), priorities.iter().max()) {
         (None, _) => TC_DEFAULT_PRIORITY,
         (Some(&min), _) if min > 1 => min - 1,
@@ -99,23 +101,37 @@ pub fn attach(
     mode: AttachMode,
     nl_priority: u16,
 ) -> Result<Attached, KernelError> {
-    let op = || format!("attaching vmsniff's program to {tap_name}'s {} hook ({})", hook.as_str(), mode.as_str());
+    let op =
+        || format!("attaching vmsniff's program to {tap_name}'s {} hook ({})", hook.as_str(), mode.as_str());
     match mode {
         AttachMode::Tcx => {
             let id = program
-                .attach_with_options(tap_name, attach_type(hook), TcAttachOptions::TcxOrder(LinkOrder::first()))
+                .attach_with_options(
+                    tap_name,
+                    attach_type(hook),
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
                 .map_err(KernelError::program(op()))?;
             let link = program.take_link(id).map_err(KernelError::program(op()))?;
-            let link = FdLink::try_from(link).map_err(|e| KernelError::Io { op: op(), source: io::Error::other(e) })?;
-            fs::create_dir_all(paths.links_dir()).map_err(KernelError::io(format!("creating {}", paths.links_dir().display())))?;
+            let link = FdLink::try_from(link)
+                .map_err(|e| KernelError::Io { op: op(), source: io::Error::other(e) })?;
+            fs::create_dir_all(paths.links_dir())
+                .map_err(KernelError::io(format!("creating {}", paths.links_dir().display())))?;
             let path = paths.link(tap_ifindex, hook);
             // Dropping the unpinned link on error detaches it: nothing is left behind.
-            link.pin(&path).map_err(|e| KernelError::Io { op: format!("pinning {}", path.display()), source: io::Error::other(e) })?;
+            link.pin(&path).map_err(|e| KernelError::Io {
+                op: format!("pinning {}", path.display()),
+                source: io::Error::other(e),
+            })?;
             Ok(Attached { nl_priority: 0, nl_handle: 0 })
         }
         AttachMode::Netlink => {
             let id = program
-                .attach_with_options(tap_name, attach_type(hook), TcAttachOptions::Netlink(NlOptions { priority: nl_priority, ..NlOptions::default() }))
+                .attach_with_options(
+                    tap_name,
+                    attach_type(hook),
+                    TcAttachOptions::Netlink(NlOptions { priority: nl_priority, ..NlOptions::default() }),
+                )
                 .map_err(KernelError::program(op()))?;
             let link = program.take_link(id).map_err(KernelError::program(op()))?;
             let attached = Attached {
@@ -131,6 +147,7 @@ pub fn attach(
 
 /// Detaches vmsniff's program from one hook. A tap that no longer exists took its programs
 /// with it: that is success.
+#[allow(clippy::too_many_arguments)]
 pub async fn detach(
     netlink: &Netlink,
     paths: &PinPaths,
@@ -146,13 +163,27 @@ pub async fn detach(
             let path = paths.link(tap_ifindex, hook);
             match PinnedLink::from_pin(&path) {
                 // Unpinning and closing the last fd releases the link, which detaches it.
-                Ok(link) => link.unpin().map(drop).map_err(KernelError::io(format!("unpinning {}", path.display()))),
-                Err(aya::programs::links::LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(KernelError::Io { op: format!("opening {}", path.display()), source: io::Error::other(e) }),
+                Ok(link) => {
+                    link.unpin().map(drop).map_err(KernelError::io(format!("unpinning {}", path.display())))
+                }
+                Err(aya::programs::links::LinkError::SyscallError(e))
+                    if e.io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(KernelError::Io {
+                    op: format!("opening {}", path.display()),
+                    source: io::Error::other(e),
+                }),
             }
         }
         AttachMode::Netlink => {
-            if netlink.link_by_index(tap_ifindex).await.map_err(KernelError::netlink(format!("looking up {tap_name}")))?.is_none() {
+            if netlink
+                .link_by_index(tap_ifindex)
+                .await
+                .map_err(KernelError::netlink(format!("looking up {tap_name}")))?
+                .is_none()
+            {
                 return Ok(());
             }
             if !is_our_filter(netlink, tap_ifindex, hook, nl_priority, nl_handle).await? {
@@ -162,16 +193,28 @@ pub async fn detach(
                 );
                 return Ok(());
             }
-            let link = SchedClassifierLink::attached(tap_name, attach_type(hook), nl_priority, TcHandle::from(nl_handle), None)
-                .map_err(KernelError::io(format!("looking up {tap_name}")))?;
-            aya::programs::links::Link::detach(link)
-                .map_err(KernelError::program(format!("removing vmsniff's filter from {tap_name}'s {} hook", hook.as_str())))
+            let link = SchedClassifierLink::attached(
+                tap_name,
+                attach_type(hook),
+                nl_priority,
+                TcHandle::from(nl_handle),
+                None,
+            )
+            .map_err(KernelError::io(format!("looking up {tap_name}")))?;
+            aya::programs::links::Link::detach(link).map_err(KernelError::program(format!(
+                "removing vmsniff's filter from {tap_name}'s {} hook",
+                hook.as_str()
+            )))
         }
     }
 }
 
 /// The cls_bpf filters on one hook of an interface: (priority, handle, program name).
-pub async fn bpf_filters(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Result<Vec<(u16, u32, String)>, KernelError> {
+pub async fn bpf_filters(
+    netlink: &Netlink,
+    ifindex: u32,
+    hook: TcHook,
+) -> Result<Vec<(u16, u32, String)>, KernelError> {
     Ok(filter_messages(netlink, ifindex, hook)
         .await?
         .into_iter()
@@ -183,7 +226,9 @@ pub async fn bpf_filters(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Resul
                 .iter()
                 .find_map(|a| match a {
                     TcAttribute::Options(options) => options.iter().find_map(|o| match o {
-                        netlink_packet_route::tc::TcOption::Bpf(netlink_packet_route::tc::TcFilterBpfOption::ProgName(n)) => Some(n.clone()),
+                        netlink_packet_route::tc::TcOption::Bpf(
+                            netlink_packet_route::tc::TcFilterBpfOption::ProgName(n),
+                        ) => Some(n.clone()),
                         _ => None,
                     }),
                     _ => None,
@@ -194,7 +239,13 @@ pub async fn bpf_filters(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Resul
         .collect())
 }
 
-async fn is_our_filter(netlink: &Netlink, ifindex: u32, hook: TcHook, priority: u16, handle: u32) -> Result<bool, KernelError> {
+async fn is_our_filter(
+    netlink: &Netlink,
+    ifindex: u32,
+    hook: TcHook,
+    priority: u16,
+    handle: u32,
+) -> Result<bool, KernelError> {
     let expected = match hook {
         TcHook::Ingress => vmsniff_ebpf::program_name::TAP_INGRESS,
         TcHook::Egress => vmsniff_ebpf::program_name::TAP_EGRESS,
@@ -206,8 +257,17 @@ async fn is_our_filter(netlink: &Netlink, ifindex: u32, hook: TcHook, priority: 
 }
 
 /// Removes the clsact qdisc vmsniff added, unless anybody else's filter is in it now.
-pub async fn remove_clsact_if_unused(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<(), KernelError> {
-    if netlink.link_by_index(tap_ifindex).await.map_err(KernelError::netlink(format!("looking up {tap_name}")))?.is_none() {
+pub async fn remove_clsact_if_unused(
+    netlink: &Netlink,
+    tap_name: &str,
+    tap_ifindex: u32,
+) -> Result<(), KernelError> {
+    if netlink
+        .link_by_index(tap_ifindex)
+        .await
+        .map_err(KernelError::netlink(format!("looking up {tap_name}")))?
+        .is_none()
+    {
         return Ok(());
     }
     for hook in TcHook::ALL {
@@ -223,20 +283,28 @@ pub async fn remove_clsact_if_unused(netlink: &Netlink, tap_name: &str, tap_ifin
         Ok(()) => Ok(()),
         // ENOENT/EINVAL: the qdisc is gone already.
         Err(e) if matches!(crate::netlink::errno(&e), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
-        Err(e) => Err(KernelError::netlink(format!("removing the clsact qdisc vmsniff added to {tap_name}"))(e)),
+        Err(e) => {
+            Err(KernelError::netlink(format!("removing the clsact qdisc vmsniff added to {tap_name}"))(e))
+        }
     }
 }
 
 /// Every filter on one hook, of any kind (bpf, u32, flower, ...): one message per filter
 /// instance (the per-priority chain headers, with handle 0, are left out).
-async fn filter_messages(netlink: &Netlink, ifindex: u32, hook: TcHook) -> Result<Vec<TcMessage>, KernelError> {
+async fn filter_messages(
+    netlink: &Netlink,
+    ifindex: u32,
+    hook: TcHook,
+) -> Result<Vec<TcMessage>, KernelError> {
     let mut request = netlink.handle.traffic_filter(ifindex as i32).get();
     request = match hook {
         TcHook::Ingress => request.ingress(),
         TcHook::Egress => request.egress(),
     };
     match request.execute().try_collect::<Vec<TcMessage>>().await {
-        Ok(messages) => Ok(messages.into_iter().filter(|m| m.header.handle != NlTcHandle::from(0u32)).collect()),
+        Ok(messages) => {
+            Ok(messages.into_iter().filter(|m| m.header.handle != NlTcHandle::from(0u32)).collect())
+        }
         // EINVAL: no clsact qdisc, so no filter on that hook.
         Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => Ok(Vec::new()),
         Err(e) => Err(KernelError::netlink(format!("listing tc filters of ifindex {ifindex}"))(e)),

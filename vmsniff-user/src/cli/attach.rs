@@ -2,7 +2,10 @@
 use clap::Args;
 
 use super::target::MirrorArgs;
-use crate::{plan::request::AttachRequest, session::{Namespace, tcx_supported}};
+use crate::{
+    plan::request::AttachRequest,
+    session::{Namespace, tcx_supported},
+};
 
 #[derive(Args, Debug)]
 pub struct AttachArgs {
@@ -20,7 +23,11 @@ pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
 
 /// Resolves the arguments and attaches, holding the lock; `foreground_pid` ties the session to
 /// a `mirror` process.
-pub async fn attach(namespace: &Namespace, args: &MirrorArgs, foreground_pid: Option<u32>) -> anyhow::Result<(u32, AttachRequest)> {
+pub async fn attach(
+    namespace: &Namespace,
+    args: &MirrorArgs,
+    foreground_pid: Option<u32>,
+) -> anyhow::Result<(u32, AttachRequest)> {
     let netlink = &namespace.kernel.netlink;
     let tap = args.tap(netlink).await?;
     let target = args.target(netlink).await?;
@@ -32,7 +39,10 @@ pub async fn attach(namespace: &Namespace, args: &MirrorArgs, foreground_pid: Op
         mode: args.attach_mode,
         tcx_supported: tcx_supported(),
         foreground_pid,
-        now: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     };
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
@@ -44,7 +54,8 @@ pub async fn attach(namespace: &Namespace, args: &MirrorArgs, foreground_pid: Op
         request.tap.name,
         request.target,
         match request.target {
-            crate::plan::request::Target::Gre { .. } => format!(", GRE key {key} (wire keys {} out, {} in)", key * 2, key * 2 + 1),
+            crate::plan::request::Target::Gre { .. } =>
+                format!(", GRE key {key} (wire keys {} out, {} in)", key * 2, key * 2 + 1),
             crate::plan::request::Target::LocalDev { .. } => String::new(),
         }
     );

@@ -43,7 +43,11 @@ pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn select(namespace: &Namespace, observed: &Observed, args: &DetachArgs) -> anyhow::Result<BTreeSet<u32>> {
+async fn select(
+    namespace: &Namespace,
+    observed: &Observed,
+    args: &DetachArgs,
+) -> anyhow::Result<BTreeSet<u32>> {
     if args.all {
         return Ok(observed.sessions.keys().copied().collect());
     }
@@ -78,7 +82,9 @@ async fn select(namespace: &Namespace, observed: &Observed, args: &DetachArgs) -
         bail!("tap {name:?} is not mirrored here; `vmsniff status` lists the sessions");
     }
     if name.bytes().all(|b| b.is_ascii_digit()) {
-        bail!("there is no session {name} here, and no VM or tap named {name:?}; `vmsniff status` lists the sessions");
+        bail!(
+            "there is no session {name} here, and no VM or tap named {name:?}; `vmsniff status` lists the sessions"
+        );
     }
     // Not a recorded tap: a VM selector, which must at least resolve.
     resolve_vm(&namespace.kernel.netlink, name).await?;

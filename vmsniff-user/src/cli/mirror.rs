@@ -1,5 +1,9 @@
 //! `vmsniff mirror`: attach, show live counters on one line, detach on Ctrl-C or SIGTERM.
-use std::{collections::BTreeSet, io::{IsTerminal as _, Write as _}, time::Duration};
+use std::{
+    collections::BTreeSet,
+    io::{IsTerminal as _, Write as _},
+    time::Duration,
+};
 
 use tokio::signal::unix::{SignalKind, signal};
 

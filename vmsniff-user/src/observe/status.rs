@@ -3,7 +3,9 @@
 use std::net::Ipv4Addr;
 
 use serde::Serialize;
-use vmsniff_ebpf::{Direction, DirectionCounters, SESSION_ACTIVE, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV};
+use vmsniff_ebpf::{
+    Direction, DirectionCounters, SESSION_ACTIVE, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV,
+};
 
 use crate::{
     apply::{KernelError, maps::PinnedMaps},
@@ -94,7 +96,11 @@ pub struct DeviceStatus {
 }
 
 /// Reads every session's status.
-pub async fn read(netlink: &Netlink, maps: Option<&PinnedMaps>, observed: &Observed) -> Result<Status, KernelError> {
+pub async fn read(
+    netlink: &Netlink,
+    maps: Option<&PinnedMaps>,
+    observed: &Observed,
+) -> Result<Status, KernelError> {
     let mut sessions = Vec::new();
     for (&id, config) in &observed.sessions {
         sessions.push(session_status(netlink, maps, observed, id, config).await?);
@@ -180,7 +186,18 @@ pub fn render_table(status: &Status) -> String {
     }
     let mut out = format!(
         "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
-        "SESSION", "TAP", "TO", "KEY", "DIR", "MODE", "STATE", "OUT FRAMES", "OUT BYTES", "IN FRAMES", "IN BYTES", "LOST"
+        "SESSION",
+        "TAP",
+        "TO",
+        "KEY",
+        "DIR",
+        "MODE",
+        "STATE",
+        "OUT FRAMES",
+        "OUT BYTES",
+        "IN FRAMES",
+        "IN BYTES",
+        "LOST"
     );
     for s in &status.sessions {
         let target = match (&s.to, &s.to_dev) {

@@ -9,7 +9,7 @@ use vmsniff_ebpf::{
 
 use super::{
     Observed,
-    request::{AttachMode, AttachModeChoice, AttachRequest, Target, Tap},
+    request::{AttachMode, AttachModeChoice, AttachRequest, Tap, Target},
 };
 use crate::paths::{gre_device_alias, gre_device_name};
 
@@ -35,7 +35,9 @@ pub enum AttachPlanError {
          the two apart: give this session another --key"
     )]
     KeyInUse { remote: Ipv4Addr, key: u32, session: u32 },
-    #[error("--key {key} is too large: the GRE key on the wire is key * 2 + direction, so the key must be at most {MAX_GRE_USER_KEY}")]
+    #[error(
+        "--key {key} is too large: the GRE key on the wire is key * 2 + direction, so the key must be at most {MAX_GRE_USER_KEY}"
+    )]
     KeyTooLarge { key: u32 },
     #[error(
         "--to-dev {dev} is the mirrored tap itself: its copies would be mirrored again; give \
@@ -137,7 +139,8 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
         }
     }
     if let Target::Gre { remote, .. } = &request.target
-        && let Some((&session, _)) = observed.sessions.iter().find(|(_, s)| same_target(s, &request.target, key))
+        && let Some((&session, _)) =
+            observed.sessions.iter().find(|(_, s)| same_target(s, &request.target, key))
     {
         return Err(AttachPlanError::KeyInUse { remote: *remote, key, session });
     }
@@ -276,7 +279,10 @@ mod tests {
         };
         config.state = SESSION_ACTIVE;
         observed.sessions.insert(plan.session_id, config);
-        let tap = observed.taps.entry(req.tap.ifindex).or_insert(TapSessions { attach_mode: ATTACH_TCX, ..TapSessions::EMPTY });
+        let tap = observed
+            .taps
+            .entry(req.tap.ifindex)
+            .or_insert(TapSessions { attach_mode: ATTACH_TCX, ..TapSessions::EMPTY });
         let slot = tap.ids.iter().position(|&id| id == 0).unwrap();
         tap.ids[slot] = plan.session_id as u16;
         plan.session_id
@@ -301,7 +307,10 @@ mod tests {
                 AttachStep::AddToTap { .. } => "publish",
             })
             .collect();
-        assert_eq!(kinds, ["claim", "reset", "gre", "gre", "register", "attach", "attach", "activate", "publish"]);
+        assert_eq!(
+            kinds,
+            ["claim", "reset", "gre", "gre", "register", "attach", "attach", "activate", "publish"]
+        );
         let keys: Vec<u32> = plan
             .steps
             .iter()
@@ -366,7 +375,11 @@ mod tests {
         again.key = Some(1);
         assert_eq!(
             plan_attach(&again, &observed),
-            Err(AttachPlanError::AlreadyMirrored { tap: "tap0".into(), target: "192.0.2.1 (GRE) with key 1".into(), session: 1 })
+            Err(AttachPlanError::AlreadyMirrored {
+                tap: "tap0".into(),
+                target: "192.0.2.1 (GRE) with key 1".into(),
+                session: 1
+            })
         );
     }
 
@@ -377,9 +390,16 @@ mod tests {
         let mut other_tap = request(gre([192, 0, 2, 1]));
         other_tap.tap = Tap { ifindex: 9, name: "tap1".into() };
         other_tap.key = Some(1);
-        assert!(matches!(plan_attach(&other_tap, &observed), Err(AttachPlanError::KeyInUse { key: 1, session: 1, .. })));
+        assert!(matches!(
+            plan_attach(&other_tap, &observed),
+            Err(AttachPlanError::KeyInUse { key: 1, session: 1, .. })
+        ));
         other_tap.key = None;
-        assert_eq!(plan_attach(&other_tap, &observed).unwrap().key, 2, "the default key is the new session's id");
+        assert_eq!(
+            plan_attach(&other_tap, &observed).unwrap().key,
+            2,
+            "the default key is the new session's id"
+        );
     }
 
     #[test]
@@ -400,7 +420,10 @@ mod tests {
         for id in 1..=MAX_SESSION_ID {
             observed.sessions.insert(id, SessionConfig { state: SESSION_ACTIVE, ..SessionConfig::EMPTY });
         }
-        assert_eq!(plan_attach(&request(gre([192, 0, 2, 1])), &observed), Err(AttachPlanError::NoFreeSessionId));
+        assert_eq!(
+            plan_attach(&request(gre([192, 0, 2, 1])), &observed),
+            Err(AttachPlanError::NoFreeSessionId)
+        );
     }
 
     #[test]
@@ -422,12 +445,19 @@ mod tests {
         other.tap = Tap { ifindex: 9, name: "tap1".into() };
         applied(&mut observed, &other);
         let req = request(Target::LocalDev { name: "tap1".into(), ifindex: 9 });
-        assert!(matches!(plan_attach(&req, &observed), Err(AttachPlanError::TargetIsMirrored { session: 1, .. })));
+        assert!(matches!(
+            plan_attach(&req, &observed),
+            Err(AttachPlanError::TargetIsMirrored { session: 1, .. })
+        ));
     }
 
     #[test]
     fn local_targets_need_no_device_and_fill_both_directions() {
-        let plan = plan_attach(&request(Target::LocalDev { name: "veth0".into(), ifindex: 4 }), &Observed::default()).unwrap();
+        let plan = plan_attach(
+            &request(Target::LocalDev { name: "veth0".into(), ifindex: 4 }),
+            &Observed::default(),
+        )
+        .unwrap();
         assert!(!plan.steps.iter().any(|s| matches!(s, AttachStep::CreateGreDevice { .. })));
         let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
         assert_eq!(config.target_ifindex, [4, 4]);
@@ -440,19 +470,31 @@ mod tests {
         req.tcx_supported = false;
         let plan = plan_attach(&req, &Observed::default()).unwrap();
         assert!(plan.steps.iter().any(|s| matches!(s, AttachStep::EnsureClsact { .. })));
-        assert!(plan.steps.iter().any(|s| matches!(s, AttachStep::AttachProgram { mode: AttachMode::Netlink, .. })));
+        assert!(
+            plan.steps
+                .iter()
+                .any(|s| matches!(s, AttachStep::AttachProgram { mode: AttachMode::Netlink, .. }))
+        );
 
         req.mode = AttachModeChoice::Tcx;
         assert_eq!(plan_attach(&req, &Observed::default()), Err(AttachPlanError::TcxUnsupported));
 
         let mut observed = Observed::default();
-        observed.taps.insert(7, TapSessions { attach_mode: ATTACH_NETLINK, ids: [5, 0, 0, 0, 0, 0, 0, 0], ..TapSessions::EMPTY });
+        observed.taps.insert(
+            7,
+            TapSessions { attach_mode: ATTACH_NETLINK, ids: [5, 0, 0, 0, 0, 0, 0, 0], ..TapSessions::EMPTY },
+        );
         observed.sessions.insert(5, SessionConfig { state: SESSION_ACTIVE, ..SessionConfig::EMPTY });
         let mut req = request(gre([192, 0, 2, 1]));
         req.mode = AttachModeChoice::Tcx;
         assert!(matches!(plan_attach(&req, &observed), Err(AttachPlanError::ModeConflict { .. })));
         req.mode = AttachModeChoice::Auto;
         let plan = plan_attach(&req, &observed).unwrap();
-        assert!(!plan.steps.iter().any(|s| matches!(s, AttachStep::RegisterTap { .. } | AttachStep::AttachProgram { .. })));
+        assert!(
+            !plan
+                .steps
+                .iter()
+                .any(|s| matches!(s, AttachStep::RegisterTap { .. } | AttachStep::AttachProgram { .. }))
+        );
     }
 }

@@ -13,7 +13,14 @@ pub enum DetachStep {
     /// Take sessions out of a tap's list that keeps others.
     RemoveFromTap { tap_ifindex: u32, ids: Vec<u32> },
     /// Detach one tap program (the tap may be gone already: nothing to do then).
-    DetachProgram { tap_ifindex: u32, tap_name: String, hook: TcHook, mode: AttachMode, nl_priority: u16, nl_handle: u32 },
+    DetachProgram {
+        tap_ifindex: u32,
+        tap_name: String,
+        hook: TcHook,
+        mode: AttachMode,
+        nl_priority: u16,
+        nl_handle: u32,
+    },
     /// Remove the clsact qdisc vmsniff added, if no filter of anybody else's is left in it.
     RemoveClsactIfUnused { tap_ifindex: u32, tap_name: String },
     /// Delete the tap's entry.
@@ -68,7 +75,12 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
             for direction in Direction::ALL {
                 let ifindex = session.target_ifindex[direction.index()];
                 if ifindex != 0 {
-                    steps.push(DetachStep::DeleteGreDevice { id, direction, ifindex, name: gre_device_name(id, direction) });
+                    steps.push(DetachStep::DeleteGreDevice {
+                        id,
+                        direction,
+                        ifindex,
+                        name: gre_device_name(id, direction),
+                    });
                 }
             }
         }
@@ -105,10 +117,23 @@ mod tests {
         for (id, targets) in [(1, [11, 12]), (2, [21, 0]), (3, [31, 32])] {
             observed.sessions.insert(
                 id,
-                SessionConfig { state: SESSION_ACTIVE, target_kind: TARGET_GRE, target_ifindex: targets, ..SessionConfig::EMPTY },
+                SessionConfig {
+                    state: SESSION_ACTIVE,
+                    target_kind: TARGET_GRE,
+                    target_ifindex: targets,
+                    ..SessionConfig::EMPTY
+                },
             );
         }
-        observed.taps.insert(5, TapSessions { ids: [1, 2, 0, 0, 0, 0, 0, 0], attach_mode: ATTACH_TCX, ifname: name("tap5"), ..TapSessions::EMPTY });
+        observed.taps.insert(
+            5,
+            TapSessions {
+                ids: [1, 2, 0, 0, 0, 0, 0, 0],
+                attach_mode: ATTACH_TCX,
+                ifname: name("tap5"),
+                ..TapSessions::EMPTY
+            },
+        );
         observed.taps.insert(
             6,
             TapSessions {
@@ -132,7 +157,12 @@ mod tests {
             [
                 DetachStep::DeactivateSession { id: 2 },
                 DetachStep::RemoveFromTap { tap_ifindex: 5, ids: vec![2] },
-                DetachStep::DeleteGreDevice { id: 2, direction: Direction::Out, ifindex: 21, name: "vms2-out".into() },
+                DetachStep::DeleteGreDevice {
+                    id: 2,
+                    direction: Direction::Out,
+                    ifindex: 21,
+                    name: "vms2-out".into()
+                },
                 DetachStep::FreeSession { id: 2 },
             ]
         );
@@ -149,10 +179,16 @@ mod tests {
             nl_priority: 49152,
             nl_handle: 1
         }));
-        assert!(steps.contains(&DetachStep::RemoveClsactIfUnused { tap_ifindex: 6, tap_name: "tap6".into() }));
+        assert!(
+            steps.contains(&DetachStep::RemoveClsactIfUnused { tap_ifindex: 6, tap_name: "tap6".into() })
+        );
         assert!(steps.contains(&DetachStep::ForgetTap { tap_ifindex: 6 }));
         assert!(!steps.contains(&DetachStep::RemovePins));
-        assert_eq!(steps[0], DetachStep::DeactivateSession { id: 3 }, "mirroring stops before anything is removed");
+        assert_eq!(
+            steps[0],
+            DetachStep::DeactivateSession { id: 3 },
+            "mirroring stops before anything is removed"
+        );
     }
 
     #[test]
@@ -173,7 +209,9 @@ mod tests {
     #[test]
     fn a_tap_left_without_sessions_by_a_crash_is_cleaned() {
         let mut observed = observed();
-        observed.taps.insert(8, TapSessions { attach_mode: ATTACH_TCX, ifname: name("tap8"), ..TapSessions::EMPTY });
+        observed
+            .taps
+            .insert(8, TapSessions { attach_mode: ATTACH_TCX, ifname: name("tap8"), ..TapSessions::EMPTY });
         let steps = plan_detach(&BTreeSet::new(), &observed);
         assert!(steps.contains(&DetachStep::ForgetTap { tap_ifindex: 8 }));
         assert!(!steps.iter().any(|s| matches!(s, DetachStep::ForgetTap { tap_ifindex: 5 | 6 })));

@@ -16,7 +16,10 @@ pub enum Directions {
 
 impl Directions {
     pub fn includes(self, direction: Direction) -> bool {
-        matches!((self, direction), (Directions::Both, _) | (Directions::In, Direction::In) | (Directions::Out, Direction::Out))
+        matches!(
+            (self, direction),
+            (Directions::Both, _) | (Directions::In, Direction::In) | (Directions::Out, Direction::Out)
+        )
     }
 
     pub fn iter(self) -> impl Iterator<Item = Direction> {
@@ -135,12 +138,17 @@ pub struct AttachRequest {
 /// A collector address: IPv4, unicast, routable.
 pub fn parse_collector(text: &str) -> Result<Ipv4Addr, String> {
     if text.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Err(format!("{text}: IPv6 collectors are not supported yet; give the collector's IPv4 address"));
+        return Err(format!(
+            "{text}: IPv6 collectors are not supported yet; give the collector's IPv4 address"
+        ));
     }
-    let ip = Ipv4Addr::from_str(text)
-        .map_err(|_| format!("{text:?} is not an IPv4 address; give the collector's address, for example --to 192.0.2.10"))?;
+    let ip = Ipv4Addr::from_str(text).map_err(|_| {
+        format!("{text:?} is not an IPv4 address; give the collector's address, for example --to 192.0.2.10")
+    })?;
     if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        return Err(format!("{ip} cannot be a collector: give the unicast address of the host that receives the copies"));
+        return Err(format!(
+            "{ip} cannot be a collector: give the unicast address of the host that receives the copies"
+        ));
     }
     Ok(ip)
 }
@@ -163,7 +171,9 @@ mod tests {
     #[test]
     fn collector_addresses_are_checked() {
         assert_eq!(parse_collector("192.0.2.10").unwrap(), Ipv4Addr::new(192, 0, 2, 10));
-        for bad in ["", "192.0.2", "192.0.2.300", "0.0.0.0", "255.255.255.255", "224.0.0.1", "host", "fe80::1"] {
+        for bad in
+            ["", "192.0.2", "192.0.2.300", "0.0.0.0", "255.255.255.255", "224.0.0.1", "host", "fe80::1"]
+        {
             assert!(parse_collector(bad).is_err(), "{bad}");
         }
         assert!(parse_collector("fe80::1").unwrap_err().contains("IPv6"));

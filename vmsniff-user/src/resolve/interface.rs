@@ -19,7 +19,11 @@ pub enum InterfaceError {
     #[error("{role} {name:?} is not an Ethernet interface (it is {kind}); vmsniff mirrors Ethernet frames")]
     NotEthernet { role: &'static str, name: String, kind: String },
     #[error("reading interface {name:?} through netlink failed")]
-    Netlink { name: String, #[source] source: rtnetlink::Error },
+    Netlink {
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
 }
 
 /// Checks a name the way the kernel's `dev_valid_name` does.
@@ -41,7 +45,11 @@ pub fn validate_name(name: &str) -> Result<(), InterfaceError> {
 }
 
 /// Looks up an existing Ethernet interface by name. `role` names it in errors ("tap", "--to-dev").
-pub async fn ethernet_interface(netlink: &Netlink, role: &'static str, name: &str) -> Result<Link, InterfaceError> {
+pub async fn ethernet_interface(
+    netlink: &Netlink,
+    role: &'static str,
+    name: &str,
+) -> Result<Link, InterfaceError> {
     validate_name(name)?;
     let link = netlink
         .link_by_name(name)
