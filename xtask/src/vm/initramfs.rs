@@ -81,7 +81,9 @@ fn boot_modules(modules_dir: &Path) -> anyhow::Result<Vec<String>> {
     let by_name: HashMap<String, Vec<&str>> = deps
         .lines()
         .filter_map(|line| line.split_once(':'))
-        .map(|(path, rest)| (module_name(path), std::iter::once(path).chain(rest.split_whitespace()).collect()))
+        .map(|(path, rest)| {
+            (module_name(path), std::iter::once(path).chain(rest.split_whitespace()).collect())
+        })
         .collect();
     let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
     let mut order: Vec<String> = Vec::new();
@@ -133,8 +135,19 @@ impl Cpio {
         self.next_ino += 1;
         let nlink = if mode & 0o040_000 != 0 { 2 } else { 1 };
         let fields = [
-            self.next_ino, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, rdev_major, rdev_minor,
-            name.len() as u32 + 1, 0,
+            self.next_ino,
+            mode,
+            0, // uid
+            0, // gid
+            nlink,
+            0, // mtime
+            data.len() as u32,
+            0, // major of the device holding the file
+            0, // minor of the device holding the file
+            rdev_major,
+            rdev_minor,
+            name.len() as u32 + 1, // with the terminating NUL
+            0,                     // checksum, unused in newc
         ];
         self.data.extend_from_slice(b"070701");
         for field in fields {
@@ -148,7 +161,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.data.len() % 4 != 0 {
+        while !self.data.len().is_multiple_of(4) {
             self.data.push(0);
         }
     }

@@ -74,9 +74,8 @@ pub fn prepare(vm_dir: &Path, name: &str) -> anyhow::Result<Kernel> {
     fs::create_dir_all(&kernels_dir).with_context(|| format!("creating {}", kernels_dir.display()))?;
     // Two harness runs at once must not unpack into the same directory.
     let lock = fs::File::create(kernels_dir.join(".lock")).context("creating the kernel cache lock")?;
-    let _lock = Flock::lock(lock, FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .context("locking the kernel cache")?;
+    let _lock =
+        Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| e).context("locking the kernel cache")?;
 
     let dir = kernels_dir.join(name);
     if !dir.join("release").is_file() {
@@ -148,7 +147,8 @@ fn download(kernels_dir: &Path, name: &str, sources: &[&str], dir: &Path) -> any
     let usr_modules = root.join("usr/lib/modules");
     if usr_modules.is_dir() {
         fs::create_dir_all(root.join("lib")).context("creating lib/ in the unpacked kernel")?;
-        fs::rename(&usr_modules, root.join("lib/modules")).context("moving usr/lib/modules to lib/modules")?;
+        fs::rename(&usr_modules, root.join("lib/modules"))
+            .context("moving usr/lib/modules to lib/modules")?;
     }
     let release = single_entry(&root.join("lib/modules"))?;
     prune(&root.join("lib/modules").join(&release))?;
@@ -189,12 +189,8 @@ fn prune_under(modules: &Path, rel: &Path) -> anyhow::Result<()> {
             prune_under(modules, &sub)?;
         } else {
             let path = modules.join(&sub);
-            if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            }
-            .with_context(|| format!("pruning {}", path.display()))?;
+            if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) }
+                .with_context(|| format!("pruning {}", path.display()))?;
         }
     }
     Ok(())

@@ -7,10 +7,10 @@
 //! dropped, QEMU is killed when `Supervised` is dropped or when this process dies.
 use std::{
     fs,
-    io::{Read as _, Write as _},
+    io::Write as _,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
@@ -24,12 +24,24 @@ use nix::{
 
 use super::{initramfs, kernels::Kernel};
 
-/// Loaded at boot so that tests find the same kernel state whether or not the kernel would
-/// autoload a module (kernels below 6.10 do not always autoload cls_bpf, and Open vSwitch
-/// needs the netfilter netlink modules without asking).
+/// Loaded at boot, so that every kernel starts from the same state whatever it would autoload
+/// (kernels below 6.10 do not always autoload cls_bpf; ovs-vswitchd opens netfilter netlink
+/// sockets without loading their modules first).
 const PRELOAD: &[&str] = &[
-    "ip_gre", "openvswitch", "vport-gre", "veth", "tun", "bridge", "8021q", "sch_ingress", "cls_bpf",
-    "act_mirred", "sch_netem", "nfnetlink", "nf_conntrack_netlink", "nfnetlink_cttimeout",
+    "ip_gre",
+    "openvswitch",
+    "vport-gre",
+    "veth",
+    "tun",
+    "bridge",
+    "8021q",
+    "sch_ingress",
+    "cls_bpf",
+    "act_mirred",
+    "sch_netem",
+    "nfnetlink",
+    "nf_conntrack_netlink",
+    "nfnetlink_cttimeout",
 ];
 
 /// Paths where the guest mounts a tmpfs: what lives there on the host is invisible inside.
@@ -38,7 +50,7 @@ pub const GUEST_TMPFS: &[&str] = &["/tmp", "/run", "/var/log"];
 /// Stage two of the guest's init: PID 1 in the host's (read-only) root after switch_root.
 /// `@RUN@`, `@PRELOAD@` are filled in per boot. Lines starting `vmsniff-vm: error:` tell the
 /// host why the guest stopped without an exit status.
-const STAGE_TWO: &str = r#"run='@RUN@'
+const STAGE_TWO: &str = r#"run=@RUN@
 fail() {
     echo "vmsniff-vm: error: $*"
     /bin/busybox poweroff -f
@@ -65,7 +77,7 @@ echo $? > "$run/status"
 
 /// The run's modprobe, for the kernel's autoloading and for commands: the guest kernel's modules
 /// live in the harness's cache, not under the host's /lib/modules.
-const MODPROBE: &str = "#!/bin/sh\nexec /sbin/modprobe -d '@ROOT@' \"$@\"\n";
+const MODPROBE: &str = "#!/bin/sh\nexec /sbin/modprobe -d @ROOT@ \"$@\"\n";
 
 const PANIC: &str = "Kernel panic - not syncing";
 const GUEST_ERROR: &str = "vmsniff-vm: error: ";
@@ -86,23 +98,36 @@ pub enum Outcome {
 }
 
 /// Boots `kernel`, runs `command` and streams the guest's console to stdout as it comes.
-pub fn boot(kernel: &Kernel, run: &RunDir, command: &GuestCommand, timeout: Duration) -> anyhow::Result<Outcome> {
+pub fn boot(
+    kernel: &Kernel,
+    run: &RunDir,
+    command: &GuestCommand,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
     let dir = run.path();
-    let dir_str = dir.to_str().filter(|s| !s.contains(char::is_whitespace) && !s.contains('\''));
+    // The path goes on the kernel command line (split at blanks) and into a QEMU option (split
+    // at commas).
+    let dir_str = dir.to_str().filter(|s| !s.contains(|c: char| c.is_whitespace() || c == ','));
     let Some(dir_str) = dir_str else {
-        bail!("the run directory {} must be a UTF-8 path without blanks or quotes: it goes on the kernel command line", dir.display());
+        bail!("the run directory {} must be a UTF-8 path without blanks or commas", dir.display());
     };
     let initrd = dir.join("initramfs.cpio");
     initramfs::build(kernel, &initrd)?;
     fs::create_dir(dir.join("bin")).context("creating the run's bin directory")?;
     let root = kernel.root.to_str().context("the kernel cache path is not UTF-8")?;
-    write_script(&dir.join("bin/modprobe"), &MODPROBE.replace("@ROOT@", root))?;
-    write_script(&dir.join("init.sh"), &STAGE_TWO.replace("@RUN@", dir_str).replace("@PRELOAD@", &PRELOAD.join(" ")))?;
+    write_script(&dir.join("bin/modprobe"), &MODPROBE.replace("@ROOT@", &quote(root)))?;
+    write_script(
+        &dir.join("init.sh"),
+        &STAGE_TWO.replace("@RUN@", &quote(dir_str)).replace("@PRELOAD@", &PRELOAD.join(" ")),
+    )?;
     write_script(&dir.join("command.sh"), &command_script(command))?;
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
+        // qboot (package qemu-system-data) jumps straight to the kernel: SeaBIOS takes a second
+        // under TCG and writes terminal escapes to the console.
+        .args(["-bios", "qboot.rom"])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
@@ -116,7 +141,10 @@ pub fn boot(kernel: &Kernel, run: &RunDir, command: &GuestCommand, timeout: Dura
         .arg(format!("local,path={dir_str},mount_tag=vmrun,security_model=none"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    let mut qemu = Supervised::spawn(&mut qemu, "qemu-system-x86_64 (package qemu-system-x86: run `cargo xtask setup`)")?;
+    let mut qemu = Supervised::spawn(
+        &mut qemu,
+        "qemu-system-x86_64 (package qemu-system-x86: run `cargo xtask setup`)",
+    )?;
     let console = qemu.child.stdout.take().context("QEMU's stdout")?;
     let reader = thread::spawn(move || forward_console(console));
     let end = qemu.wait(timeout)?;
@@ -126,9 +154,12 @@ pub fn boot(kernel: &Kernel, run: &RunDir, command: &GuestCommand, timeout: Dura
     Ok(match end {
         Ended::TimedOut => Outcome::TimedOut,
         Ended::Interrupted => Outcome::Interrupted,
-        Ended::Exited(_) => match fs::read_to_string(dir.join("status")) {
+        Ended::Exited => match fs::read_to_string(dir.join("status")) {
             Ok(status) => Outcome::Exited(
-                status.trim().parse().with_context(|| format!("the guest wrote a bad exit status {status:?}"))?,
+                status
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("the guest wrote a bad exit status {status:?}"))?,
             ),
             Err(_) => Outcome::Failed(console.unwrap_or_else(|| {
                 "the guest stopped without reporting an exit status (see its console above)".to_owned()
@@ -190,7 +221,8 @@ pub fn quote(word: &str) -> String {
 
 pub fn write_script(path: &Path, text: &str) -> anyhow::Result<()> {
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod {}", path.display()))
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", path.display()))
 }
 
 /// A per-boot directory under `target/vm/runs/`, removed on drop.
@@ -207,7 +239,8 @@ impl RunDir {
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
             if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-                fs::remove_dir_all(entry.path()).with_context(|| format!("removing stale {}", entry.path().display()))?;
+                fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing stale {}", entry.path().display()))?;
             }
         }
         let path = runs.join(format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
@@ -246,7 +279,7 @@ pub fn catch_interrupts() -> anyhow::Result<()> {
 }
 
 pub enum Ended {
-    Exited(ExitStatus),
+    Exited,
     TimedOut,
     Interrupted,
 }
@@ -272,8 +305,8 @@ impl Supervised {
     pub fn wait(&mut self, timeout: Duration) -> anyhow::Result<Ended> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().context("waiting for a child process")? {
-                return Ok(Ended::Exited(status));
+            if self.child.try_wait().context("waiting for a child process")?.is_some() {
+                return Ok(Ended::Exited);
             }
             if INTERRUPTED.load(Ordering::SeqCst) {
                 return Ok(Ended::Interrupted);

@@ -20,11 +20,22 @@ use super::{
     report::{self, TargetRun},
 };
 
-/// One test of one test executable; `cwd` is its package's directory, as under `cargo test`.
+/// A test executable: cargo's name of its target (`datapath` for tests/datapath.rs) and its
+/// package's directory, the working directory `cargo test` gives it.
+pub struct TestExecutable {
+    pub path: PathBuf,
+    pub target: String,
+    pub cwd: PathBuf,
+}
+
+/// One test of one test executable.
 pub struct TestCase {
     pub executable: PathBuf,
     pub cwd: PathBuf,
+    /// The name libtest knows it by, for `--exact`.
     pub name: String,
+    /// `target/name`: test names alone repeat across executables.
+    pub label: String,
 }
 
 /// What every run needs beside the test list.
@@ -38,7 +49,7 @@ pub struct Plan<'a> {
 }
 
 /// Builds vmsniff and the test executables; returns the vmsniff binary and the executables.
-pub fn build(workspace: &Path) -> anyhow::Result<(PathBuf, Vec<(PathBuf, PathBuf)>)> {
+pub fn build(workspace: &Path) -> anyhow::Result<(PathBuf, Vec<TestExecutable>)> {
     let vmsniff = cargo_artifacts(workspace, &["build", "-p", "vmsniff-user"])?
         .iter()
         .find(|a| a["target"]["name"] == "vmsniff")
@@ -49,9 +60,11 @@ pub fn build(workspace: &Path) -> anyhow::Result<(PathBuf, Vec<(PathBuf, PathBuf
         .iter()
         .filter(|a| a["profile"]["test"] == true)
         .filter_map(|a| {
-            let executable = PathBuf::from(a["executable"].as_str()?);
-            let cwd = Path::new(a["manifest_path"].as_str()?).parent()?.to_path_buf();
-            Some((executable, cwd))
+            Some(TestExecutable {
+                path: PathBuf::from(a["executable"].as_str()?),
+                target: a["target"]["name"].as_str()?.to_owned(),
+                cwd: Path::new(a["manifest_path"].as_str()?).parent()?.to_path_buf(),
+            })
         })
         .collect();
     Ok((vmsniff, tests))
@@ -79,21 +92,26 @@ fn cargo_artifacts(workspace: &Path, args: &[&str]) -> anyhow::Result<Vec<Value>
 }
 
 /// The tests of every executable whose name matches `filter` (libtest's substring match).
-pub fn list(executables: &[(PathBuf, PathBuf)], filter: Option<&str>) -> anyhow::Result<Vec<TestCase>> {
+pub fn list(executables: &[TestExecutable], filter: Option<&str>) -> anyhow::Result<Vec<TestCase>> {
     let mut cases = Vec::new();
-    for (executable, cwd) in executables {
-        let out = Command::new(executable)
+    for executable in executables {
+        let out = Command::new(&executable.path)
             .args(["--list", "--format=terse"])
             .args(filter)
-            .current_dir(cwd)
+            .current_dir(&executable.cwd)
             .output()
-            .with_context(|| format!("listing the tests of {}", executable.display()))?;
+            .with_context(|| format!("listing the tests of {}", executable.path.display()))?;
         if !out.status.success() {
-            bail!("{} --list failed ({})", executable.display(), out.status);
+            bail!("{} --list failed ({})", executable.path.display(), out.status);
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             if let Some(name) = line.strip_suffix(": test") {
-                cases.push(TestCase { executable: executable.clone(), cwd: cwd.clone(), name: name.to_owned() });
+                cases.push(TestCase {
+                    executable: executable.path.clone(),
+                    cwd: executable.cwd.clone(),
+                    name: name.to_owned(),
+                    label: format!("{}/{name}", executable.target),
+                });
             }
         }
     }
@@ -118,7 +136,7 @@ pub fn run(plan: &Plan, target: &str) -> anyhow::Result<TargetRun> {
             sh.arg(&script).envs(plan.env.iter().cloned()).current_dir(plan.workspace).stdin(Stdio::null());
             let mut sh = Supervised::spawn(&mut sh, "sh")?;
             match sh.wait(plan.timeout)? {
-                Ended::Exited(_) => None,
+                Ended::Exited => None,
                 Ended::TimedOut => Some(format!("timed out after {} s", plan.timeout.as_secs())),
                 Ended::Interrupted => bail!("interrupted"),
             }
@@ -139,11 +157,11 @@ pub fn run(plan: &Plan, target: &str) -> anyhow::Result<TargetRun> {
         }
     };
     let wall = started.elapsed();
-    let label = match &kernel {
-        None => "host".to_owned(),
-        Some(kernel) => format!("{} ({})", target, kernel.release),
+    let release = match &kernel {
+        None => host_release(),
+        Some(kernel) => kernel.release.clone(),
     };
-    report::collect(label, plan.cases, &results, plan.test_timeout, wall, problem)
+    report::collect(target.to_owned(), release, plan.cases, &results, plan.test_timeout, wall, problem)
 }
 
 /// A shell script that runs each case with a time limit and records `N.out` and `N.rc`.
@@ -170,4 +188,9 @@ fn test_script(plan: &Plan, results: &Path) -> String {
         ));
     }
     script
+}
+
+fn host_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|e| format!("unknown ({e})"), |r| r.trim().to_owned())
 }
