@@ -51,7 +51,8 @@ pub struct VmTestArgs {
     /// RUST_BACKTRACE and VMSNIFF_* pass through by themselves.
     #[arg(long = "env", value_name = "K[=V]")]
     env: Vec<String>,
-    /// Run only the tests whose name contains FILTER.
+    /// Run only the tests whose FILE/NAME (as the table shows them) contains FILTER: `gre/`
+    /// selects tests/gre.rs, `sigterm` every test with that in its name.
     filter: Option<String>,
 }
 

@@ -91,13 +91,12 @@ fn cargo_artifacts(workspace: &Path, args: &[&str]) -> anyhow::Result<Vec<Value>
         .collect())
 }
 
-/// The tests of every executable whose name matches `filter` (libtest's substring match).
+/// The tests of every executable whose `target/name` label contains `filter`.
 pub fn list(executables: &[TestExecutable], filter: Option<&str>) -> anyhow::Result<Vec<TestCase>> {
     let mut cases = Vec::new();
     for executable in executables {
         let out = Command::new(&executable.path)
             .args(["--list", "--format=terse"])
-            .args(filter)
             .current_dir(&executable.cwd)
             .output()
             .with_context(|| format!("listing the tests of {}", executable.path.display()))?;
@@ -105,12 +104,14 @@ pub fn list(executables: &[TestExecutable], filter: Option<&str>) -> anyhow::Res
             bail!("{} --list failed ({})", executable.path.display(), out.status);
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(name) = line.strip_suffix(": test") {
+            let Some(name) = line.strip_suffix(": test") else { continue };
+            let label = format!("{}/{name}", executable.target);
+            if filter.is_none_or(|f| label.contains(f)) {
                 cases.push(TestCase {
                     executable: executable.path.clone(),
                     cwd: executable.cwd.clone(),
                     name: name.to_owned(),
-                    label: format!("{}/{name}", executable.target),
+                    label,
                 });
             }
         }
