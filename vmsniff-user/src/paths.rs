@@ -18,7 +18,7 @@ pub struct PinPaths {
 
 impl PinPaths {
     pub fn for_netns(bpffs: &Path, netns_inode: u64) -> Self {
-        Self { root: bpffs.join(VMSNIFF_DIR).join(netns_inode.to_string()) }
+        Self { root: vmsniff_dir(bpffs).join(netns_inode.to_string()) }
     }
 
     pub fn root(&self) -> &Path {
@@ -44,8 +44,12 @@ impl PinPaths {
     }
 }
 
-/// The lock every state-changing command holds: one per host, because bpffs is.
-pub fn lock_path(bpffs: &Path) -> PathBuf {
+/// The lock every state-changing command holds: one per host, because bpffs is. Outside bpffs,
+/// so that vmsniff's directory there can go once the last session does.
+pub const LOCK_FILE: &str = "/run/lock/vmsniff.lock";
+
+/// vmsniff's directory on bpffs, the parent of every namespace's pins.
+pub fn vmsniff_dir(bpffs: &Path) -> PathBuf {
     bpffs.join(VMSNIFF_DIR)
 }
 

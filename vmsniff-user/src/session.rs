@@ -45,18 +45,29 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Checks privileges and opens the namespace. Must run inside a tokio runtime.
+    /// Checks privileges, mounts bpffs if needed and opens the namespace, for commands that
+    /// change state. Must run inside a tokio runtime.
     pub fn open() -> Result<Self, SessionError> {
         privilege::require_admin()?;
+        bpffs::ensure_mounted(Path::new(BPFFS))?;
+        Self::open_unchecked()
+    }
+
+    /// Like `open`, but changes nothing: without bpffs there simply is no state to read.
+    pub fn open_for_reading() -> Result<Self, SessionError> {
+        privilege::require_admin()?;
+        Self::open_unchecked()
+    }
+
+    fn open_unchecked() -> Result<Self, SessionError> {
         let bpffs = Path::new(BPFFS);
-        bpffs::ensure_mounted(bpffs)?;
         let inode = netns::current_inode().map_err(SessionError::Netns)?;
         let netlink = Netlink::open().map_err(SessionError::NetlinkSocket)?;
         Ok(Self { kernel: Kernel { netlink, paths: PinPaths::for_netns(bpffs, inode) } })
     }
 
     pub fn lock(&self) -> Result<bpffs::StateLock, SessionError> {
-        Ok(bpffs::lock(Path::new(BPFFS))?)
+        Ok(bpffs::lock()?)
     }
 
     /// vmsniff's state here; empty when it has none.

@@ -1,7 +1,6 @@
-//! The BPF filesystem: mounted when missing, and the host-wide lock on vmsniff's directory.
+//! The BPF filesystem: mounted when missing; and the host-wide lock around vmsniff's state.
 use std::{
-    fs::{self, File},
-    os::unix::fs::DirBuilderExt as _,
+    fs::{self, File, OpenOptions},
     path::Path,
 };
 
@@ -12,7 +11,7 @@ use nix::{
 };
 
 use super::KernelError;
-use crate::paths::lock_path;
+use crate::paths::LOCK_FILE;
 
 /// Mounts bpffs at `bpffs` unless it is mounted there already.
 pub fn ensure_mounted(bpffs: &Path) -> Result<(), KernelError> {
@@ -54,15 +53,18 @@ pub struct StateLock {
 }
 
 /// Takes vmsniff's lock, waiting for another vmsniff that holds it.
-pub fn lock(bpffs: &Path) -> Result<StateLock, KernelError> {
-    let dir = lock_path(bpffs);
-    match fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(KernelError::io(format!("creating {}", dir.display()))(e)),
+pub fn lock() -> Result<StateLock, KernelError> {
+    let path = Path::new(LOCK_FILE);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(KernelError::io(format!("creating {}", dir.display())))?;
     }
-    let file = File::open(&dir).map_err(KernelError::io(format!("opening {}", dir.display())))?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(KernelError::io(format!("opening {LOCK_FILE}")))?;
     let lock = Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, errno)| KernelError::io(format!("locking {}", dir.display()))(errno.into()))?;
+        .map_err(|(_, errno)| KernelError::io(format!("locking {LOCK_FILE}"))(errno.into()))?;
     Ok(StateLock { _lock: lock })
 }

@@ -29,6 +29,19 @@ pub struct Kernel {
 
 /// Applies an attach plan; on failure undoes what it did and returns the first error.
 pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
+    let had_state = PinnedMaps::open(&kernel.paths)?.is_some();
+    let result = apply_attach_steps(kernel, plan).await;
+    if result.is_err() && !had_state {
+        // This attach made the namespace's pins (maps, maybe link pins): with its steps undone,
+        // nothing else uses them.
+        if let Err(e) = maps::remove_pins(&kernel.paths) {
+            log::error!("could not remove the pins of the failed attach: {}", chain(&e));
+        }
+    }
+    result
+}
+
+async fn apply_attach_steps(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
     let mut ebpf = PinnedMaps::load_object(&kernel.paths)?;
     let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
         op: format!(
@@ -50,10 +63,6 @@ pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), Kern
                         chain(&undo_error)
                     );
                 }
-            }
-            if maps.observe().map(|o| o.sessions.is_empty() && o.taps.is_empty()).unwrap_or(false) {
-                drop(maps);
-                maps::remove_pins(&kernel.paths)?;
             }
             return Err(error);
         }

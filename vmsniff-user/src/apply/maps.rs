@@ -66,7 +66,10 @@ impl PinnedMaps {
             .map_pin_path(map_name::TAPS, taps.as_path())
             .map_pin_path(map_name::COUNTERS, counters.as_path())
             .load(EBPF_OBJECT)
-            .map_err(|source| KernelError::Ebpf { op: "loading vmsniff's eBPF object".into(), source: Box::new(source) })
+            .map_err(|source| KernelError::Ebpf {
+                op: "loading vmsniff's eBPF object".into(),
+                source: Box::new(source),
+            })
     }
 
     /// The state the planner works from.
@@ -142,14 +145,25 @@ impl PinnedMaps {
     }
 }
 
-/// Removes the namespace's pin directory (maps and TCX link pins). Only called once no session
-/// and no tap entry is left.
+/// Removes the namespace's pin directory (maps and TCX link pins), and vmsniff's directory on
+/// bpffs when no other namespace has pins there. Only called, with the lock held, once no
+/// session and no tap entry is left.
 pub fn remove_pins(paths: &PinPaths) -> Result<(), KernelError> {
     match fs::remove_dir_all(paths.root()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(KernelError::io(format!("removing {}", paths.root().display()))(e)),
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(KernelError::io(format!("removing {}", paths.root().display()))(e)),
     }
+    if let Some(parent) = paths.root().parent() {
+        // ENOTEMPTY: other namespaces have sessions; ENOENT: gone already. Both leave it as is.
+        match fs::remove_dir(parent) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOTEMPTY) && e.kind() != io::ErrorKind::NotFound => {
+                return Err(KernelError::io(format!("removing {}", parent.display()))(e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn process_alive(pid: u32) -> bool {

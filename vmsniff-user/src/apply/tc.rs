@@ -178,14 +178,10 @@ pub async fn detach(
             }
         }
         AttachMode::Netlink => {
-            if netlink
-                .link_by_index(tap_ifindex)
-                .await
-                .map_err(KernelError::netlink(format!("looking up {tap_name}")))?
-                .is_none()
-            {
+            let Some(tap_name) = current_name(netlink, tap_ifindex, tap_name).await? else {
                 return Ok(());
-            }
+            };
+            let tap_name = tap_name.as_str();
             if !is_our_filter(netlink, tap_ifindex, hook, nl_priority, nl_handle).await? {
                 log::warn!(
                     "{tap_name}'s {} hook has no vmsniff filter at priority {nl_priority} handle {nl_handle:#x}: nothing to detach there",
@@ -209,8 +205,22 @@ pub async fn detach(
     }
 }
 
+/// The tap's name now (it may have been renamed since attach), or `None` when it is gone, which
+/// took its filters and qdiscs with it.
+async fn current_name(
+    netlink: &Netlink,
+    ifindex: u32,
+    recorded: &str,
+) -> Result<Option<String>, KernelError> {
+    Ok(netlink
+        .link_by_index(ifindex)
+        .await
+        .map_err(KernelError::netlink(format!("looking up {recorded}")))?
+        .map(|link| link.name))
+}
+
 /// The cls_bpf filters on one hook of an interface: (priority, handle, program name).
-pub async fn bpf_filters(
+async fn bpf_filters(
     netlink: &Netlink,
     ifindex: u32,
     hook: TcHook,
@@ -262,12 +272,7 @@ pub async fn remove_clsact_if_unused(
     tap_name: &str,
     tap_ifindex: u32,
 ) -> Result<(), KernelError> {
-    if netlink
-        .link_by_index(tap_ifindex)
-        .await
-        .map_err(KernelError::netlink(format!("looking up {tap_name}")))?
-        .is_none()
-    {
+    if current_name(netlink, tap_ifindex, tap_name).await?.is_none() {
         return Ok(());
     }
     for hook in TcHook::ALL {

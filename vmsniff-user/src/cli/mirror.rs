@@ -5,30 +5,62 @@ use std::{
     time::Duration,
 };
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::attach::{AttachArgs, attach};
-use crate::{apply::maps::PinnedMaps, observe::status, session::Namespace};
+use crate::{
+    apply::{executor::chain, maps::PinnedMaps},
+    observe::status,
+    session::Namespace,
+};
 
 pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+    let mut signals = Signals {
+        interrupt: signal(SignalKind::interrupt())?,
+        terminate: signal(SignalKind::terminate())?,
+        hangup: signal(SignalKind::hangup())?,
+    };
     let namespace = Namespace::open()?;
     let (id, _) = attach(&namespace, &args.mirror, Some(std::process::id())).await?;
     println!("{id}");
+    // Whatever ends the watch, an error included, the session is detached: it belongs to this
+    // process and must not outlive it.
+    let watched = watch(&namespace, id, &mut signals).await;
+    match &watched {
+        Ok(None) => {
+            log::warn!("session {id} was detached by another command");
+            return Ok(());
+        }
+        Ok(Some(ended_by)) => log::info!("{ended_by}: detaching session {id}"),
+        Err(e) => log::error!("{}: detaching session {id}", chain(e.as_ref())),
+    }
+    let _lock = namespace.lock()?;
+    namespace.detach(&BTreeSet::from([id])).await?;
+    watched.map(drop)
+}
+
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+/// Shows the live counters until a signal ends the mirror (`Some(signal)`) or the session is
+/// gone (`None`).
+async fn watch(
+    namespace: &Namespace,
+    id: u32,
+    signals: &mut Signals,
+) -> anyhow::Result<Option<&'static str>> {
     let live = std::io::stderr().is_terminal();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let ended_by = loop {
         tokio::select! {
-            _ = interrupt.recv() => break "interrupt",
-            _ = terminate.recv() => break "SIGTERM",
-            _ = hangup.recv() => break "SIGHUP",
+            _ = signals.interrupt.recv() => break "interrupt",
+            _ = signals.terminate.recv() => break "SIGTERM",
+            _ = signals.hangup.recv() => break "SIGHUP",
             _ = ticker.tick() => {
-                let Some(line) = counters_line(&namespace, id).await? else {
-                    log::warn!("session {id} was detached by another command");
-                    return Ok(());
-                };
+                let Some(line) = counters_line(namespace, id).await? else { return Ok(None) };
                 if live {
                     eprint!("\r\x1b[2K{line}");
                     std::io::stderr().flush()?;
@@ -39,13 +71,10 @@ pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
     if live {
         eprintln!();
     }
-    if let Some(line) = counters_line(&namespace, id).await? {
+    if let Some(line) = counters_line(namespace, id).await? {
         log::info!("{line}");
     }
-    log::info!("{ended_by}: detaching session {id}");
-    let _lock = namespace.lock()?;
-    namespace.detach(&BTreeSet::from([id])).await?;
-    Ok(())
+    Ok(Some(ended_by))
 }
 
 async fn counters_line(namespace: &Namespace, id: u32) -> anyhow::Result<Option<String>> {

@@ -11,7 +11,7 @@ pub struct StatusArgs {
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let namespace = Namespace::open()?;
+    let namespace = Namespace::open_for_reading()?;
     let maps = PinnedMaps::open(&namespace.kernel.paths)?;
     let observed = namespace.observe()?;
     let status = status::read(&namespace.kernel.netlink, maps.as_ref(), &observed).await?;
