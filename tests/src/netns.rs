@@ -70,6 +70,16 @@ impl Netns {
         .expect("thread in netns panicked")
     }
 
+    /// The names of every interface inside, sorted (`peer1@peer0` is `peer1`).
+    pub fn link_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = run("ip", &["-n", &self.name, "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_owned()))
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The ifindex of an interface inside.
     pub fn ifindex(&self, name: &str) -> u32 {
         self.sh(&format!("cat /sys/class/net/{name}/ifindex")).trim().parse().expect("ifindex")

@@ -184,6 +184,70 @@ pub fn decap_gre(frame: &[u8]) -> Option<Gre> {
     })
 }
 
+/// Whether an Ethernet frame is an IPv4 fragment that is not the whole packet (MF set or an
+/// offset).
+pub fn is_ipv4_fragment(frame: &[u8]) -> bool {
+    frame.len() >= 34
+        && frame[12..14] == [0x08, 0x00]
+        && u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0
+}
+
+/// Joins IPv4 fragments back into whole packets, as a collector's kernel would. Each packet is
+/// returned as an Ethernet frame with its first fragment's headers, in the order packets
+/// complete; whole packets pass through.
+pub fn reassemble_ipv4(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use std::collections::BTreeMap;
+    /// One packet being put together: its first fragment's headers, the payload pieces by
+    /// offset, and the payload's length once the last fragment is in.
+    #[derive(Default)]
+    struct Partial {
+        header: Vec<u8>,
+        pieces: BTreeMap<usize, Vec<u8>>,
+        end: Option<usize>,
+    }
+    let mut partial: BTreeMap<u16, Partial> = BTreeMap::new();
+    let mut whole = Vec::new();
+    for frame in frames.iter().filter(|f| f.len() >= 34 && f[12..14] == [0x08, 0x00]) {
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+        let id = u16::from_be_bytes([frame[18], frame[19]]);
+        let flags = u16::from_be_bytes([frame[20], frame[21]]);
+        let (more, offset) = (flags & 0x2000 != 0, usize::from(flags & 0x1fff) * 8);
+        if !more && offset == 0 {
+            whole.push(frame.clone());
+            continue;
+        }
+        let payload = frame[14 + ihl..(14 + total).min(frame.len())].to_vec();
+        let entry = partial.entry(id).or_default();
+        if offset == 0 {
+            entry.header = frame[..14 + ihl].to_vec();
+        }
+        if !more {
+            entry.end = Some(offset + payload.len());
+        }
+        entry.pieces.insert(offset, payload);
+        let Partial { header, pieces, end } = entry;
+        let mut joined = Vec::new();
+        for (at, piece) in pieces.iter() {
+            if *at != joined.len() {
+                break;
+            }
+            joined.extend_from_slice(piece);
+        }
+        if header.is_empty() || *end != Some(joined.len()) {
+            continue;
+        }
+        let mut packet = header.clone();
+        let ip_len = (packet.len() - 14 + joined.len()) as u16;
+        packet[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        packet[20..22].copy_from_slice(&[0, 0]);
+        packet.extend_from_slice(&joined);
+        whole.push(packet);
+        partial.remove(&id);
+    }
+    whole
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +288,23 @@ mod tests {
         assert_eq!((gre.key, gre.sequence, gre.protocol), (Some(7), Some(9), 0x6558));
         assert_eq!(gre.inner, inner);
         assert!(decap_gre(&f[..40]).is_none());
+
+        // The same packet cut into two fragments at byte 48 of its payload comes back whole.
+        let (head, body) = f.split_at(14 + 20);
+        let fragment = |offset: usize, piece: &[u8], more: bool| {
+            let mut g = head.to_vec();
+            let len = (20 + piece.len()) as u16;
+            g[16..18].copy_from_slice(&len.to_be_bytes());
+            let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            g[20..22].copy_from_slice(&flags.to_be_bytes());
+            g.extend_from_slice(piece);
+            g
+        };
+        let first = fragment(0, &body[..48], true);
+        let second = fragment(48, &body[48..], false);
+        assert!(is_ipv4_fragment(&first) && is_ipv4_fragment(&second) && !is_ipv4_fragment(&f));
+        let whole = reassemble_ipv4(&[second, first]);
+        assert_eq!(whole.len(), 1);
+        assert_eq!(decap_gre(&whole[0]).unwrap().inner, inner);
     }
 }

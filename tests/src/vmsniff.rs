@@ -61,6 +61,29 @@ pub fn attach(ns: &Netns, args: &[&str]) -> u32 {
     out.trim().parse().unwrap_or_else(|_| panic!("attach printed {out:?}, not a session id"))
 }
 
+/// Starts `vmsniff mirror ARGS` in the background; returns the process and the session id it
+/// printed. Its stderr is piped for the caller to read when it has exited.
+pub fn spawn_mirror(ns: &Netns, args: &[&str]) -> (std::process::Child, u32) {
+    let bin = binary();
+    let args: Vec<String> = std::iter::once("mirror").chain(args.iter().copied()).map(String::from).collect();
+    let mut child = ns.enter(move || {
+        std::process::Command::new(bin)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start vmsniff mirror")
+    });
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read the session id");
+    let id = line.trim().parse().unwrap_or_else(|_| panic!("mirror printed {line:?}, not a session id"));
+    (child, id)
+}
+
 /// `vmsniff status --json`.
 pub fn status(ns: &Netns) -> serde_json::Value {
     let out = ok(ns, &["status", "--json"]);

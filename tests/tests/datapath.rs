@@ -14,7 +14,7 @@ use vmsniff_tests::{
 const QUIET: Duration = Duration::from_millis(500);
 
 /// What a clean namespace looks like after detach, checked through the kernel itself.
-fn assert_nothing_left(ns: &Netns, links_before: &str) {
+fn assert_nothing_left(ns: &Netns, links_before: &[String]) {
     assert!(!ns.pin_dir().exists(), "pins left at {}", ns.pin_dir().display());
     for hook in ["ingress", "egress"] {
         let filters = run("tc", &["-n", &ns.name, "filter", "show", "dev", TAP, hook]);
@@ -22,16 +22,7 @@ fn assert_nothing_left(ns: &Netns, links_before: &str) {
     }
     let tcx = tcx_programs(ns);
     assert!(tcx.is_empty(), "TCX programs left on the tap: {tcx:?}");
-    assert_eq!(link_names(ns), links_before, "detach changed the namespace's interfaces");
-}
-
-fn link_names(ns: &Netns) -> String {
-    let mut names: Vec<String> = run("ip", &["-n", &ns.name, "-o", "link", "show"])
-        .lines()
-        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_owned()))
-        .collect();
-    names.sort();
-    names.join(" ")
+    assert_eq!(ns.link_names(), links_before, "detach changed the namespace's interfaces");
 }
 
 /// Names of TCX programs on both hooks of the tap (empty on kernels without TCX).
@@ -63,7 +54,7 @@ fn both_directions_arrive_byte_identical_in_order_with_matching_counters() {
         vmsniff::report_mode(mode);
         let mut hv = Hypervisor::new();
         let mirror = hv.mirror_port();
-        let before = link_names(&hv.ns);
+        let before = hv.ns.link_names();
         let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
         assert_eq!(vmsniff::session(&hv.ns, id)["attach-mode"], mode);
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use vmsniff_tests::{
     frames::{self, is_marked},
     netns::Netns,
-    packet::{PacketSocket, decap_gre},
+    packet::{PacketSocket, decap_gre, is_ipv4_fragment, reassemble_ipv4},
     privileged, run, skip,
     topology::{Hypervisor, TAP, assert_frames_eq, total_bytes},
     vmsniff,
@@ -21,7 +21,7 @@ struct Site {
 }
 
 /// The hypervisor with an uplink veth to a collector namespace; `None` without GRE support.
-fn site(test: &str) -> Option<Site> {
+fn site(test: &str, uplink_mtu: u32) -> Option<Site> {
     if !privileged(test) {
         return None;
     }
@@ -35,10 +35,10 @@ fn site(test: &str) -> Option<Site> {
     hv.ns.sh(&format!(
         "ip link add up0 type veth peer name up1 netns {col}
          ip addr add 10.231.0.1/24 dev up0
-         ip link set up0 mtu 9000 up",
+         ip link set up0 mtu {uplink_mtu} up",
         col = collector.name
     ));
-    collector.sh(&format!("ip addr add {COLLECTOR}/24 dev up1; ip link set up1 mtu 9000 up"));
+    collector.sh(&format!("ip addr add {COLLECTOR}/24 dev up1; ip link set up1 mtu {uplink_mtu} up"));
     let capture = PacketSocket::open(&collector, "up1");
     Some(Site { hv, collector, capture })
 }
@@ -51,9 +51,13 @@ fn gre_copies(capture: &PacketSocket, count: usize) -> Vec<vmsniff_tests::packet
         .collect()
 }
 
+fn inners(copies: &[vmsniff_tests::packet::Gre]) -> Vec<Vec<u8>> {
+    copies.iter().map(|g| g.inner.clone()).collect()
+}
+
 #[test]
 fn copies_reach_the_collector_as_keyed_gre_both_ways() {
-    let Some(mut site) = site("copies_reach_the_collector_as_keyed_gre_both_ways") else { return };
+    let Some(mut site) = site("copies_reach_the_collector_as_keyed_gre_both_ways", 9000) else { return };
     for mode in vmsniff::attach_modes() {
         vmsniff::report_mode(mode);
         let id = vmsniff::attach(
@@ -64,11 +68,7 @@ fn copies_reach_the_collector_as_keyed_gre_both_ways() {
 
         site.hv.vm_sends(&out);
         let copies = gre_copies(&site.capture, out.len());
-        assert_frames_eq(
-            &format!("[{mode}] GRE copies of frames the VM sent"),
-            &out,
-            &copies.iter().map(|g| g.inner.clone()).collect::<Vec<_>>(),
-        );
+        assert_frames_eq(&format!("[{mode}] GRE copies of frames the VM sent"), &out, &inners(&copies));
         for g in &copies {
             assert_eq!(g.protocol, 0x6558, "transparent Ethernet bridging");
             assert_eq!(g.key, Some(14), "key 7, out: 7 * 2 + 0");
@@ -78,11 +78,7 @@ fn copies_reach_the_collector_as_keyed_gre_both_ways() {
 
         site.hv.vm_receives(&into);
         let copies = gre_copies(&site.capture, into.len());
-        assert_frames_eq(
-            &format!("[{mode}] GRE copies of frames the VM received"),
-            &into,
-            &copies.iter().map(|g| g.inner.clone()).collect::<Vec<_>>(),
-        );
+        assert_frames_eq(&format!("[{mode}] GRE copies of frames the VM received"), &into, &inners(&copies));
         assert!(copies.iter().all(|g| g.key == Some(15)), "key 7, in: 7 * 2 + 1");
 
         let s = vmsniff::session(&site.hv.ns, id);
@@ -107,7 +103,7 @@ fn copies_reach_the_collector_as_keyed_gre_both_ways() {
 
 #[test]
 fn an_unreachable_collector_costs_copies_never_frames() {
-    let Some(mut site) = site("an_unreachable_collector_costs_copies_never_frames") else { return };
+    let Some(mut site) = site("an_unreachable_collector_costs_copies_never_frames", 1500) else { return };
     let id = vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR]);
     site.hv.ns.sh("ip link set up0 down");
     let (out, into) = frames::both_ways(10);
@@ -123,5 +119,31 @@ fn an_unreachable_collector_costs_copies_never_frames() {
     assert_eq!(lost, 20, "every copy toward the unreachable collector is counted as lost: {s}");
     let table = vmsniff::ok(&site.hv.ns, &["status"]);
     assert!(table.contains(" 20\n"), "status shows the loss: {table}");
+    vmsniff::ok(&site.hv.ns, &["detach", "--all"]);
+}
+
+#[test]
+fn copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole() {
+    let Some(mut site) = site("copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole", 1500) else {
+        return;
+    };
+    vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR, "--key", "3"]);
+    // 1514 bytes inside GRE is 1552 on the wire: more than the 1500-byte uplink carries.
+    let out: Vec<Vec<u8>> =
+        (0..6).map(|i| frames::frame(frames::VM_MAC, frames::PEER_MAC, i, 1400 + 20 * i as usize)).collect();
+    site.hv.vm_sends(&out);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (mut raw, mut copies) = (Vec::new(), Vec::new());
+    while copies.len() < out.len() && std::time::Instant::now() < deadline {
+        raw.extend(site.capture.capture(1, Duration::from_millis(500), |f| f.len() > 34 && f[23] == 47));
+        copies = reassemble_ipv4(&raw)
+            .iter()
+            .filter_map(|p| decap_gre(p))
+            .filter(|g| is_marked(&g.inner))
+            .collect();
+    }
+    assert!(raw.iter().any(|f| is_ipv4_fragment(f)), "the large copies were not fragmented");
+    assert_frames_eq("copies reassembled at the collector", &out, &inners(&copies));
+    assert!(copies.iter().all(|g| g.key == Some(6) && !g.dont_fragment));
     vmsniff::ok(&site.hv.ns, &["detach", "--all"]);
 }
