@@ -7,19 +7,14 @@
 //! removed. Where the kernel has no ip_gre (this project's build machines), the demo boots
 //! Debian's 6.1 kernel under QEMU and runs there.
 use std::{
-    fs::{File, OpenOptions},
-    io::{Read as _, Write as _},
-    os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use nix::sched::{CloneFlags, setns};
+use vmsniff_tests::{netns::Netns, tap::Vm};
 
-const HV: &str = "vmsniff-demo-hv";
-const COL: &str = "vmsniff-demo-collector";
 const TAP: &str = "tapdemo0";
 const VM_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const VM_IP: [u8; 4] = [10, 0, 0, 2];
@@ -56,60 +51,65 @@ pub fn run(args: DemoArgs, workspace: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let _cleanup = Cleanup;
     demo(&vmsniff)
 }
 
 fn kernel_has_gre() -> bool {
-    let ns = "vmsniff-demo-probe";
-    let _ = sh(&format!("ip netns add {ns}"));
-    let ok = sh(&format!("ip -n {ns} link add g0 type gretap remote 192.0.2.9")).is_ok();
-    let _ = sh(&format!("ip netns del {ns}"));
-    ok
+    Netns::new("greprobe").try_sh("ip link add g0 type gretap remote 192.0.2.9").0
 }
 
+/// The scene lives in two namespaces that are removed on the way out, with vmsniff's pins for
+/// them, also when the demo fails.
 fn demo(vmsniff: &Path) -> anyhow::Result<()> {
     step("building the scene: a hypervisor namespace with the VM's tap, a collector behind an uplink");
-    sh(&format!("ip netns add {HV}; ip netns add {COL}"))?;
-    for ns in [HV, COL] {
-        sh(&format!("ip -n {ns} link set lo up; ip netns exec {ns} sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"))?;
-    }
-    let tap = in_netns(HV, open_tap)??;
-    sh(&format!(
-        "ip -n {HV} addr add 10.0.0.1/24 dev {TAP}
-         ip -n {HV} link set {TAP} up
-         ip -n {HV} link add uplink0 type veth peer name eth0 netns {COL}
-         ip -n {HV} addr add 192.0.2.1/24 dev uplink0
-         ip -n {HV} link set uplink0 up
-         ip -n {COL} addr add {COLLECTOR_IP}/24 dev eth0
-         ip -n {COL} link set eth0 up"
-    ))?;
+    let hv = Netns::new("demo-hv");
+    let collector = Netns::new("demo-col");
+    let tap = Vm::create(&hv, TAP);
+    hv.sh(&format!(
+        "ip addr add 10.0.0.1/24 dev {TAP}
+         ip link add uplink0 type veth peer name eth0 netns {col}
+         ip addr add 192.0.2.1/24 dev uplink0
+         ip link set uplink0 up",
+        col = collector.name
+    ));
+    collector.sh(&format!("ip addr add {COLLECTOR_IP}/24 dev eth0; ip link set eth0 up"));
 
-    step(&format!("collector: tcpdump -n -i eth0 proto 47 (in {COL})"));
+    step(&format!("collector: tcpdump -n -i eth0 proto 47 (in namespace {})", collector.name));
     let tcpdump = Command::new("ip")
-        .args(["netns", "exec", COL, "tcpdump", "-n", "-l", "-i", "eth0", "-c", "8", "proto", "47"])
+        .args([
+            "netns",
+            "exec",
+            &collector.name,
+            "tcpdump",
+            "-n",
+            "-l",
+            "-i",
+            "eth0",
+            "-c",
+            "8",
+            "proto",
+            "47",
+        ])
         .stdout(Stdio::inherit())
         .stderr(Stdio::null())
         .spawn()
         .context("starting tcpdump (`cargo xtask setup` installs it)")?;
-    let _tcpdump = KillOnDrop(tcpdump);
+    let mut tcpdump = KillOnDrop(tcpdump);
     std::thread::sleep(Duration::from_secs(1));
 
     step(&format!("hypervisor: vmsniff attach --tap {TAP} --to {COLLECTOR_IP}"));
-    let id = vmsniff_in(vmsniff, &["attach", "--tap", TAP, "--to", COLLECTOR_IP])?;
+    let id = vmsniff_in(&hv, vmsniff, &["attach", "--tap", TAP, "--to", COLLECTOR_IP])?;
     let id = id.trim().to_owned();
     eprintln!("demo: session {id}");
 
     step("the VM pings its gateway 10.0.0.1 three times");
-    let mut vm = VmStandIn { tap };
-    vm.ping(3)?;
-    let mut tcpdump = _tcpdump;
+    VmStandIn { tap }.ping(3)?;
     wait_child(&mut tcpdump.0, Duration::from_secs(10));
 
     step("vmsniff status");
-    print!("{}", vmsniff_in(vmsniff, &["status"])?);
+    print!("{}", vmsniff_in(&hv, vmsniff, &["status"])?);
     step(&format!("vmsniff detach {id}"));
-    vmsniff_in(vmsniff, &["detach", &id])?;
+    vmsniff_in(&hv, vmsniff, &["detach", &id])?;
     step("removing the scene");
     Ok(())
 }
@@ -118,65 +118,31 @@ fn step(text: &str) {
     eprintln!("\n==> {text}");
 }
 
-fn sh(script: &str) -> anyhow::Result<()> {
-    let out = Command::new("sh").args(["-ec", script]).output().context("running sh")?;
-    if !out.status.success() {
-        bail!("`{script}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
 /// vmsniff in the hypervisor namespace, in this mount namespace (it shares the host's bpffs).
-fn vmsniff_in(vmsniff: &Path, args: &[&str]) -> anyhow::Result<String> {
+fn vmsniff_in(hv: &Netns, vmsniff: &Path, args: &[&str]) -> anyhow::Result<String> {
     let vmsniff = vmsniff.to_owned();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = in_netns(HV, move || Command::new(&vmsniff).args(&args).stderr(Stdio::inherit()).output())??;
+    let out = hv.enter(move || Command::new(&vmsniff).args(&args).stderr(Stdio::inherit()).output())?;
     if !out.status.success() {
         bail!("vmsniff failed ({})", out.status);
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-    let file = File::open(Path::new("/run/netns").join(ns)).with_context(|| format!("opening netns {ns}"))?;
-    std::thread::spawn(move || -> anyhow::Result<T> {
-        setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in netns {ns} panicked"))?
-}
-
-fn open_tap() -> anyhow::Result<File> {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("opening /dev/net/tun")?;
-    let mut req = IfReq { name: [0; 16], flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short, _pad: [0; 22] };
-    req.name[..TAP.len()].copy_from_slice(TAP.as_bytes());
-    // SAFETY: TUNSETIFF takes an ifreq, which IfReq is laid out as.
-    if unsafe { libc::ioctl(file.as_raw_fd(), 0x4004_54ca, &mut req) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("TUNSETIFF");
-    }
-    Ok(file)
-}
-
 /// The VM: answers ARP for its address, and pings the gateway.
 struct VmStandIn {
-    tap: File,
+    tap: Vm,
 }
 
 impl VmStandIn {
     fn ping(&mut self, count: u16) -> anyhow::Result<()> {
         let gateway_mac = self.resolve_gateway()?;
         for seq in 1..=count {
-            self.tap.write_all(&echo_request(gateway_mac, seq))?;
+            self.tap.send(&echo_request(gateway_mac, seq));
             let deadline = Instant::now() + Duration::from_secs(3);
             loop {
-                let frame = self.read_frame(deadline)?.with_context(|| format!("no echo reply for seq {seq}"))?;
+                let frame =
+                    self.read_frame(deadline)?.with_context(|| format!("no echo reply for seq {seq}"))?;
                 self.answer_arp(&frame)?;
                 if frame.len() > 34 + 8 && frame[12..14] == [8, 0] && frame[23] == 1 && frame[34] == 0 {
                     eprintln!("vm: 64 bytes from 10.0.0.1: icmp_seq={seq}");
@@ -189,7 +155,7 @@ impl VmStandIn {
     }
 
     fn resolve_gateway(&mut self) -> anyhow::Result<[u8; 6]> {
-        self.tap.write_all(&arp(1, VM_MAC, VM_IP, [0xff; 6], [0; 6], GATEWAY_IP))?;
+        self.tap.send(&arp(1, VM_MAC, VM_IP, [0xff; 6], [0; 6], GATEWAY_IP));
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let frame = self.read_frame(deadline)?.context("the gateway never answered ARP")?;
@@ -202,22 +168,13 @@ impl VmStandIn {
     fn answer_arp(&mut self, frame: &[u8]) -> anyhow::Result<()> {
         if frame.len() >= 42 && frame[12..14] == [8, 6] && frame[21] == 1 && frame[38..42] == VM_IP {
             let (mac, ip): ([u8; 6], [u8; 4]) = (frame[22..28].try_into()?, frame[28..32].try_into()?);
-            self.tap.write_all(&arp(2, VM_MAC, VM_IP, mac, mac, ip))?;
+            self.tap.send(&arp(2, VM_MAC, VM_IP, mac, mac, ip));
         }
         Ok(())
     }
 
     fn read_frame(&mut self, deadline: Instant) -> anyhow::Result<Option<Vec<u8>>> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&self.tap), PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::ZERO))? == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0; 2048];
-        let n = self.tap.read(&mut buf)?;
-        buf.truncate(n);
-        Ok(Some(buf))
+        Ok(self.tap.recv(deadline.saturating_duration_since(Instant::now())))
     }
 }
 
@@ -258,7 +215,8 @@ fn echo_request(gateway_mac: [u8; 6], seq: u16) -> Vec<u8> {
 }
 
 fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 =
+        data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -281,21 +239,5 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Removes the demo's namespaces (and vmsniff's state with them), also when the demo fails.
-struct Cleanup;
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for ns in [HV, COL] {
-            if let Ok(meta) = std::fs::metadata(Path::new("/run/netns").join(ns)) {
-                use std::os::unix::fs::MetadataExt as _;
-                let pins = PathBuf::from("/sys/fs/bpf/vmsniff").join(meta.ino().to_string());
-                let _ = Command::new("ip").args(["netns", "del", ns]).status();
-                let _ = std::fs::remove_dir_all(pins);
-            }
-        }
     }
 }

@@ -33,16 +33,16 @@ fn nix_is_root() -> bool {
 }
 
 fn install_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| !package_installed(name))
-        .collect();
+    let missing: Vec<&str> =
+        PACKAGES.iter().map(|(name, _)| *name).filter(|name| !package_installed(name)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !nix_is_root() {
-        bail!("missing Debian packages {}: run `cargo xtask setup` as root to install them", missing.join(", "));
+        bail!(
+            "missing Debian packages {}: run `cargo xtask setup` as root to install them",
+            missing.join(", ")
+        );
     }
     for (name, why) in PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
         eprintln!("setup: installing {name}: {why}");
@@ -69,7 +69,8 @@ fn package_installed(name: &str) -> bool {
 /// rustup's proxies come first on PATH, so Debian's rustc is reached as `+debian`.
 fn link_debian_toolchain() -> anyhow::Result<()> {
     let listed = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
-    if String::from_utf8_lossy(&listed.stdout).lines().any(|l| l.split_whitespace().next() == Some("debian")) {
+    if String::from_utf8_lossy(&listed.stdout).lines().any(|l| l.split_whitespace().next() == Some("debian"))
+    {
         return Ok(());
     }
     run_step(Command::new("rustup").args(["toolchain", "link", "debian", "/usr"]), "rustup toolchain link")
