@@ -14,7 +14,7 @@ use super::KernelError;
 use crate::{paths::PinPaths, plan::Observed};
 
 /// The eBPF object built by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmsniff"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmsniff-ebpf"));
 
 pub struct PinnedMaps {
     pub sessions: Array<MapData, SessionConfig>,
