@@ -3,6 +3,7 @@
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
+use clap::Parser;
 
 pub fn run(workspace: &Path) -> anyhow::Result<()> {
     crate::setup::run()?;
@@ -11,16 +12,17 @@ pub fn run(workspace: &Path) -> anyhow::Result<()> {
     eprintln!("\n==> unit tests (no root)");
     cargo(workspace, &["test", "--workspace", "--lib", "--bins"])?;
     eprintln!("\n==> privileged tests: this kernel, then Debian 5.10, 6.1 and 6.12 under QEMU");
-    let status = Command::new(std::env::current_exe()?)
-        .args(["vm-test", "--kernel", "all"])
-        .current_dir(workspace)
-        .status()
-        .context("starting vm-test")?;
+    // In this process, not by re-running this binary: the workspace build above may have
+    // replaced it on disk.
+    let result = crate::vm::test_command(VmTestCli::try_parse_from(["vm-test", "--kernel", "all"])?.args);
     eprintln!("\n==> all tests took {:.0?}", started.elapsed());
-    if !status.success() {
-        bail!("privileged tests failed (see the table above)");
-    }
-    Ok(())
+    result.context("privileged tests failed (see the table above)")
+}
+
+#[derive(Parser)]
+struct VmTestCli {
+    #[command(flatten)]
+    args: crate::vm::VmTestArgs,
 }
 
 pub fn cargo(workspace: &Path, args: &[&str]) -> anyhow::Result<()> {
