@@ -226,3 +226,23 @@ fn other_tc_filters_on_the_tap_keep_running_and_stay() {
     );
     assert!(mirror.drain(QUIET, is_marked).is_empty(), "vmsniff copies after detach");
 }
+
+#[test]
+fn a_vanished_tap_shows_as_gone_and_detach_still_cleans_by_its_name() {
+    if !privileged("a_vanished_tap_shows_as_gone_and_detach_still_cleans_by_its_name") {
+        return;
+    }
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let hv = Hypervisor::new();
+        hv.mirror_port();
+        let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        assert_eq!(vmsniff::session(&hv.ns, id)["state"], "active");
+        // The VM stops: its tap goes with the fd, taking vmsniff's filters or links with it.
+        drop(hv.vm);
+        assert!(!hv.ns.link_names().iter().any(|n| n == TAP));
+        assert_eq!(vmsniff::session(&hv.ns, id)["state"], "tap-gone");
+        vmsniff::ok(&hv.ns, &["detach", "--tap", TAP]);
+        assert!(!hv.ns.pin_dir().exists(), "[{mode}] pins left after detaching a vanished tap");
+    }
+}

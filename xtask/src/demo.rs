@@ -103,7 +103,9 @@ fn demo(vmsniff: &Path) -> anyhow::Result<()> {
     eprintln!("demo: session {id}");
 
     step("the VM pings its gateway 10.0.0.1 three times");
-    VmStandIn { tap }.ping(3)?;
+    // The VM stand-in holds the tap's fd, and the tap lives only as long: keep it to the end.
+    let mut vm = VmStandIn { tap };
+    vm.ping(3)?;
     wait_child(&mut tcpdump.0, Duration::from_secs(10));
 
     step("vmsniff status");
