@@ -142,10 +142,11 @@ pub struct Gre {
     pub inner: Vec<u8>,
 }
 
-/// Decapsulates an Ethernet frame carrying IPv4 GRE; `None` for anything else. Handles the C,
-/// K and S bits (RFC 2890) in their order on the wire.
+/// Decapsulates an Ethernet frame carrying a whole IPv4 GRE packet; `None` for anything else,
+/// fragments included (see [`reassemble_ipv4`]). Handles the C, K and S bits (RFC 2890) in
+/// their order on the wire.
 pub fn decap_gre(frame: &[u8]) -> Option<Gre> {
-    if frame.len() < 14 + 20 + 4 || frame[12..14] != [0x08, 0x00] {
+    if frame.len() < 14 + 20 + 4 || frame[12..14] != [0x08, 0x00] || is_ipv4_fragment(frame) {
         return None;
     }
     let ip = &frame[14..];
@@ -303,6 +304,7 @@ mod tests {
         let first = fragment(0, &body[..48], true);
         let second = fragment(48, &body[48..], false);
         assert!(is_ipv4_fragment(&first) && is_ipv4_fragment(&second) && !is_ipv4_fragment(&f));
+        assert!(decap_gre(&first).is_none(), "a first fragment is not a whole GRE packet");
         let whole = reassemble_ipv4(&[second, first]);
         assert_eq!(whole.len(), 1);
         assert_eq!(decap_gre(&whole[0]).unwrap().inner, inner);

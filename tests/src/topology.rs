@@ -16,30 +16,36 @@ pub const MIRROR_CAPTURE: &str = "mir1";
 
 pub struct Hypervisor {
     pub ns: Netns,
+    /// The VM on [`TAP`], in bridge br0.
+    pub port: VmPort,
+}
+
+/// One VM's tap in its own bridge with the "network" beyond it: a veth whose far end the test
+/// uses to send and capture.
+pub struct VmPort {
     pub vm: Vm,
-    /// The network beyond the bridge: frames the VM sends arrive here; frames sent here go to
-    /// the VM.
+    /// Frames the VM sends arrive here; frames sent here go to the VM.
     pub peer: PacketSocket,
 }
 
 impl Hypervisor {
     /// Builds the hypervisor and waits until the bridge forwards both ways.
     pub fn new() -> Hypervisor {
+        Self::with_mtu(1500)
+    }
+
+    /// The same with every interface on the VM's side (tap, bridge, network) at `mtu`.
+    pub fn with_mtu(mtu: u32) -> Hypervisor {
         let ns = Netns::new("hv");
-        let vm = Vm::create(&ns, TAP);
-        ns.sh(&format!(
-            "ip link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
-             ip link set br0 up
-             ip link add peer0 type veth peer name peer1
-             ip link set peer0 master br0
-             ip link set peer0 up
-             ip link set peer1 up
-             ip link set {TAP} master br0"
-        ));
-        let peer = PacketSocket::open(&ns, "peer1");
-        let mut hv = Hypervisor { ns, vm, peer };
-        hv.wait_until_forwarding();
-        hv
+        let port = VmPort::plug(&ns, TAP, 0, mtu);
+        Hypervisor { ns, port }
+    }
+
+    /// Another VM on its own tap `tap`, in bridge br`index` (index > 0) with peer veths
+    /// net`index`a/b.
+    pub fn add_vm(&self, tap: &str, index: u32) -> VmPort {
+        assert!(index > 0, "index 0 is the first VM's");
+        VmPort::plug(&self.ns, tap, index, 1500)
     }
 
     /// Adds the `--to-dev` veth pair and returns a capture on its far end.
@@ -50,6 +56,38 @@ impl Hypervisor {
              ip link set {MIRROR_CAPTURE} up"
         ));
         PacketSocket::open(&self.ns, MIRROR_CAPTURE)
+    }
+
+    pub fn vm_sends(&mut self, frames: &[Vec<u8>]) {
+        self.port.vm_sends(frames);
+    }
+
+    pub fn vm_receives(&mut self, frames: &[Vec<u8>]) {
+        self.port.vm_receives(frames);
+    }
+}
+
+impl VmPort {
+    fn plug(ns: &Netns, tap: &str, index: u32, mtu: u32) -> VmPort {
+        let vm = Vm::create(ns, tap);
+        // The first VM keeps the names earlier tests and the README's examples use.
+        let (bridge, near, far) = match index {
+            0 => ("br0".to_owned(), "peer0".to_owned(), "peer1".to_owned()),
+            i => (format!("br{i}"), format!("net{i}a"), format!("net{i}b")),
+        };
+        ns.sh(&format!(
+            "ip link add {bridge} mtu {mtu} type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+             ip link add {near} mtu {mtu} type veth peer name {far} mtu {mtu}
+             ip link set {tap} mtu {mtu} master {bridge}
+             ip link set {near} master {bridge}
+             ip link set {bridge} up
+             ip link set {near} up
+             ip link set {far} up"
+        ));
+        let peer = PacketSocket::open(ns, &far);
+        let mut port = VmPort { vm, peer };
+        port.wait_until_forwarding();
+        port
     }
 
     fn wait_until_forwarding(&mut self) {

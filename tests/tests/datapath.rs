@@ -239,7 +239,7 @@ fn a_vanished_tap_shows_as_gone_and_detach_still_cleans_by_its_name() {
         let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
         assert_eq!(vmsniff::session(&hv.ns, id)["state"], "active");
         // The VM stops: its tap goes with the fd, taking vmsniff's filters or links with it.
-        drop(hv.vm);
+        drop(hv.port.vm);
         assert!(!hv.ns.link_names().iter().any(|n| n == TAP));
         assert_eq!(vmsniff::session(&hv.ns, id)["state"], "tap-gone");
         vmsniff::ok(&hv.ns, &["detach", "--tap", TAP]);

@@ -16,30 +16,53 @@ const COLLECTOR: &str = "10.231.0.2";
 
 struct Site {
     hv: Hypervisor,
-    collector: Netns,
+    collector: Collector,
     capture: PacketSocket,
 }
 
-/// The hypervisor with an uplink veth to a collector namespace; `None` without GRE support.
-fn site(test: &str, uplink_mtu: u32) -> Option<Site> {
+/// A collector namespace behind its own uplink veth from the hypervisor.
+struct Collector {
+    ns: Netns,
+    ip: String,
+}
+
+/// True where this kernel has ip_gre; says so and skips otherwise.
+fn gre_available(test: &str) -> bool {
     if !privileged(test) {
-        return None;
+        return false;
     }
     let probe = Netns::new("greprobe");
     if !probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0 {
         skip("this kernel has no ip_gre; GRE end to end runs in `cargo xtask vm-test`");
+        return false;
+    }
+    true
+}
+
+/// Collector `index` (1, 2, ...) at 10.(230+index).0.2 behind uplink up`index`.
+fn add_collector(hv: &Hypervisor, index: u8, uplink_mtu: u32) -> (Collector, PacketSocket) {
+    let ns = Netns::new("col");
+    let net = 230 + index;
+    hv.ns.sh(&format!(
+        "ip link add up{index} type veth peer name down{index} netns {col}
+         ip addr add 10.{net}.0.1/24 dev up{index}
+         ip link set up{index} mtu {uplink_mtu} up",
+        col = ns.name
+    ));
+    let ip = format!("10.{net}.0.2");
+    ns.sh(&format!("ip addr add {ip}/24 dev down{index}; ip link set down{index} mtu {uplink_mtu} up"));
+    let capture = PacketSocket::open(&ns, &format!("down{index}"));
+    (Collector { ns, ip }, capture)
+}
+
+/// The hypervisor (VM side at `vm_mtu`) with one collector; `None` without GRE support.
+fn site(test: &str, vm_mtu: u32, uplink_mtu: u32) -> Option<Site> {
+    if !gre_available(test) {
         return None;
     }
-    let hv = Hypervisor::new();
-    let collector = Netns::new("col");
-    hv.ns.sh(&format!(
-        "ip link add up0 type veth peer name up1 netns {col}
-         ip addr add 10.231.0.1/24 dev up0
-         ip link set up0 mtu {uplink_mtu} up",
-        col = collector.name
-    ));
-    collector.sh(&format!("ip addr add {COLLECTOR}/24 dev up1; ip link set up1 mtu {uplink_mtu} up"));
-    let capture = PacketSocket::open(&collector, "up1");
+    let hv = Hypervisor::with_mtu(vm_mtu);
+    let (collector, capture) = add_collector(&hv, 1, uplink_mtu);
+    assert_eq!(collector.ip, COLLECTOR);
     Some(Site { hv, collector, capture })
 }
 
@@ -51,13 +74,41 @@ fn gre_copies(capture: &PacketSocket, count: usize) -> Vec<vmsniff_tests::packet
         .collect()
 }
 
+/// Copies that may arrive as IPv4 fragments, reassembled, until `count` arrived or 15 s passed.
+/// Also returns whether any came fragmented.
+fn reassembled_copies(capture: &PacketSocket, count: usize) -> (Vec<vmsniff_tests::packet::Gre>, bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (mut raw, mut copies) = (Vec::new(), Vec::new());
+    while copies.len() < count && std::time::Instant::now() < deadline {
+        raw.extend(capture.capture(1, Duration::from_millis(500), |f| f.len() > 34 && f[23] == 47));
+        copies = reassemble_ipv4(&raw)
+            .iter()
+            .filter_map(|p| decap_gre(p))
+            .filter(|g| is_marked(&g.inner))
+            .collect();
+    }
+    (copies, raw.iter().any(|f| is_ipv4_fragment(f)))
+}
+
+/// The hypervisor's IPv4 fragments created so far (`IpFragCreates` in nstat).
+fn fragments_created(ns: &Netns) -> u64 {
+    let snmp = ns.sh("cat /proc/net/snmp");
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at =
+        names.split_whitespace().position(|n| n == "FragCreates").expect("FragCreates in /proc/net/snmp");
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
 fn inners(copies: &[vmsniff_tests::packet::Gre]) -> Vec<Vec<u8>> {
     copies.iter().map(|g| g.inner.clone()).collect()
 }
 
 #[test]
 fn copies_reach_the_collector_as_keyed_gre_both_ways() {
-    let Some(mut site) = site("copies_reach_the_collector_as_keyed_gre_both_ways", 9000) else { return };
+    let Some(mut site) = site("copies_reach_the_collector_as_keyed_gre_both_ways", 1500, 9000) else {
+        return;
+    };
     for mode in vmsniff::attach_modes() {
         vmsniff::report_mode(mode);
         let id = vmsniff::attach(
@@ -98,14 +149,16 @@ fn copies_reach_the_collector_as_keyed_gre_both_ways() {
         assert!(left.is_empty(), "GRE devices left: {left:?}");
         assert!(!site.hv.ns.pin_dir().exists());
     }
-    drop(site.collector);
+    drop(site.collector.ns);
 }
 
 #[test]
 fn an_unreachable_collector_costs_copies_never_frames() {
-    let Some(mut site) = site("an_unreachable_collector_costs_copies_never_frames", 1500) else { return };
+    let Some(mut site) = site("an_unreachable_collector_costs_copies_never_frames", 1500, 1500) else {
+        return;
+    };
     let id = vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR]);
-    site.hv.ns.sh("ip link set up0 down");
+    site.hv.ns.sh("ip link set up1 down");
     let (out, into) = frames::both_ways(10);
     site.hv.vm_sends(&out);
     site.hv.vm_receives(&into);
@@ -124,7 +177,8 @@ fn an_unreachable_collector_costs_copies_never_frames() {
 
 #[test]
 fn copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole() {
-    let Some(mut site) = site("copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole", 1500) else {
+    let Some(mut site) = site("copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole", 1500, 1500)
+    else {
         return;
     };
     vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR, "--key", "3"]);
@@ -132,18 +186,110 @@ fn copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole() {
     let out: Vec<Vec<u8>> =
         (0..6).map(|i| frames::frame(frames::VM_MAC, frames::PEER_MAC, i, 1400 + 20 * i as usize)).collect();
     site.hv.vm_sends(&out);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let (mut raw, mut copies) = (Vec::new(), Vec::new());
-    while copies.len() < out.len() && std::time::Instant::now() < deadline {
-        raw.extend(site.capture.capture(1, Duration::from_millis(500), |f| f.len() > 34 && f[23] == 47));
-        copies = reassemble_ipv4(&raw)
-            .iter()
-            .filter_map(|p| decap_gre(p))
-            .filter(|g| is_marked(&g.inner))
-            .collect();
-    }
-    assert!(raw.iter().any(|f| is_ipv4_fragment(f)), "the large copies were not fragmented");
+    let (copies, fragmented) = reassembled_copies(&site.capture, out.len());
+    assert!(fragmented, "the large copies were not fragmented");
     assert_frames_eq("copies reassembled at the collector", &out, &inners(&copies));
     assert!(copies.iter().all(|g| g.key == Some(6) && !g.dont_fragment));
+    vmsniff::ok(&site.hv.ns, &["detach", "--all"]);
+}
+
+#[test]
+fn two_taps_mirror_to_two_collectors_without_crossing() {
+    let test = "two_taps_mirror_to_two_collectors_without_crossing";
+    if !gre_available(test) {
+        return;
+    }
+    let mut hv = Hypervisor::new();
+    let mut second = hv.add_vm("tapvm1", 1);
+    // Uplinks with room for every copy: fragmentation has its own tests.
+    let (first_collector, first_capture) = add_collector(&hv, 1, 9000);
+    let (second_collector, second_capture) = add_collector(&hv, 2, 9000);
+    let first = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to", &first_collector.ip, "--key", "5"]);
+    let second_id = vmsniff::attach(&hv.ns, &["--tap", "tapvm1", "--to", &second_collector.ip]);
+    assert_ne!(first, second_id);
+
+    let (out, into) = frames::both_ways(16);
+    let second_out: Vec<Vec<u8>> = frames::sizes(16)
+        .enumerate()
+        .map(|(i, len)| frames::frame(frames::VM_MAC, frames::PEER_MAC, 5000 + i as u32, len))
+        .collect();
+    let second_into: Vec<Vec<u8>> = frames::sizes(16)
+        .enumerate()
+        .map(|(i, len)| frames::frame(frames::PEER_MAC, frames::VM_MAC, 6000 + i as u32, len))
+        .collect();
+    hv.vm_sends(&out);
+    second.vm_sends(&second_out);
+    hv.vm_receives(&into);
+    second.vm_receives(&second_into);
+
+    let quiet = Duration::from_secs(1);
+    let keep = |f: &[u8]| decap_gre(f).is_some_and(|g| is_marked(&g.inner));
+    for (what, capture, key, sent, received) in [
+        ("first collector", &first_capture, 5, &out, &into),
+        ("second collector", &second_capture, second_id, &second_out, &second_into),
+    ] {
+        let copies: Vec<_> = capture.drain(quiet, keep).iter().filter_map(|f| decap_gre(f)).collect();
+        let with_key = |k: u32| -> Vec<Vec<u8>> {
+            copies.iter().filter(|g| g.key == Some(k)).map(|g| g.inner.clone()).collect()
+        };
+        assert_frames_eq(&format!("{what}: copies of frames its VM sent"), sent, &with_key(key * 2));
+        assert_frames_eq(
+            &format!("{what}: copies of frames its VM received"),
+            received,
+            &with_key(key * 2 + 1),
+        );
+        assert_eq!(copies.len(), sent.len() + received.len(), "{what}: copies with a foreign key arrived");
+    }
+    for (id, n) in [(first, 16u64), (second_id, 16)] {
+        let s = vmsniff::session(&hv.ns, id);
+        assert_eq!(
+            (s["counters"]["out"]["frames"].as_u64(), s["counters"]["in"]["frames"].as_u64()),
+            (Some(n), Some(n))
+        );
+    }
+    vmsniff::ok(&hv.ns, &["detach", "--all"]);
+    drop((first_collector.ns, second_collector.ns));
+}
+
+#[test]
+fn jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented() {
+    let test = "jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented";
+    let Some(mut site) = site(test, 9000, 1500) else { return };
+    let id = vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR, "--key", "9"]);
+    let sizes = [60, 1514, 4000, 9014];
+    let out: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| frames::frame(frames::VM_MAC, frames::PEER_MAC, i as u32, len))
+        .collect();
+    let into: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| frames::frame(frames::PEER_MAC, frames::VM_MAC, 100 + i as u32, len))
+        .collect();
+    let fragments_before = fragments_created(&site.hv.ns);
+
+    site.hv.vm_sends(&out);
+    let (copies, fragmented) = reassembled_copies(&site.capture, out.len());
+    assert!(fragmented, "copies of jumbo frames over a 1500-byte uplink were not fragmented");
+    assert_frames_eq("copies of jumbo frames the VM sent", &out, &inners(&copies));
+    assert!(copies.iter().all(|g| g.key == Some(18)));
+    site.hv.vm_receives(&into);
+    let (copies, _) = reassembled_copies(&site.capture, into.len());
+    assert_frames_eq("copies of jumbo frames the VM received", &into, &inners(&copies));
+    assert!(copies.iter().all(|g| g.key == Some(19)));
+
+    let s = vmsniff::session(&site.hv.ns, id);
+    assert_eq!(s["counters"]["out"]["bytes"], total_bytes(&out));
+    assert_eq!(s["counters"]["in"]["bytes"], total_bytes(&into));
+    assert_eq!(
+        s["devices"]["out"]["tx-packets"],
+        out.len() as u64,
+        "one copy per frame, before fragmentation"
+    );
+    // 4000 B copies split in 3, 9014 B copies in 7 (1480 B of payload per fragment); the 1514 B
+    // copy (1552 B on the wire) in 2: 12 per direction.
+    let fragments = fragments_created(&site.hv.ns) - fragments_before;
+    assert_eq!(fragments, 24, "IpFragCreates counts the fragments of the large copies");
     vmsniff::ok(&site.hv.ns, &["detach", "--all"]);
 }
