@@ -18,6 +18,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("kmod", "depmod for the guest kernels' modules"),
     ("iproute2", "tests build their topologies with ip and tc"),
     ("tcpdump", "the demo and tests decode what the collector receives"),
+    ("libpcap-dev", "vmsniff compiles --filter expressions with libpcap"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

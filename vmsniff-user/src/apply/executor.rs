@@ -85,7 +85,11 @@ async fn apply_attach_step(
             maps.set_session(*id, &claimed)?;
             undo.push(DetachStep::FreeSession { id: *id });
         }
-        AttachStep::ResetCounters { id } => maps.reset_counters(*id)?,
+        AttachStep::ResetCounters { id } => {
+            maps.reset_counters(*id)?;
+            maps.reset_rate(*id)?;
+        }
+        AttachStep::WriteFilter { id, filter } => maps.set_filter(*id, 0, filter)?,
         AttachStep::CreateGreDevice { id, direction, device } => {
             let ifindex = gre::create(&kernel.netlink, device).await?;
             session.target_ifindex[direction.index()] = ifindex;

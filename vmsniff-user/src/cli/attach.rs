@@ -1,7 +1,7 @@
 //! `vmsniff attach`: start a persistent mirror, print its session id.
 use clap::Args;
 
-use super::target::MirrorArgs;
+use super::{controls::ControlArgs, target::MirrorArgs};
 use crate::{
     plan::request::AttachRequest,
     session::{Namespace, tcx_supported},
@@ -11,11 +11,14 @@ use crate::{
 pub struct AttachArgs {
     #[command(flatten)]
     pub mirror: MirrorArgs,
+
+    #[command(flatten)]
+    pub controls: ControlArgs,
 }
 
 pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, &args.mirror, None).await?;
+    let (id, _) = attach(&namespace, &args.mirror, &args.controls, None).await?;
     // The id alone on stdout, so that `S=$(vmsniff attach ...)` works.
     println!("{id}");
     Ok(())
@@ -26,8 +29,10 @@ pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
 pub async fn attach(
     namespace: &Namespace,
     args: &MirrorArgs,
+    controls: &ControlArgs,
     foreground_pid: Option<u32>,
 ) -> anyhow::Result<(u32, AttachRequest)> {
+    let controls = controls.controls()?;
     let netlink = &namespace.kernel.netlink;
     let tap = args.tap(netlink).await?;
     let target = args.target(netlink).await?;
@@ -36,6 +41,7 @@ pub async fn attach(
         target,
         key: args.key,
         directions: args.direction,
+        controls,
         mode: args.attach_mode,
         tcx_supported: tcx_supported(),
         foreground_pid,

@@ -21,7 +21,7 @@ pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
         hangup: signal(SignalKind::hangup())?,
     };
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, &args.mirror, Some(std::process::id())).await?;
+    let (id, _) = attach(&namespace, &args.mirror, &args.controls, Some(std::process::id())).await?;
     println!("{id}");
     // Whatever ends the watch, an error included, the session is detached: it belongs to this
     // process and must not outlive it.

@@ -1,5 +1,6 @@
 //! The command line: one clap enum, one module per command.
 pub mod attach;
+pub mod controls;
 pub mod detach;
 pub mod mirror;
 pub mod status;
