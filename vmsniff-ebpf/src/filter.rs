@@ -57,14 +57,19 @@ pub const fn filter_index(session_id: u32, slot: u32) -> u32 {
 /// Classic BPF's scratch memory, `M[0..16]`.
 pub const SCRATCH_WORDS: usize = 16;
 
-/// The interpreter's machine state: registers and scratch memory.
+/// Bytes of [`Machine::head`] that hold the frame as on the wire: a load that ends within them
+/// reads `head`, any other starts at byte 16 or later of the view (loads are at most 4 bytes).
+pub const HEAD_BYTES: u32 = 20;
+
+/// The interpreter's machine state: registers, scratch memory and load buffers.
 ///
-/// In the kernel it lives in a per-CPU map value rather than in BPF registers: the verifier does
-/// not track values it reads back from a map, so every path through an instruction reaches the
-/// next one in the same (unknown) state and is verified once, instead of once per combination
-/// of register values. That keeps a 128-step loop within the verifier's budget on 5.10.
+/// In the kernel it lives in a per-CPU map value rather than in BPF registers, and every access
+/// is volatile: the verifier does not track values read back from a map, so every path through
+/// an instruction reaches the next one in the same (unknown) state and is verified once, instead
+/// of once per combination of register values. That keeps a 128-step loop per session within
+/// the verifier's budget on 5.10.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Machine {
     /// 64-bit, so that the bound check and the index are one register (a 32-bit value is
     /// zero-extended into copies whose bounds the verifier does not link).
@@ -72,6 +77,38 @@ pub struct Machine {
     pub a: u32,
     pub x: u32,
     pub mem: [u32; SCRATCH_WORDS],
+    /// The first [`HEAD_BYTES`] of a frame whose VLAN tag the kernel keeps out of the data,
+    /// with the tag put back (the frame's [`Frame::load`] fills and reads it). Sized so that
+    /// any 4 bytes at an offset masked to 5 bits are inside it.
+    pub head: [u8; 40],
+    /// Where a load from the frame lands.
+    pub buf: [u8; 8],
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Machine { pc: 0, a: 0, x: 0, mem: [0; SCRATCH_WORDS], head: [0; 40], buf: [0; 8] }
+    }
+}
+
+/// Reads a field of the machine through memory (see [`Machine`] for why).
+#[inline(always)]
+pub fn get<T: Copy>(field: &T) -> T {
+    // SAFETY: a valid reference.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Writes a field of the machine through memory (see [`Machine`] for why).
+#[inline(always)]
+pub fn set<T>(field: &mut T, value: T) {
+    // SAFETY: a valid exclusive reference.
+    unsafe { core::ptr::write_volatile(field, value) }
+}
+
+/// The first `size` (1, 2 or 4) of four big-endian bytes, as classic BPF loads them.
+#[inline(always)]
+pub fn big_endian(bytes: [u8; 4], size: u32) -> u32 {
+    u32::from_be_bytes(bytes).wrapping_shr(32u32.wrapping_sub(size.wrapping_mul(8)))
 }
 
 /// The frame as a filter sees it: as it is on the wire, a VLAN tag included even where the
@@ -79,8 +116,9 @@ pub struct Machine {
 pub trait Frame {
     /// Length of the frame on the wire.
     fn len(&self) -> u32;
-    /// `N` bytes at `offset`, or `None` past the end.
-    fn load<const N: usize>(&self, offset: u32) -> Option<[u8; N]>;
+    /// `size` (1, 2 or 4) bytes at `offset`, big-endian, or `None` past the end. May use the
+    /// machine's `head` and `buf`.
+    fn load(&self, m: &mut Machine, offset: u32, size: u32) -> Option<u32>;
 }
 
 // Instruction classes, sizes, modes and operations of `linux/bpf_common.h`.
@@ -123,85 +161,61 @@ const JSET: u16 = 0x40;
 const TAX: u16 = 0x00;
 const TXA: u16 = 0x80;
 
-#[inline(always)]
-fn load_word<F: Frame>(frame: &F, offset: u32) -> Option<u32> {
-    frame.load::<4>(offset).map(u32::from_be_bytes)
-}
-
-#[inline(always)]
-fn load_half<F: Frame>(frame: &F, offset: u32) -> Option<u32> {
-    frame.load::<2>(offset).map(|b| u32::from(u16::from_be_bytes(b)))
-}
-
-#[inline(always)]
-fn load_byte<F: Frame>(frame: &F, offset: u32) -> Option<u32> {
-    frame.load::<1>(offset).map(|b| u32::from(b[0]))
-}
-
 /// Runs `filter` on `frame`: true when it accepts (returns non-zero), as tcpdump would capture
 /// the frame. A load past the end of the frame, a division by zero or an unknown instruction
 /// rejects, as in libpcap's and the kernel's classic BPF.
+///
+/// Shaped for the verifier: one load path for every load instruction, machine state only in
+/// memory, and each instruction class a short branch back to the loop's head.
 #[inline(always)]
 pub fn matches<F: Frame>(filter: &Filter, frame: &F, m: &mut Machine) -> bool {
-    m.a = 0;
-    m.x = 0;
-    m.pc = 0;
-    let len = filter.len as usize;
+    set(&mut m.a, 0);
+    set(&mut m.x, 0);
+    set(&mut m.pc, 0);
+    let len = u64::from(filter.len);
     // Jumps only go forward, so a valid program ends within this many steps.
     for _ in 0..MAX_FILTER_INSNS {
-        // Read from memory on every step: kept in a register, pc would be a value the verifier
-        // tracks, and each jump would give it a new range to verify the rest of the loop with.
-        // SAFETY: reads a field of a valid exclusive reference.
-        let pc = unsafe { core::ptr::read_volatile(&m.pc) } as usize;
-        if pc >= len || pc >= MAX_FILTER_INSNS {
+        let pc = get(&m.pc);
+        if pc >= len || pc >= MAX_FILTER_INSNS as u64 {
             return false;
         }
-        let Some(insn) = filter.insns.get(pc) else {
+        let Some(insn) = filter.insns.get(pc as usize) else {
             return false;
         };
         let (code, k) = (insn.code, insn.k);
-        m.pc = pc as u64 + 1;
-        let loaded = match code {
-            c if c == LD | W | ABS => load_word(frame, k),
-            c if c == LD | H | ABS => load_half(frame, k),
-            c if c == LD | B | ABS => load_byte(frame, k),
-            c if c == LD | W | IND => load_word(frame, m.x.wrapping_add(k)),
-            c if c == LD | H | IND => load_half(frame, m.x.wrapping_add(k)),
-            c if c == LD | B | IND => load_byte(frame, m.x.wrapping_add(k)),
-            c if c == LD | W | LEN => Some(frame.len()),
-            c if c == LD | IMM => Some(k),
-            c if c == LD | MEM => Some(m.mem[k as usize % SCRATCH_WORDS]),
-            c if c == LDX | W | IMM => {
-                m.x = k;
-                continue;
-            }
-            c if c == LDX | W | MEM => {
-                m.x = m.mem[k as usize % SCRATCH_WORDS];
-                continue;
-            }
-            c if c == LDX | W | LEN => {
-                m.x = frame.len();
-                continue;
-            }
-            c if c == LDX | B | MSH => {
-                let Some(v) = load_byte(frame, k) else {
-                    return false;
+        set(&mut m.pc, pc + 1);
+        match code & 0x07 {
+            LD | LDX => {
+                let mode = code & 0xe0;
+                let value = match mode {
+                    IMM => k,
+                    MEM => get(&m.mem[k as usize % SCRATCH_WORDS]),
+                    LEN => frame.len(),
+                    _ => {
+                        let offset = if mode == IND { get(&m.x).wrapping_add(k) } else { k };
+                        let size = match code & 0x18 {
+                            W => 4,
+                            H => 2,
+                            _ => 1,
+                        };
+                        let Some(value) = frame.load(m, offset, size) else {
+                            return false;
+                        };
+                        if mode == MSH { (value & 0x0f) << 2 } else { value }
+                    }
                 };
-                m.x = (v & 0x0f) << 2;
-                continue;
+                if code & 0x07 == LD {
+                    set(&mut m.a, value);
+                } else {
+                    set(&mut m.x, value);
+                }
             }
-            c if c == ST => {
-                m.mem[k as usize % SCRATCH_WORDS] = m.a;
-                continue;
-            }
-            c if c == STX => {
-                m.mem[k as usize % SCRATCH_WORDS] = m.x;
-                continue;
-            }
-            c if c & 0x07 == ALU => {
-                let operand = if c & X != 0 { m.x } else { k };
-                let a = m.a;
-                m.a = match c & 0xf0 {
+            ST => set(&mut m.mem[k as usize % SCRATCH_WORDS], get(&m.a)),
+            STX => set(&mut m.mem[k as usize % SCRATCH_WORDS], get(&m.x)),
+            ALU => {
+                let operand = if code & X != 0 { get(&m.x) } else { k };
+                let a = get(&m.a);
+                let result = match code & 0xf0 {
                     ADD => a.wrapping_add(operand),
                     SUB => a.wrapping_sub(operand),
                     MUL => a.wrapping_mul(operand),
@@ -215,40 +229,33 @@ pub fn matches<F: Frame>(filter: &Filter, frame: &F, m: &mut Machine) -> bool {
                     XOR => a ^ operand,
                     _ => return false,
                 };
-                continue;
+                set(&mut m.a, result);
             }
-            c if c == JMP | JA => {
-                m.pc = m.pc.wrapping_add(u64::from(k));
-                continue;
-            }
-            c if c & 0x07 == JMP => {
-                let operand = if c & X != 0 { m.x } else { k };
-                let a = m.a;
-                let taken = match c & 0xf0 {
-                    JEQ => a == operand,
-                    JGT => a > operand,
-                    JGE => a >= operand,
-                    JSET => a & operand != 0,
-                    _ => return false,
+            JMP => {
+                let skip = if code & 0xf0 == JA {
+                    k
+                } else {
+                    let operand = if code & X != 0 { get(&m.x) } else { k };
+                    let a = get(&m.a);
+                    let taken = match code & 0xf0 {
+                        JEQ => a == operand,
+                        JGT => a > operand,
+                        JGE => a >= operand,
+                        JSET => a & operand != 0,
+                        _ => return false,
+                    };
+                    u32::from(if taken { insn.jt } else { insn.jf })
                 };
-                m.pc = m.pc.wrapping_add(u64::from(if taken { insn.jt } else { insn.jf }));
-                continue;
+                set(&mut m.pc, pc + 1 + u64::from(skip));
             }
-            c if c == RET | K => return k != 0,
-            c if c == RET | RET_A => return m.a != 0,
-            c if c == MISC | TAX => {
-                m.x = m.a;
-                continue;
+            RET => return (if code & RET_A != 0 { get(&m.a) } else { k }) != 0,
+            _ => {
+                if code & 0xf8 == TXA {
+                    set(&mut m.a, get(&m.x));
+                } else {
+                    set(&mut m.x, get(&m.a));
+                }
             }
-            c if c == MISC | TXA => {
-                m.a = m.x;
-                continue;
-            }
-            _ => return false,
-        };
-        match loaded {
-            Some(v) => m.a = v,
-            None => return false,
         }
     }
     false
@@ -347,8 +354,11 @@ impl Frame for Bytes<'_> {
         self.0.len() as u32
     }
 
-    fn load<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+    fn load(&self, _m: &mut Machine, offset: u32, size: u32) -> Option<u32> {
         let start = offset as usize;
-        self.0.get(start..start.checked_add(N)?)?.try_into().ok()
+        let bytes = self.0.get(start..start.checked_add(size as usize)?)?;
+        let mut word = [0u8; 4];
+        word[..bytes.len()].copy_from_slice(bytes);
+        Some(big_endian(word, size))
     }
 }

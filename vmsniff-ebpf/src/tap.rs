@@ -2,8 +2,9 @@
 //! target device, and let the frame itself go on untouched.
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    bindings::{__sk_buff, TC_ACT_UNSPEC},
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
@@ -12,7 +13,7 @@ use vmsniff_ebpf::{
     COUNTER_SLOTS, Direction, DirectionCounters, FILTER_NONE, FILTER_SLOT_BASE, MAX_SESSIONS_PER_TAP,
     MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE, SESSION_SLOTS, SessionConfig, TapSessions, TokenBucket,
     counter_index,
-    filter::{self, Filter, Machine, filter_index},
+    filter::{self, Filter, HEAD_BYTES, Machine, filter_index, get, set},
     take_tokens,
 };
 
@@ -67,8 +68,11 @@ fn mirror(ctx: &TcContext, direction: Direction) {
     };
     let ids = tap.ids;
     let len = u64::from(ctx.len());
-    let frame = WireFrame::new(ctx, skb);
-    for id in ids.iter().take(MAX_SESSIONS_PER_TAP) {
+    // First decide for every session, then clone: a clone can run other programs on this CPU
+    // before it returns (a target that is itself a mirrored tap), and they reuse the scratch
+    // the filters read.
+    let mut chosen = [0u32; MAX_SESSIONS_PER_TAP];
+    for (id, choice) in ids.iter().zip(chosen.iter_mut()) {
         let id = u32::from(*id);
         if id == 0 {
             // Slots are compacted on removal: the first empty one ends the list.
@@ -85,7 +89,7 @@ fn mirror(ctx: &TcContext, direction: Direction) {
         };
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
         let counters = unsafe { &mut *counters };
-        if !selected(session, id, &frame) {
+        if !selected(ctx, session, id) {
             counters.filtered += 1;
             continue;
         }
@@ -99,6 +103,19 @@ fn mirror(ctx: &TcContext, direction: Direction) {
             counters.rate_limited += 1;
             continue;
         }
+        *choice = id;
+    }
+    for id in chosen {
+        if id == 0 {
+            continue;
+        }
+        let (Some(session), Some(counters)) =
+            (VMSNIFF_SESSIONS.get(id), VMSNIFF_COUNTERS.get_ptr_mut(counter_index(id, direction)))
+        else {
+            continue;
+        };
+        // SAFETY: as above.
+        let counters = unsafe { &mut *counters };
         let target = session.target_ifindex[direction.index()];
         // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
         // what is redirected; `ctx`'s frame continues on its way whatever the result.
@@ -114,20 +131,34 @@ fn mirror(ctx: &TcContext, direction: Direction) {
 
 /// Whether the session's filter (if it has one) accepts the frame.
 #[inline(always)]
-fn selected(session: &SessionConfig, id: u32, frame: &WireFrame) -> bool {
+fn selected(ctx: &TcContext, session: &SessionConfig, id: u32) -> bool {
     if session.filter == FILTER_NONE {
         return true;
     }
     let slot = session.filter.wrapping_sub(FILTER_SLOT_BASE);
-    let (Some(program), Some(scratch)) =
-        (VMSNIFF_FILTERS.get(filter_index(id, slot)), VMSNIFF_SCRATCH.get_ptr_mut(0))
-    else {
-        // A session pointing at a missing filter copies nothing rather than everything.
-        return false;
+    vmsniff_filter_matches(ctx.skb.skb, filter_index(id, slot)) != 0
+}
+
+/// Runs the filter at `index` of the `FILTERS` array on the frame: 1 when it matches, 0 when
+/// not or when the slot is empty (a session pointing at a missing filter copies nothing rather
+/// than everything).
+///
+/// A global function, neither inlined nor static: the verifier checks it once, on its own and
+/// for any arguments, instead of once per session slot of the caller; the interpreter's
+/// 128-step loop eight times over exceeds its budget.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmsniff_filter_matches(skb: *mut __sk_buff, index: u32) -> u32 {
+    let ctx = TcContext::new(skb);
+    let (Some(program), Some(scratch)) = (VMSNIFF_FILTERS.get(index), VMSNIFF_SCRATCH.get_ptr_mut(0)) else {
+        return 0;
     };
-    // SAFETY: the per-CPU machine is used by this program run only, and only inside this call
-    // (nothing in it outlives a frame).
-    filter::matches(program, frame, unsafe { &mut *scratch })
+    // SAFETY: the per-CPU machine is used by this call only: the caller clones (which may run
+    // other programs on this CPU) only after its last filter call.
+    let m = unsafe { &mut *scratch };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let frame = WireFrame::new(&ctx, unsafe { &*skb }, m);
+    u32::from(filter::matches(program, &frame, m))
 }
 
 #[inline(always)]
@@ -150,32 +181,63 @@ fn within_rate(session: &SessionConfig, id: u32, len: u64) -> bool {
 /// the view at bytes 12..16, so that tcpdump's `vlan 100` means the same here as on a capture.
 struct WireFrame<'a> {
     ctx: &'a TcContext,
+    /// Length of the view.
     len: u32,
-    /// TPID and TCI as they appear on the wire, big-endian in a u32.
-    tag: Option<u32>,
+    /// Whether the tag is out of the data: then the view's first [`HEAD_BYTES`] are in the
+    /// machine's `head`, and byte `o` of the view after them is byte `o - 4` of the data.
+    tagged: bool,
 }
 
 impl<'a> WireFrame<'a> {
     #[inline(always)]
-    fn new(ctx: &'a TcContext, skb: &aya_ebpf::bindings::__sk_buff) -> Self {
+    fn new(ctx: &'a TcContext, skb: &aya_ebpf::bindings::__sk_buff, m: &mut Machine) -> Self {
+        let untagged = WireFrame { ctx, len: skb.len, tagged: false };
         if skb.vlan_present == 0 {
-            return WireFrame { ctx, len: skb.len, tag: None };
+            return untagged;
+        }
+        // Destination and source MAC, then the tag, then up to 4 bytes after it (a runt has
+        // fewer; the view's length stops every load before the bytes it lacks).
+        // Constants per case: a computed size loses its bounds on the way to the helper.
+        let after = match skb.len {
+            0..14 => 0,
+            14 => 2,
+            15 => 3,
+            _ => 4,
+        };
+        if untagged.load_into(0, m.head.as_mut_ptr(), 12).is_none()
+            || (after > 0 && untagged.load_into(12, m.head[16..].as_mut_ptr(), after).is_none())
+        {
+            return WireFrame { ctx, len: 0, tagged: true };
         }
         // vlan_proto is in network byte order, vlan_tci in host order.
-        let proto = u32::from(u16::from_be(skb.vlan_proto as u16));
-        let tag = (proto << 16) | (skb.vlan_tci & 0xffff);
-        WireFrame { ctx, len: skb.len + 4, tag: Some(tag) }
+        let tag = (u32::from(u16::from_be(skb.vlan_proto as u16)) << 16) | (skb.vlan_tci & 0xffff);
+        for (i, byte) in tag.to_be_bytes().into_iter().enumerate() {
+            set(&mut m.head[12 + i], byte);
+        }
+        WireFrame { ctx, len: skb.len + 4, tagged: true }
     }
 
-    /// One byte of the view. Shifts rather than an indexed array: the verifier cannot bound a
-    /// stack array indexed by a packet-derived offset.
+    /// Copies `size` (1..=7) bytes of the data at `offset` to `to`.
     #[inline(always)]
-    fn byte(&self, offset: u32, tag: u32) -> Option<u8> {
-        match offset {
-            0..12 => self.ctx.load::<u8>(offset as usize).ok(),
-            12..16 => Some((tag >> ((15 - offset) * 8)) as u8),
-            _ => self.ctx.load::<u8>(offset as usize - 4).ok(),
+    fn load_into(&self, offset: u32, to: *mut u8, size: u32) -> Option<()> {
+        // Bounded for the verifier; every destination has room for 8.
+        let size = size & 7;
+        if size == 0 {
+            return None;
         }
+        // SAFETY: `to` points into the machine, valid for `size` bytes; the helper checks the
+        // frame's bounds.
+        let ret =
+            unsafe { bpf_skb_load_bytes(self.ctx.skb.skb as *const c_void, offset, to as *mut c_void, size) };
+        (ret == 0).then_some(())
+    }
+
+    /// `size` bytes of the data (not the view) at `offset`, big-endian.
+    #[inline(always)]
+    fn load_data(&self, m: &mut Machine, offset: u32, size: u32) -> Option<u32> {
+        self.load_into(offset, m.buf.as_mut_ptr(), size)?;
+        let buf = get(&m.buf);
+        Some(filter::big_endian([buf[0], buf[1], buf[2], buf[3]], size))
     }
 }
 
@@ -185,21 +247,22 @@ impl filter::Frame for WireFrame<'_> {
     }
 
     #[inline(always)]
-    fn load<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
-        let Some(tag) = self.tag else {
-            return self.ctx.load::<[u8; N]>(offset as usize).ok();
-        };
-        let end = offset.checked_add(N as u32)?;
-        if end <= 12 {
-            return self.ctx.load::<[u8; N]>(offset as usize).ok();
+    fn load(&self, m: &mut Machine, offset: u32, size: u32) -> Option<u32> {
+        if !self.tagged {
+            return self.load_data(m, offset, size);
         }
-        if offset >= 16 {
-            return self.ctx.load::<[u8; N]>(offset as usize - 4).ok();
+        let end = offset.checked_add(size)?;
+        if end > self.len {
+            return None;
         }
-        let mut out = [0u8; N];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = self.byte(offset + i as u32, tag)?;
+        if end > HEAD_BYTES {
+            // Loads are at most 4 bytes, so this one starts after the tag.
+            return self.load_data(m, offset - 4, size);
         }
-        Some(out)
+        // A mask, not a comparison: it bounds the very register that indexes (`end` checked
+        // above already keeps `offset` below HEAD_BYTES).
+        let at = (offset & 31) as usize;
+        let bytes = [get(&m.head[at]), get(&m.head[at + 1]), get(&m.head[at + 2]), get(&m.head[at + 3])];
+        Some(filter::big_endian(bytes, size))
     }
 }
