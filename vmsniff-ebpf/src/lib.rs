@@ -30,8 +30,12 @@ pub mod map_name {
     pub const RATE: &str = "VMSNIFF_RATE";
     /// Per-CPU scratch of the filter interpreter; not pinned (nothing in it outlives a frame).
     pub const SCRATCH: &str = "VMSNIFF_SCRATCH";
+    /// Per-CPU: the copy being cloned right now, for the copy program on the target.
+    pub const IN_FLIGHT: &str = "VMSNIFF_IN_FLIGHT";
     /// The maps that hold state and are pinned.
-    pub const PINNED: [&str; 5] = [SESSIONS, TAPS, COUNTERS, FILTERS, RATE];
+    /// IN_FLIGHT too: the tap programs of one attach and the copy program of another must
+    /// share it.
+    pub const PINNED: [&str; 6] = [SESSIONS, TAPS, COUNTERS, FILTERS, RATE, IN_FLIGHT];
 }
 
 /// Program names, as the eBPF object defines them.
@@ -40,6 +44,8 @@ pub mod program_name {
     pub const TAP_INGRESS: &str = "vmsniff_tap_ingress";
     /// Runs on the tap's tc egress hook: frames going into the VM (`in`).
     pub const TAP_EGRESS: &str = "vmsniff_tap_egress";
+    /// Runs on the egress hook of each target device: cuts copies to the session's snaplen.
+    pub const COPY_EGRESS: &str = "vmsniff_copy_egress";
 }
 
 /// Direction as the operator sees it, relative to the VM.
@@ -209,9 +215,19 @@ pub struct SessionConfig {
     pub rate: u64,
     /// The token bucket's depth, in `rate_unit`.
     pub burst: u64,
+    /// The copy program's cls_bpf filter on each direction's target device (egress hook),
+    /// as (priority, handle), indexed by [`Direction::index`]; 0 = none. Where both directions
+    /// share one device, the filter is recorded once, at the first direction.
+    pub target_nl_priority: [u16; 2],
+    pub target_nl_handle: [u32; 2],
+    /// `TARGET_CREATED_CLSACT << direction`: vmsniff added that target's clsact qdisc.
+    pub target_flags: u32,
     /// Room for later controls (encapsulation) without a layout change.
-    pub _reserved: [u32; 8],
+    pub _reserved: [u32; 4],
 }
+
+/// [`SessionConfig::target_flags`], shifted by [`Direction::index`].
+pub const TARGET_CREATED_CLSACT: u32 = 1;
 
 /// [`SessionConfig::filter`]: every frame matches.
 pub const FILTER_NONE: u32 = 0;
@@ -245,7 +261,10 @@ impl SessionConfig {
         rate_unit: RATE_NONE,
         rate: 0,
         burst: 0,
-        _reserved: [0; 8],
+        target_nl_priority: [0; 2],
+        target_nl_handle: [0; 2],
+        target_flags: 0,
+        _reserved: [0; 4],
     };
 
     pub const fn mirrors(&self, direction: Direction) -> bool {
@@ -328,6 +347,27 @@ impl DirectionCounters {
     }
 }
 
+/// Value of the `IN_FLIGHT` per-CPU array: set by a tap program just before it clones a frame,
+/// cleared just after. The clone passes the target device's egress hook inside that call, on
+/// this CPU, so the copy program there knows the copy (and no other frame) as a copy, and
+/// whose. A per-CPU flag rather than the skb's mark: the mark is the VM's (and Open vSwitch's)
+/// and the clone carries it on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// Non-zero while a clone is in flight; the copy program clears it, so that a second
+    /// copy program on the same device does not count the copy again.
+    pub armed: u32,
+    pub session_id: u32,
+    /// [`Direction`] as u32.
+    pub direction: u32,
+    /// The session's snaplen, 0 = whole frames.
+    pub snaplen: u32,
+}
+
+/// Largest `--snaplen`, as tcpdump's.
+pub const MAX_SNAPLEN: u32 = 65535;
+
 /// Value of the `RATE` array, indexed by session id: the session's token bucket, shared by its
 /// two directions and written by the programs on every CPU.
 ///
@@ -377,6 +417,7 @@ pub fn take_tokens(bucket: &mut TokenBucket, rate: u64, burst: u64, units: u64, 
 
 const _: () = assert!(core::mem::size_of::<SessionConfig>() == 128);
 const _: () = assert!(core::mem::size_of::<TokenBucket>() == 16);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 16);
 const _: () = assert!(
     core::mem::size_of::<filter::Filter>()
         == 8 + 8 * filter::MAX_FILTER_INSNS + filter::FILTER_EXPRESSION_BYTES

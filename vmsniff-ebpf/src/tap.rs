@@ -4,13 +4,13 @@
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_UNSPEC},
     cty::c_void,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_change_tail, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use vmsniff_ebpf::{
-    COUNTER_SLOTS, Direction, DirectionCounters, FILTER_NONE, FILTER_SLOT_BASE, MAX_SESSIONS_PER_TAP,
+    COUNTER_SLOTS, Direction, DirectionCounters, InFlight, FILTER_NONE, FILTER_SLOT_BASE, MAX_SESSIONS_PER_TAP,
     MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE, SESSION_SLOTS, SessionConfig, TapSessions, TokenBucket,
     counter_index,
     filter::{self, Filter, HEAD_BYTES, Machine, filter_index, get, set},
@@ -31,6 +31,9 @@ static VMSNIFF_FILTERS: Array<Filter> = Array::with_max_entries(SESSION_SLOTS * 
 
 #[map]
 static VMSNIFF_RATE: Array<TokenBucket> = Array::with_max_entries(SESSION_SLOTS, 0);
+
+#[map]
+static VMSNIFF_IN_FLIGHT: PerCpuArray<InFlight> = PerCpuArray::with_max_entries(1, 0);
 
 /// The filter interpreter's registers and `M[]` (see [`Machine`] for why a map).
 #[map]
@@ -117,15 +120,60 @@ fn mirror(ctx: &TcContext, direction: Direction) {
         // SAFETY: as above.
         let counters = unsafe { &mut *counters };
         let target = session.target_ifindex[direction.index()];
+        let flight = InFlight { armed: 1, session_id: id, direction: direction as u32, snaplen: session.snaplen };
+        set_in_flight(flight);
         // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
         // what is redirected; `ctx`'s frame continues on its way whatever the result.
-        match ctx.clone_redirect(target, 0) {
+        let cloned = ctx.clone_redirect(target, 0);
+        set_in_flight(InFlight::default());
+        match cloned {
             Ok(()) => {
                 counters.frames += 1;
                 counters.bytes += len;
             }
             Err(_) => counters.clone_errors += 1,
         }
+    }
+}
+
+#[inline(always)]
+fn set_in_flight(flight: InFlight) {
+    if let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot; see `InFlight` for who reads it.
+        unsafe { *slot = flight };
+    }
+}
+
+/// Runs on the egress hook of a session's target device (its GRE device, or the `--to-dev`
+/// interface). Leaves every frame that is not a copy in flight untouched; cuts a copy to its
+/// session's snaplen.
+#[classifier]
+pub fn vmsniff_copy_egress(ctx: TcContext) -> i32 {
+    cut_copy(&ctx);
+    CONTINUE
+}
+
+#[inline(always)]
+fn cut_copy(ctx: &TcContext) {
+    let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot, see `InFlight`.
+    let flight = unsafe { &mut *slot };
+    if flight.armed == 0 {
+        return;
+    }
+    flight.armed = 0;
+    let snaplen = flight.snaplen;
+    if snaplen == 0 || ctx.len() <= snaplen {
+        return;
+    }
+    let direction = if flight.direction == Direction::In as u32 { Direction::In } else { Direction::Out };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cut = unsafe { bpf_skb_change_tail(ctx.skb.skb, snaplen, 0) } == 0;
+    if cut && let Some(counters) = VMSNIFF_COUNTERS.get_ptr_mut(counter_index(flight.session_id, direction)) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { (*counters).truncated += 1 };
     }
 }
 

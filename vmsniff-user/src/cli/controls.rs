@@ -2,7 +2,7 @@
 use clap::Args;
 
 use crate::plan::{
-    controls::{Controls, RateLimit, parse_rate_limit, parse_sample},
+    controls::{Controls, RateLimit, parse_rate_limit, parse_sample, parse_snaplen},
     filter::{FilterError, compile},
 };
 
@@ -21,6 +21,11 @@ pub struct ControlArgs {
     /// over it are counted and not sent. The VM's own traffic is never limited.
     #[arg(long, value_name = "RATE", value_parser = parse_rate_limit)]
     pub rate_limit: Option<RateLimit>,
+
+    /// Cut each copy to its first N bytes (1..65535); the VM's frame is never cut. The
+    /// original length stays in the copy's IP header (see the README).
+    #[arg(long, value_name = "N", value_parser = parse_snaplen)]
+    pub snaplen: Option<u32>,
 }
 
 impl ControlArgs {
@@ -30,6 +35,7 @@ impl ControlArgs {
             filter: self.filter.as_deref().map(compile).transpose()?,
             sample_every: self.sample.unwrap_or(1),
             rate_limit: self.rate_limit,
+            snaplen: self.snaplen.unwrap_or(0),
         })
     }
 }

@@ -50,6 +50,8 @@ pub struct SessionStatus {
     pub sample: u32,
     /// `--rate-limit`, in tc's units (`10mbit`, `50kpps`), or null.
     pub rate_limit: Option<String>,
+    /// `--snaplen`: copies cut to this many bytes, or null for whole frames.
+    pub snaplen: Option<u32>,
     pub attach_mode: Option<&'static str>,
     /// `active`; `tap-gone` (the tap was deleted: its VM stopped or moved); `orphaned` (its
     /// owner process died; the next vmsniff command removes it); `busy` (being created or
@@ -207,6 +209,7 @@ async fn session_status(
         filter,
         sample: config.sample_every.max(1),
         rate_limit: rate_limit.map(|r| r.to_string()),
+        snaplen: (config.snaplen != 0).then_some(config.snaplen),
         attach_mode: tap_entry.and_then(|t| AttachMode::from_abi(t.attach_mode)).map(AttachMode::as_str),
         state,
         owner_pid: (config.owner_pid != 0).then_some(config.owner_pid),
@@ -276,16 +279,20 @@ fn controls_line(s: &SessionStatus) -> Option<String> {
     if let Some(rate) = &s.rate_limit {
         parts.push(format!("rate-limit {rate}"));
     }
+    if let Some(snaplen) = s.snaplen {
+        parts.push(format!("snaplen {snaplen}"));
+    }
     if parts.is_empty() {
         return None;
     }
     let sum = |f: fn(&Counters) -> u64| f(&s.counters.into_vm) + f(&s.counters.out_of_vm);
     Some(format!(
-        "        {}; not copied: filtered {}, sampled out {}, rate limited {}\n",
+        "        {}; not copied: filtered {}, sampled out {}, rate limited {}; truncated {}\n",
         parts.join(", "),
         sum(|c| c.filtered),
         sum(|c| c.sampled_out),
         sum(|c| c.rate_limited),
+        sum(|c| c.truncated),
     ))
 }
 

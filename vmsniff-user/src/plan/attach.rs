@@ -78,6 +78,10 @@ pub enum AttachStep {
     WriteFilter { id: u32, filter: Box<Filter> },
     /// Create and raise one direction's GRE device.
     CreateGreDevice { id: u32, direction: Direction, device: GreDevice },
+    /// Attach the copy program (it cuts copies to the snaplen) to the egress hook of one
+    /// direction's target device, adding a clsact qdisc there if it has none. Always, so that
+    /// `update --snaplen` needs no attach.
+    AttachCopyProgram { id: u32, direction: Direction, device: String },
     /// Record the tap (empty session list, attach mode) before its programs are attached, so
     /// that a run that dies half-way leaves a record of what to clean.
     RegisterTap { tap: Tap, mode: AttachMode },
@@ -199,6 +203,15 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
                 },
             });
         }
+    }
+    for direction in request.directions.iter() {
+        let device = match &request.target {
+            Target::Gre { .. } => gre_device_name(session_id, direction),
+            // Both directions share the device: one copy program serves them.
+            Target::LocalDev { .. } if Some(direction) != request.directions.iter().next() => continue,
+            Target::LocalDev { name, .. } => name.clone(),
+        };
+        steps.push(AttachStep::AttachCopyProgram { id: session_id, direction, device });
     }
     if existing_tap.is_none() {
         steps.push(AttachStep::RegisterTap { tap: request.tap.clone(), mode });

@@ -1,8 +1,9 @@
 //! The mirror controls of a session: which of the tap's frames are copied (`--filter`,
-//! `--sample`, `--rate-limit`). Parsed and checked here, before anything is attached.
+//! `--sample`, `--rate-limit`) and how much of each (`--snaplen`). Parsed and checked here,
+//! before anything is attached or changed.
 use std::fmt;
 
-use vmsniff_ebpf::{MAX_TOKEN_UNITS, RATE_BITS, RATE_NONE, RATE_PACKETS, SessionConfig};
+use vmsniff_ebpf::{MAX_SNAPLEN, MAX_TOKEN_UNITS, RATE_BITS, RATE_NONE, RATE_PACKETS, SessionConfig};
 
 use super::filter::CompiledFilter;
 
@@ -12,12 +13,15 @@ pub struct Controls {
     /// `--sample N`: 1 frame in N, drawn at random; 1 = every frame.
     pub sample_every: u32,
     pub rate_limit: Option<RateLimit>,
+    /// `--snaplen N`: copies cut to N bytes; 0 = whole frames.
+    pub snaplen: u32,
 }
 
 impl Controls {
     /// Writes the controls' fields of a session's configuration (the filter program itself
     /// goes to the `FILTERS` map).
     pub fn apply_to(&self, config: &mut SessionConfig) {
+        config.snaplen = self.snaplen;
         config.sample_every = self.sample_every.max(1);
         match &self.rate_limit {
             Some(limit) => {
@@ -145,6 +149,19 @@ pub fn parse_sample(text: &str) -> Result<u32, String> {
     }
 }
 
+/// `--snaplen N`: 1..=65535, as tcpdump takes it (except 0, which tcpdump reads as 262144:
+/// here whole frames are the default, so 0 would only be a surprise).
+pub fn parse_snaplen(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(n @ 1..=MAX_SNAPLEN) => Ok(n),
+        Ok(0) => Err("--snaplen 0 would cut copies to nothing: give 1..65535 bytes, or leave --snaplen \
+                      out for whole frames"
+            .into()),
+        Ok(_) => Err(format!("--snaplen {text}: the most is {MAX_SNAPLEN} bytes (leave it out for whole frames)")),
+        Err(_) => Err(format!("--snaplen {text:?}: give a number of bytes, 1..65535")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,10 +206,19 @@ mod tests {
     }
 
     #[test]
+    fn snaplen_takes_what_tcpdump_takes_but_zero() {
+        assert_eq!(parse_snaplen("96"), Ok(96));
+        assert_eq!(parse_snaplen("65535"), Ok(65535));
+        assert!(parse_snaplen("0").unwrap_err().contains("nothing"));
+        assert!(parse_snaplen("65536").unwrap_err().contains("65535"));
+        assert!(parse_snaplen("1k").is_err());
+    }
+
+    #[test]
     fn controls_fill_the_session_configuration() {
         let mut config = SessionConfig::EMPTY;
         let controls =
-            Controls { filter: None, sample_every: 4, rate_limit: Some(parse_rate_limit("8kbit").unwrap()) };
+            Controls { filter: None, sample_every: 4, rate_limit: Some(parse_rate_limit("8kbit").unwrap()), snaplen: 96 };
         controls.apply_to(&mut config);
         assert_eq!((config.sample_every, config.rate_unit, config.rate), (4, RATE_BITS, 8000));
         Controls::default().apply_to(&mut config);
