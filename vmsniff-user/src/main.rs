@@ -4,6 +4,7 @@ mod cli;
 mod netlink;
 mod netns;
 mod observe;
+mod ovsdb;
 mod paths;
 mod plan;
 mod privilege;
