@@ -137,10 +137,6 @@ impl Client {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Runs `operations` in one transaction on `database`; one result per operation.
     pub fn transact(&mut self, database: &str, operations: &[Operation]) -> Result<Vec<Value>, OvsdbError> {
         let mut params = vec![json!(database)];
@@ -163,12 +159,6 @@ impl Client {
             return Err(OvsdbError::Malformed { what: "transact", found: Value::Array(results).to_string() });
         }
         Ok(results)
-    }
-
-    /// The rows of one `select`.
-    pub fn select(&mut self, database: &str, operation: Operation) -> Result<Vec<Value>, OvsdbError> {
-        let mut results = self.transact(database, &[operation])?;
-        rows(results.swap_remove(0))
     }
 
     fn call(&mut self, method: &'static str, params: Value) -> Result<Value, OvsdbError> {
@@ -198,7 +188,8 @@ impl Client {
     }
 
     fn send(&mut self, message: &Value) -> Result<(), OvsdbError> {
-        let bytes = serde_json::to_vec(message).map_err(|source| OvsdbError::Json { path: self.path.clone(), source })?;
+        let bytes = serde_json::to_vec(message)
+            .map_err(|source| OvsdbError::Json { path: self.path.clone(), source })?;
         self.writer.write_all(&bytes).map_err(|source| OvsdbError::Io { path: self.path.clone(), source })
     }
 

@@ -21,7 +21,9 @@ impl OvsdbServer {
     pub fn start() -> Option<OvsdbServer> {
         let missing: Vec<&str> = ["ovsdb-tool", "ovsdb-server", "ovs-vsctl"]
             .into_iter()
-            .filter(|tool| !Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success()))
+            .filter(|tool| {
+                !Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+            })
             .collect();
         if !missing.is_empty() || !Path::new(SCHEMA).exists() {
             println!(
@@ -30,12 +32,16 @@ impl OvsdbServer {
             );
             return None;
         }
-        let dir = std::env::temp_dir()
-            .join(format!("vmsniff-ovsdb-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "vmsniff-ovsdb-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).expect("create the OVSDB test directory");
         let db = dir.join("conf.db");
         let socket = dir.join("db.sock");
-        let status = Command::new("ovsdb-tool").arg("create").arg(&db).arg(SCHEMA).status().expect("ovsdb-tool");
+        let status =
+            Command::new("ovsdb-tool").arg("create").arg(&db).arg(SCHEMA).status().expect("ovsdb-tool");
         assert!(status.success(), "ovsdb-tool create failed");
         let child = Command::new("ovsdb-server")
             .arg(format!("--remote=punix:{}", socket.display()))

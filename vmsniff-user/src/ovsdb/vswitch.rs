@@ -95,7 +95,9 @@ impl Switch {
         let ports = next()?.iter().map(|r| port_row(r, "interfaces")).collect::<Result<Vec<_>, _>>()?;
         let bridges = next()?
             .iter()
-            .map(|r| port_row(r, "ports").map(|p| BridgeRow { uuid: p.uuid, name: p.name, ports: p.interfaces }))
+            .map(|r| {
+                port_row(r, "ports").map(|p| BridgeRow { uuid: p.uuid, name: p.name, ports: p.interfaces })
+            })
             .collect::<Result<_, _>>()?;
         Ok(Switch { interfaces, ports, bridges })
     }
@@ -112,11 +114,6 @@ impl Switch {
         };
         let (interface, found_by) = by_id.or_else(by_mac)?;
         Some(self.attachment(interface, found_by))
-    }
-
-    /// The attachment of the interface named `name`, if OVS has one.
-    pub fn interface_named(&self, name: &str, found_by: FoundBy) -> Option<OvsAttachment> {
-        self.interfaces.iter().find(|i| i.name == name).map(|i| self.attachment(i, found_by))
     }
 
     fn attachment(&self, interface: &InterfaceRow, found_by: FoundBy) -> OvsAttachment {
@@ -173,12 +170,32 @@ mod tests {
     fn reads_bridges_ports_and_interfaces_from_a_real_ovsdb_server() {
         let Some(server) = OvsdbServer::start() else { return };
         server.vsctl(&[
-            "add-br", "br-int", "--", "add-port", "br-int", "qvof7eae624-34", "--", "set", "Interface",
-            "qvof7eae624-34", &format!("external_ids:iface-id={PORT_ID}"),
-            "external_ids:attached-mac=FA:16:3E:11:22:33", "external_ids:iface-status=active",
-            "external_ids:vm-uuid=3f2a9c1e-7b4d-4e8f-9a6b-1c2d3e4f5a6b", "--", "add-port", "br-int",
-            "tap8e3c1a52-07", "--", "set", "Interface", "tap8e3c1a52-07",
-            "external_ids:attached-mac=fa:16:3e:44:55:66", "--", "add-br", "br-ex",
+            "add-br",
+            "br-int",
+            "--",
+            "add-port",
+            "br-int",
+            "qvof7eae624-34",
+            "--",
+            "set",
+            "Interface",
+            "qvof7eae624-34",
+            &format!("external_ids:iface-id={PORT_ID}"),
+            "external_ids:attached-mac=FA:16:3E:11:22:33",
+            "external_ids:iface-status=active",
+            "external_ids:vm-uuid=3f2a9c1e-7b4d-4e8f-9a6b-1c2d3e4f5a6b",
+            "--",
+            "add-port",
+            "br-int",
+            "tap8e3c1a52-07",
+            "--",
+            "set",
+            "Interface",
+            "tap8e3c1a52-07",
+            "external_ids:attached-mac=fa:16:3e:44:55:66",
+            "--",
+            "add-br",
+            "br-ex",
         ]);
         let mut client = Client::connect(&server.socket).unwrap();
         let switch = Switch::read(&mut client).unwrap();
@@ -194,29 +211,47 @@ mod tests {
         let row = switch.interfaces.iter().find(|i| i.name == "qvof7eae624-34").unwrap();
         assert_eq!(row.vm_uuid.as_deref(), Some("3f2a9c1e-7b4d-4e8f-9a6b-1c2d3e4f5a6b"));
         // Any case of attached-mac matches.
-        let by_mac = switch.find_vm_interface(Some("no-such-port"), "fa:16:3e:11:22:33".parse().ok()).unwrap();
+        let by_mac =
+            switch.find_vm_interface(Some("no-such-port"), "fa:16:3e:11:22:33".parse().ok()).unwrap();
         assert_eq!((by_mac.interface.as_str(), by_mac.found_by), ("qvof7eae624-34", FoundBy::AttachedMac));
         let tap = switch.find_vm_interface(None, "fa:16:3e:44:55:66".parse().ok()).unwrap();
         assert_eq!((tap.interface.as_str(), tap.bridge.as_deref()), ("tap8e3c1a52-07", Some("br-int")));
         assert_eq!(switch.find_vm_interface(Some("x"), "fa:16:3e:00:00:00".parse().ok()), None);
-        // A bridge's internal interface: no iface-id, found by name.
-        assert_eq!(switch.interface_named("br-ex", FoundBy::IfaceId).unwrap().bridge.as_deref(), Some("br-ex"));
+        // Bridges' own internal interfaces are rows too, without external_ids.
+        let internal = switch.interfaces.iter().find(|i| i.name == "br-ex").unwrap();
+        assert_eq!((internal.iface_id.as_ref(), internal.attached_mac), (None, None));
     }
 
     #[test]
     fn operation_and_rpc_errors_are_typed() {
         let Some(server) = OvsdbServer::start() else { return };
         let mut client = Client::connect(&server.socket).unwrap();
-        let bad_table = Operation::Select { table: "NoSuchTable".into(), conditions: Vec::new(), columns: None };
+        let bad_table =
+            Operation::Select { table: "NoSuchTable".into(), conditions: Vec::new(), columns: None };
         let err = client.transact(DATABASE, &[bad_table.clone()]).unwrap_err();
         assert!(matches!(err, OvsdbError::Rpc { .. } | OvsdbError::Operation { .. }), "{err}");
         let err = client.transact("NoSuchDatabase", &[bad_table]).unwrap_err();
-        assert!(matches!(err, OvsdbError::Rpc { method: "transact", .. } | OvsdbError::Operation { .. }), "{err}");
+        assert!(
+            matches!(err, OvsdbError::Rpc { method: "transact", .. } | OvsdbError::Operation { .. }),
+            "{err}"
+        );
         // The connection still works after errors.
-        let rows = client
-            .select(DATABASE, Operation::Select { table: "Bridge".into(), conditions: Vec::new(), columns: None })
-            .unwrap();
-        assert!(rows.is_empty());
+        let all_bridges = Operation::Select { table: "Bridge".into(), conditions: Vec::new(), columns: None };
+        let results = client.transact(DATABASE, &[all_bridges]).unwrap();
+        assert_eq!(crate::ovsdb::rows(results[0].clone()).unwrap(), Vec::<Value>::new());
+        let named = Operation::Select {
+            table: "Open_vSwitch".into(),
+            conditions: vec![crate::ovsdb::Condition {
+                column: "bridges".into(),
+                function: "==",
+                value: serde_json::json!(["set", []]),
+            }],
+            columns: Some(vec!["ovs_version".into()]),
+        };
+        assert_eq!(
+            crate::ovsdb::rows(client.transact(DATABASE, &[named]).unwrap().remove(0)).unwrap().len(),
+            1
+        );
     }
 
     #[test]

@@ -220,7 +220,8 @@ fn plug(nic: &Nic) -> Plug {
 }
 
 fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
-    node.children().find(|n| n.is_element() && n.tag_name().name() == name && n.tag_name().namespace().is_none())
+    node.children()
+        .find(|n| n.is_element() && n.tag_name().name() == name && n.tag_name().namespace().is_none())
 }
 
 fn child_text(node: Node, name: &str) -> Option<String> {
@@ -280,7 +281,8 @@ mod tests {
 
     #[test]
     fn interfaces_in_order_with_their_plug() {
-        let eth = "<interface type='ethernet'><mac address='52:54:00:00:00:03'/><target dev='tapx'/></interface>";
+        let eth =
+            "<interface type='ethernet'><mac address='52:54:00:00:00:03'/><target dev='tapx'/></interface>";
         let plain = "<interface type='bridge'><mac address='52:54:00:00:00:04'/><source bridge='br-lab'/><target dev='vnet0'/></interface>";
         let net = "<interface type='network'><source network='default' bridge='virbr0'/><target dev='vnet1'/></interface>";
         let nics = parse(&domain("", &format!("{HYBRID}{OVS}{eth}{plain}{net}"))).unwrap().nics;
@@ -295,16 +297,25 @@ mod tests {
         assert_eq!(nics[2].plug, Plug::Ethernet);
         assert_eq!(nics[3].plug, Plug::Bridge { bridge: Some("br-lab".into()) });
         assert_eq!(nics[4].plug, Plug::Bridge { bridge: Some("virbr0".into()) });
-        assert_eq!(nics.iter().map(|n| n.plug.kind(n)).collect::<Vec<_>>(), [
-            "hybrid", "ovs", "ethernet", "bridge", "bridge"
-        ]);
+        assert_eq!(
+            nics.iter().map(|n| n.plug.kind(n)).collect::<Vec<_>>(),
+            ["hybrid", "ovs", "ethernet", "bridge", "bridge"]
+        );
     }
 
     #[test]
     fn kernel_bypassing_nics_are_unmirrorable_with_a_reason() {
         for (xml, kind, words) in [
-            ("<interface type='vhostuser'><source type='unix' path='/x' mode='server'/></interface>", "vhostuser", "never cross"),
-            ("<interface type='hostdev'><source><address type='pci'/></source></interface>", "hostdev", "SR-IOV"),
+            (
+                "<interface type='vhostuser'><source type='unix' path='/x' mode='server'/></interface>",
+                "vhostuser",
+                "never cross",
+            ),
+            (
+                "<interface type='hostdev'><source><address type='pci'/></source></interface>",
+                "hostdev",
+                "SR-IOV",
+            ),
             ("<interface type='direct'><source dev='eth1' mode='vepa'/></interface>", "direct", "macvtap"),
             ("<interface type='user'/>", "user", "SLIRP"),
             ("<interface type='mcast'/>", "mcast", "no tap"),
@@ -328,7 +339,14 @@ mod tests {
         for text in ["fa:16:3e:11:22:33", "FA:16:3E:11:22:33", "fa-16-3e-11-22-33"] {
             assert_eq!(text.parse::<Mac>(), Ok(mac), "{text}");
         }
-        for bad in ["fa:16:3e:11:22", "fa:16:3e:11:22:33:44", "fa16.3e11.2233", "fa:16-3e:11:22:33", "g0:16:3e:11:22:33", "c-private"] {
+        for bad in [
+            "fa:16:3e:11:22",
+            "fa:16:3e:11:22:33:44",
+            "fa16.3e11.2233",
+            "fa:16-3e:11:22:33",
+            "g0:16:3e:11:22:33",
+            "c-private",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
         let uuid = Some("3f2a9c1e7b4d4e8f9a6b1c2d3e4f5a6b".to_string());

@@ -160,7 +160,8 @@ impl Libvirt {
         for domain in domains {
             let name = domain.get_name().map_err(|e| call("reading a domain's name", e))?;
             // The live XML: it names the taps libvirt created.
-            let text = domain.get_xml_desc(0).map_err(|e| call(&format!("reading domain {name}'s XML"), e))?;
+            let text =
+                domain.get_xml_desc(0).map_err(|e| call(&format!("reading domain {name}'s XML"), e))?;
             let (state, _reason) =
                 domain.get_state().map_err(|e| call(&format!("reading domain {name}'s state"), e))?;
             let xml = domain::parse(&text).map_err(|source| LibvirtError::Xml {
@@ -170,6 +171,8 @@ impl Libvirt {
             })?;
             vms.push(Vm { xml, state: VmState::from_libvirt(state) });
         }
+        // libvirt lists running domains first, by id: sorted by name, lists read predictably.
+        vms.sort_by(|a, b| (a.display_name(), &a.xml.name).cmp(&(b.display_name(), &b.xml.name)));
         Ok(vms)
     }
 }

@@ -4,3 +4,4 @@ pub mod domain;
 pub mod interface;
 pub mod libvirt;
 pub mod select;
+pub mod vm;

@@ -169,7 +169,11 @@ pub fn find_vm<'a>(vms: &'a [Vm], selector: &str) -> Result<Found<'a>, SelectErr
     let by_tap: Vec<(&Vm, usize)> = vms
         .iter()
         .flat_map(|vm| {
-            vm.xml.nics.iter().filter(|n| n.target_dev.as_deref() == Some(selector)).map(move |n| (vm, n.index))
+            vm.xml
+                .nics
+                .iter()
+                .filter(|n| n.target_dev.as_deref() == Some(selector))
+                .map(move |n| (vm, n.index))
         })
         .collect();
     match by_tap.as_slice() {
@@ -224,18 +228,19 @@ pub fn choose_nic<'a>(selector: &str, found: &Found<'a>, choice: NicChoice) -> R
     let vm = found.vm;
     let name = || vm.display_name().to_owned();
     let chosen = match choice {
-        NicChoice::Index(index) => Some(
-            vm.xml
-                .nics
-                .get(index)
-                .ok_or_else(|| SelectError::NicOutOfRange { vm: name(), index, nics: NicList::of(vm) })?,
-        ),
+        NicChoice::Index(index) => {
+            Some(vm.xml.nics.get(index).ok_or_else(|| SelectError::NicOutOfRange {
+                vm: name(),
+                index,
+                nics: NicList::of(vm),
+            })?)
+        }
         NicChoice::Mac(mac) => Some(
-            vm.xml
-                .nics
-                .iter()
-                .find(|n| n.mac == Some(mac))
-                .ok_or_else(|| SelectError::NoNicWithMac { vm: name(), mac, nics: NicList::of(vm) })?,
+            vm.xml.nics.iter().find(|n| n.mac == Some(mac)).ok_or_else(|| SelectError::NoNicWithMac {
+                vm: name(),
+                mac,
+                nics: NicList::of(vm),
+            })?,
         ),
         NicChoice::Unspecified => None,
     };
@@ -330,7 +335,8 @@ mod tests {
         let err = nic_of(&vms, "c-private", NicChoice::Index(2)).unwrap_err();
         assert!(matches!(err, SelectError::NicOutOfRange { index: 2, .. }), "{err}");
         assert!(err.to_string().contains("has 2"), "{err}");
-        let err = nic_of(&vms, "c-private", NicChoice::Mac("fa:16:3e:00:00:00".parse().unwrap())).unwrap_err();
+        let err =
+            nic_of(&vms, "c-private", NicChoice::Mac("fa:16:3e:00:00:00".parse().unwrap())).unwrap_err();
         assert!(matches!(err, SelectError::NoNicWithMac { .. }), "{err}");
         let err = nic_of(&vms, "fa:16:3e:11:22:33", NicChoice::Index(1)).unwrap_err();
         assert!(matches!(err, SelectError::NicConflict { named: 0, chosen: 1, .. }), "{err}");
@@ -347,7 +353,10 @@ mod tests {
         assert!(text.contains("6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d"), "{text}");
         assert!(text.contains("UUID"), "{text}");
         // Its UUID, or its domain, tells them apart.
-        assert_eq!(nic_of(&vms, "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d", NicChoice::Unspecified).unwrap().0, "instance-00000006");
+        assert_eq!(
+            nic_of(&vms, "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d", NicChoice::Unspecified).unwrap().0,
+            "instance-00000006"
+        );
         assert_eq!(nic_of(&vms, "instance-00000005", NicChoice::Unspecified).unwrap().0, "instance-00000005");
     }
 
@@ -362,10 +371,16 @@ mod tests {
         let SelectError::UnknownVm { suggestions, .. } = &err else { panic!("{err}") };
         assert_eq!(suggestions[0], "instance-00000003", "{err}");
         let err = find_vm(&vms, "zzzzzzzzzz").unwrap_err();
-        assert!(matches!(&err, SelectError::UnknownVm { suggestions, .. } if suggestions.is_empty()), "{err}");
+        assert!(
+            matches!(&err, SelectError::UnknownVm { suggestions, .. } if suggestions.is_empty()),
+            "{err}"
+        );
         assert!(err.to_string().contains("vmsniff list"), "{err}");
         // A UUID or MAC that no VM has is unknown too.
-        assert!(matches!(find_vm(&vms, "00000000-0000-0000-0000-000000000000"), Err(SelectError::UnknownVm { .. })));
+        assert!(matches!(
+            find_vm(&vms, "00000000-0000-0000-0000-000000000000"),
+            Err(SelectError::UnknownVm { .. })
+        ));
         assert!(matches!(find_vm(&vms, "fa:16:3e:00:00:00"), Err(SelectError::UnknownVm { .. })));
     }
 
@@ -383,7 +398,10 @@ mod tests {
         assert!(matches!(err, SelectError::NotRunning { state: VmState::ShutOff, .. }), "{err}");
         assert!(err.to_string().contains("shut-off") && err.to_string().contains("start"), "{err}");
         let err = check("c-dpdk", NicChoice::Unspecified).unwrap_err();
-        assert!(err.to_string().starts_with("cannot mirror NIC 0 of VM c-dpdk (type vhostuser) because"), "{err}");
+        assert!(
+            err.to_string().starts_with("cannot mirror NIC 0 of VM c-dpdk (type vhostuser) because"),
+            "{err}"
+        );
         let err = check("c-sriov", NicChoice::Index(0)).unwrap_err();
         assert!(err.to_string().contains("SR-IOV"), "{err}");
         let err = check("c-sriov", NicChoice::Index(1)).unwrap_err();
