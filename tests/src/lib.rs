@@ -6,6 +6,7 @@
 //! the test's namespaces.
 pub mod frames;
 pub mod netns;
+pub mod ovsdb;
 pub mod packet;
 pub mod tap;
 pub mod topology;

@@ -174,7 +174,9 @@ mod tests {
         let dpdk = rows.iter().find(|r| r.nova_name.as_deref() == Some("c-dpdk")).unwrap();
         assert_eq!(dpdk.plug, "vhostuser");
         assert!(dpdk.cannot_mirror.is_some());
-        let json = serde_json::to_value(&rows[0]).unwrap();
+        let json =
+            serde_json::to_value(rows.iter().find(|r| r.tap.as_deref() == Some("tapf7eae624-34")).unwrap())
+                .unwrap();
         for key in
             ["nova-name", "domain", "uuid", "state", "nic", "mac", "tap", "plug", "ovs-port", "sessions"]
         {
@@ -182,6 +184,7 @@ mod tests {
         }
         assert_eq!(json["ovs-port"]["found-by"], "naming-convention");
         assert_eq!(json["state"], "running");
+        assert_eq!(json["sessions"], serde_json::json!([3, 4]));
         // Unknown session state reads as "?", not as "none".
         assert_eq!(sessions_cell(&nic_row(&vms[0], &vms[0].xml.nics[0], &ovs, None)), "?");
     }

@@ -1,8 +1,6 @@
 //! A small OVSDB client (RFC 7047, JSON-RPC over the unix socket): `transact` with typed
 //! operations and errors. vmsniff reads Open vSwitch's tables through it; OVS mirrors will send
 //! their transactions through it too.
-#[cfg(test)]
-pub mod testing;
 pub mod vswitch;
 
 use std::{

@@ -162,7 +162,7 @@ fn port_row(row: &Value, members: &str) -> Result<PortRow, OvsdbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ovsdb::testing::OvsdbServer;
+    use vmsniff_tests::ovsdb::OvsdbServer;
 
     const PORT_ID: &str = "f7eae624-3412-4b6c-9e3a-0d1c2b3a4f55";
 

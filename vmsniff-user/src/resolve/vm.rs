@@ -187,7 +187,9 @@ pub fn port_id(vm: &Vm, nic: &Nic) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ovsdb::testing::OvsdbServer, resolve::libvirt::tests::fixture_vms};
+    use vmsniff_tests::ovsdb::OvsdbServer;
+
+    use crate::resolve::libvirt::tests::fixture_vms;
 
     fn vm<'a>(vms: &'a [Vm], name: &str) -> &'a Vm {
         vms.iter().find(|v| v.display_name() == name).unwrap()

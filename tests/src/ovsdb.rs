@@ -1,4 +1,4 @@
-//! A real ovsdb-server for tests: an empty Open_vSwitch database in a private directory,
+//! A real ovsdb-server for tests (vmsniff-user's unit tests use it too): an empty Open_vSwitch database in a private directory,
 //! stopped and removed on drop (also when a test fails).
 use std::{
     path::{Path, PathBuf},
