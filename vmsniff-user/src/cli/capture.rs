@@ -15,10 +15,14 @@ use crate::{
 
 #[derive(Args, Debug)]
 pub struct CaptureArgs {
-    /// The VM (Nova name, UUID, libvirt domain, MAC or tap), then an optional pcap filter
-    /// expression (`icmp or arp`). With --tap, every word is the filter.
-    #[arg(value_name = "VM [FILTER]", trailing_var_arg = true, allow_hyphen_values = false)]
-    pub words: Vec<String>,
+    /// The VM: its Nova name, UUID, libvirt domain, MAC or tap. With --tap, this is the
+    /// filter's first word.
+    #[arg(value_name = "VM")]
+    pub vm: Option<String>,
+
+    /// A pcap filter expression (`icmp or arp`), in one or several words.
+    #[arg(value_name = "FILTER")]
+    pub filter: Vec<String>,
 
     /// Capture on this interface instead of a VM's tap.
     #[arg(long, value_name = "TAP")]
@@ -38,10 +42,9 @@ pub struct CaptureArgs {
 }
 
 pub async fn run(sources: &Sources, args: CaptureArgs) -> anyhow::Result<()> {
-    let (vm, filter) = match (&args.tap, args.words.split_first()) {
-        (Some(_), _) => (None, args.words.as_slice()),
-        (None, Some((vm, filter))) => (Some(vm.as_str()), filter),
-        (None, None) => (None, &[][..]),
+    let (vm, filter): (Option<&str>, Vec<&str>) = match &args.tap {
+        Some(_) => (None, args.vm.iter().chain(&args.filter).map(String::as_str).collect()),
+        None => (args.vm.as_deref(), args.filter.iter().map(String::as_str).collect()),
     };
     if args.write.as_deref() == Some(std::path::Path::new("-")) && std::io::stdout().is_terminal() {
         bail!(
@@ -64,7 +67,7 @@ pub async fn run(sources: &Sources, args: CaptureArgs) -> anyhow::Result<()> {
         tcpdump.arg("-c").arg(count.to_string());
     }
     if !filter.is_empty() {
-        tcpdump.arg("--").args(filter);
+        tcpdump.arg("--").args(&filter);
     }
     log::info!("capturing {} with tcpdump, both directions", describe(&resolved));
     // exec: tcpdump takes over this process, so Ctrl-C and its exit status are its own.
