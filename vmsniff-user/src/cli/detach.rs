@@ -92,7 +92,7 @@ fn select(
     }
     // A tap that is gone (its VM stopped) is still found by the name recorded at attach.
     if choice == NicChoice::Unspecified {
-        let by_name = sessions_on(observed, &[name.clone()]);
+        let by_name = sessions_on(observed, std::slice::from_ref(name));
         if !by_name.is_empty() {
             return Ok(by_name);
         }

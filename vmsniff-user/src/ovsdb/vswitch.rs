@@ -228,7 +228,7 @@ mod tests {
         let mut client = Client::connect(&server.socket).unwrap();
         let bad_table =
             Operation::Select { table: "NoSuchTable".into(), conditions: Vec::new(), columns: None };
-        let err = client.transact(DATABASE, &[bad_table.clone()]).unwrap_err();
+        let err = client.transact(DATABASE, std::slice::from_ref(&bad_table)).unwrap_err();
         assert!(matches!(err, OvsdbError::Rpc { .. } | OvsdbError::Operation { .. }), "{err}");
         let err = client.transact("NoSuchDatabase", &[bad_table]).unwrap_err();
         assert!(

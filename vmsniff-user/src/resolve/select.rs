@@ -71,7 +71,7 @@ pub enum SelectError {
         index: usize,
         tap: String,
         #[source]
-        source: InterfaceError,
+        source: Box<InterfaceError>,
     },
 }
 
@@ -284,7 +284,7 @@ pub fn mirrorable_tap<'a>(vm: &Vm, nic: &'a Nic) -> Result<&'a str, SelectError>
         vm: vm.display_name().to_owned(),
         index: nic.index,
         tap: tap.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(tap)
 }
