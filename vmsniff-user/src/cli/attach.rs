@@ -3,7 +3,8 @@ use clap::Args;
 
 use super::target::MirrorArgs;
 use crate::{
-    plan::request::AttachRequest,
+    plan::request::{AttachRequest, Tap},
+    resolve::vm::{Resolved, Sources},
     session::{Namespace, tcx_supported},
 };
 
@@ -13,9 +14,9 @@ pub struct AttachArgs {
     pub mirror: MirrorArgs,
 }
 
-pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
+pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, &args.mirror, None).await?;
+    let (id, _) = attach(&namespace, sources, &args.mirror, None).await?;
     // The id alone on stdout, so that `S=$(vmsniff attach ...)` works.
     println!("{id}");
     Ok(())
@@ -25,11 +26,13 @@ pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
 /// a `mirror` process.
 pub async fn attach(
     namespace: &Namespace,
+    sources: &Sources,
     args: &MirrorArgs,
     foreground_pid: Option<u32>,
 ) -> anyhow::Result<(u32, AttachRequest)> {
     let netlink = &namespace.kernel.netlink;
-    let tap = args.tap(netlink).await?;
+    let resolved = args.resolve(sources, netlink).await?;
+    let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
     let target = args.target(netlink).await?;
     let request = AttachRequest {
         tap,
@@ -51,7 +54,7 @@ pub async fn attach(
         "session {id}: mirroring {} ({}) of {} to {}{}",
         request.directions.as_str(),
         direction_words(request.directions),
-        request.tap.name,
+        describe(&resolved),
         request.target,
         match request.target {
             crate::plan::request::Target::Gre { .. } =>
@@ -68,5 +71,15 @@ fn direction_words(directions: crate::plan::request::Directions) -> &'static str
         Directions::In => "frames going into the VM",
         Directions::Out => "frames the VM sends",
         Directions::Both => "frames the VM sends and receives",
+    }
+}
+
+/// "tapX", or "VM c-private NIC 0 (tapX)".
+pub fn describe(resolved: &Resolved) -> String {
+    match resolved {
+        Resolved::Nic { vm, nic, tap } => {
+            format!("VM {} NIC {} ({})", vm.display_name(), nic.index, tap.name)
+        }
+        Resolved::Interface { tap } => tap.name.clone(),
     }
 }
