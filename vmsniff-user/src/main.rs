@@ -4,6 +4,7 @@ mod cli;
 mod netlink;
 mod netns;
 mod observe;
+mod ovsdb;
 mod paths;
 mod plan;
 mod privilege;
@@ -26,12 +27,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let sources = cli.sources();
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Attach(args) => cli::attach::run(args).await,
-            Command::Detach(args) => cli::detach::run(args).await,
-            Command::Status(args) => cli::status::run(args).await,
-            Command::Mirror(args) => cli::mirror::run(args).await,
+            Command::Attach(args) => cli::attach::run(&sources, args).await,
+            Command::Detach(args) => cli::detach::run(&sources, args).await,
+            Command::Status(args) => cli::status::run(&sources, args).await,
+            Command::Mirror(args) => cli::mirror::run(&sources, args).await,
+            Command::List(args) => cli::list::run(&sources, args).await,
+            Command::Show(args) => cli::show::run(&sources, args).await,
+            Command::Capture(args) => cli::capture::run(&sources, args).await,
         }
     });
     match result {

@@ -22,6 +22,11 @@ impl Netlink {
         not_found_is_none(request.try_next().await).map(|m| m.map(Link::from_message))
     }
 
+    /// Every interface of the namespace.
+    pub async fn links(&self) -> Result<Vec<Link>, rtnetlink::Error> {
+        self.handle.link().get().execute().map_ok(Link::from_message).try_collect().await
+    }
+
     pub async fn link_by_index(&self, ifindex: u32) -> Result<Option<Link>, rtnetlink::Error> {
         let mut request = self.handle.link().get().match_index(ifindex).execute();
         not_found_is_none(request.try_next().await).map(|m| m.map(Link::from_message))
@@ -58,6 +63,10 @@ pub struct Link {
     pub up: bool,
     pub mtu: u32,
     pub stats: LinkStats,
+    /// The bridge (or OVS datapath) this interface is a port of (IFLA_MASTER).
+    pub master: Option<u32>,
+    /// A veth's peer in this namespace (IFLA_LINK without a link netns).
+    pub peer: Option<u32>,
 }
 
 /// The kernel's own counters of a device, for the copies vmsniff hands it.
@@ -82,12 +91,18 @@ impl Link {
             up: message.header.flags.contains(LinkFlags::Up),
             mtu: 0,
             stats: LinkStats::default(),
+            master: None,
+            peer: None,
         };
+        let mut peer_elsewhere = false;
         for attribute in message.attributes {
             match attribute {
                 LinkAttribute::IfName(name) => link.name = name,
                 LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
                 LinkAttribute::Mtu(mtu) => link.mtu = mtu,
+                LinkAttribute::Controller(master) => link.master = Some(master),
+                LinkAttribute::Link(peer) => link.peer = Some(peer),
+                LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
                 LinkAttribute::Stats64(s) => {
                     link.stats = LinkStats {
                         tx_packets: s.tx_packets,
@@ -106,6 +121,9 @@ impl Link {
                 }
                 _ => {}
             }
+        }
+        if peer_elsewhere || link.peer == Some(link.ifindex) {
+            link.peer = None;
         }
         link
     }

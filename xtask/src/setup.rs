@@ -17,7 +17,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the VM harness's initramfs"),
     ("kmod", "depmod for the guest kernels' modules"),
     ("iproute2", "tests build their topologies with ip and tc"),
-    ("tcpdump", "the demo and tests decode what the collector receives"),
+    ("tcpdump", "the demo and tests decode what the collector receives; `vmsniff capture` runs it"),
+    ("libvirt-dev", "the virt crate links libvirt: vmsniff reads domains through libvirt's API"),
+    ("pkg-config", "virt-sys finds libvirt through pkg-config"),
+    ("libvirt-clients", "virsh, to check the libvirt test-driver fixtures by hand"),
+    ("openvswitch-switch", "ovsdb-server and ovs-vsctl: tests run a real OVSDB for vmsniff to read"),
     ("libpcap-dev", "vmsniff compiles --filter expressions with libpcap"),
 ];
 

@@ -3,7 +3,8 @@ use clap::Args;
 
 use super::{controls::ControlArgs, target::MirrorArgs};
 use crate::{
-    plan::request::AttachRequest,
+    plan::request::{AttachRequest, Tap},
+    resolve::vm::{Resolved, Sources},
     session::{Namespace, tcx_supported},
 };
 
@@ -16,9 +17,9 @@ pub struct AttachArgs {
     pub controls: ControlArgs,
 }
 
-pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
+pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, &args.mirror, &args.controls, None).await?;
+    let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, None).await?;
     // The id alone on stdout, so that `S=$(vmsniff attach ...)` works.
     println!("{id}");
     Ok(())
@@ -28,13 +29,15 @@ pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
 /// a `mirror` process.
 pub async fn attach(
     namespace: &Namespace,
+    sources: &Sources,
     args: &MirrorArgs,
     controls: &ControlArgs,
     foreground_pid: Option<u32>,
 ) -> anyhow::Result<(u32, AttachRequest)> {
     let controls = controls.controls()?;
     let netlink = &namespace.kernel.netlink;
-    let tap = args.tap(netlink).await?;
+    let resolved = args.resolve(sources, netlink).await?;
+    let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
     let target = args.target(netlink).await?;
     let request = AttachRequest {
         tap,
@@ -57,7 +60,7 @@ pub async fn attach(
         "session {id}: mirroring {} ({}) of {} to {}{}",
         request.directions.as_str(),
         direction_words(request.directions),
-        request.tap.name,
+        describe(&resolved),
         request.target,
         match request.target {
             crate::plan::request::Target::Gre { .. } =>
@@ -74,5 +77,15 @@ fn direction_words(directions: crate::plan::request::Directions) -> &'static str
         Directions::In => "frames going into the VM",
         Directions::Out => "frames the VM sends",
         Directions::Both => "frames the VM sends and receives",
+    }
+}
+
+/// "tapX", or "VM c-private NIC 0 (tapX)".
+pub fn describe(resolved: &Resolved) -> String {
+    match resolved {
+        Resolved::Nic { vm, nic, tap } => {
+            format!("VM {} NIC {} ({})", vm.display_name(), nic.index, tap.name)
+        }
+        Resolved::Interface { tap } => tap.name.clone(),
     }
 }

@@ -4,12 +4,21 @@ use std::collections::BTreeSet;
 use anyhow::bail;
 use clap::Args;
 
-use super::target::resolve_vm;
-use crate::{plan::Observed, resolve::interface::validate_name, session::Namespace};
+use super::target::NicArgs;
+use crate::{
+    plan::Observed,
+    resolve::{
+        interface::validate_name,
+        select::NicChoice,
+        vm::{Sources, vm_taps},
+    },
+    session::Namespace,
+};
 
 #[derive(Args, Debug)]
 pub struct DetachArgs {
-    /// A session id (as `attach` printed it), or a VM (today: its tap's name).
+    /// A session id (as `attach` printed it), or a VM: its Nova name, UUID, libvirt domain, MAC
+    /// or tap.
     #[arg(value_name = "SESSION|VM", conflicts_with_all = ["tap", "all", "session", "vm"])]
     pub target: Option<String>,
 
@@ -28,14 +37,24 @@ pub struct DetachArgs {
     /// Every session in this network namespace.
     #[arg(long)]
     pub all: bool,
+
+    /// Of a VM's NICs, only this one (all of them otherwise).
+    #[command(flatten)]
+    pub nic: NicArgs,
 }
 
-pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
+pub async fn run(sources: &Sources, args: DetachArgs) -> anyhow::Result<()> {
+    let choice = args.nic.choice();
+    if choice != NicChoice::Unspecified && (args.all || args.session.is_some() || args.tap.is_some()) {
+        bail!(
+            "--nic and --mac choose among a VM's NICs: use them with a VM, not with --all, --session or --tap"
+        );
+    }
     let namespace = Namespace::open()?;
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
     let observed = namespace.observe()?;
-    let ids = select(&namespace, &observed, &args).await?;
+    let ids = select(sources, &observed, &args, choice)?;
     namespace.detach(&ids).await?;
     for id in &ids {
         log::info!("session {id} detached");
@@ -43,10 +62,11 @@ pub async fn run(args: DetachArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn select(
-    namespace: &Namespace,
+fn select(
+    sources: &Sources,
     observed: &Observed,
     args: &DetachArgs,
+    choice: NicChoice,
 ) -> anyhow::Result<BTreeSet<u32>> {
     if args.all {
         return Ok(observed.sessions.keys().copied().collect());
@@ -67,28 +87,43 @@ async fn select(
         (None, Some(vm), _) | (None, None, Some(vm)) => (vm, false),
         (None, None, None) => bail!("say what to detach: a session id, --tap TAP, or --all"),
     };
-    validate_name(name)?;
+    if is_tap_flag {
+        validate_name(name)?;
+    }
     // A tap that is gone (its VM stopped) is still found by the name recorded at attach.
-    let by_name: BTreeSet<u32> = observed
-        .taps
-        .values()
-        .filter(|t| crate::plan::detach::ifname(&t.ifname) == *name)
-        .flat_map(|t| t.ids.iter().filter(|&&id| id != 0).map(|&id| u32::from(id)))
-        .collect();
-    if !by_name.is_empty() {
-        return Ok(by_name);
+    if choice == NicChoice::Unspecified {
+        let by_name = sessions_on(observed, std::slice::from_ref(name));
+        if !by_name.is_empty() {
+            return Ok(by_name);
+        }
     }
     if is_tap_flag {
         bail!("tap {name:?} is not mirrored here; `vmsniff status` lists the sessions");
     }
-    if name.bytes().all(|b| b.is_ascii_digit()) {
+    if args.vm.is_none() && name.bytes().all(|b| b.is_ascii_digit()) {
         bail!(
             "there is no session {name} here, and no VM or tap named {name:?}; `vmsniff status` lists the sessions"
         );
     }
-    // Not a recorded tap: a VM selector, which must at least resolve.
-    resolve_vm(&namespace.kernel.netlink, name).await?;
-    bail!("{name:?} is not mirrored here; `vmsniff status` lists the sessions")
+    let taps = vm_taps(sources, name, choice)?;
+    let ids = sessions_on(observed, &taps);
+    if ids.is_empty() {
+        bail!(
+            "VM {name:?} (tap {}) is not mirrored here; `vmsniff status` lists the sessions",
+            taps.join(", ")
+        );
+    }
+    Ok(ids)
+}
+
+/// The sessions of the taps recorded under these names.
+fn sessions_on(observed: &Observed, taps: &[String]) -> BTreeSet<u32> {
+    observed
+        .taps
+        .values()
+        .filter(|t| taps.contains(&crate::plan::detach::ifname(&t.ifname)))
+        .flat_map(|t| t.ids.iter().filter(|&&id| id != 0).map(|&id| u32::from(id)))
+        .collect()
 }
 
 fn session(observed: &Observed, id: u32) -> anyhow::Result<BTreeSet<u32>> {

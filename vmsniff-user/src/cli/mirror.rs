@@ -11,17 +11,18 @@ use super::attach::{AttachArgs, attach};
 use crate::{
     apply::{executor::chain, maps::PinnedMaps},
     observe::status,
+    resolve::vm::Sources,
     session::Namespace,
 };
 
-pub async fn run(args: AttachArgs) -> anyhow::Result<()> {
+pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     let mut signals = Signals {
         interrupt: signal(SignalKind::interrupt())?,
         terminate: signal(SignalKind::terminate())?,
         hangup: signal(SignalKind::hangup())?,
     };
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, &args.mirror, &args.controls, Some(std::process::id())).await?;
+    let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, Some(std::process::id())).await?;
     println!("{id}");
     // Whatever ends the watch, an error included, the session is detached: it belongs to this
     // process and must not outlive it.

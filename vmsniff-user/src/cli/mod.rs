@@ -1,12 +1,17 @@
 //! The command line: one clap enum, one module per command.
 pub mod attach;
+pub mod capture;
 pub mod controls;
 pub mod detach;
+pub mod list;
 pub mod mirror;
+pub mod show;
 pub mod status;
 pub mod target;
 
 use clap::{Parser, Subcommand};
+
+use crate::resolve::{libvirt::LibvirtUri, vm::Sources};
 
 #[derive(Parser)]
 #[command(
@@ -21,11 +26,27 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// The libvirt to read VMs from (read-only), before or after the command. Default:
+    /// LIBVIRT_DEFAULT_URI, else libvirt's own default (qemu:///system).
+    #[arg(long, global = true, value_name = "URI")]
+    pub connect: Option<String>,
+
+    /// The OVSDB to read OVS ports from. Default: /run/openvswitch/db.sock, else
+    /// /var/run/openvswitch/db.sock.
+    #[arg(long, global = true, value_name = "unix:PATH", env = "VMSNIFF_OVSDB")]
+    pub ovsdb: Option<String>,
+}
+
+impl Cli {
+    pub fn sources(&self) -> Sources {
+        Sources { libvirt: LibvirtUri::new(self.connect.clone()), ovsdb: self.ovsdb.clone() }
+    }
 }
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Start mirroring a tap; prints the session id and returns. The mirror persists.
+    /// Start mirroring a VM's NIC; prints the session id and returns. The mirror persists.
     Attach(attach::AttachArgs),
     /// Stop mirroring: one session, every session of a tap, or all.
     Detach(detach::DetachArgs),
@@ -33,4 +54,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Mirror in the foreground with live counters; Ctrl-C or SIGTERM detaches.
     Mirror(attach::AttachArgs),
+    /// Every VM NIC of this host: names, UUID, state, MAC, tap, plug, OVS port, sessions.
+    List(list::ListArgs),
+    /// One VM's NICs and the path their frames take now (tap, bridges, veths, OVS), checked.
+    Show(show::ShowArgs),
+    /// Capture a VM's frames locally with tcpdump (decoded, or pcap with -w).
+    Capture(capture::CaptureArgs),
 }

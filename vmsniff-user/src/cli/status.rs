@@ -1,20 +1,49 @@
-//! `vmsniff status`: every session with its counters, as a table or versioned JSON.
+//! `vmsniff status`: every session with its counters, as a table or versioned JSON; with a VM,
+//! only that VM's sessions.
 use clap::Args;
 
-use crate::{apply::maps::PinnedMaps, observe::status, session::Namespace};
+use super::target::NicArgs;
+use crate::{
+    apply::maps::PinnedMaps,
+    observe::status,
+    plan::detach::ifname,
+    resolve::vm::{Sources, vm_taps},
+    session::Namespace,
+};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// Only the sessions of this VM (Nova name, UUID, libvirt domain, MAC or tap).
+    #[arg(value_name = "VM")]
+    pub vm: Option<String>,
+
+    #[command(flatten)]
+    pub nic: NicArgs,
+
     /// Print `{"version": 1, "sessions": [...]}` instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
-pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
     let namespace = Namespace::open_for_reading()?;
     let maps = PinnedMaps::open(&namespace.kernel.paths)?;
     let observed = namespace.observe()?;
-    let status = status::read(&namespace.kernel.netlink, maps.as_ref(), &observed).await?;
+    let mut status = status::read(&namespace.kernel.netlink, maps.as_ref(), &observed).await?;
+    if let Some(vm) = &args.vm {
+        let recorded = |name: &str| observed.taps.values().any(|t| ifname(&t.ifname) == name);
+        // A tap's own name needs no libvirt; the VM may be gone and its sessions still here.
+        let taps = if args.nic.choice() == crate::resolve::select::NicChoice::Unspecified && recorded(vm) {
+            vec![vm.clone()]
+        } else {
+            vm_taps(sources, vm, args.nic.choice())?
+        };
+        status.sessions.retain(|s| taps.contains(&s.tap));
+    } else if args.nic.nic.is_some() || args.nic.mac.is_some() {
+        anyhow::bail!(
+            "--nic and --mac choose among a VM's NICs: name the VM too (vmsniff status VM --nic N)"
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

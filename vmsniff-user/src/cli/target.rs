@@ -3,20 +3,28 @@ use clap::Args;
 
 use crate::{
     netlink::Netlink,
-    plan::request::{AttachModeChoice, Directions, Tap, Target, parse_collector},
-    resolve::interface::{InterfaceError, ethernet_interface, validate_name},
+    plan::request::{AttachModeChoice, Directions, Target, parse_collector},
+    resolve::{
+        domain::Mac,
+        interface::{InterfaceError, ethernet_interface},
+        select::NicChoice,
+        vm::{ResolveError, Resolved, Sources, resolve_tap},
+    },
 };
 
 #[derive(Args, Debug)]
 pub struct MirrorArgs {
-    /// The VM to mirror. Today: the name of its tap (as with --tap); Nova names, UUIDs, libvirt
-    /// domains and MACs resolve through libvirt in a later version.
+    /// The VM to mirror: its Nova name, UUID, libvirt domain, MAC or tap (through libvirt; an
+    /// interface of that name when libvirt knows no such VM).
     #[arg(value_name = "VM", conflicts_with = "tap")]
     pub vm: Option<String>,
 
     /// The VM's tap, or any Ethernet interface standing for one (a veth, a qvo port).
     #[arg(long, value_name = "TAP")]
     pub tap: Option<String>,
+
+    #[command(flatten)]
+    pub nic: NicArgs,
 
     /// The collector's IPv4 address: copies go there in GRE (transparent Ethernet bridging).
     #[arg(long, value_name = "IP", value_parser = parse_collector, required_unless_present = "to_dev", conflicts_with = "to_dev")]
@@ -51,32 +59,13 @@ pub struct MirrorArgs {
     pub attach_mode: AttachModeChoice,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SelectError {
-    #[error("say which VM to mirror: give its tap with --tap TAP")]
-    Missing,
-    #[error(
-        "no interface named {0:?} here; naming a VM by its Nova name, UUID, libvirt domain or MAC \
-         is not supported by this version: give the VM's tap with --tap (`virsh domiflist \
-         DOMAIN` lists it)"
-    )]
-    UnknownVm(String),
-    #[error(transparent)]
-    Interface(#[from] InterfaceError),
-}
-
 impl MirrorArgs {
-    /// The tap this command is about.
-    pub async fn tap(&self, netlink: &Netlink) -> Result<Tap, SelectError> {
-        let link = match (&self.tap, &self.vm) {
-            (Some(tap), _) => ethernet_interface(netlink, "tap", tap).await?,
-            (None, Some(vm)) => resolve_vm(netlink, vm).await?,
-            (None, None) => return Err(SelectError::Missing),
-        };
-        Ok(Tap { ifindex: link.ifindex, name: link.name })
+    /// The VM NIC (or interface) this command is about.
+    pub async fn resolve(&self, sources: &Sources, netlink: &Netlink) -> Result<Resolved, ResolveError> {
+        resolve_tap(sources, netlink, self.vm.as_deref(), self.tap.as_deref(), self.nic.choice()).await
     }
 
-    pub async fn target(&self, netlink: &Netlink) -> Result<Target, SelectError> {
+    pub async fn target(&self, netlink: &Netlink) -> Result<Target, InterfaceError> {
         match (&self.to, &self.to_dev) {
             (Some(remote), _) => Ok(Target::Gre { remote: *remote, ttl: self.ttl, tos: self.tos }),
             (None, Some(dev)) => {
@@ -88,14 +77,30 @@ impl MirrorArgs {
     }
 }
 
-/// A VM selector. Only tap names resolve in this version.
-pub async fn resolve_vm(netlink: &Netlink, selector: &str) -> Result<crate::netlink::Link, SelectError> {
-    if validate_name(selector).is_err() {
-        return Err(SelectError::UnknownVm(selector.to_owned()));
+/// `--nic N` / `--mac MAC`: which NIC of a VM with several.
+#[derive(Args, Debug, Default)]
+pub struct NicArgs {
+    /// The VM's NIC N, counting its <interface> elements from 0 (eth0 = 0 in Nova's guests; the
+    /// order of `virsh domiflist`).
+    #[arg(long, value_name = "N", conflicts_with = "mac")]
+    pub nic: Option<usize>,
+
+    /// The VM's NIC with this MAC address (any case, ':' or '-').
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub mac: Option<Mac>,
+}
+
+impl NicArgs {
+    pub fn choice(&self) -> NicChoice {
+        match (self.nic, self.mac) {
+            (Some(index), _) => NicChoice::Index(index),
+            (None, Some(mac)) => NicChoice::Mac(mac),
+            (None, None) => NicChoice::Unspecified,
+        }
     }
-    match ethernet_interface(netlink, "tap", selector).await {
-        Ok(link) => Ok(link),
-        Err(InterfaceError::NotFound { .. }) => Err(SelectError::UnknownVm(selector.to_owned())),
-        Err(e) => Err(e.into()),
-    }
+}
+
+fn parse_mac(text: &str) -> Result<Mac, String> {
+    text.parse()
+        .map_err(|()| format!("{text:?} is not a MAC address: give six hex bytes such as fa:16:3e:11:22:33"))
 }

@@ -1,2 +1,5 @@
-//! What is running now, read from the kernel: sessions, their counters, their devices.
+//! What is running now, read from the kernel, libvirt and OVSDB: sessions, their counters and
+//! devices, the host's VM NICs and the path their frames take.
+pub mod inventory;
+pub mod path;
 pub mod status;
