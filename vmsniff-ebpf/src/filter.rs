@@ -115,7 +115,7 @@ pub fn big_endian(bytes: [u8; 4], size: u32) -> u32 {
 /// kernel has moved it out of the data into the skb's metadata.
 pub trait Frame {
     /// Length of the frame on the wire.
-    fn len(&self) -> u32;
+    fn wire_len(&self) -> u32;
     /// `size` (1, 2 or 4) bytes at `offset`, big-endian, or `None` past the end. May use the
     /// machine's `head` and `buf`.
     fn load(&self, m: &mut Machine, offset: u32, size: u32) -> Option<u32>;
@@ -190,7 +190,7 @@ pub fn matches<F: Frame>(filter: &Filter, frame: &F, m: &mut Machine) -> bool {
                 let value = match mode {
                     IMM => k,
                     MEM => get(&m.mem[k as usize % SCRATCH_WORDS]),
-                    LEN => frame.len(),
+                    LEN => frame.wire_len(),
                     _ => {
                         let offset = if mode == IND { get(&m.x).wrapping_add(k) } else { k };
                         let size = match code & 0x18 {
@@ -350,7 +350,7 @@ pub fn validate(insns: &[FilterInsn]) -> Result<(), InvalidFilter> {
 pub struct Bytes<'a>(pub &'a [u8]);
 
 impl Frame for Bytes<'_> {
-    fn len(&self) -> u32 {
+    fn wire_len(&self) -> u32 {
         self.0.len() as u32
     }
 

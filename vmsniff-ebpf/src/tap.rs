@@ -10,9 +10,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use vmsniff_ebpf::{
-    COUNTER_SLOTS, Direction, DirectionCounters, InFlight, FILTER_NONE, FILTER_SLOT_BASE, MAX_SESSIONS_PER_TAP,
-    MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE, SESSION_SLOTS, SessionConfig, TapSessions, TokenBucket,
-    counter_index,
+    COUNTER_SLOTS, Direction, DirectionCounters, FILTER_NONE, FILTER_SLOT_BASE, InFlight,
+    MAX_SESSIONS_PER_TAP, MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE, SESSION_SLOTS, SessionConfig,
+    TapSessions, TokenBucket, counter_index,
     filter::{self, Filter, HEAD_BYTES, Machine, filter_index, get, set},
     take_tokens,
 };
@@ -120,7 +120,8 @@ fn mirror(ctx: &TcContext, direction: Direction) {
         // SAFETY: as above.
         let counters = unsafe { &mut *counters };
         let target = session.target_ifindex[direction.index()];
-        let flight = InFlight { armed: 1, session_id: id, direction: direction as u32, snaplen: session.snaplen };
+        let flight =
+            InFlight { armed: 1, session_id: id, direction: direction as u32, snaplen: session.snaplen };
         set_in_flight(flight);
         // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
         // what is redirected; `ctx`'s frame continues on its way whatever the result.
@@ -290,7 +291,7 @@ impl<'a> WireFrame<'a> {
 }
 
 impl filter::Frame for WireFrame<'_> {
-    fn len(&self) -> u32 {
+    fn wire_len(&self) -> u32 {
         self.len
     }
 

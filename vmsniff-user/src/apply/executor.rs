@@ -3,8 +3,8 @@
 //! detach goes on past a failing step and reports every failure at the end.
 use aya::programs::SchedClassifier;
 use vmsniff_ebpf::{
-    SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TapSessions, TcHook,
-    program_name,
+    SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TapSessions,
+    TcHook, program_name,
 };
 
 use super::{
@@ -19,6 +19,7 @@ use crate::{
         attach::{AttachPlan, AttachStep},
         detach::DetachStep,
         request::AttachMode,
+        update::UpdatePlan,
     },
 };
 
@@ -110,7 +111,10 @@ async fn apply_attach_step(
             let ifindex = session.target_ifindex[d];
             if tc::ensure_clsact(&kernel.netlink, device, ifindex).await? {
                 session.target_flags |= TARGET_CREATED_CLSACT << d;
-                undo.push(DetachStep::RemoveClsactIfUnused { tap_ifindex: ifindex, tap_name: device.clone() });
+                undo.push(DetachStep::RemoveClsactIfUnused {
+                    tap_ifindex: ifindex,
+                    tap_name: device.clone(),
+                });
             }
             let priority = tc::first_priority(&kernel.netlink, device, ifindex, TcHook::Egress).await?;
             let program = load_program(ebpf, program_name::COPY_EGRESS)?;
@@ -231,6 +235,24 @@ fn update_tap(
     maps.set_tap(ifindex, &entry)
 }
 
+/// Applies an update plan: the idle filter slot, then the session's entry in one write (the
+/// switch), then the token bucket. A failure before the switch changes nothing the programs
+/// read; the switch is one map write, so it happens entirely or not at all.
+pub fn apply_update(kernel: &Kernel, plan: &UpdatePlan) -> Result<(), KernelError> {
+    let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
+        op: format!("vmsniff has no pinned maps under {}", kernel.paths.maps_dir().display()),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+    })?;
+    if let Some((slot, filter)) = &plan.filter {
+        maps.set_filter(plan.id, *slot, filter)?;
+    }
+    maps.set_session(plan.id, &plan.config)?;
+    if plan.reset_rate {
+        maps.reset_rate(plan.id)?;
+    }
+    Ok(())
+}
+
 /// Applies detach steps, all of them: returns the failures, each with the step it came from.
 pub async fn apply_detach(kernel: &Kernel, steps: &[DetachStep]) -> Vec<(DetachStep, KernelError)> {
     let mut failures = Vec::new();
@@ -282,7 +304,12 @@ async fn apply_detach_step(
             tc::detach(
                 &kernel.netlink,
                 &kernel.paths,
-                tc::Filter { name: tap_name, ifindex: *tap_ifindex, hook: *hook, program: tc::tap_program_name(*hook) },
+                tc::Filter {
+                    name: tap_name,
+                    ifindex: *tap_ifindex,
+                    hook: *hook,
+                    program: tc::tap_program_name(*hook),
+                },
                 *mode,
                 *nl_priority,
                 *nl_handle,

@@ -324,11 +324,13 @@ mod tests {
             filter: Some(compile("tcp port 443").unwrap()),
             sample_every: 10,
             rate_limit: Some(parse_rate_limit("10mbit").unwrap()),
+            snaplen: 128,
         };
         let plan = plan_attach(&req, &Observed::default()).unwrap();
         let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
         assert_eq!((config.filter, config.sample_every), (FILTER_SLOT_BASE, 10));
         assert_eq!((config.rate_unit, config.rate), (vmsniff_ebpf::RATE_BITS, 10_000_000));
+        assert_eq!(config.snaplen, 128);
         let position = |wanted: fn(&AttachStep) -> bool| plan.steps.iter().position(wanted).unwrap();
         let write = position(|s| matches!(s, AttachStep::WriteFilter { .. }));
         assert!(write < position(|s| matches!(s, AttachStep::ActivateSession { .. })));
@@ -354,6 +356,7 @@ mod tests {
                 AttachStep::ResetCounters { .. } => "reset",
                 AttachStep::WriteFilter { .. } => "filter",
                 AttachStep::CreateGreDevice { .. } => "gre",
+                AttachStep::AttachCopyProgram { .. } => "copy",
                 AttachStep::RegisterTap { .. } => "register",
                 AttachStep::EnsureClsact { .. } => "clsact",
                 AttachStep::AttachProgram { .. } => "attach",
@@ -363,7 +366,10 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["claim", "reset", "gre", "gre", "register", "attach", "attach", "activate", "publish"]
+            [
+                "claim", "reset", "gre", "gre", "copy", "copy", "register", "attach", "attach", "activate",
+                "publish"
+            ]
         );
         let keys: Vec<u32> = plan
             .steps
@@ -400,6 +406,15 @@ mod tests {
             .collect();
         assert_eq!(devices.len(), 1);
         assert_eq!(devices[0].name, "vms1-in");
+        let copies: Vec<&str> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                AttachStep::AttachCopyProgram { device, .. } => Some(device.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(copies, ["vms1-in"], "the copy program goes where the copies go");
     }
 
     #[test]

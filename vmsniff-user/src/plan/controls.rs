@@ -23,7 +23,14 @@ impl Controls {
     pub fn apply_to(&self, config: &mut SessionConfig) {
         config.snaplen = self.snaplen;
         config.sample_every = self.sample_every.max(1);
-        match &self.rate_limit {
+        set_rate_limit(config, self.rate_limit.as_ref());
+    }
+}
+
+/// Writes a session's rate limit fields; `None` = no limit.
+pub fn set_rate_limit(config: &mut SessionConfig, rate_limit: Option<&RateLimit>) {
+    {
+        match rate_limit {
             Some(limit) => {
                 config.rate_unit = match limit.unit {
                     RateUnit::Bits => RATE_BITS,
@@ -127,7 +134,8 @@ pub fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
         RateUnit::Bits => MAX_BITS_PER_SECOND,
         RateUnit::Packets => MAX_PACKETS_PER_SECOND,
     };
-    if !(rate >= 1.0) {
+    // Also refuses NaN, which no comparison lets through.
+    if rate.partial_cmp(&1.0).is_none_or(|order| order.is_lt()) {
         return Err(format!(
             "--rate-limit {text:?}: the rate must be more than zero; leave the option out for no limit"
         ));
@@ -157,7 +165,9 @@ pub fn parse_snaplen(text: &str) -> Result<u32, String> {
         Ok(0) => Err("--snaplen 0 would cut copies to nothing: give 1..65535 bytes, or leave --snaplen \
                       out for whole frames"
             .into()),
-        Ok(_) => Err(format!("--snaplen {text}: the most is {MAX_SNAPLEN} bytes (leave it out for whole frames)")),
+        Ok(_) => {
+            Err(format!("--snaplen {text}: the most is {MAX_SNAPLEN} bytes (leave it out for whole frames)"))
+        }
         Err(_) => Err(format!("--snaplen {text:?}: give a number of bytes, 1..65535")),
     }
 }
@@ -217,8 +227,12 @@ mod tests {
     #[test]
     fn controls_fill_the_session_configuration() {
         let mut config = SessionConfig::EMPTY;
-        let controls =
-            Controls { filter: None, sample_every: 4, rate_limit: Some(parse_rate_limit("8kbit").unwrap()), snaplen: 96 };
+        let controls = Controls {
+            filter: None,
+            sample_every: 4,
+            rate_limit: Some(parse_rate_limit("8kbit").unwrap()),
+            snaplen: 96,
+        };
         controls.apply_to(&mut config);
         assert_eq!((config.sample_every, config.rate_unit, config.rate), (4, RATE_BITS, 8000));
         Controls::default().apply_to(&mut config);

@@ -1,7 +1,9 @@
 //! Planning a detach: stop mirroring first, then remove exactly what vmsniff created.
 use std::collections::BTreeSet;
 
-use vmsniff_ebpf::{Direction, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV, TcHook};
+use vmsniff_ebpf::{
+    Direction, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV, TcHook,
+};
 
 use super::{Observed, request::AttachMode};
 use crate::paths::gre_device_name;
@@ -77,8 +79,10 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
         // A GRE device takes its filter with it; a local device outlives the session.
         if session.target_kind == TARGET_LOCAL_DEV {
             for direction in Direction::ALL {
-                let (ifindex, nl_priority) =
-                    (session.target_ifindex[direction.index()], session.target_nl_priority[direction.index()]);
+                let (ifindex, nl_priority) = (
+                    session.target_ifindex[direction.index()],
+                    session.target_nl_priority[direction.index()],
+                );
                 if ifindex == 0 || nl_priority == 0 {
                     continue;
                 }
@@ -241,5 +245,37 @@ mod tests {
     #[test]
     fn unknown_ids_change_nothing() {
         assert!(plan_detach(&BTreeSet::from([99]), &observed()).is_empty());
+    }
+
+    #[test]
+    fn a_local_target_loses_exactly_the_copy_filter_and_qdisc_vmsniff_added() {
+        let mut observed = observed();
+        observed.sessions.insert(
+            4,
+            SessionConfig {
+                state: SESSION_ACTIVE,
+                target_kind: TARGET_LOCAL_DEV,
+                target_ifindex: [40, 40],
+                target_nl_priority: [49151, 0],
+                target_nl_handle: [2, 0],
+                target_flags: TARGET_CREATED_CLSACT,
+                ..SessionConfig::EMPTY
+            },
+        );
+        let steps = plan_detach(&BTreeSet::from([4]), &observed);
+        let copy_steps: Vec<&DetachStep> = steps
+            .iter()
+            .filter(|s| {
+                matches!(s, DetachStep::DetachCopyProgram { .. } | DetachStep::RemoveClsactIfUnused { .. })
+            })
+            .collect();
+        assert_eq!(
+            copy_steps,
+            [
+                &DetachStep::DetachCopyProgram { id: 4, ifindex: 40, nl_priority: 49151, nl_handle: 2 },
+                &DetachStep::RemoveClsactIfUnused { tap_ifindex: 40, tap_name: "ifindex 40".into() },
+            ]
+        );
+        assert!(!steps.iter().any(|s| matches!(s, DetachStep::DeleteGreDevice { .. })));
     }
 }

@@ -5,6 +5,7 @@ pub mod controls;
 pub mod detach;
 pub mod filter;
 pub mod request;
+pub mod update;
 
 use std::collections::{BTreeMap, BTreeSet};
 
