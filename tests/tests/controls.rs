@@ -248,7 +248,7 @@ fn update_switches_the_filter_without_losing_a_vm_frame_or_a_matching_copy() {
     let mut hv = Hypervisor::new();
     let mirror = hv.mirror_port();
     let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--filter", "udp port 1000"]);
-    let port = |i: u32| if i % 2 == 0 { 1000 } else { 2000 };
+    let port = |i: u32| if i.is_multiple_of(2) { 1000 } else { 2000 };
     let sent: Vec<Vec<u8>> = (0..3000u32)
         .map(|i| {
             frames::ipv4(VM_MAC, PEER_MAC, [10, 0, 0, 2], [10, 0, 0, 1], L4::Udp(port(i), port(i)), i, 80)
