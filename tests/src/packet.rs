@@ -43,6 +43,20 @@ impl PacketSocket {
                 )
             };
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            // Room for thousands of frames, so that a test may send a flood before it reads:
+            // the default buffer holds about 250 small frames and drops the rest.
+            let size: libc::c_int = 64 << 20;
+            // SAFETY: a valid int option of the given size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    &size as *const _ as *const libc::c_void,
+                    mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
             fd
         });
         PacketSocket { fd, ifindex }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use vmsniff_tests::{
-    frames::{self, is_marked},
+    frames::{self, L4, PEER_MAC, VM_MAC, is_marked},
     netns::Netns,
     packet::{PacketSocket, decap_gre, is_ipv4_fragment, reassemble_ipv4},
     privileged, run, skip,
@@ -292,4 +292,55 @@ fn jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented() {
     let fragments = fragments_created(&site.hv.ns) - fragments_before;
     assert_eq!(fragments, 24, "IpFragCreates counts the fragments of the large copies");
     vmsniff::ok(&site.hv.ns, &["detach", "--all"]);
+}
+
+#[test]
+fn filter_and_snaplen_shape_the_gre_copies_and_the_original_length_stays_readable() {
+    let test = "filter_and_snaplen_shape_the_gre_copies_and_the_original_length_stays_readable";
+    let Some(mut site) = site(test, 1500, 9000) else {
+        return;
+    };
+    let id = vmsniff::attach(
+        &site.hv.ns,
+        &["--tap", TAP, "--to", COLLECTOR, "--filter", "udp", "--snaplen", "100"],
+    );
+    let make = |src, dst, base: u32| -> Vec<Vec<u8>> {
+        frames::sizes(16)
+            .enumerate()
+            .map(|(i, len)| {
+                let l4 = if i % 2 == 0 { L4::Udp(5000, 5001) } else { L4::Tcp(5000, 5001) };
+                frames::ipv4(src, dst, [10, 0, 0, 2], [10, 0, 0, 1], l4, base + i as u32, len.max(80))
+            })
+            .collect()
+    };
+    let out = make(VM_MAC, PEER_MAC, 0);
+    let into = make(PEER_MAC, VM_MAC, 100);
+    site.hv.vm_sends(&out);
+    site.hv.vm_receives(&into);
+    let udp: Vec<&Vec<u8>> = out.iter().chain(&into).filter(|f| f[23] == 17).collect();
+    let copies = gre_copies(&site.capture, udp.len());
+    let expected: Vec<Vec<u8>> = udp.iter().map(|f| f[..f.len().min(100)].to_vec()).collect();
+    assert_frames_eq("GRE copies of the UDP frames, cut to 100 bytes", &expected, &inners(&copies));
+    for (copy, frame) in copies.iter().zip(&udp) {
+        // The README's promise: Ethernet header + the inner IPv4 total length = the frame's length.
+        let total = u16::from_be_bytes([copy.inner[16], copy.inner[17]]) as usize;
+        assert_eq!(14 + total, frame.len(), "the original length from the cut copy's IP header");
+    }
+    assert!(
+        site.capture
+            .drain(Duration::from_millis(500), |f| decap_gre(f).is_some_and(|g| is_marked(&g.inner)))
+            .is_empty()
+    );
+    let s = vmsniff::session(&site.hv.ns, id);
+    for direction in ["out", "in"] {
+        let c = &s["counters"][direction];
+        assert_eq!((c["frames"].as_u64(), c["filtered"].as_u64()), (Some(8), Some(8)), "{direction}");
+        assert_eq!(c["truncated"].as_u64(), Some(4), "{direction}: the UDP frames over 100 bytes");
+    }
+    // Live: every frame, whole.
+    vmsniff::ok(&site.hv.ns, &["update", &id.to_string(), "--no-filter", "--no-snaplen"]);
+    site.hv.vm_sends(&out);
+    let copies = gre_copies(&site.capture, out.len());
+    assert_frames_eq("GRE copies after update --no-filter --no-snaplen", &out, &inners(&copies));
+    vmsniff::ok(&site.hv.ns, &["detach", &id.to_string()]);
 }

@@ -6,9 +6,11 @@
 //! assertions at the bottom fail the build when a change breaks that.
 #![no_std]
 
+pub mod filter;
+
 /// Bumped whenever a layout below changes. Pinned maps of another version are refused by
 /// userspace instead of being misread.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Session ids are 1..=1023: they must fit ERSPAN's 10-bit session id. Slot 0 is never used.
 pub const MAX_SESSION_ID: u32 = 1023;
@@ -24,6 +26,16 @@ pub mod map_name {
     pub const SESSIONS: &str = "VMSNIFF_SESSIONS";
     pub const TAPS: &str = "VMSNIFF_TAPS";
     pub const COUNTERS: &str = "VMSNIFF_COUNTERS";
+    pub const FILTERS: &str = "VMSNIFF_FILTERS";
+    pub const RATE: &str = "VMSNIFF_RATE";
+    /// Per-CPU scratch of the filter interpreter; not pinned (nothing in it outlives a frame).
+    pub const SCRATCH: &str = "VMSNIFF_SCRATCH";
+    /// Per-CPU: the copy being cloned right now, for the copy program on the target.
+    pub const IN_FLIGHT: &str = "VMSNIFF_IN_FLIGHT";
+    /// The maps that hold state and are pinned.
+    /// IN_FLIGHT too: the tap programs of one attach and the copy program of another must
+    /// share it.
+    pub const PINNED: [&str; 6] = [SESSIONS, TAPS, COUNTERS, FILTERS, RATE, IN_FLIGHT];
 }
 
 /// Program names, as the eBPF object defines them.
@@ -32,6 +44,8 @@ pub mod program_name {
     pub const TAP_INGRESS: &str = "vmsniff_tap_ingress";
     /// Runs on the tap's tc egress hook: frames going into the VM (`in`).
     pub const TAP_EGRESS: &str = "vmsniff_tap_egress";
+    /// Runs on the egress hook of each target device: cuts copies to the session's snaplen.
+    pub const COPY_EGRESS: &str = "vmsniff_copy_egress";
 }
 
 /// Direction as the operator sees it, relative to the VM.
@@ -188,13 +202,43 @@ pub struct SessionConfig {
     pub tos: u8,
     pub _pad0: u8,
     pub remote: [u8; 16],
-    /// Copies are cut to this many bytes; 0 = whole frame. (Mirror controls.)
+    /// Copies are cut to this many bytes; 0 = whole frame.
     pub snaplen: u32,
-    /// Mirror 1 frame in N; 0 or 1 = every frame. (Mirror controls.)
+    /// Mirror 1 frame in N, chosen at random; 0 or 1 = every frame.
     pub sample_every: u32,
-    /// Room for later controls (filter, rate limit, encapsulation) without a layout change.
-    pub _reserved: [u32; 7],
+    /// Which of the session's two `FILTERS` slots holds its filter: `FILTER_NONE`, or
+    /// `FILTER_SLOT_BASE + slot`.
+    pub filter: u32,
+    /// `RATE_NONE`, `RATE_BITS` or `RATE_PACKETS`: the unit of `rate` and `burst`.
+    pub rate_unit: u32,
+    /// Copies per second allowed through, in `rate_unit` (bits or packets) per second.
+    pub rate: u64,
+    /// The token bucket's depth, in `rate_unit`.
+    pub burst: u64,
+    /// The copy program's cls_bpf filter on each direction's target device (egress hook),
+    /// as (priority, handle), indexed by [`Direction::index`]; 0 = none. Where both directions
+    /// share one device, the filter is recorded once, at the first direction.
+    pub target_nl_priority: [u16; 2],
+    pub target_nl_handle: [u32; 2],
+    /// `TARGET_CREATED_CLSACT << direction`: vmsniff added that target's clsact qdisc.
+    pub target_flags: u32,
+    /// Room for later controls (encapsulation) without a layout change.
+    pub _reserved: [u32; 4],
 }
+
+/// [`SessionConfig::target_flags`], shifted by [`Direction::index`].
+pub const TARGET_CREATED_CLSACT: u32 = 1;
+
+/// [`SessionConfig::filter`]: every frame matches.
+pub const FILTER_NONE: u32 = 0;
+/// [`SessionConfig::filter`]: `FILTER_SLOT_BASE + slot` names the live slot.
+pub const FILTER_SLOT_BASE: u32 = 1;
+/// [`SessionConfig::rate_unit`]: no rate limit.
+pub const RATE_NONE: u32 = 0;
+/// [`SessionConfig::rate_unit`]: `rate` in bits per second of copies (whole frames).
+pub const RATE_BITS: u32 = 1;
+/// [`SessionConfig::rate_unit`]: `rate` in copies per second.
+pub const RATE_PACKETS: u32 = 2;
 
 impl SessionConfig {
     pub const EMPTY: SessionConfig = SessionConfig {
@@ -213,7 +257,14 @@ impl SessionConfig {
         remote: [0; 16],
         snaplen: 0,
         sample_every: 0,
-        _reserved: [0; 7],
+        filter: FILTER_NONE,
+        rate_unit: RATE_NONE,
+        rate: 0,
+        burst: 0,
+        target_nl_priority: [0; 2],
+        target_nl_handle: [0; 2],
+        target_flags: 0,
+        _reserved: [0; 4],
     };
 
     pub const fn mirrors(&self, direction: Direction) -> bool {
@@ -259,18 +310,29 @@ impl TapSessions {
 }
 
 /// Value of the `COUNTERS` per-CPU array, at [`counter_index`]. Userspace sums the CPUs.
+///
+/// Every frame of a mirrored direction lands in exactly one of `frames`, `filtered`,
+/// `sampled_out`, `rate_limited` and `clone_errors`, in that order of the checks: filter,
+/// sample, rate limit, clone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirectionCounters {
     /// Copies handed to the target device.
     pub frames: u64,
-    /// Their length, Ethernet header included.
+    /// Their length on the tap, Ethernet header included (before any truncation).
     pub bytes: u64,
     /// `bpf_clone_redirect` failures (target device gone, out of memory): the copy was lost,
     /// the VM's frame was not touched.
     pub clone_errors: u64,
-    /// Room for the mirror controls' counters (filtered, sampled out, rate limited, truncated).
-    pub _reserved: [u64; 5],
+    /// Frames the session's filter did not match.
+    pub filtered: u64,
+    /// Frames that matched but were not drawn by `--sample`.
+    pub sampled_out: u64,
+    /// Frames over the session's `--rate-limit`: no copy sent.
+    pub rate_limited: u64,
+    /// Copies cut to `--snaplen`.
+    pub truncated: u64,
+    pub _reserved: u64,
 }
 
 impl DirectionCounters {
@@ -278,10 +340,88 @@ impl DirectionCounters {
         self.frames += other.frames;
         self.bytes += other.bytes;
         self.clone_errors += other.clone_errors;
+        self.filtered += other.filtered;
+        self.sampled_out += other.sampled_out;
+        self.rate_limited += other.rate_limited;
+        self.truncated += other.truncated;
     }
 }
 
-const _: () = assert!(core::mem::size_of::<SessionConfig>() == 96);
+/// Value of the `IN_FLIGHT` per-CPU array: set by a tap program just before it clones a frame,
+/// cleared just after. The clone passes the target device's egress hook inside that call, on
+/// this CPU, so the copy program there knows the copy (and no other frame) as a copy, and
+/// whose. A per-CPU flag rather than the skb's mark: the mark is the VM's (and Open vSwitch's)
+/// and the clone carries it on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// Non-zero while a clone is in flight; the copy program clears it, so that a second
+    /// copy program on the same device does not count the copy again.
+    pub armed: u32,
+    pub session_id: u32,
+    /// [`Direction`] as u32.
+    pub direction: u32,
+    /// The session's snaplen, 0 = whole frames.
+    pub snaplen: u32,
+}
+
+/// Largest `--snaplen`, as tcpdump's.
+pub const MAX_SNAPLEN: u32 = 65535;
+
+/// Value of the `RATE` array, indexed by session id: the session's token bucket, shared by its
+/// two directions and written by the programs on every CPU.
+///
+/// Updated without a lock (5.10 has no atomic compare-and-exchange for BPF): two CPUs that
+/// refill at the same instant may both spend the same tokens, so under contention the limit
+/// can be exceeded by at most one frame per CPU per refill.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// Credit in unit-nanoseconds: one unit of `rate_unit` (a bit, a packet) costs
+    /// [`NS_PER_SECOND`]; each elapsed nanosecond adds `rate`. Integer-exact from a few bits per
+    /// second up to 100 Gbit/s.
+    pub tokens: u64,
+    /// `bpf_ktime_get_ns()` of the last refill; 0 = never (the bucket starts full).
+    pub refilled_ns: u64,
+}
+
+pub const NS_PER_SECOND: u64 = 1_000_000_000;
+
+/// Largest burst, and largest single cost, in units (8e9 bits = 1 GB): in unit-nanoseconds
+/// it still fits a u64, so the bucket's arithmetic needs no 128-bit helper (which BPF lacks).
+pub const MAX_TOKEN_UNITS: u64 = 8_000_000_000;
+
+/// The token bucket's decision for a copy of `units` (bits or 1 packet) at `now_ns`: refills
+/// `bucket` for the time since its last refill, then spends the cost if the credit covers it.
+/// `rate` (> 0) and `burst` are the session's. Shared by the tap programs and the host's unit
+/// tests.
+#[inline(always)]
+pub fn take_tokens(bucket: &mut TokenBucket, rate: u64, burst: u64, units: u64, now_ns: u64) -> bool {
+    let capacity = burst.min(MAX_TOKEN_UNITS) * NS_PER_SECOND;
+    if bucket.refilled_ns == 0 {
+        bucket.tokens = capacity;
+    } else {
+        // Bound the elapsed time first, so that elapsed * rate stays below capacity + rate.
+        let elapsed = now_ns.wrapping_sub(bucket.refilled_ns).min(capacity / rate + 1);
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
+    }
+    bucket.refilled_ns = now_ns;
+    let cost = units.min(MAX_TOKEN_UNITS) * NS_PER_SECOND;
+    if bucket.tokens >= cost {
+        bucket.tokens -= cost;
+        true
+    } else {
+        false
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<SessionConfig>() == 128);
+const _: () = assert!(core::mem::size_of::<TokenBucket>() == 16);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 16);
+const _: () = assert!(
+    core::mem::size_of::<filter::Filter>()
+        == 8 + 8 * filter::MAX_FILTER_INSNS + filter::FILTER_EXPRESSION_BYTES
+);
 const _: () = assert!(core::mem::size_of::<TapSessions>() == 64);
 const _: () = assert!(core::mem::size_of::<DirectionCounters>() == 64);
 
@@ -291,6 +431,8 @@ mod pod {
     unsafe impl aya::Pod for super::SessionConfig {}
     unsafe impl aya::Pod for super::TapSessions {}
     unsafe impl aya::Pod for super::DirectionCounters {}
+    unsafe impl aya::Pod for super::TokenBucket {}
+    unsafe impl aya::Pod for super::filter::Filter {}
 }
 
 #[cfg(test)]
@@ -322,6 +464,25 @@ mod tests {
     fn counter_slots_cover_every_session_and_direction() {
         assert_eq!(counter_index(MAX_SESSION_ID, Direction::In), COUNTER_SLOTS - 1);
         assert_eq!(counter_index(1, Direction::Out), 2);
+    }
+
+    #[test]
+    fn the_token_bucket_starts_full_and_refills_at_the_rate() {
+        let mut bucket = TokenBucket::default();
+        // 10 packets per second, burst 3.
+        let t0 = 5 * NS_PER_SECOND;
+        assert!((0..3).all(|_| take_tokens(&mut bucket, 10, 3, 1, t0)));
+        assert!(!take_tokens(&mut bucket, 10, 3, 1, t0));
+        assert!(!take_tokens(&mut bucket, 10, 3, 1, t0 + 99_000_000));
+        assert!(take_tokens(&mut bucket, 10, 3, 1, t0 + 100_000_000 + 99_000_000));
+        // A long pause refills only up to the burst.
+        let later = t0 + 3600 * NS_PER_SECOND;
+        assert_eq!((0..10).filter(|_| take_tokens(&mut bucket, 10, 3, 1, later)).count(), 3);
+        // 100 Gbit/s with a 1 Gbit burst does not overflow.
+        let mut fast = TokenBucket::default();
+        assert!(take_tokens(&mut fast, 100_000_000_000, 1_000_000_000, 72_000, 1));
+        assert!(take_tokens(&mut fast, 100_000_000_000, 1_000_000_000, 72_000, u64::MAX / 2));
+        assert!(!take_tokens(&mut fast, 1, MAX_TOKEN_UNITS, MAX_TOKEN_UNITS, u64::MAX / 2 + 1));
     }
 
     #[test]

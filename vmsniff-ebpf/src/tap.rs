@@ -2,14 +2,19 @@
 //! target device, and let the frame itself go on untouched.
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
+    bindings::{__sk_buff, TC_ACT_UNSPEC},
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_change_tail, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use vmsniff_ebpf::{
-    COUNTER_SLOTS, Direction, DirectionCounters, MAX_SESSIONS_PER_TAP, MAX_TAPS, SESSION_ACTIVE,
-    SESSION_SLOTS, SessionConfig, TapSessions, counter_index,
+    COUNTER_SLOTS, Direction, DirectionCounters, FILTER_NONE, FILTER_SLOT_BASE, InFlight,
+    MAX_SESSIONS_PER_TAP, MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE, SESSION_SLOTS, SessionConfig,
+    TapSessions, TokenBucket, counter_index,
+    filter::{self, Filter, HEAD_BYTES, Machine, filter_index, get, set},
+    take_tokens,
 };
 
 #[map]
@@ -20,6 +25,19 @@ static VMSNIFF_TAPS: HashMap<u32, TapSessions> = HashMap::with_max_entries(MAX_T
 
 #[map]
 static VMSNIFF_COUNTERS: PerCpuArray<DirectionCounters> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map]
+static VMSNIFF_FILTERS: Array<Filter> = Array::with_max_entries(SESSION_SLOTS * 2, 0);
+
+#[map]
+static VMSNIFF_RATE: Array<TokenBucket> = Array::with_max_entries(SESSION_SLOTS, 0);
+
+#[map]
+static VMSNIFF_IN_FLIGHT: PerCpuArray<InFlight> = PerCpuArray::with_max_entries(1, 0);
+
+/// The filter interpreter's registers and `M[]` (see [`Machine`] for why a map).
+#[map]
+static VMSNIFF_SCRATCH: PerCpuArray<Machine> = PerCpuArray::with_max_entries(1, 0);
 
 /// Frames the VM sends arrive on the tap's ingress hook.
 #[classifier]
@@ -44,7 +62,8 @@ const CONTINUE: i32 = TC_ACT_UNSPEC;
 #[inline(always)]
 fn mirror(ctx: &TcContext, direction: Direction) {
     // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let skb = unsafe { &*ctx.skb.skb };
+    let ifindex = skb.ifindex;
     // SAFETY: the value is copied out at once; userspace replaces whole entries, never edits
     // them in place.
     let Some(tap) = (unsafe { VMSNIFF_TAPS.get(&ifindex) }) else {
@@ -52,7 +71,11 @@ fn mirror(ctx: &TcContext, direction: Direction) {
     };
     let ids = tap.ids;
     let len = u64::from(ctx.len());
-    for id in ids.iter().take(MAX_SESSIONS_PER_TAP) {
+    // First decide for every session, then clone: a clone can run other programs on this CPU
+    // before it returns (a target that is itself a mirrored tap), and they reuse the scratch
+    // the filters read.
+    let mut chosen = [0u32; MAX_SESSIONS_PER_TAP];
+    for (id, choice) in ids.iter().zip(chosen.iter_mut()) {
         let id = u32::from(*id);
         if id == 0 {
             // Slots are compacted on removal: the first empty one ends the list.
@@ -64,21 +87,242 @@ fn mirror(ctx: &TcContext, direction: Direction) {
         if session.state != SESSION_ACTIVE || !session.mirrors(direction) {
             continue;
         }
-        let target = session.target_ifindex[direction.index()];
         let Some(counters) = VMSNIFF_COUNTERS.get_ptr_mut(counter_index(id, direction)) else {
             continue;
         };
-        // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
-        // what is redirected; `ctx`'s frame continues on its way whatever the result.
-        let result = ctx.clone_redirect(target, 0);
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
         let counters = unsafe { &mut *counters };
-        match result {
+        if !selected(ctx, session, id) {
+            counters.filtered += 1;
+            continue;
+        }
+        // Random, not every Nth: a periodic pattern in the traffic (a request and its reply)
+        // would otherwise always land on the same side of the sample.
+        if session.sample_every > 1 && unsafe { bpf_get_prandom_u32() } % session.sample_every != 0 {
+            counters.sampled_out += 1;
+            continue;
+        }
+        if session.rate_unit != RATE_NONE && !within_rate(session, id, len) {
+            counters.rate_limited += 1;
+            continue;
+        }
+        *choice = id;
+    }
+    for id in chosen {
+        if id == 0 {
+            continue;
+        }
+        let (Some(session), Some(counters)) =
+            (VMSNIFF_SESSIONS.get(id), VMSNIFF_COUNTERS.get_ptr_mut(counter_index(id, direction)))
+        else {
+            continue;
+        };
+        // SAFETY: as above.
+        let counters = unsafe { &mut *counters };
+        let target = session.target_ifindex[direction.index()];
+        let flight =
+            InFlight { armed: 1, session_id: id, direction: direction as u32, snaplen: session.snaplen };
+        set_in_flight(flight);
+        // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
+        // what is redirected; `ctx`'s frame continues on its way whatever the result.
+        let cloned = ctx.clone_redirect(target, 0);
+        set_in_flight(InFlight::default());
+        match cloned {
             Ok(()) => {
                 counters.frames += 1;
                 counters.bytes += len;
             }
             Err(_) => counters.clone_errors += 1,
         }
+    }
+}
+
+#[inline(always)]
+fn set_in_flight(flight: InFlight) {
+    if let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot; see `InFlight` for who reads it.
+        unsafe { *slot = flight };
+    }
+}
+
+/// Runs on the egress hook of a session's target device (its GRE device, or the `--to-dev`
+/// interface). Leaves every frame that is not a copy in flight untouched; cuts a copy to its
+/// session's snaplen.
+#[classifier]
+pub fn vmsniff_copy_egress(ctx: TcContext) -> i32 {
+    cut_copy(&ctx);
+    CONTINUE
+}
+
+#[inline(always)]
+fn cut_copy(ctx: &TcContext) {
+    let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot, see `InFlight`.
+    let flight = unsafe { &mut *slot };
+    if flight.armed == 0 {
+        return;
+    }
+    flight.armed = 0;
+    let snaplen = flight.snaplen;
+    if snaplen == 0 || ctx.len() <= snaplen {
+        return;
+    }
+    let direction = if flight.direction == Direction::In as u32 { Direction::In } else { Direction::Out };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cut = unsafe { bpf_skb_change_tail(ctx.skb.skb, snaplen, 0) } == 0;
+    if cut && let Some(counters) = VMSNIFF_COUNTERS.get_ptr_mut(counter_index(flight.session_id, direction)) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { (*counters).truncated += 1 };
+    }
+}
+
+/// Whether the session's filter (if it has one) accepts the frame.
+#[inline(always)]
+fn selected(ctx: &TcContext, session: &SessionConfig, id: u32) -> bool {
+    if session.filter == FILTER_NONE {
+        return true;
+    }
+    let slot = session.filter.wrapping_sub(FILTER_SLOT_BASE);
+    vmsniff_filter_matches(ctx.skb.skb, filter_index(id, slot)) != 0
+}
+
+/// Runs the filter at `index` of the `FILTERS` array on the frame: 1 when it matches, 0 when
+/// not or when the slot is empty (a session pointing at a missing filter copies nothing rather
+/// than everything).
+///
+/// A global function, neither inlined nor static: the verifier checks it once, on its own and
+/// for any arguments, instead of once per session slot of the caller; the interpreter's
+/// 128-step loop eight times over exceeds its budget.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmsniff_filter_matches(skb: *mut __sk_buff, index: u32) -> u32 {
+    let ctx = TcContext::new(skb);
+    let (Some(program), Some(scratch)) = (VMSNIFF_FILTERS.get(index), VMSNIFF_SCRATCH.get_ptr_mut(0)) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU machine is used by this call only: the caller clones (which may run
+    // other programs on this CPU) only after its last filter call.
+    let m = unsafe { &mut *scratch };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let frame = WireFrame::new(&ctx, unsafe { &*skb }, m);
+    u32::from(filter::matches(program, &frame, m))
+}
+
+#[inline(always)]
+fn within_rate(session: &SessionConfig, id: u32, len: u64) -> bool {
+    let Some(bucket) = VMSNIFF_RATE.get_ptr_mut(id) else {
+        return false;
+    };
+    if session.rate == 0 {
+        return false;
+    }
+    let units = if session.rate_unit == RATE_BITS { len * 8 } else { 1 };
+    // SAFETY: a plain array slot; concurrent CPUs may race on it, which the ABI documents
+    // (at most one extra copy per CPU per refill).
+    let bucket = unsafe { &mut *bucket };
+    take_tokens(bucket, session.rate, session.burst, units, unsafe { bpf_ktime_get_ns() })
+}
+
+/// The frame as it was on the wire, for the filter: where the kernel has taken the VLAN tag out
+/// of the data (into the skb's metadata, as it does before tc ingress), the tag is put back in
+/// the view at bytes 12..16, so that tcpdump's `vlan 100` means the same here as on a capture.
+struct WireFrame<'a> {
+    ctx: &'a TcContext,
+    /// Length of the view.
+    len: u32,
+    /// Whether the tag is out of the data: then the view's first [`HEAD_BYTES`] are in the
+    /// machine's `head`, and byte `o` of the view after them is byte `o - 4` of the data.
+    tagged: bool,
+}
+
+impl<'a> WireFrame<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a TcContext, skb: &aya_ebpf::bindings::__sk_buff, m: &mut Machine) -> Self {
+        let untagged = WireFrame { ctx, len: skb.len, tagged: false };
+        if skb.vlan_present == 0 {
+            return untagged;
+        }
+        // Destination and source MAC, then the tag, then up to 4 bytes after it (a runt has
+        // fewer; the view's length stops every load before the bytes it lacks).
+        // Constants per case: a computed size loses its bounds on the way to the helper.
+        let after = match skb.len {
+            0..14 => 0,
+            14 => 2,
+            15 => 3,
+            _ => 4,
+        };
+        if untagged.load_into(0, m.head.as_mut_ptr(), 12).is_none()
+            || (after > 0 && untagged.load_into(12, m.head[16..].as_mut_ptr(), after).is_none())
+        {
+            return WireFrame { ctx, len: 0, tagged: true };
+        }
+        // vlan_proto is in network byte order, vlan_tci in host order.
+        let tag = (u32::from(u16::from_be(skb.vlan_proto as u16)) << 16) | (skb.vlan_tci & 0xffff);
+        for (i, byte) in tag.to_be_bytes().into_iter().enumerate() {
+            set(&mut m.head[12 + i], byte);
+        }
+        WireFrame { ctx, len: skb.len + 4, tagged: true }
+    }
+
+    /// Copies `size` (1..=7) bytes of the data at `offset` to `to`.
+    #[inline(always)]
+    fn load_into(&self, offset: u32, to: *mut u8, size: u32) -> Option<()> {
+        // Bounded for the verifier; every destination has room for 8.
+        let size = size & 7;
+        if size == 0 {
+            return None;
+        }
+        // SAFETY: `to` points into the machine, valid for `size` bytes; the helper checks the
+        // frame's bounds.
+        let ret =
+            unsafe { bpf_skb_load_bytes(self.ctx.skb.skb as *const c_void, offset, to as *mut c_void, size) };
+        (ret == 0).then_some(())
+    }
+
+    /// `size` bytes of the data (not the view) at `offset`, big-endian.
+    #[inline(always)]
+    fn load_data(&self, m: &mut Machine, offset: u32, size: u32) -> Option<u32> {
+        // Straight from the packet when the 4 bytes at `offset` are in its linear part (a
+        // helper call costs several times more); the helper otherwise (paged data, the end).
+        // The mask bounds the very register the verifier checks the access with, below its
+        // 64 KiB limit on packet offsets (a larger bound makes it ignore the check).
+        let at = (offset & 0x7fff) as usize;
+        let (data, end) = (self.ctx.data(), self.ctx.data_end());
+        if at as u32 == offset && data + at + 4 <= end {
+            // SAFETY: the 4 bytes lie between data and data_end, checked just above.
+            let bytes = unsafe { core::ptr::read_unaligned((data + at) as *const [u8; 4]) };
+            return Some(filter::big_endian(bytes, size));
+        }
+        self.load_into(offset, m.buf.as_mut_ptr(), size)?;
+        let buf = get(&m.buf);
+        Some(filter::big_endian([buf[0], buf[1], buf[2], buf[3]], size))
+    }
+}
+
+impl filter::Frame for WireFrame<'_> {
+    fn wire_len(&self) -> u32 {
+        self.len
+    }
+
+    #[inline(always)]
+    fn load(&self, m: &mut Machine, offset: u32, size: u32) -> Option<u32> {
+        if !self.tagged {
+            return self.load_data(m, offset, size);
+        }
+        let end = offset.checked_add(size)?;
+        if end > self.len {
+            return None;
+        }
+        if end > HEAD_BYTES {
+            // Loads are at most 4 bytes, so this one starts after the tag.
+            return self.load_data(m, offset - 4, size);
+        }
+        // A mask, not a comparison: it bounds the very register that indexes (`end` checked
+        // above already keeps `offset` below HEAD_BYTES).
+        let at = (offset & 31) as usize;
+        let bytes = [get(&m.head[at]), get(&m.head[at + 1]), get(&m.head[at + 2]), get(&m.head[at + 3])];
+        Some(filter::big_endian(bytes, size))
     }
 }

@@ -20,6 +20,12 @@ use crate::cli::{Cli, Command};
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Mirror(_)) {
+        // `vmsniff status | head` should end quietly, as other tools do, not panic on a closed
+        // pipe. Not for `mirror`: it must live to detach its session.
+        // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -32,6 +38,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Attach(args) => cli::attach::run(&sources, args).await,
             Command::Detach(args) => cli::detach::run(&sources, args).await,
+            Command::Update(args) => cli::update::run(&sources, args).await,
             Command::Status(args) => cli::status::run(&sources, args).await,
             Command::Mirror(args) => cli::mirror::run(&sources, args).await,
             Command::List(args) => cli::list::run(&sources, args).await,

@@ -1,4 +1,5 @@
-//! Project commands: `cargo xtask setup | demo | test | vm-run | vm-test`.
+//! Project commands: `cargo xtask setup | demo | test | bench | vm-run | vm-test`.
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -26,6 +27,9 @@ enum Command {
     /// Every test: unit tests, then the privileged suite on this kernel and in Debian's 5.10,
     /// 6.1 and 6.12 under QEMU (as root).
     Test,
+    /// Measure vmsniff's cost per frame with the kernel's BPF statistics and write
+    /// BENCHMARKS.md (as root; not part of the tests).
+    Bench(bench::BenchArgs),
     /// Boot a Debian kernel under QEMU and run one command inside it.
     VmRun(vm::VmRunArgs),
     /// Run the privileged test suite inside Debian kernels under QEMU (and on the host).
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Demo(args) => demo::run(args, &workspace()),
         Command::Test => test::run(&workspace()),
+        Command::Bench(args) => bench::run(args, &workspace()),
         Command::VmRun(args) => vm::run_command(args),
         Command::VmTest(args) => vm::test_command(args),
     }

@@ -22,6 +22,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("pkg-config", "virt-sys finds libvirt through pkg-config"),
     ("libvirt-clients", "virsh, to check the libvirt test-driver fixtures by hand"),
     ("openvswitch-switch", "ovsdb-server and ovs-vsctl: tests run a real OVSDB for vmsniff to read"),
+    ("libpcap-dev", "vmsniff compiles --filter expressions with libpcap"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -3,7 +3,8 @@
 //! detach goes on past a failing step and reports every failure at the end.
 use aya::programs::SchedClassifier;
 use vmsniff_ebpf::{
-    SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TapSessions, TcHook, program_name,
+    SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TapSessions,
+    TcHook, program_name,
 };
 
 use super::{
@@ -18,6 +19,7 @@ use crate::{
         attach::{AttachPlan, AttachStep},
         detach::DetachStep,
         request::AttachMode,
+        update::UpdatePlan,
     },
 };
 
@@ -85,7 +87,11 @@ async fn apply_attach_step(
             maps.set_session(*id, &claimed)?;
             undo.push(DetachStep::FreeSession { id: *id });
         }
-        AttachStep::ResetCounters { id } => maps.reset_counters(*id)?,
+        AttachStep::ResetCounters { id } => {
+            maps.reset_counters(*id)?;
+            maps.reset_rate(*id)?;
+        }
+        AttachStep::WriteFilter { id, filter } => maps.set_filter(*id, 0, filter)?,
         AttachStep::CreateGreDevice { id, direction, device } => {
             let ifindex = gre::create(&kernel.netlink, device).await?;
             session.target_ifindex[direction.index()] = ifindex;
@@ -98,6 +104,42 @@ async fn apply_attach_step(
             // Record the device at once, so that a crash from here on leaves it findable.
             let mut claimed = maps.session(*id)?;
             claimed.target_ifindex[direction.index()] = ifindex;
+            maps.set_session(*id, &claimed)?;
+        }
+        AttachStep::AttachCopyProgram { id, direction, device } => {
+            let d = direction.index();
+            let ifindex = session.target_ifindex[d];
+            if tc::ensure_clsact(&kernel.netlink, device, ifindex).await? {
+                session.target_flags |= TARGET_CREATED_CLSACT << d;
+                undo.push(DetachStep::RemoveClsactIfUnused {
+                    tap_ifindex: ifindex,
+                    tap_name: device.clone(),
+                });
+            }
+            let priority = tc::first_priority(&kernel.netlink, device, ifindex, TcHook::Egress).await?;
+            let program = load_program(ebpf, program_name::COPY_EGRESS)?;
+            let attached = tc::attach(
+                program,
+                &kernel.paths,
+                device,
+                ifindex,
+                TcHook::Egress,
+                AttachMode::Netlink,
+                priority,
+            )?;
+            undo.push(DetachStep::DetachCopyProgram {
+                id: *id,
+                ifindex,
+                nl_priority: attached.nl_priority,
+                nl_handle: attached.nl_handle,
+            });
+            session.target_nl_priority[d] = attached.nl_priority;
+            session.target_nl_handle[d] = attached.nl_handle;
+            // Record the filter at once, so that a crash from here on leaves it findable.
+            let mut claimed = maps.session(*id)?;
+            claimed.target_nl_priority = session.target_nl_priority;
+            claimed.target_nl_handle = session.target_nl_handle;
+            claimed.target_flags = session.target_flags;
             maps.set_session(*id, &claimed)?;
         }
         AttachStep::RegisterTap { tap, mode } => {
@@ -163,10 +205,10 @@ async fn apply_attach_step(
 }
 
 fn tap_program(ebpf: &mut aya::Ebpf, hook: TcHook) -> Result<&mut SchedClassifier, KernelError> {
-    let name = match hook {
-        TcHook::Ingress => program_name::TAP_INGRESS,
-        TcHook::Egress => program_name::TAP_EGRESS,
-    };
+    load_program(ebpf, tc::tap_program_name(hook))
+}
+
+fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut SchedClassifier, KernelError> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or_else(|| KernelError::Io {
@@ -191,6 +233,24 @@ fn update_tap(
     let mut entry = maps.tap(ifindex)?.unwrap_or(TapSessions::EMPTY);
     change(&mut entry);
     maps.set_tap(ifindex, &entry)
+}
+
+/// Applies an update plan: the idle filter slot, then the session's entry in one write (the
+/// switch), then the token bucket. A failure before the switch changes nothing the programs
+/// read; the switch is one map write, so it happens entirely or not at all.
+pub fn apply_update(kernel: &Kernel, plan: &UpdatePlan) -> Result<(), KernelError> {
+    let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
+        op: format!("vmsniff has no pinned maps under {}", kernel.paths.maps_dir().display()),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+    })?;
+    if let Some((slot, filter)) = &plan.filter {
+        maps.set_filter(plan.id, *slot, filter)?;
+    }
+    maps.set_session(plan.id, &plan.config)?;
+    if plan.reset_rate {
+        maps.reset_rate(plan.id)?;
+    }
+    Ok(())
 }
 
 /// Applies detach steps, all of them: returns the failures, each with the step it came from.
@@ -244,10 +304,29 @@ async fn apply_detach_step(
             tc::detach(
                 &kernel.netlink,
                 &kernel.paths,
-                tap_name,
-                *tap_ifindex,
-                *hook,
+                tc::Filter {
+                    name: tap_name,
+                    ifindex: *tap_ifindex,
+                    hook: *hook,
+                    program: tc::tap_program_name(*hook),
+                },
                 *mode,
+                *nl_priority,
+                *nl_handle,
+            )
+            .await
+        }
+        DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle } => {
+            tc::detach(
+                &kernel.netlink,
+                &kernel.paths,
+                tc::Filter {
+                    name: &format!("session {id}'s target"),
+                    ifindex: *ifindex,
+                    hook: TcHook::Egress,
+                    program: program_name::COPY_EGRESS,
+                },
+                AttachMode::Netlink,
                 *nl_priority,
                 *nl_handle,
             )

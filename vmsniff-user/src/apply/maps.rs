@@ -7,7 +7,9 @@ use aya::{
     util::nr_cpus,
 };
 use vmsniff_ebpf::{
-    Direction, DirectionCounters, SESSION_FREE, SessionConfig, TapSessions, counter_index, map_name,
+    Direction, DirectionCounters, SESSION_FREE, SessionConfig, TapSessions, TokenBucket, counter_index,
+    filter::{Filter, filter_index},
+    map_name,
 };
 
 use super::KernelError;
@@ -20,12 +22,14 @@ pub struct PinnedMaps {
     pub sessions: Array<MapData, SessionConfig>,
     pub taps: HashMap<MapData, u32, TapSessions>,
     pub counters: PerCpuArray<MapData, DirectionCounters>,
+    pub filters: Array<MapData, Filter>,
+    pub rate: Array<MapData, TokenBucket>,
 }
 
 impl PinnedMaps {
     /// Opens the namespace's pinned maps; `None` when vmsniff has no state here.
     pub fn open(paths: &PinPaths) -> Result<Option<Self>, KernelError> {
-        let names = [map_name::SESSIONS, map_name::TAPS, map_name::COUNTERS];
+        let names = map_name::PINNED;
         let present = names.iter().filter(|n| paths.map(n).exists()).count();
         if present == 0 {
             return Ok(None);
@@ -49,6 +53,8 @@ impl PinnedMaps {
             taps: HashMap::try_from(aya::maps::Map::HashMap(open(map_name::TAPS)?)).map_err(mismatch)?,
             counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(map_name::COUNTERS)?))
                 .map_err(mismatch)?,
+            filters: Array::try_from(aya::maps::Map::Array(open(map_name::FILTERS)?)).map_err(mismatch)?,
+            rate: Array::try_from(aya::maps::Map::Array(open(map_name::RATE)?)).map_err(mismatch)?,
         }))
     }
 
@@ -59,17 +65,14 @@ impl PinnedMaps {
             fs::create_dir_all(paths.maps_dir())
                 .map_err(KernelError::io(format!("creating {}", paths.maps_dir().display())))?;
         }
-        let (sessions, taps, counters) =
-            (paths.map(map_name::SESSIONS), paths.map(map_name::TAPS), paths.map(map_name::COUNTERS));
-        EbpfLoader::new()
-            .map_pin_path(map_name::SESSIONS, sessions.as_path())
-            .map_pin_path(map_name::TAPS, taps.as_path())
-            .map_pin_path(map_name::COUNTERS, counters.as_path())
-            .load(EBPF_OBJECT)
-            .map_err(|source| KernelError::Ebpf {
-                op: "loading vmsniff's eBPF object".into(),
-                source: Box::new(source),
-            })
+        let mut loader = EbpfLoader::new();
+        for name in map_name::PINNED {
+            loader.map_pin_path(name, paths.map(name));
+        }
+        loader.load(EBPF_OBJECT).map_err(|source| KernelError::Ebpf {
+            op: "loading vmsniff's eBPF object".into(),
+            source: Box::new(source),
+        })
     }
 
     /// The state the planner works from.
@@ -130,6 +133,26 @@ impl PinnedMaps {
             total.add(cpu);
         }
         Ok(total)
+    }
+
+    /// Writes one of a session's two filter slots.
+    pub fn set_filter(&mut self, id: u32, slot: u32, filter: &Filter) -> Result<(), KernelError> {
+        self.filters
+            .set(filter_index(id, slot), filter, 0)
+            .map_err(KernelError::map(format!("writing session {id}'s filter")))
+    }
+
+    pub fn filter(&self, id: u32, slot: u32) -> Result<Filter, KernelError> {
+        self.filters
+            .get(&filter_index(id, slot), 0)
+            .map_err(KernelError::map(format!("reading session {id}'s filter")))
+    }
+
+    /// Empties a session's token bucket record: the next copy starts with a full bucket.
+    pub fn reset_rate(&mut self, id: u32) -> Result<(), KernelError> {
+        self.rate
+            .set(id, TokenBucket::default(), 0)
+            .map_err(KernelError::map(format!("resetting session {id}'s rate limit")))
     }
 
     pub fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {

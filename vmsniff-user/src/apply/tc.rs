@@ -145,19 +145,27 @@ pub fn attach(
     }
 }
 
+/// Which of vmsniff's programs to detach, from where.
+pub struct Filter<'a> {
+    /// The interface's name when attached, for messages (it may have been renamed since).
+    pub name: &'a str,
+    pub ifindex: u32,
+    pub hook: TcHook,
+    /// The program the filter must run to be vmsniff's.
+    pub program: &'a str,
+}
+
 /// Detaches vmsniff's program from one hook. A tap that no longer exists took its programs
 /// with it: that is success.
-#[allow(clippy::too_many_arguments)]
 pub async fn detach(
     netlink: &Netlink,
     paths: &PinPaths,
-    tap_name: &str,
-    tap_ifindex: u32,
-    hook: TcHook,
+    filter: Filter<'_>,
     mode: AttachMode,
     nl_priority: u16,
     nl_handle: u32,
 ) -> Result<(), KernelError> {
+    let Filter { name: tap_name, ifindex: tap_ifindex, hook, program } = filter;
     match mode {
         AttachMode::Tcx => {
             let path = paths.link(tap_ifindex, hook);
@@ -182,7 +190,7 @@ pub async fn detach(
                 return Ok(());
             };
             let tap_name = tap_name.as_str();
-            if !is_our_filter(netlink, tap_ifindex, hook, nl_priority, nl_handle).await? {
+            if !is_our_filter(netlink, tap_ifindex, hook, program, nl_priority, nl_handle).await? {
                 log::warn!(
                     "{tap_name}'s {} hook has no vmsniff filter at priority {nl_priority} handle {nl_handle:#x}: nothing to detach there",
                     hook.as_str()
@@ -249,17 +257,22 @@ async fn bpf_filters(
         .collect())
 }
 
+/// The tap program that runs on `hook`.
+pub fn tap_program_name(hook: TcHook) -> &'static str {
+    match hook {
+        TcHook::Ingress => vmsniff_ebpf::program_name::TAP_INGRESS,
+        TcHook::Egress => vmsniff_ebpf::program_name::TAP_EGRESS,
+    }
+}
+
 async fn is_our_filter(
     netlink: &Netlink,
     ifindex: u32,
     hook: TcHook,
+    expected: &str,
     priority: u16,
     handle: u32,
 ) -> Result<bool, KernelError> {
-    let expected = match hook {
-        TcHook::Ingress => vmsniff_ebpf::program_name::TAP_INGRESS,
-        TcHook::Egress => vmsniff_ebpf::program_name::TAP_EGRESS,
-    };
     Ok(bpf_filters(netlink, ifindex, hook)
         .await?
         .iter()

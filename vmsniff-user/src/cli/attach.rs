@@ -1,7 +1,7 @@
 //! `vmsniff attach`: start a persistent mirror, print its session id.
 use clap::Args;
 
-use super::target::MirrorArgs;
+use super::{controls::ControlArgs, target::MirrorArgs};
 use crate::{
     plan::request::{AttachRequest, Tap},
     resolve::vm::{Resolved, Sources},
@@ -12,11 +12,14 @@ use crate::{
 pub struct AttachArgs {
     #[command(flatten)]
     pub mirror: MirrorArgs,
+
+    #[command(flatten)]
+    pub controls: ControlArgs,
 }
 
 pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, sources, &args.mirror, None).await?;
+    let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, None).await?;
     // The id alone on stdout, so that `S=$(vmsniff attach ...)` works.
     println!("{id}");
     Ok(())
@@ -28,8 +31,10 @@ pub async fn attach(
     namespace: &Namespace,
     sources: &Sources,
     args: &MirrorArgs,
+    controls: &ControlArgs,
     foreground_pid: Option<u32>,
 ) -> anyhow::Result<(u32, AttachRequest)> {
+    let controls = controls.controls()?;
     let netlink = &namespace.kernel.netlink;
     let resolved = args.resolve(sources, netlink).await?;
     let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
@@ -39,6 +44,7 @@ pub async fn attach(
         target,
         key: args.key,
         directions: args.direction,
+        controls,
         mode: args.attach_mode,
         tcx_supported: tcx_supported(),
         foreground_pid,

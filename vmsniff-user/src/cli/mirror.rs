@@ -22,7 +22,7 @@ pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
         hangup: signal(SignalKind::hangup())?,
     };
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, sources, &args.mirror, Some(std::process::id())).await?;
+    let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, Some(std::process::id())).await?;
     println!("{id}");
     // Whatever ends the watch, an error included, the session is detached: it belongs to this
     // process and must not outlive it.
@@ -86,7 +86,7 @@ async fn counters_line(namespace: &Namespace, id: u32) -> anyhow::Result<Option<
     }
     let status = status::read(&namespace.kernel.netlink, Some(&maps), &observed).await?;
     let Some(s) = status.sessions.iter().find(|s| s.session == id) else { return Ok(None) };
-    Ok(Some(format!(
+    let mut line = format!(
         "session {id} on {} [{}]: out {} frames {} bytes | in {} frames {} bytes | lost {}",
         s.tap,
         s.state,
@@ -95,5 +95,17 @@ async fn counters_line(namespace: &Namespace, id: u32) -> anyhow::Result<Option<
         s.counters.into_vm.frames,
         s.counters.into_vm.bytes,
         status::lost(s)
-    )))
+    );
+    let (o, i) = (&s.counters.out_of_vm, &s.counters.into_vm);
+    for (what, value, shown) in [
+        ("filtered", o.filtered + i.filtered, s.filter.is_some()),
+        ("sampled out", o.sampled_out + i.sampled_out, s.sample > 1),
+        ("rate limited", o.rate_limited + i.rate_limited, s.rate_limit.is_some()),
+        ("truncated", o.truncated + i.truncated, s.snaplen.is_some()),
+    ] {
+        if shown {
+            line.push_str(&format!(" | {what} {value}"));
+        }
+    }
+    Ok(Some(line))
 }

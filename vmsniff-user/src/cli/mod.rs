@@ -1,12 +1,15 @@
 //! The command line: one clap enum, one module per command.
 pub mod attach;
 pub mod capture;
+pub mod controls;
 pub mod detach;
 pub mod list;
 pub mod mirror;
+pub mod sessions;
 pub mod show;
 pub mod status;
 pub mod target;
+pub mod update;
 
 use clap::{Parser, Subcommand};
 
@@ -49,6 +52,8 @@ pub enum Command {
     Attach(attach::AttachArgs),
     /// Stop mirroring: one session, every session of a tap, or all.
     Detach(detach::DetachArgs),
+    /// Change a running session's --filter, --snaplen, --sample or --rate-limit, with no gap.
+    Update(update::UpdateArgs),
     /// Show every mirror session with its counters.
     Status(status::StatusArgs),
     /// Mirror in the foreground with live counters; Ctrl-C or SIGTERM detaches.

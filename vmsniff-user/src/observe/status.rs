@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 use vmsniff_ebpf::{
-    Direction, DirectionCounters, SESSION_ACTIVE, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV,
+    Direction, DirectionCounters, FILTER_SLOT_BASE, RATE_BITS, RATE_PACKETS, SESSION_ACTIVE, SessionConfig,
+    TARGET_GRE, TARGET_LOCAL_DEV,
 };
 
 use crate::{
@@ -12,7 +13,9 @@ use crate::{
     netlink::{LinkStats, Netlink},
     plan::{
         Observed,
+        controls::{RateLimit, RateUnit},
         detach::ifname,
+        filter::stored_expression,
         request::{AttachMode, Directions},
     },
 };
@@ -41,6 +44,14 @@ pub struct SessionStatus {
     pub ttl: Option<u8>,
     pub tos: Option<u8>,
     pub direction: &'static str,
+    /// `--filter`: the tcpdump expression, or null for every frame.
+    pub filter: Option<String>,
+    /// `--sample`: 1 frame in N (1 = every frame).
+    pub sample: u32,
+    /// `--rate-limit`, in tc's units (`10mbit`, `50kpps`), or null.
+    pub rate_limit: Option<String>,
+    /// `--snaplen`: copies cut to this many bytes, or null for whole frames.
+    pub snaplen: Option<u32>,
     pub attach_mode: Option<&'static str>,
     /// `active`; `tap-gone` (the tap was deleted: its VM stopped or moved); `orphaned` (its
     /// owner process died; the next vmsniff command removes it); `busy` (being created or
@@ -74,14 +85,30 @@ impl<T> PerDirection<T> {
 #[derive(Debug, Serialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub struct Counters {
+    /// Copies sent, and their bytes.
     pub frames: u64,
     pub bytes: u64,
     pub clone_errors: u64,
+    /// Frames not copied: not matching `--filter`, not drawn by `--sample`, over
+    /// `--rate-limit`.
+    pub filtered: u64,
+    pub sampled_out: u64,
+    pub rate_limited: u64,
+    /// Copies cut to `--snaplen`.
+    pub truncated: u64,
 }
 
 impl From<DirectionCounters> for Counters {
     fn from(c: DirectionCounters) -> Self {
-        Counters { frames: c.frames, bytes: c.bytes, clone_errors: c.clone_errors }
+        Counters {
+            frames: c.frames,
+            bytes: c.bytes,
+            clone_errors: c.clone_errors,
+            filtered: c.filtered,
+            sampled_out: c.sampled_out,
+            rate_limited: c.rate_limited,
+            truncated: c.truncated,
+        }
     }
 }
 
@@ -154,6 +181,15 @@ async fn session_status(
                 link.map(|l| DeviceStatus { name: l.name, ifindex, up: l.up, stats: l.stats });
         }
     }
+    let filter = match (maps, config.filter.checked_sub(FILTER_SLOT_BASE)) {
+        (Some(maps), Some(slot)) => Some(stored_expression(&maps.filter(id, slot)?)),
+        _ => None,
+    };
+    let rate_limit = match config.rate_unit {
+        RATE_BITS => Some(RateLimit { unit: RateUnit::Bits, rate: config.rate, burst: config.burst }),
+        RATE_PACKETS => Some(RateLimit { unit: RateUnit::Packets, rate: config.rate, burst: config.burst }),
+        _ => None,
+    };
     let gre = config.target_kind == TARGET_GRE;
     let to_dev = (config.target_kind == TARGET_LOCAL_DEV)
         .then(|| devices.into_vm.as_ref().or(devices.out_of_vm.as_ref()).map(|d| d.name.clone()))
@@ -170,6 +206,10 @@ async fn session_status(
         ttl: gre.then_some(config.ttl),
         tos: gre.then_some(config.tos),
         direction: directions.as_str(),
+        filter,
+        sample: config.sample_every.max(1),
+        rate_limit: rate_limit.map(|r| r.to_string()),
+        snaplen: (config.snaplen != 0).then_some(config.snaplen),
         attach_mode: tap_entry.and_then(|t| AttachMode::from_abi(t.attach_mode)).map(AttachMode::as_str),
         state,
         owner_pid: (config.owner_pid != 0).then_some(config.owner_pid),
@@ -220,8 +260,40 @@ pub fn render_table(status: &Status) -> String {
             s.counters.into_vm.bytes,
             lost(s),
         ));
+        if let Some(line) = controls_line(s) {
+            out.push_str(&line);
+        }
     }
     out
+}
+
+/// The session's mirror controls and what they held back, under its row; `None` without any.
+fn controls_line(s: &SessionStatus) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(filter) = &s.filter {
+        parts.push(format!("filter {filter:?}"));
+    }
+    if s.sample > 1 {
+        parts.push(format!("sample 1/{}", s.sample));
+    }
+    if let Some(rate) = &s.rate_limit {
+        parts.push(format!("rate-limit {rate}"));
+    }
+    if let Some(snaplen) = s.snaplen {
+        parts.push(format!("snaplen {snaplen}"));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    let sum = |f: fn(&Counters) -> u64| f(&s.counters.into_vm) + f(&s.counters.out_of_vm);
+    Some(format!(
+        "        {}; not copied: filtered {}, sampled out {}, rate limited {}; truncated {}\n",
+        parts.join(", "),
+        sum(|c| c.filtered),
+        sum(|c| c.sampled_out),
+        sum(|c| c.rate_limited),
+        sum(|c| c.truncated),
+    ))
 }
 
 /// Copies that left no trace at the collector: clone failures, plus what the session's own GRE

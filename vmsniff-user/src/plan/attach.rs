@@ -3,8 +3,8 @@ use std::net::Ipv4Addr;
 
 use thiserror::Error;
 use vmsniff_ebpf::{
-    Direction, MAX_GRE_USER_KEY, MAX_SESSION_ID, MAX_SESSIONS_PER_TAP, SESSION_ACTIVE, SESSION_BUSY,
-    SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TcHook, gre_wire_key,
+    Direction, FILTER_SLOT_BASE, MAX_GRE_USER_KEY, MAX_SESSION_ID, MAX_SESSIONS_PER_TAP, SESSION_ACTIVE,
+    SESSION_BUSY, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TcHook, filter::Filter, gre_wire_key,
 };
 
 use super::{
@@ -70,10 +70,18 @@ pub struct AttachPlan {
 pub enum AttachStep {
     /// Take the session slot, marked busy (skipped by the programs) and owned by this process.
     ClaimSession { id: u32, config: SessionConfig },
-    /// Zero the slot's per-CPU counters, left from an earlier session with this id.
+    /// Zero the slot's per-CPU counters and token bucket, left from an earlier session with
+    /// this id.
     ResetCounters { id: u32 },
+    /// Write the session's filter program into its first filter slot (before activation, so
+    /// the session never runs without it).
+    WriteFilter { id: u32, filter: Box<Filter> },
     /// Create and raise one direction's GRE device.
     CreateGreDevice { id: u32, direction: Direction, device: GreDevice },
+    /// Attach the copy program (it cuts copies to the snaplen) to the egress hook of one
+    /// direction's target device, adding a clsact qdisc there if it has none. Always, so that
+    /// `update --snaplen` needs no attach.
+    AttachCopyProgram { id: u32, direction: Direction, device: String },
     /// Record the tap (empty session list, attach mode) before its programs are attached, so
     /// that a run that dies half-way leaves a record of what to clean.
     RegisterTap { tap: Tap, mode: AttachMode },
@@ -153,6 +161,10 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     config.owner_pid = request.foreground_pid.unwrap_or(0);
     config.key = key;
     config.created_at = request.now;
+    request.controls.apply_to(&mut config);
+    if request.controls.filter.is_some() {
+        config.filter = FILTER_SLOT_BASE;
+    }
     match &request.target {
         Target::Gre { remote, ttl, tos } => {
             config.target_kind = TARGET_GRE;
@@ -173,6 +185,9 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
         AttachStep::ClaimSession { id: session_id, config },
         AttachStep::ResetCounters { id: session_id },
     ];
+    if let Some(filter) = &request.controls.filter {
+        steps.push(AttachStep::WriteFilter { id: session_id, filter: Box::new(filter.to_map_value()) });
+    }
     if let Target::Gre { remote, ttl, tos } = &request.target {
         for direction in request.directions.iter() {
             steps.push(AttachStep::CreateGreDevice {
@@ -188,6 +203,15 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
                 },
             });
         }
+    }
+    for direction in request.directions.iter() {
+        let device = match &request.target {
+            Target::Gre { .. } => gre_device_name(session_id, direction),
+            // Both directions share the device: one copy program serves them.
+            Target::LocalDev { .. } if Some(direction) != request.directions.iter().next() => continue,
+            Target::LocalDev { name, .. } => name.clone(),
+        };
+        steps.push(AttachStep::AttachCopyProgram { id: session_id, direction, device });
     }
     if existing_tap.is_none() {
         steps.push(AttachStep::RegisterTap { tap: request.tap.clone(), mode });
@@ -251,7 +275,11 @@ mod tests {
     use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, TapSessions};
 
     use super::*;
-    use crate::plan::request::Directions;
+    use crate::plan::{
+        controls::{Controls, parse_rate_limit},
+        filter::{compile, stored_expression},
+        request::Directions,
+    };
 
     fn request(target: Target) -> AttachRequest {
         AttachRequest {
@@ -259,6 +287,7 @@ mod tests {
             target,
             key: None,
             directions: Directions::Both,
+            controls: Controls::default(),
             mode: AttachModeChoice::Auto,
             tcx_supported: true,
             foreground_pid: None,
@@ -289,6 +318,32 @@ mod tests {
     }
 
     #[test]
+    fn controls_reach_the_session_and_the_filter_is_written_before_activation() {
+        let mut req = request(gre([192, 0, 2, 10]));
+        req.controls = Controls {
+            filter: Some(compile("tcp port 443").unwrap()),
+            sample_every: 10,
+            rate_limit: Some(parse_rate_limit("10mbit").unwrap()),
+            snaplen: 128,
+        };
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
+        let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
+        assert_eq!((config.filter, config.sample_every), (FILTER_SLOT_BASE, 10));
+        assert_eq!((config.rate_unit, config.rate), (vmsniff_ebpf::RATE_BITS, 10_000_000));
+        assert_eq!(config.snaplen, 128);
+        let position = |wanted: fn(&AttachStep) -> bool| plan.steps.iter().position(wanted).unwrap();
+        let write = position(|s| matches!(s, AttachStep::WriteFilter { .. }));
+        assert!(write < position(|s| matches!(s, AttachStep::ActivateSession { .. })));
+        let AttachStep::WriteFilter { filter, .. } = &plan.steps[write] else { panic!() };
+        assert_eq!(stored_expression(filter), "tcp port 443");
+
+        let plain = plan_attach(&request(gre([192, 0, 2, 10])), &Observed::default()).unwrap();
+        let AttachStep::ClaimSession { config, .. } = &plain.steps[0] else { panic!() };
+        assert_eq!((config.filter, config.sample_every, config.rate_unit), (0, 1, 0));
+        assert!(!plain.steps.iter().any(|s| matches!(s, AttachStep::WriteFilter { .. })));
+    }
+
+    #[test]
     fn first_session_creates_devices_then_attaches_then_publishes() {
         let plan = plan_attach(&request(gre([192, 0, 2, 10])), &Observed::default()).unwrap();
         assert_eq!(plan.session_id, 1);
@@ -299,7 +354,9 @@ mod tests {
             .map(|s| match s {
                 AttachStep::ClaimSession { .. } => "claim",
                 AttachStep::ResetCounters { .. } => "reset",
+                AttachStep::WriteFilter { .. } => "filter",
                 AttachStep::CreateGreDevice { .. } => "gre",
+                AttachStep::AttachCopyProgram { .. } => "copy",
                 AttachStep::RegisterTap { .. } => "register",
                 AttachStep::EnsureClsact { .. } => "clsact",
                 AttachStep::AttachProgram { .. } => "attach",
@@ -309,7 +366,10 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["claim", "reset", "gre", "gre", "register", "attach", "attach", "activate", "publish"]
+            [
+                "claim", "reset", "gre", "gre", "copy", "copy", "register", "attach", "attach", "activate",
+                "publish"
+            ]
         );
         let keys: Vec<u32> = plan
             .steps
@@ -346,6 +406,15 @@ mod tests {
             .collect();
         assert_eq!(devices.len(), 1);
         assert_eq!(devices[0].name, "vms1-in");
+        let copies: Vec<&str> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                AttachStep::AttachCopyProgram { device, .. } => Some(device.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(copies, ["vms1-in"], "the copy program goes where the copies go");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Planning a detach: stop mirroring first, then remove exactly what vmsniff created.
 use std::collections::BTreeSet;
 
-use vmsniff_ebpf::{Direction, TAP_CREATED_CLSACT, TARGET_GRE, TcHook};
+use vmsniff_ebpf::{
+    Direction, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV, TcHook,
+};
 
 use super::{Observed, request::AttachMode};
 use crate::paths::gre_device_name;
@@ -21,6 +23,9 @@ pub enum DetachStep {
         nl_priority: u16,
         nl_handle: u32,
     },
+    /// Detach a session's copy program from its target device's egress hook (the device may
+    /// be gone already: nothing to do then).
+    DetachCopyProgram { id: u32, ifindex: u32, nl_priority: u16, nl_handle: u32 },
     /// Remove the clsact qdisc vmsniff added, if no filter of anybody else's is left in it.
     RemoveClsactIfUnused { tap_ifindex: u32, tap_name: String },
     /// Delete the tap's entry.
@@ -71,6 +76,26 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
 
     for &id in &ids {
         let session = &observed.sessions[&id];
+        // A GRE device takes its filter with it; a local device outlives the session.
+        if session.target_kind == TARGET_LOCAL_DEV {
+            for direction in Direction::ALL {
+                let (ifindex, nl_priority) = (
+                    session.target_ifindex[direction.index()],
+                    session.target_nl_priority[direction.index()],
+                );
+                if ifindex == 0 || nl_priority == 0 {
+                    continue;
+                }
+                let nl_handle = session.target_nl_handle[direction.index()];
+                steps.push(DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle });
+                if session.target_flags & (TARGET_CREATED_CLSACT << direction.index()) != 0 {
+                    steps.push(DetachStep::RemoveClsactIfUnused {
+                        tap_ifindex: ifindex,
+                        tap_name: format!("ifindex {ifindex}"),
+                    });
+                }
+            }
+        }
         if session.target_kind == TARGET_GRE {
             for direction in Direction::ALL {
                 let ifindex = session.target_ifindex[direction.index()];
@@ -220,5 +245,37 @@ mod tests {
     #[test]
     fn unknown_ids_change_nothing() {
         assert!(plan_detach(&BTreeSet::from([99]), &observed()).is_empty());
+    }
+
+    #[test]
+    fn a_local_target_loses_exactly_the_copy_filter_and_qdisc_vmsniff_added() {
+        let mut observed = observed();
+        observed.sessions.insert(
+            4,
+            SessionConfig {
+                state: SESSION_ACTIVE,
+                target_kind: TARGET_LOCAL_DEV,
+                target_ifindex: [40, 40],
+                target_nl_priority: [49151, 0],
+                target_nl_handle: [2, 0],
+                target_flags: TARGET_CREATED_CLSACT,
+                ..SessionConfig::EMPTY
+            },
+        );
+        let steps = plan_detach(&BTreeSet::from([4]), &observed);
+        let copy_steps: Vec<&DetachStep> = steps
+            .iter()
+            .filter(|s| {
+                matches!(s, DetachStep::DetachCopyProgram { .. } | DetachStep::RemoveClsactIfUnused { .. })
+            })
+            .collect();
+        assert_eq!(
+            copy_steps,
+            [
+                &DetachStep::DetachCopyProgram { id: 4, ifindex: 40, nl_priority: 49151, nl_handle: 2 },
+                &DetachStep::RemoveClsactIfUnused { tap_ifindex: 40, tap_name: "ifindex 40".into() },
+            ]
+        );
+        assert!(!steps.iter().any(|s| matches!(s, DetachStep::DeleteGreDevice { .. })));
     }
 }

@@ -3,6 +3,8 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, Direction};
 
+use super::controls::Controls;
+
 /// `--direction in|out|both`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Directions {
@@ -125,6 +127,8 @@ pub struct AttachRequest {
     /// `--key`; the session id when absent.
     pub key: Option<u32>,
     pub directions: Directions,
+    /// What of the tap's frames is copied.
+    pub controls: Controls,
     pub mode: AttachModeChoice,
     /// Kernel >= 6.6: TCX is available.
     pub tcx_supported: bool,
