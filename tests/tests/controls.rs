@@ -2,6 +2,7 @@
 //! `--snaplen`, `--sample` and `--rate-limit` changes exactly what is copied and is counted,
 //! `update` switches a live session without losing a frame, and bad input changes nothing.
 use std::{
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -248,56 +249,79 @@ fn update_switches_the_filter_without_losing_a_vm_frame_or_a_matching_copy() {
     let mut hv = Hypervisor::new();
     let mirror = hv.mirror_port();
     let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--filter", "udp port 1000"]);
-    let port = |i: u32| if i.is_multiple_of(2) { 1000 } else { 2000 };
-    let sent: Vec<Vec<u8>> = (0..3000u32)
-        .map(|i| {
-            frames::ipv4(VM_MAC, PEER_MAC, [10, 0, 0, 2], [10, 0, 0, 1], L4::Udp(port(i), port(i)), i, 80)
-        })
-        .collect();
-    // The VM sends all the while; the update lands somewhere in the middle.
-    let started = Instant::now();
+    // Even frames go to port 1000 (the old filter's), odd ones to port 2000 (the new one's).
+    let port = |seq: u32| if seq.is_multiple_of(2) { 1000 } else { 2000 };
+    let frame = |seq: u32| {
+        frames::ipv4(VM_MAC, PEER_MAC, [10, 0, 0, 2], [10, 0, 0, 1], L4::Udp(port(seq), port(seq)), seq, 80)
+    };
+    // The VM sends from before the update until well after it, however long the update takes
+    // (seconds on an emulated CPU).
+    let updated = AtomicBool::new(false);
+    let mut sent: Vec<Vec<u8>> = Vec::new();
     let Hypervisor { ns, port: vm_port } = &mut hv;
     thread::scope(|scope| {
-        let updater = scope.spawn(|| {
-            thread::sleep(Duration::from_millis(150));
+        scope.spawn(|| {
+            thread::sleep(Duration::from_millis(100));
             vmsniff::ok(ns, &["update", &id.to_string(), "--filter", "udp port 2000"]);
+            updated.store(true, Ordering::SeqCst);
         });
-        for (i, frame) in sent.iter().enumerate() {
-            vm_port.vm.send(frame);
-            if i % 100 == 99 {
-                thread::sleep(Duration::from_millis(10));
+        let (mut after, started) = (0, Instant::now());
+        while after < 500 {
+            // The peer's socket buffer holds about 60000 of these frames.
+            assert!(
+                sent.len() < 50_000 && started.elapsed() < Duration::from_secs(120),
+                "the update did not finish while the VM sent {} frames in {:?}",
+                sent.len(),
+                started.elapsed()
+            );
+            if updated.load(Ordering::SeqCst) {
+                after += 1;
+            }
+            let next = frame(sent.len() as u32);
+            vm_port.vm.send(&next);
+            sent.push(next);
+            if sent.len() % 20 == 0 {
+                thread::sleep(Duration::from_millis(5));
             }
         }
-        updater.join().expect("the update thread failed");
     });
     let arrived = hv.port.peer.capture(sent.len(), WAIT, is_marked);
     assert_frames_eq("frames the VM sent, at the peer", &sent, &arrived);
     let copies = mirror.drain(QUIET * 2, is_marked);
-    // The copies are the old filter's matches up to some frame, then the new one's: no
-    // matching frame on either side of the switch is missing, none is extra.
-    let switch = (0..=sent.len()).find(|&k| {
-        let expected: Vec<&Vec<u8>> = sent[..k]
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| port(*i as u32) == 1000)
-            .chain(sent[k..].iter().enumerate().filter(|(i, _)| port((k + i) as u32) == 2000))
-            .map(|(_, f)| f)
-            .collect();
-        expected.len() == copies.len() && expected.iter().zip(&copies).all(|(e, c)| *e == c)
-    });
-    let Some(switch) = switch else {
-        panic!(
-            "the {} copies are not the old filter's matches followed by the new filter's (sent {} in {:?})",
-            copies.len(),
-            sent.len(),
-            started.elapsed()
-        );
-    };
+    // The copies must be the old filter's matches up to some frame k, then the new filter's:
+    // 0, 2, 4, ..., then every odd frame from k on to the last.
+    let seqs: Vec<usize> = copies
+        .iter()
+        .map(|c| {
+            let seq = u32::from_be_bytes(c[50..54].try_into().unwrap()) as usize;
+            assert_eq!(c, &sent[seq], "copy of frame {seq} differs from the frame");
+            seq
+        })
+        .collect();
+    let evens = seqs.iter().take_while(|s| *s % 2 == 0).count();
+    let odds = &seqs[evens..];
     assert!(
-        0 < switch && switch < sent.len(),
-        "the update landed outside the stream (frame {switch}): no switch seen"
+        seqs[..evens].iter().enumerate().all(|(i, s)| *s == 2 * i),
+        "a copy before the switch is missing"
     );
-    eprintln!("controls: filter switched at frame {switch} of {}", sent.len());
+    let first_odd = *odds.first().expect("no copy after the switch");
+    assert!(
+        first_odd <= 2 * evens + 1,
+        "copies of frames {}..{first_odd} are missing at the switch",
+        2 * evens
+    );
+    assert!(
+        odds.iter().enumerate().all(|(i, s)| *s == first_odd + 2 * i),
+        "a copy after the switch is missing"
+    );
+    let last_odd = if sent.len() % 2 == 0 { sent.len() - 1 } else { sent.len() - 2 };
+    assert_eq!(*odds.last().unwrap(), last_odd, "copies of the last frames are missing");
+    assert!(evens > 0, "no copy before the switch: the update landed before the stream");
+    eprintln!(
+        "controls: filter switched between frames {} and {first_odd} of {}",
+        2 * (evens - 1),
+        sent.len()
+    );
     assert_eq!(vmsniff::session(&hv.ns, id)["filter"], "udp port 2000");
     assert_eq!(counter(&hv.ns, id, "out", "frames"), copies.len() as u64);
     assert_eq!(counter(&hv.ns, id, "out", "filtered"), (sent.len() - copies.len()) as u64);

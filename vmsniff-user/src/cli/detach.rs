@@ -16,7 +16,7 @@ pub async fn run(sources: &Sources, args: DetachArgs) -> anyhow::Result<()> {
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
     let observed = namespace.observe()?;
-    let ids = args.sessions.select(sources, &observed)?;
+    let ids = args.sessions.select("detach", sources, &observed)?;
     namespace.detach(&ids).await?;
     for id in &ids {
         log::info!("session {id} detached");

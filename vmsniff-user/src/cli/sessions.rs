@@ -56,12 +56,19 @@ impl SessionArgs {
     }
 
     /// The sessions named, all existing; an error names what matched nothing.
-    pub fn select(&self, sources: &Sources, observed: &Observed) -> anyhow::Result<BTreeSet<u32>> {
-        select(sources, observed, self, self.check()?)
+    /// `command` names the command in the error that asks for a choice.
+    pub fn select(
+        &self,
+        command: &str,
+        sources: &Sources,
+        observed: &Observed,
+    ) -> anyhow::Result<BTreeSet<u32>> {
+        select(command, sources, observed, self, self.check()?)
     }
 }
 
 fn select(
+    command: &str,
     sources: &Sources,
     observed: &Observed,
     args: &SessionArgs,
@@ -84,7 +91,7 @@ fn select(
     let (name, is_tap_flag) = match (&args.tap, &args.vm, &args.target) {
         (Some(tap), _, _) => (tap, true),
         (None, Some(vm), _) | (None, None, Some(vm)) => (vm, false),
-        (None, None, None) => bail!("say which sessions: a session id, a VM, --tap TAP, or --all"),
+        (None, None, None) => bail!("say what to {command}: a session id, a VM, --tap TAP, or --all"),
     };
     if is_tap_flag {
         validate_name(name)?;

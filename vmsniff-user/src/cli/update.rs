@@ -71,7 +71,7 @@ pub async fn run(sources: &Sources, args: UpdateArgs) -> anyhow::Result<()> {
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
     let observed = namespace.observe()?;
-    let ids = args.sessions.select(sources, &observed)?;
+    let ids = args.sessions.select("update", sources, &observed)?;
     // Plan every session first: one that cannot change stops the command before any has.
     let plans = ids
         .iter()
