@@ -10,6 +10,7 @@ mod plan;
 mod privilege;
 mod resolve;
 mod session;
+mod wire;
 
 use std::{io::Write as _, process::ExitCode};
 
