@@ -9,6 +9,13 @@
 use thiserror::Error;
 use vmsniff_ebpf::Direction;
 
+/// GRE protocol of Ethernet frames (transparent Ethernet bridging).
+pub const PROTO_TEB: u16 = 0x6558;
+/// GRE protocol of ERSPAN types I and II.
+pub const PROTO_ERSPAN_II: u16 = 0x88be;
+/// GRE protocol of ERSPAN type III.
+pub const PROTO_ERSPAN_III: u16 = 0x22eb;
+
 /// ERSPAN's session id has 10 bits.
 pub const MAX_ERSPAN_SESSION: u32 = 0x3ff;
 /// The largest key K of an ERSPAN session. The kernel's ERSPAN devices also take a 10-bit
@@ -87,9 +94,34 @@ pub const fn erspan_d_bit(direction: Direction) -> u8 {
     }
 }
 
+/// The inverse of [`erspan_d_bit`].
+pub const fn direction_of_d_bit(d: u8) -> Direction {
+    if d & 1 == 0 { Direction::Out } else { Direction::In }
+}
+
 /// ERSPAN type II has no direction field: vmsniff sends the direction as the port index.
 pub const fn erspan_ii_index(direction: Direction) -> u32 {
     direction as u32
+}
+
+/// The inverse of [`erspan_ii_index`]; `None` for an index vmsniff does not send (another
+/// sender's port index).
+pub const fn direction_of_erspan_ii_index(index: u32) -> Option<Direction> {
+    match index {
+        0 => Some(Direction::Out),
+        1 => Some(Direction::In),
+        _ => None,
+    }
+}
+
+/// pcapng EPB flags (the `epb_flags` option): bits 0-1 are the direction, 1 inbound and
+/// 2 outbound, relative to the VM.
+pub const fn pcapng_direction_flags(direction: Option<Direction>) -> u32 {
+    match direction {
+        Some(Direction::In) => 1,
+        Some(Direction::Out) => 2,
+        None => 0,
+    }
 }
 
 #[cfg(test)]
@@ -100,8 +132,14 @@ mod tests {
     fn directions_map_as_the_conventions_table_says() {
         assert_eq!(erspan_d_bit(Direction::Out), 0, "out = ingress of the VM's port");
         assert_eq!(erspan_d_bit(Direction::In), 1, "in = egress of the VM's port");
-        assert_eq!(erspan_ii_index(Direction::Out), 0);
-        assert_eq!(erspan_ii_index(Direction::In), 1);
+        assert_eq!(pcapng_direction_flags(Some(Direction::Out)), 2, "outbound");
+        assert_eq!(pcapng_direction_flags(Some(Direction::In)), 1, "inbound");
+        assert_eq!(pcapng_direction_flags(None), 0);
+        for d in Direction::ALL {
+            assert_eq!(direction_of_d_bit(erspan_d_bit(d)), d);
+            assert_eq!(direction_of_erspan_ii_index(erspan_ii_index(d)), Some(d));
+        }
+        assert_eq!(direction_of_erspan_ii_index(7), None);
     }
 
     #[test]
