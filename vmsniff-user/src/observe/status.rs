@@ -31,6 +31,9 @@ pub struct SessionStatus {
     pub session: u32,
     pub tap: String,
     pub tap_ifindex: u32,
+    /// The VM and NIC index behind the tap, when libvirt knows them (`status` only).
+    pub vm: Option<String>,
+    pub nic: Option<usize>,
     /// The collector (GRE sessions).
     pub to: Option<Ipv4Addr>,
     /// The local interface (`--to-dev` sessions).
@@ -174,6 +177,8 @@ async fn session_status(
         session: id,
         tap,
         tap_ifindex: config.tap_ifindex,
+        vm: None,
+        nic: None,
         to: (gre && config.remote_family == 4)
             .then(|| Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])),
         to_dev,
