@@ -149,22 +149,24 @@ impl Stats {
 
 /// The summary: one row per stream, then the packets that were no copies.
 pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) -> String {
+    let labels: Vec<String> = stats.streams.keys().map(|key| label(&key.interface())).collect();
+    let width = labels.iter().map(String::len).max().unwrap_or(0).max(4);
     let mut out = format!(
-        "{:<15} {:<9} {:<8} {:<24} {:<4} {:>10} {:>12} {:>6} {:>9}\n",
+        "{:<15} {:<9} {:<8} {:<width$} {:<4} {:>10} {:>12} {:>6} {:>9}\n",
         "SENDER", "ENCAP", "SESSION", "NAME", "DIR", "PACKETS", "BYTES", "LOST", "REORDERED"
     );
-    for (key, s) in &stats.streams {
+    for ((key, s), name) in stats.streams.iter().zip(&labels) {
         let (lost, reordered) = if s.sequenced {
             (s.sequence.lost.to_string(), s.sequence.reordered.to_string())
         } else {
             ("-".into(), "-".into())
         };
         out.push_str(&format!(
-            "{:<15} {:<9} {:<8} {:<24} {:<4} {:>10} {:>12} {:>6} {:>9}\n",
+            "{:<15} {:<9} {:<8} {:<width$} {:<4} {:>10} {:>12} {:>6} {:>9}\n",
             key.sender.to_string(),
             key.kind.as_str(),
             key.session,
-            label(&key.interface()),
+            name,
             key.direction.map_or("-", Direction::as_str),
             s.packets,
             s.bytes,
