@@ -427,3 +427,40 @@ fn collect_receives_attached_sessions_exactly_with_direction_and_loss() {
         vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
     }
 }
+
+#[test]
+fn bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing() {
+    if !privileged("bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing") {
+        return;
+    }
+    let hv = Hypervisor::new();
+    let before = hv.ns.link_names();
+    let scratch = Scratch::new("refused");
+    let file = scratch.path("never.pcapng");
+    let file = file.to_str().unwrap();
+    let attach = |more: &[&'static str]| -> Vec<&'static str> {
+        let mut args = vec!["attach", "--tap", TAP, "--to", "192.0.2.9"];
+        args.extend_from_slice(more);
+        args
+    };
+    for (args, needle) in [
+        (attach(&["--erspan-hwid", "3"]), "it needs --encap erspan (it was --encap gre)"),
+        (attach(&["--encap", "erspan1", "--erspan-hwid", "3"]), "(it was --encap erspan1)"),
+        (attach(&["--encap", "erspan", "--erspan-hwid", "64"]), "64"),
+        (attach(&["--encap", "erspan", "--key", "600"]), "must be at most 511"),
+        (attach(&["--encap", "vxlan"]), "vxlan"),
+        (vec!["attach", "--tap", TAP, "--to-dev", "peer0", "--encap", "erspan"], "--encap"),
+        (vec!["collect", "-w", "-", "--rotate", "1M"], "--rotate starts new files: it needs -w FILE"),
+        (vec!["collect", "-w", file, "--rotate", "10x"], "give a size such as 100M"),
+        (vec!["collect", "-w", file, "--from", "fe80::1"], "IPv4 only"),
+        (vec!["collect", "-w", file, "--from", "10.0.0.0/40"], "10.0.0.0/40"),
+        (vec!["collect", "-w", file, "--names", "/nonexistent/status.json"], "/nonexistent/status.json"),
+        (vec!["collect", "-w", file, "-c", "0"], "0"),
+    ] {
+        let err = vmsniff::fails(&hv.ns, &args);
+        assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
+    }
+    assert_eq!(hv.ns.link_names(), before, "no device was created");
+    assert!(!hv.ns.pin_dir().exists(), "no pins were made");
+    assert!(!scratch.path("never.pcapng").exists(), "no capture file was created");
+}
