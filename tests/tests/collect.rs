@@ -316,6 +316,10 @@ fn collect_receives_attached_sessions_exactly_with_direction_and_loss() {
     }
     let mut hv = Hypervisor::new();
     let (collector_ns, capture) = add_collector(&hv);
+    // The namespace's one collect_md gretap and erspan, as Open vSwitch creates them for its GRE
+    // and ERSPAN ports: vmsniff's classic devices work beside them.
+    hv.ns.sh("ip link add gre_sys type gretap external; ip link set gre_sys up
+         ip link add erspan_sys type erspan external; ip link set erspan_sys up");
     for encap in ["gre", "erspan", "erspan1"] {
         let scratch = Scratch::new(encap);
         let mut args = vec!["--tap", TAP, "--to", "10.231.0.2", "--encap", encap];
