@@ -48,7 +48,7 @@ impl Kind {
         }
     }
 
-    /// Whether `session` is vmsniff's key K (GRE and ERSPAN) rather than a foreign mirror's key.
+    /// ERSPAN of any type: sessions are span ids, apart from GRE keys of the same number.
     pub fn is_erspan(self) -> bool {
         matches!(self, Kind::ErspanI | Kind::ErspanII | Kind::ErspanIII)
     }

@@ -206,6 +206,9 @@ pub fn render_live(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) -> St
         .iter()
         .map(|(key, (packets, lost))| format!("{}: {packets} lost {lost}", label(key)))
         .collect();
+    if parts.is_empty() {
+        parts.push("no copies yet".into());
+    }
     parts.push(format!("undecodable {}", stats.undecodable_total()));
     parts.join(" | ")
 }
