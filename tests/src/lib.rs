@@ -4,6 +4,7 @@
 //! opens a tap whose file descriptor plays the VM (writing a frame = the VM sends it, reading =
 //! the VM receives it), and runs the real `vmsniff` binary inside them. Traffic never leaves
 //! the test's namespaces.
+pub mod collect;
 pub mod foreign;
 pub mod frames;
 pub mod netns;

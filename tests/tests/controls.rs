@@ -280,7 +280,7 @@ fn update_switches_the_filter_without_losing_a_vm_frame_or_a_matching_copy() {
             let next = frame(sent.len() as u32);
             vm_port.vm.send(&next);
             sent.push(next);
-            if sent.len() % 20 == 0 {
+            if sent.len().is_multiple_of(20) {
                 thread::sleep(Duration::from_millis(5));
             }
         }
@@ -314,7 +314,7 @@ fn update_switches_the_filter_without_losing_a_vm_frame_or_a_matching_copy() {
         odds.iter().enumerate().all(|(i, s)| *s == first_odd + 2 * i),
         "a copy after the switch is missing"
     );
-    let last_odd = if sent.len() % 2 == 0 { sent.len() - 1 } else { sent.len() - 2 };
+    let last_odd = if sent.len().is_multiple_of(2) { sent.len() - 1 } else { sent.len() - 2 };
     assert_eq!(*odds.last().unwrap(), last_odd, "copies of the last frames are missing");
     assert!(evens > 0, "no copy before the switch: the update landed before the stream");
     eprintln!(

@@ -198,6 +198,8 @@ fn attach_by_nova_name_mirrors_the_vms_tap_and_list_show_status_detach_follow_it
     // status and detach take the VM too.
     let status = json(&run_ok(with(&["status", "c-private", "--json"])));
     assert_eq!(status["sessions"].as_array().unwrap().len(), 1);
+    let session = &status["sessions"][0];
+    assert_eq!((&session["vm"], &session["nic"]), (&serde_json::json!("c-private"), &serde_json::json!(0)));
     let status = json(&run_ok(with(&["status", "c-web", "--json"])));
     assert_eq!(status["sessions"], serde_json::json!([]));
     let stderr = String::from_utf8_lossy(

@@ -1,6 +1,7 @@
 //! vmsniff: mirror a VM's frames from the hypervisor to a remote collector.
 mod apply;
 mod cli;
+mod collect;
 mod netlink;
 mod netns;
 mod observe;
@@ -10,6 +11,7 @@ mod plan;
 mod privilege;
 mod resolve;
 mod session;
+mod wire;
 
 use std::{io::Write as _, process::ExitCode};
 
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
             Command::List(args) => cli::list::run(&sources, args).await,
             Command::Show(args) => cli::show::run(&sources, args).await,
             Command::Capture(args) => cli::capture::run(&sources, args).await,
+            Command::Collect(args) => cli::collect::run(args).await,
         }
     });
     match result {

@@ -1,6 +1,8 @@
 //! One rtnetlink connection per command, and the link facts vmsniff reads through it.
 use futures::TryStreamExt as _;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoGre, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+};
 use rtnetlink::Handle;
 
 /// A route netlink socket in the caller's network namespace.
@@ -67,6 +69,14 @@ pub struct Link {
     pub master: Option<u32>,
     /// A veth's peer in this namespace (IFLA_LINK without a link netns).
     pub peer: Option<u32>,
+    /// An erspan device's ERSPAN version (1 = type II, 2 = type III) and hardware id.
+    pub erspan: Option<ErspanLink>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErspanLink {
+    pub version: u8,
+    pub hwid: u16,
 }
 
 /// The kernel's own counters of a device, for the copies vmsniff hands it.
@@ -93,6 +103,7 @@ impl Link {
             stats: LinkStats::default(),
             master: None,
             peer: None,
+            erspan: None,
         };
         let mut peer_elsewhere = false;
         for attribute in message.attributes {
@@ -114,8 +125,20 @@ impl Link {
                 }
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(kind) = info {
-                            link.kind = Some(kind_name(&kind));
+                        match info {
+                            LinkInfo::Kind(kind) => link.kind = Some(kind_name(&kind)),
+                            LinkInfo::Data(InfoData::ErSpan(data)) => {
+                                let mut erspan = ErspanLink::default();
+                                for item in data {
+                                    match item {
+                                        InfoGre::ErSpanVer(v) => erspan.version = v,
+                                        InfoGre::ErSpanHwId(h) => erspan.hwid = h,
+                                        _ => {}
+                                    }
+                                }
+                                link.erspan = Some(erspan);
+                            }
+                            _ => {}
                         }
                     }
                 }

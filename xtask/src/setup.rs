@@ -18,6 +18,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("kmod", "depmod for the guest kernels' modules"),
     ("iproute2", "tests build their topologies with ip and tc"),
     ("tcpdump", "the demo and tests decode what the collector receives; `vmsniff capture` runs it"),
+    ("tshark", "tests check that Wireshark's dissectors read vmsniff's ERSPAN and GRE, and collect's pcapng"),
     ("libvirt-dev", "the virt crate links libvirt: vmsniff reads domains through libvirt's API"),
     ("pkg-config", "virt-sys finds libvirt through pkg-config"),
     ("libvirt-clients", "virsh, to check the libvirt test-driver fixtures by hand"),

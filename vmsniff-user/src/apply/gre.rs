@@ -1,19 +1,27 @@
-//! vmsniff's GRE devices: one classic gretap (TEB, 0x6558) per session and direction.
+//! vmsniff's tunnel devices: one classic gretap (TEB, 0x6558) or erspan device per session and
+//! direction.
 //!
 //! Why classic devices and not one collect_md (`external`) device with a program setting the
 //! tunnel key: a network namespace holds a single collect_md gretap, and Open vSwitch creates
 //! one (`gre_sys`) as soon as a bridge has a GRE port, which is every compute node with GRE
-//! tenant networks; classic devices coexist with it. Each also keeps its own GRE sequence
-//! counter, so a collector can count lost copies per session and direction, and the kernel sets
-//! key, TTL and TOS itself on every kernel from 5.10 on (no bpf_tunnel_key layout to match).
+//! tenant networks; classic devices coexist with it. The kernel sets key, TTL and TOS itself on
+//! every kernel from 5.10 on (no bpf_tunnel_key layout to match), and the ERSPAN header too, whose
+//! direction bit is fixed per device: hence one device per direction.
+//!
+//! Every device sends GRE sequence numbers, and the kernel numbers each device's packets on its
+//! own: one device per session and direction makes a collector's count of lost copies exact per
+//! session and direction.
 use netlink_packet_core::DefaultNla;
-use netlink_packet_route::link::{GreIOFlags, InfoData, InfoGre, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    ErSpanDir, GreIOFlags, InfoData, InfoGre, LinkAttribute, LinkInfo, LinkMessage,
+};
 use rtnetlink::{LinkGre, LinkUnspec};
 
 use super::KernelError;
 use crate::{
     netlink::{Netlink, errno},
     plan::attach::GreDevice,
+    wire::{erspan_d_bit, erspan_ii_index},
 };
 
 /// IFLA_GRE_IGNORE_DF, which netlink-packet-route does not name.
@@ -41,7 +49,8 @@ pub async fn create(netlink: &Netlink, device: &GreDevice) -> Result<u32, Kernel
     let message = link_message(device);
     match netlink.handle.link().add(message).execute().await {
         Ok(()) => {}
-        // EOPNOTSUPP: no "gretap" link kind, that is no ip_gre module and none autoloaded.
+        // EOPNOTSUPP: no "gretap" or "erspan" link kind, that is no ip_gre module and none
+        // autoloaded.
         Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => return Err(KernelError::NoGreSupport),
         // EEXIST with the name free: a GRE device with the same remote and key exists.
         Err(e) if errno(&e) == Some(libc::EEXIST) => {
@@ -92,12 +101,30 @@ pub async fn delete(netlink: &Netlink, ifindex: u32, name: &str, alias: &str) ->
 
 /// The RTM_NEWLINK message that creates `device`.
 fn link_message(device: &GreDevice) -> LinkMessage {
-    let mut message = LinkGre::new_gretap(&device.name)
+    let builder = match &device.erspan {
+        None => LinkGre::new_gretap(&device.name).okey(device.wire_key),
+        Some(erspan) => {
+            // The kernel takes ERSPAN's session id from the output key.
+            let builder =
+                LinkGre::new_erspan(&device.name).okey(erspan.session_id).erspan_ver(erspan.version);
+            if erspan.version == 2 {
+                let dir = match erspan_d_bit(erspan.direction) {
+                    0 => ErSpanDir::Ingress,
+                    _ => ErSpanDir::Egress,
+                };
+                builder.erspan_dir(dir).erspan_hwid(u16::from(erspan.hwid))
+            } else {
+                builder.erspan_index(erspan_ii_index(erspan.direction))
+            }
+        }
+    };
+    let mut message = builder
         .remote(device.remote)
         .ttl(device.ttl)
         .tos(device.tos)
-        .oflags(GreIOFlags::Key)
-        .okey(device.wire_key)
+        // Sequence numbers, counted by the kernel per device: a collector counts lost copies
+        // exactly. ERSPAN devices must have exactly these two flags.
+        .oflags(GreIOFlags::Key | GreIOFlags::Seq)
         // The receive key too: the kernel tells classic tunnels apart by (remote, local, ikey),
         // so the out and in devices of one session toward one collector need distinct ikeys.
         .iflags(GreIOFlags::Key)
@@ -110,7 +137,7 @@ fn link_message(device: &GreDevice) -> LinkMessage {
     for attribute in &mut message.attributes {
         if let LinkAttribute::LinkInfo(infos) = attribute {
             for info in infos {
-                if let LinkInfo::Data(InfoData::GreTap(data)) = info {
+                if let LinkInfo::Data(InfoData::GreTap(data) | InfoData::ErSpan(data)) = info {
                     data.push(InfoGre::Other(DefaultNla::new(IFLA_GRE_IGNORE_DF, vec![1])));
                 }
             }
@@ -124,37 +151,76 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use netlink_packet_core::Nla as _;
+    use netlink_packet_route::link::InfoKind;
+    use vmsniff_ebpf::Direction;
 
     use super::*;
+    use crate::plan::attach::ErspanHeader;
 
-    #[test]
-    fn the_device_sends_keyed_gre_without_df_or_checksum() {
-        let device = GreDevice {
+    fn device(erspan: Option<ErspanHeader>) -> GreDevice {
+        GreDevice {
             name: "vms3-in".into(),
             alias: "vmsniff session 3 in".into(),
             remote: Ipv4Addr::new(192, 0, 2, 10),
             wire_key: 7,
             ttl: 64,
             tos: 0,
-        };
-        let message = link_message(&device);
-        let data: Vec<InfoGre> = message
+            erspan,
+        }
+    }
+
+    fn info_data(message: &LinkMessage) -> (InfoKind, Vec<InfoGre>) {
+        let infos = message
             .attributes
             .iter()
             .find_map(|a| match a {
-                LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-                    LinkInfo::Data(InfoData::GreTap(v)) => Some(v.clone()),
-                    _ => None,
-                }),
+                LinkAttribute::LinkInfo(infos) => Some(infos),
                 _ => None,
             })
-            .expect("gretap info data");
+            .expect("link info");
+        let kind = infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.clone()),
+            _ => None,
+        });
+        let data = infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::GreTap(v) | InfoData::ErSpan(v)) => Some(v.clone()),
+            _ => None,
+        });
+        (kind.expect("kind"), data.expect("gre info data"))
+    }
+
+    #[test]
+    fn the_device_sends_keyed_gre_with_sequence_numbers_without_df_or_checksum() {
+        let (kind, data) = info_data(&link_message(&device(None)));
+        assert_eq!(kind, InfoKind::GreTap);
         assert!(data.contains(&InfoGre::Remote(Ipv4Addr::new(192, 0, 2, 10))));
         assert!(data.contains(&InfoGre::OKey(7)));
-        assert!(data.contains(&InfoGre::OFlags(GreIOFlags::Key)), "key only: no checksum, no sequence");
+        assert!(
+            data.contains(&InfoGre::OFlags(GreIOFlags::Key | GreIOFlags::Seq)),
+            "key and sequence: no checksum"
+        );
         assert!(data.contains(&InfoGre::Ttl(64)));
         assert!(data.contains(&InfoGre::PathMTUDiscovery(false)));
         assert!(data.iter().any(|i| i.kind() == IFLA_GRE_IGNORE_DF));
         assert!(data.contains(&InfoGre::IKey(7)), "distinct receive keys keep the out and in devices apart");
+    }
+
+    #[test]
+    fn erspan_devices_carry_span_id_direction_and_hardware_id() {
+        let header = ErspanHeader { version: 2, session_id: 3, direction: Direction::In, hwid: 5 };
+        let (kind, data) = info_data(&link_message(&device(Some(header))));
+        assert_eq!(kind, InfoKind::ErSpan);
+        assert!(data.contains(&InfoGre::OKey(3)), "the span id is the session's key");
+        assert!(data.contains(&InfoGre::IKey(7)));
+        assert!(data.contains(&InfoGre::ErSpanVer(2)));
+        assert!(data.contains(&InfoGre::ErSpanDir(ErSpanDir::Egress)), "in = egress of the VM's port");
+        assert!(data.contains(&InfoGre::ErSpanHwId(5)));
+        assert!(data.contains(&InfoGre::OFlags(GreIOFlags::Key | GreIOFlags::Seq)));
+
+        let header = ErspanHeader { version: 1, session_id: 3, direction: Direction::Out, hwid: 0 };
+        let (_, data) = info_data(&link_message(&device(Some(header))));
+        assert!(data.contains(&InfoGre::ErSpanVer(1)));
+        assert!(data.contains(&InfoGre::ErSpanIndex(0)), "type II: the direction in the index");
+        assert!(!data.iter().any(|i| matches!(i, InfoGre::ErSpanDir(_))));
     }
 }

@@ -38,7 +38,7 @@ pub async fn attach(
     let netlink = &namespace.kernel.netlink;
     let resolved = args.resolve(sources, netlink).await?;
     let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
-    let target = args.target(netlink).await?;
+    let target = args.target(netlink, args.encap()?).await?;
     let request = AttachRequest {
         tap,
         target,
@@ -63,8 +63,9 @@ pub async fn attach(
         describe(&resolved),
         request.target,
         match request.target {
-            crate::plan::request::Target::Gre { .. } =>
+            crate::plan::request::Target::Gre { encap: crate::wire::Encap::Gre, .. } =>
                 format!(", GRE key {key} (wire keys {} out, {} in)", key * 2, key * 2 + 1),
+            crate::plan::request::Target::Gre { .. } => format!(", ERSPAN session id {key}"),
             crate::plan::request::Target::LocalDev { .. } => String::new(),
         }
     );

@@ -1,6 +1,7 @@
 //! The command line: one clap enum, one module per command.
 pub mod attach;
 pub mod capture;
+pub mod collect;
 pub mod controls;
 pub mod detach;
 pub mod list;
@@ -64,4 +65,7 @@ pub enum Command {
     Show(show::ShowArgs),
     /// Capture a VM's frames locally with tcpdump (decoded, or pcap with -w).
     Capture(capture::CaptureArgs),
+    /// On the collector: receive GRE and ERSPAN copies and write pcapng, one interface per
+    /// sender and session, the direction of every frame in its flags.
+    Collect(collect::CollectArgs),
 }

@@ -30,6 +30,7 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&namespace.kernel.paths)?;
     let observed = namespace.observe()?;
     let mut status = status::read(&namespace.kernel.netlink, maps.as_ref(), &observed).await?;
+    crate::observe::vm_names::fill(&mut status, sources);
     if let Some(vm) = &args.vm {
         let recorded = |name: &str| observed.taps.values().any(|t| ifname(&t.ifname) == name);
         // A tap's own name needs no libvirt; the VM may be gone and its sessions still here.

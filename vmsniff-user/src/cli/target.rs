@@ -10,6 +10,7 @@ use crate::{
         select::NicChoice,
         vm::{ResolveError, Resolved, Sources, resolve_tap},
     },
+    wire::{Encap, EncapChoice, EncapError, MAX_ERSPAN_HWID},
 };
 
 #[derive(Args, Debug)]
@@ -53,6 +54,16 @@ pub struct MirrorArgs {
     #[arg(long, default_value_t = 0, conflicts_with = "to_dev")]
     pub tos: u8,
 
+    /// How copies travel: `gre` (the Ethernet frame in GRE, key K*2+d, sequence numbers),
+    /// `erspan` (ERSPAN type III: span id K, direction bit) or `erspan1` (ERSPAN type II).
+    #[arg(long, value_enum, default_value_t = EncapChoice::Gre, conflicts_with = "to_dev")]
+    pub encap: EncapChoice,
+
+    /// ERSPAN type III's hardware id, 0..63 (with --encap erspan). Default: 0.
+    #[arg(long, value_name = "N", conflicts_with = "to_dev",
+          value_parser = clap::value_parser!(u8).range(0..=i64::from(MAX_ERSPAN_HWID)))]
+    pub erspan_hwid: Option<u8>,
+
     /// How to attach to the tap: `tcx` links (Linux >= 6.6), `netlink` (a clsact qdisc), or
     /// `auto` (tcx where the kernel has it).
     #[arg(long, value_enum, default_value_t = AttachModeChoice::Auto)]
@@ -65,9 +76,15 @@ impl MirrorArgs {
         resolve_tap(sources, netlink, self.vm.as_deref(), self.tap.as_deref(), self.nic.choice()).await
     }
 
-    pub async fn target(&self, netlink: &Netlink) -> Result<Target, InterfaceError> {
+    /// `--encap` with `--erspan-hwid`, checked.
+    pub fn encap(&self) -> Result<Encap, EncapError> {
+        self.encap.checked(self.erspan_hwid)
+    }
+
+    /// Where the copies go; `encap` from [`MirrorArgs::encap`].
+    pub async fn target(&self, netlink: &Netlink, encap: Encap) -> Result<Target, InterfaceError> {
         match (&self.to, &self.to_dev) {
-            (Some(remote), _) => Ok(Target::Gre { remote: *remote, ttl: self.ttl, tos: self.tos }),
+            (Some(remote), _) => Ok(Target::Gre { remote: *remote, ttl: self.ttl, tos: self.tos, encap }),
             (None, Some(dev)) => {
                 let link = ethernet_interface(netlink, "--to-dev", dev).await?;
                 Ok(Target::LocalDev { name: link.name, ifindex: link.ifindex })

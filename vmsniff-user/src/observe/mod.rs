@@ -3,3 +3,4 @@
 pub mod inventory;
 pub mod path;
 pub mod status;
+pub mod vm_names;

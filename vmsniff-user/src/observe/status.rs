@@ -10,7 +10,7 @@ use vmsniff_ebpf::{
 
 use crate::{
     apply::{KernelError, maps::PinnedMaps},
-    netlink::{LinkStats, Netlink},
+    netlink::{ErspanLink, LinkStats, Netlink},
     plan::{
         Observed,
         controls::{RateLimit, RateUnit},
@@ -34,11 +34,18 @@ pub struct SessionStatus {
     pub session: u32,
     pub tap: String,
     pub tap_ifindex: u32,
+    /// The VM and NIC index behind the tap, when libvirt knows them (`status` only).
+    pub vm: Option<String>,
+    pub nic: Option<usize>,
     /// The collector (GRE sessions).
     pub to: Option<Ipv4Addr>,
     /// The local interface (`--to-dev` sessions).
     pub to_dev: Option<String>,
+    /// `gre`, `erspan` (type III) or `erspan1` (type II), read from the session's devices;
+    /// `none` for `--to-dev`.
     pub encap: &'static str,
+    /// ERSPAN type III's hardware id.
+    pub erspan_hwid: Option<u16>,
     /// GRE sessions: `--key`, `--ttl` and `--tos` (the wire key is key * 2 + d).
     pub key: Option<u32>,
     pub ttl: Option<u8>,
@@ -120,6 +127,8 @@ pub struct DeviceStatus {
     pub up: bool,
     #[serde(flatten)]
     pub stats: LinkStats,
+    #[serde(skip)]
+    pub erspan: Option<ErspanLink>,
 }
 
 /// Reads every session's status.
@@ -177,8 +186,13 @@ async fn session_status(
                 .link_by_index(ifindex)
                 .await
                 .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))?;
-            *devices.get_mut(direction) =
-                link.map(|l| DeviceStatus { name: l.name, ifindex, up: l.up, stats: l.stats });
+            *devices.get_mut(direction) = link.map(|l| DeviceStatus {
+                name: l.name,
+                ifindex,
+                up: l.up,
+                stats: l.stats,
+                erspan: l.erspan,
+            });
         }
     }
     let filter = match (maps, config.filter.checked_sub(FILTER_SLOT_BASE)) {
@@ -191,6 +205,7 @@ async fn session_status(
         _ => None,
     };
     let gre = config.target_kind == TARGET_GRE;
+    let erspan = [&devices.out_of_vm, &devices.into_vm].into_iter().flatten().find_map(|d| d.erspan);
     let to_dev = (config.target_kind == TARGET_LOCAL_DEV)
         .then(|| devices.into_vm.as_ref().or(devices.out_of_vm.as_ref()).map(|d| d.name.clone()))
         .flatten();
@@ -198,10 +213,18 @@ async fn session_status(
         session: id,
         tap,
         tap_ifindex: config.tap_ifindex,
+        vm: None,
+        nic: None,
         to: (gre && config.remote_family == 4)
             .then(|| Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])),
         to_dev,
-        encap: if gre { "gre" } else { "none" },
+        encap: match (gre, erspan) {
+            (false, _) => "none",
+            (true, None) => "gre",
+            (true, Some(ErspanLink { version: 1, .. })) => "erspan1",
+            (true, Some(_)) => "erspan",
+        },
+        erspan_hwid: erspan.filter(|e| e.version != 1).map(|e| e.hwid),
         key: gre.then_some(config.key),
         ttl: gre.then_some(config.ttl),
         tos: gre.then_some(config.tos),
@@ -241,7 +264,7 @@ pub fn render_table(status: &Status) -> String {
     );
     for s in &status.sessions {
         let target = match (&s.to, &s.to_dev) {
-            (Some(ip), _) => format!("{ip} (gre)"),
+            (Some(ip), _) => format!("{ip} ({})", s.encap),
             (None, Some(dev)) => format!("dev {dev}"),
             (None, None) => "-".into(),
         };
@@ -300,7 +323,7 @@ fn controls_line(s: &SessionStatus) -> Option<String> {
 /// devices dropped or failed to send (no route to the collector, for example).
 pub fn lost(s: &SessionStatus) -> u64 {
     let mut lost = s.counters.into_vm.clone_errors + s.counters.out_of_vm.clone_errors;
-    if s.encap == "gre" {
+    if s.to.is_some() {
         for d in [&s.devices.into_vm, &s.devices.out_of_vm].into_iter().flatten() {
             lost += d.stats.tx_dropped + d.stats.tx_errors;
         }

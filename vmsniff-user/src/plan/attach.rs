@@ -11,7 +11,10 @@ use super::{
     Observed,
     request::{AttachMode, AttachModeChoice, AttachRequest, Tap, Target},
 };
-use crate::paths::{gre_device_alias, gre_device_name};
+use crate::{
+    paths::{gre_device_alias, gre_device_name},
+    wire::{Encap, MAX_ERSPAN_KEY},
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AttachPlanError {
@@ -39,6 +42,12 @@ pub enum AttachPlanError {
         "--key {key} is too large: the GRE key on the wire is key * 2 + direction, so the key must be at most {MAX_GRE_USER_KEY}"
     )]
     KeyTooLarge { key: u32 },
+    #[error(
+        "{what} {key} is too large for ERSPAN: its session id has 10 bits and the kernel's \
+         ERSPAN devices need K * 2 + 1 to fit them too, so the key must be at most \
+         {MAX_ERSPAN_KEY}{hint}"
+    )]
+    ErspanKeyTooLarge { what: &'static str, key: u32, hint: &'static str },
     #[error(
         "--to-dev {dev} is the mirrored tap itself: its copies would be mirrored again; give \
          another interface"
@@ -95,16 +104,31 @@ pub enum AttachStep {
     AddToTap { tap: Tap, id: u32 },
 }
 
-/// A classic (not collect_md) gretap device of one session and direction.
+/// A classic (not collect_md) gretap or erspan device of one session and direction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GreDevice {
     pub name: String,
     pub alias: String,
     pub remote: Ipv4Addr,
-    /// `key * 2 + d`.
+    /// `key * 2 + d`: the GRE key on the wire (`--encap gre`), and every device's receive key
+    /// (the kernel tells classic tunnels toward one collector apart by it).
     pub wire_key: u32,
     pub ttl: u8,
     pub tos: u8,
+    /// The ERSPAN header's fields (`--encap erspan|erspan1`); `None` for GRE.
+    pub erspan: Option<ErspanHeader>,
+}
+
+/// What one ERSPAN device writes into every copy's ERSPAN header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErspanHeader {
+    /// 2 for type III, 1 for type II.
+    pub version: u8,
+    /// The session's key K.
+    pub session_id: u32,
+    pub direction: Direction,
+    /// Type III only.
+    pub hwid: u8,
 }
 
 pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<AttachPlan, AttachPlanError> {
@@ -131,6 +155,18 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     let key = request.key.unwrap_or(session_id);
     if key > MAX_GRE_USER_KEY {
         return Err(AttachPlanError::KeyTooLarge { key });
+    }
+    if let Target::Gre { encap: Encap::ErspanIII { .. } | Encap::ErspanII, .. } = request.target
+        && key > MAX_ERSPAN_KEY
+    {
+        return Err(match request.key {
+            Some(key) => AttachPlanError::ErspanKeyTooLarge { what: "--key", key, hint: "" },
+            None => AttachPlanError::ErspanKeyTooLarge {
+                what: "the session id (the default key)",
+                key,
+                hint: "; give a smaller one with --key",
+            },
+        });
     }
     if let Some(tap) = existing_tap {
         for &id in tap.ids.iter().filter(|&&id| id != 0) {
@@ -166,7 +202,7 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
         config.filter = FILTER_SLOT_BASE;
     }
     match &request.target {
-        Target::Gre { remote, ttl, tos } => {
+        Target::Gre { remote, ttl, tos, .. } => {
             config.target_kind = TARGET_GRE;
             config.remote_family = 4;
             config.remote[..4].copy_from_slice(&remote.octets());
@@ -188,8 +224,17 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     if let Some(filter) = &request.controls.filter {
         steps.push(AttachStep::WriteFilter { id: session_id, filter: Box::new(filter.to_map_value()) });
     }
-    if let Target::Gre { remote, ttl, tos } = &request.target {
+    if let Target::Gre { remote, ttl, tos, encap } = &request.target {
         for direction in request.directions.iter() {
+            let erspan = encap.erspan_version().map(|version| ErspanHeader {
+                version,
+                session_id: key,
+                direction,
+                hwid: match encap {
+                    Encap::ErspanIII { hwid } => *hwid,
+                    _ => 0,
+                },
+            });
             steps.push(AttachStep::CreateGreDevice {
                 id: session_id,
                 direction,
@@ -200,6 +245,7 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
                     wire_key: gre_wire_key(key, direction),
                     ttl: *ttl,
                     tos: *tos,
+                    erspan,
                 },
             });
         }
@@ -296,7 +342,64 @@ mod tests {
     }
 
     fn gre(ip: [u8; 4]) -> Target {
-        Target::Gre { remote: Ipv4Addr::from(ip), ttl: 64, tos: 0 }
+        Target::Gre { remote: Ipv4Addr::from(ip), ttl: 64, tos: 0, encap: Encap::Gre }
+    }
+
+    fn erspan(ip: [u8; 4], encap: Encap) -> Target {
+        Target::Gre { remote: Ipv4Addr::from(ip), ttl: 64, tos: 0, encap }
+    }
+
+    fn devices(plan: &AttachPlan) -> Vec<&GreDevice> {
+        plan.steps
+            .iter()
+            .filter_map(|s| match s {
+                AttachStep::CreateGreDevice { device, .. } => Some(device),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn erspan_devices_carry_the_key_as_span_id_and_one_direction_each() {
+        let mut req = request(erspan([192, 0, 2, 10], Encap::ErspanIII { hwid: 9 }));
+        req.key = Some(300);
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
+        let created = devices(&plan);
+        assert_eq!(created.len(), 2);
+        for (device, direction) in created.iter().zip([Direction::Out, Direction::In]) {
+            let header = device.erspan.expect("an ERSPAN header");
+            assert_eq!((header.version, header.session_id, header.hwid), (2, 300, 9));
+            assert_eq!(header.direction, direction);
+            assert_eq!(device.wire_key, 600 + direction as u32, "distinct receive keys per direction");
+        }
+        req.target = erspan([192, 0, 2, 10], Encap::ErspanII);
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
+        assert!(devices(&plan).iter().all(|d| d.erspan.is_some_and(|h| h.version == 1)));
+        req.target = gre([192, 0, 2, 10]);
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
+        assert!(devices(&plan).iter().all(|d| d.erspan.is_none()));
+    }
+
+    #[test]
+    fn erspan_keys_must_fit_the_kernels_receive_key() {
+        let mut req = request(erspan([192, 0, 2, 10], Encap::ErspanII));
+        req.key = Some(MAX_ERSPAN_KEY + 1);
+        assert!(matches!(
+            plan_attach(&req, &Observed::default()),
+            Err(AttachPlanError::ErspanKeyTooLarge { what: "--key", key: 512, .. })
+        ));
+        req.key = Some(MAX_ERSPAN_KEY);
+        assert!(plan_attach(&req, &Observed::default()).is_ok());
+
+        req.key = None;
+        let mut observed = Observed::default();
+        for id in 1..=MAX_ERSPAN_KEY {
+            observed.sessions.insert(id, SessionConfig { state: SESSION_ACTIVE, ..SessionConfig::EMPTY });
+        }
+        let error = plan_attach(&req, &observed).unwrap_err();
+        assert!(error.to_string().contains("give a smaller one with --key"), "{error}");
+        req.key = Some(3);
+        assert!(plan_attach(&req, &observed).is_ok(), "an explicit small key works beside many sessions");
     }
 
     /// The state after planning and applying `req` (as the executor would leave it).

@@ -4,6 +4,7 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, Direction};
 
 use super::controls::Controls;
+use crate::wire::Encap;
 
 /// `--direction in|out|both`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -96,8 +97,9 @@ pub enum AttachModeChoice {
 /// Where the copies go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// A collector reached over GRE (gretap, TEB 0x6558) through vmsniff's own devices.
-    Gre { remote: Ipv4Addr, ttl: u8, tos: u8 },
+    /// A collector reached over GRE (gretap, TEB 0x6558) or ERSPAN through vmsniff's own
+    /// devices.
+    Gre { remote: Ipv4Addr, ttl: u8, tos: u8, encap: Encap },
     /// An existing local interface (`--to-dev`), for local analysis and for tests on kernels
     /// without GRE.
     LocalDev { name: String, ifindex: u32 },
@@ -106,7 +108,9 @@ pub enum Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Gre { remote, .. } => write!(f, "{remote} (GRE)"),
+            Target::Gre { remote, encap: Encap::Gre, .. } => write!(f, "{remote} (GRE)"),
+            Target::Gre { remote, encap: Encap::ErspanIII { .. }, .. } => write!(f, "{remote} (ERSPAN III)"),
+            Target::Gre { remote, encap: Encap::ErspanII, .. } => write!(f, "{remote} (ERSPAN II)"),
             Target::LocalDev { name, .. } => write!(f, "device {name}"),
         }
     }

@@ -1,0 +1,470 @@
+//! `vmsniff collect`: hand-made GRE and ERSPAN from a sender namespace (any kernel: a raw socket
+//! needs no ip_gre), and end to end from `vmsniff attach --encap gre|erspan|erspan1` (needs
+//! ip_gre: runs in the VM harness's Debian kernels, and skips saying so elsewhere).
+use std::{path::PathBuf, time::Duration};
+
+use nix::sys::signal::Signal;
+use vmsniff_tests::{
+    collect::{
+        CapturedPacket, Collector, GreSender, Row, closing_count, erspan2, erspan3, gre, read_pcapng,
+        read_pcapng_file, summary, tools_count,
+    },
+    frames::{self, PEER_MAC, VM_MAC, is_marked},
+    netns::Netns,
+    packet::{PacketSocket, decap_gre},
+    privileged, skip,
+    topology::{Hypervisor, TAP},
+    vmsniff,
+};
+
+const TEB: u16 = 0x6558;
+const ERSPAN_II: u16 = 0x88be;
+const ERSPAN_III: u16 = 0x22eb;
+/// pcapng epb_flags direction bits.
+const INBOUND: u32 = 1;
+const OUTBOUND: u32 = 2;
+
+/// A scratch directory inside the test's own view of the file system (a guest's /tmp is its
+/// own tmpfs), removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("vmsniff-collect-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        Scratch(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn row<'a>(rows: &'a [Row], encap: &str, session: u32, direction: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.encap == encap && r.session == session && r.direction == direction)
+        .unwrap_or_else(|| panic!("no summary row {encap} {session} {direction} in {rows:#?}"))
+}
+
+#[test]
+fn collect_decodes_each_encapsulation_and_counts_garbage_and_strangers() {
+    if !privileged("collect_decodes_each_encapsulation_and_counts_garbage_and_strangers") {
+        return;
+    }
+    let sender_ns = Netns::new("snd");
+    let collector_ns = Netns::new("col");
+    sender_ns.sh(&format!(
+        "ip link add snd0 type veth peer name col0 netns {col}
+         ip addr add 10.240.0.1/24 dev snd0
+         ip addr add 10.240.0.3/24 dev snd0
+         ip link set snd0 up",
+        col = collector_ns.name
+    ));
+    collector_ns.sh("ip addr add 10.240.0.2/24 dev col0; ip link set col0 up");
+    let scratch = Scratch::new("handmade");
+    let file = scratch.path("cap.pcapng");
+    let collector =
+        Collector::start(&collector_ns, &["-w", file.to_str().unwrap(), "--from", "10.240.0.1/32"]);
+    // A second collector at once, to stdout, stopping by itself after 4 copies.
+    let mut piped = Collector::start(&collector_ns, &["-w", "-", "-c", "4"]);
+
+    let to = [10, 240, 0, 2];
+    let listed = GreSender::open(&sender_ns, [10, 240, 0, 1]);
+    let stranger = GreSender::open(&sender_ns, [10, 240, 0, 3]);
+    let frame = |seq: u32, len| frames::frame(VM_MAC, PEER_MAC, seq, len);
+    let mut expected: Vec<(String, Vec<u8>, u32)> = Vec::new();
+    // vmsniff GRE, key 4: out numbered 10..=15 without 13 (one lost copy), in 100..=102.
+    for (i, seq) in [10, 11, 12, 14, 15].into_iter().enumerate() {
+        let f = frame(i as u32, 60 + i * 100);
+        listed.send(to, &gre(Some(4 * 2), Some(seq), TEB, &f));
+        expected.push(("10.240.0.1 session 4".into(), f, OUTBOUND));
+    }
+    for seq in 100..=102 {
+        let f = frame(1000 + seq, 1514);
+        listed.send(to, &gre(Some(4 * 2 + 1), Some(seq), TEB, &f));
+        expected.push(("10.240.0.1 session 4".into(), f, INBOUND));
+    }
+    // ERSPAN III span 9, egress (in); ERSPAN II span 10, index 0 (out); a plain GRE mirror.
+    for seq in 1..=2 {
+        let f = frame(2000 + seq, 200);
+        let mut payload = erspan3(9, 1, 5);
+        payload.extend_from_slice(&f);
+        listed.send(to, &gre(None, Some(seq), ERSPAN_III, &payload));
+        expected.push(("10.240.0.1 session 9".into(), f, INBOUND));
+    }
+    for seq in 1..=2 {
+        let f = frame(3000 + seq, 300);
+        let mut payload = erspan2(10, 0);
+        payload.extend_from_slice(&f);
+        listed.send(to, &gre(None, Some(seq), ERSPAN_II, &payload));
+        expected.push(("10.240.0.1 session 10".into(), f, OUTBOUND));
+    }
+    let f = frame(4000, 100);
+    listed.send(to, &gre(Some(77), None, TEB, &f));
+    expected.push(("10.240.0.1 gre key 77".into(), f.clone(), 0));
+
+    // Malformed: truncated GRE, an unknown protocol, ERSPAN with a bad version, and garbage.
+    listed.send(to, &[0x30, 0x00, 0x65]);
+    listed.send(to, &gre(Some(8), Some(1), 0x0800, &f));
+    let mut bad = erspan3(9, 0, 0);
+    bad[0] = 0x70;
+    bad.extend_from_slice(&f);
+    listed.send(to, &gre(None, Some(3), ERSPAN_III, &bad));
+    let mut x: u32 = 0x9e37_79b9;
+    for _ in 0..300 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let mut junk: Vec<u8> = (0..4 + x % 200).map(|i| (x.rotate_left(i)) as u8).collect();
+        // Protocol 0: garbage whatever its flags say.
+        junk[2] = 0;
+        junk[3] = 0;
+        listed.send(to, &junk);
+    }
+    // A flood of well-formed copies from a sender outside --from.
+    for seq in 0..300 {
+        stranger.send(to, &gre(Some(4 * 2), Some(seq), TEB, &frame(5000 + seq, 60)));
+    }
+
+    let piped_out = piped.wait(Duration::from_secs(30));
+    assert!(piped_out.status.success(), "collect -w - -c 4: {}", piped_out.stderr);
+    let streamed = read_pcapng(&piped_out.stdout);
+    assert_eq!(streamed.len(), 4, "-c 4 stops after 4 copies, each a whole block on the pipe");
+    assert_eq!(streamed[0].data, expected[0].1);
+
+    // The ERSPAN and GRE numbers arrive over one socket in order; give the collector a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let usr1 = collector.signal(Signal::SIGUSR1, Duration::from_millis(1500));
+    assert!(usr1.iter().any(|l| l.starts_with("SENDER")), "SIGUSR1 prints the summary: {usr1:?}");
+    let stopped = collector.stop();
+    assert!(stopped.status.success(), "collect: {}", stopped.stderr);
+    let (rows, closing) = summary(&stopped.stderr);
+    let out = row(&rows, "gre", 4, "out");
+    assert_eq!((out.packets, out.lost, out.reordered), (5, Some(1), Some(0)), "{out:?}");
+    assert_eq!(out.name, "10.240.0.1 session 4");
+    let into = row(&rows, "gre", 4, "in");
+    assert_eq!((into.packets, into.bytes, into.lost), (3, 3 * 1514, Some(0)));
+    assert_eq!(row(&rows, "erspan", 9, "in").packets, 2);
+    assert_eq!(row(&rows, "erspan1", 10, "out").packets, 2);
+    let plain = row(&rows, "plain-gre", 77, "-");
+    assert_eq!((plain.packets, plain.lost), (1, None), "no sequence numbers, no loss count");
+    assert_eq!(closing_count(&closing, "undecodable "), 303, "{closing}");
+    for reason in ["truncated GRE header", "unknown GRE protocol", "bad ERSPAN version 1"] {
+        assert!(closing.contains(reason), "{reason:?} in {closing}");
+    }
+    assert_eq!(closing_count(&closing, "(not --from) "), 300, "{closing}");
+
+    let packets = read_pcapng_file(&file);
+    let got: Vec<(String, Vec<u8>, u32)> =
+        packets.iter().map(|p| (p.interface.clone(), p.data.clone(), p.direction)).collect();
+    assert_eq!(got.len(), expected.len());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!(
+            g == e,
+            "packet {i}: got {} on {:?} flags {}, expected {:?} flags {}",
+            g.1.len(),
+            g.0,
+            g.2,
+            e.0,
+            e.2
+        );
+    }
+    if let Some((tshark, tcpdump)) = tools_count(&file) {
+        assert_eq!(
+            (tshark, tcpdump),
+            (expected.len(), expected.len()),
+            "tshark and tcpdump read every packet"
+        );
+    }
+}
+
+/// ip_gre is there (GRE and ERSPAN devices can be created); says so and skips otherwise.
+fn gre_available(test: &str) -> bool {
+    if !privileged(test) {
+        return false;
+    }
+    let probe = Netns::new("greprobe");
+    if !probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0 {
+        skip("this kernel has no ip_gre; collect end to end runs in `cargo xtask vm-test`");
+        return false;
+    }
+    true
+}
+
+/// The collector namespace behind uplink up1 (10.231.0.1) from the hypervisor, at 10.231.0.2;
+/// its uplink carries jumbo copies whole.
+fn add_collector(hv: &Hypervisor) -> (Netns, PacketSocket) {
+    let ns = Netns::new("col");
+    hv.ns.sh(&format!(
+        "ip link add up1 type veth peer name down1 netns {col}
+         ip addr add 10.231.0.1/24 dev up1
+         ip link set up1 mtu 9000 up",
+        col = ns.name
+    ));
+    ns.sh("ip addr add 10.231.0.2/24 dev down1; ip link set down1 mtu 9000 up");
+    let capture = PacketSocket::open(&ns, "down1");
+    (ns, capture)
+}
+
+/// The ERSPAN header between the GRE header and the VM's frame.
+fn erspan_len(encap: &str) -> usize {
+    match encap {
+        "gre" => 0,
+        "erspan" => 12,
+        "erspan1" => 8,
+        other => panic!("{other}"),
+    }
+}
+
+/// Where the VM's frame starts inside the IP packet: IPv4 20, then GRE with key and sequence
+/// (12), or GRE with a sequence (8) and the ERSPAN header.
+fn inner_offset(encap: &str) -> usize {
+    20 + if encap == "gre" { 12 } else { 8 } + erspan_len(encap)
+}
+
+/// The VM's frame inside a copy, if it is one of the test's.
+fn mirrored(frame: &[u8], encap: &str) -> Option<Vec<u8>> {
+    let g = decap_gre(frame)?;
+    let inner = g.inner.get(erspan_len(encap)..)?;
+    is_marked(inner).then(|| inner.to_vec())
+}
+
+/// Drops, on the hypervisor's uplink, the copies of the test frames numbered `numbers`.
+fn drop_copies(hv: &Hypervisor, encap: &str, numbers: &[u32]) {
+    // The test frame's number follows its Ethernet header and 8-byte marker; it is only 16-bit
+    // aligned, so u32 matches it in halves.
+    let at = inner_offset(encap) + 22;
+    hv.ns.sh("tc qdisc replace dev up1 clsact; tc filter del dev up1 egress 2>/dev/null || true");
+    for n in numbers {
+        hv.ns.sh(&format!(
+            "tc filter add dev up1 egress protocol ip prio 1 u32 match ip protocol 47 0xff \
+             match u16 {high} 0xffff at {at} match u16 {low} 0xffff at {low_at} action drop",
+            high = n >> 16,
+            low = n & 0xffff,
+            low_at = at + 2
+        ));
+    }
+}
+
+/// tshark's view of the raw copies: (GRE key, sequence, ERSPAN version, span id, direction,
+/// hardware id, index) per packet; `None` where tshark is not installed.
+fn tshark_fields(raw: &[Vec<u8>], scratch: &Scratch) -> Option<Vec<Vec<String>>> {
+    let path = scratch.path("raw.pcap");
+    let mut writer = pcap_file::pcap::PcapWriter::new(std::fs::File::create(&path).unwrap()).unwrap();
+    for frame in raw {
+        writer
+            .write_packet(&pcap_file::pcap::PcapPacket::new(Duration::ZERO, frame.len() as u32, frame))
+            .unwrap();
+    }
+    drop(writer);
+    let fields = [
+        "gre.key",
+        "gre.sequence_number",
+        "erspan.version",
+        "erspan.spanid",
+        "erspan.direction",
+        "erspan.hw",
+        "erspan.index",
+    ];
+    let mut cmd = std::process::Command::new("tshark");
+    cmd.arg("-r").arg(&path).args(["-T", "fields"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("!!! tshark is not installed ({e}): the wire format was not checked by it");
+            return None;
+        }
+    };
+    assert!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').map(|c| c.trim().to_owned()).collect())
+            .collect(),
+    )
+}
+
+/// A decimal or 0x-hex number as tshark prints it.
+fn num(cell: &str) -> u64 {
+    match cell.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => cell.parse(),
+    }
+    .unwrap_or_else(|_| panic!("{cell:?} is not a number"))
+}
+
+/// tshark prints a boolean field as 1/0 or True/False, depending on its version.
+fn flag(cell: &str) -> bool {
+    matches!(cell, "1" | "True" | "true")
+}
+
+#[test]
+fn collect_receives_attached_sessions_exactly_with_direction_and_loss() {
+    let test = "collect_receives_attached_sessions_exactly_with_direction_and_loss";
+    if !gre_available(test) {
+        return;
+    }
+    let mut hv = Hypervisor::new();
+    let (collector_ns, capture) = add_collector(&hv);
+    // The namespace's one collect_md gretap and erspan, as Open vSwitch creates them for its GRE
+    // and ERSPAN ports: vmsniff's classic devices work beside them.
+    hv.ns.sh("ip link add gre_sys type gretap external; ip link set gre_sys up
+         ip link add erspan_sys type erspan external; ip link set erspan_sys up");
+    for encap in ["gre", "erspan", "erspan1"] {
+        let scratch = Scratch::new(encap);
+        let mut args = vec!["--tap", TAP, "--to", "10.231.0.2", "--encap", encap];
+        // GRE with an operator's key, ERSPAN with the session id as span id.
+        let key = match encap {
+            "gre" => {
+                args.extend(["--key", "5"]);
+                5
+            }
+            "erspan" => {
+                args.extend(["--erspan-hwid", "7"]);
+                0
+            }
+            _ => 0,
+        };
+        let id = vmsniff::attach(&hv.ns, &args);
+        let key = if key == 0 { id } else { key };
+        let session = vmsniff::session(&hv.ns, id);
+        assert_eq!(session["encap"], encap, "status shows the encapsulation: {session}");
+        let names = scratch.path("status.json");
+        std::fs::write(&names, vmsniff::ok(&hv.ns, &["status", "--json"])).unwrap();
+        let file = scratch.path("cap.pcapng");
+        let collector = Collector::start(
+            &collector_ns,
+            &["-w", file.to_str().unwrap(), "--from", "10.231.0.1", "--names", names.to_str().unwrap()],
+        );
+        // Frames 0..16 out and 1000..1016 in; the uplink drops the copies of 3, 7 and 1005.
+        let (out, into) = frames::both_ways(16);
+        drop_copies(&hv, encap, &[3, 7, 1005]);
+        hv.vm_sends(&out);
+        hv.vm_receives(&into);
+        let raw = capture.capture(29, Duration::from_secs(15), |f| mirrored(f, encap).is_some());
+        assert_eq!(raw.len(), 29, "[{encap}] 32 copies less the 3 dropped reach the collector");
+        std::thread::sleep(Duration::from_millis(500));
+        let stopped = collector.stop();
+        assert!(stopped.status.success(), "[{encap}] collect: {}", stopped.stderr);
+
+        eprintln!("[{encap}] vmsniff collect's stderr:\n{}", stopped.stderr);
+        let (rows, closing) = summary(&stopped.stderr);
+        let name = format!("{TAP} session {id}");
+        let sent = row(&rows, encap, key, "out");
+        assert_eq!((sent.packets, sent.lost, sent.reordered), (14, Some(2), Some(0)), "[{encap}] {sent:?}");
+        assert_eq!(sent.name, name, "[{encap}] named after the tap with --names");
+        let received = row(&rows, encap, key, "in");
+        assert_eq!(
+            (received.packets, received.lost, received.reordered),
+            (15, Some(1), Some(0)),
+            "[{encap}] {received:?}"
+        );
+        assert_eq!(rows.len(), 2, "[{encap}] nothing else arrived: {rows:#?}");
+        assert_eq!(closing_count(&closing, "undecodable "), 0, "[{encap}] {closing}");
+
+        let packets = read_pcapng_file(&file);
+        let pick = |direction: u32| -> Vec<Vec<u8>> {
+            packets
+                .iter()
+                .filter(|p: &&CapturedPacket| p.direction == direction)
+                .map(|p| p.data.clone())
+                .collect()
+        };
+        let kept = |frames: &[Vec<u8>], dropped: &[u32]| -> Vec<Vec<u8>> {
+            frames
+                .iter()
+                .filter(|f| !dropped.contains(&u32::from_be_bytes(f[22..26].try_into().unwrap())))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            pick(OUTBOUND),
+            kept(&out, &[3, 7]),
+            "[{encap}] frames the VM sent, outbound, byte-identical"
+        );
+        assert_eq!(
+            pick(INBOUND),
+            kept(&into, &[1005]),
+            "[{encap}] frames the VM received, inbound, byte-identical"
+        );
+        assert!(packets.iter().all(|p| p.interface == name && p.original_len as usize == p.data.len()));
+        if let Some((tshark, tcpdump)) = tools_count(&file) {
+            assert_eq!((tshark, tcpdump), (29, 29), "[{encap}] tshark and tcpdump read the capture");
+        }
+
+        // What is on the wire, as Wireshark's dissectors read it, per copy.
+        if let Some(rows) = tshark_fields(&raw, &scratch) {
+            assert_eq!(rows.len(), raw.len());
+            for (cells, frame) in rows.iter().zip(&raw) {
+                let inner = mirrored(frame, encap).unwrap();
+                let number = u32::from_be_bytes(inner[22..26].try_into().unwrap());
+                let d = u64::from(number >= 1000);
+                assert!(!cells[1].is_empty(), "[{encap}] every copy has a GRE sequence number: {cells:?}");
+                match encap {
+                    "gre" => assert_eq!(num(&cells[0]), u64::from(key) * 2 + d, "[{encap}] key K*2+d"),
+                    "erspan" => {
+                        assert_eq!(
+                            (num(&cells[2]), num(&cells[3]), num(&cells[5])),
+                            (2, u64::from(key), 7),
+                            "{cells:?}"
+                        );
+                        assert_eq!(flag(&cells[4]), d == 1, "[{encap}] D bit of frame {number}: {cells:?}");
+                    }
+                    _ => {
+                        assert_eq!((num(&cells[2]), num(&cells[3])), (1, u64::from(key)), "{cells:?}");
+                        assert_eq!(num(&cells[6]), d, "[{encap}] index of frame {number}: {cells:?}");
+                    }
+                }
+            }
+        }
+        hv.ns.sh("tc qdisc del dev up1 clsact");
+        vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
+    }
+}
+
+#[test]
+fn bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing() {
+    if !privileged("bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing") {
+        return;
+    }
+    let hv = Hypervisor::new();
+    let before = hv.ns.link_names();
+    let scratch = Scratch::new("refused");
+    let file = scratch.path("never.pcapng");
+    let file = file.to_str().unwrap();
+    let attach = |more: &[&'static str]| -> Vec<&'static str> {
+        let mut args = vec!["attach", "--tap", TAP, "--to", "192.0.2.9"];
+        args.extend_from_slice(more);
+        args
+    };
+    for (args, needle) in [
+        (attach(&["--erspan-hwid", "3"]), "it needs --encap erspan (it was --encap gre)"),
+        (attach(&["--encap", "erspan1", "--erspan-hwid", "3"]), "(it was --encap erspan1)"),
+        (attach(&["--encap", "erspan", "--erspan-hwid", "64"]), "64"),
+        (attach(&["--encap", "erspan", "--key", "600"]), "must be at most 511"),
+        (attach(&["--encap", "vxlan"]), "vxlan"),
+        (vec!["attach", "--tap", TAP, "--to-dev", "peer0", "--encap", "erspan"], "--encap"),
+        (vec!["collect", "-w", "-", "--rotate", "1M"], "--rotate starts new files: it needs -w FILE"),
+        (vec!["collect", "-w", file, "--rotate", "10x"], "give a size such as 100M"),
+        (vec!["collect", "-w", file, "--from", "fe80::1"], "IPv4 only"),
+        (vec!["collect", "-w", file, "--from", "10.0.0.0/40"], "10.0.0.0/40"),
+        (vec!["collect", "-w", file, "--names", "/nonexistent/status.json"], "/nonexistent/status.json"),
+        (vec!["collect", "-w", file, "-c", "0"], "0"),
+    ] {
+        let err = vmsniff::fails(&hv.ns, &args);
+        assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
+    }
+    assert_eq!(hv.ns.link_names(), before, "no device was created");
+    assert!(!hv.ns.pin_dir().exists(), "no pins were made");
+    assert!(!scratch.path("never.pcapng").exists(), "no capture file was created");
+}

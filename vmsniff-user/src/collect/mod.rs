@@ -1,0 +1,6 @@
+//! `vmsniff collect`: decoding (pure), counting, naming, the pcapng writer and the receive loop.
+pub mod decode;
+pub mod names;
+pub mod pcapng;
+pub mod receive;
+pub mod stats;

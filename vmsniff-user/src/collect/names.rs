@@ -1,0 +1,229 @@
+//! `--names [SENDER=]FILE`: what `vmsniff status --json` printed on a hypervisor, so that the
+//! capture's interfaces are named after the VM (or tap) and session rather than by number.
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::stats::InterfaceKey;
+
+#[derive(Debug, Error)]
+pub enum NamesError {
+    #[error("--names {}: cannot read it", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--names {}: not what `vmsniff status --json` prints (`{{\"version\": 1, \"sessions\": \
+         [...]}}`); save that on the hypervisor and give it here",
+        path.display()
+    )]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("--names {}: status version {version} is newer than this vmsniff knows (1)", path.display())]
+    Version { path: PathBuf, version: u64 },
+}
+
+/// `--names [SENDER=]FILE`, as given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamesArg {
+    pub sender: Option<Ipv4Addr>,
+    pub path: PathBuf,
+}
+
+pub fn parse_names_arg(text: &str) -> Result<NamesArg, String> {
+    match text.split_once('=') {
+        Some((sender, path)) => {
+            let sender = sender.parse().map_err(|_| {
+                format!("--names {text:?}: {sender:?} is not an IPv4 address; give SENDER=FILE or FILE")
+            })?;
+            Ok(NamesArg { sender: Some(sender), path: path.into() })
+        }
+        None => Ok(NamesArg { sender: None, path: text.into() }),
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusFile {
+    version: u64,
+    sessions: Vec<SessionEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct SessionEntry {
+    session: u32,
+    tap: String,
+    key: Option<u32>,
+    #[serde(default)]
+    encap: Option<String>,
+    /// Later status versions may name the VM and NIC.
+    #[serde(default)]
+    vm: Option<String>,
+    #[serde(default)]
+    nic: Option<u32>,
+}
+
+/// Names of sessions, by (sender or any, ERSPAN or GRE, key).
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    by_key: BTreeMap<(Option<Ipv4Addr>, bool, u32), Named>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named {
+    pub session: u32,
+    /// "c-private nic 0" or the tap's name.
+    pub label: String,
+    pub tap: String,
+    pub encap: String,
+}
+
+impl Names {
+    pub fn load(args: &[NamesArg]) -> Result<Names, NamesError> {
+        let mut names = Names::default();
+        for arg in args {
+            let text = std::fs::read_to_string(&arg.path)
+                .map_err(|source| NamesError::Read { path: arg.path.clone(), source })?;
+            names.add(arg.sender, &text).map_err(|e| match e {
+                AddError::Parse(source) => NamesError::Parse { path: arg.path.clone(), source },
+                AddError::Version(version) => NamesError::Version { path: arg.path.clone(), version },
+            })?;
+        }
+        Ok(names)
+    }
+
+    fn add(&mut self, sender: Option<Ipv4Addr>, text: &str) -> Result<(), AddError> {
+        let file: StatusFile = serde_json::from_str(text).map_err(AddError::Parse)?;
+        if file.version != 1 {
+            return Err(AddError::Version(file.version));
+        }
+        for s in file.sessions {
+            let Some(key) = s.key else { continue };
+            let encap = s.encap.unwrap_or_else(|| "gre".into());
+            let label = match (&s.vm, s.nic) {
+                (Some(vm), Some(nic)) => format!("{vm} nic {nic}"),
+                (Some(vm), None) => vm.clone(),
+                _ => s.tap.clone(),
+            };
+            let erspan = encap.starts_with("erspan");
+            self.by_key.insert((sender, erspan, key), Named { session: s.session, label, tap: s.tap, encap });
+        }
+        Ok(())
+    }
+
+    /// The name of an interface's session: the sender's own file first, then one for any sender.
+    pub fn get(&self, key: &InterfaceKey) -> Option<&Named> {
+        if key.plain {
+            return None;
+        }
+        self.by_key
+            .get(&(Some(key.sender), key.erspan, key.session))
+            .or_else(|| self.by_key.get(&(None, key.erspan, key.session)))
+    }
+
+    /// The pcapng interface name: `SENDER session N` (N = the key on the wire, the session id
+    /// unless `--key` was given), or `VM nic N session S` / `TAP session S` from `--names`;
+    /// a plain GRE mirror's is `SENDER gre key K`.
+    pub fn interface_name(&self, key: &InterfaceKey) -> String {
+        match (self.get(key), key.plain) {
+            (_, true) => format!("{} gre key {}", key.sender, key.session),
+            (Some(named), _) => format!("{} session {}", named.label, named.session),
+            (None, _) => format!("{} session {}", key.sender, key.session),
+        }
+    }
+
+    /// The interface description: everything known about the stream.
+    pub fn interface_description(&self, key: &InterfaceKey) -> String {
+        let what = match (key.plain, key.erspan) {
+            (true, _) => format!("GRE mirror key {}", key.session),
+            (false, true) => format!("ERSPAN span id {}", key.session),
+            (false, false) => format!("vmsniff GRE key {}", key.session),
+        };
+        match self.get(key) {
+            Some(n) => format!(
+                "{what} from {}: vmsniff session {} on {} ({}), encap {}",
+                key.sender, n.session, n.label, n.tap, n.encap
+            ),
+            None => format!("{what} from {}", key.sender),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum AddError {
+    Parse(serde_json::Error),
+    Version(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = r#"{"version": 1, "sessions": [
+        {"session": 1, "tap": "tapvm0", "key": 7, "encap": "gre", "direction": "both"},
+        {"session": 2, "tap": "tapf7", "key": 2, "encap": "erspan", "vm": "c-private", "nic": 0},
+        {"session": 3, "tap": "mir0", "key": null, "encap": "none"}
+    ]}"#;
+
+    fn key(sender: [u8; 4], erspan: bool, session: u32) -> InterfaceKey {
+        InterfaceKey { sender: Ipv4Addr::from(sender), erspan, plain: false, session }
+    }
+
+    #[test]
+    fn sessions_are_named_after_vm_or_tap() {
+        let mut names = Names::default();
+        names.add(None, STATUS).unwrap();
+        assert_eq!(names.interface_name(&key([192, 0, 2, 1], false, 7)), "tapvm0 session 1");
+        assert_eq!(names.interface_name(&key([192, 0, 2, 1], true, 2)), "c-private nic 0 session 2");
+        assert_eq!(
+            names.interface_name(&key([192, 0, 2, 1], false, 2)),
+            "192.0.2.1 session 2",
+            "GRE key 2 is not the ERSPAN session"
+        );
+        let plain = InterfaceKey { plain: true, ..key([192, 0, 2, 9], false, 7) };
+        assert_eq!(names.interface_name(&plain), "192.0.2.9 gre key 7");
+        assert!(
+            names
+                .interface_description(&key([192, 0, 2, 1], false, 7))
+                .contains("vmsniff session 1 on tapvm0")
+        );
+    }
+
+    #[test]
+    fn a_senders_own_file_comes_first() {
+        let mut names = Names::default();
+        names.add(None, STATUS).unwrap();
+        names
+            .add(
+                Some(Ipv4Addr::new(192, 0, 2, 5)),
+                r#"{"version":1,"sessions":[{"session":9,"tap":"tapx","key":7}]}"#,
+            )
+            .unwrap();
+        assert_eq!(names.interface_name(&key([192, 0, 2, 5], false, 7)), "tapx session 9");
+        assert_eq!(names.interface_name(&key([192, 0, 2, 6], false, 7)), "tapvm0 session 1");
+    }
+
+    #[test]
+    fn bad_files_and_arguments_are_refused() {
+        assert!(matches!(Names::default().add(None, "[1, 2]"), Err(AddError::Parse(_))));
+        assert!(matches!(
+            Names::default().add(None, r#"{"version": 2, "sessions": []}"#),
+            Err(AddError::Version(2))
+        ));
+        assert_eq!(
+            parse_names_arg("192.0.2.1=/x.json"),
+            Ok(NamesArg { sender: Some(Ipv4Addr::new(192, 0, 2, 1)), path: "/x.json".into() })
+        );
+        assert_eq!(parse_names_arg("/x.json").unwrap().sender, None);
+        assert!(parse_names_arg("host=/x.json").is_err());
+        let missing =
+            Names::load(&[NamesArg { sender: None, path: "/nonexistent/s.json".into() }]).unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/s.json"));
+    }
+}

@@ -1,0 +1,517 @@
+//! The pcapng output: one interface per (sender, session), the direction in each packet's flags,
+//! whole blocks only.
+//!
+//! pcap-file encodes the blocks (it checks interface ids and writes the options Wireshark reads),
+//! but writes each block as many small writes. So every block is encoded into a buffer of its
+//! own, and the output receives whole blocks: a file is extended block by block and cut back to
+//! the last whole block if a write fails (a full disk); a pipe gets each block in one write and
+//! a flush, so that `wireshark -k -i -` shows every packet as it arrives.
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    fs::File,
+    io::{self, Write as _},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use pcap_file::{
+    DataLink, Endianness,
+    pcapng::{
+        PcapNgWriter,
+        blocks::{
+            enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption},
+            interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
+            section_header::{SectionHeaderBlock, SectionHeaderOption},
+        },
+    },
+};
+use thiserror::Error;
+
+/// Buffered blocks are written out at this size, or after [`FLUSH_INTERVAL`].
+const FLUSH_BYTES: usize = 256 * 1024;
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// The largest frame an interface announces: a jumbo frame with room to spare.
+const SNAPLEN: u32 = 65535;
+/// if_tsresol 9: timestamps in nanoseconds (pcap-file writes them so).
+const NANOSECONDS: u8 = 9;
+
+#[derive(Debug, Error)]
+pub enum PcapngError {
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write to {what}")]
+    Write {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot encode a pcapng block")]
+    Encode(#[source] pcap_file::PcapError),
+}
+
+/// An interface of the capture: the stream of one (sender, session).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub description: String,
+}
+
+/// One packet to write.
+pub struct Packet<'a> {
+    pub timestamp: Duration,
+    pub frame: &'a [u8],
+    pub original_len: usize,
+    /// The `epb_flags` word (direction).
+    pub flags: u32,
+}
+
+/// Encodes pcapng blocks one at a time, each into its own bytes.
+pub struct Encoder {
+    writer: PcapNgWriter<Vec<u8>>,
+}
+
+impl Encoder {
+    /// A new section; returns the encoder and the section header block.
+    pub fn new() -> Result<(Encoder, Vec<u8>), PcapngError> {
+        let section = SectionHeaderBlock {
+            endianness: Endianness::native(),
+            options: vec![SectionHeaderOption::UserApplication(Cow::Owned(format!(
+                "vmsniff collect {}",
+                env!("CARGO_PKG_VERSION")
+            )))],
+            ..Default::default()
+        };
+        let mut writer =
+            PcapNgWriter::with_section_header(Vec::new(), section).map_err(PcapngError::Encode)?;
+        let header = std::mem::take(writer.get_mut());
+        Ok((Encoder { writer }, header))
+    }
+
+    /// The interface description block of the next interface id.
+    pub fn interface(&mut self, interface: &Interface) -> Result<Vec<u8>, PcapngError> {
+        let block = InterfaceDescriptionBlock {
+            linktype: DataLink::ETHERNET,
+            snaplen: SNAPLEN,
+            options: vec![
+                InterfaceDescriptionOption::IfName(Cow::Borrowed(&interface.name)),
+                InterfaceDescriptionOption::IfDescription(Cow::Borrowed(&interface.description)),
+                InterfaceDescriptionOption::IfTsResol(NANOSECONDS),
+            ],
+        };
+        self.writer.write_pcapng_block(block).map_err(PcapngError::Encode)?;
+        Ok(std::mem::take(self.writer.get_mut()))
+    }
+
+    /// An enhanced packet block on interface `id`.
+    pub fn packet(&mut self, id: u32, packet: &Packet) -> Result<Vec<u8>, PcapngError> {
+        let block = EnhancedPacketBlock {
+            interface_id: id,
+            timestamp: packet.timestamp,
+            original_len: packet.original_len.max(packet.frame.len()) as u32,
+            data: Cow::Borrowed(packet.frame),
+            options: vec![EnhancedPacketOption::Flags(packet.flags)],
+        };
+        self.writer.write_pcapng_block(block).map_err(PcapngError::Encode)?;
+        Ok(std::mem::take(self.writer.get_mut()))
+    }
+}
+
+/// Where the capture goes: `-w FILE` (rotated on request) or `-w -`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    File(PathBuf),
+    Stdout,
+}
+
+/// `--rotate SIZE|TIME`, as tcpdump's -C and -G.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotate {
+    Bytes(u64),
+    Every(Duration),
+}
+
+/// The capture being written: the current file (or stdout), its interfaces, whole blocks.
+pub struct Capture<K> {
+    destination: Destination,
+    rotate: Option<Rotate>,
+    out: File,
+    /// Bytes known to be whole blocks in the current file.
+    written: u64,
+    /// Whole blocks not yet written (files only).
+    pending: Vec<u8>,
+    last_flush: Instant,
+    encoder: Encoder,
+    /// Interface ids of the current section, by stream.
+    ids: HashMap<K, u32>,
+    opened: Instant,
+    /// Files started so far (1 for the first).
+    files: u32,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
+    pub fn open(destination: Destination, rotate: Option<Rotate>) -> Result<Self, PcapngError> {
+        let out = open_output(&destination, 1)?;
+        let (encoder, header) = Encoder::new()?;
+        let mut capture = Capture {
+            destination,
+            rotate,
+            out,
+            written: 0,
+            pending: Vec::new(),
+            last_flush: Instant::now(),
+            encoder,
+            ids: HashMap::new(),
+            opened: Instant::now(),
+            files: 1,
+        };
+        capture.block(header)?;
+        Ok(capture)
+    }
+
+    /// The file being written, `None` for stdout.
+    pub fn current_path(&self) -> Option<PathBuf> {
+        match &self.destination {
+            Destination::File(path) => Some(rotated_path(path, self.files)),
+            Destination::Stdout => None,
+        }
+    }
+
+    /// Writes one packet of stream `key`, announcing its interface first in this file.
+    pub fn write(
+        &mut self,
+        key: &K,
+        interface: impl FnOnce() -> Interface,
+        packet: &Packet,
+    ) -> Result<(), PcapngError> {
+        self.rotate_if_due()?;
+        let id = match self.ids.get(key) {
+            Some(&id) => id,
+            None => {
+                let id = self.ids.len() as u32;
+                let block = self.encoder.interface(&interface())?;
+                self.block(block)?;
+                self.ids.insert(key.clone(), id);
+                id
+            }
+        };
+        let block = self.encoder.packet(id, packet)?;
+        self.block(block)
+    }
+
+    /// Writes out buffered blocks (files); called on a timer and before exit.
+    pub fn flush(&mut self) -> Result<(), PcapngError> {
+        self.last_flush = Instant::now();
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.write_whole(&pending)
+    }
+
+    /// Time-based rotation, also without traffic; called on a timer.
+    pub fn rotate_if_due(&mut self) -> Result<(), PcapngError> {
+        let due = match self.rotate {
+            Some(Rotate::Every(every)) => self.opened.elapsed() >= every,
+            Some(Rotate::Bytes(limit)) => self.written + self.pending.len() as u64 >= limit,
+            None => false,
+        };
+        if !due {
+            return Ok(());
+        }
+        self.flush()?;
+        self.files += 1;
+        self.out = open_output(&self.destination, self.files)?;
+        self.written = 0;
+        self.opened = Instant::now();
+        self.ids.clear();
+        let (encoder, header) = Encoder::new()?;
+        self.encoder = encoder;
+        self.block(header)
+    }
+
+    fn block(&mut self, block: Vec<u8>) -> Result<(), PcapngError> {
+        match self.destination {
+            Destination::Stdout => self.write_whole(&block),
+            Destination::File(_) => {
+                self.pending.extend_from_slice(&block);
+                if self.pending.len() >= FLUSH_BYTES || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                    self.flush()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes whole blocks; on failure cuts a file back to its last whole block.
+    fn write_whole(&mut self, blocks: &[u8]) -> Result<(), PcapngError> {
+        let result = self.out.write_all(blocks).and_then(|()| self.out.flush());
+        match result {
+            Ok(()) => {
+                self.written += blocks.len() as u64;
+                Ok(())
+            }
+            Err(source) => {
+                if matches!(self.destination, Destination::File(_)) {
+                    // Best effort: the error below is what the operator must see.
+                    let _ = self.out.set_len(self.written);
+                }
+                let what = match self.current_path() {
+                    Some(path) => path.display().to_string(),
+                    None => "stdout".into(),
+                };
+                Err(PcapngError::Write { what, source })
+            }
+        }
+    }
+}
+
+fn open_output(destination: &Destination, file: u32) -> Result<File, PcapngError> {
+    match destination {
+        // Unbuffered (stdout's own handle is line-buffered): each block goes in one write.
+        Destination::Stdout => io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .map_err(|source| PcapngError::Write { what: "stdout".into(), source }),
+        Destination::File(path) => {
+            let path = rotated_path(path, file);
+            File::create(&path).map_err(|source| PcapngError::Create { path, source })
+        }
+    }
+}
+
+/// The `n`th file (1-based) of a rotated capture: `cap.pcapng`, `cap.1.pcapng`, `cap.2.pcapng`...
+pub fn rotated_path(path: &Path, n: u32) -> PathBuf {
+    if n <= 1 {
+        return path.to_owned();
+    }
+    let index = n - 1;
+    match (path.file_stem(), path.extension()) {
+        (Some(stem), Some(ext)) => {
+            path.with_file_name(format!("{}.{index}.{}", stem.to_string_lossy(), ext.to_string_lossy()))
+        }
+        _ => PathBuf::from(format!("{}.{index}", path.display())),
+    }
+}
+
+/// `--rotate`: a size (`100M`, `1G`, `500K`, bytes) or a time (`30s`, `10m`, `1h`).
+pub fn parse_rotate(text: &str) -> Result<Rotate, String> {
+    let err = || {
+        format!(
+            "--rotate {text:?}: give a size such as 100M or 1G (a new file when the current one \
+             reaches it) or a time such as 30s, 10m or 1h (a new file that often)"
+        )
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| err())?;
+    if number == 0 {
+        return Err(err());
+    }
+    let bytes = |scale: u64| number.checked_mul(scale).map(Rotate::Bytes).ok_or_else(err);
+    let secs =
+        |scale: u64| number.checked_mul(scale).map(|s| Rotate::Every(Duration::from_secs(s))).ok_or_else(err);
+    match unit {
+        "" | "B" => bytes(1),
+        "K" | "k" | "KB" | "KiB" => bytes(1 << 10),
+        "M" | "MB" | "MiB" => bytes(1 << 20),
+        "G" | "GB" | "GiB" => bytes(1 << 30),
+        "s" => secs(1),
+        "m" | "min" => secs(60),
+        "h" => secs(3600),
+        _ => Err(err()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pcap_file::pcapng::{Block, PcapNgReader};
+
+    use super::*;
+
+    fn packet(frame: &[u8], flags: u32) -> Packet<'_> {
+        Packet {
+            timestamp: Duration::new(1_700_000_000, 123_456_789),
+            frame,
+            original_len: frame.len(),
+            flags,
+        }
+    }
+
+    fn iface(name: &str) -> Interface {
+        Interface { name: name.into(), description: format!("{name} described") }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmsniff-pcapng-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A packet read back: interface id, data, original length, flags.
+    type ReadPacket = (u32, Vec<u8>, u32, Option<u32>);
+
+    /// Reads a capture back: the interface names and the packets.
+    fn read_back(path: &Path) -> (Vec<String>, Vec<ReadPacket>) {
+        let mut reader = PcapNgReader::new(File::open(path).unwrap()).unwrap();
+        let (mut names, mut packets) = (Vec::new(), Vec::new());
+        while let Some(block) = reader.next_block() {
+            match block.unwrap() {
+                Block::InterfaceDescription(idb) => names.extend(idb.options.iter().find_map(|o| match o {
+                    InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
+                    _ => None,
+                })),
+                Block::EnhancedPacket(epb) => {
+                    let flags = epb.options.iter().find_map(|o| match o {
+                        EnhancedPacketOption::Flags(f) => Some(*f),
+                        _ => None,
+                    });
+                    packets.push((epb.interface_id, epb.data.to_vec(), epb.original_len, flags));
+                }
+                _ => {}
+            }
+        }
+        (names, packets)
+    }
+
+    #[test]
+    fn interfaces_are_announced_once_per_stream_and_packets_carry_direction_and_length() {
+        let dir = scratch("basic");
+        let path = dir.join("cap.pcapng");
+        let mut capture: Capture<u32> = Capture::open(Destination::File(path.clone()), None).unwrap();
+        let (a, b) = (vec![1u8; 60], vec![2u8; 61]);
+        capture.write(&1, || iface("192.0.2.1 session 1"), &packet(&a, 2)).unwrap();
+        capture.write(&2, || iface("192.0.2.1 session 2"), &packet(&b, 1)).unwrap();
+        capture
+            .write(&1, || panic!("announced already"), &Packet { original_len: 1500, ..packet(&a, 1) })
+            .unwrap();
+        capture.flush().unwrap();
+        let (names, packets) = read_back(&path);
+        assert_eq!(names, ["192.0.2.1 session 1", "192.0.2.1 session 2"]);
+        assert_eq!(packets.len(), 3);
+        assert_eq!(packets[0], (0, a.clone(), 60, Some(2)));
+        assert_eq!(packets[1], (1, b, 61, Some(1)));
+        assert_eq!(packets[2], (0, a, 1500, Some(1)), "the original length of a cut copy");
+        if let Some(rows) = tshark(
+            &path,
+            &["frame.interface_name", "frame.packet_flags_direction", "frame.len", "frame.cap_len"],
+        ) {
+            // tshark prints the direction as 0x00000002 or 2, depending on its version.
+            let rows: Vec<(String, u32, String)> = rows
+                .iter()
+                .map(|row| {
+                    let cells: Vec<&str> = row.split('\t').collect();
+                    let direction = cells[1]
+                        .strip_prefix("0x")
+                        .map_or_else(|| cells[1].parse(), |h| u32::from_str_radix(h, 16));
+                    (cells[0].to_owned(), direction.unwrap(), format!("{} {}", cells[2], cells[3]))
+                })
+                .collect();
+            let expect = |name: &str, d, lens: &str| (name.to_owned(), d, lens.to_owned());
+            assert_eq!(
+                rows,
+                [
+                    expect("192.0.2.1 session 1", 2, "60 60"),
+                    expect("192.0.2.1 session 2", 1, "61 61"),
+                    expect("192.0.2.1 session 1", 1, "1500 60"),
+                ]
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// tshark's fields for every packet of `path`, when tshark is installed.
+    fn tshark(path: &Path, fields: &[&str]) -> Option<Vec<String>> {
+        let mut cmd = std::process::Command::new("tshark");
+        cmd.arg("-r").arg(path).args(["-T", "fields"]);
+        for f in fields {
+            cmd.args(["-e", f]);
+        }
+        let out = match cmd.output() {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("tshark not run ({e}): the capture was checked with pcap-file's reader only");
+                return None;
+            }
+        };
+        assert!(out.status.success(), "tshark failed: {}", String::from_utf8_lossy(&out.stderr));
+        Some(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    }
+
+    #[test]
+    fn rotation_by_size_starts_whole_files_with_their_own_interfaces() {
+        let dir = scratch("rotate");
+        let path = dir.join("cap.pcapng");
+        let mut capture: Capture<u32> =
+            Capture::open(Destination::File(path.clone()), Some(Rotate::Bytes(1000))).unwrap();
+        let frame = vec![7u8; 300];
+        for i in 0..10 {
+            capture.write(&(i % 2), || iface(&format!("s{}", i % 2)), &packet(&frame, 2)).unwrap();
+        }
+        capture.flush().unwrap();
+        let mut total = 0;
+        for n in 1.. {
+            let file = rotated_path(&path, n);
+            if !file.exists() {
+                break;
+            }
+            let (names, packets) = read_back(&file);
+            assert!(!names.is_empty() && names.len() <= 2, "{} announces its own interfaces", file.display());
+            assert!(packets.iter().all(|p| (p.0 as usize) < names.len()));
+            total += packets.len();
+        }
+        assert_eq!(total, 10);
+        assert!(rotated_path(&path, 3).exists(), "3 files at least for 10 x 300 B with 1000 B each");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rotated_names_number_before_the_extension() {
+        let p = Path::new("/x/cap.pcapng");
+        assert_eq!(rotated_path(p, 1), Path::new("/x/cap.pcapng"));
+        assert_eq!(rotated_path(p, 2), Path::new("/x/cap.1.pcapng"));
+        assert_eq!(rotated_path(Path::new("cap"), 3), Path::new("cap.2"));
+    }
+
+    #[test]
+    fn rotate_takes_sizes_and_times() {
+        assert_eq!(parse_rotate("100M"), Ok(Rotate::Bytes(100 << 20)));
+        assert_eq!(parse_rotate("4096"), Ok(Rotate::Bytes(4096)));
+        assert_eq!(parse_rotate("1G"), Ok(Rotate::Bytes(1 << 30)));
+        assert_eq!(parse_rotate("30s"), Ok(Rotate::Every(Duration::from_secs(30))));
+        assert_eq!(parse_rotate("10m"), Ok(Rotate::Every(Duration::from_secs(600))));
+        assert_eq!(parse_rotate("1h"), Ok(Rotate::Every(Duration::from_secs(3600))));
+        for bad in ["", "0", "M", "10x", "-5M", "99999999999999999999G"] {
+            assert!(parse_rotate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_failing_write_leaves_only_whole_blocks() {
+        // /dev/full fails every write: nothing, not even part of a block, lands there, and the
+        // error names the destination.
+        let mut capture: Capture<u32> = Capture {
+            destination: Destination::File(PathBuf::from("/dev/full")),
+            rotate: None,
+            out: File::options().write(true).open("/dev/full").unwrap(),
+            written: 0,
+            pending: Vec::new(),
+            last_flush: Instant::now(),
+            encoder: Encoder::new().unwrap().0,
+            ids: HashMap::new(),
+            opened: Instant::now(),
+            files: 1,
+        };
+        capture.write(&1, || iface("x"), &packet(&[0u8; 60], 0)).unwrap();
+        let error = capture.flush().unwrap_err();
+        assert!(error.to_string().contains("/dev/full"), "{error}");
+        assert_eq!(capture.written, 0);
+    }
+}
