@@ -7,6 +7,7 @@
 pub mod foreign;
 pub mod frames;
 pub mod netns;
+pub mod ovs;
 pub mod ovsdb;
 pub mod packet;
 pub mod tap;

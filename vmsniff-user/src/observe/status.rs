@@ -32,6 +32,8 @@ pub struct Status {
 #[serde(rename_all = "kebab-case")]
 pub struct SessionStatus {
     pub session: u32,
+    /// `ebpf` (OVS mode's sessions say `ovs`).
+    pub mode: &'static str,
     pub tap: String,
     pub tap_ifindex: u32,
     /// The collector (GRE sessions).
@@ -196,6 +198,7 @@ async fn session_status(
         .flatten();
     Ok(SessionStatus {
         session: id,
+        mode: "ebpf",
         tap,
         tap_ifindex: config.tap_ifindex,
         to: (gre && config.remote_family == 4)

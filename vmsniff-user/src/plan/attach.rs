@@ -126,7 +126,7 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
         }
     }
     let session_id = (1..=MAX_SESSION_ID)
-        .find(|id| !observed.sessions.contains_key(id))
+        .find(|id| !observed.sessions.contains_key(id) && !observed.reserved.contains(id))
         .ok_or(AttachPlanError::NoFreeSessionId)?;
     let key = request.key.unwrap_or(session_id);
     if key > MAX_GRE_USER_KEY {
