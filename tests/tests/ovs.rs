@@ -493,7 +493,7 @@ fn an_attach_that_ovs_vswitchd_never_applies_leaves_no_row() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("is it running"), "{err}");
     let after: Vec<String> = ["Port", "Interface", "Mirror", "Bridge"].iter().map(|t| list(t)).collect();
-    // The bridge's own columns may differ only in nothing: ports and mirrors as before.
+    // The bridge keeps its ports and mirrors (only next_cfg of the Open_vSwitch row moved).
     assert_eq!(after[..3], before[..3], "rows left behind");
     let bridge_columns = |text: &str| {
         text.lines()

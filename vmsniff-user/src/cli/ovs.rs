@@ -10,7 +10,7 @@ use crate::{
     apply::ovs::{apply_attach, remove},
     observe::ovs::{OvsSessionStatus, session_status},
     ovsdb::{
-        Client, OvsdbError,
+        Client, Operation, OvsdbError,
         mirror::{OvsSession, Snapshot},
         socket_path,
         vswitch::DATABASE,
@@ -143,10 +143,7 @@ pub async fn attach(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
         plan.mirror
     );
     if args.dry_run {
-        let mut params = vec![json!(DATABASE)];
-        params.extend(plan.operations.iter().map(|o| o.to_json()));
-        let transaction = json!({"method": "transact", "params": params, "id": 0});
-        println!("{}", serde_json::to_string_pretty(&transaction)?);
+        println!("{}", transaction_text(&plan.operations));
         println!("\n# The same change with ovs-vsctl:\n{}", plan.vsctl);
         log::info!("dry run: session {} would mirror {what}; nothing was changed", plan.id);
         return Ok(());
@@ -155,6 +152,13 @@ pub async fn attach(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     log::info!("session {}: mirroring {what}", plan.id);
     println!("{}", plan.id);
     Ok(())
+}
+
+/// The JSON-RPC request, one operation a line: valid JSON, and readable.
+fn transaction_text(operations: &[Operation]) -> String {
+    let mut lines = vec![json!(DATABASE).to_string()];
+    lines.extend(operations.iter().map(|o| o.to_json().to_string()));
+    format!("{{\"method\": \"transact\", \"id\": 0, \"params\": [\n  {}\n]}}", lines.join(",\n  "))
 }
 
 /// The OVS sessions a `detach` names; `None` without OVSDB. Never fails for a name that matches
@@ -211,10 +215,19 @@ pub fn detach(client: &mut Client, ids: &BTreeSet<u32>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every OVS session, for `status`; none without OVSDB.
-pub fn status(sources: &Sources) -> anyhow::Result<Vec<OvsSessionStatus>> {
-    let Some(mut client) = connect_if_present(sources)? else { return Ok(Vec::new()) };
-    Ok(Snapshot::read(&mut client)?.sessions().values().map(session_status).collect())
+/// Every OVS session, for `status`; none without OVSDB. An OVSDB that is named but cannot be
+/// read is a warning: the eBPF sessions are still worth showing.
+pub fn status(sources: &Sources) -> Vec<OvsSessionStatus> {
+    let read = connect_if_present(sources)
+        .and_then(|client| client.map(|mut c| Snapshot::read(&mut c)).transpose().map_err(Into::into));
+    match read {
+        Ok(Some(snapshot)) => snapshot.sessions().values().map(session_status).collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            log::warn!("OVS sessions not shown: {}", crate::apply::executor::chain(e.as_ref()));
+            Vec::new()
+        }
+    }
 }
 
 /// `status --json`'s sessions: eBPF's, then OVS's.
