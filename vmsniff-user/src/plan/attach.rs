@@ -428,6 +428,12 @@ mod tests {
     }
 
     #[test]
+    fn session_ids_skip_those_of_ovs_sessions() {
+        let observed = Observed { reserved: [1, 2].into(), ..Observed::default() };
+        assert_eq!(plan_attach(&request(gre([192, 0, 2, 1])), &observed).unwrap().session_id, 3);
+    }
+
+    #[test]
     fn a_second_session_on_a_tap_reuses_its_programs() {
         let mut observed = Observed::default();
         applied(&mut observed, &request(gre([192, 0, 2, 1])));
