@@ -8,6 +8,7 @@ pub mod collect;
 pub mod foreign;
 pub mod frames;
 pub mod netns;
+pub mod ovs;
 pub mod ovsdb;
 pub mod packet;
 pub mod tap;

@@ -95,9 +95,14 @@ impl Namespace {
         self.apply_detach(&observed.orphaned, &observed).await
     }
 
-    /// Plans and applies an attach; returns the session id and its key.
-    pub async fn attach(&self, request: &AttachRequest) -> Result<(u32, u32), SessionError> {
-        let observed = self.observe()?;
+    /// Plans and applies an attach, leaving the `reserved` ids (OVS sessions') free; returns the
+    /// session id and its key.
+    pub async fn attach(
+        &self,
+        request: &AttachRequest,
+        reserved: BTreeSet<u32>,
+    ) -> Result<(u32, u32), SessionError> {
+        let observed = Observed { reserved, ..self.observe()? };
         let plan = plan_attach(request, &observed)?;
         log::debug!("attach plan: {plan:#?}");
         executor::apply_attach(&self.kernel, &plan).await?;

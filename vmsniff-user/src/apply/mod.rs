@@ -5,6 +5,7 @@ pub mod error;
 pub mod executor;
 pub mod gre;
 pub mod maps;
+pub mod ovs;
 pub mod tc;
 
 pub use error::KernelError;

@@ -1,4 +1,5 @@
 //! `vmsniff attach`: start a persistent mirror, print its session id.
+use anyhow::bail;
 use clap::Args;
 
 use super::{controls::ControlArgs, target::MirrorArgs};
@@ -15,9 +16,39 @@ pub struct AttachArgs {
 
     #[command(flatten)]
     pub controls: ControlArgs,
+
+    /// `ebpf`: tc programs on the tap clone the frames (every plug, all controls). `ovs`: an Open
+    /// vSwitch Mirror on the VM's OVS port with a GRE output port, as `ovs-vsctl create mirror`
+    /// makes it (OVS plugs only).
+    #[arg(long, value_enum, default_value_t = super::ovs::Mode::Ebpf)]
+    pub mode: super::ovs::Mode,
+
+    /// With --mode ovs: print the OVSDB transaction and the equivalent ovs-vsctl command, and
+    /// change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl AttachArgs {
+    /// Refuses `--mode ovs` and `--dry-run` where only eBPF mode applies.
+    pub fn require_ebpf(&self, command: &str) -> anyhow::Result<()> {
+        if self.mode == super::ovs::Mode::Ovs {
+            bail!(
+                "`vmsniff {command}` runs eBPF mode only: an OVS mirror persists by itself; use `vmsniff attach --mode ovs`"
+            );
+        }
+        if self.dry_run {
+            bail!("--dry-run prints the OVSDB transaction of --mode ovs; eBPF mode has none to print");
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
+    if args.mode == super::ovs::Mode::Ovs {
+        return super::ovs::attach(sources, args).await;
+    }
+    args.require_ebpf("attach")?;
     let namespace = Namespace::open()?;
     let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, None).await?;
     // The id alone on stdout, so that `S=$(vmsniff attach ...)` works.
@@ -45,7 +76,7 @@ pub async fn attach(
         key: args.key,
         directions: args.direction,
         controls,
-        mode: args.attach_mode,
+        mode: args.attach_mode.unwrap_or_default(),
         tcx_supported: tcx_supported(),
         foreground_pid,
         now: std::time::SystemTime::now()
@@ -55,7 +86,7 @@ pub async fn attach(
     };
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
-    let (id, key) = namespace.attach(&request).await?;
+    let (id, key) = namespace.attach(&request, super::ovs::reserved_ids(sources)).await?;
     log::info!(
         "session {id}: mirroring {} ({}) of {} to {}{}",
         request.directions.as_str(),
@@ -72,7 +103,7 @@ pub async fn attach(
     Ok((id, request))
 }
 
-fn direction_words(directions: crate::plan::request::Directions) -> &'static str {
+pub fn direction_words(directions: crate::plan::request::Directions) -> &'static str {
     use crate::plan::request::Directions;
     match directions {
         Directions::In => "frames going into the VM",

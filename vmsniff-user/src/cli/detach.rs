@@ -1,4 +1,4 @@
-//! `vmsniff detach`: remove sessions and everything vmsniff created for them.
+//! `vmsniff detach`: remove sessions and everything vmsniff created for them, eBPF and OVS.
 use clap::Args;
 
 use super::sessions::SessionArgs;
@@ -16,10 +16,24 @@ pub async fn run(sources: &Sources, args: DetachArgs) -> anyhow::Result<()> {
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
     let observed = namespace.observe()?;
-    let ids = args.sessions.select("detach", sources, &observed)?;
-    namespace.detach(&ids).await?;
+    let ovs = super::ovs::select(sources, &args.sessions)?.filter(|(_, ids)| !ids.is_empty());
+    let ids = match args.sessions.select("detach", sources, &observed) {
+        Ok(ids) => ids,
+        // What named OVS sessions only matches no eBPF session.
+        Err(_) if ovs.is_some() => Default::default(),
+        Err(e) => return Err(e),
+    };
+    if !ids.is_empty() {
+        namespace.detach(&ids).await?;
+    }
     for id in &ids {
         log::info!("session {id} detached");
+    }
+    if let Some((mut client, ids)) = ovs {
+        super::ovs::detach(&mut client, &ids)?;
+        for id in &ids {
+            log::info!("session {id} (OVS mirror) detached");
+        }
     }
     Ok(())
 }

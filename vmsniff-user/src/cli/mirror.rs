@@ -16,6 +16,7 @@ use crate::{
 };
 
 pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
+    args.require_ebpf("mirror")?;
     let mut signals = Signals {
         interrupt: signal(SignalKind::interrupt())?,
         terminate: signal(SignalKind::terminate())?,

@@ -6,6 +6,7 @@ pub mod controls;
 pub mod detach;
 pub mod list;
 pub mod mirror;
+pub mod ovs;
 pub mod sessions;
 pub mod show;
 pub mod status;

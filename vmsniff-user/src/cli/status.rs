@@ -31,8 +31,12 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
     let observed = namespace.observe()?;
     let mut status = status::read(&namespace.kernel.netlink, maps.as_ref(), &observed).await?;
     crate::observe::vm_names::fill(&mut status, sources);
+    let mut ovs = super::ovs::status(sources);
     if let Some(vm) = &args.vm {
-        let recorded = |name: &str| observed.taps.values().any(|t| ifname(&t.ifname) == name);
+        let recorded = |name: &str| {
+            observed.taps.values().any(|t| ifname(&t.ifname) == name)
+                || ovs.iter().any(|s| s.tap.as_deref() == Some(name))
+        };
         // A tap's own name needs no libvirt; the VM may be gone and its sessions still here.
         let taps = if args.nic.choice() == crate::resolve::select::NicChoice::Unspecified && recorded(vm) {
             vec![vm.clone()]
@@ -40,15 +44,22 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
             vm_taps(sources, vm, args.nic.choice())?
         };
         status.sessions.retain(|s| taps.contains(&s.tap));
+        ovs.retain(|s| s.tap.as_ref().is_some_and(|t| taps.contains(t)));
     } else if args.nic.nic.is_some() || args.nic.mac.is_some() {
         anyhow::bail!(
             "--nic and --mac choose among a VM's NICs: name the VM too (vmsniff status VM --nic N)"
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
+        let merged = super::ovs::merge_json(serde_json::to_value(&status)?, &ovs)?;
+        println!("{}", serde_json::to_string_pretty(&merged)?);
+    } else if ovs.is_empty() {
         print!("{}", status::render_table(&status));
+    } else {
+        if !status.sessions.is_empty() {
+            println!("{}", status::render_table(&status));
+        }
+        print!("{}", crate::observe::ovs::render_table(&ovs));
     }
     Ok(())
 }

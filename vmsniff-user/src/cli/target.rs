@@ -65,9 +65,9 @@ pub struct MirrorArgs {
     pub erspan_hwid: Option<u8>,
 
     /// How to attach to the tap: `tcx` links (Linux >= 6.6), `netlink` (a clsact qdisc), or
-    /// `auto` (tcx where the kernel has it).
-    #[arg(long, value_enum, default_value_t = AttachModeChoice::Auto)]
-    pub attach_mode: AttachModeChoice,
+    /// `auto` (tcx where the kernel has it; the default).
+    #[arg(long, value_enum)]
+    pub attach_mode: Option<AttachModeChoice>,
 }
 
 impl MirrorArgs {

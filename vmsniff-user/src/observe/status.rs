@@ -32,6 +32,8 @@ pub struct Status {
 #[serde(rename_all = "kebab-case")]
 pub struct SessionStatus {
     pub session: u32,
+    /// `ebpf` (OVS mode's sessions say `ovs`).
+    pub mode: &'static str,
     pub tap: String,
     pub tap_ifindex: u32,
     /// The VM and NIC index behind the tap, when libvirt knows them (`status` only).
@@ -211,6 +213,7 @@ async fn session_status(
         .flatten();
     Ok(SessionStatus {
         session: id,
+        mode: "ebpf",
         tap,
         tap_ifindex: config.tap_ifindex,
         vm: None,

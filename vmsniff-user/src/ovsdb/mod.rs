@@ -1,6 +1,7 @@
 //! A small OVSDB client (RFC 7047, JSON-RPC over the unix socket): `transact` with typed
-//! operations and errors. vmsniff reads Open vSwitch's tables through it; OVS mirrors will send
-//! their transactions through it too.
+//! operations and errors. vmsniff reads Open vSwitch's tables through it, and OVS mode sends its
+//! mirrors' transactions through it.
+pub mod mirror;
 pub mod vswitch;
 
 use std::{
@@ -25,7 +26,7 @@ pub enum OvsdbError {
     BadAddress(String),
     #[error(
         "no OVSDB socket at {}; is ovsdb-server running (`systemctl status openvswitch-switch`)? \
-         Name it with --ovsdb unix:PATH",
+         Name it with --ovsdb unix:PATH or VMSNIFF_OVSDB",
         DEFAULT_SOCKETS.join(" or ")
     )]
     NoSocket,
@@ -80,17 +81,68 @@ pub struct Condition {
 #[derive(Clone, Debug)]
 pub enum Operation {
     /// Rows of `table` matching every condition; only `columns` if given (`_uuid` always).
-    Select { table: String, conditions: Vec<Condition>, columns: Option<Vec<String>> },
+    Select {
+        table: String,
+        conditions: Vec<Condition>,
+        columns: Option<Vec<String>>,
+    },
+    /// A new row; `uuid_name` lets later operations of the transaction refer to it as
+    /// `["named-uuid", NAME]`.
+    Insert {
+        table: String,
+        row: Value,
+        uuid_name: String,
+    },
+    /// Changes columns of matching rows in place (`insert`/`delete` on sets, `+=` on integers),
+    /// leaving every other member of a set as it is.
+    Mutate {
+        table: String,
+        conditions: Vec<Condition>,
+        mutations: Vec<Mutation>,
+    },
+    Delete {
+        table: String,
+        conditions: Vec<Condition>,
+    },
+    /// Aborts the whole transaction unless the matching rows' `columns` equal `rows` now (a
+    /// guard against changes made since they were read).
+    Wait {
+        table: String,
+        conditions: Vec<Condition>,
+        columns: Vec<String>,
+        rows: Vec<Value>,
+    },
+    /// Recorded in ovsdb-server's log with the transaction.
+    Comment(String),
+}
+
+/// One mutation of a `mutate`: `[column, mutator, value]`.
+#[derive(Clone, Debug)]
+pub struct Mutation {
+    pub column: String,
+    pub mutator: &'static str,
+    pub value: Value,
+}
+
+impl Condition {
+    /// `_uuid == uuid`.
+    pub fn uuid(uuid: &str) -> Condition {
+        Condition { column: "_uuid".into(), function: "==", value: json!(["uuid", uuid]) }
+    }
+}
+
+fn conditions_json(conditions: &[Condition]) -> Value {
+    conditions.iter().map(|c| json!([c.column, c.function, c.value])).collect()
 }
 
 impl Operation {
-    fn to_json(&self) -> Value {
+    pub fn to_json(&self) -> Value {
         match self {
             Operation::Select { table, conditions, columns } => {
                 let mut op = json!({
                     "op": "select",
                     "table": table,
-                    "where": conditions.iter().map(|c| json!([c.column, c.function, c.value])).collect::<Vec<_>>(),
+                    "where": conditions_json(conditions),
                 });
                 if let Some(columns) = columns {
                     let mut columns = columns.clone();
@@ -101,6 +153,28 @@ impl Operation {
                 }
                 op
             }
+            Operation::Insert { table, row, uuid_name } => {
+                json!({"op": "insert", "table": table, "row": row, "uuid-name": uuid_name})
+            }
+            Operation::Mutate { table, conditions, mutations } => json!({
+                "op": "mutate",
+                "table": table,
+                "where": conditions_json(conditions),
+                "mutations": mutations.iter().map(|m| json!([m.column, m.mutator, m.value])).collect::<Vec<_>>(),
+            }),
+            Operation::Delete { table, conditions } => {
+                json!({"op": "delete", "table": table, "where": conditions_json(conditions)})
+            }
+            Operation::Wait { table, conditions, columns, rows } => json!({
+                "op": "wait",
+                "timeout": 0,
+                "table": table,
+                "where": conditions_json(conditions),
+                "columns": columns,
+                "until": "==",
+                "rows": rows,
+            }),
+            Operation::Comment(comment) => json!({"op": "comment", "comment": comment}),
         }
     }
 }
@@ -204,7 +278,7 @@ impl Client {
 }
 
 /// The `rows` of a select's result.
-fn rows(result: Value) -> Result<Vec<Value>, OvsdbError> {
+pub fn rows(result: Value) -> Result<Vec<Value>, OvsdbError> {
     match result {
         Value::Object(mut object) => match object.remove("rows") {
             Some(Value::Array(rows)) => Ok(rows),
@@ -246,6 +320,36 @@ pub mod datum {
                 .collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// The integer values of a map: `["map", [[k, 5], ...]]` (statistics columns).
+    pub fn integer_map(value: &Value) -> Vec<(&str, i64)> {
+        match value.as_array().map(Vec::as_slice) {
+            Some([tag, Value::Array(pairs)]) if tag == "map" => pairs
+                .iter()
+                .filter_map(|pair| match pair.as_array()?.as_slice() {
+                    [k, v] => Some((k.as_str()?, v.as_i64()?)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// A map of strings in OVSDB's encoding.
+    pub fn to_string_map<'a>(pairs: impl IntoIterator<Item = (&'a str, String)>) -> Value {
+        Value::Array(vec![
+            "map".into(),
+            pairs.into_iter().map(|(k, v)| Value::Array(vec![k.into(), v.into()])).collect(),
+        ])
+    }
+
+    /// A set of UUIDs in OVSDB's encoding.
+    pub fn uuid_set<'a>(uuids: impl IntoIterator<Item = &'a str>) -> Value {
+        Value::Array(vec![
+            "set".into(),
+            uuids.into_iter().map(|u| Value::Array(vec!["uuid".into(), u.into()])).collect(),
+        ])
     }
 
     /// An optional integer: an empty set, or the integer.

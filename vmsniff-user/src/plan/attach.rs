@@ -150,7 +150,7 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
         }
     }
     let session_id = (1..=MAX_SESSION_ID)
-        .find(|id| !observed.sessions.contains_key(id))
+        .find(|id| !observed.sessions.contains_key(id) && !observed.reserved.contains(id))
         .ok_or(AttachPlanError::NoFreeSessionId)?;
     let key = request.key.unwrap_or(session_id);
     if key > MAX_GRE_USER_KEY {
@@ -528,6 +528,12 @@ mod tests {
         observed.sessions.remove(&1);
         let plan = plan_attach(&request(gre([192, 0, 2, 3])), &observed).unwrap();
         assert_eq!(plan.session_id, 1);
+    }
+
+    #[test]
+    fn session_ids_skip_those_of_ovs_sessions() {
+        let observed = Observed { reserved: [1, 2].into(), ..Observed::default() };
+        assert_eq!(plan_attach(&request(gre([192, 0, 2, 1])), &observed).unwrap().session_id, 3);
     }
 
     #[test]

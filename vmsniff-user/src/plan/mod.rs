@@ -4,6 +4,7 @@ pub mod attach;
 pub mod controls;
 pub mod detach;
 pub mod filter;
+pub mod ovs;
 pub mod request;
 pub mod update;
 
@@ -21,6 +22,8 @@ pub struct Observed {
     /// Sessions whose `owner_pid` is set and no longer runs: the remains of a crashed attach or
     /// detach, or of a `mirror` killed without a chance to clean up.
     pub orphaned: BTreeSet<u32>,
+    /// Ids held by OVS mode's sessions in OVSDB: eBPF sessions share their id space.
+    pub reserved: BTreeSet<u32>,
 }
 
 impl Observed {

@@ -1,0 +1,653 @@
+//! OVS mode's transactions, decided without touching OVSDB: (request, snapshot) → the one
+//! `transact` of an attach or a detach. Pure and unit-tested; `apply::ovs` sends them.
+//!
+//! An attach inserts a GRE Interface and Port and a Mirror, and adds them to the bridge with
+//! `mutate ... insert`: the bridge's other ports and mirrors are never rewritten, so a change
+//! someone makes at the same time is kept, not clobbered. `wait` guards make the transaction
+//! fail whole if the bridge or the VM's port changed since they were read.
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use serde_json::{Value, json};
+use thiserror::Error;
+use vmsniff_ebpf::MAX_SESSION_ID;
+
+use super::request::Directions;
+use crate::ovsdb::{
+    Condition, Mutation, Operation, datum,
+    mirror::{CREATED_KEY, NIC_KEY, OvsSession, SESSION_KEY, Snapshot, TAP_KEY, VM_KEY},
+};
+
+/// An OVS mirror session, as asked for and resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OvsAttachRequest {
+    /// The bridge holding the VM's port.
+    pub bridge: String,
+    /// The VM's port: qvo for the hybrid plug, the tap for native OVS.
+    pub vm_port: String,
+    pub remote: Ipv4Addr,
+    /// `--key`; the session id when absent. Sent as is: one OVS port carries both directions.
+    pub key: Option<u32>,
+    pub ttl: u8,
+    pub tos: u8,
+    pub directions: Directions,
+    /// Recorded for `status`, `detach TAP` and `detach VM`.
+    pub tap: String,
+    pub vm: Option<String>,
+    pub nic: Option<usize>,
+    /// Seconds since the epoch.
+    pub now: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct OvsAttachPlan {
+    pub id: u32,
+    pub key: u32,
+    pub gre_port: String,
+    pub mirror: String,
+    pub operations: Vec<Operation>,
+    /// The same change as one `ovs-vsctl` command, for operators.
+    pub vsctl: String,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum OvsPlanError {
+    #[error("OVSDB has no bridge {bridge}; `ovs-vsctl list-br` lists them")]
+    NoBridge { bridge: String },
+    #[error("OVSDB has no port {port} on bridge {bridge}; `ovs-vsctl list-ports {bridge}` lists them")]
+    NoPort { port: String, bridge: String },
+    #[error("port {port} is vmsniff's own GRE output (session {session}): mirror the VM's port instead")]
+    PortIsOutput { port: String, session: u32 },
+    #[error(
+        "all {MAX_SESSION_ID} session ids are in use (eBPF and OVS sessions share them); detach sessions that are no longer needed"
+    )]
+    NoFreeSessionId,
+    #[error(
+        "GRE port {port} already sends to {remote} with key {key}; OVS cannot tell two such tunnels apart: choose another --key"
+    )]
+    DuplicateTunnel { port: String, remote: Ipv4Addr, key: u32 },
+}
+
+/// `vms<id>-ovs`: vmsniff's GRE port (a name no kernel device gets: OVS carries every GRE port
+/// through one `gre_sys` device). Distinct from eBPF mode's `vms<id>-out`/`vms<id>-in`.
+pub fn gre_port_name(id: u32) -> String {
+    format!("vms{id}-ovs")
+}
+
+/// `vmsniff-<id>`: the session's Mirror.
+pub fn mirror_name(id: u32) -> String {
+    format!("vmsniff-{id}")
+}
+
+/// The session id a vmsniff row name carries, if the name is one of vmsniff's.
+pub fn id_in_name(name: &str) -> Option<u32> {
+    let digits = name
+        .strip_prefix("vms")
+        .and_then(|n| n.strip_suffix("-ovs"))
+        .or_else(|| name.strip_prefix("vmsniff-"))?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+/// Plans an attach. `taken` holds the ids of this namespace's eBPF sessions; OVSDB's own
+/// vmsniff rows and names are read from the snapshot.
+pub fn plan_ovs_attach(
+    request: &OvsAttachRequest,
+    snapshot: &Snapshot,
+    taken: &BTreeSet<u32>,
+) -> Result<OvsAttachPlan, OvsPlanError> {
+    let bridge = snapshot
+        .bridge_named(&request.bridge)
+        .ok_or_else(|| OvsPlanError::NoBridge { bridge: request.bridge.clone() })?;
+    let vm_port =
+        snapshot.port_named(&request.vm_port).filter(|p| bridge.ports.contains(&p.row.uuid)).ok_or_else(
+            || OvsPlanError::NoPort { port: request.vm_port.clone(), bridge: request.bridge.clone() },
+        )?;
+    if let Some(session) = vm_port.row.session() {
+        return Err(OvsPlanError::PortIsOutput { port: request.vm_port.clone(), session });
+    }
+    let in_ovsdb = snapshot.taken_ids();
+    let id = (1..=MAX_SESSION_ID)
+        .find(|id| !taken.contains(id) && !in_ovsdb.contains(id))
+        .ok_or(OvsPlanError::NoFreeSessionId)?;
+    let key = request.key.unwrap_or(id);
+    let remote = request.remote.to_string();
+    if let Some(duplicate) = snapshot.interfaces.iter().find(|i| {
+        i.kind == "gre"
+            && i.options.get("remote_ip") == Some(&remote)
+            && i.options.get("key").map_or("0", String::as_str) == key.to_string()
+    }) {
+        return Err(OvsPlanError::DuplicateTunnel {
+            port: duplicate.row.name.clone(),
+            remote: request.remote,
+            key,
+        });
+    }
+
+    let gre_port = gre_port_name(id);
+    let mirror = mirror_name(id);
+    let mut ids = vec![(SESSION_KEY, id.to_string()), (TAP_KEY, request.tap.clone())];
+    if let Some(vm) = &request.vm {
+        ids.push((VM_KEY, vm.clone()));
+    }
+    if let Some(nic) = request.nic {
+        ids.push((NIC_KEY, nic.to_string()));
+    }
+    ids.push((CREATED_KEY, request.now.to_string()));
+    let options = [
+        ("remote_ip", remote.clone()),
+        ("key", key.to_string()),
+        // Copies of full-size frames outgrow the uplink's MTU; with DF set they would be
+        // dropped silently. Without it the host fragments them and they arrive whole.
+        ("df_default", "false".to_owned()),
+        ("ttl", request.ttl.to_string()),
+        ("tos", request.tos.to_string()),
+    ];
+    let vm_uuid = json!(["uuid", vm_port.row.uuid]);
+    let selected = |yes: bool| if yes { json!(["set", [vm_uuid]]) } else { json!(["set", []]) };
+    let (src, dst) = (request.directions != Directions::In, request.directions != Directions::Out);
+    let operations = vec![
+        Operation::Comment(format!(
+            "vmsniff: attach session {id}: mirror {mirror} of port {} on {} to {remote} over GRE port {gre_port}",
+            request.vm_port, request.bridge
+        )),
+        still_named("Bridge", &bridge.row.uuid, &request.bridge),
+        still_named("Port", &vm_port.row.uuid, &request.vm_port),
+        // Mirror names are not unique in OVSDB: make sure this one is still free.
+        Operation::Wait {
+            table: "Mirror".into(),
+            conditions: vec![Condition { column: "name".into(), function: "==", value: json!(mirror) }],
+            columns: vec!["name".into()],
+            rows: Vec::new(),
+        },
+        Operation::Insert {
+            table: "Interface".into(),
+            row: json!({
+                "name": gre_port,
+                "type": "gre",
+                "options": datum::to_string_map(options.iter().map(|(k, v)| (*k, v.clone()))),
+                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
+            }),
+            uuid_name: "gre_interface".into(),
+        },
+        Operation::Insert {
+            table: "Port".into(),
+            row: json!({
+                "name": gre_port,
+                "interfaces": ["named-uuid", "gre_interface"],
+                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
+            }),
+            uuid_name: "gre_port".into(),
+        },
+        Operation::Insert {
+            table: "Mirror".into(),
+            row: json!({
+                "name": mirror,
+                "select_src_port": selected(src),
+                "select_dst_port": selected(dst),
+                "output_port": ["named-uuid", "gre_port"],
+                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
+            }),
+            uuid_name: "mirror".into(),
+        },
+        Operation::Mutate {
+            table: "Bridge".into(),
+            conditions: vec![Condition::uuid(&bridge.row.uuid)],
+            mutations: vec![
+                Mutation { column: "ports".into(), mutator: "insert", value: named_set("gre_port") },
+                Mutation { column: "mirrors".into(), mutator: "insert", value: named_set("mirror") },
+            ],
+        },
+        bump_next_cfg(),
+        select_next_cfg(),
+    ];
+
+    let external_ids = |ids: &[(&str, String)]| {
+        ids.iter().map(|(k, v)| format!("external_ids:{k}={}", vsctl_value(v))).collect::<Vec<_>>()
+    };
+    let mut lines = vec![vec!["ovs-vsctl".to_owned(), "--timeout=30".to_owned()]];
+    let mut interface = vec![
+        "--".into(),
+        "--id=@gi".into(),
+        "create".into(),
+        "Interface".into(),
+        format!("name={gre_port}"),
+        "type=gre".into(),
+    ];
+    interface.extend(options.iter().map(|(k, v)| format!("options:{k}={}", vsctl_value(v))));
+    interface.extend(external_ids(&ids));
+    lines.push(interface);
+    let mut port = vec![
+        "--".into(),
+        "--id=@gp".into(),
+        "create".into(),
+        "Port".into(),
+        format!("name={gre_port}"),
+        "interfaces=@gi".into(),
+    ];
+    port.extend(external_ids(&ids));
+    lines.push(port);
+    lines.push(vec![
+        "--".into(),
+        "add".into(),
+        "Bridge".into(),
+        request.bridge.clone(),
+        "ports".into(),
+        "@gp".into(),
+    ]);
+    lines.push(vec!["--".into(), "--id=@vm".into(), "get".into(), "Port".into(), request.vm_port.clone()]);
+    let mut create =
+        vec!["--".into(), "--id=@m".into(), "create".into(), "Mirror".into(), format!("name={mirror}")];
+    if src {
+        create.push("select-src-port=@vm".into());
+    }
+    if dst {
+        create.push("select-dst-port=@vm".into());
+    }
+    create.push("output-port=@gp".into());
+    create.extend(external_ids(&ids));
+    lines.push(create);
+    lines.push(vec![
+        "--".into(),
+        "add".into(),
+        "Bridge".into(),
+        request.bridge.clone(),
+        "mirrors".into(),
+        "@m".into(),
+    ]);
+    let vsctl = lines
+        .iter()
+        .map(|words| words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(" \\\n  ");
+
+    Ok(OvsAttachPlan { id, key, gre_port, mirror, operations, vsctl })
+}
+
+/// Plans the removal of `sessions` in one transaction: exactly their Mirror, Port and
+/// Interface rows (found by UUID and checked by name), and their references from bridges.
+pub fn plan_ovs_detach(sessions: &[&OvsSession]) -> Vec<Operation> {
+    let ids: Vec<String> = sessions.iter().map(|s| s.id.to_string()).collect();
+    let mut operations = vec![Operation::Comment(format!("vmsniff: detach session(s) {}", ids.join(", ")))];
+    for session in sessions {
+        if let Some(mirror) = &session.mirror {
+            operations.push(still_named("Mirror", &mirror.row.uuid, &mirror.row.name));
+            for bridge in session.bridges.iter().filter(|b| b.mirrors.contains(&mirror.row.uuid)) {
+                operations.push(Operation::Mutate {
+                    table: "Bridge".into(),
+                    conditions: vec![Condition::uuid(&bridge.row.uuid)],
+                    mutations: vec![Mutation {
+                        column: "mirrors".into(),
+                        mutator: "delete",
+                        value: datum::uuid_set([mirror.row.uuid.as_str()]),
+                    }],
+                });
+            }
+            operations.push(Operation::Delete {
+                table: "Mirror".into(),
+                conditions: vec![Condition::uuid(&mirror.row.uuid)],
+            });
+        }
+        if let Some(port) = &session.gre_port {
+            operations.push(still_named("Port", &port.row.uuid, &port.row.name));
+            for bridge in session.bridges.iter().filter(|b| b.ports.contains(&port.row.uuid)) {
+                operations.push(Operation::Mutate {
+                    table: "Bridge".into(),
+                    conditions: vec![Condition::uuid(&bridge.row.uuid)],
+                    mutations: vec![Mutation {
+                        column: "ports".into(),
+                        mutator: "delete",
+                        value: datum::uuid_set([port.row.uuid.as_str()]),
+                    }],
+                });
+            }
+            operations.push(Operation::Delete {
+                table: "Port".into(),
+                conditions: vec![Condition::uuid(&port.row.uuid)],
+            });
+            for interface in &port.interfaces {
+                operations.push(Operation::Delete {
+                    table: "Interface".into(),
+                    conditions: vec![Condition::uuid(interface)],
+                });
+            }
+        }
+    }
+    operations.push(bump_next_cfg());
+    operations.push(select_next_cfg());
+    operations
+}
+
+/// Fails the transaction unless row `uuid` of `table` still exists with this name.
+fn still_named(table: &str, uuid: &str, name: &str) -> Operation {
+    Operation::Wait {
+        table: table.into(),
+        conditions: vec![Condition::uuid(uuid)],
+        columns: vec!["name".into()],
+        rows: vec![json!({ "name": name })],
+    }
+}
+
+fn named_set(name: &str) -> Value {
+    json!(["set", [["named-uuid", name]]])
+}
+
+/// Asks ovs-vswitchd to report when it has applied this transaction (as ovs-vsctl does).
+fn bump_next_cfg() -> Operation {
+    Operation::Mutate {
+        table: "Open_vSwitch".into(),
+        conditions: Vec::new(),
+        mutations: vec![Mutation { column: "next_cfg".into(), mutator: "+=", value: json!(1) }],
+    }
+}
+
+fn select_next_cfg() -> Operation {
+    Operation::Select {
+        table: "Open_vSwitch".into(),
+        conditions: Vec::new(),
+        columns: Some(vec!["next_cfg".into()]),
+    }
+}
+
+/// The `next_cfg` the transaction's last result holds.
+pub fn next_cfg(results: &[Value]) -> Option<i64> {
+    results.last()?.get("rows")?.get(0)?.get("next_cfg")?.as_i64()
+}
+
+/// An ovs-vsctl value: bare when it is a plain word, else in ovs-vsctl's double quotes.
+fn vsctl_value(value: &str) -> String {
+    if !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+        value.to_owned()
+    } else {
+        format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// A shell word: bare when safe, else in single quotes.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:=@/,+".contains(c)) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::ovsdb::mirror::{BridgeRow, InterfaceRow, MirrorRow, PortRow, Row};
+
+    fn row(uuid: &str, name: &str) -> Row {
+        Row { uuid: uuid.into(), name: name.into(), external_ids: BTreeMap::new() }
+    }
+
+    /// br-int with the VM's qvo, someone's mirror "span0" to port "span-out", and br-ex.
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            bridges: vec![
+                BridgeRow {
+                    row: row("b-int", "br-int"),
+                    ports: vec!["p-qvo".into(), "p-span".into()],
+                    mirrors: vec!["m-span".into()],
+                },
+                BridgeRow { row: row("b-ex", "br-ex"), ports: vec!["p-ex".into()], mirrors: Vec::new() },
+            ],
+            ports: vec![
+                PortRow { row: row("p-qvo", "qvof7eae624-34"), interfaces: vec!["i-qvo".into()] },
+                PortRow { row: row("p-span", "span-out"), interfaces: vec!["i-span".into()] },
+                PortRow { row: row("p-ex", "eth1"), interfaces: vec!["i-ex".into()] },
+            ],
+            interfaces: vec![
+                InterfaceRow { row: row("i-qvo", "qvof7eae624-34"), ..Default::default() },
+                InterfaceRow {
+                    row: row("i-span", "span-out"),
+                    kind: "gre".into(),
+                    options: BTreeMap::from([
+                        ("remote_ip".into(), "192.0.2.9".into()),
+                        ("key".into(), "5".into()),
+                    ]),
+                    ..Default::default()
+                },
+            ],
+            mirrors: vec![MirrorRow {
+                row: row("m-span", "span0"),
+                select_src_port: vec!["p-qvo".into()],
+                output_port: Some("p-span".into()),
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn request() -> OvsAttachRequest {
+        OvsAttachRequest {
+            bridge: "br-int".into(),
+            vm_port: "qvof7eae624-34".into(),
+            remote: Ipv4Addr::new(192, 0, 2, 2),
+            key: None,
+            ttl: 64,
+            tos: 0,
+            directions: Directions::Both,
+            tap: "tapf7eae624-34".into(),
+            vm: Some("c-private".into()),
+            nic: None,
+            now: 1_700_000_000,
+        }
+    }
+
+    fn json(operations: &[Operation]) -> Vec<Value> {
+        operations.iter().map(Operation::to_json).collect()
+    }
+
+    #[test]
+    fn attach_inserts_its_rows_and_adds_them_to_the_bridge_without_replacing_anything() {
+        let plan = plan_ovs_attach(&request(), &snapshot(), &BTreeSet::new()).unwrap();
+        assert_eq!((plan.id, plan.key), (1, 1));
+        assert_eq!((plan.gre_port.as_str(), plan.mirror.as_str()), ("vms1-ovs", "vmsniff-1"));
+        let ops = json(&plan.operations);
+        let kinds: Vec<&str> = ops.iter().map(|o| o["op"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["comment", "wait", "wait", "wait", "insert", "insert", "insert", "mutate", "mutate", "select"]
+        );
+        // Nothing is ever set wholesale: the bridge's other ports and mirrors stay.
+        assert!(ops.iter().all(|o| o["op"] != "update"));
+        assert_eq!(
+            ops[7],
+            json!({"op": "mutate", "table": "Bridge", "where": [["_uuid", "==", ["uuid", "b-int"]]],
+                   "mutations": [["ports", "insert", ["set", [["named-uuid", "gre_port"]]]],
+                                 ["mirrors", "insert", ["set", [["named-uuid", "mirror"]]]]]})
+        );
+        let interface = &ops[4];
+        assert_eq!(
+            (interface["table"].as_str(), interface["uuid-name"].as_str()),
+            (Some("Interface"), Some("gre_interface"))
+        );
+        assert_eq!(interface["row"]["type"], "gre");
+        assert_eq!(
+            interface["row"]["options"],
+            json!([
+                "map",
+                [
+                    ["remote_ip", "192.0.2.2"],
+                    ["key", "1"],
+                    ["df_default", "false"],
+                    ["ttl", "64"],
+                    ["tos", "0"]
+                ]
+            ])
+        );
+        assert_eq!(ops[5]["row"]["interfaces"], json!(["named-uuid", "gre_interface"]));
+        let mirror = &ops[6]["row"];
+        assert_eq!(mirror["name"], "vmsniff-1");
+        assert_eq!(mirror["select_src_port"], json!(["set", [["uuid", "p-qvo"]]]));
+        assert_eq!(mirror["select_dst_port"], json!(["set", [["uuid", "p-qvo"]]]));
+        assert_eq!(mirror["output_port"], json!(["named-uuid", "gre_port"]));
+        assert_eq!(
+            mirror["external_ids"],
+            json!([
+                "map",
+                [
+                    ["vmsniff-session", "1"],
+                    ["vmsniff-tap", "tapf7eae624-34"],
+                    ["vmsniff-vm", "c-private"],
+                    ["vmsniff-created-at", "1700000000"]
+                ]
+            ])
+        );
+        // Guards: the bridge and the VM's port as read, and the mirror name still free.
+        assert_eq!(ops[1]["where"], json!([["_uuid", "==", ["uuid", "b-int"]]]));
+        assert_eq!(ops[1]["rows"], json!([{"name": "br-int"}]));
+        assert_eq!(ops[2]["rows"], json!([{"name": "qvof7eae624-34"}]));
+        assert_eq!(ops[3]["where"], json!([["name", "==", "vmsniff-1"]]));
+        assert_eq!(ops[3]["rows"], json!([]));
+        assert_eq!(ops[8]["mutations"], json!([["next_cfg", "+=", 1]]));
+    }
+
+    #[test]
+    fn directions_select_the_vm_port_on_their_side() {
+        for (directions, src, dst) in [(Directions::Out, true, false), (Directions::In, false, true)] {
+            let plan =
+                plan_ovs_attach(&OvsAttachRequest { directions, ..request() }, &snapshot(), &BTreeSet::new())
+                    .unwrap();
+            let mirror = &json(&plan.operations)[6]["row"];
+            let set = |yes| if yes { json!(["set", [["uuid", "p-qvo"]]]) } else { json!(["set", []]) };
+            assert_eq!(mirror["select_src_port"], set(src), "{directions:?}");
+            assert_eq!(mirror["select_dst_port"], set(dst), "{directions:?}");
+            assert_eq!(plan.vsctl.contains("select-src-port=@vm"), src);
+            assert_eq!(plan.vsctl.contains("select-dst-port=@vm"), dst);
+        }
+    }
+
+    #[test]
+    fn ids_skip_ebpf_sessions_and_vmsniff_rows_and_names() {
+        let mut snapshot = snapshot();
+        snapshot.mirrors.push(MirrorRow {
+            row: Row {
+                external_ids: BTreeMap::from([(SESSION_KEY.into(), "2".into())]),
+                ..row("m-2", "vmsniff-2")
+            },
+            ..Default::default()
+        });
+        // Someone else's port with vmsniff's name for id 3.
+        snapshot.ports.push(PortRow { row: row("p-3", "vms3-ovs"), interfaces: Vec::new() });
+        let plan = plan_ovs_attach(&request(), &snapshot, &BTreeSet::from([1, 4])).unwrap();
+        assert_eq!((plan.id, plan.key), (5, 5));
+        let plan =
+            plan_ovs_attach(&OvsAttachRequest { key: Some(77), ..request() }, &snapshot, &BTreeSet::new())
+                .unwrap();
+        assert_eq!((plan.id, plan.key), (1, 77));
+        let all: BTreeSet<u32> = (1..=MAX_SESSION_ID).collect();
+        assert_eq!(plan_ovs_attach(&request(), &snapshot, &all).unwrap_err(), OvsPlanError::NoFreeSessionId);
+    }
+
+    #[test]
+    fn bad_requests_are_refused_by_name() {
+        let snapshot = snapshot();
+        let none = BTreeSet::new();
+        let err =
+            plan_ovs_attach(&OvsAttachRequest { bridge: "br-nope".into(), ..request() }, &snapshot, &none);
+        assert!(matches!(err, Err(OvsPlanError::NoBridge { .. })));
+        // A port of another bridge is not on this one.
+        let err =
+            plan_ovs_attach(&OvsAttachRequest { vm_port: "eth1".into(), ..request() }, &snapshot, &none);
+        assert!(matches!(err, Err(OvsPlanError::NoPort { .. })));
+        let err = plan_ovs_attach(
+            &OvsAttachRequest { remote: Ipv4Addr::new(192, 0, 2, 9), key: Some(5), ..request() },
+            &snapshot,
+            &none,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "GRE port span-out already sends to 192.0.2.9 with key 5; OVS cannot tell two such tunnels apart: choose another --key"
+        );
+    }
+
+    #[test]
+    fn detach_removes_exactly_the_sessions_rows() {
+        let mut snapshot = snapshot();
+        let ids = BTreeMap::from([(SESSION_KEY.to_owned(), "1".to_owned())]);
+        snapshot.bridges[0].ports.push("p-gre".into());
+        snapshot.bridges[0].mirrors.push("m-1".into());
+        snapshot.ports.push(PortRow {
+            row: Row { external_ids: ids.clone(), ..row("p-gre", "vms1-ovs") },
+            interfaces: vec!["i-gre".into()],
+        });
+        snapshot.interfaces.push(InterfaceRow {
+            row: Row { external_ids: ids.clone(), ..row("i-gre", "vms1-ovs") },
+            kind: "gre".into(),
+            ..Default::default()
+        });
+        snapshot.mirrors.push(MirrorRow {
+            row: Row { external_ids: ids, ..row("m-1", "vmsniff-1") },
+            select_src_port: vec!["p-qvo".into()],
+            select_dst_port: vec!["p-qvo".into()],
+            output_port: Some("p-gre".into()),
+            ..Default::default()
+        });
+        let sessions = snapshot.sessions();
+        assert_eq!(sessions.keys().copied().collect::<Vec<_>>(), [1]);
+        let session = &sessions[&1];
+        assert_eq!(
+            (session.vm_port.as_deref(), session.directions),
+            (Some("qvof7eae624-34"), Some(Directions::Both))
+        );
+        let ops = json(&plan_ovs_detach(&[session]));
+        let kinds: Vec<&str> = ops.iter().map(|o| o["op"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["comment", "wait", "mutate", "delete", "wait", "mutate", "delete", "delete", "mutate", "select"]
+        );
+        assert_eq!(ops[2]["mutations"], json!([["mirrors", "delete", ["set", [["uuid", "m-1"]]]]]));
+        assert_eq!(ops[5]["mutations"], json!([["ports", "delete", ["set", [["uuid", "p-gre"]]]]]));
+        let deleted: Vec<&Value> =
+            ops.iter().filter(|o| o["op"] == "delete").map(|o| &o["where"][0][2][1]).collect();
+        assert_eq!(deleted, [&json!("m-1"), &json!("p-gre"), &json!("i-gre")]);
+        // Someone else's mirror and port are never named.
+        let text = serde_json::to_string(&ops).unwrap();
+        assert!(!text.contains("m-span") && !text.contains("p-span") && !text.contains("p-qvo"));
+    }
+
+    #[test]
+    fn a_session_whose_mirror_was_cleared_still_has_its_port_removed() {
+        let mut snapshot = snapshot();
+        let ids = BTreeMap::from([(SESSION_KEY.to_owned(), "4".to_owned())]);
+        snapshot.bridges[0].ports.push("p-gre".into());
+        snapshot.ports.push(PortRow {
+            row: Row { external_ids: ids, ..row("p-gre", "vms4-ovs") },
+            interfaces: vec!["i-gre".into()],
+        });
+        let sessions = snapshot.sessions();
+        let ops = json(&plan_ovs_detach(&[&sessions[&4]]));
+        let kinds: Vec<&str> = ops.iter().map(|o| o["op"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["comment", "wait", "mutate", "delete", "delete", "mutate", "select"]);
+    }
+
+    #[test]
+    fn names_carry_the_id() {
+        assert_eq!(gre_port_name(1023), "vms1023-ovs");
+        assert!(gre_port_name(1023).len() <= 15);
+        for (name, id) in [
+            ("vms7-ovs", Some(7)),
+            ("vmsniff-12", Some(12)),
+            ("vms-ovs", None),
+            ("vms1-out", None),
+            ("qvo1", None),
+        ] {
+            assert_eq!(id_in_name(name), id, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_vsctl_equivalent_quotes_what_needs_quoting() {
+        let plan = plan_ovs_attach(
+            &OvsAttachRequest { vm: Some("web 1's".into()), ..request() },
+            &snapshot(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert!(plan.vsctl.starts_with("ovs-vsctl --timeout=30 \\\n  -- --id=@gi create Interface name=vms1-ovs type=gre options:remote_ip=192.0.2.2 options:key=1 options:df_default=false"), "{}", plan.vsctl);
+        assert!(plan.vsctl.contains(r#"'external_ids:vmsniff-vm="web 1'\''s"'"#), "{}", plan.vsctl);
+        assert!(plan.vsctl.ends_with("-- add Bridge br-int mirrors @m"), "{}", plan.vsctl);
+    }
+}
