@@ -28,6 +28,20 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// `privileged`, for a test whose subject does not depend on the kernel (argument checks,
+/// messages, OVSDB rows): in the VM harness's guests (`VMSNIFF_TEST_KERNEL` set) it is skipped,
+/// saying so, because it already ran on the host and an emulated CPU makes every test slow.
+pub fn privileged_on_host(test: &str) -> bool {
+    if let Ok(kernel) = std::env::var(GUEST_KERNEL_VAR) {
+        skip(&format!("kernel-independent: it runs on the host, not again in the {kernel} guest"));
+        return false;
+    }
+    privileged(test)
+}
+
+/// Set by the VM harness in its guests: the guest kernel's name (5.10, 6.1, 6.12).
+pub const GUEST_KERNEL_VAR: &str = "VMSNIFF_TEST_KERNEL";
+
 /// Reports a skip the VM harness can tabulate, then returns.
 pub fn skip(reason: &str) {
     println!("vmsniff-test: skip: {reason}");

@@ -11,7 +11,7 @@ use vmsniff_tests::{
     frames::{self, L4, PEER_MAC, VM_MAC, is_marked},
     netns::Netns,
     packet::PacketSocket,
-    privileged, run,
+    privileged, privileged_on_host, run,
     topology::{Hypervisor, MIRROR_DEV, TAP, assert_frames_eq},
     vmsniff,
 };
@@ -396,7 +396,7 @@ fn a_rate_limit_caps_the_copies_of_a_flood_and_never_the_vm() {
 
 #[test]
 fn bad_controls_are_refused_and_change_nothing() {
-    if !privileged("bad_controls_are_refused_and_change_nothing") {
+    if !privileged_on_host("bad_controls_are_refused_and_change_nothing") {
         return;
     }
     let hv = Hypervisor::new();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use vmsniff_tests::{
     netns::Netns,
-    privileged, skip,
+    privileged, privileged_on_host, skip,
     topology::{Hypervisor, MIRROR_DEV, TAP},
     vmsniff,
 };
@@ -20,7 +20,7 @@ fn assert_untouched(ns: &Netns, links_before: &[String]) {
 
 #[test]
 fn unknown_tap_and_bad_names_are_refused_without_a_trace() {
-    if !privileged("unknown_tap_and_bad_names_are_refused_without_a_trace") {
+    if !privileged_on_host("unknown_tap_and_bad_names_are_refused_without_a_trace") {
         return;
     }
     let hv = Hypervisor::new();
@@ -41,7 +41,7 @@ fn unknown_tap_and_bad_names_are_refused_without_a_trace() {
 
 #[test]
 fn invalid_collectors_and_options_are_usage_errors() {
-    if !privileged("invalid_collectors_and_options_are_usage_errors") {
+    if !privileged_on_host("invalid_collectors_and_options_are_usage_errors") {
         return;
     }
     let ns = Netns::new("args");

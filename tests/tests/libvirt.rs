@@ -13,7 +13,7 @@ use vmsniff_tests::{
     netns::Netns,
     ovsdb::OvsdbServer,
     packet::PacketSocket,
-    privileged, skip,
+    privileged, privileged_on_host, skip,
     tap::Vm,
     topology::{MIRROR_CAPTURE, MIRROR_DEV, assert_frames_eq},
     vmsniff,
@@ -221,7 +221,7 @@ fn attach_by_nova_name_mirrors_the_vms_tap_and_list_show_status_detach_follow_it
 
 #[test]
 fn selector_errors_name_the_fix_and_change_nothing() {
-    if !privileged("selector_errors_name_the_fix_and_change_nothing") {
+    if !privileged_on_host("selector_errors_name_the_fix_and_change_nothing") {
         return;
     }
     let uri = fixture_uri();
@@ -275,7 +275,9 @@ fn selector_errors_name_the_fix_and_change_nothing() {
 
 #[test]
 fn a_tap_name_works_without_libvirt_and_ovs_ports_fall_back_to_the_naming_convention() {
-    if !privileged("a_tap_name_works_without_libvirt_and_ovs_ports_fall_back_to_the_naming_convention") {
+    if !privileged_on_host(
+        "a_tap_name_works_without_libvirt_and_ovs_ports_fall_back_to_the_naming_convention",
+    ) {
         return;
     }
     let plug = HybridPlug::new();

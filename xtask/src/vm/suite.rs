@@ -144,9 +144,11 @@ pub fn run(plan: &Plan, target: &str) -> anyhow::Result<TargetRun> {
         }
         Some(kernel) => {
             eprintln!("vm-test: {target}: booting {} for {} tests", kernel.release, plan.cases.len());
+            let mut env = plan.env.to_vec();
+            env.push((vmsniff_tests::GUEST_KERNEL_VAR.to_owned(), target.to_owned()));
             let command = GuestCommand {
                 argv: vec!["sh".to_owned(), script.to_string_lossy().into_owned()],
-                env: plan.env.to_vec(),
+                env,
                 cwd: plan.workspace.to_path_buf(),
             };
             match qemu::boot(kernel, &run, &command, plan.timeout)? {
