@@ -6,6 +6,7 @@
 //! round by round, so that a change in the machine's load spreads over all of them.
 use std::{fmt::Write as _, path::Path, process::Command, thread, time::Duration};
 
+use crate::demo::vmsniff_in;
 use anyhow::{Context, bail};
 use aya::{
     programs::loaded_programs,
@@ -149,16 +150,6 @@ fn stats(id: u32) -> anyhow::Result<(u64, u64)> {
         }
     }
     bail!("BPF program {id} is not loaded")
-}
-
-fn vmsniff_in(ns: &Netns, vmsniff: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let vmsniff = vmsniff.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let output = ns.enter(move || Command::new(&vmsniff).args(&args).output())?;
-    if !output.status.success() {
-        bail!("vmsniff failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn report(args: &BenchArgs, samples: &[Vec<f64>]) -> anyhow::Result<String> {

@@ -121,7 +121,7 @@ fn step(text: &str) {
 }
 
 /// vmsniff in the hypervisor namespace, in this mount namespace (it shares the host's bpffs).
-fn vmsniff_in(hv: &Netns, vmsniff: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub fn vmsniff_in(hv: &Netns, vmsniff: &Path, args: &[&str]) -> anyhow::Result<String> {
     let vmsniff = vmsniff.to_owned();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let out = hv.enter(move || Command::new(&vmsniff).args(&args).stderr(Stdio::inherit()).output())?;
