@@ -222,8 +222,23 @@ pub struct SessionConfig {
     pub target_nl_handle: [u32; 2],
     /// `TARGET_CREATED_CLSACT << direction`: vmsniff added that target's clsact qdisc.
     pub target_flags: u32,
-    /// Room for later controls (encapsulation) without a layout change.
-    pub _reserved: [u32; 4],
+    /// Non-zero for a session `vmsniff daemon` keeps: [`daemon_tag`] of its config name. The
+    /// kernel is the daemon's record of what it owns, so a restarted daemon adopts its sessions
+    /// (and only those) from the pins. The programs never read it.
+    pub daemon_tag: u32,
+    /// Room for later controls without a layout change.
+    pub _reserved: [u32; 3],
+}
+
+/// The tag of a daemon session named `name` in the config: FNV-1a, never 0 (0 = not the
+/// daemon's).
+pub fn daemon_tag(name: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in name.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    if hash == 0 { 1 } else { hash }
 }
 
 /// [`SessionConfig::target_flags`], shifted by [`Direction::index`].
@@ -264,7 +279,8 @@ impl SessionConfig {
         target_nl_priority: [0; 2],
         target_nl_handle: [0; 2],
         target_flags: 0,
-        _reserved: [0; 4],
+        daemon_tag: 0,
+        _reserved: [0; 3],
     };
 
     pub const fn mirrors(&self, direction: Direction) -> bool {

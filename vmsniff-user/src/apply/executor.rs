@@ -18,6 +18,7 @@ use crate::{
     plan::{
         attach::{AttachPlan, AttachStep},
         detach::DetachStep,
+        rehome::RehomePlan,
         request::AttachMode,
         update::UpdatePlan,
     },
@@ -32,7 +33,7 @@ pub struct Kernel {
 /// Applies an attach plan; on failure undoes what it did and returns the first error.
 pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
     let had_state = PinnedMaps::open(&kernel.paths)?.is_some();
-    let result = apply_attach_steps(kernel, plan).await;
+    let result = apply_attach_steps(kernel, &plan.steps).await;
     if result.is_err() && !had_state {
         // This attach made the namespace's pins (maps, maybe link pins): with its steps undone,
         // nothing else uses them.
@@ -43,7 +44,16 @@ pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), Kern
     result
 }
 
-async fn apply_attach_steps(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
+/// Applies a re-home: forgets the old tap (best effort: it is gone, and what is left of it
+/// only costs a map entry), then attaches to the new one, undone on failure.
+pub async fn apply_rehome(kernel: &Kernel, plan: &RehomePlan) -> Result<(), KernelError> {
+    for (step, error) in apply_detach(kernel, &plan.release).await {
+        log::warn!("session {}: could not clean up its old tap ({step:?}): {}", plan.id, chain(&error));
+    }
+    apply_attach_steps(kernel, &plan.attach).await
+}
+
+async fn apply_attach_steps(kernel: &Kernel, steps: &[AttachStep]) -> Result<(), KernelError> {
     let mut ebpf = PinnedMaps::load_object(&kernel.paths)?;
     let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
         op: format!(
@@ -54,7 +64,7 @@ async fn apply_attach_steps(kernel: &Kernel, plan: &AttachPlan) -> Result<(), Ke
     })?;
     let mut undo: Vec<DetachStep> = Vec::new();
     let mut session = SessionConfig::EMPTY;
-    for step in &plan.steps {
+    for step in steps {
         let result = apply_attach_step(kernel, &mut ebpf, &mut maps, step, &mut session, &mut undo).await;
         if let Err(error) = result {
             log::debug!("attach failed at {step:?}: undoing {} steps", undo.len());
@@ -199,6 +209,10 @@ async fn apply_attach_step(
                 });
             }
             undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![*id] });
+        }
+        AttachStep::MoveSession { id, tap_ifindex } => {
+            let moved = SessionConfig { tap_ifindex: *tap_ifindex, ..maps.session(*id)? };
+            maps.set_session(*id, &moved)?;
         }
     }
     Ok(())

@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::{controls::ControlArgs, target::MirrorArgs};
 use crate::{
-    plan::request::{AttachRequest, Tap},
+    plan::request::{AttachRequest, Owner, Tap},
     resolve::vm::{Resolved, Sources},
     session::{Namespace, tcx_supported},
 };
@@ -50,20 +50,19 @@ pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     }
     args.require_ebpf("attach")?;
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, None).await?;
+    let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, Owner::Persistent).await?;
     // The id alone on stdout, so that `S=$(vmsniff attach ...)` works.
     println!("{id}");
     Ok(())
 }
 
-/// Resolves the arguments and attaches, holding the lock; `foreground_pid` ties the session to
-/// a `mirror` process.
+/// Resolves the arguments and attaches, holding the lock; `owner` says who keeps the session.
 pub async fn attach(
     namespace: &Namespace,
     sources: &Sources,
     args: &MirrorArgs,
     controls: &ControlArgs,
-    foreground_pid: Option<u32>,
+    owner: Owner,
 ) -> anyhow::Result<(u32, AttachRequest)> {
     let controls = controls.controls()?;
     let netlink = &namespace.kernel.netlink;
@@ -78,7 +77,7 @@ pub async fn attach(
         controls,
         mode: args.attach_mode.unwrap_or_default(),
         tcx_supported: tcx_supported(),
-        foreground_pid,
+        owner,
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -11,6 +11,7 @@ use super::attach::{AttachArgs, attach};
 use crate::{
     apply::{executor::chain, maps::PinnedMaps},
     observe::status,
+    plan::request::Owner,
     resolve::vm::Sources,
     session::Namespace,
 };
@@ -23,7 +24,14 @@ pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
         hangup: signal(SignalKind::hangup())?,
     };
     let namespace = Namespace::open()?;
-    let (id, _) = attach(&namespace, sources, &args.mirror, &args.controls, Some(std::process::id())).await?;
+    let (id, _) = attach(
+        &namespace,
+        sources,
+        &args.mirror,
+        &args.controls,
+        Owner::Foreground { pid: std::process::id() },
+    )
+    .await?;
     println!("{id}");
     // Whatever ends the watch, an error included, the session is detached: it belongs to this
     // process and must not outlive it.

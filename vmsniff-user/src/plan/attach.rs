@@ -9,7 +9,7 @@ use vmsniff_ebpf::{
 
 use super::{
     Observed,
-    request::{AttachMode, AttachModeChoice, AttachRequest, Tap, Target},
+    request::{AttachMode, AttachModeChoice, AttachRequest, Owner, Tap, Target},
 };
 use crate::{
     paths::{gre_device_alias, gre_device_name},
@@ -102,6 +102,8 @@ pub enum AttachStep {
     ActivateSession { id: u32 },
     /// Put the session in the tap's list: from here on the programs mirror it.
     AddToTap { tap: Tap, id: u32 },
+    /// Record the tap a re-homed session now lives on (last: it needs no undo).
+    MoveSession { id: u32, tap_ifindex: u32 },
 }
 
 /// A classic (not collect_md) gretap or erspan device of one session and direction.
@@ -188,13 +190,22 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     {
         return Err(AttachPlanError::KeyInUse { remote: *remote, key, session });
     }
-    let mode = choose_mode(request, existing_tap.map(|t| t.attach_mode))?;
+    let mode = choose_mode(
+        &request.tap.name,
+        request.mode,
+        request.tcx_supported,
+        existing_tap.map(|t| t.attach_mode),
+    )?;
 
     let mut config = SessionConfig::EMPTY;
     config.state = SESSION_BUSY;
     config.directions = request.directions.bits();
     config.tap_ifindex = request.tap.ifindex;
-    config.owner_pid = request.foreground_pid.unwrap_or(0);
+    match request.owner {
+        Owner::Persistent => {}
+        Owner::Foreground { pid } => config.owner_pid = pid,
+        Owner::Daemon { tag } => config.daemon_tag = tag,
+    }
     config.key = key;
     config.created_at = request.now;
     request.controls.apply_to(&mut config);
@@ -275,26 +286,32 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     Ok(AttachPlan { session_id, key, steps })
 }
 
-fn choose_mode(request: &AttachRequest, existing: Option<u32>) -> Result<AttachMode, AttachPlanError> {
+/// The attach mode for a tap: the one its programs already use (`existing`), else `choice`.
+pub fn choose_mode(
+    tap: &str,
+    choice: AttachModeChoice,
+    tcx_supported: bool,
+    existing: Option<u32>,
+) -> Result<AttachMode, AttachPlanError> {
     if let Some(existing) = existing.and_then(AttachMode::from_abi) {
-        let asked = match request.mode {
+        let asked = match choice {
             AttachModeChoice::Auto => return Ok(existing),
             AttachModeChoice::Tcx => AttachMode::Tcx,
             AttachModeChoice::Netlink => AttachMode::Netlink,
         };
         if asked != existing {
             return Err(AttachPlanError::ModeConflict {
-                tap: request.tap.name.clone(),
+                tap: tap.to_owned(),
                 existing: existing.as_str(),
                 asked: asked.as_str(),
             });
         }
         return Ok(existing);
     }
-    match request.mode {
-        AttachModeChoice::Auto if request.tcx_supported => Ok(AttachMode::Tcx),
+    match choice {
+        AttachModeChoice::Auto if tcx_supported => Ok(AttachMode::Tcx),
         AttachModeChoice::Auto | AttachModeChoice::Netlink => Ok(AttachMode::Netlink),
-        AttachModeChoice::Tcx if request.tcx_supported => Ok(AttachMode::Tcx),
+        AttachModeChoice::Tcx if tcx_supported => Ok(AttachMode::Tcx),
         AttachModeChoice::Tcx => Err(AttachPlanError::TcxUnsupported),
     }
 }
@@ -336,7 +353,7 @@ mod tests {
             controls: Controls::default(),
             mode: AttachModeChoice::Auto,
             tcx_supported: true,
-            foreground_pid: None,
+            owner: Owner::Persistent,
             now: 1_700_000_000,
         }
     }

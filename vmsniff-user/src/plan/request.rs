@@ -123,6 +123,18 @@ pub struct Tap {
     pub name: String,
 }
 
+/// Who keeps a session, and so who removes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// `attach`: it persists after the command exits, until `detach`.
+    Persistent,
+    /// `mirror`: the process with this pid; when it dies the session is an orphan.
+    Foreground { pid: u32 },
+    /// `vmsniff daemon`: the config session with this [`vmsniff_ebpf::daemon_tag`]. It
+    /// persists, so that a restarted daemon adopts it.
+    Daemon { tag: u32 },
+}
+
 /// One session, as asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachRequest {
@@ -136,9 +148,8 @@ pub struct AttachRequest {
     pub mode: AttachModeChoice,
     /// Kernel >= 6.6: TCX is available.
     pub tcx_supported: bool,
-    /// The process that owns the session while it lives (`mirror`), or `None` for a session
-    /// that persists after the command exits.
-    pub foreground_pid: Option<u32>,
+    /// Who keeps the session.
+    pub owner: Owner,
     /// Seconds since the epoch, stamped into the session.
     pub now: u64,
 }
