@@ -2,6 +2,7 @@
 mod apply;
 mod cli;
 mod collect;
+mod daemon;
 mod netlink;
 mod netns;
 mod observe;

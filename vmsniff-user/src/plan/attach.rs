@@ -482,6 +482,7 @@ mod tests {
                 AttachStep::AttachProgram { .. } => "attach",
                 AttachStep::ActivateSession { .. } => "activate",
                 AttachStep::AddToTap { .. } => "publish",
+                AttachStep::MoveSession { .. } => "move",
             })
             .collect();
         assert_eq!(

@@ -1,0 +1,449 @@
+//! The daemon's declarative config: TOML, one `[session.NAME]` table per mirror, keys spelled
+//! like `vmsniff attach`'s flags. Each table is turned into attach arguments and checked by the
+//! same parser the command line uses, so a key means exactly what its flag means; every error
+//! names the file and line.
+use std::{collections::BTreeMap, fmt, ops::Range, path::Path, time::Duration};
+
+use clap::{CommandFactory as _, Parser};
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::cli::{attach::AttachArgs, ovs::Mode};
+
+/// A checked config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// `[daemon] keep-on-stop`: leave the mirrors running when the daemon stops.
+    pub keep_on_stop: bool,
+    /// `[daemon] resync-seconds`: the safety-net resync; events do the real work.
+    pub resync: Duration,
+    pub sessions: BTreeMap<String, SessionSpec>,
+}
+
+/// One `[session.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSpec {
+    /// The line of its table header, for messages.
+    pub line: usize,
+    /// Its arguments as `vmsniff attach` takes them, key by key in the config's order of
+    /// flags: what a reload compares.
+    pub argv: Vec<String>,
+}
+
+impl SessionSpec {
+    /// The session's attach arguments (checked when the config was read).
+    pub fn args(&self) -> AttachArgs {
+        SessionCli::try_parse_from(std::iter::once("session".to_owned()).chain(self.argv.iter().cloned()))
+            .expect("a session's arguments were checked when its config was read")
+            .args
+    }
+
+    /// The keys whose values differ from `other`'s.
+    pub fn changed_keys(&self, other: &SessionSpec) -> Vec<String> {
+        let (a, b) = (pairs(&self.argv), pairs(&other.argv));
+        let mut keys: Vec<String> =
+            a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
+/// `--key value` pairs of an argv (the VM selector under `vm`).
+fn pairs(argv: &[String]) -> BTreeMap<String, Option<String>> {
+    let mut out = BTreeMap::new();
+    let mut i = 0;
+    while i < argv.len() {
+        match argv[i].strip_prefix("--") {
+            Some(flag) if argv.get(i + 1).is_some_and(|v| !v.starts_with("--")) => {
+                out.insert(flag.to_owned(), Some(argv[i + 1].clone()));
+                i += 2;
+            }
+            Some(flag) => {
+                out.insert(flag.to_owned(), None);
+                i += 1;
+            }
+            None => {
+                out.insert("vm".to_owned(), Some(argv[i].clone()));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The session keys a reload changes in place (`vmsniff update`), without a gap.
+pub const LIVE_KEYS: [&str; 4] = ["filter", "snaplen", "sample", "rate-limit"];
+
+#[derive(Parser)]
+#[command(no_binary_name = false, disable_help_flag = true, disable_version_flag = true)]
+struct SessionCli {
+    #[command(flatten)]
+    args: AttachArgs,
+}
+
+/// Keys of `[session.NAME]` that are not attach flags.
+const NOT_IN_CONFIG: [&str; 1] = ["dry-run"];
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{file}:{line}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    daemon: Option<RawDaemon>,
+    #[serde(default)]
+    session: BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDaemon {
+    keep_on_stop: Option<bool>,
+    resync_seconds: Option<Spanned<u64>>,
+}
+
+/// Reads and checks the config file.
+pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        message: format!("cannot read the config: {e}"),
+    })?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// Parses and checks config text; `file` names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
+    let error = |span: Option<Range<usize>>, message: String| ConfigError {
+        file: file.to_owned(),
+        line: span.map_or(1, |s| line_of(text, s.start)),
+        message,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let message = e.message().trim_end().to_owned();
+        error(e.span(), format!("{message} (the config has a [daemon] table and [session.NAME] tables)"))
+    })?;
+    let daemon = raw.daemon.unwrap_or(RawDaemon { keep_on_stop: None, resync_seconds: None });
+    let resync = match daemon.resync_seconds {
+        Some(s) if *s.get_ref() == 0 || *s.get_ref() > 86_400 => {
+            return Err(error(Some(s.span()), "resync-seconds must be 1 to 86400".into()));
+        }
+        Some(s) => Duration::from_secs(*s.get_ref()),
+        None => DEFAULT_RESYNC,
+    };
+    let flags = attach_flags();
+    let mut sessions = BTreeMap::new();
+    for (name, table) in raw.session {
+        let line = line_of(text, name.span().start);
+        check_name(name.get_ref()).map_err(|why| error(Some(name.span()), why))?;
+        let name = name.into_inner();
+        let in_session = |m: String| format!("session {name:?}: {m}");
+        let mut argv = Vec::new();
+        let mut key_spans = BTreeMap::new();
+        // Flags in clap's order, so that the same session always has the same argv.
+        let table = table.into_inner();
+        for key in table.keys() {
+            if !flags.iter().any(|f| f.key == *key.get_ref())
+                || NOT_IN_CONFIG.contains(&key.get_ref().as_str())
+            {
+                let known: Vec<&str> =
+                    flags.iter().map(|f| f.key.as_str()).filter(|k| !NOT_IN_CONFIG.contains(k)).collect();
+                return Err(error(
+                    Some(key.span()),
+                    in_session(format!(
+                        "unknown key {:?}; a session takes {}",
+                        key.get_ref(),
+                        known.join(", ")
+                    )),
+                ));
+            }
+        }
+        for flag in &flags {
+            let Some((key, value)) = table.get_key_value(flag.key.as_str()) else { continue };
+            key_spans.insert(flag.key.clone(), key.span());
+            let text_value = match value.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) if flag.switch => {
+                    if *b {
+                        argv.push(format!("--{}", flag.key));
+                    }
+                    continue;
+                }
+                _ => {
+                    return Err(error(
+                        Some(value.span()),
+                        in_session(format!(
+                            "{} takes {}",
+                            flag.key,
+                            if flag.switch { "true or false" } else { "a string or a number" }
+                        )),
+                    ));
+                }
+            };
+            if flag.key == "vm" {
+                argv.push(text_value);
+            } else {
+                argv.push(format!("--{}", flag.key));
+                argv.push(text_value);
+            }
+        }
+        let key_line = |key: &str| key_spans.get(key).cloned().or(Some(name_span_fallback(text, line)));
+        let parsed =
+            SessionCli::try_parse_from(std::iter::once("session".to_owned()).chain(argv.iter().cloned()))
+                .map_err(|e| {
+                    let (key, message) = clap_message(&e);
+                    error(key.and_then(|k| key_line(&k)), in_session(message))
+                })?;
+        check_session(&parsed.args).map_err(|(key, m)| error(key_line(key), in_session(m)))?;
+        sessions.insert(name, SessionSpec { line, argv });
+    }
+    Ok(DaemonConfig { keep_on_stop: daemon.keep_on_stop.unwrap_or(false), resync, sessions })
+}
+
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
+
+/// What the command line would check later, at attach time, checked now: a config error is
+/// found at start or reload, not when a VM appears at 3 a.m.
+fn check_session(args: &AttachArgs) -> Result<(), (&'static str, String)> {
+    if args.mirror.vm.is_none() && args.mirror.tap.is_none() {
+        return Err((
+            "vm",
+            "say which VM: `vm` (its Nova name, UUID, libvirt domain or MAC) or `tap`".into(),
+        ));
+    }
+    if args.mode == Mode::Ovs {
+        return Err((
+            "mode",
+            "the daemon keeps eBPF sessions; an OVS mirror persists in OVSDB by itself: make it once \
+             with `vmsniff attach --mode ovs`, or drop `mode` here"
+                .into(),
+        ));
+    }
+    args.controls.controls().map_err(|e| ("filter", crate::apply::executor::chain(&e)))?;
+    args.mirror.encap().map_err(|e| ("encap", crate::apply::executor::chain(&e)))?;
+    Ok(())
+}
+
+/// A session name: the session's identity across reloads, and a log word.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "session name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.' (it names the session in logs and status)"
+        ))
+    }
+}
+
+struct Flag {
+    key: String,
+    switch: bool,
+}
+
+/// The attach flags a session table may hold, from the attach parser itself; the VM selector
+/// is `vm`.
+fn attach_flags() -> Vec<Flag> {
+    SessionCli::command()
+        .get_arguments()
+        .filter_map(|a| {
+            let key =
+                a.get_long().map(str::to_owned).or_else(|| a.is_positional().then(|| "vm".to_owned()))?;
+            let switch = matches!(a.get_action(), clap::ArgAction::SetTrue);
+            Some(Flag { key, switch })
+        })
+        .collect()
+}
+
+/// clap's message on one line, its flags spelled as config keys; and the key it is about.
+fn clap_message(e: &clap::Error) -> (Option<String>, String) {
+    let rendered = e.render().to_string();
+    // The first line, and the indented lines that continue it (the missing arguments).
+    let mut lines = rendered.lines();
+    let mut first = lines.next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+    for more in lines.take_while(|l| l.starts_with("  ")) {
+        first.push(' ');
+        first.push_str(more.trim());
+    }
+    let mut message = String::new();
+    let mut key = None;
+    let mut rest = first.as_str();
+    while let Some(start) = rest.find('\'') {
+        message.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('\'') else {
+            message.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let quoted = &after[..end];
+        match quoted.strip_prefix("--") {
+            Some(flag) => {
+                let flag = flag.split([' ', '=']).next().unwrap_or(flag);
+                key.get_or_insert_with(|| flag.to_owned());
+                message.push_str(&format!("`{flag}`"));
+            }
+            None if quoted == "[VM]" || quoted == "VM" => message.push_str("`vm`"),
+            None => message.push_str(&format!("'{quoted}'")),
+        }
+        rest = &after[end + 1..];
+    }
+    message.push_str(rest);
+    // Unquoted flags (clap lists missing arguments bare): `--to <IP>` becomes `to`.
+    let mut words: Vec<String> = Vec::new();
+    let mut tokens = message.split(' ').peekable();
+    while let Some(token) = tokens.next() {
+        match token.strip_prefix("--") {
+            Some(flag) if !flag.is_empty() => {
+                if tokens.peek().is_some_and(|t| t.starts_with('<')) {
+                    tokens.next();
+                }
+                key.get_or_insert_with(|| flag.to_owned());
+                words.push(format!("`{flag}`"));
+            }
+            _ => words.push(token.to_owned()),
+        }
+    }
+    (key, words.join(" "))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// The span of a line's start, for errors about a session as a whole.
+fn name_span_fallback(text: &str, line: usize) -> Range<usize> {
+    let start: usize = text.split_inclusive('\n').take(line - 1).map(str::len).sum();
+    start..start
+}
+
+impl fmt::Display for DaemonConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} session(s)", self.sessions.len())?;
+        if self.keep_on_stop {
+            write!(f, ", mirrors kept on stop")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> DaemonConfig {
+        parse("m.toml", text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn parse_err(text: &str) -> ConfigError {
+        parse("m.toml", text).expect_err("the config must be refused")
+    }
+
+    #[test]
+    fn sessions_become_attach_arguments() {
+        let config = parse_ok(
+            r#"
+[daemon]
+keep-on-stop = true
+resync-seconds = 30
+
+[session.ids]
+vm = "c-private"
+nic = 0
+to = "192.0.2.2"
+key = 7
+direction = "out"
+filter = "tcp port 443"
+snaplen = 128
+
+[session.lab]
+tap = "tap0"
+to-dev = "mir0"
+"#,
+        );
+        assert!(config.keep_on_stop);
+        assert_eq!(config.resync, Duration::from_secs(30));
+        let ids = &config.sessions["ids"];
+        assert_eq!(ids.line, 6);
+        let args = ids.args();
+        assert_eq!(args.mirror.vm.as_deref(), Some("c-private"));
+        assert_eq!(args.mirror.nic.nic, Some(0));
+        assert_eq!(args.mirror.key, Some(7));
+        assert_eq!(args.controls.snaplen, Some(128));
+        assert_eq!(config.sessions["lab"].args().mirror.to_dev.as_deref(), Some("mir0"));
+    }
+
+    #[test]
+    fn an_empty_config_has_no_sessions() {
+        let config = parse_ok("");
+        assert!(config.sessions.is_empty());
+        assert!(!config.keep_on_stop);
+        assert_eq!(config.resync, DEFAULT_RESYNC);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_key() {
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nsnaplen = 0\n");
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.to_string().starts_with("m.toml:4: session \"a\": "), "{e}");
+        assert!(e.message.contains("snaplen"), "{e}");
+
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\ncolour = \"red\"\n");
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains("unknown key \"colour\"") && e.message.contains("rate-limit"), "{e}");
+
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nto-dev = \"mir0\"\n");
+        assert!(e.message.contains("`to`") && e.message.contains("`to-dev`"), "{e}");
+
+        let e = parse_err("[session.a]\nvm = \"x\"\n");
+        assert!(e.message.contains("`to`"), "{e}");
+        assert_eq!(e.line, 1);
+
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\n\nfilter = \"tcp port\"\n");
+        assert_eq!(e.line, 5, "{e}");
+
+        let e = parse_err("[session.a]\nto = \"192.0.2.2\"\n");
+        assert!(e.message.contains("`vm`"), "{e}");
+
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nmode = \"ovs\"\n");
+        assert_eq!(e.line, 4);
+
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\ndry-run = true\n");
+        assert!(e.message.contains("unknown key \"dry-run\""), "{e}");
+
+        let e = parse_err("[session.a]\nvm = [\"x\"]\nto = \"192.0.2.2\"\n");
+        assert_eq!(e.line, 2);
+    }
+
+    #[test]
+    fn toml_errors_and_odd_tables_are_refused_with_a_line() {
+        let e = parse_err("[session.a]\nvm = \"x\nto = 1\n");
+        assert_eq!(e.line, 2, "{e}");
+        let e = parse_err("[deamon]\nkeep-on-stop = true\n");
+        assert!(e.message.contains("deamon"), "{e}");
+        let e = parse_err("[daemon]\nresync-seconds = 0\n");
+        assert_eq!(e.line, 2);
+        let e = parse_err("[session.\"a b\"]\nvm = \"x\"\nto = \"192.0.2.2\"\n");
+        assert!(e.message.contains("session name"), "{e}");
+    }
+
+    #[test]
+    fn reloads_compare_keys() {
+        let a = parse_ok("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nfilter = \"tcp\"\n");
+        let b = parse_ok("[session.a]\nfilter = \"udp\"\nto = \"192.0.2.2\"\nvm = \"x\"\nsnaplen = 64\n");
+        assert_eq!(a.sessions["a"].changed_keys(&b.sessions["a"]), ["filter", "snaplen"]);
+        let c = parse_ok("[session.a]\nvm = \"y\"\nto = \"192.0.2.2\"\nfilter = \"tcp\"\n");
+        assert_eq!(a.sessions["a"].changed_keys(&c.sessions["a"]), ["vm"]);
+        assert!(a.sessions["a"].changed_keys(&a.sessions["a"]).is_empty());
+    }
+}
