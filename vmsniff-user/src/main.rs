@@ -23,9 +23,9 @@ use crate::cli::{Cli, Command};
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Mirror(_)) {
+    if !matches!(cli.command, Command::Mirror(_) | Command::Daemon(_)) {
         // `vmsniff status | head` should end quietly, as other tools do, not panic on a closed
-        // pipe. Not for `mirror`: it must live to detach its session.
+        // pipe. Not for `mirror` and `daemon`: they must live to detach their sessions.
         // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
@@ -48,6 +48,8 @@ fn main() -> ExitCode {
             Command::Show(args) => cli::show::run(&sources, args).await,
             Command::Capture(args) => cli::capture::run(&sources, args).await,
             Command::Collect(args) => cli::collect::run(args).await,
+            Command::Daemon(args) => cli::daemon::run(sources, args).await,
+            Command::Reload(args) => cli::daemon::reload(args).await,
         }
     });
     match result {

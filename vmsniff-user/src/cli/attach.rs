@@ -64,9 +64,21 @@ pub async fn attach(
     controls: &ControlArgs,
     owner: Owner,
 ) -> anyhow::Result<(u32, AttachRequest)> {
+    let resolved = args.resolve(sources, &namespace.kernel.netlink).await?;
+    attach_resolved(namespace, sources, args, controls, &resolved, owner).await
+}
+
+/// Attaches to a tap resolved already, holding the lock.
+pub async fn attach_resolved(
+    namespace: &Namespace,
+    sources: &Sources,
+    args: &MirrorArgs,
+    controls: &ControlArgs,
+    resolved: &Resolved,
+    owner: Owner,
+) -> anyhow::Result<(u32, AttachRequest)> {
     let controls = controls.controls()?;
     let netlink = &namespace.kernel.netlink;
-    let resolved = args.resolve(sources, netlink).await?;
     let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
     let target = args.target(netlink, args.encap()?).await?;
     let request = AttachRequest {
@@ -90,7 +102,7 @@ pub async fn attach(
         "session {id}: mirroring {} ({}) of {} to {}{}",
         request.directions.as_str(),
         direction_words(request.directions),
-        describe(&resolved),
+        describe(resolved),
         request.target,
         match request.target {
             crate::plan::request::Target::Gre { encap: crate::wire::Encap::Gre, .. } =>

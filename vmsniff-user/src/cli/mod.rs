@@ -3,6 +3,7 @@ pub mod attach;
 pub mod capture;
 pub mod collect;
 pub mod controls;
+pub mod daemon;
 pub mod detach;
 pub mod list;
 pub mod mirror;
@@ -66,6 +67,12 @@ pub enum Command {
     Show(show::ShowArgs),
     /// Capture a VM's frames locally with tcpdump (decoded, or pcap with -w).
     Capture(capture::CaptureArgs),
+    /// Keep the mirrors of a config file (systemd service): re-attach when VMs reboot or come
+    /// back, reload on SIGHUP, adopt running mirrors when restarted.
+    Daemon(daemon::DaemonArgs),
+    /// Make the running daemon re-read its config; fails with the config's error if it is
+    /// refused (the daemon then keeps the previous one).
+    Reload(daemon::ReloadArgs),
     /// On the collector: receive GRE and ERSPAN copies and write pcapng, one interface per
     /// sender and session, the direction of every frame in its flags.
     Collect(collect::CollectArgs),

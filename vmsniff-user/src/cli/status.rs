@@ -5,6 +5,7 @@ use clap::Args;
 use super::target::NicArgs;
 use crate::{
     apply::maps::PinnedMaps,
+    daemon::state::DaemonState,
     observe::status,
     plan::detach::ifname,
     resolve::vm::{Sources, vm_taps},
@@ -23,6 +24,9 @@ pub struct StatusArgs {
     /// Print `{"version": 1, "sessions": [...]}` instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub run_dir: super::daemon::RunDirArg,
 }
 
 pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
@@ -50,16 +54,43 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
             "--nic and --mac choose among a VM's NICs: name the VM too (vmsniff status VM --nic N)"
         );
     }
+    let daemon = daemon_state(&args.run_dir.run_dir);
     if args.json {
-        let merged = super::ovs::merge_json(serde_json::to_value(&status)?, &ovs)?;
+        let mut merged = super::ovs::merge_json(serde_json::to_value(&status)?, &ovs)?;
+        merged["daemon"] = serde_json::to_value(&daemon)?;
         println!("{}", serde_json::to_string_pretty(&merged)?);
-    } else if ovs.is_empty() {
+        return Ok(());
+    }
+    if ovs.is_empty() && daemon.is_none() {
         print!("{}", status::render_table(&status));
-    } else {
-        if !status.sessions.is_empty() {
-            println!("{}", status::render_table(&status));
-        }
+        return Ok(());
+    }
+    if !status.sessions.is_empty() || ovs.is_empty() {
+        println!("{}", status::render_table(&status));
+    }
+    if !ovs.is_empty() {
         print!("{}", crate::observe::ovs::render_table(&ovs));
     }
+    if let Some(daemon) = daemon {
+        if !ovs.is_empty() {
+            println!();
+        }
+        print!("{}", daemon.render_table());
+    }
     Ok(())
+}
+
+/// The state of a daemon of this network namespace, if one runs or left mirrors to adopt.
+fn daemon_state(run_dir: &std::path::Path) -> Option<DaemonState> {
+    let netns = crate::netns::current_inode().ok()?;
+    match DaemonState::read(run_dir) {
+        Ok(state) => state.filter(|s| s.netns == netns),
+        Err(e) => {
+            log::warn!(
+                "the daemon's sessions are not shown: reading its state in {}: {e}",
+                run_dir.display()
+            );
+            None
+        }
+    }
 }

@@ -1,3 +1,418 @@
 //! `vmsniff daemon`: keeps the mirrors of a declarative config, re-attaching them when VMs
-//! come and go.
+//! come and go. One task owns the state and waits on signals, link events and timers; every
+//! wake-up runs the same idempotent reconcile (config, taps as they are now, kernel state →
+//! actions), so a missed or repeated event costs nothing but a later pass.
 pub mod config;
+mod links;
+pub mod state;
+mod systemd;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File, OpenOptions},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::{Instant, sleep_until},
+};
+use vmsniff_ebpf::daemon_tag;
+
+use self::{
+    config::{DaemonConfig, SessionSpec},
+    links::{LinkChange, LinkEvents},
+    state::{DaemonSession, DaemonState, STATE_VERSION},
+};
+use crate::{
+    apply::executor::{apply_rehome, apply_update, chain},
+    cli::attach::{attach_resolved, describe},
+    netns,
+    plan::{
+        reconcile::{Action, Placement, daemon_sessions, plan_reconcile},
+        rehome::plan_rehome,
+        request::{Owner, Tap},
+        update::{ControlChange, plan_update},
+    },
+    resolve::{
+        interface::InterfaceError,
+        select::SelectError,
+        vm::{ResolveError, Resolved, Sources},
+    },
+    session::{Namespace, tcx_supported},
+};
+
+/// After a tap appears, libvirt may need a moment before its domain XML names it: waiting
+/// sessions are retried this often, for this long after the last link event.
+const RETRY_EVERY: Duration = Duration::from_millis(250);
+const RETRY_FOR: Duration = Duration::from_secs(15);
+/// Link events come in bursts (a VM start makes a tap, a bridge port, a veth pair): one pass
+/// after the burst.
+const SETTLE: Duration = Duration::from_millis(50);
+
+pub struct Options {
+    pub config: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
+    let config = config::load(&options.config)?;
+    let namespace = Namespace::open()?;
+    fs::create_dir_all(&options.run_dir)
+        .with_context(|| format!("creating the run directory {}", options.run_dir.display()))?;
+    let _lock = lock_run_dir(&options.run_dir)?;
+    let netns = netns::current_inode().context("identifying this network namespace")?;
+    let previous = DaemonState::read(&options.run_dir)
+        .with_context(|| format!("reading {}", state::state_path(&options.run_dir).display()))?
+        .filter(|s| s.netns == netns);
+    let mut links = LinkEvents::subscribe().context("subscribing to link events (rtnetlink)")?;
+    links.know(namespace.kernel.netlink.links().await?.into_iter().map(|l| (l.ifindex, l.name)));
+    let mut daemon = Daemon {
+        records: previous.map(records_of).unwrap_or_default(),
+        state: DaemonState {
+            version: STATE_VERSION,
+            pid: std::process::id(),
+            netns,
+            config: options.config.display().to_string(),
+            ..Default::default()
+        },
+        namespace,
+        sources,
+        config,
+        options,
+    };
+    log::info!("daemon: started with {} ({})", daemon.options.config.display(), daemon.config);
+    daemon.reconcile().await;
+    systemd::notify("READY=1");
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut resync_at = Instant::now() + daemon.config.resync;
+    let mut pass_at: Option<Instant> = None;
+    let mut retry_until = Instant::now();
+    loop {
+        let next_pass = pass_at.unwrap_or(resync_at).min(resync_at);
+        tokio::select! {
+            _ = hangup.recv() => {
+                systemd::notify("RELOADING=1");
+                daemon.reload().await;
+                systemd::notify("READY=1");
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            change = links.next() => {
+                let Some(change) = change else {
+                    anyhow::bail!("the link event socket closed; restart the daemon (its mirrors are adopted)");
+                };
+                log::debug!("{change:?}");
+                if daemon.cares_about(&change) {
+                    pass_at = Some(Instant::now() + SETTLE);
+                    retry_until = Instant::now() + RETRY_FOR;
+                }
+            }
+            _ = sleep_until(next_pass) => {
+                if next_pass >= resync_at {
+                    resync_at = Instant::now() + daemon.config.resync;
+                }
+                daemon.reconcile().await;
+                pass_at = (daemon.waiting() && Instant::now() < retry_until).then(|| Instant::now() + RETRY_EVERY);
+            }
+        }
+    }
+    systemd::notify("STOPPING=1");
+    daemon.stop().await
+}
+
+/// One daemon per run directory (and so per node): a second would fight the first.
+fn lock_run_dir(run_dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = state::lock_path(run_dir);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        let holder = DaemonState::read(run_dir).ok().flatten().map(|s| format!(" (pid {})", s.pid)).unwrap_or_default();
+        anyhow::anyhow!(
+            "another vmsniff daemon{holder} runs with run directory {}: stop it first (`systemctl stop vmsniff`), \
+             or give this one another --run-dir ({errno})",
+            run_dir.display()
+        )
+    })
+}
+
+/// The specs a previous daemon applied, by session name.
+fn records_of(state: DaemonState) -> BTreeMap<String, SessionSpec> {
+    state
+        .sessions
+        .into_iter()
+        .filter_map(|(name, s)| Some((name, SessionSpec { line: 0, argv: s.applied? })))
+        .collect()
+}
+
+struct Daemon {
+    namespace: Namespace,
+    sources: Sources,
+    config: DaemonConfig,
+    options: Options,
+    /// What was last applied to each config session's kernel session.
+    records: BTreeMap<String, SessionSpec>,
+    state: DaemonState,
+}
+
+impl Daemon {
+    /// A tap that appears may be a waiting VM's; one that goes may be a mirrored one.
+    fn cares_about(&self, change: &LinkChange) -> bool {
+        match change {
+            LinkChange::Appeared { .. } => {
+                self.waiting() || self.state.sessions.len() < self.config.sessions.len()
+            }
+            LinkChange::Gone { name, .. } => {
+                self.state.sessions.values().any(|s| s.tap.as_deref() == Some(name.as_str()))
+            }
+        }
+    }
+
+    fn waiting(&self) -> bool {
+        self.state.sessions.values().any(|s| s.state != "active")
+    }
+
+    async fn reload(&mut self) {
+        match config::load(&self.options.config) {
+            Ok(config) => {
+                let (old, new): (BTreeSet<&String>, BTreeSet<&String>) =
+                    (self.config.sessions.keys().collect(), config.sessions.keys().collect());
+                log::info!(
+                    "daemon: reloaded {} ({config}): {} added, {} removed",
+                    self.options.config.display(),
+                    new.difference(&old).count(),
+                    old.difference(&new).count()
+                );
+                self.config = config;
+                self.state.reload_error = None;
+            }
+            Err(e) => {
+                log::error!("daemon: reload refused, the previous config stays in force: {e}");
+                self.state.reload_error = Some(e.to_string());
+            }
+        }
+        self.state.reloads += 1;
+        self.reconcile().await;
+    }
+
+    /// Brings the kernel in line with the config; records every session's state.
+    async fn reconcile(&mut self) {
+        let mut placements = BTreeMap::new();
+        let mut resolved_taps = BTreeMap::new();
+        for (name, spec) in &self.config.sessions {
+            let args = spec.args();
+            let placement = match args.mirror.resolve(&self.sources, &self.namespace.kernel.netlink).await {
+                Ok(resolved) => {
+                    let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
+                    resolved_taps.insert(name.clone(), resolved);
+                    Placement::Tap(tap)
+                }
+                Err(e) if waits(&e) => Placement::Waiting(chain(&e)),
+                Err(e) => Placement::Error(chain(&e)),
+            };
+            placements.insert(name.clone(), placement);
+        }
+        let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        let observed = match self.clean_and_observe().await {
+            Ok(observed) => observed,
+            Err(e) => {
+                log::error!("daemon: cannot read vmsniff's kernel state: {}", chain(e.as_ref()));
+                return;
+            }
+        };
+        for action in plan_reconcile(&self.config.sessions, &placements, &self.records, &observed) {
+            let name = match &action {
+                Action::Attach { name, .. } | Action::Rehome { name, .. } | Action::Update { name, .. } => {
+                    Some(name.clone())
+                }
+                Action::Detach { name, .. } => name.clone(),
+            };
+            if let Err(e) = self.apply(&action, &resolved_taps).await {
+                let reason = chain(e.as_ref());
+                match name {
+                    Some(name) => {
+                        failures.insert(name, reason);
+                    }
+                    None => log::error!("daemon: {action:?} failed: {reason}"),
+                }
+            }
+        }
+        self.record_states(&placements, failures);
+    }
+
+    async fn clean_and_observe(&self) -> anyhow::Result<crate::plan::Observed> {
+        let _lock = self.namespace.lock()?;
+        self.namespace.clean_orphans().await?;
+        Ok(self.namespace.observe()?)
+    }
+
+    async fn apply(&mut self, action: &Action, resolved: &BTreeMap<String, Resolved>) -> anyhow::Result<()> {
+        match action {
+            Action::Attach { name, .. } => {
+                let spec = self.config.sessions[name].clone();
+                let args = spec.args();
+                let (id, _) = attach_resolved(
+                    &self.namespace,
+                    &self.sources,
+                    &args.mirror,
+                    &args.controls,
+                    &resolved[name],
+                    Owner::Daemon { tag: daemon_tag(name) },
+                )
+                .await?;
+                log::info!("session {name}: attached as session {id} to {}", describe(&resolved[name]));
+                self.records.insert(name.clone(), spec);
+            }
+            Action::Rehome { name, id, tap } => {
+                let args = self.config.sessions[name].args();
+                let _lock = self.namespace.lock()?;
+                let observed = self.namespace.observe()?;
+                if let Some(plan) = plan_rehome(
+                    *id,
+                    tap,
+                    args.mirror.attach_mode.unwrap_or_default(),
+                    tcx_supported(),
+                    &observed,
+                )? {
+                    apply_rehome(&self.namespace.kernel, &plan).await?;
+                    log::info!(
+                        "session {name}: re-attached session {id} to {} (ifindex {}); its counters go on",
+                        describe(&resolved[name]),
+                        tap.ifindex
+                    );
+                }
+            }
+            Action::Update { name, id } => {
+                let spec = self.config.sessions[name].clone();
+                let controls = spec.args().controls.controls()?;
+                let change = ControlChange {
+                    filter: Some(controls.filter),
+                    snaplen: Some(controls.snaplen),
+                    sample_every: Some(controls.sample_every),
+                    rate_limit: Some(controls.rate_limit),
+                };
+                let _lock = self.namespace.lock()?;
+                let observed = self.namespace.observe()?;
+                let current = observed.sessions.get(id).with_context(|| format!("session {id} is gone"))?;
+                apply_update(&self.namespace.kernel, &plan_update(*id, current, &change)?)?;
+                log::info!(
+                    "session {name}: session {id} updated in place (filter, snaplen, sample, rate limit)"
+                );
+                self.records.insert(name.clone(), spec);
+            }
+            Action::Detach { name, id } => {
+                let _lock = self.namespace.lock()?;
+                self.namespace.detach(&BTreeSet::from([*id])).await?;
+                match name {
+                    Some(name) => log::info!("session {name}: detached session {id} (its config changed)"),
+                    None => log::info!("daemon: detached session {id}: its config session is gone"),
+                }
+                if let Some(name) = name {
+                    self.records.remove(name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every config session's state, logged when it changes, and the state file.
+    fn record_states(
+        &mut self,
+        placements: &BTreeMap<String, Placement>,
+        failures: BTreeMap<String, String>,
+    ) {
+        let observed = self.namespace.observe().unwrap_or_default();
+        let owned = daemon_sessions(self.config.sessions.keys(), &observed);
+        let mut sessions = BTreeMap::new();
+        for (name, spec) in &self.config.sessions {
+            let id = owned.get(&Some(name.clone())).and_then(|ids| ids.first().copied());
+            let args = spec.args();
+            let (state, reason) = match (failures.get(name), &placements[name]) {
+                (Some(reason), _) => ("error", Some(reason.clone())),
+                (None, Placement::Tap(_)) if id.is_some() => ("active", None),
+                (None, Placement::Tap(_)) => {
+                    ("error", Some("attached, but its kernel session is gone".into()))
+                }
+                (None, Placement::Waiting(reason)) => ("waiting-for-vm", Some(reason.clone())),
+                (None, Placement::Error(reason)) => ("error", Some(reason.clone())),
+            };
+            let tap = match &placements[name] {
+                Placement::Tap(tap) => Some(tap.name.clone()),
+                _ => args.mirror.tap.clone(),
+            };
+            let entry = DaemonSession {
+                state: state.to_owned(),
+                reason,
+                session: id,
+                vm: args.mirror.vm.clone(),
+                tap,
+                applied: id.and_then(|_| self.records.get(name)).map(|s| s.argv.clone()),
+            };
+            let before = self.state.sessions.get(name);
+            if before.map(|b| (&b.state, &b.reason)) != Some((&entry.state, &entry.reason))
+                && entry.state != "active"
+            {
+                let what = entry.reason.as_deref().unwrap_or_default();
+                if entry.state == "error" {
+                    log::error!("session {name}: {what}");
+                } else {
+                    log::info!("session {name}: waiting for its VM: {what}");
+                }
+            }
+            sessions.insert(name.clone(), entry);
+        }
+        self.records.retain(|name, _| sessions.contains_key(name));
+        self.state.sessions = sessions;
+        if let Err(e) = self.state.write(&self.options.run_dir) {
+            log::error!(
+                "daemon: cannot write {}: {e}; `vmsniff status` will not show the daemon's sessions",
+                state::state_path(&self.options.run_dir).display()
+            );
+        }
+    }
+
+    /// SIGTERM or SIGINT: detach what the daemon owns, unless the config keeps mirrors on stop
+    /// or systemd is restarting the service (the next start adopts them with no gap).
+    async fn stop(self) -> anyhow::Result<()> {
+        let keep = if self.config.keep_on_stop {
+            Some("keep-on-stop is set")
+        } else if systemd::restart_queued() {
+            Some("systemd is restarting the service")
+        } else {
+            None
+        };
+        if let Some(why) = keep {
+            log::info!("daemon: stopping; the mirrors stay ({why}) for the next start to adopt");
+            return Ok(());
+        }
+        let _lock = self.namespace.lock()?;
+        let observed = self.namespace.observe()?;
+        let ids: BTreeSet<u32> =
+            daemon_sessions(self.config.sessions.keys(), &observed).into_values().flatten().collect();
+        self.namespace.detach(&ids).await.context("detaching the daemon's sessions")?;
+        DaemonState::remove(&self.options.run_dir)?;
+        log::info!("daemon: stopped; detached its {} session(s)", ids.len());
+        Ok(())
+    }
+}
+
+/// Errors that go away by themselves when the VM comes (back): stopped, not defined on this
+/// host (migrated away), its tap not there yet.
+fn waits(error: &ResolveError) -> bool {
+    matches!(
+        error,
+        ResolveError::Select(SelectError::NotRunning { .. } | SelectError::UnknownVm { .. })
+            | ResolveError::TapMissing { .. }
+            | ResolveError::Interface(InterfaceError::NotFound { .. })
+    )
+}

@@ -5,6 +5,7 @@ pub mod controls;
 pub mod detach;
 pub mod filter;
 pub mod ovs;
+pub mod reconcile;
 pub mod rehome;
 pub mod request;
 pub mod update;

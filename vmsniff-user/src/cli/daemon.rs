@@ -1,0 +1,103 @@
+//! `vmsniff daemon` and `vmsniff reload`.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+
+use crate::{
+    daemon::{
+        self, config,
+        state::{self, DaemonState},
+    },
+    resolve::vm::Sources,
+};
+
+/// Where the daemon keeps its state file and lock; shared by daemon, reload and status.
+#[derive(Args, Debug, Clone)]
+pub struct RunDirArg {
+    /// The daemon's runtime directory (state file, lock).
+    #[arg(long, value_name = "DIR", env = "VMSNIFF_RUN_DIR", default_value = state::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// The mirrors to keep: TOML, one [session.NAME] table each, keys spelled like attach's
+    /// flags (see the example in packaging/mirrors.toml).
+    #[arg(long, value_name = "FILE", default_value = "/etc/vmsniff/mirrors.toml")]
+    pub config: PathBuf,
+
+    /// Check the config, print what it holds and exit (0 when it is valid).
+    #[arg(long)]
+    pub check: bool,
+
+    #[command(flatten)]
+    pub run_dir: RunDirArg,
+}
+
+pub async fn run(sources: Sources, args: DaemonArgs) -> anyhow::Result<()> {
+    if args.check {
+        let config = config::load(&args.config)?;
+        println!("{}: valid, {config}", args.config.display());
+        for (name, spec) in &config.sessions {
+            println!("  {name}: vmsniff attach {}", spec.argv.join(" "));
+        }
+        return Ok(());
+    }
+    daemon::run(sources, daemon::Options { config: args.config, run_dir: args.run_dir.run_dir }).await
+}
+
+#[derive(Args, Debug)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub run_dir: RunDirArg,
+
+    /// Seconds to wait for the daemon to finish the reload.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// Sends the daemon SIGHUP and waits until it has reloaded: exits non-zero, with the config's
+/// error, when the daemon refused the new config.
+pub async fn reload(args: ReloadArgs) -> anyhow::Result<()> {
+    let dir = &args.run_dir.run_dir;
+    let Some(before) =
+        DaemonState::read(dir).with_context(|| format!("reading {}", state::state_path(dir).display()))?
+    else {
+        bail!(
+            "no vmsniff daemon runs with run directory {} (start it: `systemctl start vmsniff`)",
+            dir.display()
+        );
+    };
+    if !before.daemon_running() {
+        bail!(
+            "the vmsniff daemon (pid {}) is not running; start it (`systemctl start vmsniff`): it reads the config then",
+            before.pid
+        );
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(before.pid as i32), nix::sys::signal::Signal::SIGHUP)
+        .with_context(|| format!("signalling the daemon (pid {})", before.pid))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = DaemonState::read(dir)?.unwrap_or_default();
+        if now.pid == before.pid && now.reloads > before.reloads {
+            if let Some(error) = now.reload_error {
+                bail!("the daemon refused the new config and keeps the previous one: {error}");
+            }
+            let count = |s: &str| now.sessions.values().filter(|x| x.state == s).count();
+            log::info!(
+                "reloaded {}: {} session(s): {} active, {} waiting for their VM, {} in error",
+                now.config,
+                now.sessions.len(),
+                count("active"),
+                count("waiting-for-vm"),
+                count("error")
+            );
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the daemon (pid {}) did not finish the reload within {} s", before.pid, args.timeout);
+        }
+    }
+}

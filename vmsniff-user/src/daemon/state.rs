@@ -1,0 +1,151 @@
+//! The daemon's state file, `<run dir>/daemon.json`: what `vmsniff status` shows of the daemon's
+//! sessions (waiting and failing ones have no kernel state to show), what `vmsniff reload`
+//! waits on, and the specs the daemon last applied, which a restarted daemon compares with its
+//! config. Written whole to a temporary file and renamed, so a reader never sees half of it.
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const STATE_VERSION: u32 = 1;
+
+/// Where the daemon keeps its runtime files unless `--run-dir` or VMSNIFF_RUN_DIR say otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/vmsniff";
+
+pub fn state_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("daemon.json")
+}
+
+pub fn lock_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("daemon.lock")
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DaemonState {
+    pub version: u32,
+    pub pid: u32,
+    /// The network namespace it works in (its inode): status elsewhere ignores it.
+    pub netns: u64,
+    pub config: String,
+    /// Counts finished reloads (SIGHUP, `vmsniff reload`); `reload` waits for it to move.
+    pub reloads: u64,
+    /// The last reload's error, if it was refused (the previous config stays in force).
+    pub reload_error: Option<String>,
+    pub sessions: BTreeMap<String, DaemonSession>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DaemonSession {
+    /// `active`, `waiting-for-vm` or `error`.
+    pub state: String,
+    /// Why it waits or fails.
+    pub reason: Option<String>,
+    /// Its kernel session, when it has one (a waiting session keeps it, with its counters).
+    pub session: Option<u32>,
+    /// Its config key `vm` or `tap`, and `nic` when given.
+    pub vm: Option<String>,
+    pub tap: Option<String>,
+    /// The attach arguments last applied to its kernel session; `None` before the first attach.
+    pub applied: Option<Vec<String>>,
+}
+
+impl DaemonState {
+    /// Reads the state file; `None` when there is none.
+    pub fn read(run_dir: &Path) -> io::Result<Option<Self>> {
+        match fs::read(state_path(run_dir)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(io::Error::other),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn write(&self, run_dir: &Path) -> io::Result<()> {
+        let path = state_path(run_dir);
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
+        fs::rename(&tmp, &path)
+    }
+
+    pub fn remove(run_dir: &Path) -> io::Result<()> {
+        match fs::remove_file(state_path(run_dir)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The daemon's sessions as `vmsniff status` prints them, under the eBPF table.
+    pub fn render_table(&self) -> String {
+        let mut out = format!(
+            "daemon (pid {}{}, {}):\n",
+            self.pid,
+            if self.daemon_running() { "" } else { ", not running: its mirrors stay until it starts again" },
+            self.config
+        );
+        if let Some(error) = &self.reload_error {
+            out.push_str(&format!("  last reload refused, previous config in force: {error}\n"));
+        }
+        if self.sessions.is_empty() {
+            out.push_str("  no sessions in its config\n");
+            return out;
+        }
+        let width = self.sessions.keys().map(String::len).max().unwrap_or(0).max(4);
+        out.push_str(&format!(
+            "  {:<width$} {:<14} {:>7}  {:<15} REASON\n",
+            "NAME", "STATE", "SESSION", "VM/TAP"
+        ));
+        for (name, s) in &self.sessions {
+            out.push_str(&format!(
+                "  {:<width$} {:<14} {:>7}  {:<15} {}\n",
+                name,
+                s.state,
+                s.session.map_or("-".into(), |id| id.to_string()),
+                s.vm.as_deref().or(s.tap.as_deref()).unwrap_or("-"),
+                s.reason.as_deref().unwrap_or("")
+            ));
+        }
+        out
+    }
+
+    /// Whether its daemon process still runs.
+    pub fn daemon_running(&self) -> bool {
+        // Signal 0 checks existence; EPERM would mean a process we may not signal, which a
+        // root daemon never is.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_file_round_trips_and_is_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("vmsniff-state-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(DaemonState::read(&dir).unwrap(), None);
+        let mut state = DaemonState { version: STATE_VERSION, pid: std::process::id(), ..Default::default() };
+        state.sessions.insert(
+            "ids".into(),
+            DaemonSession {
+                state: "waiting-for-vm".into(),
+                reason: Some("VM c-private is shut off".into()),
+                session: Some(3),
+                vm: Some("c-private".into()),
+                tap: None,
+                applied: Some(vec!["c-private".into(), "--to".into(), "192.0.2.2".into()]),
+            },
+        );
+        state.write(&dir).unwrap();
+        assert_eq!(DaemonState::read(&dir).unwrap(), Some(state.clone()));
+        assert!(state.daemon_running());
+        assert!(!dir.join("daemon.json.tmp").exists());
+        DaemonState::remove(&dir).unwrap();
+        DaemonState::remove(&dir).unwrap();
+        fs::remove_dir(&dir).unwrap();
+    }
+}
