@@ -50,6 +50,8 @@ fn main() -> ExitCode {
             Command::Collect(args) => cli::collect::run(args).await,
             Command::Daemon(args) => cli::daemon::run(sources, args).await,
             Command::Reload(args) => cli::daemon::reload(args).await,
+            Command::Install(args) => cli::install::install(args),
+            Command::Uninstall(args) => cli::install::uninstall(args),
         }
     });
     match result {

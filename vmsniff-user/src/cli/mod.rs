@@ -5,6 +5,7 @@ pub mod collect;
 pub mod controls;
 pub mod daemon;
 pub mod detach;
+pub mod install;
 pub mod list;
 pub mod mirror;
 pub mod ovs;
@@ -73,6 +74,10 @@ pub enum Command {
     /// Make the running daemon re-read its config; fails with the config's error if it is
     /// refused (the daemon then keeps the previous one).
     Reload(daemon::ReloadArgs),
+    /// Install this binary, the systemd unit and an example config on this node.
+    Install(install::InstallArgs),
+    /// Remove what `install` put (a config that is no longer the example stays).
+    Uninstall(install::InstallArgs),
     /// On the collector: receive GRE and ERSPAN copies and write pcapng, one interface per
     /// sender and session, the direction of every frame in its flags.
     Collect(collect::CollectArgs),
