@@ -5,6 +5,7 @@
 //! the VM receives it), and runs the real `vmsniff` binary inside them. Traffic never leaves
 //! the test's namespaces.
 pub mod collect;
+pub mod daemon;
 pub mod foreign;
 pub mod frames;
 pub mod netns;

@@ -47,6 +47,19 @@ impl Vm {
         Vm { file, tap: name.to_owned() }
     }
 
+    /// Deletes the tap and creates it again under the same name, as a VM's hard reboot or a
+    /// migration back does: the new tap has a new ifindex and is down until set up.
+    pub fn recreate(&mut self, ns: &Netns) {
+        // Closing the last descriptor of a non-persistent tap deletes it.
+        self.file = File::open("/dev/null").expect("open /dev/null");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns.link_names().contains(&self.tap) {
+            assert!(Instant::now() < deadline, "tap {} was not deleted", self.tap);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        *self = Vm::create(ns, &self.tap);
+    }
+
     /// The VM sends a frame.
     pub fn send(&mut self, frame: &[u8]) {
         let n = self.file.write(frame).expect("write to tap");

@@ -62,6 +62,14 @@ impl Hypervisor {
         self.port.vm_sends(frames);
     }
 
+    /// The VM's tap deleted and created again in br0 (a hard reboot, a migration back);
+    /// returns once the bridge forwards again.
+    pub fn recreate_tap(&mut self) {
+        self.port.vm.recreate(&self.ns);
+        self.ns.sh(&format!("ip link set {TAP} master br0"));
+        self.port.wait_until_forwarding();
+    }
+
     pub fn vm_receives(&mut self, frames: &[Vec<u8>]) {
         self.port.vm_receives(frames);
     }

@@ -52,6 +52,21 @@ pub struct StateLock {
     _lock: Flock<File>,
 }
 
+/// Waits until no vmsniff changes state, for a reader (`status`) that must not see an attach
+/// or detach half-way (some maps pinned, others not yet). Creates nothing: without the lock
+/// file no state-changing command has run since boot. Shared, so readers do not wait for each
+/// other.
+pub fn read_lock() -> Result<Option<StateLock>, KernelError> {
+    let file = match OpenOptions::new().read(true).open(LOCK_FILE) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KernelError::io(format!("opening {LOCK_FILE}"))(e)),
+    };
+    let lock = Flock::lock(file, FlockArg::LockShared)
+        .map_err(|(_, errno)| KernelError::io(format!("locking {LOCK_FILE}"))(errno.into()))?;
+    Ok(Some(StateLock { _lock: lock }))
+}
+
 /// Takes vmsniff's lock, waiting for another vmsniff that holds it.
 pub fn lock() -> Result<StateLock, KernelError> {
     let path = Path::new(LOCK_FILE);

@@ -31,9 +31,11 @@ pub struct StatusArgs {
 
 pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
     let namespace = Namespace::open_for_reading()?;
+    let lock = crate::apply::bpffs::read_lock()?;
     let maps = PinnedMaps::open(&namespace.kernel.paths)?;
     let observed = namespace.observe()?;
     let mut status = status::read(&namespace.kernel.netlink, maps.as_ref(), &observed).await?;
+    drop(lock);
     crate::observe::vm_names::fill(&mut status, sources);
     let mut ovs = super::ovs::status(sources);
     if let Some(vm) = &args.vm {

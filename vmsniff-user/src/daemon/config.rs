@@ -94,12 +94,15 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// One `[session.NAME]` table as written, every key and value with its place in the file.
+type RawSession = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     daemon: Option<RawDaemon>,
     #[serde(default)]
-    session: BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+    session: BTreeMap<Spanned<String>, Spanned<RawSession>>,
 }
 
 #[derive(Deserialize)]

@@ -59,6 +59,10 @@ pub struct Options {
 }
 
 pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
+    // First, so that a stop during start-up is a clean stop.
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let config = config::load(&options.config)?;
     let namespace = Namespace::open()?;
     fs::create_dir_all(&options.run_dir)
@@ -87,10 +91,6 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     log::info!("daemon: started with {} ({})", daemon.options.config.display(), daemon.config);
     daemon.reconcile().await;
     systemd::notify("READY=1");
-
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     let mut resync_at = Instant::now() + daemon.config.resync;
     let mut pass_at: Option<Instant> = None;
     let mut retry_until = Instant::now();
