@@ -18,7 +18,7 @@ pub mod vmsniff;
 
 /// True when the tests may change the kernel. Otherwise prints why they are skipped, loudly:
 /// CI runs as root and must run them.
-pub fn privileged(test: &str) -> bool {
+fn privileged(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
@@ -29,12 +29,47 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
-/// `privileged`, for a test whose subject does not depend on the kernel (argument checks,
-/// messages, OVSDB rows): in the VM harness's guests (`VMSNIFF_TEST_KERNEL` set) it is skipped,
-/// saying so, because it already ran on the host and an emulated CPU makes every test slow.
-pub fn privileged_on_host(test: &str) -> bool {
+// Where a privileged test runs. `cargo xtask test` runs the suite on this host's kernel and in
+// one boot of each guest kernel (Debian 5.10, 6.1, 6.12 under an emulated CPU, where every
+// test costs tens of seconds). Every privileged test starts with exactly one of the three
+// functions below, and its argument says why: the guests are for what this host's kernel
+// cannot show, and a test runs there only where the kernel could change its outcome.
+
+/// A test whose subject does not depend on the kernel (arguments and messages, controls'
+/// exact counts, update semantics, session bookkeeping, libvirt and OVSDB, coexistence with
+/// other tc users): it runs on the host, where it must cover both attach modes (loop over
+/// [`vmsniff::attach_modes`]). The guests skip it and print `why_not_in_guests`.
+pub fn privileged_on_host(test: &str, why_not_in_guests: &str) -> bool {
     if let Ok(kernel) = std::env::var(GUEST_KERNEL_VAR) {
-        skip(&format!("kernel-independent: it runs on the host, not again in the {kernel} guest"));
+        skip(&format!("host only, not in the {kernel} guest: {why_not_in_guests}"));
+        return false;
+    }
+    privileged(test)
+}
+
+/// A test whose outcome the kernel could change (the verifier, a helper's behaviour, the
+/// clsact or TCX attach path, GRE and ERSPAN devices, the OVS datapath): it runs on the host
+/// and in every guest kernel. `why_in_guests` names what the kernel could change.
+pub fn privileged_on_every_kernel(test: &str, why_in_guests: &str) -> bool {
+    if let Ok(kernel) = std::env::var(GUEST_KERNEL_VAR) {
+        eprintln!("{test} runs in the {kernel} guest: {why_in_guests}");
+    }
+    privileged(test)
+}
+
+/// The guest kernel that runs [`privileged_on_host_and_one_guest`]'s tests: bookworm's, the
+/// kernel the demo boots too.
+pub const ONE_GUEST: &str = "6.1";
+
+/// A test that needs what only the guests have (ip_gre, openvswitch), but whose subject does
+/// not vary by kernel, or whose kernel-dependent part another test checks on every kernel: it
+/// runs on the host (where it may skip for want of the module) and in the [`ONE_GUEST`] guest.
+/// The other guests skip it and print `why_one_guest`.
+pub fn privileged_on_host_and_one_guest(test: &str, why_one_guest: &str) -> bool {
+    if let Ok(kernel) = std::env::var(GUEST_KERNEL_VAR)
+        && kernel != ONE_GUEST
+    {
+        skip(&format!("runs in the {ONE_GUEST} guest only, not in {kernel}: {why_one_guest}"));
         return false;
     }
     privileged(test)

@@ -12,7 +12,7 @@ use vmsniff_tests::{
     frames::{self, PEER_MAC, VM_MAC, is_marked},
     netns::Netns,
     packet::{PacketSocket, decap_gre},
-    privileged, skip,
+    privileged_on_every_kernel, privileged_on_host, skip,
     topology::{Hypervisor, TAP},
     vmsniff,
 };
@@ -55,7 +55,10 @@ fn row<'a>(rows: &'a [Row], encap: &str, session: u32, direction: &str) -> &'a R
 
 #[test]
 fn collect_decodes_each_encapsulation_and_counts_garbage_and_strangers() {
-    if !privileged("collect_decodes_each_encapsulation_and_counts_garbage_and_strangers") {
+    if !privileged_on_host(
+        "collect_decodes_each_encapsulation_and_counts_garbage_and_strangers",
+        "collect decodes what a raw socket receives, in user space",
+    ) {
         return;
     }
     let sender_ns = Netns::new("snd");
@@ -186,10 +189,7 @@ fn collect_decodes_each_encapsulation_and_counts_garbage_and_strangers() {
 }
 
 /// ip_gre is there (GRE and ERSPAN devices can be created); says so and skips otherwise.
-fn gre_available(test: &str) -> bool {
-    if !privileged(test) {
-        return false;
-    }
+fn gre_available() -> bool {
     let probe = Netns::new("greprobe");
     if !probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0 {
         skip("this kernel has no ip_gre; collect end to end runs in `cargo xtask vm-test`");
@@ -310,8 +310,12 @@ fn flag(cell: &str) -> bool {
 
 #[test]
 fn collect_receives_attached_sessions_exactly_with_direction_and_loss() {
-    let test = "collect_receives_attached_sessions_exactly_with_direction_and_loss";
-    if !gre_available(test) {
+    if !privileged_on_every_kernel(
+        "collect_receives_attached_sessions_exactly_with_direction_and_loss",
+        "each kernel's ip_gre builds the GRE and ERSPAN headers and sequence numbers on the wire \
+         (5.10 takes only the short tunnel key)",
+    ) || !gre_available()
+    {
         return;
     }
     let mut hv = Hypervisor::new();
@@ -434,7 +438,10 @@ fn collect_receives_attached_sessions_exactly_with_direction_and_loss() {
 
 #[test]
 fn bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing() {
-    if !privileged("bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing") {
+    if !privileged_on_host(
+        "bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing",
+        "argument checks and messages, made before any device is created",
+    ) {
         return;
     }
     let hv = Hypervisor::new();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use vmsniff_tests::{
     netns::Netns,
-    privileged, privileged_on_host, skip,
+    privileged_on_host, skip,
     topology::{Hypervisor, MIRROR_DEV, TAP},
     vmsniff,
 };
@@ -20,7 +20,10 @@ fn assert_untouched(ns: &Netns, links_before: &[String]) {
 
 #[test]
 fn unknown_tap_and_bad_names_are_refused_without_a_trace() {
-    if !privileged_on_host("unknown_tap_and_bad_names_are_refused_without_a_trace") {
+    if !privileged_on_host(
+        "unknown_tap_and_bad_names_are_refused_without_a_trace",
+        "argument checks and messages, made before any kernel object is touched",
+    ) {
         return;
     }
     let hv = Hypervisor::new();
@@ -41,7 +44,8 @@ fn unknown_tap_and_bad_names_are_refused_without_a_trace() {
 
 #[test]
 fn invalid_collectors_and_options_are_usage_errors() {
-    if !privileged_on_host("invalid_collectors_and_options_are_usage_errors") {
+    if !privileged_on_host("invalid_collectors_and_options_are_usage_errors", "argument checks and messages")
+    {
         return;
     }
     let ns = Netns::new("args");
@@ -65,7 +69,10 @@ fn invalid_collectors_and_options_are_usage_errors() {
 
 #[test]
 fn without_privileges_vmsniff_says_what_it_needs() {
-    if !privileged("without_privileges_vmsniff_says_what_it_needs") {
+    if !privileged_on_host(
+        "without_privileges_vmsniff_says_what_it_needs",
+        "the capability check comes before any kernel object is touched",
+    ) {
         return;
     }
     let bin = vmsniff::binary();
@@ -82,7 +89,10 @@ fn without_privileges_vmsniff_says_what_it_needs() {
 
 #[test]
 fn a_kernel_without_gre_gets_a_clear_error_and_nothing_is_left() {
-    if !privileged("a_kernel_without_gre_gets_a_clear_error_and_nothing_is_left") {
+    if !privileged_on_host(
+        "a_kernel_without_gre_gets_a_clear_error_and_nothing_is_left",
+        "every guest kernel loads ip_gre at boot, so the missing-GRE error cannot be provoked there",
+    ) {
         return;
     }
     let probe = Netns::new("greprobe");
@@ -99,59 +109,84 @@ fn a_kernel_without_gre_gets_a_clear_error_and_nothing_is_left() {
 
 #[test]
 fn the_same_mirror_twice_is_refused_and_changes_nothing() {
-    if !privileged("the_same_mirror_twice_is_refused_and_changes_nothing") {
+    if !privileged_on_host(
+        "the_same_mirror_twice_is_refused_and_changes_nothing",
+        "refusing a duplicate reads vmsniff's own session state",
+    ) {
         return;
     }
-    let hv = Hypervisor::new();
-    hv.mirror_port();
-    let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV]);
-    let status = vmsniff::status(&hv.ns);
-    let err = vmsniff::fails(&hv.ns, &["attach", "--tap", TAP, "--to-dev", MIRROR_DEV]);
-    assert!(err.contains(&format!("already mirrored to device {MIRROR_DEV} by session {id}")), "{err}");
-    assert_eq!(vmsniff::status(&hv.ns)["sessions"], status["sessions"]);
-    let err = vmsniff::fails(&hv.ns, &["detach", "77"]);
-    assert!(err.contains("no session 77"), "{err}");
-    vmsniff::ok(&hv.ns, &["detach", "--all"]);
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let hv = Hypervisor::new();
+        hv.mirror_port();
+        let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        let status = vmsniff::status(&hv.ns);
+        let err = vmsniff::fails(&hv.ns, &["attach", "--tap", TAP, "--to-dev", MIRROR_DEV]);
+        assert!(err.contains(&format!("already mirrored to device {MIRROR_DEV} by session {id}")), "{err}");
+        assert_eq!(vmsniff::status(&hv.ns)["sessions"], status["sessions"]);
+        let err = vmsniff::fails(&hv.ns, &["detach", "77"]);
+        assert!(err.contains("no session 77"), "{err}");
+        vmsniff::ok(&hv.ns, &["detach", "--all"]);
+    }
 }
 
 #[test]
 fn a_killed_mirror_is_reported_then_cleaned_by_the_next_command() {
-    if !privileged("a_killed_mirror_is_reported_then_cleaned_by_the_next_command") {
+    if !privileged_on_host(
+        "a_killed_mirror_is_reported_then_cleaned_by_the_next_command",
+        "telling an orphan and replacing it are vmsniff's own bookkeeping",
+    ) {
         return;
     }
-    let hv = Hypervisor::new();
-    hv.mirror_port();
-    let (mut child, id) = vmsniff::spawn_mirror(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV]);
-    assert_eq!(vmsniff::session(&hv.ns, id)["state"], "active");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(vmsniff::session(&hv.ns, id)["state"], "orphaned");
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let hv = Hypervisor::new();
+        hv.mirror_port();
+        let (mut child, id) =
+            vmsniff::spawn_mirror(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        assert_eq!(vmsniff::session(&hv.ns, id)["state"], "active");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(vmsniff::session(&hv.ns, id)["state"], "orphaned");
 
-    let out = vmsniff::run(&hv.ns, &["attach", "--tap", TAP, "--to-dev", MIRROR_DEV]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains(&format!("session {id} belonged to process")), "{err}");
-    let sessions = vmsniff::status(&hv.ns)["sessions"].as_array().unwrap().clone();
-    assert_eq!(sessions.len(), 1, "the orphan was replaced, not kept: {sessions:?}");
-    assert_eq!(sessions[0]["state"], "active");
-    vmsniff::ok(&hv.ns, &["detach", "--all"]);
-    assert!(!hv.ns.pin_dir().exists());
+        let out =
+            vmsniff::run(&hv.ns, &["attach", "--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains(&format!("session {id} belonged to process")), "{err}");
+        let sessions = vmsniff::status(&hv.ns)["sessions"].as_array().unwrap().clone();
+        assert_eq!(sessions.len(), 1, "the orphan was replaced, not kept: {sessions:?}");
+        assert_eq!(sessions[0]["state"], "active");
+        vmsniff::ok(&hv.ns, &["detach", "--all"]);
+        assert!(!hv.ns.pin_dir().exists());
+    }
 }
 
 #[test]
 fn mirror_detaches_everything_on_sigterm() {
-    if !privileged("mirror_detaches_everything_on_sigterm") {
+    if !privileged_on_host(
+        "mirror_detaches_everything_on_sigterm",
+        "the signal handling is vmsniff's; the detach it runs is checked in every guest by \
+         datapath/both_directions_arrive_byte_identical_in_order_with_matching_counters",
+    ) {
         return;
     }
-    let hv = Hypervisor::new();
-    hv.mirror_port();
-    let (child, _) = vmsniff::spawn_mirror(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV]);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let hv = Hypervisor::new();
+        hv.mirror_port();
+        let (child, _) =
+            vmsniff::spawn_mirror(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!hv.ns.pin_dir().exists(), "mirror left pins after SIGTERM");
-    let (_, filters, _) = hv.ns.try_sh(&format!("tc filter show dev {TAP} ingress"));
-    assert!(!filters.contains("vmsniff"));
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!hv.ns.pin_dir().exists(), "mirror left pins after SIGTERM");
+        let (_, filters, _) = hv.ns.try_sh(&format!("tc filter show dev {TAP} ingress"));
+        assert!(!filters.contains("vmsniff"));
+    }
 }

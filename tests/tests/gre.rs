@@ -7,7 +7,7 @@ use vmsniff_tests::{
     frames::{self, L4, PEER_MAC, VM_MAC, is_marked},
     netns::Netns,
     packet::{PacketSocket, decap_gre, is_ipv4_fragment, reassemble_ipv4},
-    privileged, run, skip,
+    privileged_on_every_kernel, privileged_on_host_and_one_guest, run, skip,
     topology::{Hypervisor, TAP, assert_frames_eq, total_bytes},
     vmsniff,
 };
@@ -27,10 +27,7 @@ struct Collector {
 }
 
 /// True where this kernel has ip_gre; says so and skips otherwise.
-fn gre_available(test: &str) -> bool {
-    if !privileged(test) {
-        return false;
-    }
+fn gre_available() -> bool {
     let probe = Netns::new("greprobe");
     if !probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0 {
         skip("this kernel has no ip_gre; GRE end to end runs in `cargo xtask vm-test`");
@@ -56,8 +53,8 @@ fn add_collector(hv: &Hypervisor, index: u8, uplink_mtu: u32) -> (Collector, Pac
 }
 
 /// The hypervisor (VM side at `vm_mtu`) with one collector; `None` without GRE support.
-fn site(test: &str, vm_mtu: u32, uplink_mtu: u32) -> Option<Site> {
-    if !gre_available(test) {
+fn site(vm_mtu: u32, uplink_mtu: u32) -> Option<Site> {
+    if !gre_available() {
         return None;
     }
     let hv = Hypervisor::with_mtu(vm_mtu);
@@ -106,7 +103,13 @@ fn inners(copies: &[vmsniff_tests::packet::Gre]) -> Vec<Vec<u8>> {
 
 #[test]
 fn copies_reach_the_collector_as_keyed_gre_both_ways() {
-    let Some(mut site) = site("copies_reach_the_collector_as_keyed_gre_both_ways", 1500, 9000) else {
+    if !privileged_on_every_kernel(
+        "copies_reach_the_collector_as_keyed_gre_both_ways",
+        "each kernel's ip_gre carries the clones, on each kernel's attach path (TCX too from 6.6)",
+    ) {
+        return;
+    }
+    let Some(mut site) = site(1500, 9000) else {
         return;
     };
     for mode in vmsniff::attach_modes() {
@@ -154,7 +157,13 @@ fn copies_reach_the_collector_as_keyed_gre_both_ways() {
 
 #[test]
 fn an_unreachable_collector_costs_copies_never_frames() {
-    let Some(mut site) = site("an_unreachable_collector_costs_copies_never_frames", 1500, 1500) else {
+    if !privileged_on_every_kernel(
+        "an_unreachable_collector_costs_copies_never_frames",
+        "the GRE device's error and drop counters, which status reports as lost copies, are the kernel's",
+    ) {
+        return;
+    }
+    let Some(mut site) = site(1500, 1500) else {
         return;
     };
     let id = vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR]);
@@ -177,8 +186,14 @@ fn an_unreachable_collector_costs_copies_never_frames() {
 
 #[test]
 fn copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole() {
-    let Some(mut site) = site("copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole", 1500, 1500)
-    else {
+    if !privileged_on_host_and_one_guest(
+        "copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole",
+        "every kernel fragments GRE copies in jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented \
+         and sends them without DF in copies_reach_the_collector_as_keyed_gre_both_ways",
+    ) {
+        return;
+    }
+    let Some(mut site) = site(1500, 1500) else {
         return;
     };
     vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR, "--key", "3"]);
@@ -195,8 +210,12 @@ fn copies_larger_than_the_uplink_mtu_arrive_fragmented_and_whole() {
 
 #[test]
 fn two_taps_mirror_to_two_collectors_without_crossing() {
-    let test = "two_taps_mirror_to_two_collectors_without_crossing";
-    if !gre_available(test) {
+    if !privileged_on_host_and_one_guest(
+        "two_taps_mirror_to_two_collectors_without_crossing",
+        "keeping sessions apart (own device, own key, own counters) is vmsniff's bookkeeping; GRE \
+         itself runs on every kernel in copies_reach_the_collector_as_keyed_gre_both_ways",
+    ) || !gre_available()
+    {
         return;
     }
     let mut hv = Hypervisor::new();
@@ -253,8 +272,13 @@ fn two_taps_mirror_to_two_collectors_without_crossing() {
 
 #[test]
 fn jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented() {
-    let test = "jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented";
-    let Some(mut site) = site(test, 9000, 1500) else { return };
+    if !privileged_on_every_kernel(
+        "jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented",
+        "clones of 9000-byte frames and the IP fragmentation of their GRE copies are the kernel's",
+    ) {
+        return;
+    }
+    let Some(mut site) = site(9000, 1500) else { return };
     let id = vmsniff::attach(&site.hv.ns, &["--tap", TAP, "--to", COLLECTOR, "--key", "9"]);
     let sizes = [60, 1514, 4000, 9014];
     let out: Vec<Vec<u8>> = sizes
@@ -296,8 +320,13 @@ fn jumbo_frames_pass_untouched_and_their_copies_arrive_fragmented() {
 
 #[test]
 fn filter_and_snaplen_shape_the_gre_copies_and_the_original_length_stays_readable() {
-    let test = "filter_and_snaplen_shape_the_gre_copies_and_the_original_length_stays_readable";
-    let Some(mut site) = site(test, 1500, 9000) else {
+    if !privileged_on_every_kernel(
+        "filter_and_snaplen_shape_the_gre_copies_and_the_original_length_stays_readable",
+        "bpf_skb_change_tail cuts copies on the GRE device's egress, a helper each kernel implements",
+    ) {
+        return;
+    }
+    let Some(mut site) = site(1500, 9000) else {
         return;
     };
     let id = vmsniff::attach(

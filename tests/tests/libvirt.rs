@@ -13,7 +13,7 @@ use vmsniff_tests::{
     netns::Netns,
     ovsdb::OvsdbServer,
     packet::PacketSocket,
-    privileged, privileged_on_host, skip,
+    privileged_on_host, skip,
     tap::Vm,
     topology::{MIRROR_CAPTURE, MIRROR_DEV, assert_frames_eq},
     vmsniff,
@@ -97,131 +97,168 @@ fn json(text: &str) -> Value {
 
 #[test]
 fn attach_by_nova_name_mirrors_the_vms_tap_and_list_show_status_detach_follow_it() {
-    if !privileged("attach_by_nova_name_mirrors_the_vms_tap_and_list_show_status_detach_follow_it") {
+    if !privileged_on_host(
+        "attach_by_nova_name_mirrors_the_vms_tap_and_list_show_status_detach_follow_it",
+        "resolving a VM through libvirt and OVSDB is user space; what it attaches mirrors in every \
+         guest in datapath/both_directions_arrive_byte_identical_in_order_with_matching_counters",
+    ) {
         return;
     }
-    let Some(ovsdb) = OvsdbServer::start() else { return };
-    ovsdb.vsctl(&[
-        "add-br",
-        "br-int",
-        "--",
-        "add-port",
-        "br-int",
-        QVO,
-        "--",
-        "set",
-        "Interface",
-        QVO,
-        &format!("external_ids:iface-id={PORT_ID}"),
-        "external_ids:attached-mac=fa:16:3e:11:22:33",
-    ]);
-    let address = ovsdb.address();
-    let uri = fixture_uri();
-    let HybridPlug { ns, vm, network, mirror } = HybridPlug::new();
-    let mut plug = Plugged { vm, network, mirror };
-    let ns_links = ns.link_names();
-    let with = |args: &[&'static str]| -> Vec<String> {
-        with_sources(Some(&address), &uri, args).into_iter().map(str::to_owned).collect()
-    };
-    let run_ok = |args: Vec<String>| vmsniff::ok(&ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let Some(ovsdb) = OvsdbServer::start() else { return };
+        ovsdb.vsctl(&[
+            "add-br",
+            "br-int",
+            "--",
+            "add-port",
+            "br-int",
+            QVO,
+            "--",
+            "set",
+            "Interface",
+            QVO,
+            &format!("external_ids:iface-id={PORT_ID}"),
+            "external_ids:attached-mac=fa:16:3e:11:22:33",
+        ]);
+        let address = ovsdb.address();
+        let uri = fixture_uri();
+        let HybridPlug { ns, vm, network, mirror } = HybridPlug::new();
+        let mut plug = Plugged { vm, network, mirror };
+        let ns_links = ns.link_names();
+        let with = |args: &[&'static str]| -> Vec<String> {
+            with_sources(Some(&address), &uri, args).into_iter().map(str::to_owned).collect()
+        };
+        let run_ok =
+            |args: Vec<String>| vmsniff::ok(&ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
 
-    // --connect after the command works as well as before it.
-    let out =
-        vmsniff::ok(&ns, &["attach", "c-private", "--nic", "0", "--to-dev", MIRROR_DEV, "--connect", &uri]);
-    let id: u32 = out.trim().parse().expect("attach prints the session id");
-    assert_eq!(vmsniff::session(&ns, id)["tap"], TAP);
-
-    let (out, into) = frames::both_ways(12);
-    for frame in &out {
-        plug.vm.send(frame);
-    }
-    assert_frames_eq(
-        "frames c-private sent, at qvo",
-        &out,
-        &plug.network.capture(out.len(), Duration::from_secs(10), is_marked),
-    );
-    for frame in &into {
-        plug.network.send(frame);
-    }
-    assert_frames_eq(
-        "frames sent to c-private, at its tap",
-        &into,
-        &plug.vm.recv_marked(into.len(), Duration::from_secs(10)),
-    );
-    let expected: Vec<Vec<u8>> = out.iter().chain(&into).cloned().collect();
-    assert_frames_eq(
-        "copies of c-private's NIC 0",
-        &expected,
-        &plug.mirror.capture(24, Duration::from_secs(10), is_marked),
-    );
-
-    // list: the row of c-private's NIC 0 has the OVS port from OVSDB and the session.
-    let list = json(&run_ok(with(&["list", "--json"])));
-    assert_eq!(list["version"], 1);
-    let rows = list["nics"].as_array().expect("nics");
-    let row = rows.iter().find(|r| r["tap"] == TAP).expect("c-private NIC 0 listed");
-    assert_eq!(row["nova-name"], "c-private");
-    assert_eq!(row["domain"], "instance-00000003");
-    assert_eq!(row["plug"], "hybrid");
-    assert_eq!(row["port-id"], PORT_ID);
-    assert_eq!(row["ovs-port"]["interface"], QVO);
-    assert_eq!(row["ovs-port"]["bridge"], "br-int");
-    assert_eq!(row["ovs-port"]["found-by"], "iface-id");
-    assert_eq!(row["sessions"], serde_json::json!([id]));
-    let other = rows.iter().find(|r| r["tap"] == "tap8e3c1a52-07").expect("c-private NIC 1 listed");
-    assert_eq!((other["ovs-port"].clone(), other["sessions"].clone()), (Value::Null, serde_json::json!([])));
-    let table = run_ok(with(&["list"]));
-    let line = table.lines().find(|l| l.contains(TAP)).expect("table row");
-    assert!(line.contains("qvof7eae624-34@br-int") && line.trim_end().ends_with(&id.to_string()), "{line}");
-
-    // show: every hop of the hybrid plug, checked in the kernel and OVSDB.
-    let show = json(&run_ok(with(&["show", "c-private", "--nic", "0", "--json"])));
-    let hops: Vec<(String, String)> = show["nics"][0]["path"]
-        .as_array()
-        .expect("path")
-        .iter()
-        .map(|h| (h["name"].as_str().unwrap().to_owned(), h["state"].as_str().unwrap().to_owned()))
-        .collect();
-    let present = |name: &str| (name.to_owned(), "present".to_owned());
-    assert_eq!(hops, [present(TAP), present(QBR), present(QVB), present(QVO), present("br-int")], "{show}");
-    let text = run_ok(with(&["show", "fa:16:3e:11:22:33"]));
-    assert!(
-        text.contains("VM c-private (domain instance-00000003")
-            && text.contains("veth peer of qvbf7eae624-34"),
-        "{text}"
-    );
-
-    // The VM's NIC 1 has no tap here; its path says so.
-    let show = json(&run_ok(with(&["show", "c-private", "--nic", "1", "--json"])));
-    assert_eq!(show["nics"][0]["path"][0]["state"], "missing");
-
-    // status and detach take the VM too.
-    let status = json(&run_ok(with(&["status", "c-private", "--json"])));
-    assert_eq!(status["sessions"].as_array().unwrap().len(), 1);
-    let session = &status["sessions"][0];
-    assert_eq!((&session["vm"], &session["nic"]), (&serde_json::json!("c-private"), &serde_json::json!(0)));
-    let status = json(&run_ok(with(&["status", "c-web", "--json"])));
-    assert_eq!(status["sessions"], serde_json::json!([]));
-    let stderr = String::from_utf8_lossy(
-        &vmsniff::run(
+        // --connect after the command works as well as before it.
+        let out = vmsniff::ok(
             &ns,
-            &with(&["detach", "--vm", "c-private"]).iter().map(String::as_str).collect::<Vec<_>>(),
+            &[
+                "attach",
+                "c-private",
+                "--nic",
+                "0",
+                "--to-dev",
+                MIRROR_DEV,
+                "--connect",
+                &uri,
+                "--attach-mode",
+                mode,
+            ],
+        );
+        let id: u32 = out.trim().parse().expect("attach prints the session id");
+        assert_eq!(vmsniff::session(&ns, id)["tap"], TAP);
+
+        let (out, into) = frames::both_ways(12);
+        for frame in &out {
+            plug.vm.send(frame);
+        }
+        assert_frames_eq(
+            "frames c-private sent, at qvo",
+            &out,
+            &plug.network.capture(out.len(), Duration::from_secs(10), is_marked),
+        );
+        for frame in &into {
+            plug.network.send(frame);
+        }
+        assert_frames_eq(
+            "frames sent to c-private, at its tap",
+            &into,
+            &plug.vm.recv_marked(into.len(), Duration::from_secs(10)),
+        );
+        let expected: Vec<Vec<u8>> = out.iter().chain(&into).cloned().collect();
+        assert_frames_eq(
+            "copies of c-private's NIC 0",
+            &expected,
+            &plug.mirror.capture(24, Duration::from_secs(10), is_marked),
+        );
+
+        // list: the row of c-private's NIC 0 has the OVS port from OVSDB and the session.
+        let list = json(&run_ok(with(&["list", "--json"])));
+        assert_eq!(list["version"], 1);
+        let rows = list["nics"].as_array().expect("nics");
+        let row = rows.iter().find(|r| r["tap"] == TAP).expect("c-private NIC 0 listed");
+        assert_eq!(row["nova-name"], "c-private");
+        assert_eq!(row["domain"], "instance-00000003");
+        assert_eq!(row["plug"], "hybrid");
+        assert_eq!(row["port-id"], PORT_ID);
+        assert_eq!(row["ovs-port"]["interface"], QVO);
+        assert_eq!(row["ovs-port"]["bridge"], "br-int");
+        assert_eq!(row["ovs-port"]["found-by"], "iface-id");
+        assert_eq!(row["sessions"], serde_json::json!([id]));
+        let other = rows.iter().find(|r| r["tap"] == "tap8e3c1a52-07").expect("c-private NIC 1 listed");
+        assert_eq!(
+            (other["ovs-port"].clone(), other["sessions"].clone()),
+            (Value::Null, serde_json::json!([]))
+        );
+        let table = run_ok(with(&["list"]));
+        let line = table.lines().find(|l| l.contains(TAP)).expect("table row");
+        assert!(
+            line.contains("qvof7eae624-34@br-int") && line.trim_end().ends_with(&id.to_string()),
+            "{line}"
+        );
+
+        // show: every hop of the hybrid plug, checked in the kernel and OVSDB.
+        let show = json(&run_ok(with(&["show", "c-private", "--nic", "0", "--json"])));
+        let hops: Vec<(String, String)> = show["nics"][0]["path"]
+            .as_array()
+            .expect("path")
+            .iter()
+            .map(|h| (h["name"].as_str().unwrap().to_owned(), h["state"].as_str().unwrap().to_owned()))
+            .collect();
+        let present = |name: &str| (name.to_owned(), "present".to_owned());
+        assert_eq!(
+            hops,
+            [present(TAP), present(QBR), present(QVB), present(QVO), present("br-int")],
+            "{show}"
+        );
+        let text = run_ok(with(&["show", "fa:16:3e:11:22:33"]));
+        assert!(
+            text.contains("VM c-private (domain instance-00000003")
+                && text.contains("veth peer of qvbf7eae624-34"),
+            "{text}"
+        );
+
+        // The VM's NIC 1 has no tap here; its path says so.
+        let show = json(&run_ok(with(&["show", "c-private", "--nic", "1", "--json"])));
+        assert_eq!(show["nics"][0]["path"][0]["state"], "missing");
+
+        // status and detach take the VM too.
+        let status = json(&run_ok(with(&["status", "c-private", "--json"])));
+        assert_eq!(status["sessions"].as_array().unwrap().len(), 1);
+        let session = &status["sessions"][0];
+        assert_eq!(
+            (&session["vm"], &session["nic"]),
+            (&serde_json::json!("c-private"), &serde_json::json!(0))
+        );
+        let status = json(&run_ok(with(&["status", "c-web", "--json"])));
+        assert_eq!(status["sessions"], serde_json::json!([]));
+        let stderr = String::from_utf8_lossy(
+            &vmsniff::run(
+                &ns,
+                &with(&["detach", "--vm", "c-private"]).iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+            .stderr,
         )
-        .stderr,
-    )
-    .into_owned();
-    assert!(stderr.contains(&format!("session {id} detached")), "{stderr}");
-    assert!(!ns.pin_dir().exists(), "pins left after detaching by VM");
-    assert_eq!(ns.link_names(), ns_links);
-    for frame in &out[..3] {
-        plug.vm.send(frame);
+        .into_owned();
+        assert!(stderr.contains(&format!("session {id} detached")), "{stderr}");
+        assert!(!ns.pin_dir().exists(), "pins left after detaching by VM");
+        assert_eq!(ns.link_names(), ns_links);
+        for frame in &out[..3] {
+            plug.vm.send(frame);
+        }
+        assert!(plug.mirror.drain(Duration::from_millis(500), is_marked).is_empty(), "copies after detach");
     }
-    assert!(plug.mirror.drain(Duration::from_millis(500), is_marked).is_empty(), "copies after detach");
 }
 
 #[test]
 fn selector_errors_name_the_fix_and_change_nothing() {
-    if !privileged_on_host("selector_errors_name_the_fix_and_change_nothing") {
+    if !privileged_on_host(
+        "selector_errors_name_the_fix_and_change_nothing",
+        "resolving a VM through libvirt is user space, and refused before any kernel object is touched",
+    ) {
         return;
     }
     let uri = fixture_uri();
@@ -277,6 +314,7 @@ fn selector_errors_name_the_fix_and_change_nothing() {
 fn a_tap_name_works_without_libvirt_and_ovs_ports_fall_back_to_the_naming_convention() {
     if !privileged_on_host(
         "a_tap_name_works_without_libvirt_and_ovs_ports_fall_back_to_the_naming_convention",
+        "falling back to names is user space",
     ) {
         return;
     }
@@ -308,7 +346,10 @@ fn a_tap_name_works_without_libvirt_and_ovs_ports_fall_back_to_the_naming_conven
 
 #[test]
 fn capture_writes_a_pcap_of_both_directions_of_the_vms_tap() {
-    if !privileged("capture_writes_a_pcap_of_both_directions_of_the_vms_tap") {
+    if !privileged_on_host(
+        "capture_writes_a_pcap_of_both_directions_of_the_vms_tap",
+        "capture resolves the VM and runs tcpdump on its tap: no vmsniff program is loaded",
+    ) {
         return;
     }
     if std::process::Command::new("tcpdump").arg("--version").output().is_err() {

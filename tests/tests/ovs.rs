@@ -15,7 +15,7 @@ use vmsniff_tests::{
     ovs::{Ovs, kernel_datapath},
     ovsdb::OvsdbServer,
     packet::{PacketSocket, decap_gre, reassemble_ipv4},
-    privileged, skip,
+    privileged_on_every_kernel, privileged_on_host, skip,
     tap::Vm,
     topology::assert_frames_eq,
     vmsniff,
@@ -61,10 +61,7 @@ struct Node {
     ns: Netns,
 }
 
-fn node(test: &str, plug: Plug) -> Option<Node> {
-    if !privileged(test) {
-        return None;
-    }
+fn node(plug: Plug) -> Option<Node> {
     let ns = Netns::new("ovs");
     let ovs = Ovs::start(&ns)?;
     ovs.add_bridge("br-int");
@@ -226,13 +223,18 @@ impl Node {
         }
         copies
     }
+
+    /// Moves the VM from the hybrid plug to the native one: qvo leaves br-int, qvb/qvo and qbr
+    /// go (the tap with them leaves qbr), and the tap itself joins br-int.
+    fn replug_native(&mut self) {
+        self.ovs.vsctl(&["del-port", "br-int", QVO]);
+        self.ns.sh(&format!("ip link del {QVB}; ip link del {QBR}"));
+        self.ovs.vsctl(&["add-port", "br-int", TAP]);
+    }
 }
 
 /// Where frames through the kernel datapath can be tested.
-fn forwarding(test: &str) -> bool {
-    if !privileged(test) {
-        return false;
-    }
+fn forwarding() -> bool {
     if !kernel_datapath() {
         skip("no openvswitch kernel module here: OVS forwarding runs in `cargo xtask vm-test`");
         return false;
@@ -240,11 +242,8 @@ fn forwarding(test: &str) -> bool {
     true
 }
 
-fn mirror_frames_both_ways(test: &str, plug: Plug) {
-    if !forwarding(test) {
-        return;
-    }
-    let Some(mut node) = node(test, plug) else { return };
+/// One OVS session mirroring `plug`'s port both ways, then detached.
+fn mirror_frames_both_ways(node: &mut Node, plug: Plug) {
     node.wait_until_forwarding();
     let id = node.attach(&["--tap", TAP, "--mode", "ovs", "--to", COLLECTOR, "--key", "7"]);
     let (out, into) = frames::both_ways(24);
@@ -281,23 +280,27 @@ fn mirror_frames_both_ways(test: &str, plug: Plug) {
     assert!(node.copies(1, Duration::from_secs(3)).is_empty(), "copies after detach");
 }
 
+/// One Open vSwitch for every case: starting ovsdb-server and ovs-vswitchd and adding ports
+/// takes tens of seconds on an emulated CPU, and the cases differ only in the plug and the
+/// session's direction.
 #[test]
-fn frames_reach_the_collector_through_the_ovs_mirror_hybrid_plug() {
-    mirror_frames_both_ways("frames_reach_the_collector_through_the_ovs_mirror_hybrid_plug", Plug::Hybrid);
-}
-
-#[test]
-fn frames_reach_the_collector_through_the_ovs_mirror_native_plug() {
-    mirror_frames_both_ways("frames_reach_the_collector_through_the_ovs_mirror_native_plug", Plug::Native);
-}
-
-#[test]
-fn one_direction_selects_one_side_of_the_port() {
-    let test = "one_direction_selects_one_side_of_the_port";
-    if !forwarding(test) {
+fn frames_reach_the_collector_through_the_ovs_mirror_for_each_plug_and_direction() {
+    if !privileged_on_every_kernel(
+        "frames_reach_the_collector_through_the_ovs_mirror_for_each_plug_and_direction",
+        "the openvswitch module's datapath and its GRE vport carry the mirror's copies",
+    ) || !forwarding()
+    {
         return;
     }
-    let Some(mut node) = node(test, Plug::Native) else { return };
+    let Some(mut node) = node(Plug::Hybrid) else { return };
+    mirror_frames_both_ways(&mut node, Plug::Hybrid);
+    node.replug_native();
+    mirror_frames_both_ways(&mut node, Plug::Native);
+    one_direction_selects_one_side_of_the_port(&mut node);
+}
+
+/// `--direction out` on the native plug: only the frames the VM sent are copied.
+fn one_direction_selects_one_side_of_the_port(node: &mut Node) {
     node.wait_until_forwarding();
     let id = node.attach(&["--tap", TAP, "--mode", "ovs", "--to", COLLECTOR, "--direction", "out"]);
     let (out, into) = frames::both_ways(8);
@@ -312,12 +315,13 @@ fn one_direction_selects_one_side_of_the_port() {
 
 #[test]
 fn attach_and_detach_leave_other_mirrors_and_ports_alone() {
-    let test = "attach_and_detach_leave_other_mirrors_and_ports_alone";
-    // OVSDB rows and messages: the host runs it (userspace datapath); the guests need not.
-    if !vmsniff_tests::privileged_on_host(test) {
+    if !privileged_on_host(
+        "attach_and_detach_leave_other_mirrors_and_ports_alone",
+        "OVSDB rows and messages, which ovs-vswitchd on the userspace datapath applies as well",
+    ) {
         return;
     }
-    let Some(node) = node(test, Plug::Hybrid) else { return };
+    let Some(node) = node(Plug::Hybrid) else { return };
     // Someone's own mirror of the peer's port, with its own output, and an ordinary port.
     node.ns.sh("ip link add spo0 type veth peer name spo1; ip link set spo0 up; ip link add other0 type veth peer name other1; ip link set other0 up");
     node.ovs.vsctl(&["add-port", "br-int", "spo0", "--", "add-port", "br-int", "other0"]);
@@ -410,12 +414,13 @@ fn attach_and_detach_leave_other_mirrors_and_ports_alone() {
 
 #[test]
 fn a_cleared_mirror_leaves_a_port_that_detach_still_removes() {
-    let test = "a_cleared_mirror_leaves_a_port_that_detach_still_removes";
-    // OVSDB rows and messages: the host runs it (userspace datapath); the guests need not.
-    if !vmsniff_tests::privileged_on_host(test) {
+    if !privileged_on_host(
+        "a_cleared_mirror_leaves_a_port_that_detach_still_removes",
+        "OVSDB rows and messages, which ovs-vswitchd on the userspace datapath applies as well",
+    ) {
         return;
     }
-    let Some(node) = node(test, Plug::Native) else { return };
+    let Some(node) = node(Plug::Native) else { return };
     let before = node.rows();
     let id = node.attach(&["--tap", TAP, "--mode", "ovs", "--to", COLLECTOR]);
     // The classic cleanup, which takes every mirror of the bridge.
@@ -428,12 +433,13 @@ fn a_cleared_mirror_leaves_a_port_that_detach_still_removes() {
 
 #[test]
 fn ovs_mode_refuses_bad_input_and_changes_nothing() {
-    let test = "ovs_mode_refuses_bad_input_and_changes_nothing";
-    // OVSDB rows and messages: the host runs it (userspace datapath); the guests need not.
-    if !vmsniff_tests::privileged_on_host(test) {
+    if !privileged_on_host(
+        "ovs_mode_refuses_bad_input_and_changes_nothing",
+        "argument checks, messages and OVSDB rows",
+    ) {
         return;
     }
-    let Some(node) = node(test, Plug::Hybrid) else { return };
+    let Some(node) = node(Plug::Hybrid) else { return };
     node.ns.sh(&format!(
         "ip link add lb0 type bridge; ip link set lb0 up
          ip tuntap add taplb0 mode tap; ip link set taplb0 master lb0; ip link set taplb0 up
@@ -475,8 +481,10 @@ fn ovs_mode_refuses_bad_input_and_changes_nothing() {
 
 #[test]
 fn an_attach_that_ovs_vswitchd_never_applies_leaves_no_row() {
-    let test = "an_attach_that_ovs_vswitchd_never_applies_leaves_no_row";
-    if !vmsniff_tests::privileged_on_host(test) {
+    if !privileged_on_host(
+        "an_attach_that_ovs_vswitchd_never_applies_leaves_no_row",
+        "OVSDB rows, with no ovs-vswitchd at all",
+    ) {
         return;
     }
     let ns = Netns::new("ovsdb");

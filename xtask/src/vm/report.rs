@@ -22,6 +22,8 @@ pub enum Cell {
 pub struct CaseResult {
     pub cell: Cell,
     pub output: String,
+    /// How long the test's process ran, where it was recorded.
+    pub secs: Option<f64>,
 }
 
 /// All results of one target: the host or one boot of a guest kernel.
@@ -53,9 +55,10 @@ pub fn collect(
         let output = fs::read_to_string(results.join(format!("{i}.out"))).ok();
         let rc = fs::read_to_string(results.join(format!("{i}.rc"))).ok();
         let Some(output) = output else {
-            run.results.push(CaseResult { cell: Cell::NotRun, output: String::new() });
+            run.results.push(CaseResult { cell: Cell::NotRun, output: String::new(), secs: None });
             continue;
         };
+        let secs = fs::read_to_string(results.join(format!("{i}.time"))).ok().and_then(|t| duration(&t));
         for mode in output.lines().filter_map(|l| l.split_once(ATTACH_MODE)).map(|(_, m)| m.trim()) {
             if !run.attach_modes.iter().any(|m| m == mode) {
                 run.attach_modes.push(mode.to_owned());
@@ -81,9 +84,16 @@ pub fn collect(
             Some(Ok(code)) => Cell::Fail(format!("exit status {code}")),
             Some(Err(e)) => Cell::Fail(format!("unreadable status file: {e}")),
         };
-        run.results.push(CaseResult { cell, output });
+        run.results.push(CaseResult { cell, output, secs });
     }
     Ok(run)
+}
+
+/// Seconds between the two /proc/uptime readings of `START END`.
+fn duration(text: &str) -> Option<f64> {
+    let mut readings = text.split_whitespace().map(|r| r.parse::<f64>().ok());
+    let (start, end) = (readings.next()??, readings.next()??);
+    Some(end - start)
 }
 
 /// (passed, ignored) from libtest's `test result: ok. 1 passed; 0 failed; 0 ignored; ...`.
@@ -103,7 +113,13 @@ pub fn print(cases: &[TestCase], runs: &[TargetRun]) -> bool {
     for (i, case) in cases.iter().enumerate() {
         rows.push(
             std::iter::once(case.label.clone())
-                .chain(runs.iter().map(|r| cell_text(&r.results[i].cell).to_owned()))
+                .chain(runs.iter().map(|r| {
+                    let result = &r.results[i];
+                    match result.secs {
+                        Some(secs) => format!("{:<4} {secs:>6.1}", cell_text(&result.cell)),
+                        None => cell_text(&result.cell).to_owned(),
+                    }
+                }))
                 .collect(),
         );
     }
@@ -113,6 +129,13 @@ pub fn print(cases: &[TestCase], runs: &[TargetRun]) -> bool {
                 runs.iter().map(|r| {
                     if r.attach_modes.is_empty() { "-".to_owned() } else { r.attach_modes.join("+") }
                 }),
+            )
+            .collect(),
+    );
+    rows.push(
+        std::iter::once("in tests".to_owned())
+            .chain(
+                runs.iter().map(|r| format!("{:.1} s", r.results.iter().filter_map(|c| c.secs).sum::<f64>())),
             )
             .collect(),
     );
@@ -131,6 +154,7 @@ pub fn print(cases: &[TestCase], runs: &[TargetRun]) -> bool {
     for run in runs {
         println!("{}: {}", run.target, run.release);
     }
+    print_slowest(cases, runs);
 
     let mut ok = true;
     for run in runs {
@@ -157,6 +181,29 @@ pub fn print(cases: &[TestCase], runs: &[TargetRun]) -> bool {
         }
     }
     ok
+}
+
+/// How many tests the slowest list names.
+const SLOWEST: usize = 12;
+
+/// The slowest tests of all runs, where the suite's time goes.
+fn print_slowest(cases: &[TestCase], runs: &[TargetRun]) {
+    let mut timed: Vec<(f64, &str, &str, &'static str)> = runs
+        .iter()
+        .flat_map(|run| {
+            cases.iter().zip(&run.results).filter_map(|(case, result)| {
+                Some((result.secs?, case.label.as_str(), run.target.as_str(), cell_text(&result.cell)))
+            })
+        })
+        .collect();
+    if timed.is_empty() {
+        return;
+    }
+    timed.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!("\nslowest tests:");
+    for (secs, label, target, cell) in timed.iter().take(SLOWEST) {
+        println!("{secs:>8.1} s  {target:<5} {cell:<4}  {label}");
+    }
 }
 
 fn cell_text(cell: &Cell) -> &'static str {
