@@ -9,7 +9,7 @@ use vmsniff_tests::{
     daemon::{Daemon, session_state},
     frames::{self, is_marked},
     netns::Netns,
-    privileged, privileged_on_host, run,
+    privileged_on_every_kernel, privileged_on_host, run,
     topology::{Hypervisor, MIRROR_DEV, TAP, assert_frames_eq},
     vmsniff,
 };
@@ -87,7 +87,10 @@ fn active(status: &serde_json::Value, name: &str) -> bool {
 
 #[test]
 fn a_recreated_tap_is_mirrored_again_as_the_same_session() {
-    if !privileged("a_recreated_tap_is_mirrored_again_as_the_same_session") {
+    if !privileged_on_every_kernel(
+        "a_recreated_tap_is_mirrored_again_as_the_same_session",
+        "re-attaching after a tap is re-created goes through each kernel's clsact or TCX attach path",
+    ) {
         return;
     }
     for mode in vmsniff::attach_modes() {
@@ -134,8 +137,10 @@ fn a_recreated_tap_is_mirrored_again_as_the_same_session() {
 
 #[test]
 fn kill_9_then_start_adopts_the_mirror_without_a_gap_or_a_duplicate() {
-    // Adoption reads pins, which look the same on every kernel; both attach paths run here.
-    if !privileged_on_host("kill_9_then_start_adopts_the_mirror_without_a_gap_or_a_duplicate") {
+    if !privileged_on_host(
+        "kill_9_then_start_adopts_the_mirror_without_a_gap_or_a_duplicate",
+        "adoption reads pins, which look the same on every kernel; both attach paths run on the host",
+    ) {
         return;
     }
     for mode in vmsniff::attach_modes() {
@@ -175,7 +180,10 @@ fn kill_9_then_start(mode: &str) {
 
 #[test]
 fn reload_adds_updates_and_removes_sessions_and_refuses_a_bad_config() {
-    if !privileged_on_host("reload_adds_updates_and_removes_sessions_and_refuses_a_bad_config") {
+    if !privileged_on_host(
+        "reload_adds_updates_and_removes_sessions_and_refuses_a_bad_config",
+        "reload bookkeeping: config parsing and session planning, the same on every kernel",
+    ) {
         return;
     }
     let mut hv = Hypervisor::new();
@@ -242,7 +250,7 @@ fn reload_adds_updates_and_removes_sessions_and_refuses_a_bad_config() {
 
 #[test]
 fn a_bad_config_stops_the_start_with_its_line() {
-    if !privileged_on_host("a_bad_config_stops_the_start_with_its_line") {
+    if !privileged_on_host("a_bad_config_stops_the_start_with_its_line", "config checks and messages") {
         return;
     }
     let ns = Netns::new("dcfg");
@@ -263,7 +271,10 @@ fn a_bad_config_stops_the_start_with_its_line() {
 
 #[test]
 fn the_systemd_unit_verifies_and_install_uninstall_are_exact() {
-    if !privileged_on_host("the_systemd_unit_verifies_and_install_uninstall_are_exact") {
+    if !privileged_on_host(
+        "the_systemd_unit_verifies_and_install_uninstall_are_exact",
+        "files and systemd-analyze, no kernel involved",
+    ) {
         return;
     }
     let root = std::env::temp_dir().join(format!("vmsniff-install-{}", std::process::id()));
