@@ -24,6 +24,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libvirt-clients", "virsh, to check the libvirt test-driver fixtures by hand"),
     ("openvswitch-switch", "ovsdb-server and ovs-vsctl: tests run a real OVSDB for vmsniff to read"),
     ("libpcap-dev", "vmsniff compiles --filter expressions with libpcap"),
+    ("netsniff-ng", "trafgen: the benchmark's VM sends small frames at a set rate or as fast as it can"),
+    ("iperf3", "the benchmark's VM sends TCP bulk traffic"),
+    ("fonts-dejavu-core", "the benchmark's chart is drawn with DejaVu Sans"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
