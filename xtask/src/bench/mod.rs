@@ -162,7 +162,8 @@ const LIMITS: &str = "## What this machine can and cannot show\n\n\
 - The relay is a Rust AF_PACKET loop (2 MiB receive buffer, tcpdump's default), one `recv` and \
   one `send` per frame: the least a tcpdump-based relay does, so its cost here is a lower bound.\n\
 - CPU per frame counts all CPUs' system, IRQ and softirq time: other people's work on a shared \
-  machine adds to every row alike in expectation, but not per round.\n";
+  machine adds to every row alike in expectation, but not per round. The collector is on the same \
+  machine, so a mirror's row also pays for receiving and decapsulating its copies there.\n";
 
 /// Boots the guest kernel, runs the guest part there and reads its result from the console.
 fn guest_part(args: &BenchArgs) -> anyhow::Result<Part> {

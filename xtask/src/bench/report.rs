@@ -114,7 +114,7 @@ pub fn part(out: &mut String, title: &str, part: &Part, absolute: bool) -> std::
     writeln!(
         out,
         "{}; kernel {}; switch: {}; tunnel: {}; {} s per traffic run. (a) forwarded {:.0} small frames/s \
-         at most in the calibration run.\n",
+         at most in the calibration runs.\n",
         part.machine, part.kernel, part.switch, part.tunnel, part.secs, part.calibrated_pps
     )?;
     let Some(baseline) = part.configs.iter().find(|c| c.config == Config::None.key()) else {
