@@ -163,8 +163,11 @@ fn delivery(area: &Area, name: &str, part: &Part) -> DrawResult {
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 15))
         .draw()?;
-    for (config, points) in series {
-        let style = color(config).stroke_width(3);
+    for (i, (config, points)) in series.into_iter().enumerate() {
+        // Each line thinner than the one before, so that lines on top of each other (every
+        // copy delivered) all stay visible.
+        let width = 6u32.saturating_sub(2 * i as u32).max(2);
+        let style = color(config).stroke_width(width);
         chart
             .draw_series(LineSeries::new(points.clone(), style))?
             .label(config.label())

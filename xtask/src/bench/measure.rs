@@ -31,7 +31,7 @@ pub struct Part {
     pub tunnel: String,
     pub switch: String,
     pub secs: u64,
-    /// (a)'s highest rate in the calibration run before round 1, in frames/s.
+    /// (a)'s highest rate in the calibration runs before round 1, in frames/s.
     pub calibrated_pps: f64,
     pub loads: Vec<f64>,
     pub configs: Vec<ConfigSamples>,
@@ -75,8 +75,13 @@ pub fn run(plan: &Plan, switch: Switch, tunnel: Tunnel, vmsniff: &Path) -> anyho
     let trafgen = Trafgen::new()?;
     // Also warms up: the bridge or OVS learns both MACs, OVS installs its datapath flows.
     traffic::tcp_bulk(&scene, 1).context("the VM's first TCP run (is the scene forwarding?)")?;
-    let calibration = trafgen.run(&scene, None, plan.secs as f64).context("calibration run")?;
-    let calibrated_pps = calibration.delivered as f64 / calibration.secs;
+    // The better of two runs: the first also warms up (under TCG, code is translated on first
+    // use and runs much slower).
+    let mut calibrated_pps: f64 = 0.0;
+    for _ in 0..2 {
+        let run = trafgen.run(&scene, None, plan.secs as f64).context("calibration run")?;
+        calibrated_pps = calibrated_pps.max(run.delivered as f64 / run.secs);
+    }
     progress(&format!(
         "{tunnel}/{}: (a) forwards {:.0} frames/s at most; loads {:?} of that",
         switch_name(switch),

@@ -158,11 +158,14 @@ const LIMITS: &str = "## What this machine can and cannot show\n\n\
 - This kernel has no ip_gre and no openvswitch module: its part tunnels over VXLAN, and vmsniff \
   copies `--to-dev` into the VXLAN device, as tc mirred and the relay do. OVS, and GRE for every \
   configuration, run in Debian's 6.1 kernel under QEMU with TCG: an emulated CPU, tens of times \
-  slower than the host and unevenly so, hence ratios to (a) only.\n\
+  slower than the host and unevenly so, hence ratios to (a) only. Code runs slowly the first \
+  time TCG translates it, and the other engineers' QEMU guests share the host's CPUs: single \
+  rounds there can be far off (see min–max); the medians are what to read.\n\
 - The relay is a Rust AF_PACKET loop (2 MiB receive buffer, tcpdump's default), one `recv` and \
   one `send` per frame: the least a tcpdump-based relay does, so its cost here is a lower bound.\n\
 - CPU per frame counts all CPUs' system, IRQ and softirq time: other people's work on a shared \
-  machine adds to every row alike in expectation, but not per round.\n";
+  machine adds to every row alike in expectation, but not per round. The collector is on the same \
+  machine, so a mirror's row also pays for receiving and decapsulating its copies there.\n";
 
 /// Boots the guest kernel, runs the guest part there and reads its result from the console.
 fn guest_part(args: &BenchArgs) -> anyhow::Result<Part> {

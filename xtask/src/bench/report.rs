@@ -104,7 +104,8 @@ pub fn header(out: &mut String, command: &str, load: &str, rounds: usize) -> std
          copy's transmit into the tunnel.\n\
          - *Delivery*: copies the collector received / frames the VM sent, at offered loads that are \
          fractions of (a)'s highest frame rate, and at the VM's highest rate with the mirror in place \
-         (*unlimited*).\n"
+         (*unlimited*). The chart places each point at the rate the VM actually sent, which a \
+         mirror that takes CPU from the VM keeps below the rate asked for.\n"
     )
 }
 
@@ -114,7 +115,7 @@ pub fn part(out: &mut String, title: &str, part: &Part, absolute: bool) -> std::
     writeln!(
         out,
         "{}; kernel {}; switch: {}; tunnel: {}; {} s per traffic run. (a) forwarded {:.0} small frames/s \
-         at most in the calibration run.\n",
+         at most in the calibration runs.\n",
         part.machine, part.kernel, part.switch, part.tunnel, part.secs, part.calibrated_pps
     )?;
     let Some(baseline) = part.configs.iter().find(|c| c.config == Config::None.key()) else {
@@ -158,6 +159,14 @@ pub fn part(out: &mut String, title: &str, part: &Part, absolute: bool) -> std::
             let cpu = ratio(&c.rounds, |s| s.cpu_ns_per_frame).show(1.0, 2);
             writeln!(out, "| {label} | {} | {tcp} | {pps} | {cpu} |", c.how)?;
         }
+    }
+    if !part.configs.iter().any(|c| c.config == Config::Ovs.key()) {
+        writeln!(
+            out,
+            "\n{} is not measured here: it needs Open vSwitch's kernel datapath (the openvswitch \
+             module), which this kernel lacks.",
+            Config::Ovs.label()
+        )?;
     }
     writeln!(out)?;
     let loads: Vec<String> = part

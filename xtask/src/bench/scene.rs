@@ -68,7 +68,7 @@ pub struct Scene {
 
 impl Scene {
     pub fn build(switch: Switch, tunnel: Tunnel) -> anyhow::Result<Scene> {
-        let scene = Scene {
+        let mut scene = Scene {
             ovs: None,
             vm: Netns::new("vm"),
             hv: Netns::new("hv"),
@@ -113,14 +113,15 @@ impl Scene {
         let col_mac = scene.col.sh("cat /sys/class/net/eth0/address").trim().to_owned();
         scene.hv.sh(&format!("ip neigh add {COLLECTOR_IP} lladdr {col_mac} dev uplink0 nud permanent"));
         scene.tunnel_devices()?;
-        let mut scene = scene;
         match switch {
-            Switch::Bridge => scene.hv.sh(&format!(
-                "ip link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
-                 ip link set {TAP} master br0
-                 ip link set peer0 master br0
-                 ip link set br0 up"
-            )),
+            Switch::Bridge => {
+                scene.hv.sh(&format!(
+                    "ip link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+                     ip link set {TAP} master br0
+                     ip link set peer0 master br0
+                     ip link set br0 up"
+                ));
+            }
             Switch::Ovs => {
                 let ovs = Ovs::start(&scene.hv).context("Open vSwitch's tools are missing")?;
                 if ovs.datapath != "system" {
@@ -129,9 +130,8 @@ impl Scene {
                 ovs.add_bridge("br-int");
                 ovs.vsctl(&["add-port", "br-int", TAP, "--", "add-port", "br-int", "peer0"]);
                 scene.ovs = Some(ovs);
-                String::new()
             }
-        };
+        }
         Ok(scene)
     }
 
