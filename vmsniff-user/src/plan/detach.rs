@@ -2,7 +2,7 @@
 use std::collections::BTreeSet;
 
 use vmsniff_ebpf::{
-    Direction, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV, TcHook,
+    Direction, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV, TapSessions, TcHook,
 };
 
 use super::{Observed, request::AttachMode};
@@ -56,22 +56,7 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
             }
             continue;
         }
-        let tap_name = ifname(&tap.ifname);
-        let mode = AttachMode::from_abi(tap.attach_mode).unwrap_or(AttachMode::Netlink);
-        for hook in TcHook::ALL {
-            steps.push(DetachStep::DetachProgram {
-                tap_ifindex,
-                tap_name: tap_name.clone(),
-                hook,
-                mode,
-                nl_priority: tap.nl_priority[hook.index()],
-                nl_handle: tap.nl_handle[hook.index()],
-            });
-        }
-        if mode == AttachMode::Netlink && tap.flags & TAP_CREATED_CLSACT != 0 {
-            steps.push(DetachStep::RemoveClsactIfUnused { tap_ifindex, tap_name });
-        }
-        steps.push(DetachStep::ForgetTap { tap_ifindex });
+        steps.extend(release_tap(tap_ifindex, tap));
     }
 
     for &id in &ids {
@@ -116,6 +101,29 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
     if sessions_left == 0 && taps_left == 0 {
         steps.push(DetachStep::RemovePins);
     }
+    steps
+}
+
+/// Steps that take a tap with no session left out of vmsniff's hands: its programs, the
+/// clsact qdisc vmsniff added, its entry.
+pub fn release_tap(tap_ifindex: u32, tap: &TapSessions) -> Vec<DetachStep> {
+    let tap_name = ifname(&tap.ifname);
+    let mode = AttachMode::from_abi(tap.attach_mode).unwrap_or(AttachMode::Netlink);
+    let mut steps: Vec<DetachStep> = TcHook::ALL
+        .into_iter()
+        .map(|hook| DetachStep::DetachProgram {
+            tap_ifindex,
+            tap_name: tap_name.clone(),
+            hook,
+            mode,
+            nl_priority: tap.nl_priority[hook.index()],
+            nl_handle: tap.nl_handle[hook.index()],
+        })
+        .collect();
+    if mode == AttachMode::Netlink && tap.flags & TAP_CREATED_CLSACT != 0 {
+        steps.push(DetachStep::RemoveClsactIfUnused { tap_ifindex, tap_name });
+    }
+    steps.push(DetachStep::ForgetTap { tap_ifindex });
     steps
 }
 

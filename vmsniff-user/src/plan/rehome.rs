@@ -1,12 +1,12 @@
 //! Planning a re-home: a session moves to its VM's new tap. A hard reboot or a migration back
 //! deletes the tap and creates it again under the same name and a new ifindex; the session
 //! keeps its id, devices, controls and counters, so the collector sees one session go on.
-use vmsniff_ebpf::{TAP_CREATED_CLSACT, TcHook};
+use vmsniff_ebpf::TcHook;
 
 use super::{
     Observed,
     attach::{AttachPlanError, AttachStep, choose_mode},
-    detach::{DetachStep, ifname},
+    detach::{DetachStep, release_tap},
     request::{AttachMode, AttachModeChoice, Tap},
 };
 
@@ -36,22 +36,7 @@ pub fn plan_rehome(
         if entry.session_count() > 1 {
             release.push(DetachStep::RemoveFromTap { tap_ifindex, ids: vec![id] });
         } else {
-            let tap_name = ifname(&entry.ifname);
-            let old_mode = AttachMode::from_abi(entry.attach_mode).unwrap_or(AttachMode::Netlink);
-            for hook in TcHook::ALL {
-                release.push(DetachStep::DetachProgram {
-                    tap_ifindex,
-                    tap_name: tap_name.clone(),
-                    hook,
-                    mode: old_mode,
-                    nl_priority: entry.nl_priority[hook.index()],
-                    nl_handle: entry.nl_handle[hook.index()],
-                });
-            }
-            if old_mode == AttachMode::Netlink && entry.flags & TAP_CREATED_CLSACT != 0 {
-                release.push(DetachStep::RemoveClsactIfUnused { tap_ifindex, tap_name });
-            }
-            release.push(DetachStep::ForgetTap { tap_ifindex });
+            release = release_tap(tap_ifindex, entry);
         }
     }
     let existing = observed.taps.get(&tap.ifindex);
@@ -76,7 +61,9 @@ pub fn plan_rehome(
 
 #[cfg(test)]
 mod tests {
-    use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, SESSION_ACTIVE, SessionConfig, TapSessions};
+    use vmsniff_ebpf::{
+        ATTACH_NETLINK, ATTACH_TCX, SESSION_ACTIVE, SessionConfig, TAP_CREATED_CLSACT, TapSessions,
+    };
 
     use super::*;
 
