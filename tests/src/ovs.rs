@@ -26,11 +26,33 @@ pub fn kernel_datapath() -> bool {
     Path::new("/sys/module/openvswitch").exists()
 }
 
+/// Open vSwitch 3.1 (Debian 12) caches the CPU count behind a 10-second refresh that starts at
+/// CLOCK_MONOTONIC 0 (`count_cpu_cores` in lib/ovs-thread.c): an ovs-vswitchd started in the
+/// first 10 s after boot sizes the per-CPU upcall dispatch (kernels from 5.14) for 0 CPUs, starts
+/// no handler threads ("Overriding n-handler-threads to 0"), and never forwards until something
+/// reconfigures it later. A guest of the VM harness starts its first test a few seconds after
+/// boot, so wait until that window has passed.
+fn wait_for_cpu_count() {
+    const REFRESH: Duration = Duration::from_millis(10_500);
+    let since_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(Duration::from)
+        .expect("CLOCK_MONOTONIC");
+    if let Some(left) = REFRESH.checked_sub(since_boot) {
+        eprintln!(
+            "waiting {left:.1?} before starting ovs-vswitchd: OVS 3.1 counts 0 CPUs in the first 10 s after boot"
+        );
+        std::thread::sleep(left);
+    }
+}
+
 impl Ovs {
     /// Starts both in `ns`; `None` (with the reason printed) without OVS's tools.
     pub fn start(ns: &Netns) -> Option<Ovs> {
         let server = OvsdbServer::start()?;
         let dir = &server.dir;
+        if kernel_datapath() {
+            wait_for_cpu_count();
+        }
         let vswitchd = Command::new("ip")
             .args(["netns", "exec", &ns.name, "ovs-vswitchd"])
             .arg(format!("unix:{}", server.socket.display()))
