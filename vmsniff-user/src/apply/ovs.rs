@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use crate::{
     ovsdb::{
-        Client, OvsdbError,
+        Client, Operation, OvsdbError,
         mirror::{Snapshot, cur_cfg},
         vswitch::DATABASE,
     },
@@ -74,6 +74,13 @@ pub fn apply_attach(client: &mut Client, plan: &OvsAttachPlan) -> Result<(), Ovs
         });
     }
     Ok(())
+}
+
+/// Sends a reselect plan (`plan::ovs::plan_ovs_reselect`); returns once ovs-vswitchd mirrors
+/// the port again.
+pub fn apply_reselect(client: &mut Client, operations: &[Operation]) -> Result<(), OvsApplyError> {
+    let results = client.transact(DATABASE, operations)?;
+    wait_applied(client, next_cfg(&results), "The Mirror selects the port in OVSDB; it mirrors once it runs.")
 }
 
 /// Removes sessions `ids` (those that exist) in one transaction; with `wait`, returns once

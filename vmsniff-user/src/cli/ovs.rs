@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use super::{attach::AttachArgs, sessions::SessionArgs};
+use super::{attach::AttachArgs, sessions::SessionArgs, target::MirrorArgs};
 use crate::{
     apply::ovs::{apply_attach, remove},
     observe::ovs::{OvsSessionStatus, session_status},
@@ -15,7 +15,7 @@ use crate::{
         socket_path,
         vswitch::DATABASE,
     },
-    plan::ovs::{OvsAttachRequest, plan_ovs_attach},
+    plan::ovs::{OvsAttachPlan, OvsAttachRequest, plan_ovs_attach},
     resolve::{
         ovs::{check_route, vm_port},
         select::NicChoice,
@@ -37,7 +37,7 @@ pub enum Mode {
 }
 
 /// Opens OVSDB for a command that needs it.
-fn connect(sources: &Sources) -> Result<Client, OvsdbError> {
+pub fn connect(sources: &Sources) -> Result<Client, OvsdbError> {
     Client::connect(&socket_path(sources.ovsdb.as_deref())?)
 }
 
@@ -67,7 +67,7 @@ pub fn reserved_ids(sources: &Sources) -> BTreeSet<u32> {
 }
 
 /// Refuses what only eBPF mode can do, naming each option.
-fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
+pub fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
     let controls = &args.controls;
     let given: Vec<&str> = [
         (controls.filter.is_some(), "--filter"),
@@ -92,6 +92,9 @@ fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
             if given.len() == 1 { "it" } else { "them" }
         );
     }
+    if args.mirror.to.is_none() {
+        bail!("--mode ovs sends copies to a GRE collector: give --to IP");
+    }
     Ok(())
 }
 
@@ -99,21 +102,51 @@ fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
 pub async fn attach(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     refuse_ebpf_options(&args)?;
     let mirror = &args.mirror;
-    let Some(to) = mirror.to else { bail!("--mode ovs sends copies to a GRE collector: give --to IP") };
     let namespace = if args.dry_run { Namespace::open_for_reading()? } else { Namespace::open()? };
-    let netlink = &namespace.kernel.netlink;
-    let resolved = mirror.resolve(sources, netlink).await?;
+    let resolved = mirror.resolve(sources, &namespace.kernel.netlink).await?;
     let mut client = connect(sources)?;
     // Session ids are shared with eBPF mode: hold the same lock while choosing one.
     let _lock = if args.dry_run { None } else { Some(namespace.lock()?) };
     if !args.dry_run {
         namespace.clean_orphans().await?;
     }
-    let snapshot = Snapshot::read(&mut client)?;
-    let port = vm_port(netlink, &resolved, &snapshot).await?;
+    let planned = plan_attach(&namespace, &mut client, mirror, &resolved, None).await?;
+    let plan = &planned.plan;
+    if args.dry_run {
+        println!("{}", transaction_text(&plan.operations));
+        println!("\n# The same change with ovs-vsctl:\n{}", plan.vsctl);
+        log::info!("dry run: session {} would mirror {}; nothing was changed", plan.id, planned.what);
+        return Ok(());
+    }
+    apply_attach(&mut client, plan)?;
+    log::info!("session {}: mirroring {}", plan.id, planned.what);
+    println!("{}", plan.id);
+    Ok(())
+}
+
+/// An OVS session planned for a resolved NIC, and the words that say what it mirrors.
+pub struct PlannedOvsAttach {
+    pub plan: OvsAttachPlan,
+    pub what: String,
+}
+
+/// Plans an OVS session on `resolved`'s OVS port: finds the port, checks the collector's route
+/// and takes an id free on both sides. The caller holds vmsniff's lock (ids are shared with
+/// eBPF mode); `daemon` names the daemon's config session that keeps it.
+pub async fn plan_attach(
+    namespace: &Namespace,
+    client: &mut Client,
+    mirror: &MirrorArgs,
+    resolved: &Resolved,
+    daemon: Option<String>,
+) -> anyhow::Result<PlannedOvsAttach> {
+    let Some(to) = mirror.to else { bail!("--mode ovs sends copies to a GRE collector: give --to IP") };
+    let netlink = &namespace.kernel.netlink;
+    let snapshot = Snapshot::read(client)?;
+    let port = vm_port(netlink, resolved, &snapshot).await?;
     check_route(netlink, to, &port, &snapshot).await?;
     let taken: BTreeSet<u32> = namespace.observe()?.sessions.keys().copied().collect();
-    let (vm, nic) = match &resolved {
+    let (vm, nic) = match resolved {
         Resolved::Nic { vm, nic, .. } => (Some(vm.display_name().to_owned()), Some(nic.index)),
         Resolved::Interface { .. } => (None, None),
     };
@@ -128,6 +161,7 @@ pub async fn attach(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
         tap: resolved.tap().name.clone(),
         vm,
         nic,
+        daemon,
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -138,23 +172,14 @@ pub async fn attach(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
         "{} ({}) of {} at OVS port {} on {} to {to} (GRE port {}, key {}; mirror {})",
         mirror.direction.as_str(),
         super::attach::direction_words(mirror.direction),
-        super::attach::describe(&resolved),
+        super::attach::describe(resolved),
         port.port,
         port.bridge,
         plan.gre_port,
         plan.key,
         plan.mirror
     );
-    if args.dry_run {
-        println!("{}", transaction_text(&plan.operations));
-        println!("\n# The same change with ovs-vsctl:\n{}", plan.vsctl);
-        log::info!("dry run: session {} would mirror {what}; nothing was changed", plan.id);
-        return Ok(());
-    }
-    apply_attach(&mut client, &plan)?;
-    log::info!("session {}: mirroring {what}", plan.id);
-    println!("{}", plan.id);
-    Ok(())
+    Ok(PlannedOvsAttach { plan, what })
 }
 
 /// The JSON-RPC request, one operation a line: valid JSON, and readable.

@@ -39,6 +39,11 @@ impl SessionSpec {
             .args
     }
 
+    /// Whether it is an OVS mirror (`mode = "ovs"`) rather than eBPF programs on the tap.
+    pub fn is_ovs(&self) -> bool {
+        self.args().mode == Mode::Ovs
+    }
+
     /// The keys whose values differ from `other`'s.
     pub fn changed_keys(&self, other: &SessionSpec) -> Vec<String> {
         let (a, b) = (pairs(&self.argv), pairs(&other.argv));
@@ -223,16 +228,27 @@ fn check_session(args: &AttachArgs) -> Result<(), (&'static str, String)> {
         ));
     }
     if args.mode == Mode::Ovs {
-        return Err((
-            "mode",
-            "the daemon keeps eBPF sessions; an OVS mirror persists in OVSDB by itself: make it once \
-             with `vmsniff attach --mode ovs`, or drop `mode` here"
-                .into(),
-        ));
+        return crate::cli::ovs::refuse_ebpf_options(args)
+            .map_err(|e| ("mode", flags_as_keys(&format!("{e:#}").replace("--mode ovs", "mode = \"ovs\""))));
     }
     args.controls.controls().map_err(|e| ("filter", crate::apply::executor::chain(&e)))?;
     args.mirror.encap().map_err(|e| ("encap", crate::apply::executor::chain(&e)))?;
     Ok(())
+}
+
+/// A command-line message in the config's words: `--filter,` becomes `` `filter`, ``.
+fn flags_as_keys(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| match word.strip_prefix("--") {
+            Some(flag) => {
+                let end = flag.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).unwrap_or(flag.len());
+                format!("`{}`{}", &flag[..end], &flag[end..])
+            }
+            None => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A session name: the session's identity across reloads, and a log word.
@@ -387,6 +403,16 @@ to-dev = "mir0"
     }
 
     #[test]
+    fn ovs_sessions_take_the_keys_ovs_mode_has() {
+        let config = parse_ok(
+            "[session.ovs]\nvm = \"c-private\"\nmode = \"ovs\"\nto = \"192.0.2.2\"\nkey = 9\ndirection = \"in\"\n",
+        );
+        assert!(config.sessions["ovs"].is_ovs());
+        assert_eq!(config.sessions["ovs"].args().mirror.key, Some(9));
+        assert!(!parse_ok("[session.e]\nvm = \"x\"\nto = \"192.0.2.2\"\n").sessions["e"].is_ovs());
+    }
+
+    #[test]
     fn an_empty_config_has_no_sessions() {
         let config = parse_ok("");
         assert!(config.sessions.is_empty());
@@ -418,8 +444,14 @@ to-dev = "mir0"
         let e = parse_err("[session.a]\nto = \"192.0.2.2\"\n");
         assert!(e.message.contains("`vm`"), "{e}");
 
-        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nmode = \"ovs\"\n");
-        assert_eq!(e.line, 4);
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nmode = \"ovs\"\nsnaplen = 96\n");
+        assert_eq!(e.line, 4, "{e}");
+        assert!(
+            e.message.contains("`snaplen` is eBPF mode's") && e.message.contains("mode = \"ovs\""),
+            "{e}"
+        );
+        let e = parse_err("[session.a]\nvm = \"x\"\nmode = \"ovs\"\nto-dev = \"mir0\"\n");
+        assert!(e.message.contains("`to-dev`"), "{e}");
 
         let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\ndry-run = true\n");
         assert!(e.message.contains("unknown key \"dry-run\""), "{e}");

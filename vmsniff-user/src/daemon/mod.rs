@@ -28,17 +28,32 @@ use self::{
     state::{DaemonSession, DaemonState, STATE_VERSION},
 };
 use crate::{
-    apply::executor::{apply_rehome, apply_update, chain},
-    cli::attach::{attach_resolved, describe},
+    apply::{
+        executor::{apply_rehome, apply_update, chain},
+        ovs::{apply_attach as apply_ovs_attach, apply_reselect as apply_ovs_reselect},
+    },
+    cli::{
+        self,
+        attach::{attach_resolved, describe},
+    },
     netns,
+    ovsdb::{
+        self,
+        mirror::{OvsSession, Snapshot},
+    },
     plan::{
-        reconcile::{Action, Placement, daemon_sessions, plan_reconcile},
+        ovs::{OvsReselectRequest, plan_ovs_reselect},
+        reconcile::{
+            Action, OvsAction, OvsPort, Placement, daemon_ovs_sessions, daemon_sessions, plan_ovs_reconcile,
+            plan_reconcile,
+        },
         rehome::plan_rehome,
         request::{Owner, Tap},
         update::{ControlChange, plan_update},
     },
     resolve::{
         interface::InterfaceError,
+        ovs::vm_port,
         select::SelectError,
         vm::{ResolveError, Resolved, Sources},
     },
@@ -205,21 +220,23 @@ impl Daemon {
         self.reconcile().await;
     }
 
-    /// Brings the kernel in line with the config; records every session's state.
+    /// Brings the kernel and OVSDB in line with the config; records every session's state.
     async fn reconcile(&mut self) {
-        let mut placements = BTreeMap::new();
+        let (ovs_specs, ebpf_specs): (BTreeMap<String, SessionSpec>, BTreeMap<String, SessionSpec>) =
+            self.config.sessions.clone().into_iter().partition(|(_, spec)| spec.is_ovs());
         let mut resolved_taps = BTreeMap::new();
+        let mut placements: BTreeMap<String, Placement<Tap>> = BTreeMap::new();
         for (name, spec) in &self.config.sessions {
-            let args = spec.args();
-            let placement = match args.mirror.resolve(&self.sources, &self.namespace.kernel.netlink).await {
-                Ok(resolved) => {
-                    let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
-                    resolved_taps.insert(name.clone(), resolved);
-                    Placement::Tap(tap)
-                }
-                Err(e) if waits(&e) => Placement::Waiting(chain(&e)),
-                Err(e) => Placement::Error(chain(&e)),
-            };
+            let placement =
+                match spec.args().mirror.resolve(&self.sources, &self.namespace.kernel.netlink).await {
+                    Ok(resolved) => {
+                        let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
+                        resolved_taps.insert(name.clone(), resolved);
+                        Placement::Here(tap)
+                    }
+                    Err(e) if waits(&e) => Placement::Waiting(chain(&e)),
+                    Err(e) => Placement::Error(chain(&e)),
+                };
             placements.insert(name.clone(), placement);
         }
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
@@ -230,7 +247,10 @@ impl Daemon {
                 return;
             }
         };
-        for action in plan_reconcile(&self.config.sessions, &placements, &self.records, &observed) {
+        let ebpf_placements = placements.iter().filter(|(n, _)| ebpf_specs.contains_key(*n));
+        let ebpf_placements: BTreeMap<String, Placement<Tap>> =
+            ebpf_placements.map(|(n, p)| (n.clone(), p.clone())).collect();
+        for action in plan_reconcile(&ebpf_specs, &ebpf_placements, &self.records, &observed) {
             let name = match &action {
                 Action::Attach { name, .. } | Action::Rehome { name, .. } | Action::Update { name, .. } => {
                     Some(name.clone())
@@ -247,7 +267,145 @@ impl Daemon {
                 }
             }
         }
-        self.record_states(&placements, failures);
+        let ovs_sessions =
+            self.reconcile_ovs(&ovs_specs, &mut placements, &resolved_taps, &mut failures).await;
+        let observed = self.namespace.observe().unwrap_or_default();
+        self.record_states(&placements, &observed, &ovs_sessions, failures);
+    }
+
+    /// The OVS half of a pass: each OVS session's VM port in OVSDB, then the plan. Returns the
+    /// OVS sessions as they are afterwards. Without OVSDB, OVS sessions fail with the reason
+    /// (and the daemon's OVS sessions, if any, stay as they are).
+    async fn reconcile_ovs(
+        &mut self,
+        specs: &BTreeMap<String, SessionSpec>,
+        placements: &mut BTreeMap<String, Placement<Tap>>,
+        resolved: &BTreeMap<String, Resolved>,
+        failures: &mut BTreeMap<String, String>,
+    ) -> BTreeMap<u32, OvsSession> {
+        let mut client = match cli::ovs::connect(&self.sources) {
+            Ok(client) => client,
+            Err(e) if specs.is_empty() => {
+                log::debug!("no OVSDB, so no OVS sessions of the daemon to look after: {e}");
+                return BTreeMap::new();
+            }
+            Err(e) => {
+                let reason = format!(
+                    "{}; is Open vSwitch running (`systemctl status openvswitch-switch`)?",
+                    chain(&e)
+                );
+                for name in specs.keys() {
+                    failures.insert(name.clone(), reason.clone());
+                }
+                return BTreeMap::new();
+            }
+        };
+        let snapshot = match Snapshot::read(&mut client) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                for name in specs.keys() {
+                    failures.insert(name.clone(), format!("reading OVSDB: {}", chain(&e)));
+                }
+                return BTreeMap::new();
+            }
+        };
+        let mut ports: BTreeMap<String, Placement<OvsPort>> = BTreeMap::new();
+        for name in specs.keys() {
+            let port = match (&placements[name], resolved.get(name)) {
+                (Placement::Here(tap), Some(resolved)) => {
+                    match vm_port(&self.namespace.kernel.netlink, resolved, &snapshot).await {
+                        Ok(port) => Placement::Here(OvsPort {
+                            bridge: port.bridge,
+                            port: port.port,
+                            tap: tap.name.clone(),
+                        }),
+                        // The tap is there before its OVS port is (Nova plugs, libvirt adds the
+                        // tap to its bridge): wait, saying what is missing.
+                        Err(e) => Placement::Waiting(chain(&e)),
+                    }
+                }
+                (Placement::Waiting(why), _) => Placement::Waiting(why.clone()),
+                (Placement::Error(why), _) => Placement::Error(why.clone()),
+                (Placement::Here(_), None) => continue,
+            };
+            if let Placement::Waiting(why) = &port {
+                placements.insert(name.clone(), Placement::Waiting(why.clone()));
+            }
+            ports.insert(name.clone(), port);
+        }
+        for action in plan_ovs_reconcile(specs, &ports, &self.records, &snapshot.sessions()) {
+            let name = match &action {
+                OvsAction::Attach { name, .. } | OvsAction::Reselect { name, .. } => Some(name.clone()),
+                OvsAction::Detach { name, .. } => name.clone(),
+            };
+            if let Err(e) = self.apply_ovs(&mut client, &action, resolved).await {
+                let reason = chain(e.as_ref());
+                match name {
+                    Some(name) => {
+                        failures.insert(name, reason);
+                    }
+                    None => log::error!("daemon: {action:?} failed: {reason}"),
+                }
+            }
+        }
+        Snapshot::read(&mut client).map(|s| s.sessions()).unwrap_or_default()
+    }
+
+    async fn apply_ovs(
+        &mut self,
+        client: &mut ovsdb::Client,
+        action: &OvsAction,
+        resolved: &BTreeMap<String, Resolved>,
+    ) -> anyhow::Result<()> {
+        match action {
+            OvsAction::Attach { name, .. } => {
+                let spec = self.config.sessions[name].clone();
+                let args = spec.args();
+                let _lock = self.namespace.lock()?;
+                let planned = cli::ovs::plan_attach(
+                    &self.namespace,
+                    client,
+                    &args.mirror,
+                    &resolved[name],
+                    Some(name.clone()),
+                )
+                .await?;
+                apply_ovs_attach(client, &planned.plan)?;
+                log::info!("session {name}: attached as OVS session {}: {}", planned.plan.id, planned.what);
+                self.records.insert(name.clone(), spec);
+            }
+            OvsAction::Reselect { name, id, port } => {
+                let args = self.config.sessions[name].args();
+                let snapshot = Snapshot::read(client)?;
+                let sessions = snapshot.sessions();
+                let session = sessions.get(id).with_context(|| format!("OVS session {id} is gone"))?;
+                let request = OvsReselectRequest {
+                    vm_port: port.port.clone(),
+                    directions: args.mirror.direction,
+                    tap: port.tap.clone(),
+                };
+                apply_ovs_reselect(client, &plan_ovs_reselect(session, &request, &snapshot)?)?;
+                log::info!(
+                    "session {name}: OVS session {id} mirrors {} again, port {} on {}; its GRE port and key stay",
+                    describe(&resolved[name]),
+                    port.port,
+                    port.bridge
+                );
+            }
+            OvsAction::Detach { name, id } => {
+                cli::ovs::detach(client, &BTreeSet::from([*id]))?;
+                match name {
+                    Some(name) => {
+                        log::info!("session {name}: detached OVS session {id} (its config changed)")
+                    }
+                    None => log::info!("daemon: detached OVS session {id}: its config session is gone"),
+                }
+                if let Some(name) = name {
+                    self.records.remove(name);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn clean_and_observe(&self) -> anyhow::Result<crate::plan::Observed> {
@@ -329,29 +487,31 @@ impl Daemon {
     fn record_states(
         &mut self,
         placements: &BTreeMap<String, Placement>,
+        observed: &crate::plan::Observed,
+        ovs_sessions: &BTreeMap<u32, OvsSession>,
         failures: BTreeMap<String, String>,
     ) {
-        let observed = self.namespace.observe().unwrap_or_default();
-        let owned = daemon_sessions(self.config.sessions.keys(), &observed);
+        let owned = daemon_sessions(self.config.sessions.keys(), observed);
+        let owned_ovs = daemon_ovs_sessions(self.config.sessions.keys(), ovs_sessions);
         let mut sessions = BTreeMap::new();
         for (name, spec) in &self.config.sessions {
-            let id = owned.get(&Some(name.clone())).and_then(|ids| ids.first().copied());
+            let owner = if spec.is_ovs() { &owned_ovs } else { &owned };
+            let id = owner.get(&Some(name.clone())).and_then(|ids| ids.first().copied());
             let args = spec.args();
             let (state, reason) = match (failures.get(name), &placements[name]) {
                 (Some(reason), _) => ("error", Some(reason.clone())),
-                (None, Placement::Tap(_)) if id.is_some() => ("active", None),
-                (None, Placement::Tap(_)) => {
-                    ("error", Some("attached, but its kernel session is gone".into()))
-                }
+                (None, Placement::Here(_)) if id.is_some() => ("active", None),
+                (None, Placement::Here(_)) => ("error", Some("attached, but its session is gone".into())),
                 (None, Placement::Waiting(reason)) => ("waiting-for-vm", Some(reason.clone())),
                 (None, Placement::Error(reason)) => ("error", Some(reason.clone())),
             };
             let tap = match &placements[name] {
-                Placement::Tap(tap) => Some(tap.name.clone()),
+                Placement::Here(tap) => Some(tap.name.clone()),
                 _ => args.mirror.tap.clone(),
             };
             let entry = DaemonSession {
                 state: state.to_owned(),
+                mode: if spec.is_ovs() { "ovs" } else { "ebpf" }.to_owned(),
                 reason,
                 session: id,
                 vm: args.mirror.vm.clone(),
@@ -381,6 +541,23 @@ impl Daemon {
         }
     }
 
+    /// Removes the daemon's OVS sessions; how many there were.
+    fn stop_ovs(&self) -> anyhow::Result<usize> {
+        let mut client = match cli::ovs::connect(&self.sources) {
+            Ok(client) => client,
+            Err(e) if !self.config.sessions.values().any(SessionSpec::is_ovs) => {
+                log::debug!("no OVSDB, so no OVS sessions to remove: {e}");
+                return Ok(0);
+            }
+            Err(e) => return Err(e).context("removing the daemon's OVS sessions"),
+        };
+        let sessions = Snapshot::read(&mut client)?.sessions();
+        let ids: BTreeSet<u32> =
+            daemon_ovs_sessions(self.config.sessions.keys(), &sessions).into_values().flatten().collect();
+        cli::ovs::detach(&mut client, &ids).context("removing the daemon's OVS sessions")?;
+        Ok(ids.len())
+    }
+
     /// SIGTERM or SIGINT: detach what the daemon owns, unless the config keeps mirrors on stop
     /// or systemd is restarting the service (the next start adopts them with no gap).
     async fn stop(self) -> anyhow::Result<()> {
@@ -395,13 +572,14 @@ impl Daemon {
             log::info!("daemon: stopping; the mirrors stay ({why}) for the next start to adopt");
             return Ok(());
         }
+        let ovs = self.stop_ovs()?;
         let _lock = self.namespace.lock()?;
         let observed = self.namespace.observe()?;
         let ids: BTreeSet<u32> =
             daemon_sessions(self.config.sessions.keys(), &observed).into_values().flatten().collect();
         self.namespace.detach(&ids).await.context("detaching the daemon's sessions")?;
         DaemonState::remove(&self.options.run_dir)?;
-        log::info!("daemon: stopped; detached its {} session(s)", ids.len());
+        log::info!("daemon: stopped; detached its {} session(s)", ids.len() + ovs);
         Ok(())
     }
 }

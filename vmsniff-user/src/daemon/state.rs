@@ -38,11 +38,18 @@ pub struct DaemonState {
     pub sessions: BTreeMap<String, DaemonSession>,
 }
 
+fn ebpf() -> String {
+    "ebpf".into()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DaemonSession {
     /// `active`, `waiting-for-vm` or `error`.
     pub state: String,
+    /// `ebpf` or `ovs`.
+    #[serde(default = "ebpf")]
+    pub mode: String,
     /// Why it waits or fails.
     pub reason: Option<String>,
     /// Its kernel session, when it has one (a waiting session keeps it, with its counters).
@@ -95,13 +102,14 @@ impl DaemonState {
         }
         let width = self.sessions.keys().map(String::len).max().unwrap_or(0).max(4);
         out.push_str(&format!(
-            "  {:<width$} {:<14} {:>7}  {:<15} REASON\n",
-            "NAME", "STATE", "SESSION", "VM/TAP"
+            "  {:<width$} {:<4} {:<14} {:>7}  {:<15} REASON\n",
+            "NAME", "MODE", "STATE", "SESSION", "VM/TAP"
         ));
         for (name, s) in &self.sessions {
             out.push_str(&format!(
-                "  {:<width$} {:<14} {:>7}  {:<15} {}\n",
+                "  {:<width$} {:<4} {:<14} {:>7}  {:<15} {}\n",
                 name,
+                s.mode,
                 s.state,
                 s.session.map_or("-".into(), |id| id.to_string()),
                 s.vm.as_deref().or(s.tap.as_deref()).unwrap_or("-"),
@@ -133,6 +141,7 @@ mod tests {
             "ids".into(),
             DaemonSession {
                 state: "waiting-for-vm".into(),
+                mode: "ebpf".into(),
                 reason: Some("VM c-private is shut off".into()),
                 session: Some(3),
                 vm: Some("c-private".into()),

@@ -14,6 +14,8 @@ pub const TAP_KEY: &str = "vmsniff-tap";
 pub const VM_KEY: &str = "vmsniff-vm";
 pub const NIC_KEY: &str = "vmsniff-nic";
 pub const CREATED_KEY: &str = "vmsniff-created-at";
+/// The `vmsniff daemon` config session that keeps this session; absent on `vmsniff attach`'s.
+pub const DAEMON_KEY: &str = "vmsniff-daemon-session";
 
 /// What every table's rows have in common here.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -124,6 +126,11 @@ impl OvsSession {
 
     pub fn vm(&self) -> Option<&str> {
         self.external_id(VM_KEY)
+    }
+
+    /// The daemon's config session that keeps it, if the daemon made it.
+    pub fn daemon(&self) -> Option<&str> {
+        self.external_id(DAEMON_KEY)
     }
 
     pub fn created_at(&self) -> u64 {

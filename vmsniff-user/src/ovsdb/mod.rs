@@ -104,6 +104,12 @@ pub enum Operation {
         table: String,
         conditions: Vec<Condition>,
     },
+    /// Sets the given columns of matching rows to `row`'s values.
+    Update {
+        table: String,
+        conditions: Vec<Condition>,
+        row: Value,
+    },
     /// Aborts the whole transaction unless the matching rows' `columns` equal `rows` now (a
     /// guard against changes made since they were read).
     Wait {
@@ -164,6 +170,9 @@ impl Operation {
             }),
             Operation::Delete { table, conditions } => {
                 json!({"op": "delete", "table": table, "where": conditions_json(conditions)})
+            }
+            Operation::Update { table, conditions, row } => {
+                json!({"op": "update", "table": table, "where": conditions_json(conditions), "row": row})
             }
             Operation::Wait { table, conditions, columns, rows } => json!({
                 "op": "wait",

@@ -14,7 +14,7 @@ use vmsniff_ebpf::MAX_SESSION_ID;
 use super::request::Directions;
 use crate::ovsdb::{
     Condition, Mutation, Operation, datum,
-    mirror::{CREATED_KEY, NIC_KEY, OvsSession, SESSION_KEY, Snapshot, TAP_KEY, VM_KEY},
+    mirror::{CREATED_KEY, DAEMON_KEY, NIC_KEY, OvsSession, SESSION_KEY, Snapshot, TAP_KEY, VM_KEY},
 };
 
 /// An OVS mirror session, as asked for and resolved.
@@ -34,6 +34,8 @@ pub struct OvsAttachRequest {
     pub tap: String,
     pub vm: Option<String>,
     pub nic: Option<usize>,
+    /// The `vmsniff daemon` config session that keeps it.
+    pub daemon: Option<String>,
     /// Seconds since the epoch.
     pub now: u64,
 }
@@ -61,6 +63,8 @@ pub enum OvsPlanError {
         "all {MAX_SESSION_ID} session ids are in use (eBPF and OVS sessions share them); detach sessions that are no longer needed"
     )]
     NoFreeSessionId,
+    #[error("session {session}'s Mirror is gone from OVSDB: detach the session and attach it again")]
+    MirrorGone { session: u32 },
     #[error(
         "GRE port {port} already sends to {remote} with key {key}; OVS cannot tell two such tunnels apart: choose another --key"
     )]
@@ -130,6 +134,9 @@ pub fn plan_ovs_attach(
     }
     if let Some(nic) = request.nic {
         ids.push((NIC_KEY, nic.to_string()));
+    }
+    if let Some(daemon) = &request.daemon {
+        ids.push((DAEMON_KEY, daemon.clone()));
     }
     ids.push((CREATED_KEY, request.now.to_string()));
     let options = [
@@ -260,6 +267,76 @@ pub fn plan_ovs_attach(
         .join(" \\\n  ");
 
     Ok(OvsAttachPlan { id, key, gre_port, mirror, operations, vsctl })
+}
+
+/// A session's VM came back on a new OVS port (a VM's port is deleted and added again when it
+/// reboots hard or migrates back; the Mirror's weak references to the old one are gone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OvsReselectRequest {
+    pub vm_port: String,
+    pub directions: Directions,
+    /// The VM's tap now, recorded for `status` and `detach TAP`.
+    pub tap: String,
+}
+
+/// Plans pointing session `session`'s Mirror at the VM's port again, in one transaction: the
+/// session keeps its id, GRE port, key and Mirror (and so its statistics). Fails whole if the
+/// Mirror or the port changed since `snapshot` was read.
+pub fn plan_ovs_reselect(
+    session: &OvsSession,
+    request: &OvsReselectRequest,
+    snapshot: &Snapshot,
+) -> Result<Vec<Operation>, OvsPlanError> {
+    let mirror = session.mirror.as_ref().ok_or(OvsPlanError::MirrorGone { session: session.id })?;
+    let bridge = session.bridges.first().map_or_else(String::new, |b| b.row.name.clone());
+    let port = snapshot
+        .port_named(&request.vm_port)
+        .filter(|p| session.bridges.iter().any(|b| b.ports.contains(&p.row.uuid)))
+        .ok_or_else(|| OvsPlanError::NoPort { port: request.vm_port.clone(), bridge })?;
+    let vm_uuid = json!(["uuid", port.row.uuid]);
+    let selected = |yes: bool| if yes { json!(["set", [vm_uuid]]) } else { json!(["set", []]) };
+    let (src, dst) = (request.directions != Directions::In, request.directions != Directions::Out);
+    let mut operations = vec![
+        Operation::Comment(format!(
+            "vmsniff: session {}: mirror {} selects port {} again",
+            session.id, mirror.row.name, request.vm_port
+        )),
+        still_named("Mirror", &mirror.row.uuid, &mirror.row.name),
+        still_named("Port", &port.row.uuid, &request.vm_port),
+        Operation::Update {
+            table: "Mirror".into(),
+            conditions: vec![Condition::uuid(&mirror.row.uuid)],
+            row: json!({ "select_src_port": selected(src), "select_dst_port": selected(dst) }),
+        },
+    ];
+    if session.tap() != Some(request.tap.as_str()) {
+        let rows =
+            [("Mirror", Some(&mirror.row.uuid)), ("Port", session.gre_port.as_ref().map(|p| &p.row.uuid))]
+                .into_iter()
+                .chain(std::iter::once(("Interface", session.gre_interface.as_ref().map(|i| &i.row.uuid))));
+        for (table, uuid) in rows {
+            let Some(uuid) = uuid else { continue };
+            operations.push(Operation::Mutate {
+                table: table.into(),
+                conditions: vec![Condition::uuid(uuid)],
+                mutations: vec![
+                    Mutation {
+                        column: "external_ids".into(),
+                        mutator: "delete",
+                        value: json!(["set", [TAP_KEY]]),
+                    },
+                    Mutation {
+                        column: "external_ids".into(),
+                        mutator: "insert",
+                        value: datum::to_string_map([(TAP_KEY, request.tap.clone())]),
+                    },
+                ],
+            });
+        }
+    }
+    operations.push(bump_next_cfg());
+    operations.push(select_next_cfg());
+    Ok(operations)
 }
 
 /// Plans the removal of `sessions` in one transaction: exactly their Mirror, Port and
@@ -430,6 +507,7 @@ mod tests {
             tap: "tapf7eae624-34".into(),
             vm: Some("c-private".into()),
             nic: None,
+            daemon: None,
             now: 1_700_000_000,
         }
     }
@@ -606,6 +684,89 @@ mod tests {
         // Someone else's mirror and port are never named.
         let text = serde_json::to_string(&ops).unwrap();
         assert!(!text.contains("m-span") && !text.contains("p-span") && !text.contains("p-qvo"));
+    }
+
+    /// The snapshot with session 4 of the daemon's config session "ids", whose Mirror lost
+    /// the VM's port (deleted with its VM) and now selects nothing.
+    fn with_orphaned_mirror() -> Snapshot {
+        let mut snapshot = snapshot();
+        let ids = BTreeMap::from([
+            (SESSION_KEY.to_owned(), "4".to_owned()),
+            (TAP_KEY.to_owned(), "tapold".to_owned()),
+            (DAEMON_KEY.to_owned(), "ids".to_owned()),
+        ]);
+        snapshot.bridges[0].ports.push("p-gre".into());
+        snapshot.bridges[0].mirrors.push("m-4".into());
+        snapshot.ports.push(PortRow {
+            row: Row { external_ids: ids.clone(), ..row("p-gre", "vms4-ovs") },
+            interfaces: vec!["i-gre".into()],
+        });
+        snapshot.interfaces.push(InterfaceRow {
+            row: Row { external_ids: ids.clone(), ..row("i-gre", "vms4-ovs") },
+            kind: "gre".into(),
+            ..Default::default()
+        });
+        snapshot.mirrors.push(MirrorRow {
+            row: Row { external_ids: ids, ..row("m-4", "vmsniff-4") },
+            output_port: Some("p-gre".into()),
+            ..Default::default()
+        });
+        snapshot
+    }
+
+    #[test]
+    fn reselect_points_the_same_mirror_at_the_new_port_and_records_the_tap() {
+        let snapshot = with_orphaned_mirror();
+        let sessions = snapshot.sessions();
+        assert_eq!((sessions[&4].vm_port.as_deref(), sessions[&4].daemon()), (None, Some("ids")));
+        let request = OvsReselectRequest {
+            vm_port: "qvof7eae624-34".into(),
+            directions: Directions::Out,
+            tap: "tapf7eae624-34".into(),
+        };
+        let ops = json(&plan_ovs_reselect(&sessions[&4], &request, &snapshot).unwrap());
+        let kinds: Vec<&str> = ops.iter().map(|o| o["op"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["comment", "wait", "wait", "update", "mutate", "mutate", "mutate", "mutate", "select"]
+        );
+        assert_eq!(ops[1]["where"], json!([["_uuid", "==", ["uuid", "m-4"]]]));
+        assert_eq!(ops[2]["rows"], json!([{"name": "qvof7eae624-34"}]));
+        assert_eq!(
+            ops[3],
+            json!({"op": "update", "table": "Mirror", "where": [["_uuid", "==", ["uuid", "m-4"]]],
+                   "row": {"select_src_port": ["set", [["uuid", "p-qvo"]]], "select_dst_port": ["set", []]}})
+        );
+        assert_eq!(
+            ops[4]["mutations"],
+            json!([
+                ["external_ids", "delete", ["set", ["vmsniff-tap"]]],
+                ["external_ids", "insert", ["map", [["vmsniff-tap", "tapf7eae624-34"]]]]
+            ])
+        );
+        let tables: Vec<&str> = ops[4..7].iter().map(|o| o["table"].as_str().unwrap()).collect();
+        assert_eq!(tables, ["Mirror", "Port", "Interface"]);
+
+        // The same tap: nothing to record.
+        let same = OvsReselectRequest { tap: "tapold".into(), ..request.clone() };
+        assert_eq!(plan_ovs_reselect(&sessions[&4], &same, &snapshot).unwrap().len(), 6);
+    }
+
+    #[test]
+    fn reselect_refuses_a_port_elsewhere_and_a_lost_mirror() {
+        let mut snapshot = with_orphaned_mirror();
+        let request =
+            OvsReselectRequest { vm_port: "eth1".into(), directions: Directions::Both, tap: "tapx".into() };
+        assert_eq!(
+            plan_ovs_reselect(&snapshot.sessions()[&4], &request, &snapshot).unwrap_err(),
+            OvsPlanError::NoPort { port: "eth1".into(), bridge: "br-int".into() }
+        );
+        snapshot.mirrors.retain(|m| m.row.uuid != "m-4");
+        let request = OvsReselectRequest { vm_port: "qvof7eae624-34".into(), ..request };
+        assert_eq!(
+            plan_ovs_reselect(&snapshot.sessions()[&4], &request, &snapshot).unwrap_err(),
+            OvsPlanError::MirrorGone { session: 4 }
+        );
     }
 
     #[test]
