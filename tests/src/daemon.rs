@@ -12,16 +12,25 @@ pub struct Daemon {
     pub dir: PathBuf,
     child: Option<Child>,
     ns_name: String,
+    /// vmsniff's global options for the daemon and `status` (`--ovsdb ...`).
+    global: Vec<String>,
 }
 
 impl Daemon {
     /// Writes `config` and starts the daemon in `ns`.
     pub fn start(ns: &Netns, config: &str) -> Daemon {
+        Daemon::start_with(ns, config, &[])
+    }
+
+    /// As [`Daemon::start`], with vmsniff's global options `global` (for the daemon and for
+    /// `status`).
+    pub fn start_with(ns: &Netns, config: &str, global: &[&str]) -> Daemon {
         // Under /tmp: the VM harness's guests have their own tmpfs there.
         let dir = std::env::temp_dir().join(format!("vmsniff-daemon-{}-{}", std::process::id(), ns.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the daemon's test directory");
-        let mut daemon = Daemon { dir, child: None, ns_name: ns.name.clone() };
+        let global = global.iter().map(|s| s.to_string()).collect();
+        let mut daemon = Daemon { dir, child: None, ns_name: ns.name.clone(), global };
         daemon.write_config(config);
         daemon.spawn(ns);
         daemon
@@ -43,7 +52,7 @@ impl Daemon {
     pub fn spawn(&mut self, ns: &Netns) {
         assert!(self.child.is_none(), "the daemon runs already");
         let bin = vmsniff::binary();
-        let (config, run_dir) = (self.config(), self.run_dir());
+        let (config, run_dir, global) = (self.config(), self.run_dir(), self.global.clone());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -51,6 +60,7 @@ impl Daemon {
             .expect("open the daemon's log");
         self.child = Some(ns.enter(move || {
             Command::new(bin)
+                .args(&global)
                 .args(["daemon", "--config"])
                 .arg(config)
                 .args(["--run-dir", &run_dir])
@@ -112,7 +122,10 @@ impl Daemon {
 
     /// `vmsniff status --json` with this daemon's run directory.
     pub fn status(&self, ns: &Netns) -> serde_json::Value {
-        let out = vmsniff::ok(ns, &["status", "--json", "--run-dir", &self.run_dir()]);
+        let run_dir = self.run_dir();
+        let mut args: Vec<&str> = self.global.iter().map(String::as_str).collect();
+        args.extend(["status", "--json", "--run-dir", &run_dir]);
+        let out = vmsniff::ok(ns, &args);
         serde_json::from_str(&out).expect("status --json is JSON")
     }
 }

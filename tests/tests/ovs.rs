@@ -10,12 +10,13 @@ use std::{
 
 use serde_json::Value;
 use vmsniff_tests::{
+    daemon::{Daemon, session_state},
     frames::{self, PEER_MAC, VM_MAC, is_marked},
     netns::Netns,
     ovs::{Ovs, kernel_datapath},
     ovsdb::OvsdbServer,
     packet::{PacketSocket, decap_gre, reassemble_ipv4},
-    privileged_on_every_kernel, privileged_on_host, skip,
+    privileged_on_every_kernel, privileged_on_host, privileged_on_host_and_one_guest, skip,
     tap::Vm,
     topology::assert_frames_eq,
     vmsniff,
@@ -222,6 +223,40 @@ impl Node {
                 .collect();
         }
         copies
+    }
+
+    /// A hard reboot of a hybrid-plugged VM as Nova does it: the tap goes, os-vif unplugs (qvo
+    /// leaves br-int, qvb/qvo and qbr go) and plugs again, and a new tap joins the new qbr.
+    fn hard_reboot_hybrid(&mut self) {
+        self.ovs.vsctl(&["del-port", "br-int", QVO]);
+        self.vm.recreate(&self.ns);
+        self.ns.sh(&format!("ip link del {QVB}; ip link del {QBR}"));
+        self.ns.sh(&format!(
+            "ip link add {QBR} type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+             ip link set {QBR} up
+             ip link add {QVB} type veth peer name {QVO}
+             ip link set {QVB} master {QBR}
+             ip link set {QVB} up
+             ip link set {QVO} up"
+        ));
+        self.ovs.vsctl(&["add-port", "br-int", QVO]);
+        self.ns.sh(&format!("ip link set {TAP} master {QBR}"));
+    }
+
+    /// vmsniff's rows: Mirror names and GRE port names.
+    fn vmsniff_rows(&self) -> Vec<String> {
+        let mut rows = self.ovs.names("Mirror");
+        rows.extend(self.ovs.names("Port").into_iter().filter(|p| p.starts_with("vms")));
+        rows
+    }
+
+    /// The UUID of the Port row the Mirror of session `id` selects (`[]` when none).
+    fn mirror_selects(&self, id: u64) -> (String, String) {
+        let mirror = format!("vmsniff-{id}");
+        (
+            self.ovs.vsctl(&["get", "Mirror", &mirror, "select_src_port"]),
+            self.ovs.vsctl(&["get", "Mirror", &mirror, "select_dst_port"]),
+        )
     }
 
     /// Moves the VM from the hybrid plug to the native one: qvo leaves br-int, qvb/qvo and qbr
@@ -524,4 +559,90 @@ fn an_attach_that_ovs_vswitchd_never_applies_leaves_no_row() {
     assert_eq!(bridge_columns(&after[3]), bridge_columns(&before[3]));
     let status = vmsniff::ok(&ns, &["status", "--json", "--ovsdb", &server.address()]);
     assert!(!status.contains("\"ovs\""), "{status}");
+}
+
+/// The daemon keeps an OVS session (`mode = "ovs"`): made once the VM's port is there, pointed
+/// at the new port after a hard reboot as the same session, adopted after kill -9, and removed
+/// with everything it made when the daemon stops. Frames are checked where the kernel datapath
+/// forwards; the rows everywhere.
+#[test]
+fn the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart() {
+    if !privileged_on_host_and_one_guest(
+        "the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart",
+        "the daemon's OVS rows are its own logic; frames through the OVS mirror are checked on every kernel by frames_reach_the_collector_through_the_ovs_mirror_for_each_plug_and_direction",
+    ) {
+        return;
+    }
+    let Some(mut node) = node(Plug::Hybrid) else { return };
+    let frames = kernel_datapath();
+    if frames {
+        node.wait_until_forwarding();
+    }
+    let before = names(&node);
+    let address = node.ovs.address();
+    let config = format!("[session.ids]\ntap = \"{TAP}\"\nmode = \"ovs\"\nto = \"{COLLECTOR}\"\nkey = 7\n");
+    let mut daemon = Daemon::start_with(&node.ns, &config, &["--ovsdb", &address]);
+    let active = |status: &Value| session_state(status, "ids").0 == "active";
+    let status = daemon.wait_for(&node.ns, "the OVS session active", active);
+    let id = session_state(&status, "ids").1.expect("a session id");
+    assert_eq!(status["daemon"]["sessions"]["ids"]["mode"], "ovs");
+    let qvo = node.ovs.vsctl(&["get", "Port", QVO, "_uuid"]);
+    assert_eq!(node.mirror_selects(id), (format!("[{qvo}]"), format!("[{qvo}]")));
+    assert_eq!(
+        node.ovs.vsctl(&["get", "Mirror", &format!("vmsniff-{id}"), "external_ids:vmsniff-daemon-session"]),
+        "ids"
+    );
+    let mirrored = |node: &mut Node, what: &str| {
+        if !frames {
+            return;
+        }
+        let (out, into) = frames::both_ways(6);
+        node.vm_sends(&out);
+        node.vm_receives(&into);
+        let copies = node.copies(out.len() + into.len(), Duration::from_secs(15));
+        let inner: Vec<Vec<u8>> = copies.iter().map(|(_, f)| f.clone()).collect();
+        assert_frames_eq(what, &[out, into].concat(), &inner);
+        assert!(copies.iter().all(|(key, _)| *key == Some(7)), "{what}: the GRE key: {copies:?}");
+    };
+    mirrored(&mut node, "copies from the daemon's OVS session");
+
+    node.hard_reboot_hybrid();
+    let new_qvo = node.ovs.vsctl(&["get", "Port", QVO, "_uuid"]);
+    assert_ne!(qvo, new_qvo, "the replug made a new Port row");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.mirror_selects(id) != (format!("[{new_qvo}]"), format!("[{new_qvo}]")) {
+        assert!(Instant::now() < deadline, "the Mirror never selected the new port:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = daemon.wait_for(&node.ns, "active again", active);
+    assert_eq!(session_state(&status, "ids").1, Some(id), "the same session after the reboot");
+    if frames {
+        node.wait_until_forwarding();
+        // The probes were mirrored too: leave them out of the count.
+        node.copies(usize::MAX, Duration::from_secs(3));
+    }
+    mirrored(&mut node, "copies after the hard reboot");
+
+    // kill -9, then start: the rows are adopted, not made twice.
+    assert!(!daemon.stop_with(nix::sys::signal::Signal::SIGKILL));
+    daemon.spawn(&node.ns);
+    let status = daemon.wait_for(&node.ns, "adopted", active);
+    assert_eq!(session_state(&status, "ids").1, Some(id), "the same session after kill -9");
+    assert_eq!(node.vmsniff_rows(), [format!("vmsniff-{id}"), format!("vms{id}-ovs")]);
+    let log = daemon.log();
+    assert_eq!(log.matches("attached as OVS session").count(), 1, "{log}");
+    assert!(log.contains(&format!("OVS session {id} mirrors")), "the reselect is logged:\n{log}");
+
+    assert!(
+        daemon.stop_with(nix::sys::signal::Signal::SIGTERM),
+        "the daemon's stop failed:\n{}",
+        daemon.log()
+    );
+    assert!(node.vmsniff_rows().is_empty(), "rows left: {:?}", node.vmsniff_rows());
+    assert_eq!(names(&node), before, "OVSDB's rows after the daemon stopped");
+}
+
+/// The names in every table OVS mode touches.
+fn names(node: &Node) -> Vec<Vec<String>> {
+    ["Bridge", "Port", "Interface", "Mirror"].iter().map(|t| node.ovs.names(t)).collect()
 }

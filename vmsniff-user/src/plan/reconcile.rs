@@ -110,8 +110,7 @@ fn keep_or_drop(
     owned: &BTreeMap<Option<String>, Vec<u32>>,
     live: &[&str],
 ) -> (Vec<Dropped>, BTreeMap<String, Keep>) {
-    let mut drop: Vec<Dropped> =
-        owned.get(&None).into_iter().flatten().map(|&id| (None, id)).collect();
+    let mut drop: Vec<Dropped> = owned.get(&None).into_iter().flatten().map(|&id| (None, id)).collect();
     let mut keep = BTreeMap::new();
     for (name, spec) in desired {
         let ids = owned.get(&Some(name.clone())).cloned().unwrap_or_default();
