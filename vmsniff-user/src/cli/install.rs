@@ -172,6 +172,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let config = crate::daemon::config::parse("mirrors.toml", &uncommented).unwrap();
-        assert_eq!(config.sessions.len(), 2);
+        assert_eq!(config.sessions.len(), 3);
+        assert!(config.sessions["span-c-web"].is_ovs());
     }
 }
