@@ -580,7 +580,10 @@ fn the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart() {
     }
     let before = names(&node);
     let address = node.ovs.address();
-    let config = format!("[session.ids]\ntap = \"{TAP}\"\nmode = \"ovs\"\nto = \"{COLLECTOR}\"\nkey = 7\n");
+    // No resync within the test: events alone must do it.
+    let config = format!(
+        "[daemon]\nresync-seconds = 3600\n[session.ids]\ntap = \"{TAP}\"\nmode = \"ovs\"\nto = \"{COLLECTOR}\"\nkey = 7\n"
+    );
     let mut daemon = Daemon::start_with(&node.ns, &config, &["--ovsdb", &address]);
     let active = |status: &Value| session_state(status, "ids").0 == "active";
     let status = daemon.wait_for(&node.ns, "the OVS session active", active);
@@ -606,14 +609,26 @@ fn the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart() {
     };
     mirrored(&mut node, "copies from the daemon's OVS session");
 
+    let selects_again = |node: &Node, old: &str, what: &str| {
+        let new = node.ovs.vsctl(&["get", "Port", QVO, "_uuid"]);
+        assert_ne!(old, new, "{what} made a new Port row");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while node.mirror_selects(id) != (format!("[{new}]"), format!("[{new}]")) {
+            assert!(
+                Instant::now() < deadline,
+                "after {what} the Mirror never selected the new port:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        new
+    };
     node.hard_reboot_hybrid();
-    let new_qvo = node.ovs.vsctl(&["get", "Port", QVO, "_uuid"]);
-    assert_ne!(qvo, new_qvo, "the replug made a new Port row");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while node.mirror_selects(id) != (format!("[{new_qvo}]"), format!("[{new_qvo}]")) {
-        assert!(Instant::now() < deadline, "the Mirror never selected the new port:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let qvo = selects_again(&node, &qvo, "a hard reboot");
+    // The port alone deleted and added again (os-vif replugging, or by hand): no link event,
+    // OVSDB's own.
+    node.ovs.vsctl(&["del-port", "br-int", QVO, "--", "add-port", "br-int", QVO]);
+    selects_again(&node, &qvo, "an OVSDB-only replug");
     let status = daemon.wait_for(&node.ns, "active again", active);
     assert_eq!(session_state(&status, "ids").1, Some(id), "the same session after the reboot");
     if frames {

@@ -4,6 +4,7 @@
 //! actions), so a missed or repeated event costs nothing but a later pass.
 pub mod config;
 mod links;
+mod ovs_events;
 pub mod state;
 mod systemd;
 
@@ -25,6 +26,7 @@ use vmsniff_ebpf::daemon_tag;
 use self::{
     config::{DaemonConfig, SessionSpec},
     links::{LinkChange, LinkEvents},
+    ovs_events::OvsEvents,
     state::{DaemonSession, DaemonState, STATE_VERSION},
 };
 use crate::{
@@ -88,6 +90,7 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", state::state_path(&options.run_dir).display()))?
         .filter(|s| s.netns == netns);
     let mut links = LinkEvents::subscribe().context("subscribing to link events (rtnetlink)")?;
+    let mut ovs_changes = OvsEvents::watch(&sources).context("starting the OVSDB monitor thread")?;
     links.know(namespace.kernel.netlink.links().await?.into_iter().map(|l| (l.ifindex, l.name)));
     let mut daemon = Daemon {
         records: previous.map(records_of).unwrap_or_default(),
@@ -125,6 +128,12 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
                 };
                 log::debug!("{change:?}");
                 if daemon.cares_about(&change) {
+                    pass_at = Some(Instant::now() + SETTLE);
+                    retry_until = Instant::now() + RETRY_FOR;
+                }
+            }
+            () = ovs_changes.next() => {
+                if daemon.has_ovs_sessions() {
                     pass_at = Some(Instant::now() + SETTLE);
                     retry_until = Instant::now() + RETRY_FOR;
                 }
@@ -191,6 +200,13 @@ impl Daemon {
                 self.state.sessions.values().any(|s| s.tap.as_deref() == Some(name.as_str()))
             }
         }
+    }
+
+    /// Whether OVSDB changes matter: OVS sessions in the config, or the daemon's OVS sessions
+    /// from an earlier config still to remove.
+    fn has_ovs_sessions(&self) -> bool {
+        self.config.sessions.values().any(SessionSpec::is_ovs)
+            || self.state.sessions.values().any(|s| s.mode == "ovs")
     }
 
     fn waiting(&self) -> bool {

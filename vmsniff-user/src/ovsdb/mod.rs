@@ -249,10 +249,7 @@ impl Client {
         self.send(&request)?;
         loop {
             let message = self.receive()?;
-            // The server probes idle clients with "echo"; answering keeps the connection.
-            if message.get("method").and_then(Value::as_str) == Some("echo") {
-                let reply = json!({"result": message["params"], "error": null, "id": message["id"]});
-                self.send(&reply)?;
+            if self.answered_echo(&message)? {
                 continue;
             }
             if message.get("id") != Some(&json!(id)) {
@@ -265,6 +262,45 @@ impl Client {
                 }
                 _ => Ok(message.get("result").cloned().unwrap_or(Value::Null)),
             };
+        }
+    }
+
+    /// The server probes idle clients with "echo"; answering keeps the connection.
+    fn answered_echo(&mut self, message: &Value) -> Result<bool, OvsdbError> {
+        if message.get("method").and_then(Value::as_str) != Some("echo") {
+            return Ok(false);
+        }
+        let reply = json!({"result": message["params"], "error": null, "id": message["id"]});
+        self.send(&reply)?;
+        Ok(true)
+    }
+
+    /// Asks to be told of every change to `columns` of each table (RFC 7047 `monitor`), and
+    /// from then on waits for changes without a time limit: see [`Client::next_update`].
+    pub fn monitor(&mut self, database: &str, columns: &[(&str, &[&str])]) -> Result<(), OvsdbError> {
+        let requests: serde_json::Map<String, Value> = columns
+            .iter()
+            .map(|(table, columns)| {
+                (table.to_string(), json!({"columns": columns, "select": {"initial": false}}))
+            })
+            .collect();
+        self.call("monitor", json!([database, null, requests]))?;
+        self.writer
+            .set_read_timeout(None)
+            .map_err(|source| OvsdbError::Io { path: self.path.clone(), source })
+    }
+
+    /// Waits for the next `update` notification of a [`Client::monitor`].
+    pub fn next_update(&mut self) -> Result<(), OvsdbError> {
+        loop {
+            let message = self.receive()?;
+            if self.answered_echo(&message)? {
+                continue;
+            }
+            if message.get("method").and_then(Value::as_str) == Some("update") {
+                return Ok(());
+            }
+            log::debug!("OVSDB: ignoring {message}");
         }
     }
 
