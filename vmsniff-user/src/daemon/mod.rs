@@ -337,7 +337,9 @@ impl Daemon {
                         }),
                         // The tap is there before its OVS port is (Nova plugs, libvirt adds the
                         // tap to its bridge): wait, saying what is missing.
-                        Err(e) => Placement::Waiting(chain(&e)),
+                        Err(e) => {
+                            Placement::Waiting(format!("its OVS port is not there (yet): {}", chain(&e)))
+                        }
                     }
                 }
                 (Placement::Waiting(why), _) => Placement::Waiting(why.clone()),
