@@ -25,6 +25,19 @@ const BPF_TCX_EGRESS: u32 = 47;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_SKB_LOAD_BYTES: i32 = 26;
 
+/// Mounts bpffs at /sys/fs/bpf unless it is there, as `tc` does before pinning: on a freshly
+/// booted host nothing may have mounted it yet (vmsniff mounts it too, but the other tool comes
+/// first here).
+fn mount_bpffs() {
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    let bpffs = std::path::Path::new("/sys/fs/bpf");
+    if statfs(bpffs).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC) {
+        return;
+    }
+    nix::mount::mount(Some("bpf"), bpffs, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+        .expect("mounting bpffs at /sys/fs/bpf for the foreign program's pin");
+}
+
 /// One eBPF instruction, as `struct bpf_insn`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -150,6 +163,7 @@ impl ForeignCounter {
             std::process::id(),
             self.program.as_raw_fd()
         ));
+        mount_bpffs();
         let path = CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
         let mut attr = [0u8; 128];
         put_u64(&mut attr, 0, path.as_ptr() as u64);
