@@ -98,7 +98,8 @@ impl VmPort {
         port
     }
 
-    fn wait_until_forwarding(&mut self) {
+    /// Returns once the bridge forwards both ways (a probe each way).
+    pub fn wait_until_forwarding(&mut self) {
         for attempt in 0..100u32 {
             let probe = frames::frame(VM_MAC, PEER_MAC, 0xffff_0000 + attempt, 60);
             self.vm.send(&probe);

@@ -37,6 +37,12 @@ impl PinPaths {
         self.maps_dir().join(name)
     }
 
+    /// Where the programs of one build of the eBPF object (`tag`: a hash of its bytes) are
+    /// pinned, so that a later attach in this namespace needs no verifier run.
+    pub fn programs_dir(&self, tag: &str) -> PathBuf {
+        self.root.join("programs").join(tag)
+    }
+
     /// A TCX link of one tap hook. Keyed by ifindex, which a re-created tap never reuses while
     /// the old link is pinned.
     pub fn link(&self, tap_ifindex: u32, hook: TcHook) -> PathBuf {

@@ -54,7 +54,7 @@ pub async fn apply_rehome(kernel: &Kernel, plan: &RehomePlan) -> Result<(), Kern
 }
 
 async fn apply_attach_steps(kernel: &Kernel, steps: &[AttachStep]) -> Result<(), KernelError> {
-    let mut ebpf = PinnedMaps::load_object(&kernel.paths)?;
+    let mut ebpf = Programs::new(&kernel.paths)?;
     let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
         op: format!(
             "vmsniff's maps are not pinned under {} after loading",
@@ -84,7 +84,7 @@ async fn apply_attach_steps(kernel: &Kernel, steps: &[AttachStep]) -> Result<(),
 
 async fn apply_attach_step(
     kernel: &Kernel,
-    ebpf: &mut aya::Ebpf,
+    ebpf: &mut Programs<'_>,
     maps: &mut PinnedMaps,
     step: &AttachStep,
     session: &mut SessionConfig,
@@ -127,7 +127,7 @@ async fn apply_attach_step(
                 });
             }
             let priority = tc::first_priority(&kernel.netlink, device, ifindex, TcHook::Egress).await?;
-            let program = load_program(ebpf, program_name::COPY_EGRESS)?;
+            let program = ebpf.get(program_name::COPY_EGRESS)?;
             let attached = tc::attach(
                 program,
                 &kernel.paths,
@@ -175,7 +175,7 @@ async fn apply_attach_step(
                 }
                 AttachMode::Tcx => 0,
             };
-            let program = tap_program(ebpf, *hook)?;
+            let program = ebpf.get(tc::tap_program_name(*hook))?;
             let attached =
                 tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode, priority)?;
             undo.push(DetachStep::DetachProgram {
@@ -218,8 +218,74 @@ async fn apply_attach_step(
     Ok(())
 }
 
-fn tap_program(ebpf: &mut aya::Ebpf, hook: TcHook) -> Result<&mut SchedClassifier, KernelError> {
-    load_program(ebpf, tc::tap_program_name(hook))
+/// vmsniff's tc programs for one apply. Loading one runs the kernel's verifier, which takes a
+/// second or more for the tap programs on a busy host (many more under an emulated CPU): too
+/// slow for the daemon's re-attach after a VM reboots. So the first load in a namespace pins
+/// the programs beside its maps (they go with them when the last session does), and later
+/// attaches take them from there. The pins are per build of the object, so a new vmsniff never
+/// attaches an older build's programs.
+struct Programs<'a> {
+    paths: &'a PinPaths,
+    /// The embedded object, loaded (with the namespace's pinned maps) only when a program is
+    /// not pinned yet, or when there are no maps to pin to yet.
+    ebpf: Option<aya::Ebpf>,
+    tag: String,
+    pinned: std::collections::BTreeMap<String, SchedClassifier>,
+}
+
+impl<'a> Programs<'a> {
+    fn new(paths: &'a PinPaths) -> Result<Self, KernelError> {
+        let ebpf = match PinnedMaps::open(paths)? {
+            Some(_) => None,
+            None => Some(PinnedMaps::load_object(paths)?),
+        };
+        Ok(Programs { paths, ebpf, tag: maps::object_tag(), pinned: Default::default() })
+    }
+
+    fn get(&mut self, name: &str) -> Result<&mut SchedClassifier, KernelError> {
+        let path = self.paths.programs_dir(&self.tag).join(name);
+        if !self.pinned.contains_key(name) && path.exists() {
+            match SchedClassifier::from_pin(&path) {
+                Ok(program) => {
+                    self.pinned.insert(name.to_owned(), program);
+                }
+                Err(e) => log::debug!("loading {name} anew: its pin {} is unusable: {e}", path.display()),
+            }
+        }
+        if self.pinned.contains_key(name) {
+            return Ok(self.pinned.get_mut(name).expect("checked just above"));
+        }
+        let ebpf = match &mut self.ebpf {
+            Some(ebpf) => ebpf,
+            ebpf @ None => ebpf.insert(PinnedMaps::load_object(self.paths)?),
+        };
+        let program = load_program(ebpf, name)?;
+        if let Err(e) = pin_program(self.paths, &self.tag, program, &path) {
+            // Only the next attach's speed depends on it.
+            log::debug!("not pinning {name} at {}: {e}", path.display());
+        }
+        Ok(program)
+    }
+}
+
+/// Pins a freshly loaded program under its build's directory, and removes the pins of other
+/// builds (unpinning never detaches: filters and links hold their programs).
+fn pin_program(
+    paths: &PinPaths,
+    tag: &str,
+    program: &mut SchedClassifier,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    let dir = paths.programs_dir(tag);
+    std::fs::create_dir_all(&dir)?;
+    if let Some(parent) = dir.parent() {
+        for entry in std::fs::read_dir(parent)?.flatten() {
+            if entry.file_name() != std::ffi::OsStr::new(tag) {
+                std::fs::remove_dir_all(entry.path())?;
+            }
+        }
+    }
+    program.pin(path).map_err(std::io::Error::other)
 }
 
 fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut SchedClassifier, KernelError> {

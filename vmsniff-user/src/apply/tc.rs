@@ -276,7 +276,16 @@ async fn is_our_filter(
     Ok(bpf_filters(netlink, ifindex, hook)
         .await?
         .iter()
-        .any(|(p, h, name)| *p == priority && *h == handle && name.starts_with(expected)))
+        .any(|(p, h, name)| *p == priority && *h == handle && runs_program(name, expected)))
+}
+
+/// Whether a cls_bpf filter named `filter_name` runs `program`. tc names a filter after its
+/// program: the full name when the program was loaded from the object, the kernel's name
+/// (BPF_OBJ_NAME_LEN: 15 characters) when it was taken from its pin.
+fn runs_program(filter_name: &str, program: &str) -> bool {
+    const KERNEL_NAME_LEN: usize = 15;
+    filter_name.starts_with(program)
+        || (filter_name.len() == KERNEL_NAME_LEN.min(program.len()) && program.starts_with(filter_name))
 }
 
 /// Removes the clsact qdisc vmsniff added, unless anybody else's filter is in it now.
@@ -326,5 +335,21 @@ async fn filter_messages(
         // EINVAL: no clsact qdisc, so no filter on that hook.
         Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => Ok(Vec::new()),
         Err(e) => Err(KernelError::netlink(format!("listing tc filters of ifindex {ifindex}"))(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_are_ours_by_the_full_or_the_kernel_name() {
+        let program = vmsniff_ebpf::program_name::TAP_INGRESS;
+        assert!(runs_program("vmsniff_tap_ingress", program));
+        assert!(runs_program("vmsniff_tap_ingress:[503]", program));
+        assert!(runs_program("vmsniff_tap_ing", program));
+        assert!(!runs_program("vmsniff_tap", program));
+        assert!(!runs_program("vmsniff_tap_egr", program));
+        assert!(!runs_program("", program));
     }
 }
