@@ -40,7 +40,11 @@ impl PinPaths {
     /// Where the programs of one build of the eBPF object (`tag`: a hash of its bytes) are
     /// pinned, so that a later attach in this namespace needs no verifier run.
     pub fn programs_dir(&self, tag: &str) -> PathBuf {
-        self.root.join("programs").join(tag)
+        self.programs_root().join(tag)
+    }
+
+    pub fn programs_root(&self) -> PathBuf {
+        self.root.join("programs")
     }
 
     /// A TCX link of one tap hook. Keyed by ifindex, which a re-created tap never reuses while

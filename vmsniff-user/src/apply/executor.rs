@@ -237,7 +237,19 @@ impl<'a> Programs<'a> {
     fn new(paths: &'a PinPaths) -> Result<Self, KernelError> {
         let ebpf = match PinnedMaps::open(paths)? {
             Some(_) => None,
-            None => Some(PinnedMaps::load_object(paths)?),
+            None => {
+                // New maps: programs pinned beside maps that someone removed would still use
+                // the old ones.
+                match std::fs::remove_dir_all(paths.programs_root()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(
+                            KernelError::io(format!("removing {}", paths.programs_root().display()))(e),
+                        );
+                    }
+                    _ => {}
+                }
+                Some(PinnedMaps::load_object(paths)?)
+            }
         };
         Ok(Programs { paths, ebpf, tag: maps::object_tag(), pinned: Default::default() })
     }
