@@ -23,6 +23,8 @@ struct IfReq {
 pub struct Vm {
     file: File,
     pub tap: String,
+    /// When the tap came into existence (TUNSETIFF), before it was set up.
+    pub created: Instant,
 }
 
 impl Vm {
@@ -41,10 +43,11 @@ impl Vm {
             // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
             let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
             assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-            file
+            (file, Instant::now())
         });
+        let (file, created) = file;
         ns.sh(&format!("ip link set {name} up"));
-        Vm { file, tap: name.to_owned() }
+        Vm { file, tap: name.to_owned(), created }
     }
 
     /// Deletes the tap and creates it again under the same name, as a VM's hard reboot or a

@@ -2,7 +2,7 @@
 //! mirrored again as the same session with its counters going on; reloads add, update and
 //! remove sessions and refuse a bad config; kill -9 then start adopts the running mirrors
 //! without duplicating them; a stop removes everything the daemon made.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use vmsniff_tests::{
@@ -105,7 +105,7 @@ fn a_recreated_tap_is_mirrored_again_as_the_same_session() {
         // The VM sends a probe every few milliseconds from the moment its new tap exists: the
         // first copy says when the mirror is back (the figure the issue asks about).
         hv.port.vm.recreate(&hv.ns);
-        let appeared = Instant::now();
+        let appeared = hv.port.vm.created;
         let mut copies = Vec::new();
         for probe in 0u32.. {
             hv.port.vm.send(&frames::frame(VM_MAC, PEER_MAC, 0xfffe_0000 + probe, 60));
