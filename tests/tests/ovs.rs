@@ -580,15 +580,23 @@ fn the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart() {
     }
     let before = names(&node);
     let address = node.ovs.address();
+    // A second VM on a plain Linux bridge: an OVS session cannot mirror it, and waiting would
+    // not change that.
+    let lb_vm = Vm::create(&node.ns, "taplb0");
+    node.ns.sh("ip link add brlb0 type bridge; ip link set brlb0 up; ip link set taplb0 master brlb0");
     // No resync within the test: events alone must do it.
     let config = format!(
-        "[daemon]\nresync-seconds = 3600\n[session.ids]\ntap = \"{TAP}\"\nmode = \"ovs\"\nto = \"{COLLECTOR}\"\nkey = 7\n"
+        "[daemon]\nresync-seconds = 3600\n[session.ids]\ntap = \"{TAP}\"\nmode = \"ovs\"\nto = \"{COLLECTOR}\"\nkey = 7\n\
+         [session.lb]\ntap = \"taplb0\"\nmode = \"ovs\"\nto = \"{COLLECTOR}\"\n"
     );
     let mut daemon = Daemon::start_with(&node.ns, &config, &["--ovsdb", &address]);
     let active = |status: &Value| session_state(status, "ids").0 == "active";
     let status = daemon.wait_for(&node.ns, "the OVS session active", active);
     let id = session_state(&status, "ids").1.expect("a session id");
     assert_eq!(status["daemon"]["sessions"]["ids"]["mode"], "ovs");
+    let lb = &status["daemon"]["sessions"]["lb"];
+    assert_eq!(lb["state"], "error", "{lb}");
+    assert!(lb["reason"].as_str().unwrap().contains("Linux bridge brlb0"), "{lb}");
     let qvo = node.ovs.vsctl(&["get", "Port", QVO, "_uuid"]);
     assert_eq!(node.mirror_selects(id), (format!("[{qvo}]"), format!("[{qvo}]")));
     assert_eq!(
@@ -655,6 +663,7 @@ fn the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart() {
     );
     assert!(node.vmsniff_rows().is_empty(), "rows left: {:?}", node.vmsniff_rows());
     assert_eq!(names(&node), before, "OVSDB's rows after the daemon stopped");
+    drop(lb_vm);
 }
 
 /// The names in every table OVS mode touches.

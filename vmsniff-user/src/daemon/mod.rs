@@ -55,7 +55,7 @@ use crate::{
     },
     resolve::{
         interface::InterfaceError,
-        ovs::vm_port,
+        ovs::{OvsPortError, vm_port},
         select::SelectError,
         vm::{ResolveError, Resolved, Sources},
     },
@@ -335,6 +335,8 @@ impl Daemon {
                             port: port.port,
                             tap: tap.name.clone(),
                         }),
+                        // On a Linux bridge with no way into OVS: only the operator can change that.
+                        Err(e @ OvsPortError::LinuxBridge { .. }) => Placement::Error(chain(&e)),
                         // The tap is there before its OVS port is (Nova plugs, libvirt adds the
                         // tap to its bridge): wait, saying what is missing.
                         Err(e) => {
@@ -346,9 +348,12 @@ impl Daemon {
                 (Placement::Error(why), _) => Placement::Error(why.clone()),
                 (Placement::Here(_), None) => continue,
             };
-            if let Placement::Waiting(why) = &port {
-                placements.insert(name.clone(), Placement::Waiting(why.clone()));
-            }
+            // What the session's state says: its tap may be here and its port not.
+            match &port {
+                Placement::Waiting(why) => placements.insert(name.clone(), Placement::Waiting(why.clone())),
+                Placement::Error(why) => placements.insert(name.clone(), Placement::Error(why.clone())),
+                Placement::Here(_) => None,
+            };
             ports.insert(name.clone(), port);
         }
         for action in plan_ovs_reconcile(specs, &ports, &self.records, &snapshot.sessions()) {
