@@ -240,12 +240,16 @@ fn check_session(args: &AttachArgs) -> Result<(), (&'static str, String)> {
 fn flags_as_keys(message: &str) -> String {
     message
         .split(' ')
-        .map(|word| match word.strip_prefix("--") {
-            Some(flag) => {
-                let end = flag.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).unwrap_or(flag.len());
-                format!("`{}`{}", &flag[..end], &flag[end..])
+        .map(|word| {
+            let (before, rest) = word.split_at(word.find("--").unwrap_or(word.len()));
+            match rest.strip_prefix("--") {
+                Some(flag) if before.chars().all(|c| c.is_ascii_punctuation()) => {
+                    let end =
+                        flag.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).unwrap_or(flag.len());
+                    format!("{before}`{}`{}", &flag[..end], &flag[end..])
+                }
+                _ => word.to_owned(),
             }
-            None => word.to_owned(),
         })
         .collect::<Vec<_>>()
         .join(" ")
