@@ -646,8 +646,10 @@ fn the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart() {
     }
     mirrored(&mut node, "copies after the hard reboot");
 
-    // kill -9, then start: the rows are adopted, not made twice.
+    // kill -9, then start with /run lost as after a host reboot (the rows are in OVSDB, on
+    // disk): the rows are adopted from what they record, not made twice.
     assert!(!daemon.stop_with(nix::sys::signal::Signal::SIGKILL));
+    std::fs::remove_dir_all(daemon.run_dir()).expect("remove the daemon's run directory");
     daemon.spawn(&node.ns);
     let status = daemon.wait_for(&node.ns, "adopted", active);
     assert_eq!(session_state(&status, "ids").1, Some(id), "the same session after kill -9");

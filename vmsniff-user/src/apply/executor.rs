@@ -261,7 +261,11 @@ impl<'a> Programs<'a> {
                 Ok(program) => {
                     self.pinned.insert(name.to_owned(), program);
                 }
-                Err(e) => log::debug!("loading {name} anew: its pin {} is unusable: {e}", path.display()),
+                Err(e) => {
+                    log::debug!("loading {name} anew: its pin {} is unusable: {e}", path.display());
+                    // Out of the way, or the fresh program could not be pinned there.
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
         if self.pinned.contains_key(name) {

@@ -15,7 +15,7 @@ use crate::{
         socket_path,
         vswitch::DATABASE,
     },
-    plan::ovs::{OvsAttachPlan, OvsAttachRequest, plan_ovs_attach},
+    plan::ovs::{DaemonOwner, OvsAttachPlan, OvsAttachRequest, plan_ovs_attach},
     resolve::{
         ovs::{check_route, vm_port},
         select::NicChoice,
@@ -138,7 +138,7 @@ pub async fn plan_attach(
     client: &mut Client,
     mirror: &MirrorArgs,
     resolved: &Resolved,
-    daemon: Option<String>,
+    daemon: Option<DaemonOwner>,
 ) -> anyhow::Result<PlannedOvsAttach> {
     let Some(to) = mirror.to else { bail!("--mode ovs sends copies to a GRE collector: give --to IP") };
     let netlink = &namespace.kernel.netlink;

@@ -44,7 +44,7 @@ use crate::{
         mirror::{OvsSession, Snapshot},
     },
     plan::{
-        ovs::{OvsReselectRequest, plan_ovs_reselect},
+        ovs::{DaemonOwner, OvsReselectRequest, plan_ovs_reselect},
         reconcile::{
             Action, OvsAction, OvsPort, Placement, daemon_ovs_sessions, daemon_sessions, plan_ovs_reconcile,
             plan_reconcile,
@@ -105,6 +105,7 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
         sources,
         config,
         options,
+        backoff: BTreeMap::new(),
     };
     log::info!("daemon: started with {} ({})", daemon.options.config.display(), daemon.config);
     daemon.reconcile().await;
@@ -144,6 +145,9 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
                 }
                 daemon.reconcile().await;
                 pass_at = (daemon.waiting() && Instant::now() < retry_until).then(|| Instant::now() + RETRY_EVERY);
+                if let Some(at) = daemon.next_retry() {
+                    pass_at = Some(pass_at.map_or(at, |p| p.min(at)));
+                }
             }
         }
     }
@@ -187,7 +191,21 @@ struct Daemon {
     /// What was last applied to each config session's kernel session.
     records: BTreeMap<String, SessionSpec>,
     state: DaemonState,
+    /// Config sessions whose last attach, re-attach or update failed: not tried again before
+    /// `until`. A failed attempt makes and removes devices or rows, which are events of their
+    /// own: without a pause it would be retried at once, forever.
+    backoff: BTreeMap<String, Backoff>,
 }
+
+struct Backoff {
+    until: Instant,
+    delay: Duration,
+    reason: String,
+}
+
+/// The first pause after a failure, doubled after each further one up to the longest.
+const BACKOFF_FIRST: Duration = Duration::from_secs(2);
+const BACKOFF_LONGEST: Duration = Duration::from_secs(300);
 
 impl Daemon {
     /// A tap that appears may be a waiting VM's; one that goes may be a mirrored one.
@@ -202,11 +220,37 @@ impl Daemon {
         }
     }
 
-    /// Whether OVSDB changes matter: OVS sessions in the config, or the daemon's OVS sessions
-    /// from an earlier config still to remove.
+    /// Whether OVSDB changes matter: the config has OVS sessions. (Those of an earlier config
+    /// go in the pass its reload runs.)
     fn has_ovs_sessions(&self) -> bool {
         self.config.sessions.values().any(SessionSpec::is_ovs)
-            || self.state.sessions.values().any(|s| s.mode == "ovs")
+    }
+
+    /// Why session `name` is not tried now, if it failed recently.
+    fn backing_off(&self, name: &str) -> Option<String> {
+        let backoff = self.backoff.get(name).filter(|b| b.until > Instant::now())?;
+        // The pause, not the time left: the state (and so the log) changes only with a new try.
+        Some(format!("{} (tried again {} s after the failure)", backoff.reason, backoff.delay.as_secs()))
+    }
+
+    /// Records how an action of session `name` went.
+    fn outcome(&mut self, name: &str, result: &Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.backoff.remove(name);
+            }
+            Err(reason) => {
+                let delay =
+                    self.backoff.get(name).map_or(BACKOFF_FIRST, |b| (b.delay * 2).min(BACKOFF_LONGEST));
+                let until = Instant::now() + delay;
+                self.backoff.insert(name.to_owned(), Backoff { until, delay, reason: reason.clone() });
+            }
+        }
+    }
+
+    /// When the next session's pause ends.
+    fn next_retry(&self) -> Option<Instant> {
+        self.backoff.values().map(|b| b.until).filter(|&t| t > Instant::now()).min()
     }
 
     fn waiting(&self) -> bool {
@@ -226,6 +270,8 @@ impl Daemon {
                 );
                 self.config = config;
                 self.state.reload_error = None;
+                // A new config deserves a fresh try.
+                self.backoff.clear();
             }
             Err(e) => {
                 log::error!("daemon: reload refused, the previous config stays in force: {e}");
@@ -256,31 +302,50 @@ impl Daemon {
             placements.insert(name.clone(), placement);
         }
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
-        let observed = match self.clean_and_observe().await {
-            Ok(observed) => observed,
+        let ebpf_actions = match self.clean_and_observe().await {
+            Ok(observed) => {
+                let ebpf_placements = placements.iter().filter(|(n, _)| ebpf_specs.contains_key(*n));
+                let ebpf_placements: BTreeMap<String, Placement<Tap>> =
+                    ebpf_placements.map(|(n, p)| (n.clone(), p.clone())).collect();
+                plan_reconcile(&ebpf_specs, &ebpf_placements, &self.records, &observed)
+            }
+            // OVS sessions need no BPF: they are still looked after.
             Err(e) => {
-                log::error!("daemon: cannot read vmsniff's kernel state: {}", chain(e.as_ref()));
-                return;
+                let reason = format!("cannot read vmsniff's kernel state: {}", chain(e.as_ref()));
+                for name in ebpf_specs.keys() {
+                    failures.insert(name.clone(), reason.clone());
+                }
+                Vec::new()
             }
         };
-        let ebpf_placements = placements.iter().filter(|(n, _)| ebpf_specs.contains_key(*n));
-        let ebpf_placements: BTreeMap<String, Placement<Tap>> =
-            ebpf_placements.map(|(n, p)| (n.clone(), p.clone())).collect();
-        for action in plan_reconcile(&ebpf_specs, &ebpf_placements, &self.records, &observed) {
+        for action in ebpf_actions {
             let name = match &action {
                 Action::Attach { name, .. } | Action::Rehome { name, .. } | Action::Update { name, .. } => {
                     Some(name.clone())
                 }
                 Action::Detach { name, .. } => name.clone(),
             };
-            if let Err(e) = self.apply(&action, &resolved_taps).await {
-                let reason = chain(e.as_ref());
-                match name {
-                    Some(name) => {
+            let retried = !matches!(action, Action::Detach { .. });
+            if let Some(name) = name.as_deref().filter(|_| retried)
+                && let Some(why) = self.backing_off(name)
+            {
+                failures.insert(name.to_owned(), why);
+                continue;
+            }
+            let result = self.apply(&action, &resolved_taps).await.map_err(|e| chain(e.as_ref()));
+            match (name, result) {
+                (Some(name), result) if retried => {
+                    self.outcome(&name, &result);
+                    if let Err(reason) = result {
+                        let reason = self.backing_off(&name).unwrap_or(reason);
                         failures.insert(name, reason);
                     }
-                    None => log::error!("daemon: {action:?} failed: {reason}"),
                 }
+                (Some(name), Err(reason)) => {
+                    failures.insert(name, reason);
+                }
+                (None, Err(reason)) => log::error!("daemon: {action:?} failed: {reason}"),
+                (_, Ok(())) => {}
             }
         }
         let ovs_sessions =
@@ -356,19 +421,39 @@ impl Daemon {
             };
             ports.insert(name.clone(), port);
         }
-        for action in plan_ovs_reconcile(specs, &ports, &self.records, &snapshot.sessions()) {
+        let sessions = snapshot.sessions();
+        // OVS sessions outlive /run (a host reboot): what they were made from is in their rows.
+        for session in sessions.values() {
+            if let (Some(name), Some(argv)) = (session.daemon(), session.daemon_args()) {
+                self.records.insert(name.to_owned(), SessionSpec { line: 0, argv });
+            }
+        }
+        for action in plan_ovs_reconcile(specs, &ports, &self.records, &sessions) {
             let name = match &action {
                 OvsAction::Attach { name, .. } | OvsAction::Reselect { name, .. } => Some(name.clone()),
                 OvsAction::Detach { name, .. } => name.clone(),
             };
-            if let Err(e) = self.apply_ovs(&mut client, &action, resolved).await {
-                let reason = chain(e.as_ref());
-                match name {
-                    Some(name) => {
+            let retried = !matches!(action, OvsAction::Detach { .. });
+            if let Some(name) = name.as_deref().filter(|_| retried)
+                && let Some(why) = self.backing_off(name)
+            {
+                failures.insert(name.to_owned(), why);
+                continue;
+            }
+            let result = self.apply_ovs(&mut client, &action, resolved).await.map_err(|e| chain(e.as_ref()));
+            match (name, result) {
+                (Some(name), result) if retried => {
+                    self.outcome(&name, &result);
+                    if let Err(reason) = result {
+                        let reason = self.backing_off(&name).unwrap_or(reason);
                         failures.insert(name, reason);
                     }
-                    None => log::error!("daemon: {action:?} failed: {reason}"),
                 }
+                (Some(name), Err(reason)) => {
+                    failures.insert(name, reason);
+                }
+                (None, Err(reason)) => log::error!("daemon: {action:?} failed: {reason}"),
+                (_, Ok(())) => {}
             }
         }
         Snapshot::read(&mut client).map(|s| s.sessions()).unwrap_or_default()
@@ -385,12 +470,13 @@ impl Daemon {
                 let spec = self.config.sessions[name].clone();
                 let args = spec.args();
                 let _lock = self.namespace.lock()?;
+                let owner = DaemonOwner { name: name.clone(), argv: spec.argv.clone() };
                 let planned = cli::ovs::plan_attach(
                     &self.namespace,
                     client,
                     &args.mirror,
                     &resolved[name],
-                    Some(name.clone()),
+                    Some(owner),
                 )
                 .await?;
                 apply_ovs_attach(client, &planned.plan)?;
@@ -495,7 +581,11 @@ impl Daemon {
                 let _lock = self.namespace.lock()?;
                 self.namespace.detach(&BTreeSet::from([*id])).await?;
                 match name {
-                    Some(name) => log::info!("session {name}: detached session {id} (its config changed)"),
+                    Some(name) => {
+                        log::info!(
+                            "session {name}: detached session {id} (its config changed, or it was a duplicate)"
+                        )
+                    }
                     None => log::info!("daemon: detached session {id}: its config session is gone"),
                 }
                 if let Some(name) = name {
@@ -521,7 +611,12 @@ impl Daemon {
             let owner = if spec.is_ovs() { &owned_ovs } else { &owned };
             let id = owner.get(&Some(name.clone())).and_then(|ids| ids.first().copied());
             let args = spec.args();
-            let (state, reason) = match (failures.get(name), &placements[name]) {
+            // ovs-vswitchd's word on the GRE port of an OVS session: active in OVSDB is not enough.
+            let gre_error = id
+                .filter(|_| spec.is_ovs())
+                .and_then(|id| ovs_sessions.get(&id)?.gre_interface.as_ref()?.error.clone())
+                .map(|e| format!("ovs-vswitchd cannot use its GRE port: {e}"));
+            let (state, reason) = match (failures.get(name).or(gre_error.as_ref()), &placements[name]) {
                 (Some(reason), _) => ("error", Some(reason.clone())),
                 (None, Placement::Here(_)) if id.is_some() => ("active", None),
                 (None, Placement::Here(_)) => ("error", Some("attached, but its session is gone".into())),
@@ -595,15 +690,31 @@ impl Daemon {
             log::info!("daemon: stopping; the mirrors stay ({why}) for the next start to adopt");
             return Ok(());
         }
-        let ovs = self.stop_ovs()?;
+        // Both kinds, whatever happens to the other: an unreachable OVSDB must not leave the
+        // eBPF mirrors running.
+        let ebpf = self.stop_ebpf().await;
+        let ovs = self.stop_ovs();
+        let (ebpf, ovs) = match (ebpf, ovs) {
+            (Ok(ebpf), Ok(ovs)) => (ebpf, ovs),
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
+            (Err(ebpf), Err(ovs)) => {
+                log::error!("daemon: {}", chain(ovs.as_ref()));
+                return Err(ebpf);
+            }
+        };
+        DaemonState::remove(&self.options.run_dir)?;
+        log::info!("daemon: stopped; detached its {} session(s)", ebpf + ovs);
+        Ok(())
+    }
+
+    /// Detaches the daemon's eBPF sessions; how many there were.
+    async fn stop_ebpf(&self) -> anyhow::Result<usize> {
         let _lock = self.namespace.lock()?;
         let observed = self.namespace.observe()?;
         let ids: BTreeSet<u32> =
             daemon_sessions(self.config.sessions.keys(), &observed).into_values().flatten().collect();
         self.namespace.detach(&ids).await.context("detaching the daemon's sessions")?;
-        DaemonState::remove(&self.options.run_dir)?;
-        log::info!("daemon: stopped; detached its {} session(s)", ids.len() + ovs);
-        Ok(())
+        Ok(ids.len())
     }
 }
 

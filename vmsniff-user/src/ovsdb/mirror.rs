@@ -16,6 +16,8 @@ pub const NIC_KEY: &str = "vmsniff-nic";
 pub const CREATED_KEY: &str = "vmsniff-created-at";
 /// The `vmsniff daemon` config session that keeps this session; absent on `vmsniff attach`'s.
 pub const DAEMON_KEY: &str = "vmsniff-daemon-session";
+/// The attach arguments the daemon made it from, a JSON array of strings.
+pub const DAEMON_ARGS_KEY: &str = "vmsniff-daemon-args";
 
 /// What every table's rows have in common here.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -131,6 +133,11 @@ impl OvsSession {
     /// The daemon's config session that keeps it, if the daemon made it.
     pub fn daemon(&self) -> Option<&str> {
         self.external_id(DAEMON_KEY)
+    }
+
+    /// The attach arguments the daemon made it from.
+    pub fn daemon_args(&self) -> Option<Vec<String>> {
+        serde_json::from_str(self.external_id(DAEMON_ARGS_KEY)?).ok()
     }
 
     pub fn created_at(&self) -> u64 {

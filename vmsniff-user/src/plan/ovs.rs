@@ -14,7 +14,9 @@ use vmsniff_ebpf::MAX_SESSION_ID;
 use super::request::Directions;
 use crate::ovsdb::{
     Condition, Mutation, Operation, datum,
-    mirror::{CREATED_KEY, DAEMON_KEY, NIC_KEY, OvsSession, SESSION_KEY, Snapshot, TAP_KEY, VM_KEY},
+    mirror::{
+        CREATED_KEY, DAEMON_ARGS_KEY, DAEMON_KEY, NIC_KEY, OvsSession, SESSION_KEY, Snapshot, TAP_KEY, VM_KEY,
+    },
 };
 
 /// An OVS mirror session, as asked for and resolved.
@@ -35,9 +37,19 @@ pub struct OvsAttachRequest {
     pub vm: Option<String>,
     pub nic: Option<usize>,
     /// The `vmsniff daemon` config session that keeps it.
-    pub daemon: Option<String>,
+    pub daemon: Option<DaemonOwner>,
     /// Seconds since the epoch.
     pub now: u64,
+}
+
+/// The daemon's config session behind an OVS session, recorded in its rows: OVSDB outlives
+/// the daemon's state file (a host reboot), and a restarted daemon compares its config with
+/// what the rows were made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonOwner {
+    pub name: String,
+    /// Its attach arguments, as the config gave them.
+    pub argv: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -136,7 +148,8 @@ pub fn plan_ovs_attach(
         ids.push((NIC_KEY, nic.to_string()));
     }
     if let Some(daemon) = &request.daemon {
-        ids.push((DAEMON_KEY, daemon.clone()));
+        ids.push((DAEMON_KEY, daemon.name.clone()));
+        ids.push((DAEMON_ARGS_KEY, serde_json::to_string(&daemon.argv).expect("strings serialize")));
     }
     ids.push((CREATED_KEY, request.now.to_string()));
     let options = [
@@ -579,6 +592,22 @@ mod tests {
         assert_eq!(ops[3]["where"], json!([["name", "==", "vmsniff-1"]]));
         assert_eq!(ops[3]["rows"], json!([]));
         assert_eq!(ops[8]["mutations"], json!([["next_cfg", "+=", 1]]));
+    }
+
+    #[test]
+    fn the_daemons_sessions_record_their_config_session_and_arguments() {
+        let argv = vec!["c-private".to_owned(), "--to".to_owned(), "192.0.2.2".to_owned()];
+        let request = OvsAttachRequest {
+            daemon: Some(DaemonOwner { name: "ids".into(), argv: argv.clone() }),
+            ..request()
+        };
+        let plan = plan_ovs_attach(&request, &snapshot(), &BTreeSet::new()).unwrap();
+        let ops = json(&plan.operations);
+        let ids = ops[6]["row"]["external_ids"][1].as_array().unwrap().clone();
+        let get = |key: &str| ids.iter().find(|p| p[0] == key).map(|p| p[1].as_str().unwrap().to_owned());
+        assert_eq!(get(DAEMON_KEY).as_deref(), Some("ids"));
+        let recorded: Vec<String> = serde_json::from_str(&get(DAEMON_ARGS_KEY).unwrap()).unwrap();
+        assert_eq!(recorded, argv);
     }
 
     #[test]
