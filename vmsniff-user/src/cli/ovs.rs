@@ -66,6 +66,11 @@ pub fn reserved_ids(sources: &Sources) -> BTreeSet<u32> {
     }
 }
 
+/// The collector an OVS session sends to: `--to`, required.
+fn collector(mirror: &MirrorArgs) -> anyhow::Result<std::net::Ipv4Addr> {
+    mirror.to.context("--mode ovs sends copies to a GRE collector: give --to IP")
+}
+
 /// Refuses what only eBPF mode can do, naming each option.
 pub fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
     let controls = &args.controls;
@@ -92,9 +97,7 @@ pub fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
             if given.len() == 1 { "it" } else { "them" }
         );
     }
-    if args.mirror.to.is_none() {
-        bail!("--mode ovs sends copies to a GRE collector: give --to IP");
-    }
+    collector(&args.mirror)?;
     Ok(())
 }
 
@@ -140,7 +143,7 @@ pub async fn plan_attach(
     resolved: &Resolved,
     daemon: Option<DaemonOwner>,
 ) -> anyhow::Result<PlannedOvsAttach> {
-    let Some(to) = mirror.to else { bail!("--mode ovs sends copies to a GRE collector: give --to IP") };
+    let to = collector(mirror)?;
     let netlink = &namespace.kernel.netlink;
     let snapshot = Snapshot::read(client)?;
     let port = vm_port(netlink, resolved, &snapshot).await?;

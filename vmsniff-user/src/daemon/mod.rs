@@ -248,6 +248,42 @@ impl Daemon {
         }
     }
 
+    /// Whether an action of session `name` waits out its pause (then `failures` says why).
+    fn held_back(&self, name: Option<&str>, retried: bool, failures: &mut BTreeMap<String, String>) -> bool {
+        let Some(why) = name.filter(|_| retried).and_then(|n| self.backing_off(n)) else { return false };
+        failures.insert(name.unwrap_or_default().to_owned(), why);
+        true
+    }
+
+    /// Records an action's outcome: the session's pause, and its failure for the state.
+    fn settle(
+        &mut self,
+        name: Option<String>,
+        retried: bool,
+        action: &dyn std::fmt::Debug,
+        result: anyhow::Result<()>,
+        failures: &mut BTreeMap<String, String>,
+    ) {
+        let result = result.map_err(|e| chain(e.as_ref()));
+        let Some(name) = name else {
+            if let Err(reason) = result {
+                log::error!("daemon: {action:?} failed: {reason}");
+            }
+            return;
+        };
+        if !retried {
+            if let Err(reason) = result {
+                failures.insert(name, reason);
+            }
+            return;
+        }
+        self.outcome(&name, &result);
+        if let Err(reason) = result {
+            let reason = self.backing_off(&name).unwrap_or(reason);
+            failures.insert(name, reason);
+        }
+    }
+
     /// When the next session's pause ends.
     fn next_retry(&self) -> Option<Instant> {
         self.backoff.values().map(|b| b.until).filter(|&t| t > Instant::now()).min()
@@ -319,34 +355,12 @@ impl Daemon {
             }
         };
         for action in ebpf_actions {
-            let name = match &action {
-                Action::Attach { name, .. } | Action::Rehome { name, .. } | Action::Update { name, .. } => {
-                    Some(name.clone())
-                }
-                Action::Detach { name, .. } => name.clone(),
-            };
-            let retried = !matches!(action, Action::Detach { .. });
-            if let Some(name) = name.as_deref().filter(|_| retried)
-                && let Some(why) = self.backing_off(name)
-            {
-                failures.insert(name.to_owned(), why);
+            let (name, retried) = (action.name().map(str::to_owned), action.retried());
+            if self.held_back(name.as_deref(), retried, &mut failures) {
                 continue;
             }
-            let result = self.apply(&action, &resolved_taps).await.map_err(|e| chain(e.as_ref()));
-            match (name, result) {
-                (Some(name), result) if retried => {
-                    self.outcome(&name, &result);
-                    if let Err(reason) = result {
-                        let reason = self.backing_off(&name).unwrap_or(reason);
-                        failures.insert(name, reason);
-                    }
-                }
-                (Some(name), Err(reason)) => {
-                    failures.insert(name, reason);
-                }
-                (None, Err(reason)) => log::error!("daemon: {action:?} failed: {reason}"),
-                (_, Ok(())) => {}
-            }
+            let result = self.apply(&action, &resolved_taps).await;
+            self.settle(name, retried, &action, result, &mut failures);
         }
         let ovs_sessions =
             self.reconcile_ovs(&ovs_specs, &mut placements, &resolved_taps, &mut failures).await;
@@ -429,32 +443,12 @@ impl Daemon {
             }
         }
         for action in plan_ovs_reconcile(specs, &ports, &self.records, &sessions) {
-            let name = match &action {
-                OvsAction::Attach { name, .. } | OvsAction::Reselect { name, .. } => Some(name.clone()),
-                OvsAction::Detach { name, .. } => name.clone(),
-            };
-            let retried = !matches!(action, OvsAction::Detach { .. });
-            if let Some(name) = name.as_deref().filter(|_| retried)
-                && let Some(why) = self.backing_off(name)
-            {
-                failures.insert(name.to_owned(), why);
+            let (name, retried) = (action.name().map(str::to_owned), action.retried());
+            if self.held_back(name.as_deref(), retried, failures) {
                 continue;
             }
-            let result = self.apply_ovs(&mut client, &action, resolved).await.map_err(|e| chain(e.as_ref()));
-            match (name, result) {
-                (Some(name), result) if retried => {
-                    self.outcome(&name, &result);
-                    if let Err(reason) = result {
-                        let reason = self.backing_off(&name).unwrap_or(reason);
-                        failures.insert(name, reason);
-                    }
-                }
-                (Some(name), Err(reason)) => {
-                    failures.insert(name, reason);
-                }
-                (None, Err(reason)) => log::error!("daemon: {action:?} failed: {reason}"),
-                (_, Ok(())) => {}
-            }
+            let result = self.apply_ovs(&mut client, &action, resolved).await;
+            self.settle(name, retried, &action, result, failures);
         }
         Snapshot::read(&mut client).map(|s| s.sessions()).unwrap_or_default()
     }

@@ -672,26 +672,8 @@ mod tests {
 
     #[test]
     fn detach_removes_exactly_the_sessions_rows() {
-        let mut snapshot = snapshot();
         let ids = BTreeMap::from([(SESSION_KEY.to_owned(), "1".to_owned())]);
-        snapshot.bridges[0].ports.push("p-gre".into());
-        snapshot.bridges[0].mirrors.push("m-1".into());
-        snapshot.ports.push(PortRow {
-            row: Row { external_ids: ids.clone(), ..row("p-gre", "vms1-ovs") },
-            interfaces: vec!["i-gre".into()],
-        });
-        snapshot.interfaces.push(InterfaceRow {
-            row: Row { external_ids: ids.clone(), ..row("i-gre", "vms1-ovs") },
-            kind: "gre".into(),
-            ..Default::default()
-        });
-        snapshot.mirrors.push(MirrorRow {
-            row: Row { external_ids: ids, ..row("m-1", "vmsniff-1") },
-            select_src_port: vec!["p-qvo".into()],
-            select_dst_port: vec!["p-qvo".into()],
-            output_port: Some("p-gre".into()),
-            ..Default::default()
-        });
+        let snapshot = with_session(1, ids, &["p-qvo"]);
         let sessions = snapshot.sessions();
         assert_eq!(sessions.keys().copied().collect::<Vec<_>>(), [1]);
         let session = &sessions[&1];
@@ -715,32 +697,43 @@ mod tests {
         assert!(!text.contains("m-span") && !text.contains("p-span") && !text.contains("p-qvo"));
     }
 
+    /// The snapshot with vmsniff session `id` on br-int: its GRE port, interface and Mirror,
+    /// each carrying `ids`, the Mirror selecting the ports `selected` both ways.
+    fn with_session(id: u32, ids: BTreeMap<String, String>, selected: &[&str]) -> Snapshot {
+        let mut snapshot = snapshot();
+        let (gre, mirror) = (gre_port_name(id), mirror_name(id));
+        let mirror_uuid = format!("m-{id}");
+        snapshot.bridges[0].ports.push("p-gre".into());
+        snapshot.bridges[0].mirrors.push(mirror_uuid.clone());
+        snapshot.ports.push(PortRow {
+            row: Row { external_ids: ids.clone(), ..row("p-gre", &gre) },
+            interfaces: vec!["i-gre".into()],
+        });
+        snapshot.interfaces.push(InterfaceRow {
+            row: Row { external_ids: ids.clone(), ..row("i-gre", &gre) },
+            kind: "gre".into(),
+            ..Default::default()
+        });
+        let selected: Vec<String> = selected.iter().map(|p| p.to_string()).collect();
+        snapshot.mirrors.push(MirrorRow {
+            row: Row { external_ids: ids, ..row(&mirror_uuid, &mirror) },
+            select_src_port: selected.clone(),
+            select_dst_port: selected,
+            output_port: Some("p-gre".into()),
+            ..Default::default()
+        });
+        snapshot
+    }
+
     /// The snapshot with session 4 of the daemon's config session "ids", whose Mirror lost
     /// the VM's port (deleted with its VM) and now selects nothing.
     fn with_orphaned_mirror() -> Snapshot {
-        let mut snapshot = snapshot();
         let ids = BTreeMap::from([
             (SESSION_KEY.to_owned(), "4".to_owned()),
             (TAP_KEY.to_owned(), "tapold".to_owned()),
             (DAEMON_KEY.to_owned(), "ids".to_owned()),
         ]);
-        snapshot.bridges[0].ports.push("p-gre".into());
-        snapshot.bridges[0].mirrors.push("m-4".into());
-        snapshot.ports.push(PortRow {
-            row: Row { external_ids: ids.clone(), ..row("p-gre", "vms4-ovs") },
-            interfaces: vec!["i-gre".into()],
-        });
-        snapshot.interfaces.push(InterfaceRow {
-            row: Row { external_ids: ids.clone(), ..row("i-gre", "vms4-ovs") },
-            kind: "gre".into(),
-            ..Default::default()
-        });
-        snapshot.mirrors.push(MirrorRow {
-            row: Row { external_ids: ids, ..row("m-4", "vmsniff-4") },
-            output_port: Some("p-gre".into()),
-            ..Default::default()
-        });
-        snapshot
+        with_session(4, ids, &[])
     }
 
     #[test]

@@ -57,6 +57,36 @@ pub enum OvsAction {
     Detach { name: Option<String>, id: u32 },
 }
 
+impl Action {
+    /// The config session it is for (`None`: a session of no config session).
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Action::Attach { name, .. } | Action::Rehome { name, .. } | Action::Update { name, .. } => {
+                Some(name)
+            }
+            Action::Detach { name, .. } => name.as_deref(),
+        }
+    }
+
+    /// Whether a failure is tried again later (a detach is planned anew by every pass).
+    pub fn retried(&self) -> bool {
+        !matches!(self, Action::Detach { .. })
+    }
+}
+
+impl OvsAction {
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            OvsAction::Attach { name, .. } | OvsAction::Reselect { name, .. } => Some(name),
+            OvsAction::Detach { name, .. } => name.as_deref(),
+        }
+    }
+
+    pub fn retried(&self) -> bool {
+        !matches!(self, OvsAction::Detach { .. })
+    }
+}
+
 /// The daemon's sessions in the kernel, by config name; tags no config session has are under
 /// `None`.
 pub fn daemon_sessions<'a>(
