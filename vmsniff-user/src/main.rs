@@ -1,24 +1,12 @@
 //! vmsniff: mirror a VM's frames from the hypervisor to a remote collector.
-mod apply;
-mod cli;
-mod collect;
-mod daemon;
-mod netlink;
-mod netns;
-mod observe;
-mod ovsdb;
-mod paths;
-mod plan;
-mod privilege;
-mod resolve;
-mod session;
-mod wire;
-
 use std::{io::Write as _, process::ExitCode};
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command};
+use vmsniff_user::{
+    chain,
+    cli::{self, Cli, Command},
+};
 
 fn main() -> ExitCode {
     init_logging();
@@ -57,7 +45,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            log::error!("{}", apply::executor::chain(error.as_ref()));
+            log::error!("{}", chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -1,26 +1,31 @@
 //! The one executor: runs a plan's steps against the kernel. An attach that fails half-way is
 //! undone step by step in reverse, so a failed command leaves the system as it found it; a
 //! detach goes on past a failing step and reports every failure at the end.
+use crate::model::error::chain;
 use aya::programs::SchedClassifier;
 use vmsniff_ebpf::{
     SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TapSessions,
     TcHook, program_name,
 };
 
-use super::{
-    KernelError, gre,
-    maps::{self, PinnedMaps},
-    tc,
+use crate::{
+    apply::{gre, tc},
+    sys::{
+        KernelError,
+        maps::{self, PinnedMaps},
+    },
 };
 use crate::{
-    netlink::Netlink,
-    paths::{PinPaths, gre_device_alias},
+    model::mirror::AttachMode,
     plan::{
         attach::{AttachPlan, AttachStep},
         detach::DetachStep,
         rehome::RehomePlan,
-        request::AttachMode,
         update::UpdatePlan,
+    },
+    sys::{
+        netlink::Netlink,
+        paths::{PinPaths, gre_device_alias},
     },
 };
 
@@ -438,16 +443,4 @@ async fn apply_detach_step(
         DetachStep::FreeSession { id } => maps.set_session(*id, &SessionConfig::EMPTY),
         DetachStep::RemovePins => maps::remove_pins(&kernel.paths),
     }
-}
-
-/// An error and its causes on one line.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -17,11 +17,11 @@ use netlink_packet_route::link::{
 };
 use rtnetlink::{LinkGre, LinkUnspec};
 
-use super::KernelError;
+use crate::sys::KernelError;
 use crate::{
-    netlink::{Netlink, errno},
+    model::wire::{erspan_d_bit, erspan_ii_index},
     plan::attach::GreDevice,
-    wire::{erspan_d_bit, erspan_ii_index},
+    sys::netlink::{Netlink, errno},
 };
 
 /// IFLA_GRE_IGNORE_DF, which netlink-packet-route does not name.

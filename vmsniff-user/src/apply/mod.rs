@@ -1,11 +1,5 @@
-//! Carrying plans out in the kernel: bpffs, pinned maps, tc programs, GRE devices. One executor
+//! Carrying plans out in the kernel: tc programs, GRE devices, the maps they use. One executor
 //! applies a plan's steps and undoes them in reverse when one fails.
-pub mod bpffs;
-pub mod error;
 pub mod executor;
 pub mod gre;
-pub mod maps;
-pub mod ovs;
 pub mod tc;
-
-pub use error::KernelError;

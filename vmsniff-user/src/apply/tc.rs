@@ -16,8 +16,11 @@ use futures::TryStreamExt as _;
 use netlink_packet_route::tc::{TcAttribute, TcHandle as NlTcHandle, TcMessage};
 use vmsniff_ebpf::TcHook;
 
-use super::KernelError;
-use crate::{netlink::Netlink, paths::PinPaths, plan::request::AttachMode};
+use crate::sys::KernelError;
+use crate::{
+    model::mirror::AttachMode,
+    sys::{netlink::Netlink, paths::PinPaths},
+};
 
 fn attach_type(hook: TcHook) -> TcAttachType {
     match hook {
@@ -309,7 +312,7 @@ pub async fn remove_clsact_if_unused(
     match request.execute().await {
         Ok(()) => Ok(()),
         // ENOENT/EINVAL: the qdisc is gone already.
-        Err(e) if matches!(crate::netlink::errno(&e), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
+        Err(e) if matches!(crate::sys::netlink::errno(&e), Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(()),
         Err(e) => {
             Err(KernelError::netlink(format!("removing the clsact qdisc vmsniff added to {tap_name}"))(e))
         }
@@ -333,7 +336,7 @@ async fn filter_messages(
             Ok(messages.into_iter().filter(|m| m.header.handle != NlTcHandle::from(0u32)).collect())
         }
         // EINVAL: no clsact qdisc, so no filter on that hook.
-        Err(e) if crate::netlink::errno(&e) == Some(libc::EINVAL) => Ok(Vec::new()),
+        Err(e) if crate::sys::netlink::errno(&e) == Some(libc::EINVAL) => Ok(Vec::new()),
         Err(e) => Err(KernelError::netlink(format!("listing tc filters of ifindex {ifindex}"))(e)),
     }
 }

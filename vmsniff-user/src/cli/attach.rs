@@ -4,9 +4,10 @@ use clap::Args;
 
 use super::{controls::ControlArgs, target::MirrorArgs};
 use crate::{
-    plan::request::{AttachRequest, Owner, Tap},
+    model::mirror::{Owner, Tap},
+    plan::request::AttachRequest,
     resolve::vm::{Resolved, Sources},
-    session::{Namespace, tcx_supported},
+    service::namespace::{Namespace, tcx_supported},
 };
 
 #[derive(Args, Debug)]
@@ -20,8 +21,8 @@ pub struct AttachArgs {
     /// `ebpf`: tc programs on the tap clone the frames (every plug, all controls). `ovs`: an Open
     /// vSwitch Mirror on the VM's OVS port with a GRE output port, as `ovs-vsctl create mirror`
     /// makes it (OVS plugs only).
-    #[arg(long, value_enum, default_value_t = super::ovs::Mode::Ebpf)]
-    pub mode: super::ovs::Mode,
+    #[arg(long, value_enum, default_value_t = crate::model::mirror::Mode::Ebpf)]
+    pub mode: crate::model::mirror::Mode,
 
     /// With --mode ovs: print the OVSDB transaction and the equivalent ovs-vsctl command, and
     /// change nothing.
@@ -32,7 +33,7 @@ pub struct AttachArgs {
 impl AttachArgs {
     /// Refuses `--mode ovs` and `--dry-run` where only eBPF mode applies.
     pub fn require_ebpf(&self, command: &str) -> anyhow::Result<()> {
-        if self.mode == super::ovs::Mode::Ovs {
+        if self.mode == crate::model::mirror::Mode::Ovs {
             bail!(
                 "`vmsniff {command}` runs eBPF mode only: an OVS mirror persists by itself; use `vmsniff attach --mode ovs`"
             );
@@ -45,8 +46,8 @@ impl AttachArgs {
 }
 
 pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
-    if args.mode == super::ovs::Mode::Ovs {
-        return super::ovs::attach(sources, args).await;
+    if args.mode == crate::model::mirror::Mode::Ovs {
+        return crate::service::ovs::attach(sources, args).await;
     }
     args.require_ebpf("attach")?;
     let namespace = Namespace::open()?;
@@ -97,7 +98,7 @@ pub async fn attach_resolved(
     };
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
-    let (id, key) = namespace.attach(&request, super::ovs::reserved_ids(sources)).await?;
+    let (id, key) = namespace.attach(&request, crate::service::ovs::reserved_ids(sources)).await?;
     log::info!(
         "session {id}: mirroring {} ({}) of {} to {}{}",
         request.directions.as_str(),
@@ -105,17 +106,17 @@ pub async fn attach_resolved(
         describe(resolved),
         request.target,
         match request.target {
-            crate::plan::request::Target::Gre { encap: crate::wire::Encap::Gre, .. } =>
+            crate::model::mirror::Target::Gre { encap: crate::model::wire::Encap::Gre, .. } =>
                 format!(", GRE key {key} (wire keys {} out, {} in)", key * 2, key * 2 + 1),
-            crate::plan::request::Target::Gre { .. } => format!(", ERSPAN session id {key}"),
-            crate::plan::request::Target::LocalDev { .. } => String::new(),
+            crate::model::mirror::Target::Gre { .. } => format!(", ERSPAN session id {key}"),
+            crate::model::mirror::Target::LocalDev { .. } => String::new(),
         }
     );
     Ok((id, request))
 }
 
-pub fn direction_words(directions: crate::plan::request::Directions) -> &'static str {
-    use crate::plan::request::Directions;
+pub fn direction_words(directions: crate::model::mirror::Directions) -> &'static str {
+    use crate::model::mirror::Directions;
     match directions {
         Directions::In => "frames going into the VM",
         Directions::Out => "frames the VM sends",

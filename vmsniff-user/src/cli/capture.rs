@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::{attach::describe, target::NicArgs};
 use crate::{
-    netlink::Netlink,
     resolve::vm::{Sources, resolve_tap},
+    sys::netlink::Netlink,
 };
 
 #[derive(Args, Debug)]

@@ -2,7 +2,7 @@
 use clap::Args;
 
 use super::sessions::SessionArgs;
-use crate::{resolve::vm::Sources, session::Namespace};
+use crate::{resolve::vm::Sources, service::namespace::Namespace};
 
 #[derive(Args, Debug)]
 pub struct DetachArgs {
@@ -16,7 +16,7 @@ pub async fn run(sources: &Sources, args: DetachArgs) -> anyhow::Result<()> {
     let _lock = namespace.lock()?;
     namespace.clean_orphans().await?;
     let observed = namespace.observe()?;
-    let ovs = super::ovs::select(sources, &args.sessions)?.filter(|(_, ids)| !ids.is_empty());
+    let ovs = crate::service::ovs::select(sources, &args.sessions)?.filter(|(_, ids)| !ids.is_empty());
     let ids = match args.sessions.select("detach", sources, &observed) {
         Ok(ids) => ids,
         // What named OVS sessions only matches no eBPF session.
@@ -30,7 +30,7 @@ pub async fn run(sources: &Sources, args: DetachArgs) -> anyhow::Result<()> {
         log::info!("session {id} detached");
     }
     if let Some((mut client, ids)) = ovs {
-        super::ovs::detach(&mut client, &ids)?;
+        crate::service::ovs::detach(&mut client, &ids)?;
         for id in &ids {
             log::info!("session {id} (OVS mirror) detached");
         }

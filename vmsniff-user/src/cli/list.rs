@@ -5,14 +5,14 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    apply::executor::chain,
+    model::error::chain,
     observe::inventory::{self, LIST_VERSION},
     resolve::{
         domain::Plug,
         libvirt::{Libvirt, Vm},
         vm::{OvsView, Sources},
     },
-    session::Namespace,
+    service::namespace::Namespace,
 };
 
 #[derive(Args, Debug)]

@@ -9,11 +9,11 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::attach::{AttachArgs, attach};
 use crate::{
-    apply::{executor::chain, maps::PinnedMaps},
+    model::{error::chain, mirror::Owner},
     observe::status,
-    plan::request::Owner,
     resolve::vm::Sources,
-    session::Namespace,
+    service::namespace::Namespace,
+    sys::maps::PinnedMaps,
 };
 
 pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {

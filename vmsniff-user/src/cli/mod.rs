@@ -8,7 +8,6 @@ pub mod detach;
 pub mod install;
 pub mod list;
 pub mod mirror;
-pub mod ovs;
 pub mod sessions;
 pub mod show;
 pub mod status;

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::target::NicArgs;
 use crate::{
-    plan::Observed,
+    model::observed::Observed,
     resolve::{
         interface::validate_name,
         select::NicChoice,

@@ -10,7 +10,6 @@ use super::{
     target::NicArgs,
 };
 use crate::{
-    netlink::Netlink,
     observe::{
         inventory::{self, LIST_VERSION, NicRow, nic_row},
         path::{Hop, frame_path},
@@ -21,6 +20,7 @@ use crate::{
         select::{NicChoice, choose_nic, find_vm},
         vm::Sources,
     },
+    sys::netlink::Netlink,
 };
 
 #[derive(Args, Debug)]

@@ -4,12 +4,12 @@ use clap::Args;
 
 use super::target::NicArgs;
 use crate::{
-    apply::maps::PinnedMaps,
     daemon::state::DaemonState,
     observe::status,
     plan::detach::ifname,
     resolve::vm::{Sources, vm_taps},
-    session::Namespace,
+    service::namespace::Namespace,
+    sys::maps::PinnedMaps,
 };
 
 #[derive(Args, Debug)]
@@ -31,13 +31,13 @@ pub struct StatusArgs {
 
 pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
     let namespace = Namespace::open_for_reading()?;
-    let lock = crate::apply::bpffs::read_lock()?;
+    let lock = crate::sys::bpffs::read_lock()?;
     let maps = PinnedMaps::open(&namespace.kernel.paths)?;
     let observed = namespace.observe()?;
     let mut status = status::read(&namespace.kernel.netlink, maps.as_ref(), &observed).await?;
     drop(lock);
     crate::observe::vm_names::fill(&mut status, sources);
-    let mut ovs = super::ovs::status(sources);
+    let mut ovs = crate::service::ovs::status(sources);
     if let Some(vm) = &args.vm {
         let recorded = |name: &str| {
             observed.taps.values().any(|t| ifname(&t.ifname) == name)
@@ -58,7 +58,7 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
     }
     let daemon = daemon_state(&args.run_dir.run_dir);
     if args.json {
-        let mut merged = super::ovs::merge_json(serde_json::to_value(&status)?, &ovs)?;
+        let mut merged = crate::service::ovs::merge_json(serde_json::to_value(&status)?, &ovs)?;
         merged["daemon"] = serde_json::to_value(&daemon)?;
         println!("{}", serde_json::to_string_pretty(&merged)?);
         return Ok(());
@@ -71,7 +71,7 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", status::render_table(&status));
     }
     if !ovs.is_empty() {
-        print!("{}", crate::observe::ovs::render_table(&ovs));
+        print!("{}", crate::ovs::status::render_table(&ovs));
     }
     if let Some(daemon) = daemon {
         if !ovs.is_empty() {
@@ -84,7 +84,7 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
 
 /// The state of a daemon of this network namespace, if one runs or left mirrors to adopt.
 fn daemon_state(run_dir: &std::path::Path) -> Option<DaemonState> {
-    let netns = crate::netns::current_inode().ok()?;
+    let netns = crate::sys::netns::current_inode().ok()?;
     match DaemonState::read(run_dir) {
         Ok(state) => state.filter(|s| s.netns == netns),
         Err(e) => {

@@ -2,15 +2,17 @@
 use clap::Args;
 
 use crate::{
-    netlink::Netlink,
-    plan::request::{AttachModeChoice, Directions, Target, parse_collector},
+    model::{
+        mac::Mac,
+        mirror::{AttachModeChoice, Directions, Target, parse_collector},
+        wire::{Encap, EncapChoice, EncapError, MAX_ERSPAN_HWID},
+    },
     resolve::{
-        domain::Mac,
         interface::{InterfaceError, ethernet_interface},
         select::NicChoice,
         vm::{ResolveError, Resolved, Sources, resolve_tap},
     },
-    wire::{Encap, EncapChoice, EncapError, MAX_ERSPAN_HWID},
+    sys::netlink::Netlink,
 };
 
 #[derive(Args, Debug)]

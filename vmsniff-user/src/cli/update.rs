@@ -11,7 +11,7 @@ use crate::{
         update::{ControlChange, plan_update},
     },
     resolve::vm::Sources,
-    session::Namespace,
+    service::namespace::Namespace,
 };
 
 #[derive(Args, Debug)]

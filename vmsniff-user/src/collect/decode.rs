@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use thiserror::Error;
 use vmsniff_ebpf::{Direction, split_gre_wire_key};
 
-use crate::wire::{
+use crate::model::wire::{
     MAX_ERSPAN_SESSION, PROTO_ERSPAN_II, PROTO_ERSPAN_III, PROTO_TEB, direction_of_d_bit,
     direction_of_erspan_ii_index,
 };

@@ -20,7 +20,7 @@ use super::{
     pcapng::{Capture, Destination, FLUSH_INTERVAL, Interface, Packet, PcapngError, Rotate},
     stats::{InterfaceKey, Stats, StreamKey, render_live, render_summary},
 };
-use crate::wire::pcapng_direction_flags;
+use crate::model::wire::pcapng_direction_flags;
 
 /// Packets read per wakeup before signals and timers get their turn, under a flood too.
 const BATCH: usize = 256;
@@ -345,7 +345,7 @@ mod tests {
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();
         let frame = ipv4_frame(60, 46);
-        let good = ipv4(47, &gre(false, Some(3), Some(1), crate::wire::PROTO_TEB, &frame));
+        let good = ipv4(47, &gre(false, Some(3), Some(1), crate::model::wire::PROTO_TEB, &frame));
         let mut stranger = good.clone();
         stranger[12..16].copy_from_slice(&[203, 0, 113, 5]);
         let mut x: u32 = 99;

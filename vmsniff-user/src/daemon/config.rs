@@ -9,7 +9,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::cli::{attach::AttachArgs, ovs::Mode};
+use crate::{cli::attach::AttachArgs, model::mirror::Mode};
 
 /// A checked config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,11 +228,11 @@ fn check_session(args: &AttachArgs) -> Result<(), (&'static str, String)> {
         ));
     }
     if args.mode == Mode::Ovs {
-        return crate::cli::ovs::refuse_ebpf_options(args)
+        return crate::service::ovs::refuse_ebpf_options(args)
             .map_err(|e| ("mode", flags_as_keys(&format!("{e:#}").replace("--mode ovs", "mode = \"ovs\""))));
     }
-    args.controls.controls().map_err(|e| ("filter", crate::apply::executor::chain(&e)))?;
-    args.mirror.encap().map_err(|e| ("encap", crate::apply::executor::chain(&e)))?;
+    args.controls.controls().map_err(|e| ("filter", crate::model::error::chain(&e)))?;
+    args.mirror.encap().map_err(|e| ("encap", crate::model::error::chain(&e)))?;
     Ok(())
 }
 

@@ -4,10 +4,11 @@
 //! actions), so a missed or repeated event costs nothing but a later pass.
 pub mod config;
 mod links;
-mod ovs_events;
+pub mod reconcile;
 pub mod state;
 mod systemd;
 
+use crate::ovs::events::OvsEvents;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::{self, File, OpenOptions},
@@ -26,40 +27,37 @@ use vmsniff_ebpf::daemon_tag;
 use self::{
     config::{DaemonConfig, SessionSpec},
     links::{LinkChange, LinkEvents},
-    ovs_events::OvsEvents,
     state::{DaemonSession, DaemonState, STATE_VERSION},
 };
 use crate::{
-    apply::{
-        executor::{apply_rehome, apply_update, chain},
-        ovs::{apply_attach as apply_ovs_attach, apply_reselect as apply_ovs_reselect},
+    apply::executor::{apply_rehome, apply_update},
+    cli::attach::{attach_resolved, describe},
+    daemon::reconcile::{
+        Action, OvsAction, OvsPort, Placement, daemon_ovs_sessions, daemon_sessions, plan_ovs_reconcile,
+        plan_reconcile,
     },
-    cli::{
-        self,
-        attach::{attach_resolved, describe},
+    model::{
+        error::chain,
+        mirror::{Owner, Tap},
     },
-    netns,
-    ovsdb::{
-        self,
-        mirror::{OvsSession, Snapshot},
+    ovs::{
+        apply::{apply_attach as apply_ovs_attach, apply_reselect as apply_ovs_reselect},
+        plan::{DaemonOwner, OvsReselectRequest, plan_ovs_reselect},
+        port::{OvsPortError, vm_port},
+        session::{OvsSession, Snapshot},
     },
+    ovsdb,
     plan::{
-        ovs::{DaemonOwner, OvsReselectRequest, plan_ovs_reselect},
-        reconcile::{
-            Action, OvsAction, OvsPort, Placement, daemon_ovs_sessions, daemon_sessions, plan_ovs_reconcile,
-            plan_reconcile,
-        },
         rehome::plan_rehome,
-        request::{Owner, Tap},
         update::{ControlChange, plan_update},
     },
     resolve::{
         interface::InterfaceError,
-        ovs::{OvsPortError, vm_port},
         select::SelectError,
         vm::{ResolveError, Resolved, Sources},
     },
-    session::{Namespace, tcx_supported},
+    service::namespace::{Namespace, tcx_supported},
+    sys::netns,
 };
 
 /// After a tap appears, libvirt may need a moment before its domain XML names it: waiting
@@ -378,7 +376,7 @@ impl Daemon {
         resolved: &BTreeMap<String, Resolved>,
         failures: &mut BTreeMap<String, String>,
     ) -> BTreeMap<u32, OvsSession> {
-        let mut client = match cli::ovs::connect(&self.sources) {
+        let mut client = match crate::service::ovs::connect(&self.sources) {
             Ok(client) => client,
             Err(e) if specs.is_empty() => {
                 log::debug!("no OVSDB, so no OVS sessions of the daemon to look after: {e}");
@@ -465,7 +463,7 @@ impl Daemon {
                 let args = spec.args();
                 let _lock = self.namespace.lock()?;
                 let owner = DaemonOwner { name: name.clone(), argv: spec.argv.clone() };
-                let planned = cli::ovs::plan_attach(
+                let planned = crate::service::ovs::plan_attach(
                     &self.namespace,
                     client,
                     &args.mirror,
@@ -496,7 +494,7 @@ impl Daemon {
                 );
             }
             OvsAction::Detach { name, id } => {
-                cli::ovs::detach(client, &BTreeSet::from([*id]))?;
+                crate::service::ovs::detach(client, &BTreeSet::from([*id]))?;
                 match name {
                     Some(name) => {
                         log::info!("session {name}: detached OVS session {id} (its config changed)")
@@ -511,7 +509,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn clean_and_observe(&self) -> anyhow::Result<crate::plan::Observed> {
+    async fn clean_and_observe(&self) -> anyhow::Result<crate::model::observed::Observed> {
         let _lock = self.namespace.lock()?;
         self.namespace.clean_orphans().await?;
         Ok(self.namespace.observe()?)
@@ -594,7 +592,7 @@ impl Daemon {
     fn record_states(
         &mut self,
         placements: &BTreeMap<String, Placement>,
-        observed: &crate::plan::Observed,
+        observed: &crate::model::observed::Observed,
         ovs_sessions: &BTreeMap<u32, OvsSession>,
         failures: BTreeMap<String, String>,
     ) {
@@ -655,7 +653,7 @@ impl Daemon {
 
     /// Removes the daemon's OVS sessions; how many there were.
     fn stop_ovs(&self) -> anyhow::Result<usize> {
-        let mut client = match cli::ovs::connect(&self.sources) {
+        let mut client = match crate::service::ovs::connect(&self.sources) {
             Ok(client) => client,
             Err(e) if !self.config.sessions.values().any(SessionSpec::is_ovs) => {
                 log::debug!("no OVSDB, so no OVS sessions to remove: {e}");
@@ -666,7 +664,7 @@ impl Daemon {
         let sessions = Snapshot::read(&mut client)?.sessions();
         let ids: BTreeSet<u32> =
             daemon_ovs_sessions(self.config.sessions.keys(), &sessions).into_values().flatten().collect();
-        cli::ovs::detach(&mut client, &ids).context("removing the daemon's OVS sessions")?;
+        crate::service::ovs::detach(&mut client, &ids).context("removing the daemon's OVS sessions")?;
         Ok(ids.len())
     }
 

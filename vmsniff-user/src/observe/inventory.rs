@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::{
+    model::{mac::Mac, observed::Observed},
     ovsdb::vswitch::{FoundBy, OvsAttachment},
-    plan::{Observed, detach::ifname},
+    plan::detach::ifname,
     resolve::{
-        domain::{Mac, Nic, Plug},
+        domain::{Nic, Plug},
         libvirt::{Vm, VmState},
         vm::{OvsView, port_id},
     },

@@ -1,7 +1,6 @@
 //! What is running now, read from the kernel, libvirt and OVSDB: sessions, their counters and
 //! devices, the host's VM NICs and the path their frames take.
 pub mod inventory;
-pub mod ovs;
 pub mod path;
 pub mod status;
 pub mod vm_names;

@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
-    netlink::{Link, Netlink},
     ovsdb::vswitch::OvsAttachment,
     resolve::{
         domain::{Nic, Plug},
         interface::validate_name,
         vm::OvsView,
     },
+    sys::netlink::{Link, Netlink},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -9,14 +9,19 @@ use vmsniff_ebpf::{
 };
 
 use crate::{
-    apply::{KernelError, maps::PinnedMaps},
-    netlink::{ErspanLink, LinkStats, Netlink},
+    model::{
+        mirror::{AttachMode, Directions},
+        observed::Observed,
+    },
     plan::{
-        Observed,
         controls::{RateLimit, RateUnit},
         detach::ifname,
         filter::stored_expression,
-        request::{AttachMode, Directions},
+    },
+    sys::{
+        KernelError,
+        maps::PinnedMaps,
+        netlink::{ErspanLink, LinkStats, Netlink},
     },
 };
 

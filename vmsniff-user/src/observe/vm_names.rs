@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::status::Status;
 use crate::{
-    apply::executor::chain,
+    model::error::chain,
     resolve::{
         libvirt::{Libvirt, Vm},
         vm::Sources,

@@ -1,7 +1,6 @@
 //! A small OVSDB client (RFC 7047, JSON-RPC over the unix socket): `transact` with typed
 //! operations and errors. vmsniff reads Open vSwitch's tables through it, and OVS mode sends its
 //! mirrors' transactions through it.
-pub mod mirror;
 pub mod vswitch;
 
 use std::{

@@ -4,7 +4,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{Client, Operation, OvsdbError, datum};
-use crate::resolve::domain::Mac;
+use crate::model::mac::Mac;
 
 pub const DATABASE: &str = "Open_vSwitch";
 

@@ -7,13 +7,16 @@ use vmsniff_ebpf::{
     SESSION_BUSY, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TcHook, filter::Filter, gre_wire_key,
 };
 
-use super::{
-    Observed,
-    request::{AttachMode, AttachModeChoice, AttachRequest, Owner, Tap, Target},
+use crate::{
+    model::wire::{Encap, MAX_ERSPAN_KEY},
+    sys::paths::{gre_device_alias, gre_device_name},
 };
 use crate::{
-    paths::{gre_device_alias, gre_device_name},
-    wire::{Encap, MAX_ERSPAN_KEY},
+    model::{
+        mirror::{AttachMode, AttachModeChoice, Owner, Tap, Target},
+        observed::Observed,
+    },
+    plan::request::AttachRequest,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -338,10 +341,12 @@ mod tests {
     use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, TapSessions};
 
     use super::*;
-    use crate::plan::{
-        controls::{Controls, parse_rate_limit},
-        filter::{compile, stored_expression},
-        request::Directions,
+    use crate::{
+        model::mirror::Directions,
+        plan::{
+            controls::{Controls, parse_rate_limit},
+            filter::{compile, stored_expression},
+        },
     };
 
     fn request(target: Target) -> AttachRequest {

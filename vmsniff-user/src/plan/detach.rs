@@ -5,8 +5,8 @@ use vmsniff_ebpf::{
     Direction, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV, TapSessions, TcHook,
 };
 
-use super::{Observed, request::AttachMode};
-use crate::paths::gre_device_name;
+use crate::model::{mirror::AttachMode, observed::Observed};
+use crate::sys::paths::gre_device_name;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DetachStep {

@@ -3,11 +3,15 @@
 //! keeps its id, devices, controls and counters, so the collector sees one session go on.
 use vmsniff_ebpf::TcHook;
 
-use super::{
-    Observed,
-    attach::{AttachPlanError, AttachStep, choose_mode},
-    detach::{DetachStep, release_tap},
-    request::{AttachMode, AttachModeChoice, Tap},
+use crate::{
+    model::{
+        mirror::{AttachMode, AttachModeChoice, Tap},
+        observed::Observed,
+    },
+    plan::{
+        attach::{AttachPlanError, AttachStep, choose_mode},
+        detach::{DetachStep, release_tap},
+    },
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! checked through netlink. Names never reach a shell; they are validated before use.
 use thiserror::Error;
 
-use crate::netlink::{Link, Netlink};
+use crate::sys::netlink::{Link, Netlink};
 
 #[derive(Debug, Error)]
 pub enum InterfaceError {

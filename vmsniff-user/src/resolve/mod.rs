@@ -3,6 +3,5 @@
 pub mod domain;
 pub mod interface;
 pub mod libvirt;
-pub mod ovs;
 pub mod select;
 pub mod vm;

@@ -4,10 +4,13 @@ use std::fmt;
 
 use thiserror::Error;
 
-use super::{
-    domain::{Mac, Nic, Plug, normalize_uuid},
-    interface::{InterfaceError, validate_name},
-    libvirt::{Vm, VmState},
+use crate::{
+    model::mac::Mac,
+    resolve::{
+        domain::{Nic, Plug, normalize_uuid},
+        interface::{InterfaceError, validate_name},
+        libvirt::{Vm, VmState},
+    },
 };
 
 /// `--nic N` / `--mac MAC`.

@@ -8,11 +8,11 @@ use super::{
     select::{NicChoice, SelectError, choose_nic, find_vm, mirrorable_tap},
 };
 use crate::{
-    netlink::{Link, Netlink},
     ovsdb::{
         Client, OvsdbError, socket_path,
         vswitch::{FoundBy, OvsAttachment, Switch},
     },
+    sys::netlink::{Link, Netlink},
 };
 
 /// Where VMs and ports are read from: the global `--connect` and `--ovsdb` options.

@@ -11,12 +11,12 @@ use serde_json::{Value, json};
 use thiserror::Error;
 use vmsniff_ebpf::MAX_SESSION_ID;
 
-use super::request::Directions;
-use crate::ovsdb::{
-    Condition, Mutation, Operation, datum,
-    mirror::{
+use crate::model::mirror::Directions;
+use crate::{
+    ovs::session::{
         CREATED_KEY, DAEMON_ARGS_KEY, DAEMON_KEY, NIC_KEY, OvsSession, SESSION_KEY, Snapshot, TAP_KEY, VM_KEY,
     },
+    ovsdb::{Condition, Mutation, Operation, datum},
 };
 
 /// An OVS mirror session, as asked for and resolved.
@@ -465,7 +465,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::ovsdb::mirror::{BridgeRow, InterfaceRow, MirrorRow, PortRow, Row};
+    use crate::ovs::session::{BridgeRow, InterfaceRow, MirrorRow, PortRow, Row};
 
     fn row(uuid: &str, name: &str) -> Row {
         Row { uuid: uuid.into(), name: name.into(), external_ids: BTreeMap::new() }

@@ -6,21 +6,21 @@ use aya::util::KernelVersion;
 use thiserror::Error;
 
 use crate::{
-    apply::{
-        KernelError, bpffs,
-        executor::{self, Kernel, chain},
-        maps::PinnedMaps,
-    },
-    netlink::Netlink,
-    netns,
-    paths::{BPFFS, PinPaths},
+    apply::executor::{self, Kernel},
+    model::{error::chain, observed::Observed},
     plan::{
-        Observed,
         attach::{AttachPlanError, plan_attach},
         detach::plan_detach,
         request::AttachRequest,
     },
-    privilege::{self, PrivilegeError},
+    sys::{
+        KernelError, bpffs,
+        maps::PinnedMaps,
+        netlink::Netlink,
+        netns,
+        paths::{BPFFS, PinPaths},
+        privilege::{self, PrivilegeError},
+    },
 };
 
 #[derive(Debug, Error)]

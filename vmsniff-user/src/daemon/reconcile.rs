@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use vmsniff_ebpf::daemon_tag;
 
-use super::{Observed, request::Tap};
+use crate::model::{mirror::Tap, observed::Observed};
 use crate::{
     daemon::config::{LIVE_KEYS, SessionSpec},
-    ovsdb::mirror::OvsSession,
+    ovs::session::OvsSession,
 };
 
 /// Where a config session's VM NIC is now: its tap (eBPF sessions) or its OVS port (OVS
@@ -369,7 +369,7 @@ mod tests {
     /// OVSDB with OVS session `id` of daemon session `daemon`, on br-int, mirroring `vm_port`
     /// (`None`: its port was deleted).
     fn ovsdb(sessions: &[(u32, Option<&str>, Option<&str>)]) -> BTreeMap<u32, OvsSession> {
-        use crate::ovsdb::mirror::{BridgeRow, DAEMON_KEY, MirrorRow, PortRow, Row};
+        use crate::ovs::session::{BridgeRow, DAEMON_KEY, MirrorRow, PortRow, Row};
         sessions
             .iter()
             .map(|&(id, daemon, vm_port)| {

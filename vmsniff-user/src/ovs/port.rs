@@ -8,13 +8,16 @@ use netlink_packet_route::route::{RouteAttribute, RouteType};
 use rtnetlink::RouteMessageBuilder;
 use thiserror::Error;
 
-use super::{
-    domain::{Mac, Plug},
-    vm::{Resolved, port_id},
+use crate::{
+    model::mac::Mac,
+    resolve::{
+        domain::Plug,
+        vm::{Resolved, port_id},
+    },
 };
 use crate::{
-    netlink::{Link, Netlink},
-    ovsdb::mirror::Snapshot,
+    ovs::session::Snapshot,
+    sys::netlink::{Link, Netlink},
 };
 
 #[derive(Debug, Error)]
@@ -188,7 +191,7 @@ pub async fn check_route(
     let route = match netlink.handle.route().get(message).execute().try_next().await {
         Ok(Some(route)) => route,
         Ok(None) => return Err(OvsPortError::NoRoute { to }),
-        Err(e) if matches!(crate::netlink::errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+        Err(e) if matches!(crate::sys::netlink::errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
             return Err(OvsPortError::NoRoute { to });
         }
         Err(e) => return Err(OvsPortError::Netlink(e)),

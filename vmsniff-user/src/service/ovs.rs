@@ -5,36 +5,22 @@ use std::collections::BTreeSet;
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use super::{attach::AttachArgs, sessions::SessionArgs, target::MirrorArgs};
+use crate::cli::{attach::AttachArgs, sessions::SessionArgs, target::MirrorArgs};
 use crate::{
-    apply::ovs::{apply_attach, remove},
-    observe::ovs::{OvsSessionStatus, session_status},
-    ovsdb::{
-        Client, Operation, OvsdbError,
-        mirror::{OvsSession, Snapshot},
-        socket_path,
-        vswitch::DATABASE,
+    ovs::{
+        apply::{apply_attach, remove},
+        plan::{DaemonOwner, OvsAttachPlan, OvsAttachRequest, plan_ovs_attach},
+        port::{check_route, vm_port},
+        session::{OvsSession, Snapshot},
+        status::{OvsSessionStatus, session_status},
     },
-    plan::ovs::{DaemonOwner, OvsAttachPlan, OvsAttachRequest, plan_ovs_attach},
+    ovsdb::{Client, Operation, OvsdbError, socket_path, vswitch::DATABASE},
     resolve::{
-        ovs::{check_route, vm_port},
         select::NicChoice,
         vm::{Resolved, Sources, vm_taps},
     },
-    session::Namespace,
+    service::namespace::Namespace,
 };
-
-/// `--mode`: how the copies are made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Mode {
-    /// tc programs on the VM's tap clone its frames (every plug; filter, snaplen, sample, rate
-    /// limit).
-    #[default]
-    Ebpf,
-    /// An Open vSwitch Mirror on the VM's OVS port with a GRE output port (OVS plugs only; whole
-    /// frames, every one).
-    Ovs,
-}
 
 /// Opens OVSDB for a command that needs it.
 pub fn connect(sources: &Sources) -> Result<Client, OvsdbError> {
@@ -82,7 +68,7 @@ pub fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
         (args.mirror.to_dev.is_some(), "--to-dev"),
         (args.mirror.attach_mode.is_some(), "--attach-mode"),
         // vmsniff's OVS mirror sends through an OVS GRE port: plain GRE with the key.
-        (args.mirror.encap != crate::wire::EncapChoice::Gre, "--encap erspan"),
+        (args.mirror.encap != crate::model::wire::EncapChoice::Gre, "--encap erspan"),
         (args.mirror.erspan_hwid.is_some(), "--erspan-hwid"),
     ]
     .into_iter()
@@ -174,8 +160,8 @@ pub async fn plan_attach(
     let what = format!(
         "{} ({}) of {} at OVS port {} on {} to {to} (GRE port {}, key {}; mirror {})",
         mirror.direction.as_str(),
-        super::attach::direction_words(mirror.direction),
-        super::attach::describe(resolved),
+        crate::cli::attach::direction_words(mirror.direction),
+        crate::cli::attach::describe(resolved),
         port.port,
         port.bridge,
         plan.gre_port,
@@ -255,7 +241,7 @@ pub fn status(sources: &Sources) -> Vec<OvsSessionStatus> {
         Ok(Some(snapshot)) => snapshot.sessions().values().map(session_status).collect(),
         Ok(None) => Vec::new(),
         Err(e) => {
-            log::warn!("OVS sessions not shown: {}", crate::apply::executor::chain(e.as_ref()));
+            log::warn!("OVS sessions not shown: {}", crate::model::error::chain(e.as_ref()));
             Vec::new()
         }
     }

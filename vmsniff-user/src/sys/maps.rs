@@ -12,8 +12,8 @@ use vmsniff_ebpf::{
     map_name,
 };
 
-use super::KernelError;
-use crate::{paths::PinPaths, plan::Observed};
+use crate::sys::KernelError;
+use crate::{model::observed::Observed, sys::paths::PinPaths};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmsniff-ebpf"));

@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use crate::ovsdb::mirror::{NIC_KEY, OvsSession};
+use crate::ovs::session::{NIC_KEY, OvsSession};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -10,8 +10,8 @@ use nix::{
     sys::statfs::{BPF_FS_MAGIC, statfs},
 };
 
-use super::KernelError;
-use crate::paths::LOCK_FILE;
+use crate::sys::KernelError;
+use crate::sys::paths::LOCK_FILE;
 
 /// Mounts bpffs at `bpffs` unless it is mounted there already.
 pub fn ensure_mounted(bpffs: &Path) -> Result<(), KernelError> {

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::{Client, Operation, OvsdbError, datum, vswitch::DATABASE};
-use crate::plan::request::Directions;
+use crate::model::mirror::Directions;
+use crate::ovsdb::{Client, Operation, OvsdbError, datum, vswitch::DATABASE};
 
 /// `external_ids` keys on vmsniff's rows (Mirror, Port, Interface).
 pub const SESSION_KEY: &str = "vmsniff-session";
@@ -179,7 +179,7 @@ impl Snapshot {
                 ),
             ],
         )?;
-        let mut tables = results.into_iter().map(super::rows);
+        let mut tables = results.into_iter().map(crate::ovsdb::rows);
         let mut next = || tables.next().unwrap_or_else(|| Ok(Vec::new()));
         let bridges = next()?
             .iter()
@@ -253,7 +253,7 @@ impl Snapshot {
         let mut ids = BTreeSet::new();
         for row in rows {
             ids.extend(row.session());
-            ids.extend(crate::plan::ovs::id_in_name(&row.name));
+            ids.extend(crate::ovs::plan::id_in_name(&row.name));
         }
         ids
     }
@@ -306,7 +306,7 @@ pub fn cur_cfg(client: &mut Client) -> Result<i64, OvsdbError> {
         conditions: Vec::new(),
         columns: Some(vec!["cur_cfg".into()]),
     };
-    let rows = super::rows(client.transact(DATABASE, &[select])?.remove(0))?;
+    let rows = crate::ovsdb::rows(client.transact(DATABASE, &[select])?.remove(0))?;
     rows.first()
         .and_then(|r| r["cur_cfg"].as_i64())
         .ok_or_else(|| OvsdbError::Malformed { what: "the Open_vSwitch row", found: format!("{rows:?}") })

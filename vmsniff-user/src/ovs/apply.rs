@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::{
-    ovsdb::{
-        Client, Operation, OvsdbError,
-        mirror::{Snapshot, cur_cfg},
-        vswitch::DATABASE,
+    ovs::{
+        plan::{OvsAttachPlan, next_cfg, plan_ovs_detach},
+        session::{Snapshot, cur_cfg},
     },
-    plan::ovs::{OvsAttachPlan, next_cfg, plan_ovs_detach},
+    ovsdb::{Client, Operation, OvsdbError, vswitch::DATABASE},
 };
 
 /// How long ovs-vswitchd may take to apply a change: milliseconds on a server, 1–3 s per port

@@ -1,0 +1,201 @@
+//! What a mirror is made of, as typed values every layer shares: directions, the mirrored tap,
+//! where copies go, how programs attach, who keeps a session.
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, Direction};
+
+use super::wire::Encap;
+
+/// `--direction in|out|both`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Directions {
+    /// Frames going into the VM.
+    In,
+    /// Frames the VM sends.
+    Out,
+    #[default]
+    Both,
+}
+
+impl Directions {
+    pub fn includes(self, direction: Direction) -> bool {
+        matches!(
+            (self, direction),
+            (Directions::Both, _) | (Directions::In, Direction::In) | (Directions::Out, Direction::Out)
+        )
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Direction> {
+        Direction::ALL.into_iter().filter(move |d| self.includes(*d))
+    }
+
+    pub fn bits(self) -> u32 {
+        self.iter().map(Direction::bit).fold(0, |a, b| a | b)
+    }
+
+    pub fn from_bits(bits: u32) -> Option<Self> {
+        match (bits & Direction::In.bit() != 0, bits & Direction::Out.bit() != 0) {
+            (true, true) => Some(Directions::Both),
+            (true, false) => Some(Directions::In),
+            (false, true) => Some(Directions::Out),
+            (false, false) => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Directions::In => "in",
+            Directions::Out => "out",
+            Directions::Both => "both",
+        }
+    }
+}
+
+/// How the tap programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links (kernel >= 6.6), pinned.
+    Tcx,
+    /// cls_bpf filters in a clsact qdisc, through netlink.
+    Netlink,
+}
+
+impl AttachMode {
+    pub fn abi(self) -> u32 {
+        match self {
+            AttachMode::Tcx => ATTACH_TCX,
+            AttachMode::Netlink => ATTACH_NETLINK,
+        }
+    }
+
+    pub fn from_abi(value: u32) -> Option<Self> {
+        match value {
+            ATTACH_TCX => Some(AttachMode::Tcx),
+            ATTACH_NETLINK => Some(AttachMode::Netlink),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Netlink => "netlink",
+        }
+    }
+}
+
+/// `--attach-mode auto|tcx|netlink`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachModeChoice {
+    /// TCX on kernels >= 6.6, netlink below.
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+/// Where the copies go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A collector reached over GRE (gretap, TEB 0x6558) or ERSPAN through vmsniff's own
+    /// devices.
+    Gre { remote: Ipv4Addr, ttl: u8, tos: u8, encap: Encap },
+    /// An existing local interface (`--to-dev`), for local analysis and for tests on kernels
+    /// without GRE.
+    LocalDev { name: String, ifindex: u32 },
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Gre { remote, encap: Encap::Gre, .. } => write!(f, "{remote} (GRE)"),
+            Target::Gre { remote, encap: Encap::ErspanIII { .. }, .. } => write!(f, "{remote} (ERSPAN III)"),
+            Target::Gre { remote, encap: Encap::ErspanII, .. } => write!(f, "{remote} (ERSPAN II)"),
+            Target::LocalDev { name, .. } => write!(f, "device {name}"),
+        }
+    }
+}
+
+/// The mirrored interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tap {
+    pub ifindex: u32,
+    pub name: String,
+}
+
+/// Who keeps a session, and so who removes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// `attach`: it persists after the command exits, until `detach`.
+    Persistent,
+    /// `mirror`: the process with this pid; when it dies the session is an orphan.
+    Foreground { pid: u32 },
+    /// `vmsniff daemon`: the config session with this [`vmsniff_ebpf::daemon_tag`]. It
+    /// persists, so that a restarted daemon adopts it.
+    Daemon { tag: u32 },
+}
+
+/// `--mode`: how the copies are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mode {
+    /// tc programs on the VM's tap clone its frames (every plug; filter, snaplen, sample, rate
+    /// limit).
+    #[default]
+    Ebpf,
+    /// An Open vSwitch Mirror on the VM's OVS port with a GRE output port (OVS plugs only; whole
+    /// frames, every one).
+    Ovs,
+}
+
+/// A collector address: IPv4, unicast, routable.
+pub fn parse_collector(text: &str) -> Result<Ipv4Addr, String> {
+    if text.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err(format!(
+            "{text}: IPv6 collectors are not supported yet; give the collector's IPv4 address"
+        ));
+    }
+    let ip = Ipv4Addr::from_str(text).map_err(|_| {
+        format!("{text:?} is not an IPv4 address; give the collector's address, for example --to 192.0.2.10")
+    })?;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(format!(
+            "{ip} cannot be a collector: give the unicast address of the host that receives the copies"
+        ));
+    }
+    Ok(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directions_select_their_side() {
+        assert!(Directions::In.includes(Direction::In));
+        assert!(!Directions::In.includes(Direction::Out));
+        assert_eq!(Directions::Both.iter().count(), 2);
+        for d in [Directions::In, Directions::Out, Directions::Both] {
+            assert_eq!(Directions::from_bits(d.bits()), Some(d));
+        }
+        assert_eq!(Directions::from_bits(0), None);
+    }
+
+    #[test]
+    fn collector_addresses_are_checked() {
+        assert_eq!(parse_collector("192.0.2.10").unwrap(), Ipv4Addr::new(192, 0, 2, 10));
+        for bad in
+            ["", "192.0.2", "192.0.2.300", "0.0.0.0", "255.255.255.255", "224.0.0.1", "host", "fe80::1"]
+        {
+            assert!(parse_collector(bad).is_err(), "{bad}");
+        }
+        assert!(parse_collector("fe80::1").unwrap_err().contains("IPv6"));
+    }
+
+    #[test]
+    fn attach_modes_round_trip_through_the_abi() {
+        for m in [AttachMode::Tcx, AttachMode::Netlink] {
+            assert_eq!(AttachMode::from_abi(m.abi()), Some(m));
+        }
+        assert_eq!(AttachMode::from_abi(0), None);
+    }
+}

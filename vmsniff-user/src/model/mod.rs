@@ -1,0 +1,8 @@
+//! The vocabulary every layer shares: directions, taps, targets, attach modes, MACs, the wire
+//! formats and the observed eBPF state. Imports nothing else of the crate, so any layer may use
+//! it.
+pub mod error;
+pub mod mac;
+pub mod mirror;
+pub mod observed;
+pub mod wire;
