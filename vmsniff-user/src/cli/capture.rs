@@ -7,7 +7,7 @@ use std::{io::IsTerminal as _, os::unix::process::CommandExt as _, path::PathBuf
 use anyhow::bail;
 use clap::Args;
 
-use super::{attach::describe, target::NicArgs};
+use crate::service::{describe, flags::NicArgs};
 use crate::{
     resolve::vm::{Sources, resolve_tap},
     sys::netlink::Netlink,

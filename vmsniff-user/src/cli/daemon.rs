@@ -7,7 +7,7 @@ use clap::Args;
 use crate::{
     daemon::{
         self, config,
-        state::{self, DaemonState},
+        state::{self, DaemonState, SessionState},
     },
     resolve::vm::Sources,
 };
@@ -40,7 +40,7 @@ pub async fn run(sources: Sources, args: DaemonArgs) -> anyhow::Result<()> {
         let config = config::load(&args.config)?;
         println!("{}: valid, {config}", args.config.display());
         for (name, spec) in &config.sessions {
-            println!("  {name}: vmsniff attach {}", spec.argv.join(" "));
+            println!("  {name}: vmsniff attach {}", spec.spec.to_args().join(" "));
         }
         return Ok(());
     }
@@ -85,14 +85,14 @@ pub async fn reload(args: ReloadArgs) -> anyhow::Result<()> {
             if let Some(error) = now.reload_error {
                 bail!("the daemon refused the new config and keeps the previous one: {error}");
             }
-            let count = |s: &str| now.sessions.values().filter(|x| x.state == s).count();
+            let count = |s: SessionState| now.sessions.values().filter(|x| x.state == s).count();
             log::info!(
                 "reloaded {}: {} session(s): {} active, {} waiting for their VM, {} in error",
                 now.config,
                 now.sessions.len(),
-                count("active"),
-                count("waiting-for-vm"),
-                count("error")
+                count(SessionState::Active),
+                count(SessionState::WaitingForVm),
+                count(SessionState::Error)
             );
             return Ok(());
         }

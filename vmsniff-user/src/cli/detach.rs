@@ -2,7 +2,7 @@
 use clap::Args;
 
 use super::sessions::SessionArgs;
-use crate::{resolve::vm::Sources, service::namespace::Namespace};
+use crate::{resolve::vm::Sources, service::Service};
 
 #[derive(Args, Debug)]
 pub struct DetachArgs {
@@ -11,29 +11,14 @@ pub struct DetachArgs {
 }
 
 pub async fn run(sources: &Sources, args: DetachArgs) -> anyhow::Result<()> {
-    args.sessions.check()?;
-    let namespace = Namespace::open()?;
-    let _lock = namespace.lock()?;
-    namespace.clean_orphans().await?;
-    let observed = namespace.observe()?;
-    let ovs = crate::service::ovs::select(sources, &args.sessions)?.filter(|(_, ids)| !ids.is_empty());
-    let ids = match args.sessions.select("detach", sources, &observed) {
-        Ok(ids) => ids,
-        // What named OVS sessions only matches no eBPF session.
-        Err(_) if ovs.is_some() => Default::default(),
-        Err(e) => return Err(e),
-    };
-    if !ids.is_empty() {
-        namespace.detach(&ids).await?;
-    }
-    for id in &ids {
+    let selection = args.sessions.selection("detach")?;
+    let service = Service::open(sources.clone())?;
+    let detached = service.detach(&selection).await?;
+    for id in &detached.ebpf {
         log::info!("session {id} detached");
     }
-    if let Some((mut client, ids)) = ovs {
-        crate::service::ovs::detach(&mut client, &ids)?;
-        for id in &ids {
-            log::info!("session {id} (OVS mirror) detached");
-        }
+    for id in &detached.ovs {
+        log::info!("session {id} (OVS mirror) detached");
     }
     Ok(())
 }

@@ -173,6 +173,6 @@ mod tests {
             .join("\n");
         let config = crate::daemon::config::parse("mirrors.toml", &uncommented).unwrap();
         assert_eq!(config.sessions.len(), 3);
-        assert!(config.sessions["span-c-web"].is_ovs());
+        assert!(config.sessions["span-c-web"].spec.is_ovs());
     }
 }

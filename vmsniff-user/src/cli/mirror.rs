@@ -7,35 +7,30 @@ use std::{
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::attach::{AttachArgs, attach};
+use super::attach::AttachArgs;
 use crate::{
-    model::{error::chain, mirror::Owner},
-    observe::status,
+    model::error::chain,
+    observe::status::{self, SessionStatus},
     resolve::vm::Sources,
-    service::namespace::Namespace,
-    sys::maps::PinnedMaps,
+    service::{Keeper, Service},
 };
 
 pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
     args.require_ebpf("mirror")?;
+    let spec = args.flags.spec()?;
     let mut signals = Signals {
         interrupt: signal(SignalKind::interrupt())?,
         terminate: signal(SignalKind::terminate())?,
         hangup: signal(SignalKind::hangup())?,
     };
-    let namespace = Namespace::open()?;
-    let (id, _) = attach(
-        &namespace,
-        sources,
-        &args.mirror,
-        &args.controls,
-        Owner::Foreground { pid: std::process::id() },
-    )
-    .await?;
+    let service = Service::open(sources.clone())?;
+    let attached = service.attach(&spec, &Keeper::Foreground).await?;
+    let id = attached.id;
+    log::info!("session {id}: mirroring {}", attached.what);
     println!("{id}");
     // Whatever ends the watch, an error included, the session is detached: it belongs to this
     // process and must not outlive it.
-    let watched = watch(&namespace, id, &mut signals).await;
+    let watched = watch(&service, id, &mut signals).await;
     match &watched {
         Ok(None) => {
             log::warn!("session {id} was detached by another command");
@@ -44,8 +39,7 @@ pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
         Ok(Some(ended_by)) => log::info!("{ended_by}: detaching session {id}"),
         Err(e) => log::error!("{}: detaching session {id}", chain(e.as_ref())),
     }
-    let _lock = namespace.lock()?;
-    namespace.detach(&BTreeSet::from([id])).await?;
+    service.detach_ebpf(&BTreeSet::from([id])).await?;
     watched.map(drop)
 }
 
@@ -57,11 +51,7 @@ struct Signals {
 
 /// Shows the live counters until a signal ends the mirror (`Some(signal)`) or the session is
 /// gone (`None`).
-async fn watch(
-    namespace: &Namespace,
-    id: u32,
-    signals: &mut Signals,
-) -> anyhow::Result<Option<&'static str>> {
+async fn watch(service: &Service, id: u32, signals: &mut Signals) -> anyhow::Result<Option<&'static str>> {
     let live = std::io::stderr().is_terminal();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let ended_by = loop {
@@ -70,7 +60,7 @@ async fn watch(
             _ = signals.terminate.recv() => break "SIGTERM",
             _ = signals.hangup.recv() => break "SIGHUP",
             _ = ticker.tick() => {
-                let Some(line) = counters_line(namespace, id).await? else { return Ok(None) };
+                let Some(line) = counters_line(service, id).await? else { return Ok(None) };
                 if live {
                     eprint!("\r\x1b[2K{line}");
                     std::io::stderr().flush()?;
@@ -81,20 +71,18 @@ async fn watch(
     if live {
         eprintln!();
     }
-    if let Some(line) = counters_line(namespace, id).await? {
+    if let Some(line) = counters_line(service, id).await? {
         log::info!("{line}");
     }
     Ok(Some(ended_by))
 }
 
-async fn counters_line(namespace: &Namespace, id: u32) -> anyhow::Result<Option<String>> {
-    let Some(maps) = PinnedMaps::open(&namespace.kernel.paths)? else { return Ok(None) };
-    let observed = maps.observe()?;
-    if !observed.sessions.contains_key(&id) {
-        return Ok(None);
-    }
-    let status = status::read(&namespace.kernel.netlink, Some(&maps), &observed).await?;
-    let Some(s) = status.sessions.iter().find(|s| s.session == id) else { return Ok(None) };
+async fn counters_line(service: &Service, id: u32) -> anyhow::Result<Option<String>> {
+    let Some(s) = service.session_status(id).await? else { return Ok(None) };
+    Ok(Some(line(id, &s)))
+}
+
+fn line(id: u32, s: &SessionStatus) -> String {
     let mut line = format!(
         "session {id} on {} [{}]: out {} frames {} bytes | in {} frames {} bytes | lost {}",
         s.tap,
@@ -116,5 +104,5 @@ async fn counters_line(namespace: &Namespace, id: u32) -> anyhow::Result<Option<
             line.push_str(&format!(" | {what} {value}"));
         }
     }
-    Ok(Some(line))
+    line
 }

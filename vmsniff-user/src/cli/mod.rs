@@ -2,7 +2,6 @@
 pub mod attach;
 pub mod capture;
 pub mod collect;
-pub mod controls;
 pub mod daemon;
 pub mod detach;
 pub mod install;
@@ -11,7 +10,6 @@ pub mod mirror;
 pub mod sessions;
 pub mod show;
 pub mod status;
-pub mod target;
 pub mod update;
 
 use clap::{Parser, Subcommand};

@@ -5,10 +5,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{
-    list::{read_ovs, read_sessions},
-    target::NicArgs,
-};
+use super::list::{read_ovs, read_sessions};
 use crate::{
     observe::{
         inventory::{self, LIST_VERSION, NicRow, nic_row},
@@ -20,6 +17,7 @@ use crate::{
         select::{NicChoice, choose_nic, find_vm},
         vm::Sources,
     },
+    service::flags::NicArgs,
     sys::netlink::Netlink,
 };
 

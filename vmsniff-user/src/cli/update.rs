@@ -1,17 +1,12 @@
 //! `vmsniff update`: change a running session's filter, snaplen, sample and rate limit through
 //! its maps: no detach, no gap in the mirror.
-use anyhow::{Context, bail};
 use clap::Args;
 
-use super::{controls::ControlArgs, sessions::SessionArgs};
+use super::sessions::SessionArgs;
 use crate::{
-    apply::executor::apply_update,
-    plan::{
-        filter::compile,
-        update::{ControlChange, plan_update},
-    },
+    plan::{filter::compile, update::ControlChange},
     resolve::vm::Sources,
-    service::namespace::Namespace,
+    service::{Service, flags::ControlArgs},
 };
 
 #[derive(Args, Debug)]
@@ -44,7 +39,7 @@ impl UpdateArgs {
             (None, true) => Some(None),
             (None, false) => None,
         };
-        let change = ControlChange {
+        Ok(ControlChange {
             filter,
             snaplen: c.snaplen.or(self.no_snaplen.then_some(0)),
             sample_every: c.sample,
@@ -53,33 +48,19 @@ impl UpdateArgs {
                 (None, true) => Some(None),
                 (None, false) => None,
             },
-        };
-        if change.is_empty() {
-            bail!(
-                "nothing to change: give --filter, --snaplen, --sample or --rate-limit (or --no-filter, \
-                 --no-snaplen, --no-rate-limit)"
-            );
-        }
-        Ok(change)
+        })
     }
 }
 
 pub async fn run(sources: &Sources, args: UpdateArgs) -> anyhow::Result<()> {
     let change = args.change()?;
-    args.sessions.check()?;
-    let namespace = Namespace::open()?;
-    let _lock = namespace.lock()?;
-    namespace.clean_orphans().await?;
-    let observed = namespace.observe()?;
-    let ids = args.sessions.select("update", sources, &observed)?;
-    // Plan every session first: one that cannot change stops the command before any has.
-    let plans = ids
-        .iter()
-        .map(|&id| plan_update(id, &observed.sessions[&id], &change))
-        .collect::<Result<Vec<_>, _>>()?;
-    for plan in &plans {
-        apply_update(&namespace.kernel, plan).with_context(|| format!("updating session {}", plan.id))?;
-        log::info!("session {} updated", plan.id);
+    if change.is_empty() {
+        return Err(crate::service::UpdateError::Nothing.into());
+    }
+    let selection = args.sessions.selection("update")?;
+    let service = Service::open(sources.clone())?;
+    for id in service.update(&selection, &change).await? {
+        log::info!("session {id} updated");
     }
     Ok(())
 }

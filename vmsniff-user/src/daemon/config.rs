@@ -1,15 +1,21 @@
 //! The daemon's declarative config: TOML, one `[session.NAME]` table per mirror, keys spelled
-//! like `vmsniff attach`'s flags. Each table is turned into attach arguments and checked by the
-//! same parser the command line uses, so a key means exactly what its flag means; every error
-//! names the file and line.
+//! like `vmsniff attach`'s flags. Each table is turned into those flags and checked by the same
+//! parser the command line uses, into the same typed [`MirrorSpec`], so a key means exactly what
+//! its flag means; every error names the file and line.
 use std::{collections::BTreeMap, fmt, ops::Range, path::Path, time::Duration};
 
-use clap::{CommandFactory as _, Parser};
+use clap::CommandFactory as _;
 use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::{cli::attach::AttachArgs, model::mirror::Mode};
+use crate::{
+    model::error::chain,
+    service::{
+        MirrorSpec,
+        spec::{FlagsCli, SpecError},
+    },
+};
 
 /// A checked config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,70 +32,8 @@ pub struct DaemonConfig {
 pub struct SessionSpec {
     /// The line of its table header, for messages.
     pub line: usize,
-    /// Its arguments as `vmsniff attach` takes them, key by key in the config's order of
-    /// flags: what a reload compares.
-    pub argv: Vec<String>,
+    pub spec: MirrorSpec,
 }
-
-impl SessionSpec {
-    /// The session's attach arguments (checked when the config was read).
-    pub fn args(&self) -> AttachArgs {
-        SessionCli::try_parse_from(std::iter::once("session".to_owned()).chain(self.argv.iter().cloned()))
-            .expect("a session's arguments were checked when its config was read")
-            .args
-    }
-
-    /// Whether it is an OVS mirror (`mode = "ovs"`) rather than eBPF programs on the tap.
-    pub fn is_ovs(&self) -> bool {
-        self.args().mode == Mode::Ovs
-    }
-
-    /// The keys whose values differ from `other`'s.
-    pub fn changed_keys(&self, other: &SessionSpec) -> Vec<String> {
-        let (a, b) = (pairs(&self.argv), pairs(&other.argv));
-        let mut keys: Vec<String> =
-            a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
-        keys.sort();
-        keys.dedup();
-        keys
-    }
-}
-
-/// `--key value` pairs of an argv (the VM selector under `vm`).
-fn pairs(argv: &[String]) -> BTreeMap<String, Option<String>> {
-    let mut out = BTreeMap::new();
-    let mut i = 0;
-    while i < argv.len() {
-        match argv[i].strip_prefix("--") {
-            Some(flag) if argv.get(i + 1).is_some_and(|v| !v.starts_with("--")) => {
-                out.insert(flag.to_owned(), Some(argv[i + 1].clone()));
-                i += 2;
-            }
-            Some(flag) => {
-                out.insert(flag.to_owned(), None);
-                i += 1;
-            }
-            None => {
-                out.insert("vm".to_owned(), Some(argv[i].clone()));
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
-/// The session keys a reload changes in place (`vmsniff update`), without a gap.
-pub const LIVE_KEYS: [&str; 4] = ["filter", "snaplen", "sample", "rate-limit"];
-
-#[derive(Parser)]
-#[command(no_binary_name = false, disable_help_flag = true, disable_version_flag = true)]
-struct SessionCli {
-    #[command(flatten)]
-    args: AttachArgs,
-}
-
-/// Keys of `[session.NAME]` that are not attach flags.
-const NOT_IN_CONFIG: [&str; 1] = ["dry-run"];
 
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{file}:{line}: {message}")]
@@ -158,11 +102,8 @@ pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
         // Flags in clap's order, so that the same session always has the same argv.
         let table = table.into_inner();
         for key in table.keys() {
-            if !flags.iter().any(|f| f.key == *key.get_ref())
-                || NOT_IN_CONFIG.contains(&key.get_ref().as_str())
-            {
-                let known: Vec<&str> =
-                    flags.iter().map(|f| f.key.as_str()).filter(|k| !NOT_IN_CONFIG.contains(k)).collect();
+            if !flags.iter().any(|f| f.key == *key.get_ref()) {
+                let known: Vec<&str> = flags.iter().map(|f| f.key.as_str()).collect();
                 return Err(error(
                     Some(key.span()),
                     in_session(format!(
@@ -204,36 +145,30 @@ pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
             }
         }
         let key_line = |key: &str| key_spans.get(key).cloned().or(Some(name_span_fallback(text, line)));
-        let parsed =
-            SessionCli::try_parse_from(std::iter::once("session".to_owned()).chain(argv.iter().cloned()))
-                .map_err(|e| {
-                    let (key, message) = clap_message(&e);
-                    error(key.and_then(|k| key_line(&k)), in_session(message))
-                })?;
-        check_session(&parsed.args).map_err(|(key, m)| error(key_line(key), in_session(m)))?;
-        sessions.insert(name, SessionSpec { line, argv });
+        let flags = FlagsCli::parse_args(&argv).map_err(|e| {
+            let (key, message) = clap_message(&e);
+            error(key.and_then(|k| key_line(&k)), in_session(message))
+        })?;
+        if flags.mirror.vm.is_none() && flags.mirror.tap.is_none() {
+            let message = "say which VM: `vm` (its Nova name, UUID, libvirt domain or MAC) or `tap`";
+            return Err(error(key_line("vm"), in_session(message.into())));
+        }
+        let spec = flags.spec().map_err(|e| error(key_line(e.flag()), in_session(spec_message(&e))))?;
+        sessions.insert(name, SessionSpec { line, spec });
     }
     Ok(DaemonConfig { keep_on_stop: daemon.keep_on_stop.unwrap_or(false), resync, sessions })
 }
 
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 
-/// What the command line would check later, at attach time, checked now: a config error is
-/// found at start or reload, not when a VM appears at 3 a.m.
-fn check_session(args: &AttachArgs) -> Result<(), (&'static str, String)> {
-    if args.mirror.vm.is_none() && args.mirror.tap.is_none() {
-        return Err((
-            "vm",
-            "say which VM: `vm` (its Nova name, UUID, libvirt domain or MAC) or `tap`".into(),
-        ));
+/// A spec's error in the config's words.
+fn spec_message(error: &SpecError) -> String {
+    match error {
+        SpecError::EbpfOnly { .. } | SpecError::OvsWithoutCollector => {
+            flags_as_keys(&error.to_string().replace("--mode ovs", "mode = \"ovs\""))
+        }
+        _ => chain(error),
     }
-    if args.mode == Mode::Ovs {
-        return crate::service::ovs::refuse_ebpf_options(args)
-            .map_err(|e| ("mode", flags_as_keys(&format!("{e:#}").replace("--mode ovs", "mode = \"ovs\""))));
-    }
-    args.controls.controls().map_err(|e| ("filter", crate::model::error::chain(&e)))?;
-    args.mirror.encap().map_err(|e| ("encap", crate::model::error::chain(&e)))?;
-    Ok(())
 }
 
 /// A command-line message in the config's words: `--filter,` becomes `` `filter`, ``.
@@ -277,7 +212,7 @@ struct Flag {
 /// The attach flags a session table may hold, from the attach parser itself; the VM selector
 /// is `vm`.
 fn attach_flags() -> Vec<Flag> {
-    SessionCli::command()
+    FlagsCli::command()
         .get_arguments()
         .filter_map(|a| {
             let key =
@@ -363,6 +298,7 @@ impl fmt::Display for DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::{Destination, spec::NicRef};
 
     fn parse_ok(text: &str) -> DaemonConfig {
         parse("m.toml", text).unwrap_or_else(|e| panic!("{e}"))
@@ -398,12 +334,15 @@ to-dev = "mir0"
         assert_eq!(config.resync, Duration::from_secs(30));
         let ids = &config.sessions["ids"];
         assert_eq!(ids.line, 6);
-        let args = ids.args();
-        assert_eq!(args.mirror.vm.as_deref(), Some("c-private"));
-        assert_eq!(args.mirror.nic.nic, Some(0));
-        assert_eq!(args.mirror.key, Some(7));
-        assert_eq!(args.controls.snaplen, Some(128));
-        assert_eq!(config.sessions["lab"].args().mirror.to_dev.as_deref(), Some("mir0"));
+        let spec = &ids.spec;
+        assert_eq!(
+            spec.nic,
+            NicRef::Vm { selector: "c-private".into(), nic: crate::resolve::select::NicChoice::Index(0) }
+        );
+        assert_eq!(spec.key, Some(7));
+        assert_eq!(spec.controls.snaplen, 128);
+        assert_eq!(spec.controls.filter.as_ref().map(|f| f.expression.as_str()), Some("tcp port 443"));
+        assert_eq!(config.sessions["lab"].spec.destination, Destination::Device { name: "mir0".into() });
     }
 
     #[test]
@@ -411,9 +350,9 @@ to-dev = "mir0"
         let config = parse_ok(
             "[session.ovs]\nvm = \"c-private\"\nmode = \"ovs\"\nto = \"192.0.2.2\"\nkey = 9\ndirection = \"in\"\n",
         );
-        assert!(config.sessions["ovs"].is_ovs());
-        assert_eq!(config.sessions["ovs"].args().mirror.key, Some(9));
-        assert!(!parse_ok("[session.e]\nvm = \"x\"\nto = \"192.0.2.2\"\n").sessions["e"].is_ovs());
+        assert!(config.sessions["ovs"].spec.is_ovs());
+        assert_eq!(config.sessions["ovs"].spec.key, Some(9));
+        assert!(!parse_ok("[session.e]\nvm = \"x\"\nto = \"192.0.2.2\"\n").sessions["e"].spec.is_ovs());
     }
 
     #[test]
@@ -480,9 +419,9 @@ to-dev = "mir0"
     fn reloads_compare_keys() {
         let a = parse_ok("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nfilter = \"tcp\"\n");
         let b = parse_ok("[session.a]\nfilter = \"udp\"\nto = \"192.0.2.2\"\nvm = \"x\"\nsnaplen = 64\n");
-        assert_eq!(a.sessions["a"].changed_keys(&b.sessions["a"]), ["filter", "snaplen"]);
+        assert_eq!(a.sessions["a"].spec.changed_keys(&b.sessions["a"].spec), ["filter", "snaplen"]);
         let c = parse_ok("[session.a]\nvm = \"y\"\nto = \"192.0.2.2\"\nfilter = \"tcp\"\n");
-        assert_eq!(a.sessions["a"].changed_keys(&c.sessions["a"]), ["vm"]);
-        assert!(a.sessions["a"].changed_keys(&a.sessions["a"]).is_empty());
+        assert_eq!(a.sessions["a"].spec.changed_keys(&c.sessions["a"].spec), ["vm"]);
+        assert!(a.sessions["a"].spec.changed_keys(&a.sessions["a"].spec).is_empty());
     }
 }

@@ -8,9 +8,9 @@ pub mod reconcile;
 pub mod state;
 mod systemd;
 
-use crate::ovs::events::OvsEvents;
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     fs::{self, File, OpenOptions},
     path::{Path, PathBuf},
     time::Duration,
@@ -20,43 +20,28 @@ use anyhow::Context as _;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::{
     signal::unix::{SignalKind, signal},
+    sync::watch,
     time::{Instant, sleep_until},
 };
-use vmsniff_ebpf::daemon_tag;
 
 use self::{
-    config::{DaemonConfig, SessionSpec},
+    config::DaemonConfig,
     links::{LinkChange, LinkEvents},
-    state::{DaemonSession, DaemonState, STATE_VERSION},
-};
-use crate::{
-    apply::executor::{apply_rehome, apply_update},
-    cli::attach::{attach_resolved, describe},
-    daemon::reconcile::{
+    reconcile::{
         Action, OvsAction, OvsPort, Placement, daemon_ovs_sessions, daemon_sessions, plan_ovs_reconcile,
         plan_reconcile,
     },
-    model::{
-        error::chain,
-        mirror::{Owner, Tap},
-    },
-    ovs::{
-        apply::{apply_attach as apply_ovs_attach, apply_reselect as apply_ovs_reselect},
-        plan::{DaemonOwner, OvsReselectRequest, plan_ovs_reselect},
-        port::{OvsPortError, vm_port},
-        session::{OvsSession, Snapshot},
-    },
-    ovsdb,
-    plan::{
-        rehome::plan_rehome,
-        update::{ControlChange, plan_update},
-    },
+    state::{DaemonSession, DaemonState, STATE_VERSION, SessionState},
+};
+use crate::{
+    model::{cancel::Cancel, error::chain, mirror::Tap, observed::Observed},
+    ovs::{events::OvsEvents, port::OvsPortError, session::OvsSession},
     resolve::{
         interface::InterfaceError,
         select::SelectError,
         vm::{ResolveError, Resolved, Sources},
     },
-    service::namespace::{Namespace, tcx_supported},
+    service::{Keeper, MirrorSpec, Service, describe},
     sys::netns,
 };
 
@@ -76,10 +61,10 @@ pub struct Options {
 pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     // First, so that a stop during start-up is a clean stop.
     let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let stop = Cancel::default();
+    let mut stopped = stop_on_signals(stop.clone())?;
     let config = config::load(&options.config)?;
-    let namespace = Namespace::open()?;
+    let service = Service::open(sources.clone())?;
     fs::create_dir_all(&options.run_dir)
         .with_context(|| format!("creating the run directory {}", options.run_dir.display()))?;
     let _lock = lock_run_dir(&options.run_dir)?;
@@ -89,7 +74,7 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
         .filter(|s| s.netns == netns);
     let mut links = LinkEvents::subscribe().context("subscribing to link events (rtnetlink)")?;
     let mut ovs_changes = OvsEvents::watch(&sources).context("starting the OVSDB monitor thread")?;
-    links.know(namespace.kernel.netlink.links().await?.into_iter().map(|l| (l.ifindex, l.name)));
+    links.know(service.links().await?);
     let mut daemon = Daemon {
         records: previous.map(records_of).unwrap_or_default(),
         state: DaemonState {
@@ -99,11 +84,11 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
             config: options.config.display().to_string(),
             ..Default::default()
         },
-        namespace,
-        sources,
+        service,
         config,
         options,
         backoff: BTreeMap::new(),
+        stop,
     };
     log::info!("daemon: started with {} ({})", daemon.options.config.display(), daemon.config);
     daemon.reconcile().await;
@@ -111,7 +96,7 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     let mut resync_at = Instant::now() + daemon.config.resync;
     let mut pass_at: Option<Instant> = None;
     let mut retry_until = Instant::now();
-    loop {
+    while !daemon.stop.is_cancelled() {
         let next_pass = pass_at.unwrap_or(resync_at).min(resync_at);
         tokio::select! {
             _ = hangup.recv() => {
@@ -119,8 +104,7 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
                 daemon.reload().await;
                 systemd::notify("READY=1");
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = stopped.changed() => break,
             change = links.next() => {
                 let Some(change) = change else {
                     anyhow::bail!("the link event socket closed; restart the daemon (its mirrors are adopted)");
@@ -153,6 +137,25 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     daemon.stop().await
 }
 
+/// SIGTERM and SIGINT, heard by a task of their own: a pass that waits (for ovs-vswitchd, say)
+/// sees the stop through `stop` and ends early, and the loop through the returned receiver.
+fn stop_on_signals(stop: Cancel) -> std::io::Result<watch::Receiver<bool>> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (tell, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        log::debug!("daemon: {which}: stopping");
+        stop.cancel();
+        // The receiver is gone only when the daemon has ended already.
+        let _ = tell.send(true);
+    });
+    Ok(stopped)
+}
+
 /// One daemon per run directory (and so per node): a second would fight the first.
 fn lock_run_dir(run_dir: &Path) -> anyhow::Result<Flock<File>> {
     let path = state::lock_path(run_dir);
@@ -172,28 +175,54 @@ fn lock_run_dir(run_dir: &Path) -> anyhow::Result<Flock<File>> {
     })
 }
 
-/// The specs a previous daemon applied, by session name.
-fn records_of(state: DaemonState) -> BTreeMap<String, SessionSpec> {
+/// The specs a previous daemon applied, by session name. One that no longer parses is no
+/// record: its session is made again.
+fn records_of(state: DaemonState) -> BTreeMap<String, MirrorSpec> {
     state
         .sessions
         .into_iter()
-        .filter_map(|(name, s)| Some((name, SessionSpec { line: 0, argv: s.applied? })))
+        .filter_map(|(name, s)| Some((name, MirrorSpec::from_args(&s.applied?).ok()?)))
         .collect()
 }
 
 struct Daemon {
-    namespace: Namespace,
-    sources: Sources,
+    service: Service,
     config: DaemonConfig,
     options: Options,
     /// What was last applied to each config session's kernel session.
-    records: BTreeMap<String, SessionSpec>,
+    records: BTreeMap<String, MirrorSpec>,
     state: DaemonState,
     /// Config sessions whose last attach, re-attach or update failed: not tried again before
     /// `until`. A failed attempt makes and removes devices or rows, which are events of their
     /// own: without a pause it would be retried at once, forever.
     backoff: BTreeMap<String, Backoff>,
+    /// Set by SIGTERM or SIGINT: passes end early, waits are cut short.
+    stop: Cancel,
 }
+
+/// Why a config session's last action did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Failure {
+    /// It failed now.
+    Failed(String),
+    /// It failed before and waits out its pause.
+    HeldBack { reason: String, delay: Duration },
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Failed(reason) => f.write_str(reason),
+            // The pause, not the time left: the state (and so the log) changes only with a new try.
+            Failure::HeldBack { reason, delay } => {
+                write!(f, "{reason} (tried again {} s after the failure)", delay.as_secs())
+            }
+        }
+    }
+}
+
+/// Config sessions whose action failed or waits, by name.
+type Failures = BTreeMap<String, Failure>;
 
 struct Backoff {
     until: Instant,
@@ -221,14 +250,13 @@ impl Daemon {
     /// Whether OVSDB changes matter: the config has OVS sessions. (Those of an earlier config
     /// go in the pass its reload runs.)
     fn has_ovs_sessions(&self) -> bool {
-        self.config.sessions.values().any(SessionSpec::is_ovs)
+        self.config.sessions.values().any(|s| s.spec.is_ovs())
     }
 
     /// Why session `name` is not tried now, if it failed recently.
-    fn backing_off(&self, name: &str) -> Option<String> {
+    fn backing_off(&self, name: &str) -> Option<Failure> {
         let backoff = self.backoff.get(name).filter(|b| b.until > Instant::now())?;
-        // The pause, not the time left: the state (and so the log) changes only with a new try.
-        Some(format!("{} (tried again {} s after the failure)", backoff.reason, backoff.delay.as_secs()))
+        Some(Failure::HeldBack { reason: backoff.reason.clone(), delay: backoff.delay })
     }
 
     /// Records how an action of session `name` went.
@@ -247,7 +275,7 @@ impl Daemon {
     }
 
     /// Whether an action of session `name` waits out its pause (then `failures` says why).
-    fn held_back(&self, name: Option<&str>, retried: bool, failures: &mut BTreeMap<String, String>) -> bool {
+    fn held_back(&self, name: Option<&str>, retried: bool, failures: &mut Failures) -> bool {
         let Some(why) = name.filter(|_| retried).and_then(|n| self.backing_off(n)) else { return false };
         failures.insert(name.unwrap_or_default().to_owned(), why);
         true
@@ -260,7 +288,7 @@ impl Daemon {
         retried: bool,
         action: &dyn std::fmt::Debug,
         result: anyhow::Result<()>,
-        failures: &mut BTreeMap<String, String>,
+        failures: &mut Failures,
     ) {
         let result = result.map_err(|e| chain(e.as_ref()));
         let Some(name) = name else {
@@ -271,14 +299,14 @@ impl Daemon {
         };
         if !retried {
             if let Err(reason) = result {
-                failures.insert(name, reason);
+                failures.insert(name, Failure::Failed(reason));
             }
             return;
         }
         self.outcome(&name, &result);
         if let Err(reason) = result {
-            let reason = self.backing_off(&name).unwrap_or(reason);
-            failures.insert(name, reason);
+            let failure = self.backing_off(&name).unwrap_or(Failure::Failed(reason));
+            failures.insert(name, failure);
         }
     }
 
@@ -288,7 +316,7 @@ impl Daemon {
     }
 
     fn waiting(&self) -> bool {
-        self.state.sessions.values().any(|s| s.state != "active")
+        self.state.sessions.values().any(|s| s.state != SessionState::Active)
     }
 
     async fn reload(&mut self) {
@@ -318,41 +346,49 @@ impl Daemon {
 
     /// Brings the kernel and OVSDB in line with the config; records every session's state.
     async fn reconcile(&mut self) {
-        let (ovs_specs, ebpf_specs): (BTreeMap<String, SessionSpec>, BTreeMap<String, SessionSpec>) =
-            self.config.sessions.clone().into_iter().partition(|(_, spec)| spec.is_ovs());
+        let (ovs_specs, ebpf_specs): (BTreeMap<String, MirrorSpec>, BTreeMap<String, MirrorSpec>) = self
+            .config
+            .sessions
+            .iter()
+            .map(|(n, s)| (n.clone(), s.spec.clone()))
+            .partition(|(_, s)| s.is_ovs());
         let mut resolved_taps = BTreeMap::new();
         let mut placements: BTreeMap<String, Placement<Tap>> = BTreeMap::new();
-        for (name, spec) in &self.config.sessions {
-            let placement =
-                match spec.args().mirror.resolve(&self.sources, &self.namespace.kernel.netlink).await {
-                    Ok(resolved) => {
-                        let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
-                        resolved_taps.insert(name.clone(), resolved);
-                        Placement::Here(tap)
-                    }
-                    Err(e) if waits(&e) => Placement::Waiting(chain(&e)),
-                    Err(e) => Placement::Error(chain(&e)),
-                };
+        for (name, session) in &self.config.sessions {
+            let placement = match self.service.resolve(&session.spec).await {
+                Ok(resolved) => {
+                    let tap = Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() };
+                    resolved_taps.insert(name.clone(), resolved);
+                    Placement::Here(tap)
+                }
+                Err(e) if waits(&e) => Placement::Waiting(chain(&e)),
+                Err(e) => Placement::Error(chain(&e)),
+            };
             placements.insert(name.clone(), placement);
         }
-        let mut failures: BTreeMap<String, String> = BTreeMap::new();
-        let ebpf_actions = match self.clean_and_observe().await {
+        let mut failures = Failures::new();
+        let ebpf_actions = match self.service.clean_and_observe().await {
             Ok(observed) => {
-                let ebpf_placements = placements.iter().filter(|(n, _)| ebpf_specs.contains_key(*n));
-                let ebpf_placements: BTreeMap<String, Placement<Tap>> =
-                    ebpf_placements.map(|(n, p)| (n.clone(), p.clone())).collect();
+                let ebpf_placements: BTreeMap<String, Placement<Tap>> = placements
+                    .iter()
+                    .filter(|(n, _)| ebpf_specs.contains_key(*n))
+                    .map(|(n, p)| (n.clone(), p.clone()))
+                    .collect();
                 plan_reconcile(&ebpf_specs, &ebpf_placements, &self.records, &observed)
             }
             // OVS sessions need no BPF: they are still looked after.
             Err(e) => {
-                let reason = format!("cannot read vmsniff's kernel state: {}", chain(e.as_ref()));
+                let reason = format!("cannot read vmsniff's kernel state: {}", chain(&e));
                 for name in ebpf_specs.keys() {
-                    failures.insert(name.clone(), reason.clone());
+                    failures.insert(name.clone(), Failure::Failed(reason.clone()));
                 }
                 Vec::new()
             }
         };
         for action in ebpf_actions {
+            if self.stop.is_cancelled() {
+                return;
+            }
             let (name, retried) = (action.name().map(str::to_owned), action.retried());
             if self.held_back(name.as_deref(), retried, &mut failures) {
                 continue;
@@ -362,8 +398,11 @@ impl Daemon {
         }
         let ovs_sessions =
             self.reconcile_ovs(&ovs_specs, &mut placements, &resolved_taps, &mut failures).await;
-        let observed = self.namespace.observe().unwrap_or_default();
-        self.record_states(&placements, &observed, &ovs_sessions, failures);
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let observed = self.service.observe().unwrap_or_default();
+        self.record_states(&placements, &observed, &ovs_sessions, &failures);
     }
 
     /// The OVS half of a pass: each OVS session's VM port in OVSDB, then the plan. Returns the
@@ -371,33 +410,24 @@ impl Daemon {
     /// (and the daemon's OVS sessions, if any, stay as they are).
     async fn reconcile_ovs(
         &mut self,
-        specs: &BTreeMap<String, SessionSpec>,
+        specs: &BTreeMap<String, MirrorSpec>,
         placements: &mut BTreeMap<String, Placement<Tap>>,
         resolved: &BTreeMap<String, Resolved>,
-        failures: &mut BTreeMap<String, String>,
+        failures: &mut Failures,
     ) -> BTreeMap<u32, OvsSession> {
-        let mut client = match crate::service::ovs::connect(&self.sources) {
-            Ok(client) => client,
-            Err(e) if specs.is_empty() => {
-                log::debug!("no OVSDB, so no OVS sessions of the daemon to look after: {e}");
-                return BTreeMap::new();
-            }
+        if specs.is_empty() && !self.service.ovsdb_reachable().await {
+            log::debug!("no OVSDB, so no OVS sessions of the daemon to look after");
+            return BTreeMap::new();
+        }
+        let snapshot = match self.service.ovs_snapshot().await {
+            Ok(snapshot) => snapshot,
             Err(e) => {
                 let reason = format!(
                     "{}; is Open vSwitch running (`systemctl status openvswitch-switch`)?",
-                    chain(&e)
+                    chain(e.as_ref())
                 );
                 for name in specs.keys() {
-                    failures.insert(name.clone(), reason.clone());
-                }
-                return BTreeMap::new();
-            }
-        };
-        let snapshot = match Snapshot::read(&mut client) {
-            Ok(snapshot) => snapshot,
-            Err(e) => {
-                for name in specs.keys() {
-                    failures.insert(name.clone(), format!("reading OVSDB: {}", chain(&e)));
+                    failures.insert(name.clone(), Failure::Failed(reason.clone()));
                 }
                 return BTreeMap::new();
             }
@@ -406,7 +436,7 @@ impl Daemon {
         for name in specs.keys() {
             let port = match (&placements[name], resolved.get(name)) {
                 (Placement::Here(tap), Some(resolved)) => {
-                    match vm_port(&self.namespace.kernel.netlink, resolved, &snapshot).await {
+                    match self.service.ovs_port(resolved, &snapshot).await {
                         Ok(port) => Placement::Here(OvsPort {
                             bridge: port.bridge,
                             port: port.port,
@@ -436,56 +466,51 @@ impl Daemon {
         let sessions = snapshot.sessions();
         // OVS sessions outlive /run (a host reboot): what they were made from is in their rows.
         for session in sessions.values() {
-            if let (Some(name), Some(argv)) = (session.daemon(), session.daemon_args()) {
-                self.records.insert(name.to_owned(), SessionSpec { line: 0, argv });
+            if let (Some(name), Some(args)) = (session.daemon(), session.daemon_args())
+                && let Ok(spec) = MirrorSpec::from_args(&args)
+            {
+                self.records.insert(name.to_owned(), spec);
             }
         }
         for action in plan_ovs_reconcile(specs, &ports, &self.records, &sessions) {
+            if self.stop.is_cancelled() {
+                break;
+            }
             let (name, retried) = (action.name().map(str::to_owned), action.retried());
             if self.held_back(name.as_deref(), retried, failures) {
                 continue;
             }
-            let result = self.apply_ovs(&mut client, &action, resolved).await;
+            let result = self.apply_ovs(&action, resolved).await;
             self.settle(name, retried, &action, result, failures);
         }
-        Snapshot::read(&mut client).map(|s| s.sessions()).unwrap_or_default()
+        match self.service.ovs_snapshot().await {
+            Ok(snapshot) => snapshot.sessions(),
+            Err(_) => BTreeMap::new(),
+        }
     }
 
     async fn apply_ovs(
         &mut self,
-        client: &mut ovsdb::Client,
         action: &OvsAction,
         resolved: &BTreeMap<String, Resolved>,
     ) -> anyhow::Result<()> {
         match action {
             OvsAction::Attach { name, .. } => {
-                let spec = self.config.sessions[name].clone();
-                let args = spec.args();
-                let _lock = self.namespace.lock()?;
-                let owner = DaemonOwner { name: name.clone(), argv: spec.argv.clone() };
-                let planned = crate::service::ovs::plan_attach(
-                    &self.namespace,
-                    client,
-                    &args.mirror,
-                    &resolved[name],
-                    Some(owner),
-                )
-                .await?;
-                apply_ovs_attach(client, &planned.plan)?;
-                log::info!("session {name}: attached as OVS session {}: {}", planned.plan.id, planned.what);
+                let spec = self.config.sessions[name].spec.clone();
+                let keeper = Keeper::Daemon { name: name.clone() };
+                let attached =
+                    self.service.attach_resolved(&spec, &resolved[name], &keeper, &self.stop).await?;
+                log::info!("session {name}: attached as OVS session {}: {}", attached.id, attached.what);
                 self.records.insert(name.clone(), spec);
             }
             OvsAction::Reselect { name, id, port } => {
-                let args = self.config.sessions[name].args();
-                let snapshot = Snapshot::read(client)?;
-                let sessions = snapshot.sessions();
-                let session = sessions.get(id).with_context(|| format!("OVS session {id} is gone"))?;
-                let request = OvsReselectRequest {
-                    vm_port: port.port.clone(),
-                    directions: args.mirror.direction,
-                    tap: port.tap.clone(),
+                let spec = &self.config.sessions[name].spec;
+                let vm_port = crate::ovs::port::VmPort {
+                    bridge: port.bridge.clone(),
+                    port: port.port.clone(),
+                    path: Vec::new(),
                 };
-                apply_ovs_reselect(client, &plan_ovs_reselect(session, &request, &snapshot)?)?;
+                self.service.reselect_ovs(*id, &vm_port, &port.tap, spec, &self.stop).await?;
                 log::info!(
                     "session {name}: OVS session {id} mirrors {} again, port {} on {}; its GRE port and key stay",
                     describe(&resolved[name]),
@@ -494,7 +519,7 @@ impl Daemon {
                 );
             }
             OvsAction::Detach { name, id } => {
-                crate::service::ovs::detach(client, &BTreeSet::from([*id]))?;
+                self.service.detach_ovs(&BTreeSet::from([*id])).await?;
                 match name {
                     Some(name) => {
                         log::info!("session {name}: detached OVS session {id} (its config changed)")
@@ -509,41 +534,23 @@ impl Daemon {
         Ok(())
     }
 
-    async fn clean_and_observe(&self) -> anyhow::Result<crate::model::observed::Observed> {
-        let _lock = self.namespace.lock()?;
-        self.namespace.clean_orphans().await?;
-        Ok(self.namespace.observe()?)
-    }
-
     async fn apply(&mut self, action: &Action, resolved: &BTreeMap<String, Resolved>) -> anyhow::Result<()> {
         match action {
             Action::Attach { name, .. } => {
-                let spec = self.config.sessions[name].clone();
-                let args = spec.args();
-                let (id, _) = attach_resolved(
-                    &self.namespace,
-                    &self.sources,
-                    &args.mirror,
-                    &args.controls,
-                    &resolved[name],
-                    Owner::Daemon { tag: daemon_tag(name) },
-                )
-                .await?;
-                log::info!("session {name}: attached as session {id} to {}", describe(&resolved[name]));
+                let spec = self.config.sessions[name].spec.clone();
+                let keeper = Keeper::Daemon { name: name.clone() };
+                let attached =
+                    self.service.attach_resolved(&spec, &resolved[name], &keeper, &self.stop).await?;
+                log::info!("session {}: mirroring {}", attached.id, attached.what);
+                log::info!(
+                    "session {name}: attached as session {} to {}",
+                    attached.id,
+                    describe(&resolved[name])
+                );
                 self.records.insert(name.clone(), spec);
             }
             Action::Rehome { name, id, tap } => {
-                let args = self.config.sessions[name].args();
-                let _lock = self.namespace.lock()?;
-                let observed = self.namespace.observe()?;
-                if let Some(plan) = plan_rehome(
-                    *id,
-                    tap,
-                    args.mirror.attach_mode.unwrap_or_default(),
-                    tcx_supported(),
-                    &observed,
-                )? {
-                    apply_rehome(&self.namespace.kernel, &plan).await?;
+                if self.service.rehome(*id, tap, &self.config.sessions[name].spec).await? {
                     log::info!(
                         "session {name}: re-attached session {id} to {} (ifindex {}); its counters go on",
                         describe(&resolved[name]),
@@ -552,26 +559,15 @@ impl Daemon {
                 }
             }
             Action::Update { name, id } => {
-                let spec = self.config.sessions[name].clone();
-                let controls = spec.args().controls.controls()?;
-                let change = ControlChange {
-                    filter: Some(controls.filter),
-                    snaplen: Some(controls.snaplen),
-                    sample_every: Some(controls.sample_every),
-                    rate_limit: Some(controls.rate_limit),
-                };
-                let _lock = self.namespace.lock()?;
-                let observed = self.namespace.observe()?;
-                let current = observed.sessions.get(id).with_context(|| format!("session {id} is gone"))?;
-                apply_update(&self.namespace.kernel, &plan_update(*id, current, &change)?)?;
+                let spec = self.config.sessions[name].spec.clone();
+                self.service.update_to(*id, &spec).await?;
                 log::info!(
                     "session {name}: session {id} updated in place (filter, snaplen, sample, rate limit)"
                 );
                 self.records.insert(name.clone(), spec);
             }
             Action::Detach { name, id } => {
-                let _lock = self.namespace.lock()?;
-                self.namespace.detach(&BTreeSet::from([*id])).await?;
+                self.service.detach_ebpf(&BTreeSet::from([*id])).await?;
                 match name {
                     Some(name) => {
                         log::info!(
@@ -592,48 +588,43 @@ impl Daemon {
     fn record_states(
         &mut self,
         placements: &BTreeMap<String, Placement>,
-        observed: &crate::model::observed::Observed,
+        observed: &Observed,
         ovs_sessions: &BTreeMap<u32, OvsSession>,
-        failures: BTreeMap<String, String>,
+        failures: &Failures,
     ) {
         let owned = daemon_sessions(self.config.sessions.keys(), observed);
         let owned_ovs = daemon_ovs_sessions(self.config.sessions.keys(), ovs_sessions);
         let mut sessions = BTreeMap::new();
-        for (name, spec) in &self.config.sessions {
+        for (name, session) in &self.config.sessions {
+            let spec = &session.spec;
             let owner = if spec.is_ovs() { &owned_ovs } else { &owned };
             let id = owner.get(&Some(name.clone())).and_then(|ids| ids.first().copied());
-            let args = spec.args();
             // ovs-vswitchd's word on the GRE port of an OVS session: active in OVSDB is not enough.
             let gre_error = id
                 .filter(|_| spec.is_ovs())
                 .and_then(|id| ovs_sessions.get(&id)?.gre_interface.as_ref()?.error.clone())
                 .map(|e| format!("ovs-vswitchd cannot use its GRE port: {e}"));
-            let (state, reason) = match (failures.get(name).or(gre_error.as_ref()), &placements[name]) {
-                (Some(reason), _) => ("error", Some(reason.clone())),
-                (None, Placement::Here(_)) if id.is_some() => ("active", None),
-                (None, Placement::Here(_)) => ("error", Some("attached, but its session is gone".into())),
-                (None, Placement::Waiting(reason)) => ("waiting-for-vm", Some(reason.clone())),
-                (None, Placement::Error(reason)) => ("error", Some(reason.clone())),
-            };
+            let failure = failures.get(name).map(Failure::to_string).or(gre_error);
+            let (state, reason) = session_state(failure, &placements[name], id.is_some());
             let tap = match &placements[name] {
                 Placement::Here(tap) => Some(tap.name.clone()),
-                _ => args.mirror.tap.clone(),
+                _ => spec.nic.tap().map(str::to_owned),
             };
             let entry = DaemonSession {
-                state: state.to_owned(),
-                mode: if spec.is_ovs() { "ovs" } else { "ebpf" }.to_owned(),
+                state,
+                mode: spec.mode,
                 reason,
                 session: id,
-                vm: args.mirror.vm.clone(),
+                vm: spec.nic.selector().map(str::to_owned),
                 tap,
-                applied: id.and_then(|_| self.records.get(name)).map(|s| s.argv.clone()),
+                applied: id.and_then(|_| self.records.get(name)).map(MirrorSpec::to_args),
             };
             let before = self.state.sessions.get(name);
-            if before.map(|b| (&b.state, &b.reason)) != Some((&entry.state, &entry.reason))
-                && entry.state != "active"
+            if before.map(|b| (b.state, &b.reason)) != Some((entry.state, &entry.reason))
+                && entry.state != SessionState::Active
             {
                 let what = entry.reason.as_deref().unwrap_or_default();
-                if entry.state == "error" {
+                if entry.state == SessionState::Error {
                     log::error!("session {name}: {what}");
                 } else {
                     log::info!("session {name}: waiting for its VM: {what}");
@@ -652,19 +643,17 @@ impl Daemon {
     }
 
     /// Removes the daemon's OVS sessions; how many there were.
-    fn stop_ovs(&self) -> anyhow::Result<usize> {
-        let mut client = match crate::service::ovs::connect(&self.sources) {
-            Ok(client) => client,
-            Err(e) if !self.config.sessions.values().any(SessionSpec::is_ovs) => {
-                log::debug!("no OVSDB, so no OVS sessions to remove: {e}");
-                return Ok(0);
-            }
-            Err(e) => return Err(e).context("removing the daemon's OVS sessions"),
-        };
-        let sessions = Snapshot::read(&mut client)?.sessions();
+    async fn stop_ovs(&self) -> anyhow::Result<usize> {
+        let any_ovs = self.config.sessions.values().any(|s| s.spec.is_ovs());
+        if !any_ovs && !self.service.ovsdb_reachable().await {
+            log::debug!("no OVSDB, so no OVS sessions to remove");
+            return Ok(0);
+        }
+        let sessions =
+            self.service.ovs_snapshot().await.context("removing the daemon's OVS sessions")?.sessions();
         let ids: BTreeSet<u32> =
             daemon_ovs_sessions(self.config.sessions.keys(), &sessions).into_values().flatten().collect();
-        crate::service::ovs::detach(&mut client, &ids).context("removing the daemon's OVS sessions")?;
+        self.service.detach_ovs(&ids).await.context("removing the daemon's OVS sessions")?;
         Ok(ids.len())
     }
 
@@ -685,7 +674,7 @@ impl Daemon {
         // Both kinds, whatever happens to the other: an unreachable OVSDB must not leave the
         // eBPF mirrors running.
         let ebpf = self.stop_ebpf().await;
-        let ovs = self.stop_ovs();
+        let ovs = self.stop_ovs().await;
         let (ebpf, ovs) = match (ebpf, ovs) {
             (Ok(ebpf), Ok(ovs)) => (ebpf, ovs),
             (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
@@ -701,12 +690,27 @@ impl Daemon {
 
     /// Detaches the daemon's eBPF sessions; how many there were.
     async fn stop_ebpf(&self) -> anyhow::Result<usize> {
-        let _lock = self.namespace.lock()?;
-        let observed = self.namespace.observe()?;
+        let observed = self.service.observe()?;
         let ids: BTreeSet<u32> =
             daemon_sessions(self.config.sessions.keys(), &observed).into_values().flatten().collect();
-        self.namespace.detach(&ids).await.context("detaching the daemon's sessions")?;
+        self.service.detach_ebpf(&ids).await.context("detaching the daemon's sessions")?;
         Ok(ids.len())
+    }
+}
+
+/// A config session's state from what the pass found: its failure, where its VM is, and
+/// whether it has a session.
+fn session_state(
+    failure: Option<String>,
+    placement: &Placement,
+    has_session: bool,
+) -> (SessionState, Option<String>) {
+    match (failure, placement) {
+        (Some(reason), _) => (SessionState::Error, Some(reason)),
+        (None, Placement::Here(_)) if has_session => (SessionState::Active, None),
+        (None, Placement::Here(_)) => (SessionState::Error, Some("attached, but its session is gone".into())),
+        (None, Placement::Waiting(reason)) => (SessionState::WaitingForVm, Some(reason.clone())),
+        (None, Placement::Error(reason)) => (SessionState::Error, Some(reason.clone())),
     }
 }
 

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use vmsniff_ebpf::daemon_tag;
 
-use crate::model::{mirror::Tap, observed::Observed};
 use crate::{
-    daemon::config::{LIVE_KEYS, SessionSpec},
+    model::{mirror::Tap, observed::Observed},
     ovs::session::OvsSession,
+    service::{MirrorSpec, spec::LIVE_KEYS},
 };
 
 /// Where a config session's VM NIC is now: its tap (eBPF sessions) or its OVS port (OVS
@@ -135,8 +135,8 @@ type Dropped = (Option<String>, u32);
 /// For each config session, which of its sessions stays; the rest, orphans (tags or names of
 /// no config session), duplicates and sessions changed in a way `live` keys cannot carry go.
 fn keep_or_drop(
-    desired: &BTreeMap<String, SessionSpec>,
-    records: &BTreeMap<String, SessionSpec>,
+    desired: &BTreeMap<String, MirrorSpec>,
+    records: &BTreeMap<String, MirrorSpec>,
     owned: &BTreeMap<Option<String>, Vec<u32>>,
     live: &[&str],
 ) -> (Vec<Dropped>, BTreeMap<String, Keep>) {
@@ -166,9 +166,9 @@ fn keep_or_drop(
 
 /// eBPF sessions: `desired` holds the config's eBPF sessions only.
 pub fn plan_reconcile(
-    desired: &BTreeMap<String, SessionSpec>,
+    desired: &BTreeMap<String, MirrorSpec>,
     placements: &BTreeMap<String, Placement>,
-    records: &BTreeMap<String, SessionSpec>,
+    records: &BTreeMap<String, MirrorSpec>,
     observed: &Observed,
 ) -> Vec<Action> {
     let owned = daemon_sessions(desired.keys(), observed);
@@ -200,9 +200,9 @@ pub fn plan_reconcile(
 /// controls to change in place); a session that lost its Mirror or GRE port to someone's hand,
 /// or whose VM is now on another bridge, is made again.
 pub fn plan_ovs_reconcile(
-    desired: &BTreeMap<String, SessionSpec>,
+    desired: &BTreeMap<String, MirrorSpec>,
     placements: &BTreeMap<String, Placement<OvsPort>>,
-    records: &BTreeMap<String, SessionSpec>,
+    records: &BTreeMap<String, MirrorSpec>,
     sessions: &BTreeMap<u32, OvsSession>,
 ) -> Vec<OvsAction> {
     let owned = daemon_ovs_sessions(desired.keys(), sessions);
@@ -241,8 +241,8 @@ mod tests {
     use super::*;
     use crate::daemon::config::parse;
 
-    fn config(text: &str) -> BTreeMap<String, SessionSpec> {
-        parse("m.toml", text).unwrap().sessions
+    fn config(text: &str) -> BTreeMap<String, MirrorSpec> {
+        parse("m.toml", text).unwrap().sessions.into_iter().map(|(name, s)| (name, s.spec)).collect()
     }
 
     const ONE: &str = "[session.ids]\nvm = \"c-private\"\nto = \"192.0.2.2\"\n";

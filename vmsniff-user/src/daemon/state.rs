@@ -10,6 +10,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::mirror::Mode;
+
 pub const STATE_VERSION: u32 = 1;
 
 /// Where the daemon keeps its runtime files unless `--run-dir` or VMSNIFF_RUN_DIR say otherwise.
@@ -38,18 +40,35 @@ pub struct DaemonState {
     pub sessions: BTreeMap<String, DaemonSession>,
 }
 
-fn ebpf() -> String {
-    "ebpf".into()
+/// A config session's state, as the state file and `status` spell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionState {
+    /// Its session runs.
+    Active,
+    /// Its VM is not here now (stopped, migrated away, not plugged yet): it attaches when it is.
+    WaitingForVm,
+    /// Something only the operator can fix, or a failed attempt (tried again later).
+    Error,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Active => "active",
+            SessionState::WaitingForVm => "waiting-for-vm",
+            SessionState::Error => "error",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DaemonSession {
-    /// `active`, `waiting-for-vm` or `error`.
-    pub state: String,
-    /// `ebpf` or `ovs`.
-    #[serde(default = "ebpf")]
-    pub mode: String,
+    pub state: SessionState,
+    /// Absent in files of daemons from before OVS sessions: eBPF.
+    #[serde(default)]
+    pub mode: Mode,
     /// Why it waits or fails.
     pub reason: Option<String>,
     /// Its kernel session, when it has one (a waiting session keeps it, with its counters).
@@ -109,8 +128,8 @@ impl DaemonState {
             out.push_str(&format!(
                 "  {:<width$} {:<4} {:<14} {:>7}  {:<15} {}\n",
                 name,
-                s.mode,
-                s.state,
+                s.mode.as_str(),
+                s.state.as_str(),
                 s.session.map_or("-".into(), |id| id.to_string()),
                 s.vm.as_deref().or(s.tap.as_deref()).unwrap_or("-"),
                 s.reason.as_deref().unwrap_or("")
@@ -140,8 +159,8 @@ mod tests {
         state.sessions.insert(
             "ids".into(),
             DaemonSession {
-                state: "waiting-for-vm".into(),
-                mode: "ebpf".into(),
+                state: SessionState::WaitingForVm,
+                mode: Mode::Ebpf,
                 reason: Some("VM c-private is shut off".into()),
                 session: Some(3),
                 vm: Some("c-private".into()),
@@ -153,6 +172,15 @@ mod tests {
         assert_eq!(DaemonState::read(&dir).unwrap(), Some(state.clone()));
         assert!(state.daemon_running());
         assert!(!dir.join("daemon.json.tmp").exists());
+        // The words on disk are those earlier releases wrote and `status --json` shows.
+        let json: serde_json::Value = serde_json::from_slice(&fs::read(state_path(&dir)).unwrap()).unwrap();
+        assert_eq!(
+            (json["sessions"]["ids"]["state"].as_str(), json["sessions"]["ids"]["mode"].as_str()),
+            (Some("waiting-for-vm"), Some("ebpf"))
+        );
+        let old = r#"{"version":1,"pid":1,"netns":2,"config":"c","reloads":0,"reload-error":null,"sessions":{"a":{"state":"active","reason":null,"session":3,"vm":"x","tap":null,"applied":null}}}"#;
+        let old: DaemonState = serde_json::from_str(old).unwrap();
+        assert_eq!((old.sessions["a"].state, old.sessions["a"].mode), (SessionState::Active, Mode::Ebpf));
         DaemonState::remove(&dir).unwrap();
         DaemonState::remove(&dir).unwrap();
         fs::remove_dir(&dir).unwrap();

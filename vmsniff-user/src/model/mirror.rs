@@ -94,6 +94,16 @@ pub enum AttachModeChoice {
     Netlink,
 }
 
+impl AttachModeChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachModeChoice::Auto => "auto",
+            AttachModeChoice::Tcx => "tcx",
+            AttachModeChoice::Netlink => "netlink",
+        }
+    }
+}
+
 /// Where the copies go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -136,7 +146,10 @@ pub enum Owner {
 }
 
 /// `--mode`: how the copies are made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// tc programs on the VM's tap clone its frames (every plug; filter, snaplen, sample, rate
     /// limit).
@@ -145,6 +158,16 @@ pub enum Mode {
     /// An Open vSwitch Mirror on the VM's OVS port with a GRE output port (OVS plugs only; whole
     /// frames, every one).
     Ovs,
+}
+
+impl Mode {
+    /// As `--mode` and the JSON outputs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Ovs => "ovs",
+        }
+    }
 }
 
 /// A collector address: IPv4, unicast, routable.

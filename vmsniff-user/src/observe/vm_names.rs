@@ -6,17 +6,17 @@ use super::status::Status;
 use crate::{
     model::error::chain,
     resolve::{
-        libvirt::{Libvirt, Vm},
-        vm::Sources,
+        libvirt::Vm,
+        vm::{Sources, read_vms},
     },
 };
 
 /// Fills each session's `vm` and `nic` from libvirt, when it answers.
-pub fn fill(status: &mut Status, sources: &Sources) {
+pub async fn fill(status: &mut Status, sources: &Sources) {
     if status.sessions.is_empty() {
         return;
     }
-    let vms = match Libvirt::open(sources.libvirt.clone()).and_then(|libvirt| libvirt.vms()) {
+    let vms = match read_vms(sources).await {
         Ok(vms) => vms,
         Err(e) => {
             log::debug!("sessions are shown without their VMs: {}", chain(&e));

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::{
+    model::cancel::Cancel,
     ovs::{
         plan::{OvsAttachPlan, next_cfg, plan_ovs_detach},
         session::{Snapshot, cur_cfg},
@@ -36,6 +37,8 @@ pub enum OvsApplyError {
         timeout.as_secs()
     )]
     NotApplied { undone: &'static str, timeout: Duration },
+    #[error("stopped while waiting for ovs-vswitchd to apply the change. {undone}")]
+    Cancelled { undone: &'static str },
     #[error(
         "ovs-vswitchd could not create GRE port {port}: {error} (does the kernel have the \
          openvswitch module with GRE, vport_gre?) The session was removed again"
@@ -52,18 +55,21 @@ pub enum OvsApplyError {
 }
 
 /// Sends an attach plan; returns once ovs-vswitchd mirrors with it.
-pub fn apply_attach(client: &mut Client, plan: &OvsAttachPlan) -> Result<(), OvsApplyError> {
+/// `cancel` cuts the wait short; the session is then removed again.
+pub fn apply_attach(client: &mut Client, plan: &OvsAttachPlan, cancel: &Cancel) -> Result<(), OvsApplyError> {
     let results = client.transact(DATABASE, &plan.operations)?;
-    let outcome = wait_applied(client, next_cfg(&results), "The session was removed again.").and_then(|()| {
-        let snapshot = Snapshot::read(client)?;
-        let error = snapshot.sessions().get(&plan.id).and_then(|s| s.gre_interface.as_ref()).and_then(|i| {
-            i.error.clone().or_else(|| (i.ofport == Some(-1)).then(|| "no OpenFlow port".into()))
+    let outcome = wait_applied(client, next_cfg(&results), "The session was removed again.", cancel)
+        .and_then(|()| {
+            let snapshot = Snapshot::read(client)?;
+            let error =
+                snapshot.sessions().get(&plan.id).and_then(|s| s.gre_interface.as_ref()).and_then(|i| {
+                    i.error.clone().or_else(|| (i.ofport == Some(-1)).then(|| "no OpenFlow port".into()))
+                });
+            match error {
+                Some(error) => Err(OvsApplyError::GrePort { port: plan.gre_port.clone(), error }),
+                None => Ok(()),
+            }
         });
-        match error {
-            Some(error) => Err(OvsApplyError::GrePort { port: plan.gre_port.clone(), error }),
-            None => Ok(()),
-        }
-    });
     if let Err(error) = outcome {
         log::debug!("attach of OVS session {} failed ({error}): removing its rows", plan.id);
         // No waiting here: ovs-vswitchd may be the very thing that is missing.
@@ -77,9 +83,14 @@ pub fn apply_attach(client: &mut Client, plan: &OvsAttachPlan) -> Result<(), Ovs
 
 /// Sends a reselect plan (`plan::ovs::plan_ovs_reselect`); returns once ovs-vswitchd mirrors
 /// the port again.
-pub fn apply_reselect(client: &mut Client, operations: &[Operation]) -> Result<(), OvsApplyError> {
+pub fn apply_reselect(
+    client: &mut Client,
+    operations: &[Operation],
+    cancel: &Cancel,
+) -> Result<(), OvsApplyError> {
     let results = client.transact(DATABASE, operations)?;
-    wait_applied(client, next_cfg(&results), "The Mirror selects the port in OVSDB; it mirrors once it runs.")
+    let undone = "The Mirror selects the port in OVSDB; it mirrors once it runs.";
+    wait_applied(client, next_cfg(&results), undone, cancel)
 }
 
 /// Removes sessions `ids` (those that exist) in one transaction; with `wait`, returns once
@@ -95,10 +106,19 @@ pub fn remove(client: &mut Client, ids: &[u32], wait: bool) -> Result<(), OvsApp
     if !wait {
         return Ok(());
     }
-    wait_applied(client, next_cfg(&results), "The rows are gone from OVSDB; it stops mirroring once it runs.")
+    let undone = "The rows are gone from OVSDB; it stops mirroring once it runs.";
+    // A removal is what a stop does: it is not cut short.
+    wait_applied(client, next_cfg(&results), undone, &Cancel::never())
 }
 
-fn wait_applied(client: &mut Client, next: Option<i64>, undone: &'static str) -> Result<(), OvsApplyError> {
+/// Polls ovs-vswitchd's `cur_cfg`, as `ovs-vsctl` does. Runs on a blocking thread (see
+/// `sys::blocking`), so its sleeps hold up no event loop.
+fn wait_applied(
+    client: &mut Client,
+    next: Option<i64>,
+    undone: &'static str,
+    cancel: &Cancel,
+) -> Result<(), OvsApplyError> {
     let Some(next) = next else {
         return Err(OvsdbError::Malformed { what: "next_cfg", found: "no Open_vSwitch row".into() }.into());
     };
@@ -110,6 +130,9 @@ fn wait_applied(client: &mut Client, next: Option<i64>, undone: &'static str) ->
         }
         if Instant::now() >= deadline {
             return Err(OvsApplyError::NotApplied { undone, timeout });
+        }
+        if cancel.is_cancelled() {
+            return Err(OvsApplyError::Cancelled { undone });
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -12,7 +12,10 @@ use crate::{
         Client, OvsdbError, socket_path,
         vswitch::{FoundBy, OvsAttachment, Switch},
     },
-    sys::netlink::{Link, Netlink},
+    sys::{
+        blocking::off_thread,
+        netlink::{Link, Netlink},
+    },
 };
 
 /// Where VMs and ports are read from: the global `--connect` and `--ovsdb` options.
@@ -77,7 +80,7 @@ pub async fn resolve_tap(
         return Ok(Resolved::Interface { tap: ethernet_interface(netlink, "tap", tap).await? });
     }
     let selector = selector.ok_or(ResolveError::Missing)?;
-    let libvirt_failure = match Libvirt::open(sources.libvirt.clone()).and_then(|l| l.vms()) {
+    let libvirt_failure = match read_vms(sources).await {
         Ok(vms) => match find_vm(&vms, selector) {
             Ok(found) => {
                 let nic = choose_nic(selector, &found, choice)?;
@@ -118,11 +121,21 @@ pub async fn resolve_tap(
     Err(libvirt_failure)
 }
 
+/// Every domain libvirt has, read off the runtime thread.
+pub async fn read_vms(sources: &Sources) -> Result<Vec<Vm>, LibvirtError> {
+    let uri = sources.libvirt.clone();
+    off_thread(move || Libvirt::open(uri)?.vms()).await
+}
+
 /// The taps a VM argument stands for, without checking that they exist: a tap that is gone
 /// (its VM stopped) may still have sessions to show or remove. All the VM's NICs unless one is
 /// chosen.
-pub fn vm_taps(sources: &Sources, selector: &str, choice: NicChoice) -> Result<Vec<String>, ResolveError> {
-    let vms = Libvirt::open(sources.libvirt.clone())?.vms()?;
+pub async fn vm_taps(
+    sources: &Sources,
+    selector: &str,
+    choice: NicChoice,
+) -> Result<Vec<String>, ResolveError> {
+    let vms = read_vms(sources).await?;
     let found = find_vm(&vms, selector)?;
     let nics: Vec<&Nic> = if found.nic.is_some() || choice != NicChoice::Unspecified {
         vec![choose_nic(selector, &found, choice)?]
@@ -254,20 +267,20 @@ mod tests {
         assert_eq!(read.attachment(private, &private.xml.nics[1]), None);
     }
 
-    #[test]
-    fn vm_taps_lists_every_nic_unless_one_is_chosen() {
+    #[tokio::test]
+    async fn vm_taps_lists_every_nic_unless_one_is_chosen() {
         let sources = Sources { libvirt: crate::resolve::libvirt::tests::fixture_uri(), ovsdb: None };
         assert_eq!(
-            vm_taps(&sources, "c-private", NicChoice::Unspecified).unwrap(),
+            vm_taps(&sources, "c-private", NicChoice::Unspecified).await.unwrap(),
             ["tapf7eae624-34", "tap8e3c1a52-07"]
         );
-        assert_eq!(vm_taps(&sources, "c-private", NicChoice::Index(1)).unwrap(), ["tap8e3c1a52-07"]);
+        assert_eq!(vm_taps(&sources, "c-private", NicChoice::Index(1)).await.unwrap(), ["tap8e3c1a52-07"]);
         assert_eq!(
-            vm_taps(&sources, "fa:16:3e:11:22:33", NicChoice::Unspecified).unwrap(),
+            vm_taps(&sources, "fa:16:3e:11:22:33", NicChoice::Unspecified).await.unwrap(),
             ["tapf7eae624-34"]
         );
         assert!(matches!(
-            vm_taps(&sources, "c-dup", NicChoice::Unspecified),
+            vm_taps(&sources, "c-dup", NicChoice::Unspecified).await,
             Err(ResolveError::Select(SelectError::Ambiguous { .. }))
         ));
     }

@@ -1,174 +1,66 @@
-//! `--mode ovs`: the classic Open vSwitch mirror (a Mirror on the VM's port with a GRE output
-//! port), made by one OVSDB transaction and removed by another that touches only its own rows.
-use std::collections::BTreeSet;
+//! OVS mode's operations: the classic Open vSwitch mirror (a Mirror on the VM's port with a GRE
+//! output port), made by one OVSDB transaction and removed by another that touches only its own
+//! rows. The OVSDB client blocks: every exchange runs on the blocking pool.
+use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Context as _, bail};
-use serde_json::{Value, json};
+use anyhow::Context as _;
+use serde_json::json;
 
-use crate::cli::{attach::AttachArgs, sessions::SessionArgs, target::MirrorArgs};
+use super::{
+    Attached, Destination, Keeper, MirrorSpec, Service, describe, direction_words, now, select::Candidates,
+};
 use crate::{
+    model::{cancel::Cancel, error::chain, mirror::Mode},
     ovs::{
-        apply::{apply_attach, remove},
-        plan::{DaemonOwner, OvsAttachPlan, OvsAttachRequest, plan_ovs_attach},
-        port::{check_route, vm_port},
+        apply::{apply_attach, apply_reselect, remove},
+        plan::{
+            DaemonOwner, OvsAttachPlan, OvsAttachRequest, OvsReselectRequest, plan_ovs_attach,
+            plan_ovs_reselect,
+        },
+        port::{OvsPortError, VmPort, check_route, vm_port},
         session::{OvsSession, Snapshot},
-        status::{OvsSessionStatus, session_status},
     },
     ovsdb::{Client, Operation, OvsdbError, socket_path, vswitch::DATABASE},
-    resolve::{
-        select::NicChoice,
-        vm::{Resolved, Sources, vm_taps},
-    },
-    service::namespace::Namespace,
+    resolve::vm::{Resolved, Sources},
+    sys::blocking::off_thread,
 };
 
-/// Opens OVSDB for a command that needs it.
-pub fn connect(sources: &Sources) -> Result<Client, OvsdbError> {
+/// What `attach --mode ovs --dry-run` shows: the transaction, and the same as ovs-vsctl.
+pub struct OvsDryRun {
+    pub id: u32,
+    pub what: String,
+    pub transaction: String,
+    pub vsctl: String,
+}
+
+/// Opens OVSDB for an operation that needs it.
+fn connect(sources: &Sources) -> Result<Client, OvsdbError> {
     Client::connect(&socket_path(sources.ovsdb.as_deref())?)
 }
 
-/// Opens OVSDB for a command that only may find OVS sessions there: `None` when there is no
-/// OVSDB (a host without Open vSwitch) unless `--ovsdb` named one.
-fn connect_if_present(sources: &Sources) -> anyhow::Result<Option<Client>> {
-    match connect(sources) {
-        Ok(client) => Ok(Some(client)),
-        Err(e) if sources.ovsdb.is_none() => {
+/// Runs `f` with a connection to OVSDB, on the blocking pool.
+async fn with_ovsdb<T: Send + 'static>(
+    sources: &Sources,
+    f: impl FnOnce(&mut Client) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let sources = sources.clone();
+    off_thread(move || f(&mut connect(&sources)?)).await
+}
+
+/// Reads vmsniff's view of OVSDB; `None` when there is no OVSDB (a host without Open vSwitch)
+/// unless `--ovsdb` named one.
+async fn snapshot_if_present(sources: &Sources) -> anyhow::Result<Option<Snapshot>> {
+    let named = sources.ovsdb.is_some();
+    let sources = sources.clone();
+    off_thread(move || match connect(&sources) {
+        Ok(mut client) => Ok(Some(Snapshot::read(&mut client)?)),
+        Err(e) if !named => {
             log::debug!("no OVS sessions: {e}");
             Ok(None)
         }
         Err(e) => Err(e.into()),
-    }
-}
-
-/// The ids OVS sessions hold, for an eBPF attach to leave free; none without OVSDB.
-pub fn reserved_ids(sources: &Sources) -> BTreeSet<u32> {
-    let read = connect(sources).and_then(|mut client| Snapshot::read(&mut client));
-    match read {
-        Ok(snapshot) => snapshot.sessions().into_keys().collect(),
-        Err(e) => {
-            log::debug!("no OVS session ids to avoid: {e}");
-            BTreeSet::new()
-        }
-    }
-}
-
-/// The collector an OVS session sends to: `--to`, required.
-fn collector(mirror: &MirrorArgs) -> anyhow::Result<std::net::Ipv4Addr> {
-    mirror.to.context("--mode ovs sends copies to a GRE collector: give --to IP")
-}
-
-/// Refuses what only eBPF mode can do, naming each option.
-pub fn refuse_ebpf_options(args: &AttachArgs) -> anyhow::Result<()> {
-    let controls = &args.controls;
-    let given: Vec<&str> = [
-        (controls.filter.is_some(), "--filter"),
-        (controls.snaplen.is_some(), "--snaplen"),
-        (controls.sample.is_some(), "--sample"),
-        (controls.rate_limit.is_some(), "--rate-limit"),
-        (args.mirror.to_dev.is_some(), "--to-dev"),
-        (args.mirror.attach_mode.is_some(), "--attach-mode"),
-        // vmsniff's OVS mirror sends through an OVS GRE port: plain GRE with the key.
-        (args.mirror.encap != crate::model::wire::EncapChoice::Gre, "--encap erspan"),
-        (args.mirror.erspan_hwid.is_some(), "--erspan-hwid"),
-    ]
-    .into_iter()
-    .filter_map(|(given, name)| given.then_some(name))
-    .collect();
-    if !given.is_empty() {
-        bail!(
-            "{} {} eBPF mode's: an OVS mirror copies every frame whole to a GRE collector (--to), \
-             and has no tc programs to attach. Drop {}, or drop --mode ovs",
-            given.join(", "),
-            if given.len() == 1 { "is" } else { "are" },
-            if given.len() == 1 { "it" } else { "them" }
-        );
-    }
-    collector(&args.mirror)?;
-    Ok(())
-}
-
-/// `vmsniff attach VM --mode ovs --to IP [--key N] [--direction D] [--dry-run]`.
-pub async fn attach(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
-    refuse_ebpf_options(&args)?;
-    let mirror = &args.mirror;
-    let namespace = if args.dry_run { Namespace::open_for_reading()? } else { Namespace::open()? };
-    let resolved = mirror.resolve(sources, &namespace.kernel.netlink).await?;
-    let mut client = connect(sources)?;
-    // Session ids are shared with eBPF mode: hold the same lock while choosing one.
-    let _lock = if args.dry_run { None } else { Some(namespace.lock()?) };
-    if !args.dry_run {
-        namespace.clean_orphans().await?;
-    }
-    let planned = plan_attach(&namespace, &mut client, mirror, &resolved, None).await?;
-    let plan = &planned.plan;
-    if args.dry_run {
-        println!("{}", transaction_text(&plan.operations));
-        println!("\n# The same change with ovs-vsctl:\n{}", plan.vsctl);
-        log::info!("dry run: session {} would mirror {}; nothing was changed", plan.id, planned.what);
-        return Ok(());
-    }
-    apply_attach(&mut client, plan)?;
-    log::info!("session {}: mirroring {}", plan.id, planned.what);
-    println!("{}", plan.id);
-    Ok(())
-}
-
-/// An OVS session planned for a resolved NIC, and the words that say what it mirrors.
-pub struct PlannedOvsAttach {
-    pub plan: OvsAttachPlan,
-    pub what: String,
-}
-
-/// Plans an OVS session on `resolved`'s OVS port: finds the port, checks the collector's route
-/// and takes an id free on both sides. The caller holds vmsniff's lock (ids are shared with
-/// eBPF mode); `daemon` names the daemon's config session that keeps it.
-pub async fn plan_attach(
-    namespace: &Namespace,
-    client: &mut Client,
-    mirror: &MirrorArgs,
-    resolved: &Resolved,
-    daemon: Option<DaemonOwner>,
-) -> anyhow::Result<PlannedOvsAttach> {
-    let to = collector(mirror)?;
-    let netlink = &namespace.kernel.netlink;
-    let snapshot = Snapshot::read(client)?;
-    let port = vm_port(netlink, resolved, &snapshot).await?;
-    check_route(netlink, to, &port, &snapshot).await?;
-    let taken: BTreeSet<u32> = namespace.observe()?.sessions.keys().copied().collect();
-    let (vm, nic) = match resolved {
-        Resolved::Nic { vm, nic, .. } => (Some(vm.display_name().to_owned()), Some(nic.index)),
-        Resolved::Interface { .. } => (None, None),
-    };
-    let request = OvsAttachRequest {
-        bridge: port.bridge.clone(),
-        vm_port: port.port.clone(),
-        remote: to,
-        key: mirror.key,
-        ttl: mirror.ttl,
-        tos: mirror.tos,
-        directions: mirror.direction,
-        tap: resolved.tap().name.clone(),
-        vm,
-        nic,
-        daemon,
-        now: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
-    let plan = plan_ovs_attach(&request, &snapshot, &taken)?;
-    let what = format!(
-        "{} ({}) of {} at OVS port {} on {} to {to} (GRE port {}, key {}; mirror {})",
-        mirror.direction.as_str(),
-        crate::cli::attach::direction_words(mirror.direction),
-        crate::cli::attach::describe(resolved),
-        port.port,
-        port.bridge,
-        plan.gre_port,
-        plan.key,
-        plan.mirror
-    );
-    Ok(PlannedOvsAttach { plan, what })
+    })
+    .await
 }
 
 /// The JSON-RPC request, one operation a line: valid JSON, and readable.
@@ -178,81 +70,160 @@ fn transaction_text(operations: &[Operation]) -> String {
     format!("{{\"method\": \"transact\", \"id\": 0, \"params\": [\n  {}\n]}}", lines.join(",\n  "))
 }
 
-/// The OVS sessions a `detach` names; `None` without OVSDB. Never fails for a name that matches
-/// nothing: the eBPF side says so.
-pub fn select(sources: &Sources, args: &SessionArgs) -> anyhow::Result<Option<(Client, BTreeSet<u32>)>> {
-    let Some(mut client) = connect_if_present(sources)? else { return Ok(None) };
-    let sessions = Snapshot::read(&mut client)?.sessions();
-    let choice = args.nic.choice();
-    let ids: BTreeSet<u32> = if args.all {
-        sessions.keys().copied().collect()
-    } else if let Some(id) = args.session {
-        sessions.contains_key(&id).then_some(id).into_iter().collect()
-    } else if let Some(id) = args
-        .target
-        .as_deref()
-        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && args.vm.is_none())
-        .and_then(|t| t.parse::<u32>().ok())
-        .filter(|id| sessions.contains_key(id))
-    {
-        BTreeSet::from([id])
-    } else if let Some(name) = args.tap.as_ref().or(args.vm.as_ref()).or(args.target.as_ref()) {
-        matching(sources, &sessions, name, choice, args.tap.is_some())
-    } else {
-        BTreeSet::new()
-    };
-    Ok(Some((client, ids)))
-}
-
-/// Sessions of a tap (as recorded at attach) or of a VM's NICs.
-fn matching(
-    sources: &Sources,
-    sessions: &std::collections::BTreeMap<u32, OvsSession>,
-    name: &str,
-    choice: NicChoice,
-    tap_only: bool,
-) -> BTreeSet<u32> {
-    let mut ids: BTreeSet<u32> = if choice == NicChoice::Unspecified {
-        sessions.values().filter(|s| s.tap() == Some(name)).map(|s| s.id).collect()
-    } else {
-        BTreeSet::new()
-    };
-    if !tap_only && let Ok(taps) = vm_taps(sources, name, choice) {
-        ids.extend(
-            sessions.values().filter(|s| s.tap().is_some_and(|t| taps.iter().any(|x| x == t))).map(|s| s.id),
-        );
+impl Service {
+    /// vmsniff's rows in OVSDB now.
+    pub async fn ovs_snapshot(&self) -> anyhow::Result<Snapshot> {
+        with_ovsdb(&self.sources, |client| Ok(Snapshot::read(client)?)).await
     }
-    ids
-}
 
-/// Removes OVS sessions in one transaction.
-pub fn detach(client: &mut Client, ids: &BTreeSet<u32>) -> anyhow::Result<()> {
-    let ids: Vec<u32> = ids.iter().copied().collect();
-    remove(client, &ids, true).context("removing OVS mirror sessions")?;
-    Ok(())
-}
+    /// vmsniff's OVS sessions; none without OVSDB.
+    pub async fn ovs_sessions(&self) -> anyhow::Result<BTreeMap<u32, OvsSession>> {
+        Ok(snapshot_if_present(&self.sources).await?.map(|s| s.sessions()).unwrap_or_default())
+    }
 
-/// Every OVS session, for `status`; none without OVSDB. An OVSDB that is named but cannot be
-/// read is a warning: the eBPF sessions are still worth showing.
-pub fn status(sources: &Sources) -> Vec<OvsSessionStatus> {
-    let read = connect_if_present(sources)
-        .and_then(|client| client.map(|mut c| Snapshot::read(&mut c)).transpose().map_err(Into::into));
-    match read {
-        Ok(Some(snapshot)) => snapshot.sessions().values().map(session_status).collect(),
-        Ok(None) => Vec::new(),
-        Err(e) => {
-            log::warn!("OVS sessions not shown: {}", crate::model::error::chain(e.as_ref()));
-            Vec::new()
+    /// The ids OVS sessions hold, for an eBPF attach to leave free; none without OVSDB.
+    pub(super) async fn ovs_reserved_ids(&self) -> BTreeSet<u32> {
+        match self.ovs_snapshot().await {
+            Ok(snapshot) => snapshot.sessions().into_keys().collect(),
+            Err(e) => {
+                log::debug!("no OVS session ids to avoid: {}", chain(e.as_ref()));
+                BTreeSet::new()
+            }
         }
     }
-}
 
-/// `status --json`'s sessions: eBPF's, then OVS's.
-pub fn merge_json(ebpf: Value, ovs: &[OvsSessionStatus]) -> anyhow::Result<Value> {
-    let mut status = ebpf;
-    let sessions = status["sessions"].as_array_mut().context("status has a sessions array")?;
-    for s in ovs {
-        sessions.push(serde_json::to_value(s)?);
+    /// OVS sessions with their recorded taps, for a selection; `None` without OVSDB.
+    pub(super) async fn ovs_candidates(&self) -> anyhow::Result<Option<Candidates>> {
+        let Some(snapshot) = snapshot_if_present(&self.sources).await? else { return Ok(None) };
+        let taps =
+            snapshot.sessions().into_values().filter_map(|s| Some((s.id, s.tap()?.to_owned()))).collect();
+        Ok(Some(Candidates { taps }))
     }
-    Ok(status)
+
+    /// The OVS port a resolved NIC's frames cross.
+    pub async fn ovs_port(&self, resolved: &Resolved, snapshot: &Snapshot) -> Result<VmPort, OvsPortError> {
+        vm_port(&self.namespace.kernel.netlink, resolved, snapshot).await
+    }
+
+    /// Plans an OVS session on `resolved`'s OVS port: finds the port, checks the collector's
+    /// route and takes an id free on both sides. Call with vmsniff's lock held (ids are shared
+    /// with eBPF mode).
+    async fn plan_ovs(
+        &self,
+        spec: &MirrorSpec,
+        resolved: &Resolved,
+        keeper: &Keeper,
+    ) -> anyhow::Result<(OvsAttachPlan, String)> {
+        let Destination::Collector { remote, ttl, tos, .. } = spec.destination else {
+            anyhow::bail!("--mode ovs sends copies to a GRE collector: give --to IP");
+        };
+        let netlink = &self.namespace.kernel.netlink;
+        let snapshot = self.ovs_snapshot().await?;
+        let port = vm_port(netlink, resolved, &snapshot).await?;
+        check_route(netlink, remote, &port, &snapshot).await?;
+        let taken: BTreeSet<u32> = self.namespace.observe()?.sessions.keys().copied().collect();
+        let (vm, nic) = match resolved {
+            Resolved::Nic { vm, nic, .. } => (Some(vm.display_name().to_owned()), Some(nic.index)),
+            Resolved::Interface { .. } => (None, None),
+        };
+        let daemon = match keeper {
+            Keeper::Daemon { name } => Some(DaemonOwner { name: name.clone(), argv: spec.to_args() }),
+            Keeper::Command | Keeper::Foreground => None,
+        };
+        let request = OvsAttachRequest {
+            bridge: port.bridge.clone(),
+            vm_port: port.port.clone(),
+            remote,
+            key: spec.key,
+            ttl,
+            tos,
+            directions: spec.direction,
+            tap: resolved.tap().name.clone(),
+            vm,
+            nic,
+            daemon,
+            now: now(),
+        };
+        let plan = plan_ovs_attach(&request, &snapshot, &taken)?;
+        let what = format!(
+            "{} ({}) of {} at OVS port {} on {} to {remote} (GRE port {}, key {}; mirror {})",
+            spec.direction.as_str(),
+            direction_words(spec.direction),
+            describe(resolved),
+            port.port,
+            port.bridge,
+            plan.gre_port,
+            plan.key,
+            plan.mirror
+        );
+        Ok((plan, what))
+    }
+
+    pub(super) async fn attach_ovs(
+        &self,
+        spec: &MirrorSpec,
+        resolved: &Resolved,
+        keeper: &Keeper,
+        cancel: &Cancel,
+    ) -> anyhow::Result<Attached> {
+        // Session ids are shared with eBPF mode: hold the same lock while choosing one.
+        let _lock = self.namespace.lock()?;
+        self.namespace.clean_orphans().await?;
+        let (plan, what) = self.plan_ovs(spec, resolved, keeper).await?;
+        let (cancel, id) = (cancel.clone(), plan.id);
+        with_ovsdb(&self.sources, move |client| Ok(apply_attach(client, &plan, &cancel)?)).await?;
+        Ok(Attached { id, mode: Mode::Ovs, what })
+    }
+
+    /// What an OVS attach would send, changing nothing.
+    pub async fn ovs_dry_run(&self, spec: &MirrorSpec) -> anyhow::Result<OvsDryRun> {
+        let resolved = self.resolve(spec).await?;
+        let (plan, what) = self.plan_ovs(spec, &resolved, &Keeper::Command).await?;
+        Ok(OvsDryRun {
+            id: plan.id,
+            what,
+            transaction: transaction_text(&plan.operations),
+            vsctl: plan.vsctl,
+        })
+    }
+
+    /// Removes OVS sessions `ids` in one transaction, once ovs-vswitchd has applied it.
+    pub async fn detach_ovs(&self, ids: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let ids: Vec<u32> = ids.iter().copied().collect();
+        with_ovsdb(&self.sources, move |client| Ok(remove(client, &ids, true)?))
+            .await
+            .context("removing OVS mirror sessions")
+    }
+
+    /// Points OVS session `id`'s Mirror at its VM's port again (the port was deleted and added
+    /// back), keeping id, GRE port, key and statistics.
+    pub async fn reselect_ovs(
+        &self,
+        id: u32,
+        port: &VmPort,
+        tap: &str,
+        spec: &MirrorSpec,
+        cancel: &Cancel,
+    ) -> anyhow::Result<()> {
+        let request = OvsReselectRequest {
+            vm_port: port.port.clone(),
+            directions: spec.direction,
+            tap: tap.to_owned(),
+        };
+        let cancel = cancel.clone();
+        with_ovsdb(&self.sources, move |client| {
+            let snapshot = Snapshot::read(client)?;
+            let sessions = snapshot.sessions();
+            let session = sessions.get(&id).with_context(|| format!("OVS session {id} is gone"))?;
+            apply_reselect(client, &plan_ovs_reselect(session, &request, &snapshot)?, &cancel)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether OVSDB can be reached at all (a daemon without OVS sessions needs none).
+    pub async fn ovsdb_reachable(&self) -> bool {
+        let sources = self.sources.clone();
+        off_thread(move || connect(&sources).is_ok()).await
+    }
 }

@@ -1,6 +1,7 @@
 //! Handles on the kernel that reading and changing share: the netlink socket, this process's
 //! network namespace and privileges, bpffs and the pin paths, vmsniff's pinned maps, and the
 //! error every kernel operation returns.
+pub mod blocking;
 pub mod bpffs;
 pub mod error;
 pub mod maps;

@@ -1,21 +1,35 @@
-//! The arguments that say which VM NIC to mirror, and where the copies go.
+//! The flags that describe one mirror, as `vmsniff attach` takes them and a daemon config
+//! table spells them (keys named like the flags). clap parses them; [`MirrorFlags::spec`]
+//! checks them into the one typed [`MirrorSpec`](super::spec::MirrorSpec).
 use clap::Args;
 
 use crate::{
     model::{
         mac::Mac,
-        mirror::{AttachModeChoice, Directions, Target, parse_collector},
-        wire::{Encap, EncapChoice, EncapError, MAX_ERSPAN_HWID},
+        mirror::{AttachModeChoice, Directions, Mode, parse_collector},
+        wire::{EncapChoice, MAX_ERSPAN_HWID},
     },
-    resolve::{
-        interface::{InterfaceError, ethernet_interface},
-        select::NicChoice,
-        vm::{ResolveError, Resolved, Sources, resolve_tap},
-    },
-    sys::netlink::Netlink,
+    plan::controls::{RateLimit, parse_rate_limit, parse_sample, parse_snaplen},
+    resolve::select::NicChoice,
 };
 
-#[derive(Args, Debug)]
+/// Everything that says what one mirror is: which NIC, where copies go, how, and which frames.
+#[derive(Args, Debug, Clone)]
+pub struct MirrorFlags {
+    #[command(flatten)]
+    pub mirror: MirrorArgs,
+
+    #[command(flatten)]
+    pub controls: ControlArgs,
+
+    /// `ebpf`: tc programs on the tap clone the frames (every plug, all controls). `ovs`: an Open
+    /// vSwitch Mirror on the VM's OVS port with a GRE output port, as `ovs-vsctl create mirror`
+    /// makes it (OVS plugs only).
+    #[arg(long, value_enum, default_value_t = Mode::Ebpf)]
+    pub mode: Mode,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct MirrorArgs {
     /// The VM to mirror: its Nova name, UUID, libvirt domain, MAC or tap (through libvirt; an
     /// interface of that name when libvirt knows no such VM).
@@ -72,32 +86,8 @@ pub struct MirrorArgs {
     pub attach_mode: Option<AttachModeChoice>,
 }
 
-impl MirrorArgs {
-    /// The VM NIC (or interface) this command is about.
-    pub async fn resolve(&self, sources: &Sources, netlink: &Netlink) -> Result<Resolved, ResolveError> {
-        resolve_tap(sources, netlink, self.vm.as_deref(), self.tap.as_deref(), self.nic.choice()).await
-    }
-
-    /// `--encap` with `--erspan-hwid`, checked.
-    pub fn encap(&self) -> Result<Encap, EncapError> {
-        self.encap.checked(self.erspan_hwid)
-    }
-
-    /// Where the copies go; `encap` from [`MirrorArgs::encap`].
-    pub async fn target(&self, netlink: &Netlink, encap: Encap) -> Result<Target, InterfaceError> {
-        match (&self.to, &self.to_dev) {
-            (Some(remote), _) => Ok(Target::Gre { remote: *remote, ttl: self.ttl, tos: self.tos, encap }),
-            (None, Some(dev)) => {
-                let link = ethernet_interface(netlink, "--to-dev", dev).await?;
-                Ok(Target::LocalDev { name: link.name, ifindex: link.ifindex })
-            }
-            (None, None) => unreachable!("clap requires --to or --to-dev"),
-        }
-    }
-}
-
 /// `--nic N` / `--mac MAC`: which NIC of a VM with several.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct NicArgs {
     /// The VM's NIC N, counting its <interface> elements from 0 (eth0 = 0 in Nova's guests; the
     /// order of `virsh domiflist`).
@@ -122,4 +112,26 @@ impl NicArgs {
 fn parse_mac(text: &str) -> Result<Mac, String> {
     text.parse()
         .map_err(|()| format!("{text:?} is not a MAC address: give six hex bytes such as fa:16:3e:11:22:33"))
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ControlArgs {
+    /// Mirror only frames matching this tcpdump (pcap-filter) expression, evaluated in the
+    /// kernel before the copy: 'tcp port 443 and net 10.0.0.0/8', 'not arp', 'vlan 100'.
+    #[arg(long, value_name = "EXPR")]
+    pub filter: Option<String>,
+
+    /// Mirror 1 frame in N (chosen at random) of those the filter selects.
+    #[arg(long, value_name = "N", value_parser = parse_sample)]
+    pub sample: Option<u32>,
+
+    /// Send copies at most at this rate (tc units: 10mbit, 1gbit, 500kbps; or 50kpps); copies
+    /// over it are counted and not sent. The VM's own traffic is never limited.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate_limit)]
+    pub rate_limit: Option<RateLimit>,
+
+    /// Cut each copy to its first N bytes (1..65535); the VM's frame is never cut. The
+    /// original length stays in the copy's IP header (see the README).
+    #[arg(long, value_name = "N", value_parser = parse_snaplen)]
+    pub snaplen: Option<u32>,
 }

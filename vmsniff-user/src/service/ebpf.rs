@@ -1,0 +1,123 @@
+//! eBPF mode's operations: tc programs on the tap, copies through vmsniff's devices.
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context as _;
+use vmsniff_ebpf::daemon_tag;
+
+use super::{Attached, Destination, Keeper, MirrorSpec, Service, describe, direction_words, now};
+use crate::{
+    apply::executor::{apply_rehome, apply_update},
+    model::{
+        mirror::{Mode, Owner, Tap, Target},
+        observed::Observed,
+        wire::Encap,
+    },
+    plan::{
+        detach::ifname,
+        rehome::plan_rehome,
+        request::AttachRequest,
+        update::{ControlChange, plan_update},
+    },
+    resolve::{interface::ethernet_interface, vm::Resolved},
+    service::namespace::tcx_supported,
+};
+
+/// Each eBPF session with the tap recorded at attach.
+pub(super) fn recorded_taps(observed: &Observed) -> BTreeMap<u32, String> {
+    observed
+        .taps
+        .values()
+        .flat_map(|t| {
+            let name = ifname(&t.ifname);
+            t.ids.iter().filter(|&&id| id != 0).map(move |&id| (u32::from(id), name.clone()))
+        })
+        .collect()
+}
+
+impl Service {
+    pub(super) async fn attach_ebpf(
+        &self,
+        spec: &MirrorSpec,
+        resolved: &Resolved,
+        keeper: &Keeper,
+    ) -> anyhow::Result<Attached> {
+        let netlink = &self.namespace.kernel.netlink;
+        let target = match &spec.destination {
+            Destination::Collector { remote, ttl, tos, encap } => {
+                Target::Gre { remote: *remote, ttl: *ttl, tos: *tos, encap: *encap }
+            }
+            Destination::Device { name } => {
+                let link = ethernet_interface(netlink, "--to-dev", name).await?;
+                Target::LocalDev { name: link.name, ifindex: link.ifindex }
+            }
+        };
+        let owner = match keeper {
+            Keeper::Command => Owner::Persistent,
+            Keeper::Foreground => Owner::Foreground { pid: std::process::id() },
+            Keeper::Daemon { name } => Owner::Daemon { tag: daemon_tag(name) },
+        };
+        let request = AttachRequest {
+            tap: Tap { ifindex: resolved.tap().ifindex, name: resolved.tap().name.clone() },
+            target,
+            key: spec.key,
+            directions: spec.direction,
+            controls: spec.controls.clone(),
+            mode: spec.attach_mode.unwrap_or_default(),
+            tcx_supported: tcx_supported(),
+            owner,
+            now: now(),
+        };
+        let _lock = self.namespace.lock()?;
+        self.namespace.clean_orphans().await?;
+        let reserved = self.ovs_reserved_ids().await;
+        let (id, key) = self.namespace.attach(&request, reserved).await?;
+        let wire = match request.target {
+            Target::Gre { encap: Encap::Gre, .. } => {
+                format!(", GRE key {key} (wire keys {} out, {} in)", key * 2, key * 2 + 1)
+            }
+            Target::Gre { .. } => format!(", ERSPAN session id {key}"),
+            Target::LocalDev { .. } => String::new(),
+        };
+        let what = format!(
+            "{} ({}) of {} to {}{wire}",
+            request.directions.as_str(),
+            direction_words(request.directions),
+            describe(resolved),
+            request.target,
+        );
+        Ok(Attached { id, mode: Mode::Ebpf, what })
+    }
+
+    /// Moves session `id` to its VM's new tap, keeping id and counters; `false` when it is on
+    /// that tap already.
+    pub async fn rehome(&self, id: u32, tap: &Tap, spec: &MirrorSpec) -> anyhow::Result<bool> {
+        let _lock = self.namespace.lock()?;
+        let observed = self.namespace.observe()?;
+        let mode = spec.attach_mode.unwrap_or_default();
+        let Some(plan) = plan_rehome(id, tap, mode, tcx_supported(), &observed)? else { return Ok(false) };
+        apply_rehome(&self.namespace.kernel, &plan).await?;
+        Ok(true)
+    }
+
+    /// Plans every session first, so that one that cannot change stops the operation before any
+    /// has; then applies.
+    pub(super) fn update_sessions(
+        &self,
+        ids: &BTreeSet<u32>,
+        change: &ControlChange,
+        observed: &Observed,
+    ) -> anyhow::Result<Vec<u32>> {
+        let plans = ids
+            .iter()
+            .map(|&id| {
+                let current = observed.sessions.get(&id).with_context(|| format!("session {id} is gone"))?;
+                Ok(plan_update(id, current, change)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for plan in &plans {
+            apply_update(&self.namespace.kernel, plan)
+                .with_context(|| format!("updating session {}", plan.id))?;
+        }
+        Ok(plans.iter().map(|p| p.id).collect())
+    }
+}
