@@ -3,8 +3,7 @@ use anyhow::bail;
 use clap::Args;
 
 use crate::{
-    model::mirror::Mode,
-    resolve::vm::Sources,
+    model::{mirror::Mode, sources::Sources},
     service::{Keeper, Service, flags::MirrorFlags},
 };
 

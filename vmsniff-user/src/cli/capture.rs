@@ -7,10 +7,9 @@ use std::{io::IsTerminal as _, os::unix::process::CommandExt as _, path::PathBuf
 use anyhow::bail;
 use clap::Args;
 
-use crate::service::{describe, flags::NicArgs};
 use crate::{
-    resolve::vm::{Sources, resolve_tap},
-    sys::netlink::Netlink,
+    model::sources::Sources,
+    service::{describe, flags::NicArgs, inventory},
 };
 
 #[derive(Args, Debug)]
@@ -51,8 +50,7 @@ pub async fn run(sources: &Sources, args: CaptureArgs) -> anyhow::Result<()> {
             "-w - writes binary pcap to stdout, which is a terminal: pipe it (| tcpdump -r - or | wireshark -k -i -) or give -w FILE"
         );
     }
-    let netlink = Netlink::open()?;
-    let resolved = resolve_tap(sources, &netlink, vm, args.tap.as_deref(), args.nic.choice()).await?;
+    let resolved = inventory::capture_tap(sources, vm, args.tap.as_deref(), args.nic.choice()).await?;
     let tap = &resolved.tap().name;
     let mut tcpdump = Command::new("tcpdump");
     // -Q inout: both directions (the default, said explicitly). -Z root: Debian's tcpdump

@@ -9,7 +9,7 @@ use crate::{
         self, config,
         state::{self, DaemonState, SessionState},
     },
-    resolve::vm::Sources,
+    model::sources::Sources,
 };
 
 /// Where the daemon keeps its state file and lock; shared by daemon, reload and status.

@@ -2,7 +2,7 @@
 use clap::Args;
 
 use super::sessions::SessionArgs;
-use crate::{resolve::vm::Sources, service::Service};
+use crate::{model::sources::Sources, service::Service};
 
 #[derive(Args, Debug)]
 pub struct DetachArgs {

@@ -9,10 +9,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::attach::AttachArgs;
 use crate::{
-    model::error::chain,
-    observe::status::{self, SessionStatus},
-    resolve::vm::Sources,
-    service::{Keeper, Service},
+    model::{error::chain, sources::Sources},
+    service::{Keeper, Service, status::SessionStatus},
 };
 
 pub async fn run(sources: &Sources, args: AttachArgs) -> anyhow::Result<()> {
@@ -91,7 +89,7 @@ fn line(id: u32, s: &SessionStatus) -> String {
         s.counters.out_of_vm.bytes,
         s.counters.into_vm.frames,
         s.counters.into_vm.bytes,
-        status::lost(s)
+        s.lost()
     );
     let (o, i) = (&s.counters.out_of_vm, &s.counters.into_vm);
     for (what, value, shown) in [

@@ -14,7 +14,7 @@ pub mod update;
 
 use clap::{Parser, Subcommand};
 
-use crate::resolve::{libvirt::LibvirtUri, vm::Sources};
+use crate::model::sources::{LibvirtUri, Sources};
 
 #[derive(Parser)]
 #[command(

@@ -5,7 +5,7 @@ use anyhow::bail;
 use clap::Args;
 
 use crate::{
-    resolve::select::NicChoice,
+    model::mirror::NicChoice,
     service::{Selection, flags::NicArgs},
 };
 

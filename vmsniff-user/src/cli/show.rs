@@ -1,24 +1,13 @@
 //! `vmsniff show VM`: a VM's NICs with their OVS ports and sessions, and the path each NIC's
 //! frames take on this host now, every hop checked.
-use anyhow::Context as _;
 use clap::Args;
-use serde::Serialize;
-use serde_json::json;
 
-use super::list::{read_ovs, read_sessions};
 use crate::{
-    observe::{
-        inventory::{self, LIST_VERSION, NicRow, nic_row},
-        path::{Hop, frame_path},
+    model::sources::Sources,
+    service::{
+        flags::NicArgs,
+        inventory::{self, Hop, NicRow, ShownNic},
     },
-    resolve::{
-        domain::Nic,
-        libvirt::Libvirt,
-        select::{NicChoice, choose_nic, find_vm},
-        vm::Sources,
-    },
-    service::flags::NicArgs,
-    sys::netlink::Netlink,
 };
 
 #[derive(Args, Debug)]
@@ -36,46 +25,13 @@ pub struct ShowArgs {
     pub json: bool,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct ShownNic {
-    #[serde(flatten)]
-    row: NicRow,
-    path: Vec<Hop>,
-}
-
 pub async fn run(sources: &Sources, args: ShowArgs) -> anyhow::Result<()> {
-    let vms = Libvirt::open(sources.libvirt.clone())?.vms()?;
-    let found = find_vm(&vms, &args.vm)?;
-    let choice = args.nic.choice();
-    let nics: Vec<&Nic> = if found.nic.is_some() || choice != NicChoice::Unspecified {
-        vec![choose_nic(&args.vm, &found, choice)?]
-    } else {
-        found.vm.xml.nics.iter().collect()
-    };
-    let vm = found.vm;
-    let ovs = read_ovs(sources, std::slice::from_ref(vm));
-    let sessions = read_sessions();
-    let netlink = Netlink::open().context("opening a netlink socket")?;
-    let mut shown = Vec::new();
-    for nic in nics {
-        let row = nic_row(vm, nic, &ovs, sessions.as_ref());
-        let path = if vm.state.has_taps() {
-            frame_path(&netlink, nic, &ovs, row.ovs_port.as_ref()).await.context("reading the interfaces")?
-        } else {
-            Vec::new()
-        };
-        shown.push(ShownNic { row, path });
-    }
+    let shown = inventory::show(sources, &args.vm, args.nic.choice()).await?;
     if args.json {
-        let value = json!({
-            "version": LIST_VERSION,
-            "vm": {"nova-name": vm.nova_name(), "domain": vm.xml.name, "uuid": vm.xml.uuid, "state": vm.state},
-            "nics": shown,
-        });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&shown.to_json())?);
         return Ok(());
     }
+    let vm = &shown.vm;
     println!(
         "VM {} (domain {}, uuid {}, {})",
         vm.display_name(),
@@ -83,7 +39,7 @@ pub async fn run(sources: &Sources, args: ShowArgs) -> anyhow::Result<()> {
         vm.xml.uuid,
         vm.state.as_str()
     );
-    for ShownNic { row, path } in &shown {
+    for ShownNic { row, path } in &shown.nics {
         print!("{}", render_nic(row, path, vm.state.has_taps()));
     }
     Ok(())
@@ -112,7 +68,7 @@ fn render_nic(row: &NicRow, path: &[Hop], running: bool) -> String {
             a.found_by.describe()
         ));
     }
-    out.push_str(&format!("  sessions:     {}\n", inventory::sessions_cell(row)));
+    out.push_str(&format!("  sessions:     {}\n", row.sessions_cell()));
     if !running {
         out.push_str("  path:         none: the VM is not running, so its taps do not exist\n");
         return out;

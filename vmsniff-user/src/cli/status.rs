@@ -4,9 +4,8 @@ use clap::Args;
 
 use crate::{
     daemon::state::DaemonState,
-    observe::status::render_table,
-    resolve::{select::NicChoice, vm::Sources},
-    service::{Service, flags::NicArgs},
+    model::{mirror::NicChoice, sources::Sources},
+    service::{Service, current_netns, flags::NicArgs},
 };
 
 #[derive(Args, Debug)]
@@ -43,14 +42,14 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
     }
     let (status, ovs) = (&report.ebpf, &report.ovs);
     if ovs.is_empty() && daemon.is_none() {
-        print!("{}", render_table(status));
+        print!("{}", status.render_table());
         return Ok(());
     }
     if !status.sessions.is_empty() || ovs.is_empty() {
-        println!("{}", render_table(status));
+        println!("{}", status.render_table());
     }
     if !ovs.is_empty() {
-        print!("{}", crate::ovs::status::render_table(ovs));
+        print!("{}", report.ovs_table());
     }
     if let Some(daemon) = daemon {
         if !ovs.is_empty() {
@@ -63,7 +62,7 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
 
 /// The state of a daemon of this network namespace, if one runs or left mirrors to adopt.
 fn daemon_state(run_dir: &std::path::Path) -> Option<DaemonState> {
-    let netns = crate::sys::netns::current_inode().ok()?;
+    let netns = current_netns().ok()?;
     match DaemonState::read(run_dir) {
         Ok(state) => state.filter(|s| s.netns == netns),
         Err(e) => {

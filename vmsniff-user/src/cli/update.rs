@@ -4,9 +4,8 @@ use clap::Args;
 
 use super::sessions::SessionArgs;
 use crate::{
-    plan::{filter::compile, update::ControlChange},
-    resolve::vm::Sources,
-    service::{Service, flags::ControlArgs},
+    model::sources::Sources,
+    service::{Service, UpdateError, flags::ControlArgs},
 };
 
 #[derive(Args, Debug)]
@@ -30,32 +29,10 @@ pub struct UpdateArgs {
     pub no_rate_limit: bool,
 }
 
-impl UpdateArgs {
-    /// Checks and compiles everything, before any session is read or changed.
-    fn change(&self) -> anyhow::Result<ControlChange> {
-        let c = &self.controls;
-        let filter = match (&c.filter, self.no_filter) {
-            (Some(expression), _) => Some(Some(compile(expression)?)),
-            (None, true) => Some(None),
-            (None, false) => None,
-        };
-        Ok(ControlChange {
-            filter,
-            snaplen: c.snaplen.or(self.no_snaplen.then_some(0)),
-            sample_every: c.sample,
-            rate_limit: match (c.rate_limit, self.no_rate_limit) {
-                (Some(limit), _) => Some(Some(limit)),
-                (None, true) => Some(None),
-                (None, false) => None,
-            },
-        })
-    }
-}
-
 pub async fn run(sources: &Sources, args: UpdateArgs) -> anyhow::Result<()> {
-    let change = args.change()?;
+    let change = args.controls.change(args.no_filter, args.no_snaplen, args.no_rate_limit)?;
     if change.is_empty() {
-        return Err(crate::service::UpdateError::Nothing.into());
+        return Err(UpdateError::Nothing.into());
     }
     let selection = args.sessions.selection("update")?;
     let service = Service::open(sources.clone())?;

@@ -337,7 +337,7 @@ to-dev = "mir0"
         let spec = &ids.spec;
         assert_eq!(
             spec.nic,
-            NicRef::Vm { selector: "c-private".into(), nic: crate::resolve::select::NicChoice::Index(0) }
+            NicRef::Vm { selector: "c-private".into(), nic: crate::model::mirror::NicChoice::Index(0) }
         );
         assert_eq!(spec.key, Some(7));
         assert_eq!(spec.controls.snaplen, 128);

@@ -34,15 +34,11 @@ use self::{
     state::{DaemonSession, DaemonState, STATE_VERSION, SessionState},
 };
 use crate::{
-    model::{cancel::Cancel, error::chain, mirror::Tap, observed::Observed},
-    ovs::{events::OvsEvents, port::OvsPortError, session::OvsSession},
-    resolve::{
-        interface::InterfaceError,
-        select::SelectError,
-        vm::{ResolveError, Resolved, Sources},
+    model::{cancel::Cancel, error::chain, mirror::Tap, observed::Observed, sources::Sources},
+    service::{
+        Keeper, MirrorSpec, Resolved, Service, current_netns, describe,
+        ovs::{OvsEvents, OvsPortError, OvsSession},
     },
-    service::{Keeper, MirrorSpec, Service, describe},
-    sys::netns,
 };
 
 /// After a tap appears, libvirt may need a moment before its domain XML names it: waiting
@@ -68,7 +64,7 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     fs::create_dir_all(&options.run_dir)
         .with_context(|| format!("creating the run directory {}", options.run_dir.display()))?;
     let _lock = lock_run_dir(&options.run_dir)?;
-    let netns = netns::current_inode().context("identifying this network namespace")?;
+    let netns = current_netns().context("identifying this network namespace")?;
     let previous = DaemonState::read(&options.run_dir)
         .with_context(|| format!("reading {}", state::state_path(&options.run_dir).display()))?
         .filter(|s| s.netns == netns);
@@ -361,7 +357,7 @@ impl Daemon {
                     resolved_taps.insert(name.clone(), resolved);
                     Placement::Here(tap)
                 }
-                Err(e) if waits(&e) => Placement::Waiting(chain(&e)),
+                Err(e) if e.waits() => Placement::Waiting(chain(&e)),
                 Err(e) => Placement::Error(chain(&e)),
             };
             placements.insert(name.clone(), placement);
@@ -505,12 +501,7 @@ impl Daemon {
             }
             OvsAction::Reselect { name, id, port } => {
                 let spec = &self.config.sessions[name].spec;
-                let vm_port = crate::ovs::port::VmPort {
-                    bridge: port.bridge.clone(),
-                    port: port.port.clone(),
-                    path: Vec::new(),
-                };
-                self.service.reselect_ovs(*id, &vm_port, &port.tap, spec, &self.stop).await?;
+                self.service.reselect_ovs(*id, &port.port, &port.tap, spec, &self.stop).await?;
                 log::info!(
                     "session {name}: OVS session {id} mirrors {} again, port {} on {}; its GRE port and key stay",
                     describe(&resolved[name]),
@@ -712,15 +703,4 @@ fn session_state(
         (None, Placement::Waiting(reason)) => (SessionState::WaitingForVm, Some(reason.clone())),
         (None, Placement::Error(reason)) => (SessionState::Error, Some(reason.clone())),
     }
-}
-
-/// Errors that go away by themselves when the VM comes (back): stopped, not defined on this
-/// host (migrated away), its tap not there yet.
-fn waits(error: &ResolveError) -> bool {
-    matches!(
-        error,
-        ResolveError::Select(SelectError::NotRunning { .. } | SelectError::UnknownVm { .. })
-            | ResolveError::TapMissing { .. }
-            | ResolveError::Interface(InterfaceError::NotFound { .. })
-    )
 }

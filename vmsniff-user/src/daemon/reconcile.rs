@@ -8,8 +8,7 @@ use vmsniff_ebpf::daemon_tag;
 
 use crate::{
     model::{mirror::Tap, observed::Observed},
-    ovs::session::OvsSession,
-    service::{MirrorSpec, spec::LIVE_KEYS},
+    service::{MirrorSpec, ovs::OvsSession, spec::LIVE_KEYS},
 };
 
 /// Where a config session's VM NIC is now: its tap (eBPF sessions) or its OVS port (OVS

@@ -4,7 +4,7 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, Direction};
 
-use super::wire::Encap;
+use super::{mac::Mac, wire::Encap};
 
 /// `--direction in|out|both`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -168,6 +168,16 @@ impl Mode {
             Mode::Ovs => "ovs",
         }
     }
+}
+
+/// `--nic N` / `--mac MAC`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NicChoice {
+    /// Neither: the VM must have one NIC, unless the selector named one.
+    #[default]
+    Unspecified,
+    Index(usize),
+    Mac(Mac),
 }
 
 /// A collector address: IPv4, unicast, routable.

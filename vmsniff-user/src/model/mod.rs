@@ -6,4 +6,5 @@ pub mod error;
 pub mod mac;
 pub mod mirror;
 pub mod observed;
+pub mod sources;
 pub mod wire;

@@ -91,11 +91,14 @@ pub fn ovs_port_cell(row: &NicRow) -> String {
     }
 }
 
-pub fn sessions_cell(row: &NicRow) -> String {
-    match &row.sessions {
-        None => "?".into(),
-        Some(ids) if ids.is_empty() => "-".into(),
-        Some(ids) => ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+impl NicRow {
+    /// The sessions column: ids, `-` for none, `?` when vmsniff's state could not be read.
+    pub fn sessions_cell(&self) -> String {
+        match &self.sessions {
+            None => "?".into(),
+            Some(ids) if ids.is_empty() => "-".into(),
+            Some(ids) => ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+        }
     }
 }
 
@@ -117,7 +120,7 @@ pub fn render_table(rows: &[NicRow]) -> String {
                 r.tap.clone().unwrap_or_else(|| "-".into()),
                 r.plug.clone(),
                 ovs_port_cell(r),
-                sessions_cell(r),
+                r.sessions_cell(),
             ]
         })
         .collect();
@@ -187,6 +190,6 @@ mod tests {
         assert_eq!(json["state"], "running");
         assert_eq!(json["sessions"], serde_json::json!([3, 4]));
         // Unknown session state reads as "?", not as "none".
-        assert_eq!(sessions_cell(&nic_row(&vms[0], &vms[0].xml.nics[0], &ovs, None)), "?");
+        assert_eq!(nic_row(&vms[0], &vms[0].xml.nics[0], &ovs, None).sessions_cell(), "?");
     }
 }

@@ -250,52 +250,55 @@ async fn session_status(
     })
 }
 
-/// The table `vmsniff status` prints.
-pub fn render_table(status: &Status) -> String {
-    if status.sessions.is_empty() {
-        return "no mirror sessions in this network namespace\n".into();
-    }
-    let mut out = format!(
-        "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
-        "SESSION",
-        "TAP",
-        "TO",
-        "KEY",
-        "DIR",
-        "MODE",
-        "STATE",
-        "OUT FRAMES",
-        "OUT BYTES",
-        "IN FRAMES",
-        "IN BYTES",
-        "LOST"
-    );
-    for s in &status.sessions {
-        let target = match (&s.to, &s.to_dev) {
-            (Some(ip), _) => format!("{ip} ({})", s.encap),
-            (None, Some(dev)) => format!("dev {dev}"),
-            (None, None) => "-".into(),
-        };
-        out.push_str(&format!(
-            "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
-            s.session,
-            s.tap,
-            target,
-            s.key.map_or("-".to_string(), |k| k.to_string()),
-            s.direction,
-            s.attach_mode.unwrap_or("-"),
-            s.state,
-            s.counters.out_of_vm.frames,
-            s.counters.out_of_vm.bytes,
-            s.counters.into_vm.frames,
-            s.counters.into_vm.bytes,
-            lost(s),
-        ));
-        if let Some(line) = controls_line(s) {
-            out.push_str(&line);
+impl Status {
+    /// The table `vmsniff status` prints.
+    pub fn render_table(&self) -> String {
+        let status = self;
+        if status.sessions.is_empty() {
+            return "no mirror sessions in this network namespace\n".into();
         }
+        let mut out = format!(
+            "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
+            "SESSION",
+            "TAP",
+            "TO",
+            "KEY",
+            "DIR",
+            "MODE",
+            "STATE",
+            "OUT FRAMES",
+            "OUT BYTES",
+            "IN FRAMES",
+            "IN BYTES",
+            "LOST"
+        );
+        for s in &status.sessions {
+            let target = match (&s.to, &s.to_dev) {
+                (Some(ip), _) => format!("{ip} ({})", s.encap),
+                (None, Some(dev)) => format!("dev {dev}"),
+                (None, None) => "-".into(),
+            };
+            out.push_str(&format!(
+                "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
+                s.session,
+                s.tap,
+                target,
+                s.key.map_or("-".to_string(), |k| k.to_string()),
+                s.direction,
+                s.attach_mode.unwrap_or("-"),
+                s.state,
+                s.counters.out_of_vm.frames,
+                s.counters.out_of_vm.bytes,
+                s.counters.into_vm.frames,
+                s.counters.into_vm.bytes,
+                s.lost(),
+            ));
+            if let Some(line) = controls_line(s) {
+                out.push_str(&line);
+            }
+        }
+        out
     }
-    out
 }
 
 /// The session's mirror controls and what they held back, under its row; `None` without any.
@@ -327,14 +330,16 @@ fn controls_line(s: &SessionStatus) -> Option<String> {
     ))
 }
 
-/// Copies that left no trace at the collector: clone failures, plus what the session's own GRE
-/// devices dropped or failed to send (no route to the collector, for example).
-pub fn lost(s: &SessionStatus) -> u64 {
-    let mut lost = s.counters.into_vm.clone_errors + s.counters.out_of_vm.clone_errors;
-    if s.to.is_some() {
-        for d in [&s.devices.into_vm, &s.devices.out_of_vm].into_iter().flatten() {
-            lost += d.stats.tx_dropped + d.stats.tx_errors;
+impl SessionStatus {
+    /// Copies that left no trace at the collector: clone failures, plus what the session's own
+    /// GRE devices dropped or failed to send (no route to the collector, for example).
+    pub fn lost(&self) -> u64 {
+        let mut lost = self.counters.into_vm.clone_errors + self.counters.out_of_vm.clone_errors;
+        if self.to.is_some() {
+            for d in [&self.devices.into_vm, &self.devices.out_of_vm].into_iter().flatten() {
+                lost += d.stats.tx_dropped + d.stats.tx_errors;
+            }
         }
+        lost
     }
-    lost
 }

@@ -4,11 +4,8 @@ use std::collections::BTreeMap;
 
 use super::status::Status;
 use crate::{
-    model::error::chain,
-    resolve::{
-        libvirt::Vm,
-        vm::{Sources, read_vms},
-    },
+    model::{error::chain, sources::Sources},
+    resolve::{libvirt::Vm, vm::read_vms},
 };
 
 /// Fills each session's `vm` and `nic` from libvirt, when it answers.

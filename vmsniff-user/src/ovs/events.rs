@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::{
+    model::sources::Sources,
     ovsdb::{Client, OvsdbError, socket_path, vswitch::DATABASE},
-    resolve::vm::Sources,
 };
 
 /// The columns whose changes can call for a reconcile; not statistics, which change all the time.

@@ -1,6 +1,6 @@
 //! The VMs of this host as libvirt knows them, through a read-only connection: vmsniff never
 //! changes a domain.
-use std::fmt;
+use crate::model::sources::LibvirtUri;
 
 use serde::Serialize;
 use thiserror::Error;
@@ -9,45 +9,6 @@ use virt::{connect::Connect, sys};
 use super::domain::{self, DomainXml, DomainXmlError};
 
 /// Which libvirt to talk to, and where that choice came from (for error messages).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LibvirtUri {
-    /// `--connect URI`.
-    Option(String),
-    /// `LIBVIRT_DEFAULT_URI`; libvirt reads it itself.
-    Environment(String),
-    /// Neither: libvirt's own default (qemu:///system for root, unless libvirt.conf says
-    /// otherwise).
-    Default,
-}
-
-impl LibvirtUri {
-    pub fn new(option: Option<String>) -> Self {
-        match (option, std::env::var("LIBVIRT_DEFAULT_URI")) {
-            (Some(uri), _) => LibvirtUri::Option(uri),
-            (None, Ok(uri)) if !uri.is_empty() => LibvirtUri::Environment(uri),
-            (None, _) => LibvirtUri::Default,
-        }
-    }
-
-    /// What to pass to libvirt: `None` lets it apply the environment and its configuration.
-    fn for_libvirt(&self) -> Option<&str> {
-        match self {
-            LibvirtUri::Option(uri) => Some(uri),
-            LibvirtUri::Environment(_) | LibvirtUri::Default => None,
-        }
-    }
-}
-
-impl fmt::Display for LibvirtUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LibvirtUri::Option(uri) => write!(f, "{uri} (--connect)"),
-            LibvirtUri::Environment(uri) => write!(f, "{uri} (LIBVIRT_DEFAULT_URI)"),
-            LibvirtUri::Default => write!(f, "libvirt's default URI (qemu:///system)"),
-        }
-    }
-}
-
 #[derive(Debug, Error)]
 pub enum LibvirtError {
     #[error(

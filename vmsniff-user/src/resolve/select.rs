@@ -1,5 +1,6 @@
 //! From a VM selector (Nova name, UUID, libvirt domain, MAC or tap) and an optional NIC choice
 //! to one VM NIC, over the VMs libvirt listed. Pure: every error names the fix.
+use crate::model::mirror::NicChoice;
 use std::fmt;
 
 use thiserror::Error;
@@ -12,16 +13,6 @@ use crate::{
         libvirt::{Vm, VmState},
     },
 };
-
-/// `--nic N` / `--mac MAC`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum NicChoice {
-    /// Neither: the VM must have one NIC, unless the selector named one.
-    #[default]
-    Unspecified,
-    Index(usize),
-    Mac(Mac),
-}
 
 /// A VM found by a selector; `nic` when the selector itself named a NIC (a MAC, a tap).
 #[derive(Debug)]

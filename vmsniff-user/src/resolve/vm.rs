@@ -1,11 +1,15 @@
 //! A VM argument, resolved against libvirt, Open vSwitch and this network namespace.
+use crate::model::sources::Sources;
 use thiserror::Error;
 
-use super::{
-    domain::{Nic, Plug},
-    interface::{InterfaceError, ethernet_interface, validate_name},
-    libvirt::{Libvirt, LibvirtError, LibvirtUri, Vm},
-    select::{NicChoice, SelectError, choose_nic, find_vm, mirrorable_tap},
+use crate::{
+    model::mirror::NicChoice,
+    resolve::{
+        domain::{Nic, Plug},
+        interface::{InterfaceError, ethernet_interface, validate_name},
+        libvirt::{Libvirt, LibvirtError, Vm},
+        select::{SelectError, choose_nic, find_vm, mirrorable_tap},
+    },
 };
 use crate::{
     ovsdb::{
@@ -17,14 +21,6 @@ use crate::{
         netlink::{Link, Netlink},
     },
 };
-
-/// Where VMs and ports are read from: the global `--connect` and `--ovsdb` options.
-#[derive(Clone, Debug)]
-pub struct Sources {
-    pub libvirt: LibvirtUri,
-    /// `--ovsdb unix:PATH` or VMSNIFF_OVSDB.
-    pub ovsdb: Option<String>,
-}
 
 #[derive(Debug, Error)]
 pub enum ResolveError {
@@ -44,6 +40,19 @@ pub enum ResolveError {
     TapMissing { vm: String, domain: String, index: usize, tap: String },
     #[error("{selector:?} is an interface, not a VM: --nic and --mac choose among a VM's NICs; drop them")]
     NicOfInterface { selector: String },
+}
+
+impl ResolveError {
+    /// Whether it goes away by itself when the VM comes (back): stopped, not defined on this
+    /// host (migrated away), its tap not there yet. A daemon waits for these.
+    pub fn waits(&self) -> bool {
+        matches!(
+            self,
+            ResolveError::Select(SelectError::NotRunning { .. } | SelectError::UnknownVm { .. })
+                | ResolveError::TapMissing { .. }
+                | ResolveError::Interface(InterfaceError::NotFound { .. })
+        )
+    }
 }
 
 /// What a VM argument named.
@@ -200,6 +209,7 @@ pub fn port_id(vm: &Vm, nic: &Nic) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::sources::LibvirtUri;
     use vmsniff_tests::ovsdb::OvsdbServer;
 
     use crate::resolve::libvirt::tests::fixture_vms;

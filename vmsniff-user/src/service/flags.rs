@@ -6,11 +6,14 @@ use clap::Args;
 use crate::{
     model::{
         mac::Mac,
-        mirror::{AttachModeChoice, Directions, Mode, parse_collector},
+        mirror::{AttachModeChoice, Directions, Mode, NicChoice, parse_collector},
         wire::{EncapChoice, MAX_ERSPAN_HWID},
     },
-    plan::controls::{RateLimit, parse_rate_limit, parse_sample, parse_snaplen},
-    resolve::select::NicChoice,
+    plan::{
+        controls::{RateLimit, parse_rate_limit, parse_sample, parse_snaplen},
+        filter::{FilterError, compile},
+        update::ControlChange,
+    },
 };
 
 /// Everything that says what one mirror is: which NIC, where copies go, how, and which frames.
@@ -134,4 +137,31 @@ pub struct ControlArgs {
     /// original length stays in the copy's IP header (see the README).
     #[arg(long, value_name = "N", value_parser = parse_snaplen)]
     pub snaplen: Option<u32>,
+}
+
+impl ControlArgs {
+    /// What `update` changes: the controls given, and those lifted by `--no-filter`,
+    /// `--no-snaplen` and `--no-rate-limit`. Checked and compiled before any session is read.
+    pub fn change(
+        &self,
+        no_filter: bool,
+        no_snaplen: bool,
+        no_rate_limit: bool,
+    ) -> Result<ControlChange, FilterError> {
+        let filter = match (&self.filter, no_filter) {
+            (Some(expression), _) => Some(Some(compile(expression)?)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        Ok(ControlChange {
+            filter,
+            snaplen: self.snaplen.or(no_snaplen.then_some(0)),
+            sample_every: self.sample,
+            rate_limit: match (self.rate_limit, no_rate_limit) {
+                (Some(limit), _) => Some(Some(limit)),
+                (None, true) => Some(None),
+                (None, false) => None,
+            },
+        })
+    }
 }

@@ -4,6 +4,7 @@
 //! state-changing operation holds vmsniff's lock and first cleans the remains of crashed runs.
 mod ebpf;
 pub mod flags;
+pub mod inventory;
 pub mod namespace;
 pub mod ovs;
 pub mod select;
@@ -20,14 +21,16 @@ pub use self::{
     select::Selection,
     spec::{Destination, MirrorSpec},
 };
+pub use crate::resolve::vm::{ResolveError, Resolved};
 use crate::{
     model::{
         cancel::Cancel,
         mirror::{Directions, Mode},
         observed::Observed,
+        sources::Sources,
     },
     plan::update::ControlChange,
-    resolve::vm::{ResolveError, Resolved, Sources, resolve_tap},
+    resolve::vm::resolve_tap,
 };
 
 /// Who keeps a session, and so who removes it.
@@ -211,6 +214,11 @@ pub fn direction_words(directions: Directions) -> &'static str {
         Directions::Out => "frames the VM sends",
         Directions::Both => "frames the VM sends and receives",
     }
+}
+
+/// The inode of this process's network namespace: vmsniff's state is kept per namespace.
+pub fn current_netns() -> std::io::Result<u64> {
+    crate::sys::netns::current_inode()
 }
 
 /// Seconds since the epoch, stamped into sessions when they are made.

@@ -9,19 +9,20 @@ use serde_json::json;
 use super::{
     Attached, Destination, Keeper, MirrorSpec, Service, describe, direction_words, now, select::Candidates,
 };
+pub use crate::ovs::{events::OvsEvents, port::OvsPortError, session::OvsSession};
 use crate::{
-    model::{cancel::Cancel, error::chain, mirror::Mode},
+    model::{cancel::Cancel, error::chain, mirror::Mode, sources::Sources},
     ovs::{
         apply::{apply_attach, apply_reselect, remove},
         plan::{
             DaemonOwner, OvsAttachPlan, OvsAttachRequest, OvsReselectRequest, plan_ovs_attach,
             plan_ovs_reselect,
         },
-        port::{OvsPortError, VmPort, check_route, vm_port},
-        session::{OvsSession, Snapshot},
+        port::{VmPort, check_route, vm_port},
+        session::Snapshot,
     },
     ovsdb::{Client, Operation, OvsdbError, socket_path, vswitch::DATABASE},
-    resolve::vm::{Resolved, Sources},
+    resolve::vm::Resolved,
     sys::blocking::off_thread,
 };
 
@@ -200,13 +201,13 @@ impl Service {
     pub async fn reselect_ovs(
         &self,
         id: u32,
-        port: &VmPort,
+        vm_port: &str,
         tap: &str,
         spec: &MirrorSpec,
         cancel: &Cancel,
     ) -> anyhow::Result<()> {
         let request = OvsReselectRequest {
-            vm_port: port.port.clone(),
+            vm_port: vm_port.to_owned(),
             directions: spec.direction,
             tap: tap.to_owned(),
         };

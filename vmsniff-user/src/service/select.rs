@@ -5,10 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use crate::resolve::{
-    interface::{InterfaceError, validate_name},
-    select::NicChoice,
-    vm::{ResolveError, Sources, vm_taps},
+use crate::{
+    model::{mirror::NicChoice, sources::Sources},
+    resolve::{
+        interface::{InterfaceError, validate_name},
+        vm::{ResolveError, vm_taps},
+    },
 };
 
 /// What a command names.
@@ -121,7 +123,7 @@ pub async fn status_taps(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resolve::libvirt::LibvirtUri;
+    use crate::model::sources::LibvirtUri;
 
     fn candidates() -> Candidates {
         Candidates {

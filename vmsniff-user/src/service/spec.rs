@@ -11,14 +11,13 @@ use super::flags::MirrorFlags;
 use crate::{
     model::{
         error::chain,
-        mirror::{AttachModeChoice, Directions, Mode},
+        mirror::{AttachModeChoice, Directions, Mode, NicChoice},
         wire::{Encap, EncapError},
     },
     plan::{
         controls::Controls,
         filter::{FilterError, compile},
     },
-    resolve::select::NicChoice,
 };
 
 /// Which NIC: a VM selector (through libvirt) or an interface named directly.

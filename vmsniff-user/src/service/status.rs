@@ -6,15 +6,12 @@ use anyhow::Context as _;
 use serde_json::Value;
 
 use super::{Service, select::status_taps};
+pub use crate::observe::status::SessionStatus;
 use crate::{
-    model::error::chain,
-    observe::{
-        status::{SessionStatus, Status},
-        vm_names,
-    },
+    model::{error::chain, mirror::NicChoice},
+    observe::{status::Status, vm_names},
     ovs::status::{OvsSessionStatus, session_status},
     plan::detach::ifname,
-    resolve::select::NicChoice,
     sys::{bpffs, maps::PinnedMaps},
 };
 
@@ -25,6 +22,11 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
+    /// The OVS sessions' table, printed under the eBPF one.
+    pub fn ovs_table(&self) -> String {
+        crate::ovs::status::render_table(&self.ovs)
+    }
+
     /// `status --json`'s document: eBPF's sessions, then OVS's.
     pub fn to_json(&self) -> anyhow::Result<Value> {
         let mut status = serde_json::to_value(&self.ebpf)?;
