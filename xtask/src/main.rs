@@ -37,13 +37,14 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let workspace = workspace();
     match Cli::parse().command {
         Command::Setup => setup::run(),
-        Command::Demo(args) => demo::run(args, &workspace()),
-        Command::Test => test::run(&workspace()),
-        Command::Bench(args) => bench::run(args, &workspace()),
-        Command::VmRun(args) => vm::run_command(args),
-        Command::VmTest(args) => vm::test_command(args),
+        Command::Demo(args) => demo::run(args, &workspace),
+        Command::Test => test::run(&workspace),
+        Command::Bench(args) => bench::run(args, &workspace),
+        Command::VmRun(args) => vm::run_command(args, &workspace),
+        Command::VmTest(args) => vm::test_command(args, &workspace),
     }
 }
 

@@ -14,7 +14,8 @@ pub fn run(workspace: &Path) -> anyhow::Result<()> {
     eprintln!("\n==> privileged tests: this kernel, then Debian 5.10, 6.1 and 6.12 under QEMU");
     // In this process, not by re-running this binary: the workspace build above may have
     // replaced it on disk.
-    let result = crate::vm::test_command(VmTestCli::try_parse_from(["vm-test", "--kernel", "all"])?.args);
+    let result =
+        crate::vm::test_command(VmTestCli::try_parse_from(["vm-test", "--kernel", "all"])?.args, workspace);
     eprintln!("\n==> all tests took {:.0?}", started.elapsed());
     result.context("privileged tests failed (see the table above)")
 }
