@@ -5,8 +5,9 @@ mod setup;
 mod test;
 mod vm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -37,7 +38,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let workspace = workspace();
+    let workspace = workspace()?;
     match Cli::parse().command {
         Command::Setup => setup::run(),
         Command::Demo(args) => demo::run(args, &workspace),
@@ -49,6 +50,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The workspace root (xtask lives one level below it).
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent directory").to_owned()
+fn workspace() -> anyhow::Result<PathBuf> {
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask
+        .parent()
+        .map(Path::to_path_buf)
+        .with_context(|| format!("{} has no parent directory", xtask.display()))
 }

@@ -56,6 +56,7 @@ pub struct VmTestArgs {
     filter: Option<String>,
 }
 
+#[expect(clippy::exit, reason = "vm-run exits with the guest command's status, after every guard is dropped")]
 pub fn run_command(args: VmRunArgs, workspace: &Path) -> anyhow::Result<()> {
     let code = run_in_guest(args, workspace)?;
     // Every guard (QEMU, the run directory) is dropped by now: exit skips destructors.
