@@ -25,8 +25,8 @@ enum Command {
     /// The built-in demo: a VM stand-in pings its gateway while vmsniff mirrors its tap to a
     /// collector over GRE, where tcpdump shows the copies (as root).
     Demo(demo::DemoArgs),
-    /// Every test: unit tests, then the privileged suite on this kernel and in Debian's 5.10,
-    /// 6.1 and 6.12 under QEMU (as root).
+    /// Every check: formatting and clippy, unit tests, then the privileged suite on this kernel
+    /// and in Debian's 5.10, 6.1 and 6.12 under QEMU (as root).
     Test,
     /// Measure vmsniff's cost per frame with the kernel's BPF statistics and write
     /// BENCHMARKS.md (as root; not part of the tests).
