@@ -275,7 +275,7 @@ impl GreSender {
             let rc = unsafe {
                 libc::bind(
                     fd.as_raw_fd(),
-                    &addr as *const _ as *const libc::sockaddr,
+                    (&raw const addr).cast::<libc::sockaddr>(),
                     std::mem::size_of::<libc::sockaddr_in>() as u32,
                 )
             };
@@ -295,7 +295,7 @@ impl GreSender {
                 gre.as_ptr().cast(),
                 gre.len(),
                 0,
-                &addr as *const _ as *const libc::sockaddr,
+                (&raw const addr).cast::<libc::sockaddr>(),
                 std::mem::size_of::<libc::sockaddr_in>() as u32,
             )
         };

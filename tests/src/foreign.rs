@@ -214,8 +214,8 @@ impl ForeignCounter {
         let mut value = 0u64;
         let mut attr = [0u8; 128];
         put_u32(&mut attr, 0, self.map.as_raw_fd() as u32);
-        put_u64(&mut attr, 8, &key as *const u32 as u64);
-        put_u64(&mut attr, 16, &mut value as *mut u64 as u64);
+        put_u64(&mut attr, 8, (&raw const key) as u64);
+        put_u64(&mut attr, 16, (&raw mut value) as u64);
         bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).expect("reading the foreign counter");
         value
     }

@@ -24,7 +24,7 @@ impl PacketSocket {
         let fd = ns.enter(move || {
             // SAFETY: plain socket(2); the result is checked.
             let raw = unsafe {
-                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32)
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be()))
             };
             assert!(raw >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
             // SAFETY: `raw` is a fresh descriptor we own.
@@ -38,7 +38,7 @@ impl PacketSocket {
             let rc = unsafe {
                 libc::bind(
                     fd.as_raw_fd(),
-                    &addr as *const _ as *const libc::sockaddr,
+                    (&raw const addr).cast::<libc::sockaddr>(),
                     mem::size_of::<libc::sockaddr_ll>() as u32,
                 )
             };
@@ -52,7 +52,7 @@ impl PacketSocket {
                     fd.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_RCVBUFFORCE,
-                    &size as *const _ as *const libc::c_void,
+                    (&raw const size).cast::<libc::c_void>(),
                     mem::size_of::<libc::c_int>() as u32,
                 )
             };
@@ -77,7 +77,7 @@ impl PacketSocket {
                 frame.as_ptr().cast(),
                 frame.len(),
                 0,
-                &addr as *const _ as *const libc::sockaddr,
+                (&raw const addr).cast::<libc::sockaddr>(),
                 mem::size_of::<libc::sockaddr_ll>() as u32,
             )
         };
@@ -127,8 +127,8 @@ impl PacketSocket {
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     0,
-                    &mut from as *mut _ as *mut libc::sockaddr,
-                    &mut len,
+                    (&raw mut from).cast::<libc::sockaddr>(),
+                    &raw mut len,
                 )
             };
             assert!(n >= 0, "recvfrom: {}", std::io::Error::last_os_error());

@@ -10,8 +10,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::netns::Netns;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-
 #[repr(C)]
 struct IfReq {
     name: [u8; 16],
@@ -41,7 +39,7 @@ impl Vm {
             };
             req.name[..owned.len()].copy_from_slice(owned.as_bytes());
             // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
-            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
             assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
             (file, Instant::now())
         });

@@ -1,6 +1,9 @@
 //! `vmsniff collect`: hand-made GRE and ERSPAN from a sender namespace (any kernel: a raw socket
 //! needs no ip_gre), and end to end from `vmsniff attach --encap gre|erspan|erspan1` (needs
 //! ip_gre: runs in the VM harness's Debian kernels, and skips saying so elsewhere).
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "a failed step fails the test")]
+
 use std::{path::PathBuf, time::Duration};
 
 use nix::sys::signal::Signal;

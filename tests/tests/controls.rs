@@ -1,6 +1,9 @@
 //! Mirror controls in the kernel, through `--to-dev` on this kernel: each of `--filter`,
 //! `--snaplen`, `--sample` and `--rate-limit` changes exactly what is copied and is counted,
 //! `update` switches a live session without losing a frame, and bad input changes nothing.
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::expect_used, reason = "a failed step fails the test")]
+
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     thread,

@@ -2,6 +2,9 @@
 //! mirrored again as the same session with its counters going on; reloads add, update and
 //! remove sessions and refuse a bad config; kill -9 then start adopts the running mirrors
 //! without duplicating them; a stop removes everything the daemon made.
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "a failed step fails the test")]
+
 use std::time::Duration;
 
 use nix::sys::signal::Signal;

@@ -1,6 +1,9 @@
 //! The mirror's data path on this kernel, through `--to-dev` (no GRE needed): every frame of
 //! each selected direction arrives at the target byte-identical and in order, the VM's frames
 //! are never touched, counters match, and detach leaves nothing behind.
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "a failed step fails the test")]
+
 use std::time::Duration;
 
 use vmsniff_tests::{

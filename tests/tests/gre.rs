@@ -1,6 +1,9 @@
 //! GRE end to end: copies reach a collector namespace as GRE (TEB) with the documented key,
 //! byte-identical inside. Needs ip_gre: runs in the VM harness's Debian kernels, and skips
 //! (saying so) on kernels without it.
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "a failed step fails the test")]
+
 use std::time::Duration;
 
 use vmsniff_tests::{

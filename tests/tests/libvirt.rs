@@ -2,6 +2,9 @@
 //! the Nova-shaped node fixture, a real ovsdb-server holds br-int, and the fixture VM
 //! c-private's first NIC is a real tap in a hybrid plug (tap in qbr, veth qvb/qvo) in the test's
 //! namespace.
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::expect_used, reason = "a failed step fails the test")]
+
 use std::{
     path::PathBuf,
     time::{Duration, Instant},

@@ -3,6 +3,9 @@
 //! module, such as this project's build hosts, on the userspace `netdev` datapath); frames
 //! through the mirror's GRE port need the kernel datapath and ip_gre, so those tests run in the
 //! VM harness and skip, saying so, elsewhere.
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "a failed step fails the test")]
+
 use std::{
     process::Output,
     time::{Duration, Instant},

@@ -443,11 +443,17 @@ const _: () = assert!(core::mem::size_of::<DirectionCounters>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no invalid bit patterns.
+    // SAFETY: plain `#[repr(C)]` data of integers and integer arrays, with explicit
+    // padding fields (the size assertions above hold the layout): no implicit padding, and
+    // every bit pattern is a valid value.
     unsafe impl aya::Pod for super::SessionConfig {}
+    // SAFETY: as for SessionConfig.
     unsafe impl aya::Pod for super::TapSessions {}
+    // SAFETY: as for SessionConfig.
     unsafe impl aya::Pod for super::DirectionCounters {}
+    // SAFETY: as for SessionConfig.
     unsafe impl aya::Pod for super::TokenBucket {}
+    // SAFETY: as for SessionConfig (`FilterInsn` is four integers without padding).
     unsafe impl aya::Pod for super::filter::Filter {}
 }
 

@@ -5,8 +5,9 @@ mod setup;
 mod test;
 mod vm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -24,8 +25,8 @@ enum Command {
     /// The built-in demo: a VM stand-in pings its gateway while vmsniff mirrors its tap to a
     /// collector over GRE, where tcpdump shows the copies (as root).
     Demo(demo::DemoArgs),
-    /// Every test: unit tests, then the privileged suite on this kernel and in Debian's 5.10,
-    /// 6.1 and 6.12 under QEMU (as root).
+    /// Every check: formatting and clippy, unit tests, then the privileged suite on this kernel
+    /// and in Debian's 5.10, 6.1 and 6.12 under QEMU (as root).
     Test,
     /// Measure vmsniff's cost per frame with the kernel's BPF statistics and write
     /// BENCHMARKS.md (as root; not part of the tests).
@@ -37,17 +38,22 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let workspace = workspace()?;
     match Cli::parse().command {
         Command::Setup => setup::run(),
-        Command::Demo(args) => demo::run(args, &workspace()),
-        Command::Test => test::run(&workspace()),
-        Command::Bench(args) => bench::run(args, &workspace()),
-        Command::VmRun(args) => vm::run_command(args),
-        Command::VmTest(args) => vm::test_command(args),
+        Command::Demo(args) => demo::run(args, &workspace),
+        Command::Test => test::run(&workspace),
+        Command::Bench(args) => bench::run(args, &workspace),
+        Command::VmRun(args) => vm::run_command(args, &workspace),
+        Command::VmTest(args) => vm::test_command(args, &workspace),
     }
 }
 
 /// The workspace root (xtask lives one level below it).
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent directory").to_owned()
+fn workspace() -> anyhow::Result<PathBuf> {
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask
+        .parent()
+        .map(Path::to_path_buf)
+        .with_context(|| format!("{} has no parent directory", xtask.display()))
 }

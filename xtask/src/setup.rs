@@ -29,7 +29,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fonts-dejavu-core", "the benchmark's chart is drawn with DejaVu Sans"),
 ];
 
+/// rustup components of the toolchain that runs xtask, and why each is needed.
+const COMPONENTS: &[(&str, &str)] = &[
+    ("rustfmt", "`cargo xtask test` first checks the formatting (`cargo fmt --all --check`)"),
+    ("clippy", "`cargo xtask test` first runs clippy with the workspace lints"),
+];
+
 pub fn run() -> anyhow::Result<()> {
+    install_components()?;
     install_packages()?;
     link_debian_toolchain()?;
     install_bpf_linker()?;
@@ -73,6 +80,32 @@ fn package_installed(name: &str) -> bool {
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
         .unwrap_or(false)
+}
+
+/// For the toolchain this command runs with: rustup hands it down in RUSTUP_TOOLCHAIN (as for
+/// `cargo +1.95.0 xtask setup`), else the same toolchain is the default here.
+fn install_components() -> anyhow::Result<()> {
+    let listed = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()
+        .context("running rustup (rustup manages the Rust toolchains here)")?;
+    if !listed.status.success() {
+        bail!("rustup component list failed: {}", String::from_utf8_lossy(&listed.stderr).trim());
+    }
+    // One component per line, with its target: `clippy-x86_64-unknown-linux-gnu`.
+    let installed = String::from_utf8_lossy(&listed.stdout);
+    let missing: Vec<&str> = COMPONENTS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !installed.lines().any(|l| l.split('-').next() == Some(name)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (name, why) in COMPONENTS.iter().filter(|(n, _)| missing.contains(n)) {
+        eprintln!("setup: installing the {name} component: {why}");
+    }
+    run_step(Command::new("rustup").args(["component", "add"]).args(&missing), "rustup component add")
 }
 
 /// rustup's proxies come first on PATH, so Debian's rustc is reached as `+debian`.

@@ -116,7 +116,7 @@ fn relay(rx: &OwnedFd, tx: &OwnedFd, stop: &AtomicBool) -> anyhow::Result<()> {
 fn open(ifindex: i32) -> anyhow::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked.
     let raw =
-        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
+        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be())) };
     if raw < 0 {
         return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
     }
@@ -129,11 +129,7 @@ fn open(ifindex: i32) -> anyhow::Result<OwnedFd> {
     addr.sll_ifindex = ifindex;
     // SAFETY: addr is a valid sockaddr_ll of the size given.
     let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
+        libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), mem::size_of::<libc::sockaddr_ll>() as u32)
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("bind(AF_PACKET)");
@@ -147,7 +143,13 @@ fn open(ifindex: i32) -> anyhow::Result<OwnedFd> {
 fn setsockopt<T>(fd: &OwnedFd, level: i32, name: i32, value: &T) -> anyhow::Result<()> {
     // SAFETY: value points to a T of the size given.
     let rc = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), mem::size_of::<T>() as u32)
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            mem::size_of::<T>() as u32,
+        )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("setsockopt({level}, {name})"));

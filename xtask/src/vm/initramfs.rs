@@ -78,24 +78,21 @@ pub fn build(kernel: &Kernel, out: &Path) -> anyhow::Result<()> {
 fn boot_modules(modules_dir: &Path) -> anyhow::Result<Vec<String>> {
     let dep_file = modules_dir.join("modules.dep");
     let deps = fs::read_to_string(&dep_file).with_context(|| format!("reading {}", dep_file.display()))?;
-    let by_name: HashMap<String, Vec<&str>> = deps
+    let by_name: HashMap<String, (&str, Vec<&str>)> = deps
         .lines()
         .filter_map(|line| line.split_once(':'))
-        .map(|(path, rest)| {
-            (module_name(path), std::iter::once(path).chain(rest.split_whitespace()).collect())
-        })
+        .map(|(path, rest)| (module_name(path), (path, rest.split_whitespace().collect())))
         .collect();
     let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
     let mut order: Vec<String> = Vec::new();
     for wanted in BOOT_MODULES {
         let name = module_name(wanted);
-        let Some(chain) = by_name.get(&name) else {
+        let Some((module, deps)) = by_name.get(&name) else {
             if builtin.lines().any(|l| module_name(l) == name) {
                 continue;
             }
             bail!("module {wanted} is neither in {} nor built in", dep_file.display());
         };
-        let (module, deps) = chain.split_first().expect("chain starts with the module");
         for path in deps.iter().rev().chain(std::iter::once(module)) {
             if !order.iter().any(|p| p == path) {
                 order.push((*path).to_owned());

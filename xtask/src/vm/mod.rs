@@ -56,15 +56,16 @@ pub struct VmTestArgs {
     filter: Option<String>,
 }
 
-pub fn run_command(args: VmRunArgs) -> anyhow::Result<()> {
-    let code = run_in_guest(args)?;
+#[expect(clippy::exit, reason = "vm-run exits with the guest command's status, after every guard is dropped")]
+pub fn run_command(args: VmRunArgs, workspace: &Path) -> anyhow::Result<()> {
+    let code = run_in_guest(args, workspace)?;
     // Every guard (QEMU, the run directory) is dropped by now: exit skips destructors.
     std::process::exit(code)
 }
 
-fn run_in_guest(args: VmRunArgs) -> anyhow::Result<i32> {
+fn run_in_guest(args: VmRunArgs, workspace: &Path) -> anyhow::Result<i32> {
     qemu::catch_interrupts()?;
-    let vm_dir = vm_dir();
+    let vm_dir = vm_dir(workspace);
     let kernel = kernels::prepare(&vm_dir, &args.kernel)?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
     check_visible(&cwd)?;
@@ -94,12 +95,11 @@ fn run_in_guest(args: VmRunArgs) -> anyhow::Result<i32> {
     }
 }
 
-pub fn test_command(args: VmTestArgs) -> anyhow::Result<()> {
+pub fn test_command(args: VmTestArgs, workspace: &Path) -> anyhow::Result<()> {
     qemu::catch_interrupts()?;
     let targets = targets(&args.kernel)?;
-    let workspace = workspace();
-    let vm_dir = vm_dir();
-    let (vmsniff, executables) = suite::build(&workspace)?;
+    let vm_dir = vm_dir(workspace);
+    let (vmsniff, executables) = suite::build(workspace)?;
     let cases = suite::list(&executables, args.filter.as_deref())?;
     if cases.is_empty() {
         bail!("no test to run: {} test executables, filter {:?}", executables.len(), args.filter);
@@ -115,7 +115,7 @@ pub fn test_command(args: VmTestArgs) -> anyhow::Result<()> {
     env.extend(parse_env(&args.env)?);
     let plan = suite::Plan {
         vm_dir: &vm_dir,
-        workspace: &workspace,
+        workspace,
         cases: &cases,
         env: &env,
         test_timeout: Duration::from_secs(args.test_timeout),
@@ -178,11 +178,7 @@ fn check_visible(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
-}
-
 /// The harness's cache and scratch space in the workspace's target directory.
-fn vm_dir() -> PathBuf {
-    workspace().join("target/vm")
+fn vm_dir(workspace: &Path) -> PathBuf {
+    workspace.join("target/vm")
 }
