@@ -94,7 +94,6 @@ pub async fn first_priority(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn attach(
     program: &mut SchedClassifier,
     paths: &PinPaths,

@@ -149,7 +149,7 @@ pub fn plan_ovs_attach(
     }
     if let Some(daemon) = &request.daemon {
         ids.push((DAEMON_KEY, daemon.name.clone()));
-        ids.push((DAEMON_ARGS_KEY, serde_json::to_string(&daemon.argv).expect("strings serialize")));
+        ids.push((DAEMON_ARGS_KEY, Value::from(daemon.argv.clone()).to_string()));
     }
     ids.push((CREATED_KEY, request.now.to_string()));
     let options = [

@@ -46,8 +46,15 @@ pub fn compile(expression: &str) -> Result<CompiledFilter, FilterError> {
     let syntax = |message: String| FilterError::Syntax { expression: expression.into(), message };
     let capture = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(|e| syntax(e.to_string()))?;
     let program = capture.compile(expression, true).map_err(|e| syntax(libpcap_message(e)))?;
-    let insns =
-        program.get_instructions().iter().map(|insn| parse_insn(&insn.to_string())).collect::<Vec<_>>();
+    let insns = program
+        .get_instructions()
+        .iter()
+        .map(|insn| parse_insn(&insn.to_string()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| FilterError::Unsupported {
+            expression: expression.into(),
+            reason: "libpcap printed an instruction vmsniff cannot read".into(),
+        })?;
     if insns.len() > MAX_FILTER_INSNS {
         return Err(FilterError::TooLong { expression: expression.into(), len: insns.len() });
     }
@@ -74,11 +81,15 @@ pub fn stored_expression(value: &Filter) -> String {
 }
 
 /// The pcap crate shows an instruction only as "code jt jf k" (its fields are private).
-fn parse_insn(text: &str) -> FilterInsn {
-    let fields: Vec<u64> =
-        text.split_whitespace().map(|f| f.parse().expect("libpcap prints numbers")).collect();
-    assert_eq!(fields.len(), 4, "libpcap instruction {text:?}");
-    FilterInsn { code: fields[0] as u16, jt: fields[1] as u8, jf: fields[2] as u8, k: fields[3] as u32 }
+fn parse_insn(text: &str) -> Option<FilterInsn> {
+    let mut fields = text.split_whitespace();
+    let insn = FilterInsn {
+        code: fields.next()?.parse().ok()?,
+        jt: fields.next()?.parse().ok()?,
+        jf: fields.next()?.parse().ok()?,
+        k: fields.next()?.parse().ok()?,
+    };
+    fields.next().is_none().then_some(insn)
 }
 
 fn libpcap_message(error: pcap::Error) -> String {
