@@ -230,15 +230,25 @@ pub struct SessionConfig {
     pub _reserved: [u32; 3],
 }
 
-/// The tag of a daemon session named `name` in the config: FNV-1a, never 0 (0 = not the
-/// daemon's).
+/// The tag of a daemon session named `name` in the config: FNV-1a 32, never 0 (0 = not the
+/// daemon's). Running sessions carry it: it never changes.
 pub fn daemon_tag(name: &str) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in name.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
+    let hash = fnv1a::hash32(name.as_bytes());
     if hash == 0 { 1 } else { hash }
+}
+
+/// FNV-1a, the one hash both sides use for names that must be stable across builds and
+/// releases (daemon tags, the eBPF object's build tag).
+pub mod fnv1a {
+    pub fn hash32(bytes: &[u8]) -> u32 {
+        bytes.iter().fold(0x811c_9dc5, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    }
+
+    pub fn hash64(bytes: &[u8]) -> u64 {
+        bytes
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    }
 }
 
 /// [`SessionConfig::target_flags`], shifted by [`Direction::index`].
@@ -459,6 +469,15 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fnv1a_is_the_published_hash() {
+        // Test vectors of the FNV reference (http://www.isthe.com/chongo/tech/comp/fnv/).
+        assert_eq!(super::fnv1a::hash32(b""), 0x811c_9dc5);
+        assert_eq!(super::fnv1a::hash32(b"a"), 0xe40c_292c);
+        assert_eq!(super::fnv1a::hash64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::daemon_tag(""), 0x811c_9dc5);
+    }
+
     use super::*;
 
     #[test]

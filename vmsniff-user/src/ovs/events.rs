@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     model::sources::Sources,
-    ovsdb::{Client, OvsdbError, socket_path, vswitch::DATABASE},
+    ovsdb::{Client, OvsdbError, vswitch::DATABASE},
 };
 
 /// The columns whose changes can call for a reconcile; not statistics, which change all the time.
@@ -67,7 +67,7 @@ fn watch(ovsdb: Option<String>, wake: mpsc::Sender<()>) {
 }
 
 fn monitor(ovsdb: Option<&str>, wake: &mpsc::Sender<()>, connected: &mut bool) -> Result<(), OvsdbError> {
-    let mut client = Client::connect(&socket_path(ovsdb)?)?;
+    let mut client = Client::open(ovsdb)?;
     client.monitor(DATABASE, &WATCHED)?;
     if !*connected {
         log::info!("daemon: watching OVSDB for port and mirror changes");

@@ -68,6 +68,13 @@ pub fn socket_path(option: Option<&str>) -> Result<PathBuf, OvsdbError> {
     }
 }
 
+impl Client {
+    /// Connects to the OVSDB that `--ovsdb` names (`None`: the default socket).
+    pub fn open(option: Option<&str>) -> Result<Client, OvsdbError> {
+        Client::connect(&socket_path(option)?)
+    }
+}
+
 /// One condition of a `select`: `[column, function, value]`.
 #[derive(Clone, Debug)]
 pub struct Condition {

@@ -193,28 +193,13 @@ fn suggestions(vms: &[Vm], selector: &str) -> Vec<String> {
         .iter()
         .flat_map(|vm| vm.nova_name().into_iter().chain([vm.xml.name.as_str()]))
         .filter_map(|name| {
-            let distance = edit_distance(&wanted, &name.to_lowercase());
+            let distance = strsim::levenshtein(&wanted, &name.to_lowercase());
             (distance <= limit).then(|| (distance, name.to_owned()))
         })
         .collect();
     close.sort();
     close.dedup_by(|a, b| a.1 == b.1);
     close.into_iter().take(3).map(|(_, name)| name).collect()
-}
-
-/// Levenshtein distance over characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(ca != *cb);
-            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        previous = current;
-    }
-    previous[b.len()]
 }
 
 /// The NIC of a found VM that the selector and `--nic`/`--mac` name.
@@ -400,13 +385,5 @@ mod tests {
         assert!(err.to_string().contains("SR-IOV"), "{err}");
         let err = check("c-sriov", NicChoice::Index(1)).unwrap_err();
         assert!(err.to_string().contains("macvtap") && err.to_string().contains("uplink"), "{err}");
-    }
-
-    #[test]
-    fn edit_distance_counts_edits() {
-        assert_eq!(edit_distance("c-private", "c-private"), 0);
-        assert_eq!(edit_distance("c-privat", "c-private"), 1);
-        assert_eq!(edit_distance("c-pirvate", "c-private"), 2);
-        assert_eq!(edit_distance("", "abc"), 3);
     }
 }

@@ -13,7 +13,7 @@ use crate::{
 };
 use crate::{
     ovsdb::{
-        Client, OvsdbError, socket_path,
+        Client, OvsdbError,
         vswitch::{FoundBy, OvsAttachment, Switch},
     },
     sys::{
@@ -163,9 +163,7 @@ pub enum OvsView {
 
 impl OvsView {
     pub fn read(sources: &Sources) -> OvsView {
-        let read = socket_path(sources.ovsdb.as_deref())
-            .and_then(|path| Client::connect(&path))
-            .and_then(|mut client| Switch::read(&mut client));
+        let read = Client::open(sources.ovsdb.as_deref()).and_then(|mut client| Switch::read(&mut client));
         match read {
             Ok(switch) => OvsView::Read(switch),
             Err(e) => OvsView::Unreachable(e),

@@ -21,7 +21,7 @@ use crate::{
         port::{VmPort, check_route, vm_port},
         session::Snapshot,
     },
-    ovsdb::{Client, Operation, OvsdbError, socket_path, vswitch::DATABASE},
+    ovsdb::{Client, Operation, vswitch::DATABASE},
     resolve::vm::Resolved,
     sys::blocking::off_thread,
 };
@@ -34,18 +34,13 @@ pub struct OvsDryRun {
     pub vsctl: String,
 }
 
-/// Opens OVSDB for an operation that needs it.
-fn connect(sources: &Sources) -> Result<Client, OvsdbError> {
-    Client::connect(&socket_path(sources.ovsdb.as_deref())?)
-}
-
 /// Runs `f` with a connection to OVSDB, on the blocking pool.
 async fn with_ovsdb<T: Send + 'static>(
     sources: &Sources,
     f: impl FnOnce(&mut Client) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     let sources = sources.clone();
-    off_thread(move || f(&mut connect(&sources)?)).await
+    off_thread(move || f(&mut Client::open(sources.ovsdb.as_deref())?)).await
 }
 
 /// Reads vmsniff's view of OVSDB; `None` when there is no OVSDB (a host without Open vSwitch)
@@ -53,7 +48,7 @@ async fn with_ovsdb<T: Send + 'static>(
 async fn snapshot_if_present(sources: &Sources) -> anyhow::Result<Option<Snapshot>> {
     let named = sources.ovsdb.is_some();
     let sources = sources.clone();
-    off_thread(move || match connect(&sources) {
+    off_thread(move || match Client::open(sources.ovsdb.as_deref()) {
         Ok(mut client) => Ok(Some(Snapshot::read(&mut client)?)),
         Err(e) if !named => {
             log::debug!("no OVS sessions: {e}");
@@ -225,6 +220,6 @@ impl Service {
     /// Whether OVSDB can be reached at all (a daemon without OVS sessions needs none).
     pub async fn ovsdb_reachable(&self) -> bool {
         let sources = self.sources.clone();
-        off_thread(move || connect(&sources).is_ok()).await
+        off_thread(move || Client::open(sources.ovsdb.as_deref()).is_ok()).await
     }
 }

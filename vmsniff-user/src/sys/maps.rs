@@ -20,10 +20,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// A name for this build of the object: FNV-1a 64 of its bytes, in hex.
 pub fn object_tag() -> String {
-    let hash = EBPF_OBJECT
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
-    format!("{hash:016x}")
+    format!("{:016x}", vmsniff_ebpf::fnv1a::hash64(EBPF_OBJECT))
 }
 
 pub struct PinnedMaps {
