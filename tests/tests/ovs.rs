@@ -569,6 +569,47 @@ fn an_attach_that_ovs_vswitchd_never_applies_leaves_no_row() {
 /// with everything it made when the daemon stops. Frames are checked where the kernel datapath
 /// forwards; the rows everywhere.
 #[test]
+fn a_stop_is_heard_while_an_ovs_attach_waits_for_ovs_vswitchd() {
+    if !privileged_on_host(
+        "a_stop_is_heard_while_an_ovs_attach_waits_for_ovs_vswitchd",
+        "the daemon's event loop and OVSDB rows, with no ovs-vswitchd at all",
+    ) {
+        return;
+    }
+    let ns = Netns::new("ovsstop");
+    let Some(server) = OvsdbServer::start() else { return };
+    let _vm = Vm::create(&ns, TAP);
+    ns.sh("ip link add up1 type veth peer name down1; ip addr add 10.231.0.1/24 dev up1; ip link set up1 up; ip link set down1 up");
+    // Only the database: the attach waits for an ovs-vswitchd that never comes (30 s).
+    server.vsctl(&["add-br", "br-int", "--", "add-port", "br-int", TAP]);
+    let address = server.address();
+    let mirrors = || {
+        let out = std::process::Command::new("ovs-vsctl")
+            .args([&format!("--db={address}"), "--no-wait", "--bare", "--columns=name", "list", "Mirror"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let config = format!("[session.ids]\ntap = \"{TAP}\"\nmode = \"ovs\"\nto = \"{COLLECTOR}\"\n");
+    let mut daemon = Daemon::start_with(&ns, &config, &["--ovsdb", &address]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mirrors().is_empty() {
+        assert!(Instant::now() < deadline, "the daemon never sent its attach:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The attach's rows are in OVSDB and it now waits for ovs-vswitchd to apply them.
+    let stopped = Instant::now();
+    assert!(daemon.stop_with(nix::sys::signal::Signal::SIGTERM), "{}", daemon.log());
+    let took = stopped.elapsed();
+    println!("stop while an OVS attach waited: {took:.2?}");
+    // Generous for a loaded machine, and far below the 30 s the wait would otherwise last.
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}:\n{}", daemon.log());
+    assert_eq!(mirrors(), "", "the cut-short attach left its Mirror");
+    let status = vmsniff::ok(&ns, &["status", "--json", "--ovsdb", &address]);
+    assert!(!status.contains("\"ovs\""), "{status}");
+}
+
+#[test]
 fn the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart() {
     if !privileged_on_host_and_one_guest(
         "the_daemon_keeps_an_ovs_session_across_a_hard_reboot_and_a_restart",
