@@ -55,13 +55,8 @@ pub async fn apply_rehome(kernel: &Kernel, plan: &RehomePlan) -> Result<(), Kern
 
 async fn apply_attach_steps(kernel: &Kernel, steps: &[AttachStep]) -> Result<(), KernelError> {
     let mut ebpf = Programs::new(&kernel.paths)?;
-    let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
-        op: format!(
-            "vmsniff's maps are not pinned under {} after loading",
-            kernel.paths.maps_dir().display()
-        ),
-        source: std::io::Error::from_raw_os_error(libc::ENOENT),
-    })?;
+    let mut maps = PinnedMaps::open(&kernel.paths)?
+        .ok_or_else(|| KernelError::MapsVanished { path: kernel.paths.maps_dir() })?;
     let mut undo: Vec<DetachStep> = Vec::new();
     let mut session = SessionConfig::EMPTY;
     for step in steps {
@@ -203,10 +198,7 @@ async fn apply_attach_step(
                 None => full = true,
             })?;
             if full {
-                return Err(KernelError::Io {
-                    op: format!("tap {} has no free session slot", tap.name),
-                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-                });
+                return Err(KernelError::TapSlotsTaken { tap: tap.name.clone() });
             }
             undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![*id] });
         }
@@ -278,7 +270,7 @@ impl<'a> Programs<'a> {
         let program = load_program(ebpf, name)?;
         if let Err(e) = pin_program(self.paths, &self.tag, program, &path) {
             // Only the next attach's speed depends on it.
-            log::debug!("not pinning {name} at {}: {e}", path.display());
+            log::debug!("not pinning {name}: {}", chain(&e));
         }
         Ok(program)
     }
@@ -291,26 +283,26 @@ fn pin_program(
     tag: &str,
     program: &mut SchedClassifier,
     path: &std::path::Path,
-) -> std::io::Result<()> {
+) -> Result<(), KernelError> {
     let dir = paths.programs_dir(tag);
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).map_err(KernelError::io(format!("creating {}", dir.display())))?;
     if let Some(parent) = dir.parent() {
-        for entry in std::fs::read_dir(parent)?.flatten() {
+        let entries =
+            std::fs::read_dir(parent).map_err(KernelError::io(format!("reading {}", parent.display())))?;
+        for entry in entries.flatten() {
             if entry.file_name() != std::ffi::OsStr::new(tag) {
-                std::fs::remove_dir_all(entry.path())?;
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(KernelError::io(format!("removing {}", entry.path().display())))?;
             }
         }
     }
-    program.pin(path).map_err(std::io::Error::other)
+    program.pin(path).map_err(|e| KernelError::Pin { path: path.to_owned(), source: Box::new(e) })
 }
 
 fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut SchedClassifier, KernelError> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
-        .ok_or_else(|| KernelError::Io {
-            op: format!("the embedded eBPF object has no program {name}"),
-            source: std::io::Error::from_raw_os_error(libc::ENOENT),
-        })?
+        .ok_or_else(|| KernelError::ProgramMissing { name: name.to_owned() })?
         .try_into()
         .map_err(KernelError::program(format!("{name} is not a tc classifier")))?;
     if program.fd().is_err() {
@@ -335,10 +327,8 @@ fn update_tap(
 /// switch), then the token bucket. A failure before the switch changes nothing the programs
 /// read; the switch is one map write, so it happens entirely or not at all.
 pub fn apply_update(kernel: &Kernel, plan: &UpdatePlan) -> Result<(), KernelError> {
-    let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
-        op: format!("vmsniff has no pinned maps under {}", kernel.paths.maps_dir().display()),
-        source: std::io::Error::from_raw_os_error(libc::ENOENT),
-    })?;
+    let mut maps = PinnedMaps::open(&kernel.paths)?
+        .ok_or_else(|| KernelError::NoPinnedMaps { path: kernel.paths.maps_dir() })?;
     if let Some((slot, filter)) = &plan.filter {
         maps.set_filter(plan.id, *slot, filter)?;
     }

@@ -113,16 +113,12 @@ pub fn attach(
                 )
                 .map_err(KernelError::program(op()))?;
             let link = program.take_link(id).map_err(KernelError::program(op()))?;
-            let link = FdLink::try_from(link)
-                .map_err(|e| KernelError::Io { op: op(), source: io::Error::other(e) })?;
+            let link = FdLink::try_from(link).map_err(KernelError::link(op()))?;
             fs::create_dir_all(paths.links_dir())
                 .map_err(KernelError::io(format!("creating {}", paths.links_dir().display())))?;
             let path = paths.link(tap_ifindex, hook);
             // Dropping the unpinned link on error detaches it: nothing is left behind.
-            link.pin(&path).map_err(|e| KernelError::Io {
-                op: format!("pinning {}", path.display()),
-                source: io::Error::other(e),
-            })?;
+            link.pin(&path).map_err(|e| KernelError::Pin { path, source: Box::new(e) })?;
             Ok(Attached { nl_priority: 0, nl_handle: 0 })
         }
         AttachMode::Netlink => {
@@ -179,10 +175,7 @@ pub async fn detach(
                 {
                     Ok(())
                 }
-                Err(e) => Err(KernelError::Io {
-                    op: format!("opening {}", path.display()),
-                    source: io::Error::other(e),
-                }),
+                Err(e) => Err(KernelError::link(format!("opening {}", path.display()))(e)),
             }
         }
         AttachMode::Netlink => {
