@@ -123,15 +123,13 @@ async fn apply_attach_step(
             }
             let priority = tc::first_priority(&kernel.netlink, device, ifindex, TcHook::Egress).await?;
             let program = ebpf.get(program_name::COPY_EGRESS)?;
-            let attached = tc::attach(
-                program,
-                &kernel.paths,
-                device,
+            let filter = tc::Filter {
+                name: device,
                 ifindex,
-                TcHook::Egress,
-                AttachMode::Netlink,
-                priority,
-            )?;
+                hook: TcHook::Egress,
+                program: program_name::COPY_EGRESS,
+            };
+            let attached = tc::attach(program, &kernel.paths, filter, AttachMode::Netlink, priority)?;
             undo.push(DetachStep::DetachCopyProgram {
                 id: *id,
                 ifindex,
@@ -171,8 +169,13 @@ async fn apply_attach_step(
                 AttachMode::Tcx => 0,
             };
             let program = ebpf.get(tc::tap_program_name(*hook))?;
-            let attached =
-                tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode, priority)?;
+            let filter = tc::Filter {
+                name: &tap.name,
+                ifindex: tap.ifindex,
+                hook: *hook,
+                program: tc::tap_program_name(*hook),
+            };
+            let attached = tc::attach(program, &kernel.paths, filter, *mode, priority)?;
             undo.push(DetachStep::DetachProgram {
                 tap_ifindex: tap.ifindex,
                 tap_name: tap.name.clone(),

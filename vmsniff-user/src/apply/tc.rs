@@ -91,16 +91,15 @@ pub async fn first_priority(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Attaches `program` (the one `filter` names) to `filter`'s hook.
 pub fn attach(
     program: &mut SchedClassifier,
     paths: &PinPaths,
-    tap_name: &str,
-    tap_ifindex: u32,
-    hook: TcHook,
+    filter: Filter<'_>,
     mode: AttachMode,
     nl_priority: u16,
 ) -> Result<Attached, KernelError> {
+    let Filter { name: tap_name, ifindex: tap_ifindex, hook, program: _ } = filter;
     let op =
         || format!("attaching vmsniff's program to {tap_name}'s {} hook ({})", hook.as_str(), mode.as_str());
     match mode {
@@ -141,9 +140,11 @@ pub fn attach(
     }
 }
 
-/// Which of vmsniff's programs to detach, from where.
+/// Which of vmsniff's programs to attach or detach, where.
+#[derive(Clone, Copy, Debug)]
 pub struct Filter<'a> {
-    /// The interface's name when attached, for messages (it may have been renamed since).
+    /// The interface's name (when detaching: its name when attached, for messages; it may have
+    /// been renamed since).
     pub name: &'a str,
     pub ifindex: u32,
     pub hook: TcHook,
