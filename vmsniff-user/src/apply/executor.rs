@@ -1,15 +1,14 @@
 //! The one executor: runs a plan's steps against the kernel. An attach that fails half-way is
 //! undone step by step in reverse, so a failed command leaves the system as it found it; a
 //! detach goes on past a failing step and reports every failure at the end.
-use aya::programs::SchedClassifier;
 use vmsniff_ebpf::{
     SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TapSessions,
     TcHook, program_name,
 };
 
 use super::{
-    KernelError, gre,
-    maps::{self, PinnedMaps},
+    KernelError,
+    kernel_ops::{KernelOps, MapOps},
     tc,
 };
 use crate::{
@@ -31,13 +30,13 @@ pub struct Kernel {
 }
 
 /// Applies an attach plan; on failure undoes what it did and returns the first error.
-pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
-    let had_state = PinnedMaps::open(&kernel.paths)?.is_some();
+pub async fn apply_attach<K: KernelOps>(kernel: &K, plan: &AttachPlan) -> Result<(), KernelError> {
+    let had_state = kernel.open_maps()?.is_some();
     let result = apply_attach_steps(kernel, &plan.steps).await;
     if result.is_err() && !had_state {
         // This attach made the namespace's pins (maps, maybe link pins): with its steps undone,
         // nothing else uses them.
-        if let Err(e) = maps::remove_pins(&kernel.paths) {
+        if let Err(e) = kernel.remove_pins() {
             log::error!("could not remove the pins of the failed attach: {}", chain(&e));
         }
     }
@@ -46,21 +45,21 @@ pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), Kern
 
 /// Applies a re-home: forgets the old tap (best effort: it is gone, and what is left of it
 /// only costs a map entry), then attaches to the new one, undone on failure.
-pub async fn apply_rehome(kernel: &Kernel, plan: &RehomePlan) -> Result<(), KernelError> {
+pub async fn apply_rehome<K: KernelOps>(kernel: &K, plan: &RehomePlan) -> Result<(), KernelError> {
     for (step, error) in apply_detach(kernel, &plan.release).await {
         log::warn!("session {}: could not clean up its old tap ({step:?}): {}", plan.id, chain(&error));
     }
     apply_attach_steps(kernel, &plan.attach).await
 }
 
-async fn apply_attach_steps(kernel: &Kernel, steps: &[AttachStep]) -> Result<(), KernelError> {
-    let mut ebpf = Programs::new(&kernel.paths)?;
-    let mut maps = PinnedMaps::open(&kernel.paths)?
-        .ok_or_else(|| KernelError::MapsVanished { path: kernel.paths.maps_dir() })?;
+async fn apply_attach_steps<K: KernelOps>(kernel: &K, steps: &[AttachStep]) -> Result<(), KernelError> {
+    let mut programs = kernel.load_programs()?;
+    let mut maps =
+        kernel.open_maps()?.ok_or_else(|| KernelError::MapsVanished { path: kernel.maps_dir() })?;
     let mut undo: Vec<DetachStep> = Vec::new();
     let mut session = SessionConfig::EMPTY;
     for step in steps {
-        let result = apply_attach_step(kernel, &mut ebpf, &mut maps, step, &mut session, &mut undo).await;
+        let result = apply_attach_step(kernel, &mut programs, &mut maps, step, &mut session, &mut undo).await;
         if let Err(error) = result {
             log::debug!("attach failed at {step:?}: undoing {} steps", undo.len());
             for step in undo.iter().rev() {
@@ -77,10 +76,10 @@ async fn apply_attach_steps(kernel: &Kernel, steps: &[AttachStep]) -> Result<(),
     Ok(())
 }
 
-async fn apply_attach_step(
-    kernel: &Kernel,
-    ebpf: &mut Programs<'_>,
-    maps: &mut PinnedMaps,
+async fn apply_attach_step<K: KernelOps>(
+    kernel: &K,
+    programs: &mut K::Programs,
+    maps: &mut K::Maps,
     step: &AttachStep,
     session: &mut SessionConfig,
     undo: &mut Vec<DetachStep>,
@@ -98,7 +97,7 @@ async fn apply_attach_step(
         }
         AttachStep::WriteFilter { id, filter } => maps.set_filter(*id, 0, filter)?,
         AttachStep::CreateGreDevice { id, direction, device } => {
-            let ifindex = gre::create(&kernel.netlink, device).await?;
+            let ifindex = kernel.create_gre_device(device).await?;
             session.target_ifindex[direction.index()] = ifindex;
             undo.push(DetachStep::DeleteGreDevice {
                 id: *id,
@@ -114,22 +113,21 @@ async fn apply_attach_step(
         AttachStep::AttachCopyProgram { id, direction, device } => {
             let d = direction.index();
             let ifindex = session.target_ifindex[d];
-            if tc::ensure_clsact(&kernel.netlink, device, ifindex).await? {
+            if kernel.ensure_clsact(device, ifindex).await? {
                 session.target_flags |= TARGET_CREATED_CLSACT << d;
                 undo.push(DetachStep::RemoveClsactIfUnused {
                     tap_ifindex: ifindex,
                     tap_name: device.clone(),
                 });
             }
-            let priority = tc::first_priority(&kernel.netlink, device, ifindex, TcHook::Egress).await?;
-            let program = ebpf.get(program_name::COPY_EGRESS)?;
+            let priority = kernel.first_priority(device, ifindex, TcHook::Egress).await?;
             let filter = tc::Filter {
                 name: device,
                 ifindex,
                 hook: TcHook::Egress,
                 program: program_name::COPY_EGRESS,
             };
-            let attached = tc::attach(program, &kernel.paths, filter, AttachMode::Netlink, priority)?;
+            let attached = kernel.attach_program(programs, filter, AttachMode::Netlink, priority)?;
             undo.push(DetachStep::DetachCopyProgram {
                 id: *id,
                 ifindex,
@@ -153,7 +151,7 @@ async fn apply_attach_step(
             undo.push(DetachStep::ForgetTap { tap_ifindex: tap.ifindex });
         }
         AttachStep::EnsureClsact { tap } => {
-            if tc::ensure_clsact(&kernel.netlink, &tap.name, tap.ifindex).await? {
+            if kernel.ensure_clsact(&tap.name, tap.ifindex).await? {
                 update_tap(maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
                 undo.push(DetachStep::RemoveClsactIfUnused {
                     tap_ifindex: tap.ifindex,
@@ -163,19 +161,16 @@ async fn apply_attach_step(
         }
         AttachStep::AttachProgram { tap, hook, mode } => {
             let priority = match mode {
-                AttachMode::Netlink => {
-                    tc::first_priority(&kernel.netlink, &tap.name, tap.ifindex, *hook).await?
-                }
+                AttachMode::Netlink => kernel.first_priority(&tap.name, tap.ifindex, *hook).await?,
                 AttachMode::Tcx => 0,
             };
-            let program = ebpf.get(tc::tap_program_name(*hook))?;
             let filter = tc::Filter {
                 name: &tap.name,
                 ifindex: tap.ifindex,
                 hook: *hook,
                 program: tc::tap_program_name(*hook),
             };
-            let attached = tc::attach(program, &kernel.paths, filter, *mode, priority)?;
+            let attached = kernel.attach_program(programs, filter, *mode, priority)?;
             undo.push(DetachStep::DetachProgram {
                 tap_ifindex: tap.ifindex,
                 tap_name: tap.name.clone(),
@@ -213,111 +208,8 @@ async fn apply_attach_step(
     Ok(())
 }
 
-/// vmsniff's tc programs for one apply. Loading one runs the kernel's verifier, which takes a
-/// second or more for the tap programs on a busy host (many more under an emulated CPU): too
-/// slow for the daemon's re-attach after a VM reboots. So the first load in a namespace pins
-/// the programs beside its maps (they go with them when the last session does), and later
-/// attaches take them from there. The pins are per build of the object, so a new vmsniff never
-/// attaches an older build's programs.
-struct Programs<'a> {
-    paths: &'a PinPaths,
-    /// The embedded object, loaded (with the namespace's pinned maps) only when a program is
-    /// not pinned yet, or when there are no maps to pin to yet.
-    ebpf: Option<aya::Ebpf>,
-    tag: String,
-    pinned: std::collections::BTreeMap<String, SchedClassifier>,
-}
-
-impl<'a> Programs<'a> {
-    fn new(paths: &'a PinPaths) -> Result<Self, KernelError> {
-        let ebpf = match PinnedMaps::open(paths)? {
-            Some(_) => None,
-            None => {
-                // New maps: programs pinned beside maps that someone removed would still use
-                // the old ones.
-                match std::fs::remove_dir_all(paths.programs_root()) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(
-                            KernelError::io(format!("removing {}", paths.programs_root().display()))(e),
-                        );
-                    }
-                    _ => {}
-                }
-                Some(PinnedMaps::load_object(paths)?)
-            }
-        };
-        Ok(Programs { paths, ebpf, tag: maps::object_tag(), pinned: Default::default() })
-    }
-
-    fn get(&mut self, name: &str) -> Result<&mut SchedClassifier, KernelError> {
-        let path = self.paths.programs_dir(&self.tag).join(name);
-        if !self.pinned.contains_key(name) && path.exists() {
-            match SchedClassifier::from_pin(&path) {
-                Ok(program) => {
-                    self.pinned.insert(name.to_owned(), program);
-                }
-                Err(e) => {
-                    log::debug!("loading {name} anew: its pin {} is unusable: {e}", path.display());
-                    // Out of the way, or the fresh program could not be pinned there.
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-        if self.pinned.contains_key(name) {
-            return Ok(self.pinned.get_mut(name).expect("checked just above"));
-        }
-        let ebpf = match &mut self.ebpf {
-            Some(ebpf) => ebpf,
-            ebpf @ None => ebpf.insert(PinnedMaps::load_object(self.paths)?),
-        };
-        let program = load_program(ebpf, name)?;
-        if let Err(e) = pin_program(self.paths, &self.tag, program, &path) {
-            // Only the next attach's speed depends on it.
-            log::debug!("not pinning {name}: {}", chain(&e));
-        }
-        Ok(program)
-    }
-}
-
-/// Pins a freshly loaded program under its build's directory, and removes the pins of other
-/// builds (unpinning never detaches: filters and links hold their programs).
-fn pin_program(
-    paths: &PinPaths,
-    tag: &str,
-    program: &mut SchedClassifier,
-    path: &std::path::Path,
-) -> Result<(), KernelError> {
-    let dir = paths.programs_dir(tag);
-    std::fs::create_dir_all(&dir).map_err(KernelError::io(format!("creating {}", dir.display())))?;
-    if let Some(parent) = dir.parent() {
-        let entries =
-            std::fs::read_dir(parent).map_err(KernelError::io(format!("reading {}", parent.display())))?;
-        for entry in entries.flatten() {
-            if entry.file_name() != std::ffi::OsStr::new(tag) {
-                std::fs::remove_dir_all(entry.path())
-                    .map_err(KernelError::io(format!("removing {}", entry.path().display())))?;
-            }
-        }
-    }
-    program.pin(path).map_err(|e| KernelError::Pin { path: path.to_owned(), source: Box::new(e) })
-}
-
-fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut SchedClassifier, KernelError> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or_else(|| KernelError::ProgramMissing { name: name.to_owned() })?
-        .try_into()
-        .map_err(KernelError::program(format!("{name} is not a tc classifier")))?;
-    if program.fd().is_err() {
-        program
-            .load()
-            .map_err(KernelError::program(format!("loading {name} (the kernel's verifier refused it)")))?;
-    }
-    Ok(program)
-}
-
 fn update_tap(
-    maps: &mut PinnedMaps,
+    maps: &mut impl MapOps,
     ifindex: u32,
     change: impl FnOnce(&mut TapSessions),
 ) -> Result<(), KernelError> {
@@ -329,9 +221,9 @@ fn update_tap(
 /// Applies an update plan: the idle filter slot, then the session's entry in one write (the
 /// switch), then the token bucket. A failure before the switch changes nothing the programs
 /// read; the switch is one map write, so it happens entirely or not at all.
-pub fn apply_update(kernel: &Kernel, plan: &UpdatePlan) -> Result<(), KernelError> {
-    let mut maps = PinnedMaps::open(&kernel.paths)?
-        .ok_or_else(|| KernelError::NoPinnedMaps { path: kernel.paths.maps_dir() })?;
+pub fn apply_update<K: KernelOps>(kernel: &K, plan: &UpdatePlan) -> Result<(), KernelError> {
+    let mut maps =
+        kernel.open_maps()?.ok_or_else(|| KernelError::NoPinnedMaps { path: kernel.maps_dir() })?;
     if let Some((slot, filter)) = &plan.filter {
         maps.set_filter(plan.id, *slot, filter)?;
     }
@@ -343,9 +235,9 @@ pub fn apply_update(kernel: &Kernel, plan: &UpdatePlan) -> Result<(), KernelErro
 }
 
 /// Applies detach steps, all of them: returns the failures, each with the step it came from.
-pub async fn apply_detach(kernel: &Kernel, steps: &[DetachStep]) -> Vec<(DetachStep, KernelError)> {
+pub async fn apply_detach<K: KernelOps>(kernel: &K, steps: &[DetachStep]) -> Vec<(DetachStep, KernelError)> {
     let mut failures = Vec::new();
-    let mut maps = match PinnedMaps::open(&kernel.paths) {
+    let mut maps = match kernel.open_maps() {
         Ok(Some(maps)) => maps,
         Ok(None) => return failures,
         Err(error) => {
@@ -361,9 +253,9 @@ pub async fn apply_detach(kernel: &Kernel, steps: &[DetachStep]) -> Vec<(DetachS
     failures
 }
 
-async fn apply_detach_step(
-    kernel: &Kernel,
-    maps: &mut PinnedMaps,
+async fn apply_detach_step<K: KernelOps>(
+    kernel: &K,
+    maps: &mut K::Maps,
     step: &DetachStep,
 ) -> Result<(), KernelError> {
     match step {
@@ -390,46 +282,44 @@ async fn apply_detach_step(
             })
         }
         DetachStep::DetachProgram { tap_ifindex, tap_name, hook, mode, nl_priority, nl_handle } => {
-            tc::detach(
-                &kernel.netlink,
-                &kernel.paths,
-                tc::Filter {
-                    name: tap_name,
-                    ifindex: *tap_ifindex,
-                    hook: *hook,
-                    program: tc::tap_program_name(*hook),
-                },
-                *mode,
-                *nl_priority,
-                *nl_handle,
-            )
-            .await
+            kernel
+                .detach_program(
+                    tc::Filter {
+                        name: tap_name,
+                        ifindex: *tap_ifindex,
+                        hook: *hook,
+                        program: tc::tap_program_name(*hook),
+                    },
+                    *mode,
+                    *nl_priority,
+                    *nl_handle,
+                )
+                .await
         }
         DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle } => {
-            tc::detach(
-                &kernel.netlink,
-                &kernel.paths,
-                tc::Filter {
-                    name: &format!("session {id}'s target"),
-                    ifindex: *ifindex,
-                    hook: TcHook::Egress,
-                    program: program_name::COPY_EGRESS,
-                },
-                AttachMode::Netlink,
-                *nl_priority,
-                *nl_handle,
-            )
-            .await
+            kernel
+                .detach_program(
+                    tc::Filter {
+                        name: &format!("session {id}'s target"),
+                        ifindex: *ifindex,
+                        hook: TcHook::Egress,
+                        program: program_name::COPY_EGRESS,
+                    },
+                    AttachMode::Netlink,
+                    *nl_priority,
+                    *nl_handle,
+                )
+                .await
         }
         DetachStep::RemoveClsactIfUnused { tap_ifindex, tap_name } => {
-            tc::remove_clsact_if_unused(&kernel.netlink, tap_name, *tap_ifindex).await
+            kernel.remove_clsact_if_unused(tap_name, *tap_ifindex).await
         }
         DetachStep::ForgetTap { tap_ifindex } => maps.remove_tap(*tap_ifindex),
         DetachStep::DeleteGreDevice { id, direction, ifindex, name } => {
-            gre::delete(&kernel.netlink, *ifindex, name, &gre_device_alias(*id, *direction)).await
+            kernel.delete_gre_device(*ifindex, name, &gre_device_alias(*id, *direction)).await
         }
         DetachStep::FreeSession { id } => maps.set_session(*id, &SessionConfig::EMPTY),
-        DetachStep::RemovePins => maps::remove_pins(&kernel.paths),
+        DetachStep::RemovePins => kernel.remove_pins(),
     }
 }
 

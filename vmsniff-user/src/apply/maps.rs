@@ -12,7 +12,7 @@ use vmsniff_ebpf::{
     map_name,
 };
 
-use super::KernelError;
+use super::{KernelError, kernel_ops::MapOps};
 use crate::{paths::PinPaths, plan::Observed};
 
 /// The eBPF object built by build.rs.
@@ -103,33 +103,6 @@ impl PinnedMaps {
         Ok(observed)
     }
 
-    pub fn set_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
-        self.sessions.set(id, config, 0).map_err(KernelError::map(format!("writing session {id}")))
-    }
-
-    pub fn session(&self, id: u32) -> Result<SessionConfig, KernelError> {
-        self.sessions.get(&id, 0).map_err(KernelError::map(format!("reading session {id}")))
-    }
-
-    pub fn tap(&self, ifindex: u32) -> Result<Option<TapSessions>, KernelError> {
-        match self.taps.get(&ifindex, 0) {
-            Ok(tap) => Ok(Some(tap)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(KernelError::map(format!("reading tap {ifindex}"))(e)),
-        }
-    }
-
-    pub fn set_tap(&mut self, ifindex: u32, tap: &TapSessions) -> Result<(), KernelError> {
-        self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}")))
-    }
-
-    pub fn remove_tap(&mut self, ifindex: u32) -> Result<(), KernelError> {
-        match self.taps.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(KernelError::map(format!("removing tap {ifindex}"))(e)),
-        }
-    }
-
     /// A session's counters for one direction, summed over the CPUs.
     pub fn counters(&self, id: u32, direction: Direction) -> Result<DirectionCounters, KernelError> {
         let per_cpu = self
@@ -143,27 +116,54 @@ impl PinnedMaps {
         Ok(total)
     }
 
-    /// Writes one of a session's two filter slots.
-    pub fn set_filter(&mut self, id: u32, slot: u32, filter: &Filter) -> Result<(), KernelError> {
-        self.filters
-            .set(filter_index(id, slot), filter, 0)
-            .map_err(KernelError::map(format!("writing session {id}'s filter")))
-    }
-
     pub fn filter(&self, id: u32, slot: u32) -> Result<Filter, KernelError> {
         self.filters
             .get(&filter_index(id, slot), 0)
             .map_err(KernelError::map(format!("reading session {id}'s filter")))
     }
+}
 
-    /// Empties a session's token bucket record: the next copy starts with a full bucket.
-    pub fn reset_rate(&mut self, id: u32) -> Result<(), KernelError> {
+impl MapOps for PinnedMaps {
+    fn set_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
+        self.sessions.set(id, config, 0).map_err(KernelError::map(format!("writing session {id}")))
+    }
+
+    fn session(&self, id: u32) -> Result<SessionConfig, KernelError> {
+        self.sessions.get(&id, 0).map_err(KernelError::map(format!("reading session {id}")))
+    }
+
+    fn tap(&self, ifindex: u32) -> Result<Option<TapSessions>, KernelError> {
+        match self.taps.get(&ifindex, 0) {
+            Ok(tap) => Ok(Some(tap)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(KernelError::map(format!("reading tap {ifindex}"))(e)),
+        }
+    }
+
+    fn set_tap(&mut self, ifindex: u32, tap: &TapSessions) -> Result<(), KernelError> {
+        self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}")))
+    }
+
+    fn remove_tap(&mut self, ifindex: u32) -> Result<(), KernelError> {
+        match self.taps.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(KernelError::map(format!("removing tap {ifindex}"))(e)),
+        }
+    }
+
+    fn set_filter(&mut self, id: u32, slot: u32, filter: &Filter) -> Result<(), KernelError> {
+        self.filters
+            .set(filter_index(id, slot), filter, 0)
+            .map_err(KernelError::map(format!("writing session {id}'s filter")))
+    }
+
+    fn reset_rate(&mut self, id: u32) -> Result<(), KernelError> {
         self.rate
             .set(id, TokenBucket::default(), 0)
             .map_err(KernelError::map(format!("resetting session {id}'s rate limit")))
     }
 
-    pub fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
+    fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
         let cpus = nr_cpus().map_err(|(what, e)| KernelError::io(format!("counting CPUs ({what})"))(e))?;
         for direction in Direction::ALL {
             let zero = PerCpuValues::try_from(vec![DirectionCounters::default(); cpus])

@@ -4,6 +4,7 @@ pub mod bpffs;
 pub mod error;
 pub mod executor;
 pub mod gre;
+pub mod kernel_ops;
 pub mod maps;
 pub mod ovs;
 pub mod tc;
