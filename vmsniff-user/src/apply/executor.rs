@@ -2,8 +2,8 @@
 //! undone step by step in reverse, so a failed command leaves the system as it found it; a
 //! detach goes on past a failing step and reports every failure at the end.
 use vmsniff_ebpf::{
-    SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TapSessions,
-    TcHook, program_name,
+    Direction, SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT,
+    TapSessions, TcHook, program_name,
 };
 
 use super::{
@@ -15,10 +15,10 @@ use crate::{
     netlink::Netlink,
     paths::{PinPaths, gre_device_alias},
     plan::{
-        attach::{AttachPlan, AttachStep},
+        attach::{AttachPlan, AttachStep, GreDevice},
         detach::DetachStep,
         rehome::RehomePlan,
-        request::AttachMode,
+        request::{AttachMode, Tap},
         update::UpdatePlan,
     },
 };
@@ -53,159 +53,193 @@ pub async fn apply_rehome<K: KernelOps>(kernel: &K, plan: &RehomePlan) -> Result
 }
 
 async fn apply_attach_steps<K: KernelOps>(kernel: &K, steps: &[AttachStep]) -> Result<(), KernelError> {
-    let mut programs = kernel.load_programs()?;
-    let mut maps =
-        kernel.open_maps()?.ok_or_else(|| KernelError::MapsVanished { path: kernel.maps_dir() })?;
-    let mut undo: Vec<DetachStep> = Vec::new();
-    let mut session = SessionConfig::EMPTY;
+    let programs = kernel.load_programs()?;
+    let maps = kernel.open_maps()?.ok_or_else(|| KernelError::MapsVanished { path: kernel.maps_dir() })?;
+    let mut attach = Attach { kernel, programs, maps, session: SessionConfig::EMPTY, undo: Vec::new() };
     for step in steps {
-        let result = apply_attach_step(kernel, &mut programs, &mut maps, step, &mut session, &mut undo).await;
-        if let Err(error) = result {
-            log::debug!("attach failed at {step:?}: undoing {} steps", undo.len());
-            for step in undo.iter().rev() {
-                if let Err(undo_error) = apply_detach_step(kernel, &mut maps, step).await {
-                    log::error!(
-                        "could not undo a step of the failed attach ({step:?}): {}",
-                        chain(&undo_error)
-                    );
-                }
-            }
+        if let Err(error) = attach.apply(step).await {
+            log::debug!("attach failed at {step:?}: undoing {} steps", attach.undo.len());
+            attach.undo().await;
             return Err(error);
         }
     }
     Ok(())
 }
 
-async fn apply_attach_step<K: KernelOps>(
-    kernel: &K,
-    programs: &mut K::Programs,
-    maps: &mut K::Maps,
-    step: &AttachStep,
-    session: &mut SessionConfig,
-    undo: &mut Vec<DetachStep>,
-) -> Result<(), KernelError> {
-    match step {
-        AttachStep::ClaimSession { id, config } => {
-            *session = *config;
-            let claimed = SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..*config };
-            maps.set_session(*id, &claimed)?;
-            undo.push(DetachStep::FreeSession { id: *id });
-        }
-        AttachStep::ResetCounters { id } => {
-            maps.reset_counters(*id)?;
-            maps.reset_rate(*id)?;
-        }
-        AttachStep::WriteFilter { id, filter } => maps.set_filter(*id, 0, filter)?,
-        AttachStep::CreateGreDevice { id, direction, device } => {
-            let ifindex = kernel.create_gre_device(device).await?;
-            session.target_ifindex[direction.index()] = ifindex;
-            undo.push(DetachStep::DeleteGreDevice {
-                id: *id,
-                direction: *direction,
-                ifindex,
-                name: device.name.clone(),
-            });
-            // Record the device at once, so that a crash from here on leaves it findable.
-            let mut claimed = maps.session(*id)?;
-            claimed.target_ifindex[direction.index()] = ifindex;
-            maps.set_session(*id, &claimed)?;
-        }
-        AttachStep::AttachCopyProgram { id, direction, device } => {
-            let d = direction.index();
-            let ifindex = session.target_ifindex[d];
-            if kernel.ensure_clsact(device, ifindex).await? {
-                session.target_flags |= TARGET_CREATED_CLSACT << d;
-                undo.push(DetachStep::RemoveClsactIfUnused {
-                    tap_ifindex: ifindex,
-                    tap_name: device.clone(),
-                });
+/// An attach under way: one function per step kind, each recording how to undo what it did
+/// as soon as it has done it, so that a failure half-way through a step is undone too.
+struct Attach<'k, K: KernelOps> {
+    kernel: &'k K,
+    programs: K::Programs,
+    maps: K::Maps,
+    /// The session's entry as the steps learn it (target ifindexes, filters, flags), written
+    /// whole on activation.
+    session: SessionConfig,
+    /// What undoes each change made so far, in the order made.
+    undo: Vec<DetachStep>,
+}
+
+impl<K: KernelOps> Attach<'_, K> {
+    async fn apply(&mut self, step: &AttachStep) -> Result<(), KernelError> {
+        match step {
+            AttachStep::ClaimSession { id, config } => self.claim_session(*id, config),
+            AttachStep::ResetCounters { id } => self.reset_counters(*id),
+            AttachStep::WriteFilter { id, filter } => self.maps.set_filter(*id, 0, filter),
+            AttachStep::CreateGreDevice { id, direction, device } => {
+                self.create_gre_device(*id, *direction, device).await
             }
-            let priority = kernel.first_priority(device, ifindex, TcHook::Egress).await?;
-            let filter = tc::Filter {
-                name: device,
-                ifindex,
-                hook: TcHook::Egress,
-                program: program_name::COPY_EGRESS,
-            };
-            let attached = kernel.attach_program(programs, filter, AttachMode::Netlink, priority)?;
-            undo.push(DetachStep::DetachCopyProgram {
-                id: *id,
-                ifindex,
-                nl_priority: attached.nl_priority,
-                nl_handle: attached.nl_handle,
-            });
-            session.target_nl_priority[d] = attached.nl_priority;
-            session.target_nl_handle[d] = attached.nl_handle;
-            // Record the filter at once, so that a crash from here on leaves it findable.
-            let mut claimed = maps.session(*id)?;
-            claimed.target_nl_priority = session.target_nl_priority;
-            claimed.target_nl_handle = session.target_nl_handle;
-            claimed.target_flags = session.target_flags;
-            maps.set_session(*id, &claimed)?;
-        }
-        AttachStep::RegisterTap { tap, mode } => {
-            let mut entry = TapSessions { attach_mode: mode.abi(), ..TapSessions::EMPTY };
-            let name = tap.name.as_bytes();
-            entry.ifname[..name.len()].copy_from_slice(name);
-            maps.set_tap(tap.ifindex, &entry)?;
-            undo.push(DetachStep::ForgetTap { tap_ifindex: tap.ifindex });
-        }
-        AttachStep::EnsureClsact { tap } => {
-            if kernel.ensure_clsact(&tap.name, tap.ifindex).await? {
-                update_tap(maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
-                undo.push(DetachStep::RemoveClsactIfUnused {
-                    tap_ifindex: tap.ifindex,
-                    tap_name: tap.name.clone(),
-                });
+            AttachStep::AttachCopyProgram { id, direction, device } => {
+                self.attach_copy_program(*id, *direction, device).await
             }
-        }
-        AttachStep::AttachProgram { tap, hook, mode } => {
-            let priority = match mode {
-                AttachMode::Netlink => kernel.first_priority(&tap.name, tap.ifindex, *hook).await?,
-                AttachMode::Tcx => 0,
-            };
-            let filter = tc::Filter {
-                name: &tap.name,
-                ifindex: tap.ifindex,
-                hook: *hook,
-                program: tc::tap_program_name(*hook),
-            };
-            let attached = kernel.attach_program(programs, filter, *mode, priority)?;
-            undo.push(DetachStep::DetachProgram {
-                tap_ifindex: tap.ifindex,
-                tap_name: tap.name.clone(),
-                hook: *hook,
-                mode: *mode,
-                nl_priority: attached.nl_priority,
-                nl_handle: attached.nl_handle,
-            });
-            update_tap(maps, tap.ifindex, |entry| {
-                entry.nl_priority[hook.index()] = attached.nl_priority;
-                entry.nl_handle[hook.index()] = attached.nl_handle;
-            })?;
-        }
-        AttachStep::ActivateSession { id } => {
-            let active = SessionConfig { state: SESSION_ACTIVE, ..*session };
-            maps.set_session(*id, &active)?;
-            undo.push(DetachStep::DeactivateSession { id: *id });
-        }
-        AttachStep::AddToTap { tap, id } => {
-            let mut full = false;
-            update_tap(maps, tap.ifindex, |entry| match entry.ids.iter().position(|&slot| slot == 0) {
-                Some(slot) => entry.ids[slot] = *id as u16,
-                None => full = true,
-            })?;
-            if full {
-                return Err(KernelError::TapSlotsTaken { tap: tap.name.clone() });
-            }
-            undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![*id] });
-        }
-        AttachStep::MoveSession { id, tap_ifindex } => {
-            let moved = SessionConfig { tap_ifindex: *tap_ifindex, ..maps.session(*id)? };
-            maps.set_session(*id, &moved)?;
+            AttachStep::RegisterTap { tap, mode } => self.register_tap(tap, *mode),
+            AttachStep::EnsureClsact { tap } => self.ensure_clsact(tap).await,
+            AttachStep::AttachProgram { tap, hook, mode } => self.attach_program(tap, *hook, *mode).await,
+            AttachStep::ActivateSession { id } => self.activate_session(*id),
+            AttachStep::AddToTap { tap, id } => self.add_to_tap(tap, *id),
+            AttachStep::MoveSession { id, tap_ifindex } => self.move_session(*id, *tap_ifindex),
         }
     }
-    Ok(())
+
+    /// Undoes every change, last first. The caller reports the error that stopped the attach,
+    /// so a failure here is logged and the rest is undone still.
+    async fn undo(mut self) {
+        for step in self.undo.iter().rev() {
+            if let Err(error) = apply_detach_step(self.kernel, &mut self.maps, step).await {
+                log::error!("could not undo a step of the failed attach ({step:?}): {}", chain(&error));
+            }
+        }
+    }
+
+    fn claim_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
+        self.session = *config;
+        let claimed = SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..*config };
+        self.maps.set_session(id, &claimed)?;
+        self.undo.push(DetachStep::FreeSession { id });
+        Ok(())
+    }
+
+    fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
+        self.maps.reset_counters(id)?;
+        self.maps.reset_rate(id)
+    }
+
+    async fn create_gre_device(
+        &mut self,
+        id: u32,
+        direction: Direction,
+        device: &GreDevice,
+    ) -> Result<(), KernelError> {
+        let ifindex = self.kernel.create_gre_device(device).await?;
+        self.session.target_ifindex[direction.index()] = ifindex;
+        self.undo.push(DetachStep::DeleteGreDevice { id, direction, ifindex, name: device.name.clone() });
+        // Record the device at once, so that a crash from here on leaves it findable.
+        let mut claimed = self.maps.session(id)?;
+        claimed.target_ifindex[direction.index()] = ifindex;
+        self.maps.set_session(id, &claimed)
+    }
+
+    async fn attach_copy_program(
+        &mut self,
+        id: u32,
+        direction: Direction,
+        device: &str,
+    ) -> Result<(), KernelError> {
+        let d = direction.index();
+        let ifindex = self.session.target_ifindex[d];
+        if self.kernel.ensure_clsact(device, ifindex).await? {
+            self.session.target_flags |= TARGET_CREATED_CLSACT << d;
+            self.undo
+                .push(DetachStep::RemoveClsactIfUnused { tap_ifindex: ifindex, tap_name: device.to_owned() });
+        }
+        let priority = self.kernel.first_priority(device, ifindex, TcHook::Egress).await?;
+        let filter =
+            tc::Filter { name: device, ifindex, hook: TcHook::Egress, program: program_name::COPY_EGRESS };
+        let attached =
+            self.kernel.attach_program(&mut self.programs, filter, AttachMode::Netlink, priority)?;
+        self.undo.push(DetachStep::DetachCopyProgram {
+            id,
+            ifindex,
+            nl_priority: attached.nl_priority,
+            nl_handle: attached.nl_handle,
+        });
+        self.session.target_nl_priority[d] = attached.nl_priority;
+        self.session.target_nl_handle[d] = attached.nl_handle;
+        // Record the filter at once, so that a crash from here on leaves it findable.
+        let mut claimed = self.maps.session(id)?;
+        claimed.target_nl_priority = self.session.target_nl_priority;
+        claimed.target_nl_handle = self.session.target_nl_handle;
+        claimed.target_flags = self.session.target_flags;
+        self.maps.set_session(id, &claimed)
+    }
+
+    fn register_tap(&mut self, tap: &Tap, mode: AttachMode) -> Result<(), KernelError> {
+        let mut entry = TapSessions { attach_mode: mode.abi(), ..TapSessions::EMPTY };
+        let name = tap.name.as_bytes();
+        entry.ifname[..name.len()].copy_from_slice(name);
+        self.maps.set_tap(tap.ifindex, &entry)?;
+        self.undo.push(DetachStep::ForgetTap { tap_ifindex: tap.ifindex });
+        Ok(())
+    }
+
+    async fn ensure_clsact(&mut self, tap: &Tap) -> Result<(), KernelError> {
+        if self.kernel.ensure_clsact(&tap.name, tap.ifindex).await? {
+            update_tap(&mut self.maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
+            self.undo.push(DetachStep::RemoveClsactIfUnused {
+                tap_ifindex: tap.ifindex,
+                tap_name: tap.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn attach_program(&mut self, tap: &Tap, hook: TcHook, mode: AttachMode) -> Result<(), KernelError> {
+        let priority = match mode {
+            AttachMode::Netlink => self.kernel.first_priority(&tap.name, tap.ifindex, hook).await?,
+            AttachMode::Tcx => 0,
+        };
+        let filter =
+            tc::Filter { name: &tap.name, ifindex: tap.ifindex, hook, program: tc::tap_program_name(hook) };
+        let attached = self.kernel.attach_program(&mut self.programs, filter, mode, priority)?;
+        self.undo.push(DetachStep::DetachProgram {
+            tap_ifindex: tap.ifindex,
+            tap_name: tap.name.clone(),
+            hook,
+            mode,
+            nl_priority: attached.nl_priority,
+            nl_handle: attached.nl_handle,
+        });
+        update_tap(&mut self.maps, tap.ifindex, |entry| {
+            entry.nl_priority[hook.index()] = attached.nl_priority;
+            entry.nl_handle[hook.index()] = attached.nl_handle;
+        })
+    }
+
+    fn activate_session(&mut self, id: u32) -> Result<(), KernelError> {
+        let active = SessionConfig { state: SESSION_ACTIVE, ..self.session };
+        self.maps.set_session(id, &active)?;
+        self.undo.push(DetachStep::DeactivateSession { id });
+        Ok(())
+    }
+
+    fn add_to_tap(&mut self, tap: &Tap, id: u32) -> Result<(), KernelError> {
+        let mut full = false;
+        update_tap(&mut self.maps, tap.ifindex, |entry| {
+            match entry.ids.iter().position(|&slot| slot == 0) {
+                Some(slot) => entry.ids[slot] = id as u16,
+                None => full = true,
+            }
+        })?;
+        if full {
+            return Err(KernelError::TapSlotsTaken { tap: tap.name.clone() });
+        }
+        self.undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![id] });
+        Ok(())
+    }
+
+    fn move_session(&mut self, id: u32, tap_ifindex: u32) -> Result<(), KernelError> {
+        let moved = SessionConfig { tap_ifindex, ..self.maps.session(id)? };
+        self.maps.set_session(id, &moved)
+    }
 }
 
 fn update_tap(
