@@ -368,3 +368,527 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, net::Ipv4Addr};
+
+    use vmsniff_ebpf::{
+        ATTACH_NETLINK, SESSION_FREE,
+        program_name::{COPY_EGRESS, TAP_EGRESS, TAP_INGRESS},
+    };
+
+    use super::*;
+    use crate::{
+        apply::fake::{Call, Fake},
+        plan::{
+            Observed,
+            attach::plan_attach,
+            controls::{Controls, parse_rate_limit},
+            detach::plan_detach,
+            filter::compile,
+            rehome::plan_rehome,
+            request::{AttachModeChoice, AttachRequest, Directions, Owner, Target},
+            update::{ControlChange, plan_update},
+        },
+        wire::Encap,
+    };
+
+    fn run<T>(future: impl Future<Output = T>) -> T {
+        futures::executor::block_on(future)
+    }
+
+    fn set_session(id: u32, state: u32) -> Call {
+        Call::SetSession { id, state }
+    }
+
+    fn set_tap(ifindex: u32, ids: &[u16]) -> Call {
+        Call::SetTap { ifindex, ids: ids.to_vec() }
+    }
+
+    fn create_gre(name: &str) -> Call {
+        Call::CreateGreDevice { name: name.into() }
+    }
+
+    fn delete_gre(ifindex: u32, name: &str) -> Call {
+        Call::DeleteGreDevice { ifindex, name: name.into() }
+    }
+
+    fn attach(program: &str, ifindex: u32, hook: TcHook) -> Call {
+        Call::AttachProgram { program: program.into(), ifindex, hook }
+    }
+
+    fn detach(program: &str, ifindex: u32, hook: TcHook) -> Call {
+        Call::DetachProgram { program: program.into(), ifindex, hook }
+    }
+
+    fn clsact(ifindex: u32) -> Call {
+        Call::EnsureClsact { ifindex }
+    }
+
+    fn remove_clsact(ifindex: u32) -> Call {
+        Call::RemoveClsactIfUnused { ifindex }
+    }
+
+    fn remove_tap(ifindex: u32) -> Call {
+        Call::RemoveTap { ifindex }
+    }
+
+    // Attach: session 1 on tap0 (ifindex 7) to a GRE collector, both directions, a filter,
+    // netlink: every step kind but MoveSession. The fake gives the GRE devices ifindexes 100
+    // (vms1-out) and 101 (vms1-in).
+
+    fn gre_attach(observed: &Observed) -> AttachPlan {
+        let request = AttachRequest {
+            tap: Tap { ifindex: 7, name: "tap0".into() },
+            target: Target::Gre { remote: Ipv4Addr::new(192, 0, 2, 10), ttl: 64, tos: 0, encap: Encap::Gre },
+            key: None,
+            directions: Directions::Both,
+            controls: Controls { filter: Some(compile("tcp").unwrap()), ..Controls::default() },
+            mode: AttachModeChoice::Netlink,
+            tcx_supported: false,
+            owner: Owner::Persistent,
+            now: 1_700_000_000,
+        };
+        plan_attach(&request, observed).unwrap()
+    }
+
+    /// Attaches in a new namespace whose kernel fails the calls `fails` picks; checks that the
+    /// first failure is the error returned, and returns the calls made after it.
+    fn undone_after_failed_attach(fails: impl Fn(&Call) -> bool + 'static) -> Vec<Call> {
+        let fake = Fake::new(&Observed::default(), fails);
+        let error = run(apply_attach(&fake, &gre_attach(&Observed::default()))).unwrap_err();
+        let (_, failed, undone) = fake.split_at_failure();
+        assert_eq!(error.to_string(), format!("{failed:?}"), "the first failure is the one returned");
+        undone
+    }
+
+    /// What undoes the session's claim and its two GRE devices with their copy programs.
+    fn session_undone() -> Vec<Call> {
+        vec![
+            detach(COPY_EGRESS, 101, TcHook::Egress),
+            remove_clsact(101),
+            detach(COPY_EGRESS, 100, TcHook::Egress),
+            remove_clsact(100),
+            delete_gre(101, "vms1-in"),
+            delete_gre(100, "vms1-out"),
+            set_session(1, SESSION_FREE),
+        ]
+    }
+
+    #[test]
+    fn attach_failing_to_load_the_programs_removes_the_new_pins() {
+        assert_eq!(undone_after_failed_attach(|c| *c == Call::LoadPrograms), [Call::RemovePins]);
+    }
+
+    #[test]
+    fn attach_failing_at_claim_session_undoes_nothing_but_the_pins() {
+        assert_eq!(undone_after_failed_attach(|c| *c == set_session(1, SESSION_BUSY)), [Call::RemovePins]);
+    }
+
+    #[test]
+    fn attach_failing_at_reset_counters_frees_the_session() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == Call::ResetCounters { id: 1 }),
+            [set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_write_filter_frees_the_session() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == Call::SetFilter { id: 1, slot: 0 }),
+            [set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_create_gre_device_out_frees_the_session() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == create_gre("vms1-out")),
+            [set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_create_gre_device_in_deletes_the_out_device() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == create_gre("vms1-in")),
+            [delete_gre(100, "vms1-out"), set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_attach_copy_program_removes_the_clsact_it_added_there() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == attach(COPY_EGRESS, 101, TcHook::Egress)),
+            [
+                remove_clsact(101),
+                detach(COPY_EGRESS, 100, TcHook::Egress),
+                remove_clsact(100),
+                delete_gre(101, "vms1-in"),
+                delete_gre(100, "vms1-out"),
+                set_session(1, SESSION_FREE),
+                Call::RemovePins,
+            ]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_register_tap_undoes_the_targets() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == set_tap(7, &[])),
+            [session_undone(), vec![Call::RemovePins]].concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_ensure_clsact_forgets_the_tap() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == clsact(7)),
+            [vec![remove_tap(7)], session_undone(), vec![Call::RemovePins]].concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_attach_tap_program_ingress_removes_the_tap_clsact() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == attach(TAP_INGRESS, 7, TcHook::Ingress)),
+            [vec![remove_clsact(7), remove_tap(7)], session_undone(), vec![Call::RemovePins]].concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_attach_tap_program_egress_detaches_the_ingress_one() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == attach(TAP_EGRESS, 7, TcHook::Egress)),
+            [
+                vec![detach(TAP_INGRESS, 7, TcHook::Ingress), remove_clsact(7), remove_tap(7)],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_activate_session_detaches_both_tap_programs() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == set_session(1, SESSION_ACTIVE)),
+            [
+                vec![
+                    detach(TAP_EGRESS, 7, TcHook::Egress),
+                    detach(TAP_INGRESS, 7, TcHook::Ingress),
+                    remove_clsact(7),
+                    remove_tap(7),
+                ],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_add_to_tap_deactivates_the_session_first() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == set_tap(7, &[1])),
+            [
+                vec![
+                    set_session(1, SESSION_BUSY),
+                    detach(TAP_EGRESS, 7, TcHook::Egress),
+                    detach(TAP_INGRESS, 7, TcHook::Ingress),
+                    remove_clsact(7),
+                    remove_tap(7),
+                ],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_returns_its_first_error_and_undoes_the_rest_when_an_undo_step_fails() {
+        let failing = [attach(TAP_EGRESS, 7, TcHook::Egress), detach(TAP_INGRESS, 7, TcHook::Ingress)];
+        assert_eq!(
+            undone_after_failed_attach(move |c| failing.contains(c)),
+            [
+                vec![detach(TAP_INGRESS, 7, TcHook::Ingress), remove_clsact(7), remove_tap(7)],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_to_a_tap_whose_slots_were_taken_meanwhile_is_undone_and_keeps_the_pins() {
+        let on_tap = |ids: std::ops::RangeInclusive<u16>| {
+            let mut observed = Observed::default();
+            let mut tap = TapSessions { attach_mode: ATTACH_NETLINK, ..TapSessions::EMPTY };
+            for (slot, id) in ids.enumerate() {
+                tap.ids[slot] = id;
+                let session = SessionConfig { state: SESSION_ACTIVE, tap_ifindex: 7, ..SessionConfig::EMPTY };
+                observed.sessions.insert(u32::from(id), session);
+            }
+            observed.taps.insert(7, tap);
+            observed
+        };
+        // Planned with one slot free; another process took it before the apply.
+        let plan = gre_attach(&on_tap(2..=8));
+        let fake = Fake::new(&on_tap(2..=9), |_| false);
+        let error = run(apply_attach(&fake, &plan)).unwrap_err();
+        assert!(matches!(&error, KernelError::TapSlotsTaken { tap } if tap == "tap0"), "{error:?}");
+        let calls = fake.calls();
+        let full = calls.iter().position(|c| *c == set_tap(7, &[2, 3, 4, 5, 6, 7, 8, 9])).unwrap();
+        assert_eq!(calls[full + 1..], [vec![set_session(1, SESSION_BUSY)], session_undone()].concat());
+    }
+
+    // Rehome: session 3 moves from tap 7 (netlink, with the clsact vmsniff added) to the
+    // recreated tap, ifindex 12: every step kind a rehome has.
+
+    fn on_old_tap() -> Observed {
+        let mut observed = Observed::default();
+        observed
+            .sessions
+            .insert(3, SessionConfig { state: SESSION_ACTIVE, tap_ifindex: 7, ..SessionConfig::EMPTY });
+        let mut tap =
+            TapSessions { attach_mode: ATTACH_NETLINK, flags: TAP_CREATED_CLSACT, ..TapSessions::EMPTY };
+        tap.ids[0] = 3;
+        tap.ifname[..5].copy_from_slice(b"tapvm");
+        observed.taps.insert(7, tap);
+        observed
+    }
+
+    fn rehome(fails: impl Fn(&Call) -> bool + 'static) -> (Fake, Result<(), KernelError>) {
+        let observed = on_old_tap();
+        let tap = Tap { ifindex: 12, name: "tapvm".into() };
+        let plan = plan_rehome(3, &tap, AttachModeChoice::Netlink, false, &observed).unwrap().unwrap();
+        let fake = Fake::new(&observed, fails);
+        let result = run(apply_rehome(&fake, &plan));
+        (fake, result)
+    }
+
+    /// Rehomes with the calls `fails` picks failing; checks that the first failure is the
+    /// error returned, and returns the calls made after it.
+    fn undone_after_failed_rehome(fails: impl Fn(&Call) -> bool + 'static) -> Vec<Call> {
+        let (fake, result) = rehome(fails);
+        let (_, failed, undone) = fake.split_at_failure();
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!("{failed:?}"),
+            "the first failure is the one returned"
+        );
+        undone
+    }
+
+    #[test]
+    fn rehome_releases_the_old_tap_then_attaches_to_the_new_one() {
+        let (fake, result) = rehome(|_| false);
+        result.unwrap();
+        assert_eq!(
+            fake.calls(),
+            [
+                detach(TAP_INGRESS, 7, TcHook::Ingress),
+                detach(TAP_EGRESS, 7, TcHook::Egress),
+                remove_clsact(7),
+                remove_tap(7),
+                Call::LoadPrograms,
+                set_tap(12, &[]),
+                clsact(12),
+                set_tap(12, &[]),
+                attach(TAP_INGRESS, 12, TcHook::Ingress),
+                set_tap(12, &[]),
+                attach(TAP_EGRESS, 12, TcHook::Egress),
+                set_tap(12, &[]),
+                set_tap(12, &[3]),
+                set_session(3, SESSION_ACTIVE),
+            ]
+        );
+    }
+
+    #[test]
+    fn rehome_goes_on_past_a_failing_release_of_the_old_tap() {
+        let (fake, result) = rehome(|c| *c == detach(TAP_INGRESS, 7, TcHook::Ingress));
+        result.unwrap();
+        let (_, _, after) = fake.split_at_failure();
+        assert_eq!(after[..3], [detach(TAP_EGRESS, 7, TcHook::Egress), remove_clsact(7), remove_tap(7)]);
+        assert_eq!(after.last(), Some(&set_session(3, SESSION_ACTIVE)));
+    }
+
+    #[test]
+    fn rehome_failing_at_register_tap_undoes_nothing() {
+        assert_eq!(undone_after_failed_rehome(|c| *c == set_tap(12, &[])), []);
+    }
+
+    #[test]
+    fn rehome_failing_at_ensure_clsact_forgets_the_new_tap() {
+        assert_eq!(undone_after_failed_rehome(|c| *c == clsact(12)), [remove_tap(12)]);
+    }
+
+    #[test]
+    fn rehome_failing_at_attach_tap_program_ingress_removes_the_clsact() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == attach(TAP_INGRESS, 12, TcHook::Ingress)),
+            [remove_clsact(12), remove_tap(12)]
+        );
+    }
+
+    #[test]
+    fn rehome_failing_at_attach_tap_program_egress_detaches_the_ingress_one() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == attach(TAP_EGRESS, 12, TcHook::Egress)),
+            [detach(TAP_INGRESS, 12, TcHook::Ingress), remove_clsact(12), remove_tap(12)]
+        );
+    }
+
+    #[test]
+    fn rehome_failing_at_add_to_tap_detaches_both_programs() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == set_tap(12, &[3])),
+            [
+                detach(TAP_EGRESS, 12, TcHook::Egress),
+                detach(TAP_INGRESS, 12, TcHook::Ingress),
+                remove_clsact(12),
+                remove_tap(12),
+            ]
+        );
+    }
+
+    #[test]
+    fn rehome_failing_at_move_session_takes_the_session_off_the_new_tap() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == set_session(3, SESSION_ACTIVE)),
+            [
+                set_tap(12, &[]),
+                detach(TAP_EGRESS, 12, TcHook::Egress),
+                detach(TAP_INGRESS, 12, TcHook::Ingress),
+                remove_clsact(12),
+                remove_tap(12),
+            ]
+        );
+    }
+
+    // Update: session 3 gets a filter and a rate limit: a filter slot, the switch, the bucket.
+    // Nothing is undone: before the switch the programs read nothing that changed.
+
+    /// Updates with the calls `fails` picks failing; checks that the first failure is the
+    /// error returned, and returns every call made.
+    fn calls_of_failed_update(fails: impl Fn(&Call) -> bool + 'static) -> Vec<Call> {
+        let current = SessionConfig { state: SESSION_ACTIVE, sample_every: 1, ..SessionConfig::EMPTY };
+        let change = ControlChange {
+            filter: Some(Some(compile("tcp").unwrap())),
+            rate_limit: Some(Some(parse_rate_limit("100pps").unwrap())),
+            ..ControlChange::default()
+        };
+        let plan = plan_update(3, &current, &change).unwrap();
+        let mut observed = Observed::default();
+        observed.sessions.insert(3, current);
+        let fake = Fake::new(&observed, fails);
+        let error = apply_update(&fake, &plan).unwrap_err();
+        let (_, failed, _) = fake.split_at_failure();
+        assert_eq!(error.to_string(), format!("{failed:?}"), "the first failure is the one returned");
+        fake.calls()
+    }
+
+    #[test]
+    fn update_failing_at_the_filter_write_never_switches() {
+        let fails = |c: &Call| *c == Call::SetFilter { id: 3, slot: 0 };
+        assert_eq!(calls_of_failed_update(fails), [Call::SetFilter { id: 3, slot: 0 }]);
+    }
+
+    #[test]
+    fn update_failing_at_the_switch_leaves_the_bucket() {
+        assert_eq!(
+            calls_of_failed_update(|c| *c == set_session(3, SESSION_ACTIVE)),
+            [Call::SetFilter { id: 3, slot: 0 }, set_session(3, SESSION_ACTIVE)]
+        );
+    }
+
+    #[test]
+    fn update_failing_at_the_rate_reset_keeps_the_switch() {
+        assert_eq!(
+            calls_of_failed_update(|c| *c == Call::ResetRate { id: 3 }),
+            [Call::SetFilter { id: 3, slot: 0 }, set_session(3, SESSION_ACTIVE), Call::ResetRate { id: 3 }]
+        );
+    }
+
+    #[test]
+    fn update_without_pinned_maps_says_so() {
+        let plan = plan_update(
+            3,
+            &SessionConfig { state: SESSION_ACTIVE, ..SessionConfig::EMPTY },
+            &ControlChange::default(),
+        )
+        .unwrap();
+        let fake = Fake::new(&Observed::default(), |_| false);
+        let error = apply_update(&fake, &plan).unwrap_err();
+        assert!(matches!(error, KernelError::NoPinnedMaps { .. }), "{error:?}");
+        assert_eq!(fake.calls(), []);
+    }
+
+    // Detach.
+
+    #[test]
+    fn detach_goes_on_past_failing_steps_and_reports_each() {
+        let attached = Fake::new(&Observed::default(), |_| false);
+        run(apply_attach(&attached, &gre_attach(&Observed::default()))).unwrap();
+        let observed = attached.observed();
+        let steps = plan_detach(&BTreeSet::from([1]), &observed);
+        let failing = [detach(TAP_INGRESS, 7, TcHook::Ingress), delete_gre(100, "vms1-out")];
+        let fake = Fake::new(&observed, move |c| failing.contains(c));
+
+        let failures = run(apply_detach(&fake, &steps));
+
+        assert_eq!(
+            fake.calls(),
+            [
+                set_session(1, SESSION_BUSY),
+                detach(TAP_INGRESS, 7, TcHook::Ingress),
+                detach(TAP_EGRESS, 7, TcHook::Egress),
+                remove_clsact(7),
+                remove_tap(7),
+                delete_gre(100, "vms1-out"),
+                delete_gre(101, "vms1-in"),
+                set_session(1, SESSION_FREE),
+                Call::RemovePins,
+            ]
+        );
+        let reported: Vec<(DetachStep, String)> =
+            failures.iter().map(|(step, error)| (step.clone(), error.to_string())).collect();
+        assert_eq!(
+            reported,
+            [
+                (
+                    DetachStep::DetachProgram {
+                        tap_ifindex: 7,
+                        tap_name: "tap0".into(),
+                        hook: TcHook::Ingress,
+                        mode: AttachMode::Netlink,
+                        nl_priority: 49152,
+                        nl_handle: 1,
+                    },
+                    format!("{:?}", detach(TAP_INGRESS, 7, TcHook::Ingress)),
+                ),
+                (
+                    DetachStep::DeleteGreDevice {
+                        id: 1,
+                        direction: Direction::Out,
+                        ifindex: 100,
+                        name: "vms1-out".into(),
+                    },
+                    format!("{:?}", delete_gre(100, "vms1-out")),
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn detach_without_pinned_maps_does_nothing() {
+        let steps = [DetachStep::FreeSession { id: 1 }, DetachStep::RemovePins];
+        let fake = Fake::new(&Observed::default(), |_| false);
+        assert!(run(apply_detach(&fake, &steps)).is_empty());
+        assert_eq!(fake.calls(), []);
+    }
+}

@@ -3,6 +3,8 @@
 pub mod bpffs;
 pub mod error;
 pub mod executor;
+#[cfg(test)]
+mod fake;
 pub mod gre;
 pub mod kernel_ops;
 pub mod maps;
