@@ -1,6 +1,6 @@
 //! The kernel operations the executor performs, behind two traits, so that its undo paths can
-//! be unit-tested against a recording fake without root (as aya fakes its syscalls in
-//! `sys/fake.rs`). The real implementations: `Kernel` and `PinnedMaps`.
+//! be unit-tested without root against a recording fake (`fake.rs`). The real
+//! implementations: `Kernel` and `PinnedMaps`.
 use std::path::PathBuf;
 
 use aya::programs::SchedClassifier;

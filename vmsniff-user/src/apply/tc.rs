@@ -141,14 +141,14 @@ pub fn attach(
 }
 
 /// Which of vmsniff's programs to attach or detach, where.
-#[derive(Clone, Copy, Debug)]
 pub struct Filter<'a> {
     /// The interface's name (when detaching: its name when attached, for messages; it may have
     /// been renamed since).
     pub name: &'a str,
     pub ifindex: u32,
     pub hook: TcHook,
-    /// The program the filter must run to be vmsniff's.
+    /// The program attached there (when detaching: the one the filter must run to be
+    /// vmsniff's).
     pub program: &'a str,
 }
 
