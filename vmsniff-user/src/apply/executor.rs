@@ -1,24 +1,23 @@
 //! The one executor: runs a plan's steps against the kernel. An attach that fails half-way is
 //! undone step by step in reverse, so a failed command leaves the system as it found it; a
 //! detach goes on past a failing step and reports every failure at the end.
-use crate::model::error::chain;
-use aya::programs::SchedClassifier;
 use vmsniff_ebpf::{
-    SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TapSessions,
-    TcHook, program_name,
+    Direction, SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT,
+    TapSessions, TcHook, program_name,
 };
 
+use crate::model::error::chain;
 use crate::{
-    apply::{gre, tc},
-    sys::{
-        KernelError,
-        maps::{self, PinnedMaps},
+    apply::{
+        kernel_ops::{KernelOps, MapOps},
+        tc,
     },
+    sys::KernelError,
 };
 use crate::{
-    model::mirror::AttachMode,
+    model::mirror::{AttachMode, Tap},
     plan::{
-        attach::{AttachPlan, AttachStep},
+        attach::{AttachPlan, AttachStep, GreDevice},
         detach::DetachStep,
         rehome::RehomePlan,
         update::UpdatePlan,
@@ -36,13 +35,13 @@ pub struct Kernel {
 }
 
 /// Applies an attach plan; on failure undoes what it did and returns the first error.
-pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), KernelError> {
-    let had_state = PinnedMaps::open(&kernel.paths)?.is_some();
+pub async fn apply_attach<K: KernelOps>(kernel: &K, plan: &AttachPlan) -> Result<(), KernelError> {
+    let had_state = kernel.open_maps()?.is_some();
     let result = apply_attach_steps(kernel, &plan.steps).await;
     if result.is_err() && !had_state {
         // This attach made the namespace's pins (maps, maybe link pins): with its steps undone,
         // nothing else uses them.
-        if let Err(e) = maps::remove_pins(&kernel.paths) {
+        if let Err(e) = kernel.remove_pins() {
             log::error!("could not remove the pins of the failed attach: {}", chain(&e));
         }
     }
@@ -51,283 +50,205 @@ pub async fn apply_attach(kernel: &Kernel, plan: &AttachPlan) -> Result<(), Kern
 
 /// Applies a re-home: forgets the old tap (best effort: it is gone, and what is left of it
 /// only costs a map entry), then attaches to the new one, undone on failure.
-pub async fn apply_rehome(kernel: &Kernel, plan: &RehomePlan) -> Result<(), KernelError> {
+pub async fn apply_rehome<K: KernelOps>(kernel: &K, plan: &RehomePlan) -> Result<(), KernelError> {
     for (step, error) in apply_detach(kernel, &plan.release).await {
         log::warn!("session {}: could not clean up its old tap ({step:?}): {}", plan.id, chain(&error));
     }
     apply_attach_steps(kernel, &plan.attach).await
 }
 
-async fn apply_attach_steps(kernel: &Kernel, steps: &[AttachStep]) -> Result<(), KernelError> {
-    let mut ebpf = Programs::new(&kernel.paths)?;
-    let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
-        op: format!(
-            "vmsniff's maps are not pinned under {} after loading",
-            kernel.paths.maps_dir().display()
-        ),
-        source: std::io::Error::from_raw_os_error(libc::ENOENT),
-    })?;
-    let mut undo: Vec<DetachStep> = Vec::new();
-    let mut session = SessionConfig::EMPTY;
+async fn apply_attach_steps<K: KernelOps>(kernel: &K, steps: &[AttachStep]) -> Result<(), KernelError> {
+    let programs = kernel.load_programs()?;
+    let maps = kernel.open_maps()?.ok_or_else(|| KernelError::MapsVanished { path: kernel.maps_dir() })?;
+    let mut attach = Attach { kernel, programs, maps, session: SessionConfig::EMPTY, undo: Vec::new() };
     for step in steps {
-        let result = apply_attach_step(kernel, &mut ebpf, &mut maps, step, &mut session, &mut undo).await;
-        if let Err(error) = result {
-            log::debug!("attach failed at {step:?}: undoing {} steps", undo.len());
-            for step in undo.iter().rev() {
-                if let Err(undo_error) = apply_detach_step(kernel, &mut maps, step).await {
-                    log::error!(
-                        "could not undo a step of the failed attach ({step:?}): {}",
-                        chain(&undo_error)
-                    );
-                }
-            }
+        if let Err(error) = attach.apply(step).await {
+            log::debug!("attach failed at {step:?}: undoing {} steps", attach.undo.len());
+            attach.undo().await;
             return Err(error);
         }
     }
     Ok(())
 }
 
-async fn apply_attach_step(
-    kernel: &Kernel,
-    ebpf: &mut Programs<'_>,
-    maps: &mut PinnedMaps,
-    step: &AttachStep,
-    session: &mut SessionConfig,
-    undo: &mut Vec<DetachStep>,
-) -> Result<(), KernelError> {
-    match step {
-        AttachStep::ClaimSession { id, config } => {
-            *session = *config;
-            let claimed = SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..*config };
-            maps.set_session(*id, &claimed)?;
-            undo.push(DetachStep::FreeSession { id: *id });
-        }
-        AttachStep::ResetCounters { id } => {
-            maps.reset_counters(*id)?;
-            maps.reset_rate(*id)?;
-        }
-        AttachStep::WriteFilter { id, filter } => maps.set_filter(*id, 0, filter)?,
-        AttachStep::CreateGreDevice { id, direction, device } => {
-            let ifindex = gre::create(&kernel.netlink, device).await?;
-            session.target_ifindex[direction.index()] = ifindex;
-            undo.push(DetachStep::DeleteGreDevice {
-                id: *id,
-                direction: *direction,
-                ifindex,
-                name: device.name.clone(),
-            });
-            // Record the device at once, so that a crash from here on leaves it findable.
-            let mut claimed = maps.session(*id)?;
-            claimed.target_ifindex[direction.index()] = ifindex;
-            maps.set_session(*id, &claimed)?;
-        }
-        AttachStep::AttachCopyProgram { id, direction, device } => {
-            let d = direction.index();
-            let ifindex = session.target_ifindex[d];
-            if tc::ensure_clsact(&kernel.netlink, device, ifindex).await? {
-                session.target_flags |= TARGET_CREATED_CLSACT << d;
-                undo.push(DetachStep::RemoveClsactIfUnused {
-                    tap_ifindex: ifindex,
-                    tap_name: device.clone(),
-                });
+/// An attach under way: one function per step kind, each recording how to undo what it did
+/// as soon as it has done it, so that a failure half-way through a step is undone too.
+struct Attach<'k, K: KernelOps> {
+    kernel: &'k K,
+    programs: K::Programs,
+    maps: K::Maps,
+    /// The session's entry as the steps learn it (target ifindexes, filters, flags), written
+    /// whole on activation.
+    session: SessionConfig,
+    /// What undoes each change made so far, in the order made.
+    undo: Vec<DetachStep>,
+}
+
+impl<K: KernelOps> Attach<'_, K> {
+    async fn apply(&mut self, step: &AttachStep) -> Result<(), KernelError> {
+        match step {
+            AttachStep::ClaimSession { id, config } => self.claim_session(*id, config),
+            AttachStep::ResetCounters { id } => self.reset_counters(*id),
+            AttachStep::WriteFilter { id, filter } => self.maps.set_filter(*id, 0, filter),
+            AttachStep::CreateGreDevice { id, direction, device } => {
+                self.create_gre_device(*id, *direction, device).await
             }
-            let priority = tc::first_priority(&kernel.netlink, device, ifindex, TcHook::Egress).await?;
-            let program = ebpf.get(program_name::COPY_EGRESS)?;
-            let attached = tc::attach(
-                program,
-                &kernel.paths,
-                device,
-                ifindex,
-                TcHook::Egress,
-                AttachMode::Netlink,
-                priority,
-            )?;
-            undo.push(DetachStep::DetachCopyProgram {
-                id: *id,
-                ifindex,
-                nl_priority: attached.nl_priority,
-                nl_handle: attached.nl_handle,
-            });
-            session.target_nl_priority[d] = attached.nl_priority;
-            session.target_nl_handle[d] = attached.nl_handle;
-            // Record the filter at once, so that a crash from here on leaves it findable.
-            let mut claimed = maps.session(*id)?;
-            claimed.target_nl_priority = session.target_nl_priority;
-            claimed.target_nl_handle = session.target_nl_handle;
-            claimed.target_flags = session.target_flags;
-            maps.set_session(*id, &claimed)?;
+            AttachStep::AttachCopyProgram { id, direction, device } => {
+                self.attach_copy_program(*id, *direction, device).await
+            }
+            AttachStep::RegisterTap { tap, mode } => self.register_tap(tap, *mode),
+            AttachStep::EnsureClsact { tap } => self.ensure_clsact(tap).await,
+            AttachStep::AttachProgram { tap, hook, mode } => self.attach_program(tap, *hook, *mode).await,
+            AttachStep::ActivateSession { id } => self.activate_session(*id),
+            AttachStep::AddToTap { tap, id } => self.add_to_tap(tap, *id),
+            AttachStep::MoveSession { id, tap_ifindex } => self.move_session(*id, *tap_ifindex),
         }
-        AttachStep::RegisterTap { tap, mode } => {
-            let mut entry = TapSessions { attach_mode: mode.abi(), ..TapSessions::EMPTY };
-            let name = tap.name.as_bytes();
-            entry.ifname[..name.len()].copy_from_slice(name);
-            maps.set_tap(tap.ifindex, &entry)?;
-            undo.push(DetachStep::ForgetTap { tap_ifindex: tap.ifindex });
-        }
-        AttachStep::EnsureClsact { tap } => {
-            if tc::ensure_clsact(&kernel.netlink, &tap.name, tap.ifindex).await? {
-                update_tap(maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
-                undo.push(DetachStep::RemoveClsactIfUnused {
-                    tap_ifindex: tap.ifindex,
-                    tap_name: tap.name.clone(),
-                });
+    }
+
+    /// Undoes every change, last first. The caller reports the error that stopped the attach,
+    /// so a failure here is logged and the rest is undone still.
+    async fn undo(mut self) {
+        for step in self.undo.iter().rev() {
+            if let Err(error) = apply_detach_step(self.kernel, &mut self.maps, step).await {
+                log::error!("could not undo a step of the failed attach ({step:?}): {}", chain(&error));
             }
         }
-        AttachStep::AttachProgram { tap, hook, mode } => {
-            let priority = match mode {
-                AttachMode::Netlink => {
-                    tc::first_priority(&kernel.netlink, &tap.name, tap.ifindex, *hook).await?
-                }
-                AttachMode::Tcx => 0,
-            };
-            let program = ebpf.get(tc::tap_program_name(*hook))?;
-            let attached =
-                tc::attach(program, &kernel.paths, &tap.name, tap.ifindex, *hook, *mode, priority)?;
-            undo.push(DetachStep::DetachProgram {
+    }
+
+    fn claim_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
+        self.session = *config;
+        let claimed = SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..*config };
+        self.maps.set_session(id, &claimed)?;
+        self.undo.push(DetachStep::FreeSession { id });
+        Ok(())
+    }
+
+    fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
+        self.maps.reset_counters(id)?;
+        self.maps.reset_rate(id)
+    }
+
+    async fn create_gre_device(
+        &mut self,
+        id: u32,
+        direction: Direction,
+        device: &GreDevice,
+    ) -> Result<(), KernelError> {
+        let ifindex = self.kernel.create_gre_device(device).await?;
+        self.session.target_ifindex[direction.index()] = ifindex;
+        self.undo.push(DetachStep::DeleteGreDevice { id, direction, ifindex, name: device.name.clone() });
+        // Record the device at once, so that a crash from here on leaves it findable.
+        let mut claimed = self.maps.session(id)?;
+        claimed.target_ifindex[direction.index()] = ifindex;
+        self.maps.set_session(id, &claimed)
+    }
+
+    async fn attach_copy_program(
+        &mut self,
+        id: u32,
+        direction: Direction,
+        device: &str,
+    ) -> Result<(), KernelError> {
+        let d = direction.index();
+        let ifindex = self.session.target_ifindex[d];
+        if self.kernel.ensure_clsact(device, ifindex).await? {
+            self.session.target_flags |= TARGET_CREATED_CLSACT << d;
+            self.undo
+                .push(DetachStep::RemoveClsactIfUnused { tap_ifindex: ifindex, tap_name: device.to_owned() });
+        }
+        let priority = self.kernel.first_priority(device, ifindex, TcHook::Egress).await?;
+        let filter =
+            tc::Filter { name: device, ifindex, hook: TcHook::Egress, program: program_name::COPY_EGRESS };
+        let attached =
+            self.kernel.attach_program(&mut self.programs, filter, AttachMode::Netlink, priority)?;
+        self.undo.push(DetachStep::DetachCopyProgram {
+            id,
+            ifindex,
+            nl_priority: attached.nl_priority,
+            nl_handle: attached.nl_handle,
+        });
+        self.session.target_nl_priority[d] = attached.nl_priority;
+        self.session.target_nl_handle[d] = attached.nl_handle;
+        // Record the filter at once, so that a crash from here on leaves it findable.
+        let mut claimed = self.maps.session(id)?;
+        claimed.target_nl_priority = self.session.target_nl_priority;
+        claimed.target_nl_handle = self.session.target_nl_handle;
+        claimed.target_flags = self.session.target_flags;
+        self.maps.set_session(id, &claimed)
+    }
+
+    fn register_tap(&mut self, tap: &Tap, mode: AttachMode) -> Result<(), KernelError> {
+        let mut entry = TapSessions { attach_mode: mode.abi(), ..TapSessions::EMPTY };
+        let name = tap.name.as_bytes();
+        entry.ifname[..name.len()].copy_from_slice(name);
+        self.maps.set_tap(tap.ifindex, &entry)?;
+        self.undo.push(DetachStep::ForgetTap { tap_ifindex: tap.ifindex });
+        Ok(())
+    }
+
+    async fn ensure_clsact(&mut self, tap: &Tap) -> Result<(), KernelError> {
+        if self.kernel.ensure_clsact(&tap.name, tap.ifindex).await? {
+            update_tap(&mut self.maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
+            self.undo.push(DetachStep::RemoveClsactIfUnused {
                 tap_ifindex: tap.ifindex,
                 tap_name: tap.name.clone(),
-                hook: *hook,
-                mode: *mode,
-                nl_priority: attached.nl_priority,
-                nl_handle: attached.nl_handle,
             });
-            update_tap(maps, tap.ifindex, |entry| {
-                entry.nl_priority[hook.index()] = attached.nl_priority;
-                entry.nl_handle[hook.index()] = attached.nl_handle;
-            })?;
         }
-        AttachStep::ActivateSession { id } => {
-            let active = SessionConfig { state: SESSION_ACTIVE, ..*session };
-            maps.set_session(*id, &active)?;
-            undo.push(DetachStep::DeactivateSession { id: *id });
-        }
-        AttachStep::AddToTap { tap, id } => {
-            let mut full = false;
-            update_tap(maps, tap.ifindex, |entry| match entry.ids.iter().position(|&slot| slot == 0) {
-                Some(slot) => entry.ids[slot] = *id as u16,
+        Ok(())
+    }
+
+    async fn attach_program(&mut self, tap: &Tap, hook: TcHook, mode: AttachMode) -> Result<(), KernelError> {
+        let priority = match mode {
+            AttachMode::Netlink => self.kernel.first_priority(&tap.name, tap.ifindex, hook).await?,
+            AttachMode::Tcx => 0,
+        };
+        let filter =
+            tc::Filter { name: &tap.name, ifindex: tap.ifindex, hook, program: tc::tap_program_name(hook) };
+        let attached = self.kernel.attach_program(&mut self.programs, filter, mode, priority)?;
+        self.undo.push(DetachStep::DetachProgram {
+            tap_ifindex: tap.ifindex,
+            tap_name: tap.name.clone(),
+            hook,
+            mode,
+            nl_priority: attached.nl_priority,
+            nl_handle: attached.nl_handle,
+        });
+        update_tap(&mut self.maps, tap.ifindex, |entry| {
+            entry.nl_priority[hook.index()] = attached.nl_priority;
+            entry.nl_handle[hook.index()] = attached.nl_handle;
+        })
+    }
+
+    fn activate_session(&mut self, id: u32) -> Result<(), KernelError> {
+        let active = SessionConfig { state: SESSION_ACTIVE, ..self.session };
+        self.maps.set_session(id, &active)?;
+        self.undo.push(DetachStep::DeactivateSession { id });
+        Ok(())
+    }
+
+    fn add_to_tap(&mut self, tap: &Tap, id: u32) -> Result<(), KernelError> {
+        let mut full = false;
+        update_tap(&mut self.maps, tap.ifindex, |entry| {
+            match entry.ids.iter().position(|&slot| slot == 0) {
+                Some(slot) => entry.ids[slot] = id as u16,
                 None => full = true,
-            })?;
-            if full {
-                return Err(KernelError::Io {
-                    op: format!("tap {} has no free session slot", tap.name),
-                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-                });
             }
-            undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![*id] });
+        })?;
+        if full {
+            return Err(KernelError::TapSlotsTaken { tap: tap.name.clone() });
         }
-        AttachStep::MoveSession { id, tap_ifindex } => {
-            let moved = SessionConfig { tap_ifindex: *tap_ifindex, ..maps.session(*id)? };
-            maps.set_session(*id, &moved)?;
-        }
-    }
-    Ok(())
-}
-
-/// vmsniff's tc programs for one apply. Loading one runs the kernel's verifier, which takes a
-/// second or more for the tap programs on a busy host (many more under an emulated CPU): too
-/// slow for the daemon's re-attach after a VM reboots. So the first load in a namespace pins
-/// the programs beside its maps (they go with them when the last session does), and later
-/// attaches take them from there. The pins are per build of the object, so a new vmsniff never
-/// attaches an older build's programs.
-struct Programs<'a> {
-    paths: &'a PinPaths,
-    /// The embedded object, loaded (with the namespace's pinned maps) only when a program is
-    /// not pinned yet, or when there are no maps to pin to yet.
-    ebpf: Option<aya::Ebpf>,
-    tag: String,
-    pinned: std::collections::BTreeMap<String, SchedClassifier>,
-}
-
-impl<'a> Programs<'a> {
-    fn new(paths: &'a PinPaths) -> Result<Self, KernelError> {
-        let ebpf = match PinnedMaps::open(paths)? {
-            Some(_) => None,
-            None => {
-                // New maps: programs pinned beside maps that someone removed would still use
-                // the old ones.
-                match std::fs::remove_dir_all(paths.programs_root()) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(
-                            KernelError::io(format!("removing {}", paths.programs_root().display()))(e),
-                        );
-                    }
-                    _ => {}
-                }
-                Some(PinnedMaps::load_object(paths)?)
-            }
-        };
-        Ok(Programs { paths, ebpf, tag: maps::object_tag(), pinned: Default::default() })
+        self.undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![id] });
+        Ok(())
     }
 
-    fn get(&mut self, name: &str) -> Result<&mut SchedClassifier, KernelError> {
-        let path = self.paths.programs_dir(&self.tag).join(name);
-        if !self.pinned.contains_key(name) && path.exists() {
-            match SchedClassifier::from_pin(&path) {
-                Ok(program) => {
-                    self.pinned.insert(name.to_owned(), program);
-                }
-                Err(e) => {
-                    log::debug!("loading {name} anew: its pin {} is unusable: {e}", path.display());
-                    // Out of the way, or the fresh program could not be pinned there.
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-        if self.pinned.contains_key(name) {
-            return Ok(self.pinned.get_mut(name).expect("checked just above"));
-        }
-        let ebpf = match &mut self.ebpf {
-            Some(ebpf) => ebpf,
-            ebpf @ None => ebpf.insert(PinnedMaps::load_object(self.paths)?),
-        };
-        let program = load_program(ebpf, name)?;
-        if let Err(e) = pin_program(self.paths, &self.tag, program, &path) {
-            // Only the next attach's speed depends on it.
-            log::debug!("not pinning {name} at {}: {e}", path.display());
-        }
-        Ok(program)
+    fn move_session(&mut self, id: u32, tap_ifindex: u32) -> Result<(), KernelError> {
+        let moved = SessionConfig { tap_ifindex, ..self.maps.session(id)? };
+        self.maps.set_session(id, &moved)
     }
-}
-
-/// Pins a freshly loaded program under its build's directory, and removes the pins of other
-/// builds (unpinning never detaches: filters and links hold their programs).
-fn pin_program(
-    paths: &PinPaths,
-    tag: &str,
-    program: &mut SchedClassifier,
-    path: &std::path::Path,
-) -> std::io::Result<()> {
-    let dir = paths.programs_dir(tag);
-    std::fs::create_dir_all(&dir)?;
-    if let Some(parent) = dir.parent() {
-        for entry in std::fs::read_dir(parent)?.flatten() {
-            if entry.file_name() != std::ffi::OsStr::new(tag) {
-                std::fs::remove_dir_all(entry.path())?;
-            }
-        }
-    }
-    program.pin(path).map_err(std::io::Error::other)
-}
-
-fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut SchedClassifier, KernelError> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or_else(|| KernelError::Io {
-            op: format!("the embedded eBPF object has no program {name}"),
-            source: std::io::Error::from_raw_os_error(libc::ENOENT),
-        })?
-        .try_into()
-        .map_err(KernelError::program(format!("{name} is not a tc classifier")))?;
-    if program.fd().is_err() {
-        program
-            .load()
-            .map_err(KernelError::program(format!("loading {name} (the kernel's verifier refused it)")))?;
-    }
-    Ok(program)
 }
 
 fn update_tap(
-    maps: &mut PinnedMaps,
+    maps: &mut impl MapOps,
     ifindex: u32,
     change: impl FnOnce(&mut TapSessions),
 ) -> Result<(), KernelError> {
@@ -339,11 +260,9 @@ fn update_tap(
 /// Applies an update plan: the idle filter slot, then the session's entry in one write (the
 /// switch), then the token bucket. A failure before the switch changes nothing the programs
 /// read; the switch is one map write, so it happens entirely or not at all.
-pub fn apply_update(kernel: &Kernel, plan: &UpdatePlan) -> Result<(), KernelError> {
-    let mut maps = PinnedMaps::open(&kernel.paths)?.ok_or_else(|| KernelError::Io {
-        op: format!("vmsniff has no pinned maps under {}", kernel.paths.maps_dir().display()),
-        source: std::io::Error::from_raw_os_error(libc::ENOENT),
-    })?;
+pub fn apply_update<K: KernelOps>(kernel: &K, plan: &UpdatePlan) -> Result<(), KernelError> {
+    let mut maps =
+        kernel.open_maps()?.ok_or_else(|| KernelError::NoPinnedMaps { path: kernel.maps_dir() })?;
     if let Some((slot, filter)) = &plan.filter {
         maps.set_filter(plan.id, *slot, filter)?;
     }
@@ -355,9 +274,9 @@ pub fn apply_update(kernel: &Kernel, plan: &UpdatePlan) -> Result<(), KernelErro
 }
 
 /// Applies detach steps, all of them: returns the failures, each with the step it came from.
-pub async fn apply_detach(kernel: &Kernel, steps: &[DetachStep]) -> Vec<(DetachStep, KernelError)> {
+pub async fn apply_detach<K: KernelOps>(kernel: &K, steps: &[DetachStep]) -> Vec<(DetachStep, KernelError)> {
     let mut failures = Vec::new();
-    let mut maps = match PinnedMaps::open(&kernel.paths) {
+    let mut maps = match kernel.open_maps() {
         Ok(Some(maps)) => maps,
         Ok(None) => return failures,
         Err(error) => {
@@ -373,9 +292,9 @@ pub async fn apply_detach(kernel: &Kernel, steps: &[DetachStep]) -> Vec<(DetachS
     failures
 }
 
-async fn apply_detach_step(
-    kernel: &Kernel,
-    maps: &mut PinnedMaps,
+async fn apply_detach_step<K: KernelOps>(
+    kernel: &K,
+    maps: &mut K::Maps,
     step: &DetachStep,
 ) -> Result<(), KernelError> {
     match step {
@@ -402,45 +321,570 @@ async fn apply_detach_step(
             })
         }
         DetachStep::DetachProgram { tap_ifindex, tap_name, hook, mode, nl_priority, nl_handle } => {
-            tc::detach(
-                &kernel.netlink,
-                &kernel.paths,
-                tc::Filter {
-                    name: tap_name,
-                    ifindex: *tap_ifindex,
-                    hook: *hook,
-                    program: tc::tap_program_name(*hook),
-                },
-                *mode,
-                *nl_priority,
-                *nl_handle,
-            )
-            .await
+            kernel
+                .detach_program(
+                    tc::Filter {
+                        name: tap_name,
+                        ifindex: *tap_ifindex,
+                        hook: *hook,
+                        program: tc::tap_program_name(*hook),
+                    },
+                    *mode,
+                    *nl_priority,
+                    *nl_handle,
+                )
+                .await
         }
         DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle } => {
-            tc::detach(
-                &kernel.netlink,
-                &kernel.paths,
-                tc::Filter {
-                    name: &format!("session {id}'s target"),
-                    ifindex: *ifindex,
-                    hook: TcHook::Egress,
-                    program: program_name::COPY_EGRESS,
-                },
-                AttachMode::Netlink,
-                *nl_priority,
-                *nl_handle,
-            )
-            .await
+            kernel
+                .detach_program(
+                    tc::Filter {
+                        name: &format!("session {id}'s target"),
+                        ifindex: *ifindex,
+                        hook: TcHook::Egress,
+                        program: program_name::COPY_EGRESS,
+                    },
+                    AttachMode::Netlink,
+                    *nl_priority,
+                    *nl_handle,
+                )
+                .await
         }
         DetachStep::RemoveClsactIfUnused { tap_ifindex, tap_name } => {
-            tc::remove_clsact_if_unused(&kernel.netlink, tap_name, *tap_ifindex).await
+            kernel.remove_clsact_if_unused(tap_name, *tap_ifindex).await
         }
         DetachStep::ForgetTap { tap_ifindex } => maps.remove_tap(*tap_ifindex),
         DetachStep::DeleteGreDevice { id, direction, ifindex, name } => {
-            gre::delete(&kernel.netlink, *ifindex, name, &gre_device_alias(*id, *direction)).await
+            kernel.delete_gre_device(*ifindex, name, &gre_device_alias(*id, *direction)).await
         }
         DetachStep::FreeSession { id } => maps.set_session(*id, &SessionConfig::EMPTY),
-        DetachStep::RemovePins => maps::remove_pins(&kernel.paths),
+        DetachStep::RemovePins => kernel.remove_pins(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, net::Ipv4Addr};
+
+    use vmsniff_ebpf::{
+        ATTACH_NETLINK, SESSION_FREE,
+        program_name::{COPY_EGRESS, TAP_EGRESS, TAP_INGRESS},
+    };
+
+    use super::*;
+    use crate::{
+        apply::fake::{Call, Fake},
+        model::{
+            mirror::{AttachModeChoice, Directions, Owner, Target},
+            observed::Observed,
+            wire::Encap,
+        },
+        plan::{
+            attach::plan_attach,
+            controls::{Controls, parse_rate_limit},
+            detach::plan_detach,
+            filter::compile,
+            rehome::plan_rehome,
+            request::AttachRequest,
+            update::{ControlChange, plan_update},
+        },
+    };
+
+    fn run<T>(future: impl Future<Output = T>) -> T {
+        futures::executor::block_on(future)
+    }
+
+    fn set_session(id: u32, state: u32) -> Call {
+        Call::SetSession { id, state }
+    }
+
+    fn set_tap(ifindex: u32, ids: &[u16]) -> Call {
+        Call::SetTap { ifindex, ids: ids.to_vec() }
+    }
+
+    fn create_gre(name: &str) -> Call {
+        Call::CreateGreDevice { name: name.into() }
+    }
+
+    fn delete_gre(ifindex: u32, name: &str) -> Call {
+        Call::DeleteGreDevice { ifindex, name: name.into() }
+    }
+
+    fn attach(program: &str, ifindex: u32, hook: TcHook) -> Call {
+        Call::AttachProgram { program: program.into(), ifindex, hook }
+    }
+
+    fn detach(program: &str, ifindex: u32, hook: TcHook) -> Call {
+        Call::DetachProgram { program: program.into(), ifindex, hook }
+    }
+
+    fn clsact(ifindex: u32) -> Call {
+        Call::EnsureClsact { ifindex }
+    }
+
+    fn remove_clsact(ifindex: u32) -> Call {
+        Call::RemoveClsactIfUnused { ifindex }
+    }
+
+    fn remove_tap(ifindex: u32) -> Call {
+        Call::RemoveTap { ifindex }
+    }
+
+    // Attach: session 1 on tap0 (ifindex 7) to a GRE collector, both directions, a filter,
+    // netlink: every step kind but MoveSession. The fake gives the GRE devices ifindexes 100
+    // (vms1-out) and 101 (vms1-in).
+
+    fn gre_attach(observed: &Observed) -> AttachPlan {
+        let request = AttachRequest {
+            tap: Tap { ifindex: 7, name: "tap0".into() },
+            target: Target::Gre { remote: Ipv4Addr::new(192, 0, 2, 10), ttl: 64, tos: 0, encap: Encap::Gre },
+            key: None,
+            directions: Directions::Both,
+            controls: Controls { filter: Some(compile("tcp").unwrap()), ..Controls::default() },
+            mode: AttachModeChoice::Netlink,
+            tcx_supported: false,
+            owner: Owner::Persistent,
+            now: 1_700_000_000,
+        };
+        plan_attach(&request, observed).unwrap()
+    }
+
+    /// Attaches in a new namespace whose kernel fails the calls `fails` picks; checks that the
+    /// first failure is the error returned, and returns the calls made after it.
+    fn undone_after_failed_attach(fails: impl Fn(&Call) -> bool + 'static) -> Vec<Call> {
+        let fake = Fake::new(&Observed::default(), fails);
+        let error = run(apply_attach(&fake, &gre_attach(&Observed::default()))).unwrap_err();
+        let (_, failed, undone) = fake.split_at_failure();
+        assert_eq!(error.to_string(), format!("{failed:?}"), "the first failure is the one returned");
+        undone
+    }
+
+    /// What undoes the session's claim and its two GRE devices with their copy programs.
+    fn session_undone() -> Vec<Call> {
+        vec![
+            detach(COPY_EGRESS, 101, TcHook::Egress),
+            remove_clsact(101),
+            detach(COPY_EGRESS, 100, TcHook::Egress),
+            remove_clsact(100),
+            delete_gre(101, "vms1-in"),
+            delete_gre(100, "vms1-out"),
+            set_session(1, SESSION_FREE),
+        ]
+    }
+
+    #[test]
+    fn attach_failing_to_load_the_programs_removes_the_new_pins() {
+        assert_eq!(undone_after_failed_attach(|c| *c == Call::LoadPrograms), [Call::RemovePins]);
+    }
+
+    #[test]
+    fn attach_failing_at_claim_session_undoes_nothing_but_the_pins() {
+        assert_eq!(undone_after_failed_attach(|c| *c == set_session(1, SESSION_BUSY)), [Call::RemovePins]);
+    }
+
+    #[test]
+    fn attach_failing_at_reset_counters_frees_the_session() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == Call::ResetCounters { id: 1 }),
+            [set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_write_filter_frees_the_session() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == Call::SetFilter { id: 1, slot: 0 }),
+            [set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_create_gre_device_out_frees_the_session() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == create_gre("vms1-out")),
+            [set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_create_gre_device_in_deletes_the_out_device() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == create_gre("vms1-in")),
+            [delete_gre(100, "vms1-out"), set_session(1, SESSION_FREE), Call::RemovePins]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_attach_copy_program_removes_the_clsact_it_added_there() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == attach(COPY_EGRESS, 101, TcHook::Egress)),
+            [
+                remove_clsact(101),
+                detach(COPY_EGRESS, 100, TcHook::Egress),
+                remove_clsact(100),
+                delete_gre(101, "vms1-in"),
+                delete_gre(100, "vms1-out"),
+                set_session(1, SESSION_FREE),
+                Call::RemovePins,
+            ]
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_register_tap_undoes_the_targets() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == set_tap(7, &[])),
+            [session_undone(), vec![Call::RemovePins]].concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_ensure_clsact_forgets_the_tap() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == clsact(7)),
+            [vec![remove_tap(7)], session_undone(), vec![Call::RemovePins]].concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_attach_tap_program_ingress_removes_the_tap_clsact() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == attach(TAP_INGRESS, 7, TcHook::Ingress)),
+            [vec![remove_clsact(7), remove_tap(7)], session_undone(), vec![Call::RemovePins]].concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_attach_tap_program_egress_detaches_the_ingress_one() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == attach(TAP_EGRESS, 7, TcHook::Egress)),
+            [
+                vec![detach(TAP_INGRESS, 7, TcHook::Ingress), remove_clsact(7), remove_tap(7)],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_activate_session_detaches_both_tap_programs() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == set_session(1, SESSION_ACTIVE)),
+            [
+                vec![
+                    detach(TAP_EGRESS, 7, TcHook::Egress),
+                    detach(TAP_INGRESS, 7, TcHook::Ingress),
+                    remove_clsact(7),
+                    remove_tap(7),
+                ],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_failing_at_add_to_tap_deactivates_the_session_first() {
+        assert_eq!(
+            undone_after_failed_attach(|c| *c == set_tap(7, &[1])),
+            [
+                vec![
+                    set_session(1, SESSION_BUSY),
+                    detach(TAP_EGRESS, 7, TcHook::Egress),
+                    detach(TAP_INGRESS, 7, TcHook::Ingress),
+                    remove_clsact(7),
+                    remove_tap(7),
+                ],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_returns_its_first_error_and_undoes_the_rest_when_an_undo_step_fails() {
+        let failing = [attach(TAP_EGRESS, 7, TcHook::Egress), detach(TAP_INGRESS, 7, TcHook::Ingress)];
+        assert_eq!(
+            undone_after_failed_attach(move |c| failing.contains(c)),
+            [
+                vec![detach(TAP_INGRESS, 7, TcHook::Ingress), remove_clsact(7), remove_tap(7)],
+                session_undone(),
+                vec![Call::RemovePins],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn attach_to_a_tap_whose_slots_were_taken_meanwhile_is_undone_and_keeps_the_pins() {
+        let on_tap = |ids: std::ops::RangeInclusive<u16>| {
+            let mut observed = Observed::default();
+            let mut tap = TapSessions { attach_mode: ATTACH_NETLINK, ..TapSessions::EMPTY };
+            for (slot, id) in ids.enumerate() {
+                tap.ids[slot] = id;
+                let session = SessionConfig { state: SESSION_ACTIVE, tap_ifindex: 7, ..SessionConfig::EMPTY };
+                observed.sessions.insert(u32::from(id), session);
+            }
+            observed.taps.insert(7, tap);
+            observed
+        };
+        // Planned with one slot free; another process took it before the apply.
+        let plan = gre_attach(&on_tap(2..=8));
+        let fake = Fake::new(&on_tap(2..=9), |_| false);
+        let error = run(apply_attach(&fake, &plan)).unwrap_err();
+        assert!(matches!(&error, KernelError::TapSlotsTaken { tap } if tap == "tap0"), "{error:?}");
+        let calls = fake.calls();
+        let full = calls.iter().position(|c| *c == set_tap(7, &[2, 3, 4, 5, 6, 7, 8, 9])).unwrap();
+        assert_eq!(calls[full + 1..], [vec![set_session(1, SESSION_BUSY)], session_undone()].concat());
+    }
+
+    // Rehome: session 3 moves from tap 7 (netlink, with the clsact vmsniff added) to the
+    // recreated tap, ifindex 12: every step kind a rehome has.
+
+    fn on_old_tap() -> Observed {
+        let mut observed = Observed::default();
+        observed
+            .sessions
+            .insert(3, SessionConfig { state: SESSION_ACTIVE, tap_ifindex: 7, ..SessionConfig::EMPTY });
+        let mut tap =
+            TapSessions { attach_mode: ATTACH_NETLINK, flags: TAP_CREATED_CLSACT, ..TapSessions::EMPTY };
+        tap.ids[0] = 3;
+        tap.ifname[..5].copy_from_slice(b"tapvm");
+        observed.taps.insert(7, tap);
+        observed
+    }
+
+    fn rehome(fails: impl Fn(&Call) -> bool + 'static) -> (Fake, Result<(), KernelError>) {
+        let observed = on_old_tap();
+        let tap = Tap { ifindex: 12, name: "tapvm".into() };
+        let plan = plan_rehome(3, &tap, AttachModeChoice::Netlink, false, &observed).unwrap().unwrap();
+        let fake = Fake::new(&observed, fails);
+        let result = run(apply_rehome(&fake, &plan));
+        (fake, result)
+    }
+
+    /// Rehomes with the calls `fails` picks failing; checks that the first failure is the
+    /// error returned, and returns the calls made after it.
+    fn undone_after_failed_rehome(fails: impl Fn(&Call) -> bool + 'static) -> Vec<Call> {
+        let (fake, result) = rehome(fails);
+        let (_, failed, undone) = fake.split_at_failure();
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            format!("{failed:?}"),
+            "the first failure is the one returned"
+        );
+        undone
+    }
+
+    #[test]
+    fn rehome_releases_the_old_tap_then_attaches_to_the_new_one() {
+        let (fake, result) = rehome(|_| false);
+        result.unwrap();
+        assert_eq!(
+            fake.calls(),
+            [
+                detach(TAP_INGRESS, 7, TcHook::Ingress),
+                detach(TAP_EGRESS, 7, TcHook::Egress),
+                remove_clsact(7),
+                remove_tap(7),
+                Call::LoadPrograms,
+                set_tap(12, &[]),
+                clsact(12),
+                set_tap(12, &[]),
+                attach(TAP_INGRESS, 12, TcHook::Ingress),
+                set_tap(12, &[]),
+                attach(TAP_EGRESS, 12, TcHook::Egress),
+                set_tap(12, &[]),
+                set_tap(12, &[3]),
+                set_session(3, SESSION_ACTIVE),
+            ]
+        );
+    }
+
+    #[test]
+    fn rehome_goes_on_past_a_failing_release_of_the_old_tap() {
+        let (fake, result) = rehome(|c| *c == detach(TAP_INGRESS, 7, TcHook::Ingress));
+        result.unwrap();
+        let (_, _, after) = fake.split_at_failure();
+        assert_eq!(after[..3], [detach(TAP_EGRESS, 7, TcHook::Egress), remove_clsact(7), remove_tap(7)]);
+        assert_eq!(after.last(), Some(&set_session(3, SESSION_ACTIVE)));
+    }
+
+    #[test]
+    fn rehome_failing_at_register_tap_undoes_nothing() {
+        assert_eq!(undone_after_failed_rehome(|c| *c == set_tap(12, &[])), []);
+    }
+
+    #[test]
+    fn rehome_failing_at_ensure_clsact_forgets_the_new_tap() {
+        assert_eq!(undone_after_failed_rehome(|c| *c == clsact(12)), [remove_tap(12)]);
+    }
+
+    #[test]
+    fn rehome_failing_at_attach_tap_program_ingress_removes_the_clsact() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == attach(TAP_INGRESS, 12, TcHook::Ingress)),
+            [remove_clsact(12), remove_tap(12)]
+        );
+    }
+
+    #[test]
+    fn rehome_failing_at_attach_tap_program_egress_detaches_the_ingress_one() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == attach(TAP_EGRESS, 12, TcHook::Egress)),
+            [detach(TAP_INGRESS, 12, TcHook::Ingress), remove_clsact(12), remove_tap(12)]
+        );
+    }
+
+    #[test]
+    fn rehome_failing_at_add_to_tap_detaches_both_programs() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == set_tap(12, &[3])),
+            [
+                detach(TAP_EGRESS, 12, TcHook::Egress),
+                detach(TAP_INGRESS, 12, TcHook::Ingress),
+                remove_clsact(12),
+                remove_tap(12),
+            ]
+        );
+    }
+
+    #[test]
+    fn rehome_failing_at_move_session_takes_the_session_off_the_new_tap() {
+        assert_eq!(
+            undone_after_failed_rehome(|c| *c == set_session(3, SESSION_ACTIVE)),
+            [
+                set_tap(12, &[]),
+                detach(TAP_EGRESS, 12, TcHook::Egress),
+                detach(TAP_INGRESS, 12, TcHook::Ingress),
+                remove_clsact(12),
+                remove_tap(12),
+            ]
+        );
+    }
+
+    // Update: session 3 gets a filter and a rate limit: a filter slot, the switch, the bucket.
+    // Nothing is undone: before the switch the programs read nothing that changed.
+
+    /// Updates with the calls `fails` picks failing; checks that the first failure is the
+    /// error returned, and returns every call made.
+    fn calls_of_failed_update(fails: impl Fn(&Call) -> bool + 'static) -> Vec<Call> {
+        let current = SessionConfig { state: SESSION_ACTIVE, sample_every: 1, ..SessionConfig::EMPTY };
+        let change = ControlChange {
+            filter: Some(Some(compile("tcp").unwrap())),
+            rate_limit: Some(Some(parse_rate_limit("100pps").unwrap())),
+            ..ControlChange::default()
+        };
+        let plan = plan_update(3, &current, &change).unwrap();
+        let mut observed = Observed::default();
+        observed.sessions.insert(3, current);
+        let fake = Fake::new(&observed, fails);
+        let error = apply_update(&fake, &plan).unwrap_err();
+        let (_, failed, _) = fake.split_at_failure();
+        assert_eq!(error.to_string(), format!("{failed:?}"), "the first failure is the one returned");
+        fake.calls()
+    }
+
+    #[test]
+    fn update_failing_at_the_filter_write_never_switches() {
+        let fails = |c: &Call| *c == Call::SetFilter { id: 3, slot: 0 };
+        assert_eq!(calls_of_failed_update(fails), [Call::SetFilter { id: 3, slot: 0 }]);
+    }
+
+    #[test]
+    fn update_failing_at_the_switch_leaves_the_bucket() {
+        assert_eq!(
+            calls_of_failed_update(|c| *c == set_session(3, SESSION_ACTIVE)),
+            [Call::SetFilter { id: 3, slot: 0 }, set_session(3, SESSION_ACTIVE)]
+        );
+    }
+
+    #[test]
+    fn update_failing_at_the_rate_reset_keeps_the_switch() {
+        assert_eq!(
+            calls_of_failed_update(|c| *c == Call::ResetRate { id: 3 }),
+            [Call::SetFilter { id: 3, slot: 0 }, set_session(3, SESSION_ACTIVE), Call::ResetRate { id: 3 }]
+        );
+    }
+
+    #[test]
+    fn update_without_pinned_maps_says_so() {
+        let plan = plan_update(
+            3,
+            &SessionConfig { state: SESSION_ACTIVE, ..SessionConfig::EMPTY },
+            &ControlChange::default(),
+        )
+        .unwrap();
+        let fake = Fake::new(&Observed::default(), |_| false);
+        let error = apply_update(&fake, &plan).unwrap_err();
+        assert!(matches!(error, KernelError::NoPinnedMaps { .. }), "{error:?}");
+        assert_eq!(fake.calls(), []);
+    }
+
+    // Detach.
+
+    #[test]
+    fn detach_goes_on_past_failing_steps_and_reports_each() {
+        let attached = Fake::new(&Observed::default(), |_| false);
+        run(apply_attach(&attached, &gre_attach(&Observed::default()))).unwrap();
+        let observed = attached.observed();
+        let steps = plan_detach(&BTreeSet::from([1]), &observed);
+        let failing = [detach(TAP_INGRESS, 7, TcHook::Ingress), delete_gre(100, "vms1-out")];
+        let fake = Fake::new(&observed, move |c| failing.contains(c));
+
+        let failures = run(apply_detach(&fake, &steps));
+
+        assert_eq!(
+            fake.calls(),
+            [
+                set_session(1, SESSION_BUSY),
+                detach(TAP_INGRESS, 7, TcHook::Ingress),
+                detach(TAP_EGRESS, 7, TcHook::Egress),
+                remove_clsact(7),
+                remove_tap(7),
+                delete_gre(100, "vms1-out"),
+                delete_gre(101, "vms1-in"),
+                set_session(1, SESSION_FREE),
+                Call::RemovePins,
+            ]
+        );
+        let reported: Vec<(DetachStep, String)> =
+            failures.iter().map(|(step, error)| (step.clone(), error.to_string())).collect();
+        assert_eq!(
+            reported,
+            [
+                (
+                    DetachStep::DetachProgram {
+                        tap_ifindex: 7,
+                        tap_name: "tap0".into(),
+                        hook: TcHook::Ingress,
+                        mode: AttachMode::Netlink,
+                        nl_priority: 49152,
+                        nl_handle: 1,
+                    },
+                    format!("{:?}", detach(TAP_INGRESS, 7, TcHook::Ingress)),
+                ),
+                (
+                    DetachStep::DeleteGreDevice {
+                        id: 1,
+                        direction: Direction::Out,
+                        ifindex: 100,
+                        name: "vms1-out".into(),
+                    },
+                    format!("{:?}", delete_gre(100, "vms1-out")),
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn detach_without_pinned_maps_does_nothing() {
+        let steps = [DetachStep::FreeSession { id: 1 }, DetachStep::RemovePins];
+        let fake = Fake::new(&Observed::default(), |_| false);
+        assert!(run(apply_detach(&fake, &steps)).is_empty());
+        assert_eq!(fake.calls(), []);
     }
 }

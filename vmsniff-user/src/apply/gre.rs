@@ -67,10 +67,7 @@ pub async fn create(netlink: &Netlink, device: &GreDevice) -> Result<u32, Kernel
         .link_by_name(&device.name)
         .await
         .map_err(KernelError::netlink(format!("looking up {}", device.name)))?
-        .ok_or_else(|| KernelError::Io {
-            op: format!("GRE device {} vanished right after its creation", device.name),
-            source: std::io::Error::from_raw_os_error(libc::ENODEV),
-        })?;
+        .ok_or_else(|| KernelError::DeviceVanished { name: device.name.clone() })?;
     // RTM_NEWLINK ignores IFLA_IFALIAS: the mark of ownership is set by a second request.
     let alias = LinkUnspec::new_with_index(created.ifindex).alias(device.alias.clone()).up().build();
     if let Err(e) = netlink.handle.link().set(alias).execute().await {

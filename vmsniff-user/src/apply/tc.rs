@@ -94,15 +94,15 @@ pub async fn first_priority(
     })
 }
 
+/// Attaches `program` (the one `filter` names) to `filter`'s hook.
 pub fn attach(
     program: &mut SchedClassifier,
     paths: &PinPaths,
-    tap_name: &str,
-    tap_ifindex: u32,
-    hook: TcHook,
+    filter: Filter<'_>,
     mode: AttachMode,
     nl_priority: u16,
 ) -> Result<Attached, KernelError> {
+    let Filter { name: tap_name, ifindex: tap_ifindex, hook, program: _ } = filter;
     let op =
         || format!("attaching vmsniff's program to {tap_name}'s {} hook ({})", hook.as_str(), mode.as_str());
     match mode {
@@ -115,16 +115,12 @@ pub fn attach(
                 )
                 .map_err(KernelError::program(op()))?;
             let link = program.take_link(id).map_err(KernelError::program(op()))?;
-            let link = FdLink::try_from(link)
-                .map_err(|e| KernelError::Io { op: op(), source: io::Error::other(e) })?;
+            let link = FdLink::try_from(link).map_err(KernelError::link(op()))?;
             fs::create_dir_all(paths.links_dir())
                 .map_err(KernelError::io(format!("creating {}", paths.links_dir().display())))?;
             let path = paths.link(tap_ifindex, hook);
             // Dropping the unpinned link on error detaches it: nothing is left behind.
-            link.pin(&path).map_err(|e| KernelError::Io {
-                op: format!("pinning {}", path.display()),
-                source: io::Error::other(e),
-            })?;
+            link.pin(&path).map_err(|e| KernelError::Pin { path, source: Box::new(e) })?;
             Ok(Attached { nl_priority: 0, nl_handle: 0 })
         }
         AttachMode::Netlink => {
@@ -147,13 +143,15 @@ pub fn attach(
     }
 }
 
-/// Which of vmsniff's programs to detach, from where.
+/// Which of vmsniff's programs to attach or detach, where.
 pub struct Filter<'a> {
-    /// The interface's name when attached, for messages (it may have been renamed since).
+    /// The interface's name (when detaching: its name when attached, for messages; it may have
+    /// been renamed since).
     pub name: &'a str,
     pub ifindex: u32,
     pub hook: TcHook,
-    /// The program the filter must run to be vmsniff's.
+    /// The program attached there (when detaching: the one the filter must run to be
+    /// vmsniff's).
     pub program: &'a str,
 }
 
@@ -181,10 +179,7 @@ pub async fn detach(
                 {
                     Ok(())
                 }
-                Err(e) => Err(KernelError::Io {
-                    op: format!("opening {}", path.display()),
-                    source: io::Error::other(e),
-                }),
+                Err(e) => Err(KernelError::link(format!("opening {}", path.display()))(e)),
             }
         }
         AttachMode::Netlink => {

@@ -21,14 +21,7 @@ pub fn ensure_mounted(bpffs: &Path) -> Result<(), KernelError> {
     if in_private_mount_namespace() {
         // `ip netns exec` gives its command a fresh /sys: a bpffs mounted there would vanish with
         // the command, and with it every pin (TCX links would detach, state would be lost).
-        return Err(KernelError::BpffsUnavailable {
-            path: bpffs.to_owned(),
-            source: std::io::Error::other(
-                "this process runs in its own mount namespace (as under `ip netns exec`), where \
-                 pins would not outlive it; enter only the network namespace instead: \
-                 `nsenter --net=/run/netns/NAME vmsniff ...`",
-            ),
-        });
+        return Err(KernelError::PrivateMountNamespace { path: bpffs.to_owned() });
     }
     log::info!("mounting bpffs at {}", bpffs.display());
     mount(Some("bpf"), bpffs, Some("bpf"), MsFlags::empty(), Some("mode=0700"))

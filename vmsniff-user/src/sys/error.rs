@@ -39,6 +39,42 @@ pub enum KernelError {
          a leftover); delete it, or give this session another --key"
     )]
     TunnelExists { remote: std::net::Ipv4Addr, wire_key: u32 },
+    #[error(
+        "bpffs is not mounted at {}, and this process runs in its own mount namespace (as under \
+         `ip netns exec`), where a bpffs it mounted would vanish with it, and every pin with it; \
+         enter only the network namespace instead: `nsenter --net=/run/netns/NAME vmsniff ...`",
+        path.display()
+    )]
+    PrivateMountNamespace { path: PathBuf },
+    #[error(
+        "vmsniff's maps are not pinned under {} right after loading its eBPF object: something \
+         removed them meanwhile (a tool cleaning bpffs?); stop it and run the command again",
+        path.display()
+    )]
+    MapsVanished { path: PathBuf },
+    #[error(
+        "vmsniff has no pinned maps under {}: no session exists in this network namespace any \
+         more (`vmsniff status` lists the sessions)",
+        path.display()
+    )]
+    NoPinnedMaps { path: PathBuf },
+    #[error(
+        "the embedded eBPF object has no program {name}: this vmsniff was built from mismatched \
+         sources; rebuild it (`cargo build --release`)"
+    )]
+    ProgramMissing { name: String },
+    #[error(
+        "GRE device {name} vanished right after its creation: something deletes interfaces it does \
+         not know (a network manager?); make it leave vmsniff's vms* devices alone and run the \
+         command again"
+    )]
+    DeviceVanished { name: String },
+    #[error(
+        "tap {tap} has no free session slot, although it had one when this attach was planned: \
+         another process changed vmsniff's maps meanwhile; run the command again (`vmsniff \
+         status` lists the tap's sessions)"
+    )]
+    TapSlotsTaken { tap: String },
     #[error("{op}")]
     Io {
         op: String,
@@ -58,6 +94,18 @@ pub enum KernelError {
         source: Box<aya::programs::ProgramError>,
     },
     #[error("{op}")]
+    Link {
+        op: String,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("pinning {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+    #[error("{op}")]
     Ebpf {
         op: String,
         #[source]
@@ -75,6 +123,11 @@ impl KernelError {
     pub fn io(op: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
         let op = op.into();
         move |source| KernelError::Io { op, source }
+    }
+
+    pub fn link(op: impl Into<String>) -> impl FnOnce(aya::programs::links::LinkError) -> Self {
+        let op = op.into();
+        move |source| KernelError::Link { op, source: Box::new(source) }
     }
 
     pub fn map(op: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> Self {

@@ -3,8 +3,7 @@ use std::{fs, io, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    util::nr_cpus,
+    maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use vmsniff_ebpf::{
     Direction, DirectionCounters, SESSION_FREE, SessionConfig, TapSessions, TokenBucket, counter_index,
@@ -20,7 +19,10 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// A name for this build of the object: FNV-1a 64 of its bytes, in hex.
 pub fn object_tag() -> String {
-    format!("{:016x}", vmsniff_ebpf::fnv1a::hash64(EBPF_OBJECT))
+    let hash = EBPF_OBJECT
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    format!("{hash:016x}")
 }
 
 pub struct PinnedMaps {
@@ -100,33 +102,6 @@ impl PinnedMaps {
         Ok(observed)
     }
 
-    pub fn set_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
-        self.sessions.set(id, config, 0).map_err(KernelError::map(format!("writing session {id}")))
-    }
-
-    pub fn session(&self, id: u32) -> Result<SessionConfig, KernelError> {
-        self.sessions.get(&id, 0).map_err(KernelError::map(format!("reading session {id}")))
-    }
-
-    pub fn tap(&self, ifindex: u32) -> Result<Option<TapSessions>, KernelError> {
-        match self.taps.get(&ifindex, 0) {
-            Ok(tap) => Ok(Some(tap)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(KernelError::map(format!("reading tap {ifindex}"))(e)),
-        }
-    }
-
-    pub fn set_tap(&mut self, ifindex: u32, tap: &TapSessions) -> Result<(), KernelError> {
-        self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}")))
-    }
-
-    pub fn remove_tap(&mut self, ifindex: u32) -> Result<(), KernelError> {
-        match self.taps.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(KernelError::map(format!("removing tap {ifindex}"))(e)),
-        }
-    }
-
     /// A session's counters for one direction, summed over the CPUs.
     pub fn counters(&self, id: u32, direction: Direction) -> Result<DirectionCounters, KernelError> {
         let per_cpu = self
@@ -140,36 +115,10 @@ impl PinnedMaps {
         Ok(total)
     }
 
-    /// Writes one of a session's two filter slots.
-    pub fn set_filter(&mut self, id: u32, slot: u32, filter: &Filter) -> Result<(), KernelError> {
-        self.filters
-            .set(filter_index(id, slot), filter, 0)
-            .map_err(KernelError::map(format!("writing session {id}'s filter")))
-    }
-
     pub fn filter(&self, id: u32, slot: u32) -> Result<Filter, KernelError> {
         self.filters
             .get(&filter_index(id, slot), 0)
             .map_err(KernelError::map(format!("reading session {id}'s filter")))
-    }
-
-    /// Empties a session's token bucket record: the next copy starts with a full bucket.
-    pub fn reset_rate(&mut self, id: u32) -> Result<(), KernelError> {
-        self.rate
-            .set(id, TokenBucket::default(), 0)
-            .map_err(KernelError::map(format!("resetting session {id}'s rate limit")))
-    }
-
-    pub fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
-        let cpus = nr_cpus().map_err(|(what, e)| KernelError::io(format!("counting CPUs ({what})"))(e))?;
-        for direction in Direction::ALL {
-            let zero = PerCpuValues::try_from(vec![DirectionCounters::default(); cpus])
-                .map_err(KernelError::io("building zeroed counters"))?;
-            self.counters
-                .set(counter_index(id, direction), zero, 0)
-                .map_err(KernelError::map(format!("resetting session {id}'s counters")))?;
-        }
-        Ok(())
     }
 }
 
