@@ -38,7 +38,8 @@ pub mod map_name {
     pub const PINNED: [&str; 6] = [SESSIONS, TAPS, COUNTERS, FILTERS, RATE, IN_FLIGHT];
 }
 
-/// Program names, as the eBPF object defines them.
+/// Program names, as the eBPF object defines them. `detach --all` of any version finds tc
+/// filters by them in state it cannot read, so they keep their names across versions.
 pub mod program_name {
     /// Runs on the tap's tc ingress hook: frames the VM sends (`out`).
     pub const TAP_INGRESS: &str = "vmsniff_tap_ingress";
@@ -46,6 +47,7 @@ pub mod program_name {
     pub const TAP_EGRESS: &str = "vmsniff_tap_egress";
     /// Runs on the egress hook of each target device: cuts copies to the session's snaplen.
     pub const COPY_EGRESS: &str = "vmsniff_copy_egress";
+    pub const ALL: [&str; 3] = [TAP_INGRESS, TAP_EGRESS, COPY_EGRESS];
 }
 
 /// Direction as the operator sees it, relative to the VM.

@@ -109,6 +109,32 @@ impl Namespace {
         Ok((plan.session_id, plan.key))
     }
 
+    /// For `detach --all`: when this vmsniff cannot read the namespace's maps (another
+    /// version's, or incomplete), removes that state by name, see [`executor::remove_by_name`].
+    /// Readable or absent state is left to the ordinary detach. Call with the lock held.
+    pub async fn remove_unreadable_state(&self) -> Result<(), SessionError> {
+        let reason = match PinnedMaps::open(&self.kernel.paths) {
+            Ok(_) => return Ok(()),
+            Err(KernelError::AbiMismatch { detail, .. }) => detail,
+            Err(e) => return Err(e.into()),
+        };
+        let root = self.kernel.paths.root().display();
+        log::warn!("vmsniff's state at {root} is not this vmsniff's to read ({reason}): removing it by name");
+        let (removed, failures) = executor::remove_by_name(&self.kernel).await;
+        if !failures.is_empty() {
+            return Err(SessionError::DetachIncomplete {
+                failures: failures.iter().map(|e| chain(e)).collect(),
+            });
+        }
+        log::info!(
+            "removed vmsniff's {} tc filter(s), {} GRE device(s) and pins at {root}; clsact qdiscs \
+             stay (the maps said which were vmsniff's; an empty one changes nothing)",
+            removed.filters,
+            removed.devices,
+        );
+        Ok(())
+    }
+
     /// Plans and applies the removal of `ids`. Call with the lock held.
     pub async fn detach(&self, ids: &BTreeSet<u32>) -> Result<(), SessionError> {
         let observed = self.observe()?;

@@ -13,8 +13,8 @@ pub enum KernelError {
     },
     #[error(
         "vmsniff's pinned maps at {} do not match this vmsniff ({detail}); they were made by \
-         another version: detach their sessions with that version, or remove the directory once \
-         no mirror there is needed",
+         another version: detach their sessions with that version, or remove them all with \
+         `vmsniff detach --all`",
         path.display()
     )]
     AbiMismatch { path: PathBuf, detail: String },

@@ -14,6 +14,11 @@ pub async fn run(sources: &Sources, args: DetachArgs) -> anyhow::Result<()> {
     args.sessions.check()?;
     let namespace = Namespace::open()?;
     let _lock = namespace.lock()?;
+    // Only --all can remove state this vmsniff cannot read: it needs no record of which session
+    // is which. What is left afterwards (OVS sessions) is detached as usual.
+    if args.sessions.all {
+        namespace.remove_unreadable_state().await?;
+    }
     namespace.clean_orphans().await?;
     let observed = namespace.observe()?;
     let ovs = super::ovs::select(sources, &args.sessions)?.filter(|(_, ids)| !ids.is_empty());
