@@ -223,7 +223,8 @@ async fn apply_attach_step(
 /// slow for the daemon's re-attach after a VM reboots. So the first load in a namespace pins
 /// the programs beside its maps (they go with them when the last session does), and later
 /// attaches take them from there. The pins are per build of the object, so a new vmsniff never
-/// attaches an older build's programs.
+/// attaches an older build's programs. Nor one of another ABI: a build's programs are bound
+/// to the maps `PinnedMaps::open` accepted, so they need no version check of their own.
 struct Programs<'a> {
     paths: &'a PinPaths,
     /// The embedded object, loaded (with the namespace's pinned maps) only when a program is
@@ -447,7 +448,7 @@ pub struct RemovedByName {
     pub devices: usize,
 }
 
-/// Removes vmsniff's state in the namespace without reading its maps (another version's, or
+/// Removes vmsniff's state in the namespace without reading its maps (another ABI version's, or
 /// incomplete), by what every version names alike: cls_bpf filters running vmsniff's programs,
 /// on any interface; devices with a vmsniff GRE device's name and alias; then the pin
 /// directory, whose TCX link pins are the TCX attachments. The pins go only when everything
