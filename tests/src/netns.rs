@@ -80,6 +80,22 @@ impl Netns {
         names
     }
 
+    /// Names of the TCX programs on both hooks of an interface inside (none on kernels without
+    /// TCX).
+    pub fn tcx_programs(&self, dev: &str) -> Vec<String> {
+        let dev = dev.to_owned();
+        self.enter(move || {
+            use aya::programs::{SchedClassifier, TcAttachType};
+            let mut names = Vec::new();
+            for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+                if let Ok((_, programs)) = SchedClassifier::query_tcx(&dev, hook) {
+                    names.extend(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()));
+                }
+            }
+            names
+        })
+    }
+
     /// The ifindex of an interface inside.
     pub fn ifindex(&self, name: &str) -> u32 {
         self.sh(&format!("cat /sys/class/net/{name}/ifindex")).trim().parse().expect("ifindex")

@@ -23,23 +23,9 @@ fn assert_nothing_left(ns: &Netns, links_before: &[String]) {
         let filters = run("tc", &["-n", &ns.name, "filter", "show", "dev", TAP, hook]);
         assert!(!filters.contains("vmsniff"), "a vmsniff filter is left on {hook}: {filters}");
     }
-    let tcx = tcx_programs(ns);
+    let tcx = ns.tcx_programs(TAP);
     assert!(tcx.is_empty(), "TCX programs left on the tap: {tcx:?}");
     assert_eq!(ns.link_names(), links_before, "detach changed the namespace's interfaces");
-}
-
-/// Names of TCX programs on both hooks of the tap (empty on kernels without TCX).
-fn tcx_programs(ns: &Netns) -> Vec<String> {
-    ns.enter(|| {
-        use aya::programs::{SchedClassifier, TcAttachType};
-        let mut names = Vec::new();
-        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-            if let Ok((_, programs)) = SchedClassifier::query_tcx(TAP, hook) {
-                names.extend(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()));
-            }
-        }
-        names
-    })
 }
 
 fn counters(ns: &Netns, id: u32, direction: &str) -> (u64, u64, u64) {

@@ -1,10 +1,14 @@
 //! Bad input and broken environments: a clear error naming the fix, a non-zero exit, and the
 //! system exactly as it was.
-use std::time::Duration;
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::expect_used, reason = "a failed step fails the test")]
+use std::{path::PathBuf, time::Duration};
 
+use aya::maps::{Array, Map, MapData};
+use vmsniff_ebpf::{ABI_VERSION, map_name};
 use vmsniff_tests::{
     netns::Netns,
-    privileged_on_host, skip,
+    privileged_on_host, run, skip,
     topology::{Hypervisor, MIRROR_DEV, TAP},
     vmsniff,
 };
@@ -188,5 +192,121 @@ fn mirror_detaches_everything_on_sigterm() {
         assert!(!hv.ns.pin_dir().exists(), "mirror left pins after SIGTERM");
         let (_, filters, _) = hv.ns.try_sh(&format!("tc filter show dev {TAP} ingress"));
         assert!(!filters.contains("vmsniff"));
+    }
+}
+
+/// The namespace's ABI version record, pinned beside vmsniff's maps.
+fn abi_record(ns: &Netns) -> PathBuf {
+    ns.pin_dir().join("maps").join(map_name::ABI)
+}
+
+fn open_abi_record(ns: &Netns) -> Array<MapData, u32> {
+    let data = MapData::from_pin(abi_record(ns)).expect("the ABI version record");
+    Array::try_from(Map::Array(data)).expect("a u32 array")
+}
+
+/// What vmsniff made in a namespace, as the kernel shows it: filters on the tap and the
+/// mirror device, TCX programs on the tap, interfaces, pins.
+fn kernel_view(ns: &Netns) -> String {
+    let mut view = String::new();
+    for (dev, hook) in [(TAP, "ingress"), (TAP, "egress"), (MIRROR_DEV, "egress")] {
+        view += &run("tc", &["-n", &ns.name, "filter", "show", "dev", dev, hook]);
+    }
+    view += &format!("{:?} {:?}\n", ns.tcx_programs(TAP), ns.link_names());
+    if ns.pin_dir().exists() {
+        view += &run("find", &[&ns.pin_dir().to_string_lossy()]);
+    }
+    view
+}
+
+#[test]
+fn state_of_another_abi_version_is_refused_untouched_and_detach_all_removes_it() {
+    if !privileged_on_host(
+        "state_of_another_abi_version_is_refused_untouched_and_detach_all_removes_it",
+        "the version record is vmsniff's own bookkeeping; the tc and TCX detach it ends with is \
+         checked in every guest by datapath/both_directions_arrive_byte_identical_in_order_with_matching_counters",
+    ) {
+        return;
+    }
+    let other = ABI_VERSION + 1;
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let hv = Hypervisor::new();
+        hv.mirror_port();
+        let before = hv.ns.link_names();
+        let attach = ["attach", "--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode];
+        let id = vmsniff::attach(&hv.ns, &attach[1..]);
+        assert_eq!(open_abi_record(&hv.ns).get(&0, 0).unwrap(), ABI_VERSION, "attach records its version");
+        open_abi_record(&hv.ns).set(0, other, 0).unwrap();
+        // That version's GRE device as detach finds it by name and alias (a veth: this kernel may
+        // have no ip_gre), and a device with the name but not the alias, which is not vmsniff's.
+        hv.ns.sh("ip link add vms9-in type veth peer name vms9-peer
+             ip link set vms9-in alias 'vmsniff session 9 in'
+             ip link add vms8-in type veth peer name vms8-peer");
+        let view = kernel_view(&hv.ns);
+
+        let id = id.to_string();
+        for args in [
+            &["status"][..],
+            &["status", "--json"],
+            &attach,
+            &["attach", "--tap", TAP, "--to-dev", MIRROR_DEV, "--direction", "in"],
+            &["update", &id, "--snaplen", "96"],
+            &["detach", &id],
+        ] {
+            let err = vmsniff::fails(&hv.ns, args);
+            for needle in [
+                format!("ABI version {other},"),
+                format!("this vmsniff is of ABI version {ABI_VERSION}"),
+                "changed nothing".into(),
+                "`vmsniff detach --all`".into(),
+            ] {
+                assert!(err.contains(&needle), "vmsniff {args:?}: {needle:?} not in {err}");
+            }
+            assert_eq!(kernel_view(&hv.ns), view, "vmsniff {args:?} changed the kernel's state");
+        }
+
+        // The fix the message names: this vmsniff's `detach --all` removes it by name.
+        let out = vmsniff::run(&hv.ns, &["detach", "--all"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let filters = if mode == "tcx" { 1 } else { 3 };
+        assert!(err.contains("removing it by name"), "{err}");
+        assert!(err.contains(&format!("removed vmsniff's {filters} tc filter(s), 1 GRE device(s)")), "{err}");
+        assert!(!hv.ns.pin_dir().exists(), "detach --all left pins");
+        let view = kernel_view(&hv.ns);
+        assert!(!view.contains("vmsniff"), "detach --all left a filter or TCX program: {view}");
+        hv.ns.sh("ip link del vms8-in");
+        assert_eq!(hv.ns.link_names(), before);
+
+        vmsniff::attach(&hv.ns, &attach[1..]);
+        vmsniff::ok(&hv.ns, &["detach", "--all"]);
+        assert!(!hv.ns.pin_dir().exists());
+    }
+}
+
+#[test]
+fn state_of_the_release_before_version_records_is_used_and_then_recorded() {
+    if !privileged_on_host(
+        "state_of_the_release_before_version_records_is_used_and_then_recorded",
+        "the version record is vmsniff's own bookkeeping",
+    ) {
+        return;
+    }
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let hv = Hypervisor::new();
+        hv.mirror_port();
+        let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
+        // What a vmsniff from before version records left: the same maps, no record.
+        std::fs::remove_file(abi_record(&hv.ns)).unwrap();
+
+        assert_eq!(vmsniff::session(&hv.ns, id)["state"], "active");
+        assert!(!abi_record(&hv.ns).exists(), "status wrote the record: it changes nothing");
+        vmsniff::ok(&hv.ns, &["update", &id.to_string(), "--snaplen", "96"]);
+        assert_eq!(open_abi_record(&hv.ns).get(&0, 0).unwrap(), ABI_VERSION, "a change records the version");
+        assert_eq!(vmsniff::session(&hv.ns, id)["snaplen"], 96);
+        vmsniff::ok(&hv.ns, &["detach", "--all"]);
+        assert!(!hv.ns.pin_dir().exists());
     }
 }

@@ -8,9 +8,13 @@
 
 pub mod filter;
 
-/// Bumped whenever a layout below changes. Pinned maps of another version are refused by
-/// userspace instead of being misread.
+/// Bumped whenever a layout below changes. Userspace records it beside the maps it creates
+/// ([`map_name::ABI`]) and refuses pinned maps of another version instead of misreading them.
 pub const ABI_VERSION: u32 = 2;
+
+/// The version of maps pinned before the record existed (no [`map_name::ABI`] pin): those
+/// releases had this ABI, so their maps count as this version when their value sizes match.
+pub const ABI_VERSION_UNRECORDED: u32 = 2;
 
 /// Session ids are 1..=1023: they must fit ERSPAN's 10-bit session id. Slot 0 is never used.
 pub const MAX_SESSION_ID: u32 = 1023;
@@ -32,13 +36,18 @@ pub mod map_name {
     pub const SCRATCH: &str = "VMSNIFF_SCRATCH";
     /// Per-CPU: the copy being cloned right now, for the copy program on the target.
     pub const IN_FLIGHT: &str = "VMSNIFF_IN_FLIGHT";
+    /// A one-entry u32 array, pinned beside the maps: the [`ABI_VERSION`](crate::ABI_VERSION)
+    /// of the vmsniff that created them. Userspace's alone (no program reads it), and its name
+    /// and layout never change, so that every version can read every other's.
+    pub const ABI: &str = "VMSNIFF_ABI";
     /// The maps that hold state and are pinned.
     /// IN_FLIGHT too: the tap programs of one attach and the copy program of another must
     /// share it.
     pub const PINNED: [&str; 6] = [SESSIONS, TAPS, COUNTERS, FILTERS, RATE, IN_FLIGHT];
 }
 
-/// Program names, as the eBPF object defines them.
+/// Program names, as the eBPF object defines them. `detach --all` of any version finds tc
+/// filters by them in state it cannot read, so they keep their names across versions.
 pub mod program_name {
     /// Runs on the tap's tc ingress hook: frames the VM sends (`out`).
     pub const TAP_INGRESS: &str = "vmsniff_tap_ingress";
@@ -46,6 +55,7 @@ pub mod program_name {
     pub const TAP_EGRESS: &str = "vmsniff_tap_egress";
     /// Runs on the egress hook of each target device: cuts copies to the session's snaplen.
     pub const COPY_EGRESS: &str = "vmsniff_copy_egress";
+    pub const ALL: [&str; 3] = [TAP_INGRESS, TAP_EGRESS, COPY_EGRESS];
 }
 
 /// Direction as the operator sees it, relative to the VM.

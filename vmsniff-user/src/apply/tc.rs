@@ -14,7 +14,7 @@ use aya::programs::{
 };
 use futures::TryStreamExt as _;
 use netlink_packet_route::tc::{TcAttribute, TcHandle as NlTcHandle, TcMessage};
-use vmsniff_ebpf::TcHook;
+use vmsniff_ebpf::{TcHook, program_name};
 
 use crate::sys::KernelError;
 use crate::{
@@ -250,6 +250,23 @@ async fn bpf_filters(
                 })
                 .unwrap_or_default();
             (priority, handle, name)
+        })
+        .collect())
+}
+
+/// vmsniff's cls_bpf filters on one hook of an interface, known by their programs' names alone:
+/// (priority, handle, program). For state whose records this vmsniff cannot read.
+pub async fn filters_by_program_name(
+    netlink: &Netlink,
+    ifindex: u32,
+    hook: TcHook,
+) -> Result<Vec<(u16, u32, &'static str)>, KernelError> {
+    Ok(bpf_filters(netlink, ifindex, hook)
+        .await?
+        .into_iter()
+        .filter_map(|(priority, handle, name)| {
+            let program = program_name::ALL.into_iter().find(|program| runs_program(&name, program))?;
+            Some((priority, handle, program))
         })
         .collect())
 }

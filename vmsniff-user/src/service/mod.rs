@@ -124,6 +124,11 @@ impl Service {
     /// The sessions a selection names, in both modes, removed; an error when it names nothing.
     pub async fn detach(&self, selection: &Selection) -> anyhow::Result<Detached> {
         let _lock = self.namespace.lock()?;
+        // Only `--all` can remove state this vmsniff cannot read (another ABI version's): it
+        // needs no record of which session is which.
+        if *selection == Selection::All {
+            self.namespace.remove_unreadable_state().await?;
+        }
         self.namespace.clean_orphans().await?;
         let observed = self.namespace.observe()?;
         let ovs = self.ovs_candidates().await?;

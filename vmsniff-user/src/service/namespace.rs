@@ -79,8 +79,11 @@ impl Namespace {
     }
 
     /// Removes what crashed runs left: sessions whose owner died, tap entries without sessions.
-    /// Call with the lock held.
+    /// First records the ABI version of maps made before version records, so that the first
+    /// change by this release (the daemon's adoption after an upgrade) writes it. Refuses maps
+    /// of another version. Call with the lock held.
     pub async fn clean_orphans(&self) -> Result<(), SessionError> {
+        PinnedMaps::record_version(&self.kernel.paths)?;
         let observed = self.observe()?;
         let empty_taps = observed.taps.values().filter(|t| t.session_count() == 0).count();
         if observed.orphaned.is_empty() && empty_taps == 0 {
@@ -107,6 +110,35 @@ impl Namespace {
         log::debug!("attach plan: {plan:#?}");
         executor::apply_attach(&self.kernel, &plan).await?;
         Ok((plan.session_id, plan.key))
+    }
+
+    /// For `detach --all`: when this vmsniff cannot read the namespace's maps (another ABI
+    /// version's, or incomplete), removes that state by name, see [`executor::remove_by_name`].
+    /// Readable or absent state is left to the ordinary detach. Call with the lock held.
+    pub async fn remove_unreadable_state(&self) -> Result<(), SessionError> {
+        let reason = match PinnedMaps::open(&self.kernel.paths) {
+            Ok(_) => return Ok(()),
+            Err(KernelError::AbiVersion { found, ours, .. }) => {
+                format!("made by ABI version {found}, this vmsniff is of ABI version {ours}")
+            }
+            Err(KernelError::AbiMismatch { detail, .. }) => detail,
+            Err(e) => return Err(e.into()),
+        };
+        let root = self.kernel.paths.root().display();
+        log::warn!("vmsniff's state at {root} is not this vmsniff's to read ({reason}): removing it by name");
+        let (removed, failures) = crate::apply::cleanup::remove_by_name(&self.kernel).await;
+        if !failures.is_empty() {
+            return Err(SessionError::DetachIncomplete {
+                failures: failures.iter().map(|e| chain(e)).collect(),
+            });
+        }
+        log::info!(
+            "removed vmsniff's {} tc filter(s), {} GRE device(s) and pins at {root}; clsact qdiscs \
+             stay (the maps said which were vmsniff's; an empty one changes nothing)",
+            removed.filters,
+            removed.devices,
+        );
+        Ok(())
     }
 
     /// Plans and applies the removal of `ids`. Call with the lock held.

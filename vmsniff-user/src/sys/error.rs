@@ -13,11 +13,20 @@ pub enum KernelError {
     },
     #[error(
         "vmsniff's pinned maps at {} do not match this vmsniff ({detail}); they were made by \
-         another version: detach their sessions with that version, or remove the directory once \
-         no mirror there is needed",
+         another version: detach their sessions with that version, or remove them all with \
+         `vmsniff detach --all`",
         path.display()
     )]
     AbiMismatch { path: PathBuf, detail: String },
+    #[error(
+        "vmsniff's state at {} was made by a vmsniff of ABI version {found}{}, and this vmsniff \
+         is of ABI version {ours}: it cannot read that state and changed nothing. Detach those \
+         sessions with the vmsniff that made them, or remove them all with `vmsniff detach \
+         --all` (this one finds another version's tc filters, GRE devices and pins by name)",
+        path.display(),
+        if *recorded { "" } else { " (made before versions were recorded)" }
+    )]
+    AbiVersion { path: PathBuf, found: u32, recorded: bool, ours: u32 },
     #[error(
         "this kernel cannot create GRE devices (the ip_gre module is missing); load it with \
          `modprobe ip_gre`, or mirror into a local interface with --to-dev"

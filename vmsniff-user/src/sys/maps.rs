@@ -3,10 +3,11 @@ use std::{fs, io, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
 };
 use vmsniff_ebpf::{
-    Direction, DirectionCounters, SESSION_FREE, SessionConfig, TapSessions, TokenBucket, counter_index,
+    ABI_VERSION, ABI_VERSION_UNRECORDED, Direction, DirectionCounters, SESSION_FREE, SessionConfig,
+    TapSessions, TokenBucket, counter_index,
     filter::{Filter, filter_index},
     map_name,
 };
@@ -34,9 +35,11 @@ pub struct PinnedMaps {
 }
 
 impl PinnedMaps {
-    /// Opens the namespace's pinned maps; `None` when vmsniff has no state here.
+    /// Opens the namespace's pinned maps; `None` when vmsniff has no state here. Maps of another
+    /// ABI version are refused (see [`judge_abi`]).
     pub fn open(paths: &PinPaths) -> Result<Option<Self>, KernelError> {
         let names = map_name::PINNED;
+        // A version record without maps describes nothing (see `load_object`).
         let present = names.iter().filter(|n| paths.map(n).exists()).count();
         if present == 0 {
             return Ok(None);
@@ -47,22 +50,29 @@ impl PinnedMaps {
                 detail: "some of vmsniff's maps are missing".into(),
             });
         }
+        let recorded = read_abi_record(paths)?;
         let open = |name: &str| {
             MapData::from_pin(paths.map(name))
                 .map_err(KernelError::map(format!("opening pinned map {}", paths.map(name).display())))
         };
-        let mismatch = |e: aya::maps::MapError| KernelError::AbiMismatch {
-            path: paths.maps_dir(),
-            detail: e.to_string(),
-        };
-        Ok(Some(Self {
-            sessions: Array::try_from(aya::maps::Map::Array(open(map_name::SESSIONS)?)).map_err(mismatch)?,
-            taps: HashMap::try_from(aya::maps::Map::HashMap(open(map_name::TAPS)?)).map_err(mismatch)?,
-            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(map_name::COUNTERS)?))
-                .map_err(mismatch)?,
-            filters: Array::try_from(aya::maps::Map::Array(open(map_name::FILTERS)?)).map_err(mismatch)?,
-            rate: Array::try_from(aya::maps::Map::Array(open(map_name::RATE)?)).map_err(mismatch)?,
-        }))
+        let (sessions, taps, counters, filters, rate) = (
+            open(map_name::SESSIONS)?,
+            open(map_name::TAPS)?,
+            open(map_name::COUNTERS)?,
+            open(map_name::FILTERS)?,
+            open(map_name::RATE)?,
+        );
+        // Typing a map checks its key and value sizes; nothing is read from it.
+        let typed = (|| {
+            Ok::<_, aya::maps::MapError>(Self {
+                sessions: Array::try_from(Map::Array(sessions))?,
+                taps: HashMap::try_from(Map::HashMap(taps))?,
+                counters: PerCpuArray::try_from(Map::PerCpuArray(counters))?,
+                filters: Array::try_from(Map::Array(filters))?,
+                rate: Array::try_from(Map::Array(rate))?,
+            })
+        })();
+        judge_abi(paths, recorded, typed.map_err(|e| e.to_string()), ABI_VERSION).map(Some)
     }
 
     /// Loads the eBPF object with its maps bound to the namespace's pins (created when absent,
@@ -71,6 +81,18 @@ impl PinnedMaps {
         if Self::open(paths)?.is_none() {
             fs::create_dir_all(paths.maps_dir())
                 .map_err(KernelError::io(format!("creating {}", paths.maps_dir().display())))?;
+            let record = paths.map(map_name::ABI);
+            // A record without maps is what a run that died between pinning the two left.
+            match fs::remove_file(&record) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(KernelError::io(format!("removing {}", record.display()))(e));
+                }
+                _ => {}
+            }
+            // The record before the maps it describes, so that no version ever sees them
+            // unrecorded. On a first attach this is inside its undo: a failure removes the whole
+            // pin directory.
+            write_abi_record(&record)?;
         }
         let mut loader = EbpfLoader::new();
         for name in map_name::PINNED {
@@ -80,6 +102,16 @@ impl PinnedMaps {
             op: "loading vmsniff's eBPF object".into(),
             source: Box::new(source),
         })
+    }
+
+    /// Gives maps of the release before version records (which `open` judged ours) their
+    /// record. For commands that change state, under the lock: `status` changes nothing.
+    pub fn record_version(paths: &PinPaths) -> Result<(), KernelError> {
+        let record = paths.map(map_name::ABI);
+        if Self::open(paths)?.is_some() && !record.exists() {
+            write_abi_record(&record)?;
+        }
+        Ok(())
     }
 
     /// The state the planner works from.
@@ -122,6 +154,49 @@ impl PinnedMaps {
     }
 }
 
+/// Whether this vmsniff, of ABI `ours`, may use a namespace's maps: `recorded` is their version
+/// record (`None`: there is none), `maps` the maps typed with this vmsniff's layouts, or why
+/// they do not fit. A recorded version decides alone, since a layout change need not change a
+/// size. Without a record the maps are the release before records' if they fit its layouts.
+pub fn judge_abi<T>(
+    paths: &PinPaths,
+    recorded: Option<u32>,
+    maps: Result<T, String>,
+    ours: u32,
+) -> Result<T, KernelError> {
+    let refuse =
+        |found, recorded| KernelError::AbiVersion { path: paths.root().into(), found, recorded, ours };
+    match (recorded, maps) {
+        (Some(found), _) if found != ours => Err(refuse(found, true)),
+        (None, Ok(_)) if ABI_VERSION_UNRECORDED != ours => Err(refuse(ABI_VERSION_UNRECORDED, false)),
+        (_, Ok(maps)) => Ok(maps),
+        (_, Err(detail)) => Err(KernelError::AbiMismatch { path: paths.maps_dir(), detail }),
+    }
+}
+
+/// The ABI version the namespace's record holds; `None` when it has none.
+fn read_abi_record(paths: &PinPaths) -> Result<Option<u32>, KernelError> {
+    let path = paths.map(map_name::ABI);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path).map_err(KernelError::map(format!("opening {}", path.display())))?;
+    let record: Array<MapData, u32> = Array::try_from(Map::Array(data)).map_err(|e| {
+        KernelError::AbiMismatch { path: paths.maps_dir(), detail: format!("the version record: {e}") }
+    })?;
+    record.get(&0, 0).map(Some).map_err(KernelError::map(format!("reading {}", path.display())))
+}
+
+/// Pins a version record holding this vmsniff's ABI version at `path`. A map of its own rather
+/// than an entry in another: every version can read it whatever the other maps' layouts.
+/// Written before it is pinned, so that nobody sees it empty.
+fn write_abi_record(path: &Path) -> Result<(), KernelError> {
+    let op = || format!("recording vmsniff's ABI version in {}", path.display());
+    let mut record = Array::<MapData, u32>::create(1, 0).map_err(KernelError::map(op()))?;
+    record.set(0, ABI_VERSION, 0).map_err(KernelError::map(op()))?;
+    record.pin(path).map_err(|e| KernelError::Io { op: op(), source: io::Error::other(e) })
+}
+
 /// Removes the namespace's pin directory (maps and TCX link pins), and vmsniff's directory on
 /// bpffs when no other namespace has pins there. Only called, with the lock held, once no
 /// session and no tap entry is left.
@@ -145,4 +220,64 @@ pub fn remove_pins(paths: &PinPaths) -> Result<(), KernelError> {
 
 fn process_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> PinPaths {
+        PinPaths::for_netns(Path::new(crate::sys::paths::BPFFS), 4026532000)
+    }
+
+    fn judge(recorded: Option<u32>, maps: Result<(), &str>, ours: u32) -> Result<(), String> {
+        judge_abi(&paths(), recorded, maps.map_err(String::from), ours).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn maps_of_this_version_are_used() {
+        assert_eq!(judge(Some(ABI_VERSION), Ok(()), ABI_VERSION), Ok(()));
+    }
+
+    #[test]
+    fn maps_of_the_release_before_records_are_used_when_their_layouts_fit() {
+        assert_eq!(ABI_VERSION_UNRECORDED, 2);
+        assert_eq!(judge(None, Ok(()), 2), Ok(()));
+        let err = judge(None, Err("invalid value size 120, expected 128"), 2).unwrap_err();
+        assert!(err.contains("value size 120") && err.contains("detach --all"), "{err}");
+    }
+
+    #[test]
+    fn another_recorded_version_is_refused_naming_both_versions_and_the_fix() {
+        for (found, ours) in [(3, 2), (1, 2), (2, 3)] {
+            let err = judge(Some(found), Ok(()), ours).unwrap_err();
+            assert!(err.contains(&format!("ABI version {found},")), "{err}");
+            assert!(err.contains(&format!("this vmsniff is of ABI version {ours}")), "{err}");
+            assert!(err.contains("/sys/fs/bpf/vmsniff/4026532000"), "{err}");
+            assert!(err.contains("changed nothing"), "{err}");
+            assert!(err.contains("with the vmsniff that made them"), "{err}");
+            assert!(err.contains("`vmsniff detach --all`"), "{err}");
+            assert!(!err.contains("before versions were recorded"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_recorded_version_decides_before_the_layouts() {
+        let err = judge(Some(3), Err("invalid value size 120, expected 128"), 2).unwrap_err();
+        assert!(err.contains("ABI version 3") && !err.contains("value size"), "{err}");
+    }
+
+    #[test]
+    fn a_later_version_refuses_unrecorded_maps_as_the_release_before_records() {
+        let err = judge(None, Ok(()), 3).unwrap_err();
+        assert!(err.contains("ABI version 2 (made before versions were recorded)"), "{err}");
+        assert!(err.contains("this vmsniff is of ABI version 3"), "{err}");
+        assert_eq!(judge(Some(3), Ok(()), 3), Ok(()));
+    }
+
+    #[test]
+    fn this_version_with_layouts_that_do_not_fit_is_a_layout_mismatch() {
+        let err = judge(Some(2), Err("invalid value size 120, expected 128"), 2).unwrap_err();
+        assert!(err.contains("do not match this vmsniff (invalid value size 120"), "{err}");
+    }
 }

@@ -75,6 +75,17 @@ pub fn gre_device_alias(session_id: u32, direction: Direction) -> String {
     format!("vmsniff session {session_id} {}", direction.as_str())
 }
 
+/// The session and direction of a device that carries both vmsniff's GRE device name and its
+/// alias ([`gre_device_name`], [`gre_device_alias`]); `None` for any other device.
+pub fn gre_device_session(name: &str, alias: Option<&str>) -> Option<(u32, Direction)> {
+    Direction::ALL.into_iter().find_map(|direction| {
+        let id = name.strip_prefix("vms")?.strip_suffix(&format!("-{}", direction.as_str()))?.parse().ok()?;
+        let ours =
+            gre_device_name(id, direction) == name && alias == Some(gre_device_alias(id, direction).as_str());
+        ours.then_some((id, direction))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +105,19 @@ mod tests {
         assert_eq!(gre_device_name(1, Direction::Out), "vms1-out");
         assert!(gre_device_name(vmsniff_ebpf::MAX_SESSION_ID, Direction::Out).len() < 16);
         assert_ne!(gre_device_name(3, Direction::In), gre_device_name(3, Direction::Out));
+    }
+
+    #[test]
+    fn gre_devices_are_known_by_name_and_alias_together() {
+        for (id, direction) in [(1, Direction::Out), (1023, Direction::In)] {
+            let (name, alias) = (gre_device_name(id, direction), gre_device_alias(id, direction));
+            assert_eq!(gre_device_session(&name, Some(&alias)), Some((id, direction)));
+        }
+        assert_eq!(gre_device_session("vms3-in", None), None);
+        assert_eq!(gre_device_session("vms3-in", Some("vmsniff session 3 out")), None);
+        assert_eq!(gre_device_session("vms3-in", Some("vmsniff session 4 in")), None);
+        assert_eq!(gre_device_session("vms+3-in", Some("vmsniff session 3 in")), None);
+        assert_eq!(gre_device_session("vms03-in", Some("vmsniff session 3 in")), None);
+        assert_eq!(gre_device_session("gre0", Some("vmsniff session 3 in")), None);
     }
 }
