@@ -112,6 +112,48 @@ fn a_kernel_without_gre_gets_a_clear_error_and_nothing_is_left() {
 }
 
 #[test]
+fn a_held_lock_is_waited_for_a_bounded_time_and_its_holder_named() {
+    if !privileged_on_host(
+        "a_held_lock_is_waited_for_a_bounded_time_and_its_holder_named",
+        "the host-wide lock file and its error, before any kernel object is touched",
+    ) {
+        return;
+    }
+    let hv = Hypervisor::new();
+    hv.mirror_port();
+    let before = hv.ns.link_names();
+    // Someone else holds vmsniff's lock (util-linux flock: flock(2), as vmsniff takes it).
+    let mut holder = std::process::Command::new("flock")
+        .args(["--no-fork", "/run/lock/vmsniff.lock", "sleep", "30"])
+        .spawn()
+        .expect("util-linux flock");
+    let locks_held =
+        || std::fs::read_to_string("/proc/locks").unwrap_or_default().contains(&format!(" {} ", holder.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !locks_held() {
+        assert!(std::time::Instant::now() < deadline, "flock never took the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let bin = vmsniff::binary();
+    let started = std::time::Instant::now();
+    let out = hv.ns.enter(move || {
+        std::process::Command::new(bin)
+            .args(["attach", "--tap", TAP, "--to-dev", MIRROR_DEV])
+            .env("VMSNIFF_LOCK_WAIT", "1")
+            .output()
+            .expect("start vmsniff")
+    });
+    let took = started.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach went ahead under someone else's lock");
+    assert!(err.contains(&format!("pid {}", holder.id())) && err.contains("nothing was changed"), "{err}");
+    assert!(took < Duration::from_secs(10), "waited {took:?}");
+    assert_untouched(&hv.ns, &before);
+}
+
+#[test]
 fn the_same_mirror_twice_is_refused_and_changes_nothing() {
     if !privileged_on_host(
         "the_same_mirror_twice_is_refused_and_changes_nothing",

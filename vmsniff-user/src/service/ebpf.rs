@@ -67,7 +67,7 @@ impl Service {
             owner,
             now: now(),
         };
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         self.namespace.clean_orphans().await?;
         let reserved = self.ovs_reserved_ids().await;
         let (id, key) = self.namespace.attach(&request, reserved).await?;
@@ -91,7 +91,7 @@ impl Service {
     /// Moves session `id` to its VM's new tap, keeping id and counters; `false` when it is on
     /// that tap already.
     pub async fn rehome(&self, id: u32, tap: &Tap, spec: &MirrorSpec) -> anyhow::Result<bool> {
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         let observed = self.namespace.observe()?;
         let mode = spec.attach_mode.unwrap_or_default();
         let Some(plan) = plan_rehome(id, tap, mode, tcx_supported(), &observed)? else { return Ok(false) };

@@ -123,7 +123,7 @@ impl Service {
 
     /// The sessions a selection names, in both modes, removed; an error when it names nothing.
     pub async fn detach(&self, selection: &Selection) -> anyhow::Result<Detached> {
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         // Only `--all` can remove state this vmsniff cannot read (another ABI version's): it
         // needs no record of which session is which.
         if *selection == Selection::All {
@@ -151,7 +151,7 @@ impl Service {
 
     /// Removes eBPF sessions `ids` (a daemon's own).
     pub async fn detach_ebpf(&self, ids: &BTreeSet<u32>) -> Result<(), SessionError> {
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         self.namespace.detach(ids).await
     }
 
@@ -160,7 +160,7 @@ impl Service {
         if change.is_empty() {
             return Err(UpdateError::Nothing.into());
         }
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         self.namespace.clean_orphans().await?;
         let observed = self.namespace.observe()?;
         let candidates = select::Candidates { taps: ebpf::recorded_taps(&observed) };
@@ -177,7 +177,7 @@ impl Service {
             sample_every: Some(c.sample_every),
             rate_limit: Some(c.rate_limit),
         };
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         let observed = self.namespace.observe()?;
         self.update_sessions(&BTreeSet::from([id]), &change, &observed)?;
         Ok(())
@@ -185,7 +185,7 @@ impl Service {
 
     /// Removes what crashed runs left, then reads vmsniff's eBPF state.
     pub async fn clean_and_observe(&self) -> Result<Observed, SessionError> {
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         self.namespace.clean_orphans().await?;
         self.namespace.observe()
     }

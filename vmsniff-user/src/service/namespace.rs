@@ -15,6 +15,7 @@ use crate::{
     },
     sys::{
         KernelError, bpffs,
+        lock::{self, StateLock},
         maps::PinnedMaps,
         netlink::Netlink,
         netns,
@@ -66,8 +67,8 @@ impl Namespace {
         Ok(Self { kernel: Kernel { netlink, paths: PinPaths::for_netns(bpffs, inode) } })
     }
 
-    pub fn lock(&self) -> Result<bpffs::StateLock, SessionError> {
-        Ok(bpffs::lock()?)
+    pub async fn lock(&self) -> Result<StateLock, SessionError> {
+        Ok(lock::lock().await?)
     }
 
     /// vmsniff's state here; empty when it has none.

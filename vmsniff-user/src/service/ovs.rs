@@ -163,7 +163,7 @@ impl Service {
         cancel: &Cancel,
     ) -> anyhow::Result<Attached> {
         // Session ids are shared with eBPF mode: hold the same lock while choosing one.
-        let _lock = self.namespace.lock()?;
+        let _lock = self.namespace.lock().await?;
         self.namespace.clean_orphans().await?;
         let (plan, what) = self.plan_ovs(spec, resolved, keeper).await?;
         let (cancel, id) = (cancel.clone(), plan.id);

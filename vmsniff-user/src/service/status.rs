@@ -12,7 +12,7 @@ use crate::{
     observe::{status::Status, vm_names},
     ovs::status::{OvsSessionStatus, session_status},
     plan::detach::ifname,
-    sys::{bpffs, maps::PinnedMaps},
+    sys::{lock, maps::PinnedMaps},
 };
 
 /// Both modes' sessions.
@@ -55,7 +55,7 @@ impl Service {
     /// Every session, or those of one VM (`vm`: its selector and NIC choice).
     pub async fn status(&self, vm: Option<(&str, NicChoice)>) -> anyhow::Result<StatusReport> {
         let kernel = &self.namespace.kernel;
-        let lock = bpffs::read_lock()?;
+        let lock = lock::read_lock().await?;
         let maps = PinnedMaps::open(&kernel.paths)?;
         let observed = self.namespace.observe()?;
         let mut ebpf = crate::observe::status::read(&kernel.netlink, maps.as_ref(), &observed).await?;

@@ -5,6 +5,14 @@ use thiserror::Error;
 /// A kernel operation that failed, with what it was doing and on what.
 #[derive(Debug, Error)]
 pub enum KernelError {
+    #[error(
+        "another vmsniff{} has held {} for {} s: wait for it to finish, or stop it if it hangs \
+         (`ps -p PID`); nothing was changed",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+        path.display(),
+        waited.as_secs()
+    )]
+    LockHeld { path: PathBuf, waited: std::time::Duration, holder: Option<u32> },
     #[error("bpffs is not mounted at {} and vmsniff cannot mount it; mount it with `mount -t bpf bpf {}`", path.display(), path.display())]
     BpffsUnavailable {
         path: PathBuf,
