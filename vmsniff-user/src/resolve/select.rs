@@ -202,6 +202,19 @@ fn suggestions(vms: &[Vm], selector: &str) -> Vec<String> {
     close.into_iter().take(3).map(|(_, name)| name).collect()
 }
 
+/// The NICs a selector and `--nic`/`--mac` stand for: the one named, else all of the VM's.
+pub fn chosen_nics<'a>(
+    selector: &str,
+    found: &Found<'a>,
+    choice: NicChoice,
+) -> Result<Vec<&'a Nic>, SelectError> {
+    Ok(if found.nic.is_some() || choice != NicChoice::Unspecified {
+        vec![choose_nic(selector, found, choice)?]
+    } else {
+        found.vm.xml.nics.iter().collect()
+    })
+}
+
 /// The NIC of a found VM that the selector and `--nic`/`--mac` name.
 pub fn choose_nic<'a>(selector: &str, found: &Found<'a>, choice: NicChoice) -> Result<&'a Nic, SelectError> {
     let vm = found.vm;

@@ -8,7 +8,7 @@ use crate::{
         domain::{Nic, Plug},
         interface::{InterfaceError, ethernet_interface, validate_name},
         libvirt::{Libvirt, LibvirtError, Vm},
-        select::{SelectError, choose_nic, find_vm, mirrorable_tap},
+        select::{SelectError, choose_nic, chosen_nics, find_vm, mirrorable_tap},
     },
 };
 use crate::{
@@ -146,11 +146,7 @@ pub async fn vm_taps(
 ) -> Result<Vec<String>, ResolveError> {
     let vms = read_vms(sources).await?;
     let found = find_vm(&vms, selector)?;
-    let nics: Vec<&Nic> = if found.nic.is_some() || choice != NicChoice::Unspecified {
-        vec![choose_nic(selector, &found, choice)?]
-    } else {
-        found.vm.xml.nics.iter().collect()
-    };
+    let nics = chosen_nics(selector, &found, choice)?;
     Ok(nics.into_iter().filter_map(|n| n.target_dev.clone()).filter(|t| validate_name(t).is_ok()).collect())
 }
 

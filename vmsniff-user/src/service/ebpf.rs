@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Context as _;
 use vmsniff_ebpf::daemon_tag;
 
-use super::{Attached, Destination, Keeper, MirrorSpec, Service, describe, direction_words, now};
+use super::{Attached, Destination, Keeper, MirrorSpec, Service, mirrored, now};
 use crate::{
     apply::executor::{apply_rehome, apply_update},
     model::{
@@ -78,13 +78,7 @@ impl Service {
             Target::Gre { .. } => format!(", ERSPAN session id {key}"),
             Target::LocalDev { .. } => String::new(),
         };
-        let what = format!(
-            "{} ({}) of {} to {}{wire}",
-            request.directions.as_str(),
-            direction_words(request.directions),
-            describe(resolved),
-            request.target,
-        );
+        let what = format!("{} to {}{wire}", mirrored(request.directions, resolved), request.target);
         Ok(Attached { id, mode: Mode::Ebpf, what })
     }
 

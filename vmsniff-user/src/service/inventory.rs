@@ -15,9 +15,9 @@ use crate::{
         path::frame_path,
     },
     resolve::{
-        domain::{Nic, Plug},
+        domain::Plug,
         libvirt::Vm,
-        select::{choose_nic, find_vm},
+        select::{chosen_nics, find_vm},
         vm::{OvsView, ResolveError, Resolved, read_vms, resolve_tap},
     },
     service::namespace::Namespace,
@@ -78,11 +78,7 @@ pub async fn list(sources: &Sources) -> anyhow::Result<Inventory> {
 pub async fn show(sources: &Sources, selector: &str, choice: NicChoice) -> anyhow::Result<Shown> {
     let vms = read_vms(sources).await?;
     let found = find_vm(&vms, selector)?;
-    let nics: Vec<&Nic> = if found.nic.is_some() || choice != NicChoice::Unspecified {
-        vec![choose_nic(selector, &found, choice)?]
-    } else {
-        found.vm.xml.nics.iter().collect()
-    };
+    let nics = chosen_nics(selector, &found, choice)?;
     let vm = found.vm;
     let ovs = read_ovs(sources, std::slice::from_ref(vm)).await;
     let sessions = read_sessions();

@@ -213,6 +213,12 @@ pub fn describe(resolved: &Resolved) -> String {
     }
 }
 
+/// "both (frames the VM sends and receives) of VM c-private NIC 0 (tapX)": the start of every
+/// attach's log line.
+fn mirrored(directions: Directions, resolved: &Resolved) -> String {
+    format!("{} ({}) of {}", directions.as_str(), direction_words(directions), describe(resolved))
+}
+
 pub fn direction_words(directions: Directions) -> &'static str {
     match directions {
         Directions::In => "frames going into the VM",

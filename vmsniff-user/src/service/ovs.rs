@@ -6,9 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Context as _;
 use serde_json::json;
 
-use super::{
-    Attached, Destination, Keeper, MirrorSpec, Service, describe, direction_words, now, select::Candidates,
-};
+use super::{Attached, Destination, Keeper, MirrorSpec, Service, mirrored, now, select::Candidates};
 pub use crate::ovs::{events::OvsEvents, port::OvsPortError, session::OvsSession};
 use crate::{
     model::{cancel::Cancel, error::chain, mirror::Mode, sources::Sources},
@@ -142,10 +140,8 @@ impl Service {
         };
         let plan = plan_ovs_attach(&request, &snapshot, &taken)?;
         let what = format!(
-            "{} ({}) of {} at OVS port {} on {} to {remote} (GRE port {}, key {}; mirror {})",
-            spec.direction.as_str(),
-            direction_words(spec.direction),
-            describe(resolved),
+            "{} at OVS port {} on {} to {remote} (GRE port {}, key {}; mirror {})",
+            mirrored(spec.direction, resolved),
             port.port,
             port.bridge,
             plan.gre_port,
