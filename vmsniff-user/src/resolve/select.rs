@@ -36,6 +36,13 @@ pub enum SelectError {
     )]
     Ambiguous { selector: String, matches: Vec<VmSummary> },
     #[error(
+        "{selector:?} is the {kind} of VM {identified} and also the Nova name of {}; a name a \
+         tenant chose never stands in for an identifier, so vmsniff picks neither: name the VM by \
+         its UUID",
+        named.iter().map(|m| format!("VM {m}")).collect::<Vec<_>>().join(", ")
+    )]
+    NameCollides { selector: String, kind: &'static str, identified: Box<VmSummary>, named: Vec<VmSummary> },
+    #[error(
         "VM {vm} is {}: it has no tap to mirror until it runs (`openstack server start` or \
          `virsh start`)",
         state.as_str()
@@ -133,48 +140,84 @@ impl fmt::Display for NicList {
     }
 }
 
-/// Finds the VM a selector names. Tries, in order: a MAC, a UUID, then Nova and libvirt names,
-/// then a NIC's tap.
+/// Finds the VM a selector names. Identifiers Nova and Neutron assign (a UUID, a MAC, the
+/// libvirt domain, a tap) are matched first and exactly; a Nova name, which the tenant chooses,
+/// never stands in for one. A selector that is one VM's MAC, domain or tap and another VM's
+/// name is refused naming both; a UUID always names its own VM (it is what every refusal tells
+/// the operator to use); a selector shaped like a UUID or a MAC matches no name at all.
 pub fn find_vm<'a>(vms: &'a [Vm], selector: &str) -> Result<Found<'a>, SelectError> {
     let selector = selector.trim();
-    if let Ok(mac) = selector.parse::<Mac>() {
-        let hits: Vec<(&Vm, usize)> = vms
-            .iter()
-            .flat_map(|vm| vm.xml.nics.iter().filter(|n| n.mac == Some(mac)).map(move |n| (vm, n.index)))
-            .collect();
-        return match hits.as_slice() {
-            [(vm, index)] => Ok(Found { vm, nic: Some(*index) }),
-            [] => Err(unknown(vms, selector)),
-            _ => Err(ambiguous(selector, hits.iter().map(|(vm, _)| *vm))),
-        };
-    }
-    if let Some(uuid) = normalize_uuid(selector)
-        && let Some(vm) = vms.iter().find(|vm| normalize_uuid(&vm.xml.uuid).as_deref() == Some(&uuid))
-    {
-        return Ok(Found { vm, nic: None });
-    }
-    let by_name: Vec<&Vm> =
-        vms.iter().filter(|vm| vm.nova_name() == Some(selector) || vm.xml.name == selector).collect();
-    match by_name.as_slice() {
-        [vm] => return Ok(Found { vm, nic: None }),
-        [] => {}
-        _ => return Err(ambiguous(selector, by_name.into_iter())),
-    }
-    let by_tap: Vec<(&Vm, usize)> = vms
+    let identified = by_identifier(vms, selector);
+    let named: Vec<&Vm> = vms.iter().filter(|vm| vm.nova_name() == Some(selector)).collect();
+    let named_elsewhere: Vec<&Vm> = named
         .iter()
-        .flat_map(|vm| {
-            vm.xml
-                .nics
-                .iter()
-                .filter(|n| n.target_dev.as_deref() == Some(selector))
-                .map(move |n| (vm, n.index))
-        })
+        .copied()
+        .filter(|vm| !identified.iter().any(|(hit, _, _)| std::ptr::eq(*hit, *vm)))
         .collect();
-    match by_tap.as_slice() {
-        [(vm, index)] => Ok(Found { vm, nic: Some(*index) }),
-        [] => Err(unknown(vms, selector)),
-        _ => Err(ambiguous(selector, by_tap.iter().map(|(vm, _)| *vm))),
+    if let Some((vm, _, kind)) = identified.first()
+        && *kind != "UUID"
+        && !named_elsewhere.is_empty()
+    {
+        return Err(SelectError::NameCollides {
+            selector: selector.to_owned(),
+            kind,
+            identified: Box::new(VmSummary::of(vm)),
+            named: named_elsewhere.into_iter().map(VmSummary::of).collect(),
+        });
     }
+    let mut distinct: Vec<&Vm> = Vec::new();
+    for (vm, _, _) in &identified {
+        if !distinct.iter().any(|d| std::ptr::eq(*d, *vm)) {
+            distinct.push(vm);
+        }
+    }
+    match distinct.as_slice() {
+        [vm] => {
+            let nics: Vec<Option<usize>> = identified.iter().map(|(_, nic, _)| *nic).collect();
+            let nic = if nics.iter().all(|n| *n == nics[0]) { nics[0] } else { None };
+            return Ok(Found { vm, nic });
+        }
+        [] => {}
+        many => return Err(ambiguous(selector, many.iter().copied())),
+    }
+    if looks_like_identifier(selector) {
+        // No VM has this UUID or MAC: a VM merely named so is not the one meant.
+        return Err(unknown(vms, selector));
+    }
+    match named.as_slice() {
+        [vm] => Ok(Found { vm, nic: None }),
+        [] => Err(unknown(vms, selector)),
+        _ => Err(ambiguous(selector, named.into_iter())),
+    }
+}
+
+/// Every VM (and NIC) whose assigned identifiers include `selector`, with the kind that matched.
+fn by_identifier<'a>(vms: &'a [Vm], selector: &str) -> Vec<(&'a Vm, Option<usize>, &'static str)> {
+    let mac = selector.parse::<Mac>().ok();
+    let uuid = normalize_uuid(selector);
+    let mut hits = Vec::new();
+    for vm in vms {
+        if uuid.is_some() && normalize_uuid(&vm.xml.uuid) == uuid {
+            hits.push((vm, None, "UUID"));
+        }
+        if vm.xml.name == selector {
+            hits.push((vm, None, "libvirt domain"));
+        }
+        for nic in &vm.xml.nics {
+            if mac.is_some() && nic.mac == mac {
+                hits.push((vm, Some(nic.index), "MAC"));
+            }
+            if nic.target_dev.as_deref() == Some(selector) {
+                hits.push((vm, Some(nic.index), "tap"));
+            }
+        }
+    }
+    hits
+}
+
+/// A MAC or a UUID: a selector of that shape means that identifier, never a name.
+fn looks_like_identifier(selector: &str) -> bool {
+    selector.parse::<Mac>().is_ok() || normalize_uuid(selector).is_some()
 }
 
 fn ambiguous<'a>(selector: &str, vms: impl Iterator<Item = &'a Vm>) -> SelectError {
@@ -350,6 +393,63 @@ mod tests {
             "instance-00000006"
         );
         assert_eq!(nic_of(&vms, "instance-00000005", NicChoice::Unspecified).unwrap().0, "instance-00000005");
+    }
+
+    /// The fixture with c-web renamed by its tenant to `name`.
+    fn renamed_web(name: &str) -> Vec<Vm> {
+        let mut vms = fixture_vms();
+        let web = vms.iter_mut().find(|vm| vm.xml.name == "instance-00000004").unwrap();
+        web.xml.nova.as_mut().unwrap().name = Some(name.to_owned());
+        vms
+    }
+
+    #[test]
+    fn a_tenants_name_never_stands_in_for_another_vms_identifier() {
+        // c-web's tenant names it like c-private's tap, domain, UUID and MAC (any spelling).
+        for (hostile, kind) in
+            [("tapf7eae624-34", "tap"), ("instance-00000003", "libvirt domain"), ("fa:16:3e:11:22:33", "MAC")]
+        {
+            let vms = renamed_web(hostile);
+            let err = find_vm(&vms, hostile).unwrap_err();
+            let SelectError::NameCollides { kind: found_kind, identified, named, .. } = &err else {
+                panic!("{hostile}: {err}")
+            };
+            assert_eq!(*found_kind, kind);
+            assert_eq!(identified.domain, "instance-00000003", "{err}");
+            assert_eq!(named[0].domain, "instance-00000004", "{err}");
+            assert!(err.to_string().contains("UUID"), "{err}");
+            // Each VM's own UUID still names it.
+            assert_eq!(
+                find_vm(&vms, "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d").unwrap().vm.xml.name,
+                "instance-00000004"
+            );
+            assert_eq!(
+                find_vm(&vms, "3f2a9c1e-7b4d-4e8f-9a6b-1c2d3e4f5a6b").unwrap().vm.xml.name,
+                "instance-00000003"
+            );
+        }
+        // Named like another VM's UUID: the UUID names its own VM, never the namesake.
+        let vms = renamed_web("3f2a9c1e-7b4d-4e8f-9a6b-1c2d3e4f5a6b");
+        assert_eq!(
+            find_vm(&vms, "3F2A9C1E7B4D4E8F9A6B1C2D3E4F5A6B").unwrap().vm.xml.name,
+            "instance-00000003"
+        );
+        // A name shaped like a UUID or a MAC that no VM has is not matched as a name.
+        for shaped in ["00000000-0000-0000-0000-000000000000", "fa:16:3e:00:00:00"] {
+            let vms = renamed_web(shaped);
+            assert!(matches!(find_vm(&vms, shaped), Err(SelectError::UnknownVm { .. })), "{shaped}");
+        }
+        // A VM named like its own domain is simply that VM.
+        let mut vms = fixture_vms();
+        vms.iter_mut()
+            .find(|vm| vm.xml.name == "instance-00000004")
+            .unwrap()
+            .xml
+            .nova
+            .as_mut()
+            .unwrap()
+            .name = Some("instance-00000004".into());
+        assert_eq!(find_vm(&vms, "instance-00000004").unwrap().vm.xml.name, "instance-00000004");
     }
 
     #[test]
