@@ -10,7 +10,8 @@ use std::{collections::BTreeMap, fs, path::Path};
 /// except where `FRONT_ENDS` narrows it.
 const LAYERS: &[(&str, &[&str])] = &[
     ("the vocabulary", &["model"]),
-    ("kernel handles, the OVSDB client, the collector", &["sys", "ovsdb", "collect"]),
+    ("kernel handles, the OVSDB client", &["sys", "ovsdb"]),
+    ("the collector", &["collect"]),
     ("resolve", &["resolve"]),
     ("plan", &["plan"]),
     ("apply and observe", &["apply", "observe"]),

@@ -4,11 +4,12 @@
 //! Wireshark reads its files; vmsniff's part is finding the tap.
 use std::{io::IsTerminal as _, os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::Args;
 
 use crate::{
     model::sources::Sources,
+    service::files::create_safely,
     service::{describe, flags::NicArgs, inventory},
 };
 
@@ -57,8 +58,14 @@ pub async fn run(sources: &Sources, args: CaptureArgs) -> anyhow::Result<()> {
     // otherwise drops to user tcpdump before opening the -w file, which then cannot be written
     // where the caller may write.
     tcpdump.args(["-i", tap, "-Q", "inout", "-Z", "root"]);
-    match &args.write {
-        Some(file) => tcpdump.arg("-U").arg("-w").arg(file),
+    match args.write.as_deref() {
+        Some(path) if path == std::path::Path::new("-") => tcpdump.args(["-U", "-w", "-"]),
+        // vmsniff opens the file, so that root never writes through a link someone planted
+        // (in /tmp, say), and tcpdump writes to it as its stdout.
+        Some(path) => tcpdump.args(["-U", "-w", "-"]).stdout(
+            create_safely(path, 0o600)
+                .with_context(|| format!("opening {} for the capture", path.display()))?,
+        ),
         None => tcpdump.args(["-n", "-e"]),
     };
     if let Some(count) = args.count {

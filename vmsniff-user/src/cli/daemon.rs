@@ -69,7 +69,7 @@ pub async fn reload(args: ReloadArgs) -> anyhow::Result<()> {
             dir.display()
         );
     };
-    if !before.daemon_running() {
+    if !before.daemon_running(dir) {
         bail!(
             "the vmsniff daemon (pid {}) is not running; start it (`systemctl start vmsniff`): it reads the config then",
             before.pid

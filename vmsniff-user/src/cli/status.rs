@@ -55,7 +55,7 @@ pub async fn run(sources: &Sources, args: StatusArgs) -> anyhow::Result<()> {
         if !ovs.is_empty() {
             println!();
         }
-        print!("{}", daemon.render_table());
+        print!("{}", daemon.render_table(&args.run_dir.run_dir));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! own, and the output receives whole blocks: a file is extended block by block and cut back to
 //! the last whole block if a write fails (a full disk); a pipe gets each block in one write and
 //! a flush, so that `wireshark -k -i -` shows every packet as it arrives.
+use crate::sys::files::create_safely;
 use std::{
     borrow::Cow,
     collections::HashMap,
@@ -281,7 +282,8 @@ fn open_output(destination: &Destination, file: u32) -> Result<File, PcapngError
             .map_err(|source| PcapngError::Write { what: "stdout".into(), source }),
         Destination::File(path) => {
             let path = rotated_path(path, file);
-            File::create(&path).map_err(|source| PcapngError::Create { path, source })
+            // Root's, as the frames in it are the tenants'.
+            create_safely(&path, 0o600).map_err(|source| PcapngError::Create { path, source })
         }
     }
 }

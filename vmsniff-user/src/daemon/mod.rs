@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     fs::{self, File, OpenOptions},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -159,8 +160,12 @@ fn lock_run_dir(run_dir: &Path) -> anyhow::Result<Flock<File>> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+        .with_context(|| {
+            format!("opening {} (vmsniff does not open it through a symlink)", path.display())
+        })?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         let holder = DaemonState::read(run_dir).ok().flatten().map(|s| format!(" (pid {})", s.pid)).unwrap_or_default();
         anyhow::anyhow!(

@@ -8,6 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::service::{files::create_safely, lock_holder};
 use serde::{Deserialize, Serialize};
 
 use crate::model::mirror::Mode;
@@ -93,7 +94,9 @@ impl DaemonState {
     pub fn write(&self, run_dir: &Path) -> io::Result<()> {
         let path = state_path(run_dir);
         let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
+        // `status` runs as root too; the run directory may be one an operator chose.
+        let mut file = create_safely(&tmp, 0o600)?;
+        io::Write::write_all(&mut file, &serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
         fs::rename(&tmp, &path)
     }
 
@@ -105,11 +108,15 @@ impl DaemonState {
     }
 
     /// The daemon's sessions as `vmsniff status` prints them, under the eBPF table.
-    pub fn render_table(&self) -> String {
+    pub fn render_table(&self, run_dir: &Path) -> String {
         let mut out = format!(
             "daemon (pid {}{}, {}):\n",
             self.pid,
-            if self.daemon_running() { "" } else { ", not running: its mirrors stay until it starts again" },
+            if self.daemon_running(run_dir) {
+                ""
+            } else {
+                ", not running: its mirrors stay until it starts again"
+            },
             self.config
         );
         if let Some(error) = &self.reload_error {
@@ -138,11 +145,10 @@ impl DaemonState {
         out
     }
 
-    /// Whether its daemon process still runs.
-    pub fn daemon_running(&self) -> bool {
-        // Signal 0 checks existence; EPERM would mean a process we may not signal, which a
-        // root daemon never is.
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None).is_ok()
+    /// Whether its daemon process still runs: the process that holds the run directory's lock
+    /// is the one this state names. A pid alone may have been reused by any process since.
+    pub fn daemon_running(&self, run_dir: &Path) -> bool {
+        lock_holder(&lock_path(run_dir)) == Some(self.pid)
     }
 }
 
@@ -170,7 +176,15 @@ mod tests {
         );
         state.write(&dir).unwrap();
         assert_eq!(DaemonState::read(&dir).unwrap(), Some(state.clone()));
-        assert!(state.daemon_running());
+        // Running means holding the run directory's lock, not merely a pid that exists.
+        assert!(!state.daemon_running(&dir));
+        let lock = nix::fcntl::Flock::lock(
+            std::fs::File::create(lock_path(&dir)).unwrap(),
+            nix::fcntl::FlockArg::LockExclusive,
+        )
+        .unwrap();
+        assert!(state.daemon_running(&dir));
+        drop(lock);
         assert!(!dir.join("daemon.json.tmp").exists());
         // The words on disk are those earlier releases wrote and `status --json` shows.
         let json: serde_json::Value = serde_json::from_slice(&fs::read(state_path(&dir)).unwrap()).unwrap();
@@ -183,6 +197,6 @@ mod tests {
         assert_eq!((old.sessions["a"].state, old.sessions["a"].mode), (SessionState::Active, Mode::Ebpf));
         DaemonState::remove(&dir).unwrap();
         DaemonState::remove(&dir).unwrap();
-        fs::remove_dir(&dir).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

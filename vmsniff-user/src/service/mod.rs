@@ -21,7 +21,6 @@ pub use self::{
     select::Selection,
     spec::{Destination, MirrorSpec},
 };
-pub use crate::resolve::vm::{ResolveError, Resolved};
 use crate::{
     model::{
         cancel::Cancel,
@@ -31,6 +30,10 @@ use crate::{
     },
     plan::update::ControlChange,
     resolve::vm::resolve_tap,
+};
+pub use crate::{
+    resolve::vm::{ResolveError, Resolved},
+    sys::{files, lock::flock_holder as lock_holder},
 };
 
 /// Who keeps a session, and so who removes it.

@@ -6,6 +6,13 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum KernelError {
     #[error(
+        "{} belongs to uid {uid}, not root: another user made it and could hold it for ever; \
+         remove it (`rm {}`) and run the command again",
+        path.display(),
+        path.display()
+    )]
+    LockNotRoots { path: PathBuf, uid: u32 },
+    #[error(
         "another vmsniff{} has held {} for {} s: wait for it to finish, or stop it if it hangs \
          (`ps -p PID`); nothing was changed",
         holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),

@@ -46,7 +46,29 @@ pub async fn lock() -> Result<StateLock, KernelError> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(KernelError::io(format!("opening {LOCK_FILE}")))?;
+    check_owner(&file)?;
     wait_for(file, FlockArg::LockExclusiveNonblock).await
+}
+
+/// /run/lock is writable by every user: a lock file someone else made (and could hold for
+/// ever) is refused, and one root made with a wider mode (older releases) is narrowed, so that
+/// no other user can open it to hold it.
+fn check_owner(file: &File) -> Result<(), KernelError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let metadata = file.metadata().map_err(KernelError::io(format!("reading {LOCK_FILE}'s owner")))?;
+    if metadata.uid() != 0 {
+        return Err(KernelError::LockNotRoots { path: LOCK_FILE.into(), uid: metadata.uid() });
+    }
+    if metadata.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(KernelError::io(format!("making {LOCK_FILE} root's only")))?;
+    }
+    Ok(())
+}
+
+/// The pid holding a flock on `path`, if any (for "which process" in errors and checks).
+pub fn flock_holder(path: &Path) -> Option<u32> {
+    holder(std::fs::symlink_metadata(path).ok()?.ino())
 }
 
 /// Waits until no vmsniff changes state, for a reader (`status`) that must not see an attach
@@ -59,6 +81,10 @@ pub async fn read_lock() -> Result<Option<StateLock>, KernelError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(KernelError::io(format!("opening {LOCK_FILE}"))(e)),
     };
+    if file.metadata().is_ok_and(|m| m.uid() != 0) {
+        let uid = file.metadata().map(|m| m.uid()).unwrap_or_default();
+        return Err(KernelError::LockNotRoots { path: LOCK_FILE.into(), uid });
+    }
     wait_for(file, FlockArg::LockSharedNonblock).await.map(Some)
 }
 

@@ -4,6 +4,7 @@
 pub mod blocking;
 pub mod bpffs;
 pub mod error;
+pub mod files;
 pub mod lock;
 pub mod maps;
 pub mod netlink;
