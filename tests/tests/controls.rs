@@ -198,6 +198,44 @@ fn filters_select_exactly_the_frames_tcpdump_would_both_ways() {
 }
 
 #[test]
+fn a_snaplen_the_kernel_will_not_cut_to_drops_the_copy_never_sends_it_whole() {
+    if !privileged_on_host(
+        "a_snaplen_the_kernel_will_not_cut_to_drops_the_copy_never_sends_it_whole",
+        "bpf_skb_change_tail's floor (the transport header) is the same on every kernel vmsniff supports",
+    ) {
+        return;
+    }
+    let mut hv = Hypervisor::new();
+    let mirror = hv.mirror_port();
+    // 20 bytes: within an IPv4 UDP frame's headers, which the kernel keeps whole.
+    let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--snaplen", "20"]);
+    let udp = |src: [u8; 6], dst: [u8; 6], seq: u32| {
+        frames::ipv4(src, dst, [10, 1, 2, 3], [10, 9, 9, 9], L4::Udp(4000, 5000), seq, 300)
+    };
+    let out: Vec<Vec<u8>> = (0..8).map(|i| udp(VM_MAC, PEER_MAC, i)).collect();
+    let into: Vec<Vec<u8>> = (0..8).map(|i| udp(PEER_MAC, VM_MAC, 100 + i)).collect();
+    hv.vm_sends(&out);
+    hv.vm_receives(&into);
+    // Cut copies lose the marker: any frame of the VM's addresses on the mirror is a copy.
+    let ours = |f: &[u8]| f.len() >= 12 && (f[6..12] == VM_MAC || f[6..12] == PEER_MAC);
+    let copies = mirror.drain(QUIET, ours);
+    assert!(
+        copies.is_empty(),
+        "copies left uncut or cut: {:?}",
+        copies.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let refused =
+        counter(&hv.ns, id, "out", "snaplen-refused") + counter(&hv.ns, id, "in", "snaplen-refused");
+    assert_eq!(refused, 16, "every copy is counted as refused");
+    // Frames whose headers fit the snaplen are still cut and sent.
+    let short: Vec<Vec<u8>> = (0..4).map(|i| frames::frame(VM_MAC, PEER_MAC, 500 + i, 200)).collect();
+    hv.vm_sends(&short);
+    let expected: Vec<Vec<u8>> = short.iter().map(|f| f[..20].to_vec()).collect();
+    assert_frames_eq("cut copies", &expected, &mirror.capture(4, WAIT, ours));
+    vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
+}
+
+#[test]
 fn snaplen_cuts_the_copies_never_the_vm_frames_and_update_changes_it_live() {
     if !privileged_on_host(
         "snaplen_cuts_the_copies_never_the_vm_frames_and_update_changes_it_live",

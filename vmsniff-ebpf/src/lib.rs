@@ -368,7 +368,10 @@ pub struct DirectionCounters {
     pub rate_limited: u64,
     /// Copies cut to `--snaplen`.
     pub truncated: u64,
-    pub _reserved: u64,
+    /// Copies dropped because the kernel would not cut them to `--snaplen` (it keeps at least
+    /// the headers up to the transport header, or the checksum an offload still has to fill):
+    /// never sent whole. Was reserved (always 0) before: the layout is unchanged.
+    pub snaplen_refused: u64,
 }
 
 impl DirectionCounters {
@@ -380,6 +383,7 @@ impl DirectionCounters {
         self.sampled_out += other.sampled_out;
         self.rate_limited += other.rate_limited;
         self.truncated += other.truncated;
+        self.snaplen_refused += other.snaplen_refused;
     }
 }
 

@@ -2,7 +2,7 @@
 //! target device, and let the frame itself go on untouched.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_UNSPEC},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_change_tail, bpf_skb_load_bytes},
     macros::{classifier, map},
@@ -150,32 +150,43 @@ fn set_in_flight(flight: InFlight) {
 /// session's snaplen.
 #[classifier]
 pub fn vmsniff_copy_egress(ctx: TcContext) -> i32 {
-    cut_copy(&ctx);
-    CONTINUE
+    if cut_copy(&ctx) { CONTINUE } else { DROP_COPY }
 }
 
+/// Dropping is for copies only: `cut_copy` says false only for the copy it armed for.
+const DROP_COPY: i32 = TC_ACT_SHOT as i32;
+
+/// Cuts the copy in flight to its session's snaplen; false when the kernel refuses the cut
+/// (below the headers it must keep), so that the copy is dropped rather than sent whole.
 #[inline(always)]
-fn cut_copy(ctx: &TcContext) {
+fn cut_copy(ctx: &TcContext) -> bool {
     let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) else {
-        return;
+        return true;
     };
     // SAFETY: a per-CPU slot, see `InFlight`.
     let flight = unsafe { &mut *slot };
     if flight.armed == 0 {
-        return;
+        return true;
     }
     flight.armed = 0;
     let snaplen = flight.snaplen;
     if snaplen == 0 || ctx.len() <= snaplen {
-        return;
+        return true;
     }
     let direction = if flight.direction == Direction::In as u32 { Direction::In } else { Direction::Out };
     // SAFETY: the context pointer is valid for the whole program run.
     let cut = unsafe { bpf_skb_change_tail(ctx.skb.skb, snaplen, 0) } == 0;
-    if cut && let Some(counters) = VMSNIFF_COUNTERS.get_ptr_mut(counter_index(flight.session_id, direction)) {
+    if let Some(counters) = VMSNIFF_COUNTERS.get_ptr_mut(counter_index(flight.session_id, direction)) {
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
-        unsafe { (*counters).truncated += 1 };
+        unsafe {
+            if cut {
+                (*counters).truncated += 1;
+            } else {
+                (*counters).snaplen_refused += 1;
+            }
+        }
     }
+    cut
 }
 
 /// Whether the session's filter (if it has one) accepts the frame.

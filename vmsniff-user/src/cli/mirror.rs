@@ -97,6 +97,11 @@ fn line(id: u32, s: &SessionStatus) -> String {
         ("sampled out", o.sampled_out + i.sampled_out, s.sample > 1),
         ("rate limited", o.rate_limited + i.rate_limited, s.rate_limit.is_some()),
         ("truncated", o.truncated + i.truncated, s.snaplen.is_some()),
+        (
+            "dropped, too short to cut",
+            o.snaplen_refused + i.snaplen_refused,
+            o.snaplen_refused + i.snaplen_refused > 0,
+        ),
     ] {
         if shown {
             line.push_str(&format!(" | {what} {value}"));

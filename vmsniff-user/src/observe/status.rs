@@ -110,6 +110,8 @@ pub struct Counters {
     pub rate_limited: u64,
     /// Copies cut to `--snaplen`.
     pub truncated: u64,
+    /// Copies dropped because the kernel would not cut them that short (never sent whole).
+    pub snaplen_refused: u64,
 }
 
 impl From<DirectionCounters> for Counters {
@@ -122,6 +124,7 @@ impl From<DirectionCounters> for Counters {
             sampled_out: c.sampled_out,
             rate_limited: c.rate_limited,
             truncated: c.truncated,
+            snaplen_refused: c.snaplen_refused,
         }
     }
 }
@@ -320,13 +323,15 @@ fn controls_line(s: &SessionStatus) -> Option<String> {
         return None;
     }
     let sum = |f: fn(&Counters) -> u64| f(&s.counters.into_vm) + f(&s.counters.out_of_vm);
+    let refused = sum(|c| c.snaplen_refused);
     Some(format!(
-        "        {}; not copied: filtered {}, sampled out {}, rate limited {}; truncated {}\n",
+        "        {}; not copied: filtered {}, sampled out {}, rate limited {}; truncated {}{}\n",
         parts.join(", "),
         sum(|c| c.filtered),
         sum(|c| c.sampled_out),
         sum(|c| c.rate_limited),
         sum(|c| c.truncated),
+        if refused > 0 { format!("; dropped, too short to cut: {refused}") } else { String::new() },
     ))
 }
 
