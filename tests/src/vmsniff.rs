@@ -3,17 +3,22 @@ use std::{path::PathBuf, process::Output};
 
 use crate::netns::Netns;
 
-/// The binary under test: `VMSNIFF_BIN`, else the workspace's debug build.
+/// The binary under test: `VMSNIFF_BIN`, else the debug build beside this test executable,
+/// wherever cargo's target directory is (`CARGO_TARGET_DIR`, a config's `build.target-dir`).
 pub fn binary() -> PathBuf {
-    let path = std::env::var_os("VMSNIFF_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vmsniff"));
+    let path = std::env::var_os("VMSNIFF_BIN").map(PathBuf::from).unwrap_or_else(beside_this_executable);
     assert!(
         path.is_file(),
         "{} does not exist: build it with `cargo build -p vmsniff-user` (cargo xtask test does) or set VMSNIFF_BIN",
         path.display()
     );
     path
+}
+
+/// `<target>/debug/vmsniff` for a test executable at `<target>/debug/deps/NAME-HASH`.
+fn beside_this_executable() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path (/proc/self/exe)");
+    exe.parent().and_then(|deps| deps.parent()).map(|profile| profile.join("vmsniff")).unwrap_or(exe)
 }
 
 /// Runs vmsniff in `ns`'s network namespace, in the host's mount namespace (so that it sees the

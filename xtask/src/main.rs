@@ -49,6 +49,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` (absolute, or relative to the workspace, where
+/// xtask runs cargo), else the workspace's `target`.
+fn target_dir(workspace: &Path) -> PathBuf {
+    workspace
+        .join(std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from))
+}
+
 /// The workspace root (xtask lives one level below it).
 fn workspace() -> anyhow::Result<PathBuf> {
     let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
