@@ -21,14 +21,26 @@ fn beside_this_executable() -> PathBuf {
     exe.parent().and_then(|deps| deps.parent()).map(|profile| profile.join("vmsniff")).unwrap_or(exe)
 }
 
-/// Runs vmsniff in `ns`'s network namespace, in the host's mount namespace (so that it sees the
-/// host's bpffs, as on a compute node; `ip netns exec` would give it a private /sys).
+/// Runs vmsniff in `ns`'s network namespace, in the host's mount namespace, as
+/// `nsenter --net=/run/netns/NS vmsniff ...` does.
 pub fn run(ns: &Netns, args: &[&str]) -> Output {
     let bin = binary();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     ns.enter(move || {
         std::process::Command::new(bin).args(&args).env("RUST_LOG", "info").output().expect("start vmsniff")
     })
+}
+
+/// Runs vmsniff as `ip netns exec NS vmsniff ...`: in `ns`'s network namespace and in a mount
+/// namespace of its own, whose /sys is a fresh sysfs without the host's bpffs.
+pub fn netns_exec(ns: &Netns, args: &[&str]) -> Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("start ip netns exec vmsniff")
 }
 
 /// Runs vmsniff and returns stdout, panicking with its output when it fails.
