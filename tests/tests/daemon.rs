@@ -330,8 +330,13 @@ fn the_systemd_unit_verifies_and_install_uninstall_are_exact() {
             // The unit's ExecStart points at the copy inside the root; verify needs it there.
             std::fs::create_dir_all(&bin_dir).unwrap();
             std::fs::copy(&installed, format!("{bin_dir}/vmsniff")).unwrap();
-            let out =
-                std::process::Command::new("systemd-analyze").arg("verify").arg(&unit).output().unwrap();
+            // verify runs `man` on the unit's Documentation= pages: find them where install put them.
+            let out = std::process::Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&unit)
+                .env("MANPATH", share.join("man"))
+                .output()
+                .unwrap();
             assert!(
                 out.status.success() && out.stderr.is_empty(),
                 "systemd-analyze verify: {}{}",
