@@ -1,7 +1,7 @@
 //! Running `vmsniff daemon` in a test's namespace: its config and run directory in a private
 //! temporary directory, killed and removed on drop.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -14,6 +14,8 @@ pub struct Daemon {
     ns_name: String,
     /// vmsniff's global options for the daemon and `status` (`--ovsdb ...`).
     global: Vec<String>,
+    /// The vmsniff that runs as the daemon.
+    bin: PathBuf,
 }
 
 impl Daemon {
@@ -25,12 +27,17 @@ impl Daemon {
     /// As [`Daemon::start`], with vmsniff's global options `global` (for the daemon and for
     /// `status`).
     pub fn start_with(ns: &Netns, config: &str, global: &[&str]) -> Daemon {
+        Daemon::start_binary(ns, config, global, &vmsniff::binary())
+    }
+
+    /// As [`Daemon::start_with`], running `bin` as the daemon (an installed package's binary).
+    pub fn start_binary(ns: &Netns, config: &str, global: &[&str], bin: &Path) -> Daemon {
         // Under /tmp: the VM harness's guests have their own tmpfs there.
         let dir = std::env::temp_dir().join(format!("vmsniff-daemon-{}-{}", std::process::id(), ns.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the daemon's test directory");
         let global = global.iter().map(|s| s.to_string()).collect();
-        let mut daemon = Daemon { dir, child: None, ns_name: ns.name.clone(), global };
+        let mut daemon = Daemon { dir, child: None, ns_name: ns.name.clone(), global, bin: bin.to_owned() };
         daemon.write_config(config);
         daemon.spawn(ns);
         daemon
@@ -51,7 +58,7 @@ impl Daemon {
     /// Starts the daemon (again); its stderr goes to `daemon.log` in the test directory.
     pub fn spawn(&mut self, ns: &Netns) {
         assert!(self.child.is_none(), "the daemon runs already");
-        let bin = vmsniff::binary();
+        let bin = self.bin.clone();
         let (config, run_dir, global) = (self.config(), self.run_dir(), self.global.clone());
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -3,11 +3,10 @@ use std::{path::PathBuf, process::Output};
 
 use crate::netns::Netns;
 
-/// The binary under test: `VMSNIFF_BIN`, else the workspace's debug build.
+/// The binary under test: `VMSNIFF_BIN`, else the debug build beside this test executable,
+/// wherever cargo's target directory is (`CARGO_TARGET_DIR`, a config's `build.target-dir`).
 pub fn binary() -> PathBuf {
-    let path = std::env::var_os("VMSNIFF_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vmsniff"));
+    let path = std::env::var_os("VMSNIFF_BIN").map(PathBuf::from).unwrap_or_else(beside_this_executable);
     assert!(
         path.is_file(),
         "{} does not exist: build it with `cargo build -p vmsniff-user` (cargo xtask test does) or set VMSNIFF_BIN",
@@ -16,14 +15,32 @@ pub fn binary() -> PathBuf {
     path
 }
 
-/// Runs vmsniff in `ns`'s network namespace, in the host's mount namespace (so that it sees the
-/// host's bpffs, as on a compute node; `ip netns exec` would give it a private /sys).
+/// `<target>/debug/vmsniff` for a test executable at `<target>/debug/deps/NAME-HASH`.
+fn beside_this_executable() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path (/proc/self/exe)");
+    exe.parent().and_then(|deps| deps.parent()).map(|profile| profile.join("vmsniff")).unwrap_or(exe)
+}
+
+/// Runs vmsniff in `ns`'s network namespace, in the host's mount namespace, as
+/// `nsenter --net=/run/netns/NS vmsniff ...` does.
 pub fn run(ns: &Netns, args: &[&str]) -> Output {
     let bin = binary();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     ns.enter(move || {
         std::process::Command::new(bin).args(&args).env("RUST_LOG", "info").output().expect("start vmsniff")
     })
+}
+
+/// Runs vmsniff as `ip netns exec NS vmsniff ...`: in `ns`'s network namespace and in a mount
+/// namespace of its own, whose /sys is a fresh sysfs without the host's bpffs.
+pub fn netns_exec(ns: &Netns, args: &[&str]) -> Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("start ip netns exec vmsniff")
 }
 
 /// Runs vmsniff and returns stdout, panicking with its output when it fails.

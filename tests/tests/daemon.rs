@@ -312,13 +312,31 @@ fn the_systemd_unit_verifies_and_install_uninstall_are_exact() {
     assert!(text.contains(&format!("ExecStart={bin_dir}/vmsniff daemon")), "{text}");
     let installed = root.join(bin_dir.trim_start_matches('/')).join("vmsniff");
     assert!(installed.exists(), "{}", installed.display());
+    let share = root.join("usr/local/share");
+    for file in [
+        "man/man8/vmsniff.8",
+        "man/man8/vmsniff-attach.8",
+        "man/man8/vmsniff-completions.8",
+        "bash-completion/completions/vmsniff",
+        "zsh/site-functions/_vmsniff",
+        "fish/vendor_completions.d/vmsniff.fish",
+    ] {
+        assert!(share.join(file).is_file(), "install did not put {file}");
+    }
+    let bash = std::fs::read(share.join("bash-completion/completions/vmsniff")).unwrap();
+    assert_eq!(bash, vmsniff::ok(&ns, &["completions", "bash"]).into_bytes(), "one script, two ways");
     match std::process::Command::new("systemd-analyze").arg("--version").output() {
         Ok(_) => {
             // The unit's ExecStart points at the copy inside the root; verify needs it there.
             std::fs::create_dir_all(&bin_dir).unwrap();
             std::fs::copy(&installed, format!("{bin_dir}/vmsniff")).unwrap();
-            let out =
-                std::process::Command::new("systemd-analyze").arg("verify").arg(&unit).output().unwrap();
+            // verify runs `man` on the unit's Documentation= pages: find them where install put them.
+            let out = std::process::Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&unit)
+                .env("MANPATH", share.join("man"))
+                .output()
+                .unwrap();
             assert!(
                 out.status.success() && out.stderr.is_empty(),
                 "systemd-analyze verify: {}{}",
@@ -340,5 +358,23 @@ fn the_systemd_unit_verifies_and_install_uninstall_are_exact() {
     vmsniff::ok(&ns, &["uninstall", "--bin-dir", &bin_dir, "--root", &root.to_string_lossy()]);
     assert!(!unit.exists() && !installed.exists());
     assert!(config.exists(), "the operator's config is kept");
+    // Beside the kept config, only the copy made above for systemd-analyze may stay.
+    let verify_copy = std::path::PathBuf::from(format!("{bin_dir}/vmsniff"));
+    let left: Vec<_> = files_under(&root).into_iter().filter(|f| *f != config && *f != verify_copy).collect();
+    assert!(left.is_empty(), "uninstall left {left:?}");
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Every file below `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

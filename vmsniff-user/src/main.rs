@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             Command::Reload(args) => cli::daemon::reload(args).await,
             Command::Install(args) => cli::install::install(args),
             Command::Uninstall(args) => cli::install::uninstall(args),
+            Command::Completions(args) => cli::docs::print_completion(args),
         }
     });
     match result {

@@ -32,7 +32,7 @@ pub fn run(args: DemoArgs, workspace: &Path) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    let vmsniff = workspace.join("target/debug/vmsniff");
+    let vmsniff = crate::target_dir(workspace).join("debug/vmsniff");
     if !args.here {
         crate::setup::run()?;
         crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;

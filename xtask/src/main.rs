@@ -1,5 +1,6 @@
-//! Project commands: `cargo xtask setup | demo | test | bench | vm-run | vm-test`.
+//! Project commands: `cargo xtask setup | demo | test | bench | deb | vm-run | vm-test`.
 mod bench;
+mod deb;
 mod demo;
 mod setup;
 mod test;
@@ -31,6 +32,8 @@ enum Command {
     /// Measure vmsniff's cost per frame with the kernel's BPF statistics and write
     /// BENCHMARKS.md (as root; not part of the tests).
     Bench(bench::BenchArgs),
+    /// Build the Debian package (cargo-deb) and check it with lintian; prints its path.
+    Deb,
     /// Boot a Debian kernel under QEMU and run one command inside it.
     VmRun(vm::VmRunArgs),
     /// Run the privileged test suite inside Debian kernels under QEMU (and on the host).
@@ -44,9 +47,17 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args, &workspace),
         Command::Test => test::run(&workspace),
         Command::Bench(args) => bench::run(args, &workspace),
+        Command::Deb => deb::run_command(&workspace),
         Command::VmRun(args) => vm::run_command(args, &workspace),
         Command::VmTest(args) => vm::test_command(args, &workspace),
     }
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` (absolute, or relative to the workspace, where
+/// xtask runs cargo), else the workspace's `target`.
+fn target_dir(workspace: &Path) -> PathBuf {
+    workspace
+        .join(std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from))
 }
 
 /// The workspace root (xtask lives one level below it).

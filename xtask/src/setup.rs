@@ -27,6 +27,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("netsniff-ng", "trafgen: the benchmark's VM sends small frames at a set rate or as fast as it can"),
     ("iperf3", "the benchmark's VM sends TCP bulk traffic"),
     ("fonts-dejavu-core", "the benchmark's chart is drawn with DejaVu Sans"),
+    ("dpkg-dev", "dpkg-shlibdeps: cargo-deb computes the Debian package's Depends with it"),
+    ("lintian", "`cargo xtask deb` and the package test check the package with lintian"),
 ];
 
 /// rustup components of the toolchain that runs xtask, and why each is needed.
@@ -40,6 +42,7 @@ pub fn run() -> anyhow::Result<()> {
     install_packages()?;
     link_debian_toolchain()?;
     install_bpf_linker()?;
+    install_cargo_deb()?;
     eprintln!("setup: every prerequisite is in place");
     Ok(())
 }
@@ -118,12 +121,17 @@ fn link_debian_toolchain() -> anyhow::Result<()> {
     run_step(Command::new("rustup").args(["toolchain", "link", "debian", "/usr"]), "rustup toolchain link")
 }
 
-fn install_bpf_linker() -> anyhow::Result<()> {
+/// Where `cargo install` puts `name`.
+pub fn cargo_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
         .context("neither CARGO_HOME nor HOME is set")?;
-    if home.join("bin/bpf-linker").is_file() {
+    Ok(home.join("bin").join(name))
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    if cargo_bin("bpf-linker")?.is_file() {
         return Ok(());
     }
     eprintln!("setup: building bpf-linker 0.13 against LLVM 22 (about two minutes)");
@@ -133,6 +141,17 @@ fn install_bpf_linker() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         "cargo install bpf-linker",
+    )
+}
+
+fn install_cargo_deb() -> anyhow::Result<()> {
+    if cargo_bin("cargo-deb")?.is_file() {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-deb 3, which `cargo xtask deb` packages with (about a minute)");
+    run_step(
+        Command::new("cargo").args(["install", "--locked", "cargo-deb", "--version", "^3.8"]),
+        "cargo install cargo-deb",
     )
 }
 

@@ -1,6 +1,8 @@
-//! `vmsniff install` / `vmsniff uninstall`: put this binary, the systemd unit and the example
-//! config on a compute node, and take exactly those away again. The unit and the example are
-//! the ones in packaging/, built into the binary, so a copied binary is all a node needs.
+//! `vmsniff install` / `vmsniff uninstall`: put this binary, the systemd unit, the example
+//! config, the man pages and the shell completions on a compute node, and take exactly those
+//! away again. The unit and the example are the ones in packaging/, built into the binary, and
+//! the pages and completions are generated from its command line, so a copied binary is all a
+//! node needs. `cargo xtask deb` builds the Debian package from what `install --root` writes.
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -10,11 +12,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use clap_complete::Shell;
+
+use super::docs;
 
 const UNIT: &str = include_str!("../../../packaging/systemd/vmsniff.service");
 const EXAMPLE_CONFIG: &str = include_str!("../../../packaging/mirrors.toml");
-/// Where the packaged unit expects the binary.
-const PACKAGED_BINARY: &str = "/usr/local/sbin/vmsniff";
+/// Where the packaged unit expects the binary: Debian's place for a root daemon's tool.
+const PACKAGED_BINARY: &str = "/usr/sbin/vmsniff";
 const UNIT_PATH: &str = "etc/systemd/system/vmsniff.service";
 const CONFIG_PATH: &str = "etc/vmsniff/mirrors.toml";
 
@@ -27,6 +32,10 @@ pub struct InstallArgs {
     /// Where the binary goes (inside --root); the unit is written to run it from there.
     #[arg(long, value_name = "DIR", default_value = "/usr/local/sbin")]
     pub bin_dir: PathBuf,
+
+    /// Where the man pages (man/man8) and the bash, zsh and fish completions go (inside --root).
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/share")]
+    pub share_dir: PathBuf,
 }
 
 struct Layout {
@@ -35,20 +44,36 @@ struct Layout {
     binary_on_node: PathBuf,
     unit: PathBuf,
     config: PathBuf,
+    man_dir: PathBuf,
+    /// Each shell's completion file, where that shell looks under a share directory.
+    completions: Vec<(Shell, PathBuf)>,
 }
+
+/// Where bash-completion, zsh and fish look for completions under a share directory (Debian's
+/// zsh also reads /usr/local/share/zsh/site-functions; its package uses vendor-completions).
+const COMPLETION_FILES: [(Shell, &str); 3] = [
+    (Shell::Bash, "bash-completion/completions/vmsniff"),
+    (Shell::Zsh, "zsh/site-functions/_vmsniff"),
+    (Shell::Fish, "fish/vendor_completions.d/vmsniff.fish"),
+];
 
 impl Layout {
     fn new(args: &InstallArgs) -> anyhow::Result<Self> {
-        if !args.bin_dir.is_absolute() {
-            bail!("--bin-dir {} must be an absolute path", args.bin_dir.display());
+        for (flag, dir) in [("--bin-dir", &args.bin_dir), ("--share-dir", &args.share_dir)] {
+            if !dir.is_absolute() {
+                bail!("{flag} {} must be an absolute path (it is inside --root)", dir.display());
+            }
         }
         let inside = |p: &Path| args.root.join(p.strip_prefix("/").unwrap_or(p));
         let binary_on_node = args.bin_dir.join("vmsniff");
+        let share = inside(&args.share_dir);
         Ok(Self {
             binary: inside(&binary_on_node),
             binary_on_node,
             unit: args.root.join(UNIT_PATH),
             config: args.root.join(CONFIG_PATH),
+            man_dir: share.join("man").join(format!("man{}", docs::MAN_SECTION)),
+            completions: COMPLETION_FILES.iter().map(|(shell, path)| (*shell, share.join(path))).collect(),
         })
     }
 
@@ -75,6 +100,14 @@ pub fn install(args: InstallArgs) -> anyhow::Result<()> {
     } else {
         write_atomically(&layout.config, EXAMPLE_CONFIG.as_bytes(), 0o644)?;
         log::info!("installed the example config {}", layout.config.display());
+    }
+    for page in docs::man_pages()? {
+        write_atomically(&layout.man_dir.join(&page.file_name), &page.roff, 0o644)?;
+    }
+    log::info!("installed the man pages in {} (`man vmsniff`)", layout.man_dir.display());
+    for (shell, path) in &layout.completions {
+        write_atomically(path, &docs::completion(*shell), 0o644)?;
+        log::info!("installed the {shell} completions {}", path.display());
     }
     if on_live_systemd(&args.root) {
         systemctl(&["daemon-reload"])?;
@@ -106,6 +139,12 @@ pub fn uninstall(args: InstallArgs) -> anyhow::Result<()> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", layout.config.display())),
+    }
+    for page in docs::man_pages()? {
+        remove_if_present(&layout.man_dir.join(&page.file_name))?;
+    }
+    for (_, path) in &layout.completions {
+        remove_if_present(path)?;
     }
     remove_if_present(&layout.binary)?;
     if on_live_systemd(&args.root) {
@@ -154,12 +193,31 @@ mod tests {
 
     #[test]
     fn the_unit_runs_the_binary_where_it_was_put() {
-        let args = InstallArgs { root: "/tmp/r".into(), bin_dir: "/opt/vmsniff/bin".into() };
+        let args = InstallArgs {
+            root: "/tmp/r".into(),
+            bin_dir: "/opt/vmsniff/bin".into(),
+            share_dir: "/opt/vmsniff/share".into(),
+        };
         let layout = Layout::new(&args).unwrap();
         assert_eq!(layout.binary, Path::new("/tmp/r/opt/vmsniff/bin/vmsniff"));
         assert!(layout.unit_text().contains("ExecStart=/opt/vmsniff/bin/vmsniff daemon"));
         assert!(!layout.unit_text().contains(PACKAGED_BINARY));
         assert_eq!(layout.unit, Path::new("/tmp/r/etc/systemd/system/vmsniff.service"));
+        assert_eq!(layout.man_dir, Path::new("/tmp/r/opt/vmsniff/share/man/man8"));
+        assert!(
+            layout
+                .completions
+                .iter()
+                .any(|(_, p)| p == Path::new("/tmp/r/opt/vmsniff/share/zsh/site-functions/_vmsniff"))
+        );
+    }
+
+    #[test]
+    fn relative_directories_are_refused() {
+        let args =
+            InstallArgs { root: "/".into(), bin_dir: "/usr/local/sbin".into(), share_dir: "share".into() };
+        let err = Layout::new(&args).err().unwrap().to_string();
+        assert!(err.contains("--share-dir share must be an absolute path"), "{err}");
     }
 
     #[test]

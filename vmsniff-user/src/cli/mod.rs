@@ -4,6 +4,7 @@ pub mod capture;
 pub mod collect;
 pub mod daemon;
 pub mod detach;
+pub mod docs;
 pub mod install;
 pub mod list;
 pub mod mirror;
@@ -75,6 +76,8 @@ pub enum Command {
     Install(install::InstallArgs),
     /// Remove what `install` put (a config that is no longer the example stays).
     Uninstall(install::InstallArgs),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
     /// On the collector: receive GRE and ERSPAN copies and write pcapng, one interface per
     /// sender and session, the direction of every frame in its flags.
     Collect(collect::CollectArgs),

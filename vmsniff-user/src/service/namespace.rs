@@ -1,6 +1,6 @@
 //! The operations commands are made of: prepare the namespace, attach, detach, observe. Each
 //! state-changing one holds vmsniff's lock and first cleans the remains of crashed runs.
-use std::{collections::BTreeSet, path::Path};
+use std::collections::BTreeSet;
 
 use aya::util::KernelVersion;
 use thiserror::Error;
@@ -19,7 +19,7 @@ use crate::{
         maps::PinnedMaps,
         netlink::Netlink,
         netns,
-        paths::{BPFFS, PinPaths},
+        paths::PinPaths,
         privilege::{self, PrivilegeError},
     },
 };
@@ -46,22 +46,21 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Checks privileges, mounts bpffs if needed and opens the namespace, for commands that
-    /// change state. Must run inside a tokio runtime.
+    /// Checks privileges, finds the host's bpffs (mounting it if needed) and opens the
+    /// namespace, for commands that change state. Must run inside a tokio runtime.
     pub fn open() -> Result<Self, SessionError> {
         privilege::require_admin()?;
-        bpffs::ensure_mounted(Path::new(BPFFS))?;
-        Self::open_unchecked()
+        let bpffs = bpffs::locate_for_writing()?;
+        Self::open_at(&bpffs)
     }
 
     /// Like `open`, but changes nothing: without bpffs there simply is no state to read.
     pub fn open_for_reading() -> Result<Self, SessionError> {
         privilege::require_admin()?;
-        Self::open_unchecked()
+        Self::open_at(&bpffs::locate_for_reading())
     }
 
-    fn open_unchecked() -> Result<Self, SessionError> {
-        let bpffs = Path::new(BPFFS);
+    fn open_at(bpffs: &std::path::Path) -> Result<Self, SessionError> {
         let inode = netns::current_inode().map_err(SessionError::Netns)?;
         let netlink = Netlink::open().map_err(SessionError::NetlinkSocket)?;
         Ok(Self { kernel: Kernel { netlink, paths: PinPaths::for_netns(bpffs, inode) } })

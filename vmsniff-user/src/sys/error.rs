@@ -64,12 +64,16 @@ pub enum KernelError {
     )]
     TunnelExists { remote: std::net::Ipv4Addr, wire_key: u32 },
     #[error(
-        "bpffs is not mounted at {}, and this process runs in its own mount namespace (as under \
-         `ip netns exec`), where a bpffs it mounted would vanish with it, and every pin with it; \
-         enter only the network namespace instead: `nsenter --net=/run/netns/NAME vmsniff ...`",
+        "this process runs in a mount namespace of its own (as under `ip netns exec`), and the \
+         host has no bpffs at {} (seen here as {}); a bpffs mounted from here would vanish with \
+         this process, and every pin with it. Mount it in the host's namespace (`mount -t bpf \
+         bpf {}`, outside `ip netns exec`), or run vmsniff there: `nsenter --net=/run/netns/NAME \
+         vmsniff ...`",
+        path.display(),
+        through.display(),
         path.display()
     )]
-    PrivateMountNamespace { path: PathBuf },
+    HostBpffsMissing { path: PathBuf, through: PathBuf },
     #[error(
         "vmsniff's maps are not pinned under {} right after loading its eBPF object: something \
          removed them meanwhile (a tool cleaning bpffs?); stop it and run the command again",

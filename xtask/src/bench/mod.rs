@@ -85,7 +85,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
         bail!("--rounds must be at least 1");
     }
     catch_interrupts()?;
-    let vmsniff = workspace.join("target/debug/vmsniff");
+    let vmsniff = crate::target_dir(workspace).join("debug/vmsniff");
     if args.guest {
         let part = measure::run(&args.plan(true), Switch::Ovs, Tunnel::Gre, &vmsniff)?;
         println!("{RESULT_PREFIX}{}", serde_json::to_string(&part)?);

@@ -113,6 +113,12 @@ pub fn test_command(args: VmTestArgs, workspace: &Path) -> anyhow::Result<()> {
             .filter(|(k, _)| k == "RUST_LOG" || k == "RUST_BACKTRACE" || k.starts_with("VMSNIFF_")),
     );
     env.extend(parse_env(&args.env)?);
+    // The package test installs what `cargo xtask deb` builds: build it from these sources, not
+    // whatever an earlier run left (a release build, so only when that test is selected).
+    if cases.iter().any(|c| c.label.starts_with("package/")) {
+        let deb = crate::deb::build(workspace)?;
+        env.push(("VMSNIFF_DEB".to_owned(), deb.to_string_lossy().into_owned()));
+    }
     let plan = suite::Plan {
         vm_dir: &vm_dir,
         workspace,
