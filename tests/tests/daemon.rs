@@ -378,3 +378,43 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[test]
+fn filters_another_tool_removes_show_in_status_and_the_daemon_puts_them_back() {
+    if !privileged_on_host(
+        "filters_another_tool_removes_show_in_status_and_the_daemon_puts_them_back",
+        "deleting a clsact qdisc and vmsniff's repair are the same on every kernel",
+    ) {
+        return;
+    }
+    let mut hv = Hypervisor::new();
+    let mirror = hv.mirror_port();
+    // By hand: `tc qdisc del` is common (libvirt, Neutron QoS, operators); status says so.
+    let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", "netlink"]);
+    hv.ns.sh(&format!("tc qdisc del dev {TAP} clsact"));
+    assert_eq!(vmsniff::session(&hv.ns, id)["state"], "programs-gone");
+    vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
+    // The daemon puts them back on the event itself: no resync happens within the test.
+    let config = format!(
+        "[daemon]\nresync-seconds = 3600\n[session.ids]\ntap = \"{TAP}\"\nto-dev = \"{MIRROR_DEV}\"\nattach-mode = \"netlink\"\n"
+    );
+    let mut daemon = Daemon::start(&hv.ns, &config);
+    let status = daemon.wait_for(&hv.ns, "the session active", |s| session_state(s, "ids").0 == "active");
+    let id = session_state(&status, "ids").1.expect("a session");
+    mirrored(&mut hv, &mirror, 4, "before the qdisc is deleted");
+    hv.ns.sh(&format!("tc qdisc del dev {TAP} clsact"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("were removed by another tool") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not restore the filters:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let session = vmsniff::session(&hv.ns, u32::try_from(id).unwrap());
+    assert_eq!(session["state"], "active", "{session}");
+    mirrored(&mut hv, &mirror, 4, "after the daemon put the filters back");
+    assert!(daemon.stop_with(Signal::SIGTERM));
+    assert_nothing_left(&hv.ns);
+}

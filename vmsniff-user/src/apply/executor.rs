@@ -57,6 +57,11 @@ pub async fn apply_rehome<K: KernelOps>(kernel: &K, plan: &RehomePlan) -> Result
     apply_attach_steps(kernel, &plan.attach).await
 }
 
+/// Attaches a tap's programs again (`plan_reattach`); on failure undoes what it did.
+pub async fn apply_reattach<K: KernelOps>(kernel: &K, steps: &[AttachStep]) -> Result<(), KernelError> {
+    apply_attach_steps(kernel, steps).await
+}
+
 async fn apply_attach_steps<K: KernelOps>(kernel: &K, steps: &[AttachStep]) -> Result<(), KernelError> {
     let programs = kernel.load_programs()?;
     let maps = kernel.open_maps()?.ok_or_else(|| KernelError::MapsVanished { path: kernel.maps_dir() })?;

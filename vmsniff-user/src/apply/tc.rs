@@ -14,7 +14,7 @@ use aya::programs::{
 };
 use futures::TryStreamExt as _;
 use netlink_packet_route::tc::{TcAttribute, TcHandle as NlTcHandle, TcMessage};
-use vmsniff_ebpf::{TcHook, program_name};
+use vmsniff_ebpf::{TapSessions, TcHook, program_name};
 
 use crate::sys::KernelError;
 use crate::{
@@ -269,6 +269,27 @@ pub async fn filters_by_program_name(
             Some((priority, handle, program))
         })
         .collect())
+}
+
+/// The hooks of a netlink-attached tap whose recorded vmsniff filter is gone (someone ran
+/// `tc qdisc del dev TAP clsact`, or deleted the filter): the mirror is silently off there.
+/// TCX links cannot be removed that way: a TCX tap has none.
+pub async fn missing_tap_programs(
+    netlink: &Netlink,
+    tap_ifindex: u32,
+    entry: &TapSessions,
+) -> Result<Vec<TcHook>, KernelError> {
+    if AttachMode::from_abi(entry.attach_mode) != Some(AttachMode::Netlink) {
+        return Ok(Vec::new());
+    }
+    let mut missing = Vec::new();
+    for hook in TcHook::ALL {
+        let (priority, handle) = (entry.nl_priority[hook.index()], entry.nl_handle[hook.index()]);
+        if !is_our_filter(netlink, tap_ifindex, hook, tap_program_name(hook), priority, handle).await? {
+            missing.push(hook);
+        }
+    }
+    Ok(missing)
 }
 
 /// The tap program that runs on `hook`.

@@ -22,19 +22,33 @@ pub struct LinkEvents {
 /// What an event means to the daemon.
 #[derive(Debug, PartialEq, Eq)]
 pub enum LinkChange {
-    Appeared { ifindex: u32, name: String },
-    Gone { ifindex: u32, name: String },
+    Appeared {
+        ifindex: u32,
+        name: String,
+    },
+    Gone {
+        ifindex: u32,
+        name: String,
+    },
+    /// A qdisc or tc filter was deleted on this interface: maybe vmsniff's programs with it.
+    TcRemoved {
+        ifindex: u32,
+        name: String,
+    },
 }
 
 impl LinkEvents {
-    /// Joins the link group (RTMGRP_LINK) of the caller's network namespace.
+    /// Joins the link and traffic-control groups (RTMGRP_LINK, RTMGRP_TC) of the caller's
+    /// network namespace: a `tc qdisc del` on a mirrored tap removes vmsniff's programs, and
+    /// nothing but this event says so at once.
     pub fn subscribe() -> std::io::Result<Self> {
         let (mut connection, _, messages) = rtnetlink::new_connection()?;
         let socket = connection.socket_mut().socket_mut();
         // A large buffer: a burst of interface changes (a node's OVS restarting) must not
         // overflow it; the periodic resync still covers an overrun.
         socket.set_rx_buf_sz(4 << 20)?;
-        socket.bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))?;
+        socket
+            .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK | rtnetlink::constants::RTMGRP_TC))?;
         tokio::spawn(connection);
         Ok(Self { messages, known: BTreeMap::new() })
     }
@@ -63,6 +77,13 @@ impl LinkEvents {
                 }
                 self.known.insert(ifindex, name.clone());
                 Some(LinkChange::Appeared { ifindex, name })
+            }
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::DelQueueDiscipline(tc) | RouteNetlinkMessage::DelTrafficFilter(tc),
+            ) => {
+                let ifindex = u32::try_from(tc.header.index).ok()?;
+                let name = self.known.get(&ifindex)?.clone();
+                Some(LinkChange::TcRemoved { ifindex, name })
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 let (ifindex, name) = identity(&link)?;

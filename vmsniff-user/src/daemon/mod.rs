@@ -242,7 +242,7 @@ impl Daemon {
             LinkChange::Appeared { .. } => {
                 self.waiting() || self.state.sessions.len() < self.config.sessions.len()
             }
-            LinkChange::Gone { name, .. } => {
+            LinkChange::Gone { name, .. } | LinkChange::TcRemoved { name, .. } => {
                 self.state.sessions.values().any(|s| s.tap.as_deref() == Some(name.as_str()))
             }
         }
@@ -368,6 +368,22 @@ impl Daemon {
             placements.insert(name.clone(), placement);
         }
         let mut failures = Failures::new();
+        // Another tool removed vmsniff's filters from a tap (`tc qdisc del dev TAP clsact`):
+        // put them back before anything else, for every mirror of this namespace.
+        match self.service.reattach_removed_programs().await {
+            Ok(repaired) => {
+                for (tap, hooks) in repaired {
+                    log::warn!(
+                        "daemon: vmsniff's tc programs on {tap} ({}) were removed by another tool \
+                         (`tc qdisc del`?): attached again",
+                        hooks.iter().map(|h| h.direction().as_str()).collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+            Err(e) => {
+                log::error!("daemon: cannot check or restore vmsniff's tc programs: {}", chain(e.as_ref()))
+            }
+        }
         let ebpf_actions = match self.service.clean_and_observe().await {
             Ok(observed) => {
                 let ebpf_placements: BTreeMap<String, Placement<Tap>> = placements

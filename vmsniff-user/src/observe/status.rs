@@ -1,11 +1,11 @@
 //! `status`: every session of the caller's network namespace, from the pinned maps and the
 //! devices' own counters. The JSON form is versioned; fields are added, never renamed.
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::Serialize;
 use vmsniff_ebpf::{
     Direction, DirectionCounters, FILTER_SLOT_BASE, RATE_BITS, RATE_PACKETS, SESSION_ACTIVE, SessionConfig,
-    TARGET_GRE, TARGET_LOCAL_DEV,
+    TARGET_GRE, TARGET_LOCAL_DEV, TcHook,
 };
 
 use crate::{
@@ -69,7 +69,9 @@ pub struct SessionStatus {
     pub attach_mode: Option<&'static str>,
     /// `active`; `tap-gone` (the tap was deleted: its VM stopped or moved); `orphaned` (its
     /// owner process died; the next vmsniff command removes it); `busy` (being created or
-    /// removed right now).
+    /// removed right now); `programs-gone` (someone removed its tc filters from the tap, with
+    /// `tc qdisc del dev TAP clsact` say: nothing is copied until the daemon, or a detach and
+    /// attach, puts them back).
     pub state: &'static str,
     /// The `mirror` process that owns the session, if any.
     pub owner_pid: Option<u32>,
@@ -142,14 +144,24 @@ pub struct DeviceStatus {
 }
 
 /// Reads every session's status.
+/// `unhooked`: the taps whose programs someone removed, and from which hooks.
 pub async fn read(
     netlink: &Netlink,
     maps: Option<&PinnedMaps>,
     observed: &Observed,
+    unhooked: &BTreeMap<u32, Vec<TcHook>>,
 ) -> Result<Status, KernelError> {
     let mut sessions = Vec::new();
     for (&id, config) in &observed.sessions {
-        sessions.push(session_status(netlink, maps, observed, id, config).await?);
+        let mut status = session_status(netlink, maps, observed, id, config).await?;
+        let directions = Directions::from_bits(config.directions).unwrap_or(Directions::Both);
+        let gone = unhooked
+            .get(&config.tap_ifindex)
+            .is_some_and(|hooks| hooks.iter().any(|hook| directions.includes(hook.direction())));
+        if gone && status.state == "active" {
+            status.state = "programs-gone";
+        }
+        sessions.push(status);
     }
     Ok(Status { version: STATUS_VERSION, sessions })
 }

@@ -23,6 +23,18 @@ pub struct RehomePlan {
     pub attach: Vec<AttachStep>,
 }
 
+/// Steps that attach the tap programs of `hooks` to `tap` again, where someone removed them
+/// (`tc qdisc del dev TAP clsact`): its sessions, counters and entry stay as they are.
+pub fn plan_reattach(tap: &Tap, hooks: &[TcHook]) -> Vec<AttachStep> {
+    let mut steps = vec![AttachStep::EnsureClsact { tap: tap.clone() }];
+    steps.extend(hooks.iter().map(|&hook| AttachStep::AttachProgram {
+        tap: tap.clone(),
+        hook,
+        mode: AttachMode::Netlink,
+    }));
+    steps
+}
+
 /// Steps that move session `id` to `tap`. `None` when it is mirrored there already.
 pub fn plan_rehome(
     id: u32,

@@ -2,11 +2,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
-use vmsniff_ebpf::daemon_tag;
+use vmsniff_ebpf::{TcHook, daemon_tag};
 
 use super::{Attached, Destination, Keeper, MirrorSpec, Service, mirrored, now};
 use crate::{
-    apply::executor::{apply_rehome, apply_update},
+    apply::{
+        executor::{apply_reattach, apply_rehome, apply_update},
+        tc::missing_tap_programs,
+    },
     model::{
         mirror::{Mode, Owner, Tap, Target},
         observed::Observed,
@@ -14,7 +17,7 @@ use crate::{
     },
     plan::{
         detach::ifname,
-        rehome::plan_rehome,
+        rehome::{plan_reattach, plan_rehome},
         request::AttachRequest,
         update::{ControlChange, plan_update},
     },
@@ -91,6 +94,48 @@ impl Service {
         let Some(plan) = plan_rehome(id, tap, mode, tcx_supported(), &observed)? else { return Ok(false) };
         apply_rehome(&self.namespace.kernel, &plan).await?;
         Ok(true)
+    }
+
+    /// The taps whose programs someone removed (by ifindex), and from which hooks.
+    pub(super) async fn unhooked_taps(
+        &self,
+        observed: &Observed,
+    ) -> anyhow::Result<BTreeMap<u32, Vec<TcHook>>> {
+        let mut unhooked = BTreeMap::new();
+        for (&ifindex, entry) in &observed.taps {
+            let missing = missing_tap_programs(&self.namespace.kernel.netlink, ifindex, entry).await?;
+            if !missing.is_empty() {
+                unhooked.insert(ifindex, missing);
+            }
+        }
+        Ok(unhooked)
+    }
+
+    /// Attaches again the tap programs someone removed (`tc qdisc del dev TAP clsact` is a
+    /// common operator and agent habit), on every tap that is still there; each tap repaired,
+    /// with its hooks. The sessions, their counters and the entries stay as they are.
+    pub async fn reattach_removed_programs(&self) -> anyhow::Result<Vec<(String, Vec<TcHook>)>> {
+        let _lock = self.namespace.lock().await?;
+        let observed = self.namespace.observe()?;
+        let mut repaired = Vec::new();
+        for (ifindex, hooks) in self.unhooked_taps(&observed).await? {
+            let Some(link) = self
+                .namespace
+                .kernel
+                .netlink
+                .link_by_index(ifindex)
+                .await
+                .with_context(|| format!("looking up ifindex {ifindex}"))?
+            else {
+                continue;
+            };
+            let tap = Tap { ifindex, name: link.name };
+            apply_reattach(&self.namespace.kernel, &plan_reattach(&tap, &hooks))
+                .await
+                .with_context(|| format!("attaching vmsniff's programs to {} again", tap.name))?;
+            repaired.push((tap.name, hooks));
+        }
+        Ok(repaired)
     }
 
     /// Plans every session first, so that one that cannot change stops the operation before any

@@ -48,7 +48,8 @@ impl Service {
         if !observed.sessions.contains_key(&id) {
             return Ok(None);
         }
-        let status = crate::observe::status::read(&kernel.netlink, Some(&maps), &observed).await?;
+        let unhooked = self.unhooked_taps(&observed).await?;
+        let status = crate::observe::status::read(&kernel.netlink, Some(&maps), &observed, &unhooked).await?;
         Ok(status.sessions.into_iter().find(|s| s.session == id))
     }
 
@@ -58,7 +59,9 @@ impl Service {
         let lock = lock::read_lock().await?;
         let maps = PinnedMaps::open(&kernel.paths)?;
         let observed = self.namespace.observe()?;
-        let mut ebpf = crate::observe::status::read(&kernel.netlink, maps.as_ref(), &observed).await?;
+        let unhooked = self.unhooked_taps(&observed).await?;
+        let mut ebpf =
+            crate::observe::status::read(&kernel.netlink, maps.as_ref(), &observed, &unhooked).await?;
         drop(lock);
         vm_names::fill(&mut ebpf, &self.sources).await;
         // An OVSDB that is named but cannot be read is a warning: the eBPF sessions are still
