@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 use thiserror::Error;
 use vmsniff_ebpf::{
     Direction, FILTER_SLOT_BASE, MAX_GRE_USER_KEY, MAX_SESSION_ID, MAX_SESSIONS_PER_TAP, SESSION_ACTIVE,
-    SESSION_BUSY, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TcHook, filter::Filter, gre_wire_key,
+    SESSION_BUSY, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TapSessions, TcHook, filter::Filter,
+    gre_wire_key,
 };
 
 use crate::{
@@ -137,12 +138,51 @@ pub struct ErspanHeader {
 }
 
 pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<AttachPlan, AttachPlanError> {
-    let tap_name = request.tap.name.clone();
     let existing_tap = observed.taps.get(&request.tap.ifindex);
-    if let Some(tap) = existing_tap
-        && tap.session_count() >= MAX_SESSIONS_PER_TAP
-    {
-        return Err(AttachPlanError::TapFull { tap: tap_name });
+    check_tap_and_target(request, observed, existing_tap)?;
+    let session_id = (1..=MAX_SESSION_ID)
+        .find(|id| !observed.sessions.contains_key(id) && !observed.reserved.contains(id))
+        .ok_or(AttachPlanError::NoFreeSessionId)?;
+    let key = checked_key(request, session_id)?;
+    check_not_mirrored_yet(request, observed, existing_tap, key)?;
+    let mode = choose_mode(
+        &request.tap.name,
+        request.mode,
+        request.tcx_supported,
+        existing_tap.map(|t| t.attach_mode),
+    )?;
+    let mut steps = vec![
+        AttachStep::ClaimSession { id: session_id, config: session_config(request, key) },
+        AttachStep::ResetCounters { id: session_id },
+    ];
+    if let Some(filter) = &request.controls.filter {
+        steps.push(AttachStep::WriteFilter { id: session_id, filter: Box::new(filter.to_map_value()) });
+    }
+    steps.extend(target_steps(request, session_id, key));
+    if existing_tap.is_none() {
+        steps.push(AttachStep::RegisterTap { tap: request.tap.clone(), mode });
+        if mode == AttachMode::Netlink {
+            steps.push(AttachStep::EnsureClsact { tap: request.tap.clone() });
+        }
+        // Both hooks even for one direction: a later session on this tap may want the other,
+        // and a program whose tap lists no session for a direction costs one map lookup.
+        for hook in TcHook::ALL {
+            steps.push(AttachStep::AttachProgram { tap: request.tap.clone(), hook, mode });
+        }
+    }
+    steps.push(AttachStep::ActivateSession { id: session_id });
+    steps.push(AttachStep::AddToTap { tap: request.tap.clone(), id: session_id });
+    Ok(AttachPlan { session_id, key, steps })
+}
+
+/// The tap has room for one more session, and the target is neither the tap nor mirrored.
+fn check_tap_and_target(
+    request: &AttachRequest,
+    observed: &Observed,
+    existing_tap: Option<&TapSessions>,
+) -> Result<(), AttachPlanError> {
+    if existing_tap.is_some_and(|tap| tap.session_count() >= MAX_SESSIONS_PER_TAP) {
+        return Err(AttachPlanError::TapFull { tap: request.tap.name.clone() });
     }
     if let Target::LocalDev { name, ifindex } = &request.target {
         if *ifindex == request.tap.ifindex {
@@ -154,9 +194,11 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
             return Err(AttachPlanError::TargetIsMirrored { dev: name.clone(), session: u32::from(session) });
         }
     }
-    let session_id = (1..=MAX_SESSION_ID)
-        .find(|id| !observed.sessions.contains_key(id) && !observed.reserved.contains(id))
-        .ok_or(AttachPlanError::NoFreeSessionId)?;
+    Ok(())
+}
+
+/// `--key`, else the session id, within the limits of the encapsulation.
+fn checked_key(request: &AttachRequest, session_id: u32) -> Result<u32, AttachPlanError> {
     let key = request.key.unwrap_or(session_id);
     if key > MAX_GRE_USER_KEY {
         return Err(AttachPlanError::KeyTooLarge { key });
@@ -173,6 +215,17 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
             },
         });
     }
+    Ok(key)
+}
+
+/// No session of the tap sends to the same target already, and no session anywhere uses the
+/// same collector and key (the kernel would not tell their tunnels apart).
+fn check_not_mirrored_yet(
+    request: &AttachRequest,
+    observed: &Observed,
+    existing_tap: Option<&TapSessions>,
+    key: u32,
+) -> Result<(), AttachPlanError> {
     if let Some(tap) = existing_tap {
         for &id in tap.ids.iter().filter(|&&id| id != 0) {
             let id = u32::from(id);
@@ -183,7 +236,11 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
                     Target::Gre { .. } => format!("{} with key {key}", request.target),
                     Target::LocalDev { .. } => request.target.to_string(),
                 };
-                return Err(AttachPlanError::AlreadyMirrored { tap: tap_name, target, session: id });
+                return Err(AttachPlanError::AlreadyMirrored {
+                    tap: request.tap.name.clone(),
+                    target,
+                    session: id,
+                });
             }
         }
     }
@@ -193,13 +250,11 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     {
         return Err(AttachPlanError::KeyInUse { remote: *remote, key, session });
     }
-    let mode = choose_mode(
-        &request.tap.name,
-        request.mode,
-        request.tcx_supported,
-        existing_tap.map(|t| t.attach_mode),
-    )?;
+    Ok(())
+}
 
+/// The session's map value as it is claimed: busy (the programs skip it) until activated.
+fn session_config(request: &AttachRequest, key: u32) -> SessionConfig {
     let mut config = SessionConfig::EMPTY;
     config.state = SESSION_BUSY;
     config.directions = request.directions.bits();
@@ -230,14 +285,13 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
             }
         }
     }
+    config
+}
 
-    let mut steps = vec![
-        AttachStep::ClaimSession { id: session_id, config },
-        AttachStep::ResetCounters { id: session_id },
-    ];
-    if let Some(filter) = &request.controls.filter {
-        steps.push(AttachStep::WriteFilter { id: session_id, filter: Box::new(filter.to_map_value()) });
-    }
+/// The session's own devices (one per direction toward a collector), and the copy program on
+/// each device its copies leave through.
+fn target_steps(request: &AttachRequest, session_id: u32, key: u32) -> Vec<AttachStep> {
+    let mut steps = Vec::new();
     if let Target::Gre { remote, ttl, tos, encap } = &request.target {
         for direction in request.directions.iter() {
             let erspan = encap.erspan_version().map(|version| ErspanHeader {
@@ -273,20 +327,7 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
         };
         steps.push(AttachStep::AttachCopyProgram { id: session_id, direction, device });
     }
-    if existing_tap.is_none() {
-        steps.push(AttachStep::RegisterTap { tap: request.tap.clone(), mode });
-        if mode == AttachMode::Netlink {
-            steps.push(AttachStep::EnsureClsact { tap: request.tap.clone() });
-        }
-        // Both hooks even for one direction: a later session on this tap may want the other,
-        // and a program whose tap lists no session for a direction costs one map lookup.
-        for hook in TcHook::ALL {
-            steps.push(AttachStep::AttachProgram { tap: request.tap.clone(), hook, mode });
-        }
-    }
-    steps.push(AttachStep::ActivateSession { id: session_id });
-    steps.push(AttachStep::AddToTap { tap: request.tap.clone(), id: session_id });
-    Ok(AttachPlan { session_id, key, steps })
+    steps
 }
 
 /// The attach mode for a tap: the one its programs already use (`existing`), else `choice`.
