@@ -125,6 +125,28 @@ pub fn plan_ovs_attach(
         .find(|id| !taken.contains(id) && !in_ovsdb.contains(id))
         .ok_or(OvsPlanError::NoFreeSessionId)?;
     let key = request.key.unwrap_or(id);
+    check_tunnel_free(request, snapshot, key)?;
+    let rows = OvsRows {
+        gre_port: gre_port_name(id),
+        mirror: mirror_name(id),
+        ids: external_ids(request, id),
+        options: gre_options(request, key),
+    };
+    let operations = attach_operations(request, &rows, id, &bridge.row.uuid, &vm_port.row.uuid);
+    let vsctl = vsctl_command(request, &rows);
+    Ok(OvsAttachPlan { id, key, gre_port: rows.gre_port, mirror: rows.mirror, operations, vsctl })
+}
+
+/// What an OVS session's rows hold, shared by the transaction and its ovs-vsctl twin.
+struct OvsRows {
+    gre_port: String,
+    mirror: String,
+    ids: Vec<(&'static str, String)>,
+    options: [(&'static str, String); 5],
+}
+
+/// OVS, like the kernel, cannot tell two GRE ports with the same remote and key apart.
+fn check_tunnel_free(request: &OvsAttachRequest, snapshot: &Snapshot, key: u32) -> Result<(), OvsPlanError> {
     let remote = request.remote.to_string();
     if let Some(duplicate) = snapshot.interfaces.iter().find(|i| {
         i.kind == "gre"
@@ -137,9 +159,11 @@ pub fn plan_ovs_attach(
             key,
         });
     }
+    Ok(())
+}
 
-    let gre_port = gre_port_name(id);
-    let mirror = mirror_name(id);
+/// The `external_ids` every vmsniff row carries: its session, and what status shows of it.
+fn external_ids(request: &OvsAttachRequest, id: u32) -> Vec<(&'static str, String)> {
     let mut ids = vec![(SESSION_KEY, id.to_string()), (TAP_KEY, request.tap.clone())];
     if let Some(vm) = &request.vm {
         ids.push((VM_KEY, vm.clone()));
@@ -152,25 +176,47 @@ pub fn plan_ovs_attach(
         ids.push((DAEMON_ARGS_KEY, Value::from(daemon.argv.clone()).to_string()));
     }
     ids.push((CREATED_KEY, request.now.to_string()));
-    let options = [
-        ("remote_ip", remote.clone()),
+    ids
+}
+
+fn gre_options(request: &OvsAttachRequest, key: u32) -> [(&'static str, String); 5] {
+    [
+        ("remote_ip", request.remote.to_string()),
         ("key", key.to_string()),
         // Copies of full-size frames outgrow the uplink's MTU; with DF set they would be
         // dropped silently. Without it the host fragments them and they arrive whole.
         ("df_default", "false".to_owned()),
         ("ttl", request.ttl.to_string()),
         ("tos", request.tos.to_string()),
-    ];
-    let vm_uuid = json!(["uuid", vm_port.row.uuid]);
+    ]
+}
+
+/// Which sides of the VM's port the Mirror selects: (source = out, destination = in).
+fn selects(directions: Directions) -> (bool, bool) {
+    (directions != Directions::In, directions != Directions::Out)
+}
+
+/// The one transaction: guards, the GRE Interface and Port, the Mirror, their place on the
+/// bridge, and the `next_cfg` bump ovs-vswitchd answers.
+fn attach_operations(
+    request: &OvsAttachRequest,
+    rows: &OvsRows,
+    id: u32,
+    bridge_uuid: &str,
+    vm_port_uuid: &str,
+) -> Vec<Operation> {
+    let OvsRows { gre_port, mirror, ids, options } = rows;
+    let vm_uuid = json!(["uuid", vm_port_uuid]);
     let selected = |yes: bool| if yes { json!(["set", [vm_uuid]]) } else { json!(["set", []]) };
-    let (src, dst) = (request.directions != Directions::In, request.directions != Directions::Out);
-    let operations = vec![
+    let (src, dst) = selects(request.directions);
+    let map = |pairs: &[(&str, String)]| datum::to_string_map(pairs.iter().map(|(k, v)| (*k, v.clone())));
+    vec![
         Operation::Comment(format!(
-            "vmsniff: attach session {id}: mirror {mirror} of port {} on {} to {remote} over GRE port {gre_port}",
-            request.vm_port, request.bridge
+            "vmsniff: attach session {id}: mirror {mirror} of port {} on {} to {} over GRE port {gre_port}",
+            request.vm_port, request.bridge, request.remote
         )),
-        still_named("Bridge", &bridge.row.uuid, &request.bridge),
-        still_named("Port", &vm_port.row.uuid, &request.vm_port),
+        still_named("Bridge", bridge_uuid, &request.bridge),
+        still_named("Port", vm_port_uuid, &request.vm_port),
         // Mirror names are not unique in OVSDB: make sure this one is still free.
         Operation::Wait {
             table: "Mirror".into(),
@@ -180,12 +226,7 @@ pub fn plan_ovs_attach(
         },
         Operation::Insert {
             table: "Interface".into(),
-            row: json!({
-                "name": gre_port,
-                "type": "gre",
-                "options": datum::to_string_map(options.iter().map(|(k, v)| (*k, v.clone()))),
-                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
-            }),
+            row: json!({"name": gre_port, "type": "gre", "options": map(options), "external_ids": map(ids)}),
             uuid_name: "gre_interface".into(),
         },
         Operation::Insert {
@@ -193,7 +234,7 @@ pub fn plan_ovs_attach(
             row: json!({
                 "name": gre_port,
                 "interfaces": ["named-uuid", "gre_interface"],
-                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
+                "external_ids": map(ids),
             }),
             uuid_name: "gre_port".into(),
         },
@@ -204,13 +245,13 @@ pub fn plan_ovs_attach(
                 "select_src_port": selected(src),
                 "select_dst_port": selected(dst),
                 "output_port": ["named-uuid", "gre_port"],
-                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
+                "external_ids": map(ids),
             }),
             uuid_name: "mirror".into(),
         },
         Operation::Mutate {
             table: "Bridge".into(),
-            conditions: vec![Condition::uuid(&bridge.row.uuid)],
+            conditions: vec![Condition::uuid(bridge_uuid)],
             mutations: vec![
                 Mutation { column: "ports".into(), mutator: "insert", value: named_set("gre_port") },
                 Mutation { column: "mirrors".into(), mutator: "insert", value: named_set("mirror") },
@@ -218,44 +259,30 @@ pub fn plan_ovs_attach(
         },
         bump_next_cfg(),
         select_next_cfg(),
-    ];
+    ]
+}
 
-    let external_ids = |ids: &[(&str, String)]| {
-        ids.iter().map(|(k, v)| format!("external_ids:{k}={}", vsctl_value(v))).collect::<Vec<_>>()
-    };
-    let mut lines = vec![vec!["ovs-vsctl".to_owned(), "--timeout=30".to_owned()]];
-    let mut interface = vec![
-        "--".into(),
-        "--id=@gi".into(),
-        "create".into(),
-        "Interface".into(),
-        format!("name={gre_port}"),
-        "type=gre".into(),
-    ];
+/// The same change as one `ovs-vsctl` command, for operators (`--dry-run`).
+fn vsctl_command(request: &OvsAttachRequest, rows: &OvsRows) -> String {
+    let OvsRows { gre_port, mirror, ids, options } = rows;
+    let external_ids =
+        || ids.iter().map(|(k, v)| format!("external_ids:{k}={}", vsctl_value(v))).collect::<Vec<String>>();
+    let words = |items: &[&str]| items.iter().map(|w| (*w).to_owned()).collect::<Vec<String>>();
+    let mut lines = vec![words(&["ovs-vsctl", "--timeout=30"])];
+    let mut interface = words(&["--", "--id=@gi", "create", "Interface"]);
+    interface.extend([format!("name={gre_port}"), "type=gre".into()]);
     interface.extend(options.iter().map(|(k, v)| format!("options:{k}={}", vsctl_value(v))));
-    interface.extend(external_ids(&ids));
+    interface.extend(external_ids());
     lines.push(interface);
-    let mut port = vec![
-        "--".into(),
-        "--id=@gp".into(),
-        "create".into(),
-        "Port".into(),
-        format!("name={gre_port}"),
-        "interfaces=@gi".into(),
-    ];
-    port.extend(external_ids(&ids));
+    let mut port = words(&["--", "--id=@gp", "create", "Port"]);
+    port.extend([format!("name={gre_port}"), "interfaces=@gi".into()]);
+    port.extend(external_ids());
     lines.push(port);
-    lines.push(vec![
-        "--".into(),
-        "add".into(),
-        "Bridge".into(),
-        request.bridge.clone(),
-        "ports".into(),
-        "@gp".into(),
-    ]);
-    lines.push(vec!["--".into(), "--id=@vm".into(), "get".into(), "Port".into(), request.vm_port.clone()]);
-    let mut create =
-        vec!["--".into(), "--id=@m".into(), "create".into(), "Mirror".into(), format!("name={mirror}")];
+    lines.push(words(&["--", "add", "Bridge", &request.bridge, "ports", "@gp"]));
+    lines.push(words(&["--", "--id=@vm", "get", "Port", &request.vm_port]));
+    let mut create = words(&["--", "--id=@m", "create", "Mirror"]);
+    create.push(format!("name={mirror}"));
+    let (src, dst) = selects(request.directions);
     if src {
         create.push("select-src-port=@vm".into());
     }
@@ -263,23 +290,14 @@ pub fn plan_ovs_attach(
         create.push("select-dst-port=@vm".into());
     }
     create.push("output-port=@gp".into());
-    create.extend(external_ids(&ids));
+    create.extend(external_ids());
     lines.push(create);
-    lines.push(vec![
-        "--".into(),
-        "add".into(),
-        "Bridge".into(),
-        request.bridge.clone(),
-        "mirrors".into(),
-        "@m".into(),
-    ]);
-    let vsctl = lines
+    lines.push(words(&["--", "add", "Bridge", &request.bridge, "mirrors", "@m"]));
+    lines
         .iter()
         .map(|words| words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
-        .join(" \\\n  ");
-
-    Ok(OvsAttachPlan { id, key, gre_port, mirror, operations, vsctl })
+        .join(" \\\n  ")
 }
 
 /// A session's VM came back on a new OVS port (a VM's port is deleted and added again when it
