@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 use vmsniff_ebpf::{
     Direction, DirectionCounters, FILTER_SLOT_BASE, RATE_BITS, RATE_PACKETS, SESSION_ACTIVE, SessionConfig,
-    TARGET_GRE, TARGET_LOCAL_DEV, TcHook,
+    TARGET_GRE, TARGET_LOCAL_DEV, TapSessions, TcHook,
 };
 
 use crate::{
@@ -174,17 +174,7 @@ async fn session_status(
     config: &SessionConfig,
 ) -> Result<SessionStatus, KernelError> {
     let tap_entry = observed.tap_of(id).map(|(_, tap)| *tap);
-    let tap_link = netlink
-        .link_by_index(config.tap_ifindex)
-        .await
-        .map_err(KernelError::netlink(format!("looking up ifindex {}", config.tap_ifindex)))?;
-    let recorded_name = tap_entry.map(|t| ifname(&t.ifname)).filter(|n| !n.is_empty());
-    let tap_present = match (&tap_link, &recorded_name) {
-        (Some(link), Some(name)) => &link.name == name,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
-    let tap = recorded_name.or_else(|| tap_link.as_ref().map(|l| l.name.clone())).unwrap_or_default();
+    let (tap, tap_present) = tap_as_now(netlink, config, tap_entry.as_ref()).await?;
     let state = if observed.orphaned.contains(&id) {
         "orphaned"
     } else if config.state != SESSION_ACTIVE {
@@ -194,36 +184,10 @@ async fn session_status(
     } else {
         "active"
     };
-
-    let mut counters = PerDirection::<Counters>::default();
-    let mut devices = PerDirection::<Option<DeviceStatus>>::default();
     let directions = Directions::from_bits(config.directions).unwrap_or(Directions::Both);
-    for direction in directions.iter() {
-        if let Some(maps) = maps {
-            *counters.get_mut(direction) = maps.counters(id, direction)?.into();
-        }
-        let ifindex = config.target_ifindex[direction.index()];
-        if ifindex != 0 {
-            let link = netlink
-                .link_by_index(ifindex)
-                .await
-                .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))?;
-            *devices.get_mut(direction) = link.map(|l| DeviceStatus {
-                name: l.name,
-                ifindex,
-                up: l.up,
-                stats: l.stats,
-                erspan: l.erspan,
-            });
-        }
-    }
+    let (counters, devices) = per_direction(netlink, maps, id, config, directions).await?;
     let filter = match (maps, config.filter.checked_sub(FILTER_SLOT_BASE)) {
         (Some(maps), Some(slot)) => Some(stored_expression(&maps.filter(id, slot)?)),
-        _ => None,
-    };
-    let rate_limit = match config.rate_unit {
-        RATE_BITS => Some(RateLimit { unit: RateUnit::Bits, rate: config.rate, burst: config.burst }),
-        RATE_PACKETS => Some(RateLimit { unit: RateUnit::Packets, rate: config.rate, burst: config.burst }),
         _ => None,
     };
     let gre = config.target_kind == TARGET_GRE;
@@ -254,7 +218,7 @@ async fn session_status(
         direction: directions.as_str(),
         filter,
         sample: config.sample_every.max(1),
-        rate_limit: rate_limit.map(|r| r.to_string()),
+        rate_limit: rate_limit(config).map(|r| r.to_string()),
         snaplen: (config.snaplen != 0).then_some(config.snaplen),
         attach_mode: tap_entry.and_then(|t| AttachMode::from_abi(t.attach_mode)).map(AttachMode::as_str),
         state,
@@ -263,6 +227,67 @@ async fn session_status(
         counters,
         devices,
     })
+}
+
+/// The tap's name (as recorded at attach, which outlives the tap) and whether the interface
+/// with its ifindex is still that tap.
+async fn tap_as_now(
+    netlink: &Netlink,
+    config: &SessionConfig,
+    tap_entry: Option<&TapSessions>,
+) -> Result<(String, bool), KernelError> {
+    let tap_link = netlink
+        .link_by_index(config.tap_ifindex)
+        .await
+        .map_err(KernelError::netlink(format!("looking up ifindex {}", config.tap_ifindex)))?;
+    let recorded_name = tap_entry.map(|t| ifname(&t.ifname)).filter(|n| !n.is_empty());
+    let tap_present = match (&tap_link, &recorded_name) {
+        (Some(link), Some(name)) => &link.name == name,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    let tap = recorded_name.or_else(|| tap_link.as_ref().map(|l| l.name.clone())).unwrap_or_default();
+    Ok((tap, tap_present))
+}
+
+/// Each mirrored direction's counters (from the maps) and device (from the kernel, as now).
+async fn per_direction(
+    netlink: &Netlink,
+    maps: Option<&PinnedMaps>,
+    id: u32,
+    config: &SessionConfig,
+    directions: Directions,
+) -> Result<(PerDirection<Counters>, PerDirection<Option<DeviceStatus>>), KernelError> {
+    let mut counters = PerDirection::<Counters>::default();
+    let mut devices = PerDirection::<Option<DeviceStatus>>::default();
+    for direction in directions.iter() {
+        if let Some(maps) = maps {
+            *counters.get_mut(direction) = maps.counters(id, direction)?.into();
+        }
+        let ifindex = config.target_ifindex[direction.index()];
+        if ifindex != 0 {
+            let link = netlink
+                .link_by_index(ifindex)
+                .await
+                .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))?;
+            *devices.get_mut(direction) = link.map(|l| DeviceStatus {
+                name: l.name,
+                ifindex,
+                up: l.up,
+                stats: l.stats,
+                erspan: l.erspan,
+            });
+        }
+    }
+    Ok((counters, devices))
+}
+
+fn rate_limit(config: &SessionConfig) -> Option<RateLimit> {
+    match config.rate_unit {
+        RATE_BITS => Some(RateLimit { unit: RateUnit::Bits, rate: config.rate, burst: config.burst }),
+        RATE_PACKETS => Some(RateLimit { unit: RateUnit::Packets, rate: config.rate, burst: config.burst }),
+        _ => None,
+    }
 }
 
 impl Status {
