@@ -293,8 +293,7 @@ fn rate_limit(config: &SessionConfig) -> Option<RateLimit> {
 impl Status {
     /// The table `vmsniff status` prints.
     pub fn render_table(&self) -> String {
-        let status = self;
-        if status.sessions.is_empty() {
+        if self.sessions.is_empty() {
             return "no mirror sessions in this network namespace\n".into();
         }
         let mut out = format!(
@@ -312,7 +311,7 @@ impl Status {
             "IN BYTES",
             "LOST"
         );
-        for s in &status.sessions {
+        for s in &self.sessions {
             let target = match (&s.to, &s.to_dev) {
                 (Some(ip), _) => format!("{ip} ({})", s.encap),
                 (None, Some(dev)) => format!("dev {dev}"),
