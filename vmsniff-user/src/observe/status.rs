@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Serialize;
 use vmsniff_ebpf::{
     Direction, DirectionCounters, FILTER_SLOT_BASE, RATE_BITS, RATE_PACKETS, SESSION_ACTIVE, SessionConfig,
-    TARGET_GRE, TARGET_LOCAL_DEV, TapSessions, TcHook,
+    TARGET_GRE, TARGET_LOCAL_DEV, TcHook,
 };
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     sys::{
         KernelError,
         maps::PinnedMaps,
-        netlink::{ErspanLink, LinkStats, Netlink},
+        netlink::{ErspanLink, Link, LinkStats, Netlink},
     },
 };
 
@@ -174,21 +174,16 @@ async fn session_status(
     config: &SessionConfig,
 ) -> Result<SessionStatus, KernelError> {
     let tap_entry = observed.tap_of(id).map(|(_, tap)| *tap);
-    let (tap, tap_present) = tap_as_now(netlink, config, tap_entry.as_ref()).await?;
-    let state = if observed.orphaned.contains(&id) {
-        "orphaned"
-    } else if config.state != SESSION_ACTIVE {
-        "busy"
-    } else if !tap_present {
-        "tap-gone"
-    } else {
-        "active"
-    };
+    let tap_link = link_by_index(netlink, config.tap_ifindex).await?;
+    let recorded_name = tap_entry.map(|t| ifname(&t.ifname)).filter(|n| !n.is_empty());
+    let (tap, tap_present) = tap_name_and_presence(tap_link.map(|l| l.name), recorded_name);
+    let state = session_state(observed.orphaned.contains(&id), config.state == SESSION_ACTIVE, tap_present);
+
     let directions = Directions::from_bits(config.directions).unwrap_or(Directions::Both);
-    let (counters, devices) = per_direction(netlink, maps, id, config, directions).await?;
-    let filter = match (maps, config.filter.checked_sub(FILTER_SLOT_BASE)) {
-        (Some(maps), Some(slot)) => Some(stored_expression(&maps.filter(id, slot)?)),
-        _ => None,
+    let (counters, devices) = direction_readings(netlink, maps, id, config, directions).await?;
+    let filter = match maps {
+        Some(maps) => stored_filter(maps, id, config)?,
+        None => None,
     };
     let gre = config.target_kind == TARGET_GRE;
     let erspan = [&devices.out_of_vm, &devices.into_vm].into_iter().flatten().find_map(|d| d.erspan);
@@ -202,15 +197,9 @@ async fn session_status(
         tap_ifindex: config.tap_ifindex,
         vm: None,
         nic: None,
-        to: (gre && config.remote_family == 4)
-            .then(|| Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])),
+        to: (gre && config.remote_family == 4).then(|| collector(config)),
         to_dev,
-        encap: match (gre, erspan) {
-            (false, _) => "none",
-            (true, None) => "gre",
-            (true, Some(ErspanLink { version: 1, .. })) => "erspan1",
-            (true, Some(_)) => "erspan",
-        },
+        encap: encap_name(gre, erspan),
         erspan_hwid: erspan.filter(|e| e.version != 1).map(|e| e.hwid),
         key: gre.then_some(config.key),
         ttl: gre.then_some(config.ttl),
@@ -229,29 +218,40 @@ async fn session_status(
     })
 }
 
-/// The tap's name (as recorded at attach, which outlives the tap) and whether the interface
-/// with its ifindex is still that tap.
-async fn tap_as_now(
-    netlink: &Netlink,
-    config: &SessionConfig,
-    tap_entry: Option<&TapSessions>,
-) -> Result<(String, bool), KernelError> {
-    let tap_link = netlink
-        .link_by_index(config.tap_ifindex)
+async fn link_by_index(netlink: &Netlink, ifindex: u32) -> Result<Option<Link>, KernelError> {
+    netlink
+        .link_by_index(ifindex)
         .await
-        .map_err(KernelError::netlink(format!("looking up ifindex {}", config.tap_ifindex)))?;
-    let recorded_name = tap_entry.map(|t| ifname(&t.ifname)).filter(|n| !n.is_empty());
-    let tap_present = match (&tap_link, &recorded_name) {
-        (Some(link), Some(name)) => &link.name == name,
+        .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))
+}
+
+/// The tap's name, and whether it still exists: the name recorded at attach, else the
+/// kernel's for the ifindex. A different device at the recorded ifindex means the tap is gone
+/// (the kernel reuses ifindexes).
+fn tap_name_and_presence(link_name: Option<String>, recorded_name: Option<String>) -> (String, bool) {
+    let present = match (&link_name, &recorded_name) {
+        (Some(link), Some(recorded)) => link == recorded,
         (Some(_), None) => true,
         (None, _) => false,
     };
-    let tap = recorded_name.or_else(|| tap_link.as_ref().map(|l| l.name.clone())).unwrap_or_default();
-    Ok((tap, tap_present))
+    (recorded_name.or(link_name).unwrap_or_default(), present)
 }
 
-/// Each mirrored direction's counters (from the maps) and device (from the kernel, as now).
-async fn per_direction(
+/// `orphaned` before `busy` before `tap-gone`: the first is what the operator must act on.
+fn session_state(orphaned: bool, active: bool, tap_present: bool) -> &'static str {
+    if orphaned {
+        "orphaned"
+    } else if !active {
+        "busy"
+    } else if !tap_present {
+        "tap-gone"
+    } else {
+        "active"
+    }
+}
+
+/// Each mirrored direction's counters (zero without maps) and target device.
+async fn direction_readings(
     netlink: &Netlink,
     maps: Option<&PinnedMaps>,
     id: u32,
@@ -264,30 +264,55 @@ async fn per_direction(
         if let Some(maps) = maps {
             *counters.get_mut(direction) = maps.counters(id, direction)?.into();
         }
-        let ifindex = config.target_ifindex[direction.index()];
-        if ifindex != 0 {
-            let link = netlink
-                .link_by_index(ifindex)
-                .await
-                .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))?;
-            *devices.get_mut(direction) = link.map(|l| DeviceStatus {
-                name: l.name,
-                ifindex,
-                up: l.up,
-                stats: l.stats,
-                erspan: l.erspan,
-            });
-        }
+        *devices.get_mut(direction) = target_device(netlink, config, direction).await?;
     }
     Ok((counters, devices))
 }
 
-fn rate_limit(config: &SessionConfig) -> Option<RateLimit> {
-    match config.rate_unit {
-        RATE_BITS => Some(RateLimit { unit: RateUnit::Bits, rate: config.rate, burst: config.burst }),
-        RATE_PACKETS => Some(RateLimit { unit: RateUnit::Packets, rate: config.rate, burst: config.burst }),
-        _ => None,
+/// The device one direction's copies leave through, with its counters; `None` when the
+/// session has none for it or the device is gone.
+async fn target_device(
+    netlink: &Netlink,
+    config: &SessionConfig,
+    direction: Direction,
+) -> Result<Option<DeviceStatus>, KernelError> {
+    let ifindex = config.target_ifindex[direction.index()];
+    if ifindex == 0 {
+        return Ok(None);
     }
+    let link = link_by_index(netlink, ifindex).await?;
+    Ok(link.map(|l| DeviceStatus { name: l.name, ifindex, up: l.up, stats: l.stats, erspan: l.erspan }))
+}
+
+/// `none` for `--to-dev`; else what the session's devices are: ERSPAN type II (`erspan1`) or
+/// III (`erspan`), or plain GRE.
+fn encap_name(gre: bool, erspan: Option<ErspanLink>) -> &'static str {
+    match (gre, erspan) {
+        (false, _) => "none",
+        (true, None) => "gre",
+        (true, Some(ErspanLink { version: 1, .. })) => "erspan1",
+        (true, Some(_)) => "erspan",
+    }
+}
+
+/// The expression of the session's `--filter`, if it has one.
+fn stored_filter(maps: &PinnedMaps, id: u32, config: &SessionConfig) -> Result<Option<String>, KernelError> {
+    let Some(slot) = config.filter.checked_sub(FILTER_SLOT_BASE) else { return Ok(None) };
+    Ok(Some(stored_expression(&maps.filter(id, slot)?)))
+}
+
+/// A GRE session's IPv4 collector.
+fn collector(config: &SessionConfig) -> Ipv4Addr {
+    Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])
+}
+
+fn rate_limit(config: &SessionConfig) -> Option<RateLimit> {
+    let unit = match config.rate_unit {
+        RATE_BITS => RateUnit::Bits,
+        RATE_PACKETS => RateUnit::Packets,
+        _ => return None,
+    };
+    Some(RateLimit { unit, rate: config.rate, burst: config.burst })
 }
 
 impl Status {
@@ -312,16 +337,11 @@ impl Status {
             "LOST"
         );
         for s in &self.sessions {
-            let target = match (&s.to, &s.to_dev) {
-                (Some(ip), _) => format!("{ip} ({})", s.encap),
-                (None, Some(dev)) => format!("dev {dev}"),
-                (None, None) => "-".into(),
-            };
             out.push_str(&format!(
                 "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
                 s.session,
                 s.tap,
-                target,
+                target_column(s),
                 s.key.map_or("-".to_string(), |k| k.to_string()),
                 s.direction,
                 s.attach_mode.unwrap_or("-"),
@@ -337,6 +357,15 @@ impl Status {
             }
         }
         out
+    }
+}
+
+/// Where the copies go: the collector and its encapsulation, or the local device.
+fn target_column(s: &SessionStatus) -> String {
+    match (&s.to, &s.to_dev) {
+        (Some(ip), _) => format!("{ip} ({})", s.encap),
+        (None, Some(dev)) => format!("dev {dev}"),
+        (None, None) => "-".into(),
     }
 }
 
@@ -382,5 +411,49 @@ impl SessionStatus {
             }
         }
         lost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_is_present_while_its_ifindex_keeps_the_recorded_name() {
+        let name = |n: &str| Some(n.to_owned());
+        assert_eq!(tap_name_and_presence(name("tap0"), name("tap0")), ("tap0".into(), true));
+        // The kernel gave the ifindex to another device: the tap is gone, under its own name.
+        assert_eq!(tap_name_and_presence(name("veth9"), name("tap0")), ("tap0".into(), false));
+        assert_eq!(tap_name_and_presence(name("tap0"), None), ("tap0".into(), true));
+        assert_eq!(tap_name_and_presence(None, name("tap0")), ("tap0".into(), false));
+        assert_eq!(tap_name_and_presence(None, None), (String::new(), false));
+    }
+
+    #[test]
+    fn the_state_names_the_first_thing_to_act_on() {
+        assert_eq!(session_state(true, false, false), "orphaned");
+        assert_eq!(session_state(false, false, false), "busy");
+        assert_eq!(session_state(false, true, false), "tap-gone");
+        assert_eq!(session_state(false, true, true), "active");
+    }
+
+    #[test]
+    fn the_encap_is_read_from_the_devices() {
+        let erspan = |version| Some(ErspanLink { version, hwid: 0 });
+        assert_eq!(encap_name(false, erspan(2)), "none");
+        assert_eq!(encap_name(true, None), "gre");
+        assert_eq!(encap_name(true, erspan(1)), "erspan1");
+        assert_eq!(encap_name(true, erspan(2)), "erspan");
+    }
+
+    #[test]
+    fn a_rate_limit_needs_a_known_unit() {
+        let config = SessionConfig { rate_unit: RATE_PACKETS, rate: 50, burst: 8, ..SessionConfig::EMPTY };
+        assert_eq!(rate_limit(&config), Some(RateLimit { unit: RateUnit::Packets, rate: 50, burst: 8 }));
+        assert_eq!(
+            rate_limit(&SessionConfig { rate_unit: RATE_BITS, ..config }).map(|r| r.unit),
+            Some(RateUnit::Bits)
+        );
+        assert_eq!(rate_limit(&SessionConfig { rate_unit: 0, ..config }), None);
     }
 }
