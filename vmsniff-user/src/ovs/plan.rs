@@ -14,7 +14,8 @@ use vmsniff_ebpf::MAX_SESSION_ID;
 use crate::model::mirror::Directions;
 use crate::{
     ovs::session::{
-        CREATED_KEY, DAEMON_ARGS_KEY, DAEMON_KEY, NIC_KEY, OvsSession, SESSION_KEY, Snapshot, TAP_KEY, VM_KEY,
+        BridgeRow, CREATED_KEY, DAEMON_ARGS_KEY, DAEMON_KEY, NIC_KEY, OvsSession, PortRow, SESSION_KEY,
+        Snapshot, TAP_KEY, VM_KEY,
     },
     ovsdb::{Condition, Mutation, Operation, datum},
 };
@@ -110,6 +111,43 @@ pub fn plan_ovs_attach(
     snapshot: &Snapshot,
     taken: &BTreeSet<u32>,
 ) -> Result<OvsAttachPlan, OvsPlanError> {
+    let (bridge, vm_port) = bridge_and_vm_port(request, snapshot)?;
+    let id = free_session_id(snapshot, taken)?;
+    let key = request.key.unwrap_or(id);
+    refuse_duplicate_tunnel(snapshot, request.remote, key)?;
+    let new = NewSession {
+        request,
+        id,
+        gre_port: gre_port_name(id),
+        mirror: mirror_name(id),
+        external_ids: external_ids(request, id),
+        options: gre_options(request, key),
+        selects: Selects::of(request.directions),
+    };
+    let operations = attach_operations(&new, bridge, vm_port);
+    let vsctl = shell_lines(&vsctl_lines(&new));
+    Ok(OvsAttachPlan { id, key, gre_port: new.gre_port, mirror: new.mirror, operations, vsctl })
+}
+
+/// What an attach decided, written out twice: as the transaction and as `ovs-vsctl` text.
+struct NewSession<'a> {
+    request: &'a OvsAttachRequest,
+    id: u32,
+    gre_port: String,
+    mirror: String,
+    /// The same on all three new rows.
+    external_ids: Vec<(&'static str, String)>,
+    /// The GRE Interface's `options`.
+    options: [(&'static str, String); 5],
+    selects: Selects,
+}
+
+/// The bridge and the VM's port on it, as read; a port that is some session's GRE output is
+/// refused (it carries copies, not a VM's frames).
+fn bridge_and_vm_port<'s>(
+    request: &OvsAttachRequest,
+    snapshot: &'s Snapshot,
+) -> Result<(&'s BridgeRow, &'s PortRow), OvsPlanError> {
     let bridge = snapshot
         .bridge_named(&request.bridge)
         .ok_or_else(|| OvsPlanError::NoBridge { bridge: request.bridge.clone() })?;
@@ -120,26 +158,38 @@ pub fn plan_ovs_attach(
     if let Some(session) = vm_port.row.session() {
         return Err(OvsPlanError::PortIsOutput { port: request.vm_port.clone(), session });
     }
-    let in_ovsdb = snapshot.taken_ids();
-    let id = (1..=MAX_SESSION_ID)
-        .find(|id| !taken.contains(id) && !in_ovsdb.contains(id))
-        .ok_or(OvsPlanError::NoFreeSessionId)?;
-    let key = request.key.unwrap_or(id);
-    let remote = request.remote.to_string();
-    if let Some(duplicate) = snapshot.interfaces.iter().find(|i| {
-        i.kind == "gre"
-            && i.options.get("remote_ip") == Some(&remote)
-            && i.options.get("key").map_or("0", String::as_str) == key.to_string()
-    }) {
-        return Err(OvsPlanError::DuplicateTunnel {
-            port: duplicate.row.name.clone(),
-            remote: request.remote,
-            key,
-        });
-    }
+    Ok((bridge, vm_port))
+}
 
-    let gre_port = gre_port_name(id);
-    let mirror = mirror_name(id);
+/// The lowest id held neither by an eBPF session (`taken`) nor by a vmsniff row or name in
+/// OVSDB: both modes' sessions share one id space.
+fn free_session_id(snapshot: &Snapshot, taken: &BTreeSet<u32>) -> Result<u32, OvsPlanError> {
+    let in_ovsdb = snapshot.taken_ids();
+    (1..=MAX_SESSION_ID)
+        .find(|id| !taken.contains(id) && !in_ovsdb.contains(id))
+        .ok_or(OvsPlanError::NoFreeSessionId)
+}
+
+/// Refuses a second GRE port toward `remote` with `key`: OVS could not tell the two tunnels
+/// apart. A GRE Interface without a `key` option sends key 0.
+fn refuse_duplicate_tunnel(snapshot: &Snapshot, remote: Ipv4Addr, key: u32) -> Result<(), OvsPlanError> {
+    let remote_ip = remote.to_string();
+    let duplicate = snapshot.interfaces.iter().find(|i| {
+        i.kind == "gre"
+            && i.options.get("remote_ip") == Some(&remote_ip)
+            && i.options.get("key").map_or("0", String::as_str) == key.to_string()
+    });
+    match duplicate {
+        Some(duplicate) => {
+            Err(OvsPlanError::DuplicateTunnel { port: duplicate.row.name.clone(), remote, key })
+        }
+        None => Ok(()),
+    }
+}
+
+/// The `external_ids` of the session's rows: what `status`, `detach TAP`/`detach VM` and a
+/// restarted daemon read back.
+fn external_ids(request: &OvsAttachRequest, id: u32) -> Vec<(&'static str, String)> {
     let mut ids = vec![(SESSION_KEY, id.to_string()), (TAP_KEY, request.tap.clone())];
     if let Some(vm) = &request.vm {
         ids.push((VM_KEY, vm.clone()));
@@ -152,62 +202,63 @@ pub fn plan_ovs_attach(
         ids.push((DAEMON_ARGS_KEY, Value::from(daemon.argv.clone()).to_string()));
     }
     ids.push((CREATED_KEY, request.now.to_string()));
-    let options = [
-        ("remote_ip", remote.clone()),
+    ids
+}
+
+/// The GRE Interface's `options`.
+fn gre_options(request: &OvsAttachRequest, key: u32) -> [(&'static str, String); 5] {
+    [
+        ("remote_ip", request.remote.to_string()),
         ("key", key.to_string()),
         // Copies of full-size frames outgrow the uplink's MTU; with DF set they would be
         // dropped silently. Without it the host fragments them and they arrive whole.
         ("df_default", "false".to_owned()),
         ("ttl", request.ttl.to_string()),
         ("tos", request.tos.to_string()),
-    ];
-    let vm_uuid = json!(["uuid", vm_port.row.uuid]);
-    let selected = |yes: bool| if yes { json!(["set", [vm_uuid]]) } else { json!(["set", []]) };
-    let (src, dst) = (request.directions != Directions::In, request.directions != Directions::Out);
-    let operations = vec![
+    ]
+}
+
+/// Which of a Mirror's selections hold the VM's port: `select_src_port` takes the frames the
+/// VM sends (`out`), `select_dst_port` those sent to it (`in`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Selects {
+    src: bool,
+    dst: bool,
+}
+
+impl Selects {
+    fn of(directions: Directions) -> Self {
+        Selects { src: directions != Directions::In, dst: directions != Directions::Out }
+    }
+
+    /// The Mirror's `select_src_port` and `select_dst_port` columns, for the port `port_uuid`.
+    fn columns(self, port_uuid: &str) -> (Value, Value) {
+        let column = |yes: bool| if yes { json!(["set", [["uuid", port_uuid]]]) } else { json!(["set", []]) };
+        (column(self.src), column(self.dst))
+    }
+}
+
+/// The attach transaction: guards on what was read, the new rows, their addition to the
+/// bridge, and the `next_cfg` handshake.
+fn attach_operations(new: &NewSession, bridge: &BridgeRow, vm_port: &PortRow) -> Vec<Operation> {
+    let request = new.request;
+    let mut operations = vec![
         Operation::Comment(format!(
-            "vmsniff: attach session {id}: mirror {mirror} of port {} on {} to {remote} over GRE port {gre_port}",
-            request.vm_port, request.bridge
+            "vmsniff: attach session {}: mirror {} of port {} on {} to {} over GRE port {}",
+            new.id, new.mirror, request.vm_port, request.bridge, request.remote, new.gre_port
         )),
         still_named("Bridge", &bridge.row.uuid, &request.bridge),
         still_named("Port", &vm_port.row.uuid, &request.vm_port),
         // Mirror names are not unique in OVSDB: make sure this one is still free.
         Operation::Wait {
             table: "Mirror".into(),
-            conditions: vec![Condition { column: "name".into(), function: "==", value: json!(mirror) }],
+            conditions: vec![Condition { column: "name".into(), function: "==", value: json!(new.mirror) }],
             columns: vec!["name".into()],
             rows: Vec::new(),
         },
-        Operation::Insert {
-            table: "Interface".into(),
-            row: json!({
-                "name": gre_port,
-                "type": "gre",
-                "options": datum::to_string_map(options.iter().map(|(k, v)| (*k, v.clone()))),
-                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
-            }),
-            uuid_name: "gre_interface".into(),
-        },
-        Operation::Insert {
-            table: "Port".into(),
-            row: json!({
-                "name": gre_port,
-                "interfaces": ["named-uuid", "gre_interface"],
-                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
-            }),
-            uuid_name: "gre_port".into(),
-        },
-        Operation::Insert {
-            table: "Mirror".into(),
-            row: json!({
-                "name": mirror,
-                "select_src_port": selected(src),
-                "select_dst_port": selected(dst),
-                "output_port": ["named-uuid", "gre_port"],
-                "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
-            }),
-            uuid_name: "mirror".into(),
-        },
+    ];
+    operations.extend(new_rows(new, &vm_port.row.uuid));
+    operations.extend([
         Operation::Mutate {
             table: "Bridge".into(),
             conditions: vec![Condition::uuid(&bridge.row.uuid)],
@@ -218,68 +269,91 @@ pub fn plan_ovs_attach(
         },
         bump_next_cfg(),
         select_next_cfg(),
-    ];
+    ]);
+    operations
+}
 
-    let external_ids = |ids: &[(&str, String)]| {
-        ids.iter().map(|(k, v)| format!("external_ids:{k}={}", vsctl_value(v))).collect::<Vec<_>>()
-    };
-    let mut lines = vec![vec!["ovs-vsctl".to_owned(), "--timeout=30".to_owned()]];
-    let mut interface = vec![
-        "--".into(),
-        "--id=@gi".into(),
-        "create".into(),
-        "Interface".into(),
-        format!("name={gre_port}"),
-        "type=gre".into(),
-    ];
-    interface.extend(options.iter().map(|(k, v)| format!("options:{k}={}", vsctl_value(v))));
-    interface.extend(external_ids(&ids));
-    lines.push(interface);
-    let mut port = vec![
-        "--".into(),
-        "--id=@gp".into(),
-        "create".into(),
-        "Port".into(),
-        format!("name={gre_port}"),
-        "interfaces=@gi".into(),
-    ];
-    port.extend(external_ids(&ids));
-    lines.push(port);
-    lines.push(vec![
-        "--".into(),
-        "add".into(),
-        "Bridge".into(),
-        request.bridge.clone(),
-        "ports".into(),
-        "@gp".into(),
-    ]);
-    lines.push(vec!["--".into(), "--id=@vm".into(), "get".into(), "Port".into(), request.vm_port.clone()]);
-    let mut create =
-        vec!["--".into(), "--id=@m".into(), "create".into(), "Mirror".into(), format!("name={mirror}")];
-    if src {
-        create.push("select-src-port=@vm".into());
+/// The inserts of the GRE Interface, its Port and the Mirror, which the transaction's later
+/// operations name `gre_interface`, `gre_port` and `mirror`.
+fn new_rows(new: &NewSession, vm_port_uuid: &str) -> [Operation; 3] {
+    let external_ids = datum::to_string_map(new.external_ids.iter().map(|(k, v)| (*k, v.clone())));
+    let (select_src_port, select_dst_port) = new.selects.columns(vm_port_uuid);
+    [
+        Operation::Insert {
+            table: "Interface".into(),
+            row: json!({
+                "name": new.gre_port,
+                "type": "gre",
+                "options": datum::to_string_map(new.options.iter().map(|(k, v)| (*k, v.clone()))),
+                "external_ids": external_ids,
+            }),
+            uuid_name: "gre_interface".into(),
+        },
+        Operation::Insert {
+            table: "Port".into(),
+            row: json!({
+                "name": new.gre_port,
+                "interfaces": ["named-uuid", "gre_interface"],
+                "external_ids": external_ids,
+            }),
+            uuid_name: "gre_port".into(),
+        },
+        Operation::Insert {
+            table: "Mirror".into(),
+            row: json!({
+                "name": new.mirror,
+                "select_src_port": select_src_port,
+                "select_dst_port": select_dst_port,
+                "output_port": ["named-uuid", "gre_port"],
+                "external_ids": external_ids,
+            }),
+            uuid_name: "mirror".into(),
+        },
+    ]
+}
+
+/// The attach as `ovs-vsctl` words, one `--` clause a line.
+fn vsctl_lines(new: &NewSession) -> Vec<Vec<String>> {
+    let request = new.request;
+    let external_ids =
+        || new.external_ids.iter().map(|(k, v)| format!("external_ids:{k}={}", vsctl_value(v)));
+    let gre_name = format!("name={}", new.gre_port);
+    let mut interface = words(&["--", "--id=@gi", "create", "Interface", &gre_name, "type=gre"]);
+    interface.extend(new.options.iter().map(|(k, v)| format!("options:{k}={}", vsctl_value(v))));
+    interface.extend(external_ids());
+    let mut port = words(&["--", "--id=@gp", "create", "Port", &gre_name, "interfaces=@gi"]);
+    port.extend(external_ids());
+    let mut mirror = words(&["--", "--id=@m", "create", "Mirror", &format!("name={}", new.mirror)]);
+    if new.selects.src {
+        mirror.push("select-src-port=@vm".into());
     }
-    if dst {
-        create.push("select-dst-port=@vm".into());
+    if new.selects.dst {
+        mirror.push("select-dst-port=@vm".into());
     }
-    create.push("output-port=@gp".into());
-    create.extend(external_ids(&ids));
-    lines.push(create);
-    lines.push(vec![
-        "--".into(),
-        "add".into(),
-        "Bridge".into(),
-        request.bridge.clone(),
-        "mirrors".into(),
-        "@m".into(),
-    ]);
-    let vsctl = lines
+    mirror.push("output-port=@gp".into());
+    mirror.extend(external_ids());
+    vec![
+        words(&["ovs-vsctl", "--timeout=30"]),
+        interface,
+        port,
+        words(&["--", "add", "Bridge", &request.bridge, "ports", "@gp"]),
+        words(&["--", "--id=@vm", "get", "Port", &request.vm_port]),
+        mirror,
+        words(&["--", "add", "Bridge", &request.bridge, "mirrors", "@m"]),
+    ]
+}
+
+fn words(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| (*w).to_owned()).collect()
+}
+
+/// One shell command, a line per clause, each word quoted where the shell needs it.
+fn shell_lines(lines: &[Vec<String>]) -> String {
+    lines
         .iter()
         .map(|words| words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
-        .join(" \\\n  ");
-
-    Ok(OvsAttachPlan { id, key, gre_port, mirror, operations, vsctl })
+        .join(" \\\n  ")
 }
 
 /// A session's VM came back on a new OVS port (a VM's port is deleted and added again when it
@@ -668,6 +742,49 @@ mod tests {
             err.to_string(),
             "GRE port span-out already sends to 192.0.2.9 with key 5; OVS cannot tell two such tunnels apart: choose another --key"
         );
+    }
+
+    #[test]
+    fn a_gre_port_without_a_key_option_sends_key_0() {
+        let mut snapshot = snapshot();
+        let remote = Ipv4Addr::new(192, 0, 2, 9);
+        snapshot.interfaces[1].options.remove("key");
+        assert_eq!(
+            refuse_duplicate_tunnel(&snapshot, remote, 0),
+            Err(OvsPlanError::DuplicateTunnel { port: "span-out".into(), remote, key: 0 })
+        );
+        assert_eq!(refuse_duplicate_tunnel(&snapshot, remote, 5), Ok(()));
+        // Only GRE interfaces are tunnels OVS must tell apart.
+        snapshot.interfaces[1].kind = "vxlan".into();
+        assert_eq!(refuse_duplicate_tunnel(&snapshot, remote, 0), Ok(()));
+    }
+
+    #[test]
+    fn external_ids_record_what_is_known_and_always_the_session_tap_and_time() {
+        let bare = OvsAttachRequest { vm: None, nic: None, ..request() };
+        let keys = |ids: Vec<(&'static str, String)>| ids.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(keys(external_ids(&bare, 3)), [SESSION_KEY, TAP_KEY, CREATED_KEY]);
+        let daemon = Some(DaemonOwner { name: "ids".into(), argv: Vec::new() });
+        let full = OvsAttachRequest { nic: Some(1), daemon, ..request() };
+        assert_eq!(
+            external_ids(&full, 3),
+            [
+                (SESSION_KEY, "3".to_owned()),
+                (TAP_KEY, "tapf7eae624-34".to_owned()),
+                (VM_KEY, "c-private".to_owned()),
+                (NIC_KEY, "1".to_owned()),
+                (DAEMON_KEY, "ids".to_owned()),
+                (DAEMON_ARGS_KEY, "[]".to_owned()),
+                (CREATED_KEY, "1700000000".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn out_selects_the_vm_ports_arriving_frames_and_in_its_departing_ones() {
+        assert_eq!(Selects::of(Directions::Out), Selects { src: true, dst: false });
+        assert_eq!(Selects::of(Directions::In), Selects { src: false, dst: true });
+        assert_eq!(Selects::of(Directions::Both), Selects { src: true, dst: true });
     }
 
     #[test]
