@@ -380,9 +380,7 @@ pub fn plan_ovs_reselect(
         .port_named(&request.vm_port)
         .filter(|p| session.bridges.iter().any(|b| b.ports.contains(&p.row.uuid)))
         .ok_or_else(|| OvsPlanError::NoPort { port: request.vm_port.clone(), bridge })?;
-    let vm_uuid = json!(["uuid", port.row.uuid]);
-    let selected = |yes: bool| if yes { json!(["set", [vm_uuid]]) } else { json!(["set", []]) };
-    let (src, dst) = (request.directions != Directions::In, request.directions != Directions::Out);
+    let (select_src_port, select_dst_port) = Selects::of(request.directions).columns(&port.row.uuid);
     let mut operations = vec![
         Operation::Comment(format!(
             "vmsniff: session {}: mirror {} selects port {} again",
@@ -393,7 +391,7 @@ pub fn plan_ovs_reselect(
         Operation::Update {
             table: "Mirror".into(),
             conditions: vec![Condition::uuid(&mirror.row.uuid)],
-            row: json!({ "select_src_port": selected(src), "select_dst_port": selected(dst) }),
+            row: json!({ "select_src_port": select_src_port, "select_dst_port": select_dst_port }),
         },
     ];
     if session.tap() != Some(request.tap.as_str()) {
