@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 use thiserror::Error;
 use vmsniff_ebpf::{
     Direction, FILTER_SLOT_BASE, MAX_GRE_USER_KEY, MAX_SESSION_ID, MAX_SESSIONS_PER_TAP, SESSION_ACTIVE,
-    SESSION_BUSY, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TcHook, filter::Filter, gre_wire_key,
+    SESSION_BUSY, SessionConfig, TARGET_GRE, TARGET_LOCAL_DEV, TapSessions, TcHook, filter::Filter,
+    gre_wire_key,
 };
 
 use crate::{
@@ -136,28 +137,73 @@ pub struct ErspanHeader {
     pub hwid: u8,
 }
 
+/// Plans an attach: refuses what the observed state rules out, then lists the steps.
 pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<AttachPlan, AttachPlanError> {
-    let tap_name = request.tap.name.clone();
     let existing_tap = observed.taps.get(&request.tap.ifindex);
-    if let Some(tap) = existing_tap
-        && tap.session_count() >= MAX_SESSIONS_PER_TAP
-    {
-        return Err(AttachPlanError::TapFull { tap: tap_name });
-    }
-    if let Target::LocalDev { name, ifindex } = &request.target {
-        if *ifindex == request.tap.ifindex {
-            return Err(AttachPlanError::TargetIsTap { dev: name.clone() });
-        }
-        if let Some(tap) = observed.taps.get(ifindex)
-            && let Some(&session) = tap.ids.iter().find(|&&id| id != 0)
-        {
-            return Err(AttachPlanError::TargetIsMirrored { dev: name.clone(), session: u32::from(session) });
-        }
-    }
-    let session_id = (1..=MAX_SESSION_ID)
-        .find(|id| !observed.sessions.contains_key(id) && !observed.reserved.contains(id))
-        .ok_or(AttachPlanError::NoFreeSessionId)?;
+    check_tap_has_room(&request.tap, existing_tap)?;
+    check_target_cannot_loop(request, observed)?;
+    let session_id = free_session_id(observed)?;
     let key = request.key.unwrap_or(session_id);
+    check_key_fits(request, key)?;
+    check_copies_are_new(request, observed, existing_tap, key)?;
+    let mode = choose_mode(
+        &request.tap.name,
+        request.mode,
+        request.tcx_supported,
+        existing_tap.map(|t| t.attach_mode),
+    )?;
+
+    let mut steps = vec![
+        AttachStep::ClaimSession { id: session_id, config: session_config(request, key) },
+        AttachStep::ResetCounters { id: session_id },
+    ];
+    if let Some(filter) = &request.controls.filter {
+        steps.push(AttachStep::WriteFilter { id: session_id, filter: Box::new(filter.to_map_value()) });
+    }
+    steps.extend(gre_device_steps(request, session_id, key));
+    steps.extend(copy_program_steps(request, session_id));
+    if existing_tap.is_none() {
+        steps.extend(tap_program_steps(&request.tap, mode));
+    }
+    steps.push(AttachStep::ActivateSession { id: session_id });
+    steps.push(AttachStep::AddToTap { tap: request.tap.clone(), id: session_id });
+    Ok(AttachPlan { session_id, key, steps })
+}
+
+fn check_tap_has_room(tap: &Tap, existing: Option<&TapSessions>) -> Result<(), AttachPlanError> {
+    match existing {
+        Some(sessions) if sessions.session_count() >= MAX_SESSIONS_PER_TAP => {
+            Err(AttachPlanError::TapFull { tap: tap.name.clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a `--to-dev` whose copies would be mirrored again: the tap itself, or an
+/// interface some session mirrors.
+fn check_target_cannot_loop(request: &AttachRequest, observed: &Observed) -> Result<(), AttachPlanError> {
+    let Target::LocalDev { name, ifindex } = &request.target else { return Ok(()) };
+    if *ifindex == request.tap.ifindex {
+        return Err(AttachPlanError::TargetIsTap { dev: name.clone() });
+    }
+    if let Some(tap) = observed.taps.get(ifindex)
+        && let Some(&session) = tap.ids.iter().find(|&&id| id != 0)
+    {
+        return Err(AttachPlanError::TargetIsMirrored { dev: name.clone(), session: u32::from(session) });
+    }
+    Ok(())
+}
+
+/// The lowest id that neither an eBPF session nor an OVS session (`reserved`) holds.
+fn free_session_id(observed: &Observed) -> Result<u32, AttachPlanError> {
+    (1..=MAX_SESSION_ID)
+        .find(|id| !observed.sessions.contains_key(id) && !observed.reserved.contains(id))
+        .ok_or(AttachPlanError::NoFreeSessionId)
+}
+
+/// Refuses a key whose wire form would not fit: GRE's 32 bits after the direction bit, and
+/// for ERSPAN the 10-bit session id (the error says whether `--key` or the default was it).
+fn check_key_fits(request: &AttachRequest, key: u32) -> Result<(), AttachPlanError> {
     if key > MAX_GRE_USER_KEY {
         return Err(AttachPlanError::KeyTooLarge { key });
     }
@@ -173,18 +219,31 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
             },
         });
     }
-    if let Some(tap) = existing_tap {
-        for &id in tap.ids.iter().filter(|&&id| id != 0) {
-            let id = u32::from(id);
-            if let Some(other) = observed.sessions.get(&id)
-                && same_target(other, &request.target, key)
-            {
-                let target = match &request.target {
-                    Target::Gre { .. } => format!("{} with key {key}", request.target),
-                    Target::LocalDev { .. } => request.target.to_string(),
-                };
-                return Err(AttachPlanError::AlreadyMirrored { tap: tap_name, target, session: id });
-            }
+    Ok(())
+}
+
+/// Refuses copies some live session already sends: the same tap to the same target, or any
+/// tap to the same collector with the same key (the collector could not tell them apart).
+fn check_copies_are_new(
+    request: &AttachRequest,
+    observed: &Observed,
+    existing_tap: Option<&TapSessions>,
+    key: u32,
+) -> Result<(), AttachPlanError> {
+    let on_this_tap = existing_tap.into_iter().flat_map(|t| t.ids).filter(|&id| id != 0).map(u32::from);
+    for id in on_this_tap {
+        if let Some(other) = observed.sessions.get(&id)
+            && same_target(other, &request.target, key)
+        {
+            let target = match &request.target {
+                Target::Gre { .. } => format!("{} with key {key}", request.target),
+                Target::LocalDev { .. } => request.target.to_string(),
+            };
+            return Err(AttachPlanError::AlreadyMirrored {
+                tap: request.tap.name.clone(),
+                target,
+                session: id,
+            });
         }
     }
     if let Target::Gre { remote, .. } = &request.target
@@ -193,13 +252,11 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     {
         return Err(AttachPlanError::KeyInUse { remote: *remote, key, session });
     }
-    let mode = choose_mode(
-        &request.tap.name,
-        request.mode,
-        request.tcx_supported,
-        existing_tap.map(|t| t.attach_mode),
-    )?;
+    Ok(())
+}
 
+/// The session's map entry as first claimed: busy, so the programs skip it until activated.
+fn session_config(request: &AttachRequest, key: u32) -> SessionConfig {
     let mut config = SessionConfig::EMPTY;
     config.state = SESSION_BUSY;
     config.directions = request.directions.bits();
@@ -230,63 +287,78 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
             }
         }
     }
+    config
+}
 
-    let mut steps = vec![
-        AttachStep::ClaimSession { id: session_id, config },
-        AttachStep::ResetCounters { id: session_id },
-    ];
-    if let Some(filter) = &request.controls.filter {
-        steps.push(AttachStep::WriteFilter { id: session_id, filter: Box::new(filter.to_map_value()) });
-    }
-    if let Target::Gre { remote, ttl, tos, encap } = &request.target {
-        for direction in request.directions.iter() {
-            let erspan = encap.erspan_version().map(|version| ErspanHeader {
-                version,
-                session_id: key,
+/// One GRE or ERSPAN device per direction (none for `--to-dev`).
+fn gre_device_steps(request: &AttachRequest, id: u32, key: u32) -> Vec<AttachStep> {
+    let Target::Gre { remote, ttl, tos, encap } = &request.target else { return Vec::new() };
+    request
+        .directions
+        .iter()
+        .map(|direction| AttachStep::CreateGreDevice {
+            id,
+            direction,
+            device: GreDevice {
+                name: gre_device_name(id, direction),
+                alias: gre_device_alias(id, direction),
+                remote: *remote,
+                wire_key: gre_wire_key(key, direction),
+                ttl: *ttl,
+                tos: *tos,
+                erspan: erspan_header(encap, key, direction),
+            },
+        })
+        .collect()
+}
+
+/// What a device of `encap` writes into each copy's ERSPAN header; `None` for GRE.
+fn erspan_header(encap: &Encap, key: u32, direction: Direction) -> Option<ErspanHeader> {
+    encap.erspan_version().map(|version| ErspanHeader {
+        version,
+        session_id: key,
+        direction,
+        hwid: match encap {
+            Encap::ErspanIII { hwid } => *hwid,
+            _ => 0,
+        },
+    })
+}
+
+/// A copy program on each device the copies leave through: each direction's GRE device, or
+/// the one `--to-dev` device, which both directions share and one program serves.
+fn copy_program_steps(request: &AttachRequest, id: u32) -> Vec<AttachStep> {
+    let mut directions = request.directions.iter();
+    match &request.target {
+        Target::Gre { .. } => directions
+            .map(|direction| AttachStep::AttachCopyProgram {
+                id,
                 direction,
-                hwid: match encap {
-                    Encap::ErspanIII { hwid } => *hwid,
-                    _ => 0,
-                },
-            });
-            steps.push(AttachStep::CreateGreDevice {
-                id: session_id,
-                direction,
-                device: GreDevice {
-                    name: gre_device_name(session_id, direction),
-                    alias: gre_device_alias(session_id, direction),
-                    remote: *remote,
-                    wire_key: gre_wire_key(key, direction),
-                    ttl: *ttl,
-                    tos: *tos,
-                    erspan,
-                },
-            });
-        }
+                device: gre_device_name(id, direction),
+            })
+            .collect(),
+        Target::LocalDev { name, .. } => directions
+            .next()
+            .map(|direction| AttachStep::AttachCopyProgram { id, direction, device: name.clone() })
+            .into_iter()
+            .collect(),
     }
-    for direction in request.directions.iter() {
-        let device = match &request.target {
-            Target::Gre { .. } => gre_device_name(session_id, direction),
-            // Both directions share the device: one copy program serves them.
-            Target::LocalDev { .. } if Some(direction) != request.directions.iter().next() => continue,
-            Target::LocalDev { name, .. } => name.clone(),
-        };
-        steps.push(AttachStep::AttachCopyProgram { id: session_id, direction, device });
+}
+
+/// A tap's first session registers it and attaches its programs.
+fn tap_program_steps(tap: &Tap, mode: AttachMode) -> Vec<AttachStep> {
+    let mut steps = vec![AttachStep::RegisterTap { tap: tap.clone(), mode }];
+    if mode == AttachMode::Netlink {
+        steps.push(AttachStep::EnsureClsact { tap: tap.clone() });
     }
-    if existing_tap.is_none() {
-        steps.push(AttachStep::RegisterTap { tap: request.tap.clone(), mode });
-        if mode == AttachMode::Netlink {
-            steps.push(AttachStep::EnsureClsact { tap: request.tap.clone() });
-        }
-        // Both hooks even for one direction: a later session on this tap may want the other,
-        // and a program whose tap lists no session for a direction costs one map lookup.
-        for hook in TcHook::ALL {
-            steps.push(AttachStep::AttachProgram { tap: request.tap.clone(), hook, mode });
-        }
-    }
-    steps.push(AttachStep::ActivateSession { id: session_id });
-    steps.push(AttachStep::AddToTap { tap: request.tap.clone(), id: session_id });
-    Ok(AttachPlan { session_id, key, steps })
+    // Both hooks even for one direction: a later session on this tap may want the other,
+    // and a program whose tap lists no session for a direction costs one map lookup.
+    steps.extend(TcHook::ALL.into_iter().map(|hook| AttachStep::AttachProgram {
+        tap: tap.clone(),
+        hook,
+        mode,
+    }));
+    steps
 }
 
 /// The attach mode for a tap: the one its programs already use (`existing`), else `choice`.
@@ -663,6 +735,83 @@ mod tests {
         let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
         assert_eq!(config.target_ifindex, [4, 4]);
         assert_eq!(config.target_kind, TARGET_LOCAL_DEV);
+    }
+
+    #[test]
+    fn one_copy_program_serves_a_local_device_for_both_directions() {
+        let req = request(Target::LocalDev { name: "veth0".into(), ifindex: 4 });
+        assert_eq!(
+            copy_program_steps(&req, 3),
+            [AttachStep::AttachCopyProgram { id: 3, direction: Direction::Out, device: "veth0".into() }]
+        );
+        let req = request(gre([192, 0, 2, 1]));
+        let devices: Vec<String> = copy_program_steps(&req, 3)
+            .into_iter()
+            .filter_map(|s| match s {
+                AttachStep::AttachCopyProgram { device, .. } => Some(device),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(devices, ["vms3-out", "vms3-in"]);
+    }
+
+    #[test]
+    fn a_local_device_mirrored_twice_is_named_without_a_key() {
+        let mut observed = Observed::default();
+        let req = request(Target::LocalDev { name: "veth0".into(), ifindex: 4 });
+        applied(&mut observed, &req);
+        assert_eq!(
+            plan_attach(&req, &observed),
+            Err(AttachPlanError::AlreadyMirrored {
+                tap: "tap0".into(),
+                target: "device veth0".into(),
+                session: 1
+            })
+        );
+    }
+
+    #[test]
+    fn only_erspan_limits_the_key_to_its_session_id() {
+        let mut req = request(gre([192, 0, 2, 1]));
+        req.key = Some(MAX_ERSPAN_KEY + 1);
+        assert_eq!(check_key_fits(&req, MAX_ERSPAN_KEY + 1), Ok(()));
+        req.target = erspan([192, 0, 2, 1], Encap::ErspanIII { hwid: 0 });
+        assert!(matches!(
+            check_key_fits(&req, MAX_ERSPAN_KEY + 1),
+            Err(AttachPlanError::ErspanKeyTooLarge { what: "--key", .. })
+        ));
+    }
+
+    #[test]
+    fn the_owner_is_recorded_where_cleanup_looks_for_it() {
+        let mut req = request(gre([192, 0, 2, 1]));
+        let owner_fields = |req: &AttachRequest| {
+            let config = session_config(req, 1);
+            (config.owner_pid, config.daemon_tag)
+        };
+        assert_eq!(owner_fields(&req), (0, 0));
+        req.owner = Owner::Foreground { pid: 42 };
+        assert_eq!(owner_fields(&req), (42, 0));
+        req.owner = Owner::Daemon { tag: 7 };
+        assert_eq!(owner_fields(&req), (0, 7));
+    }
+
+    #[test]
+    fn a_new_tap_gets_clsact_only_on_the_netlink_path_and_both_hooks_always() {
+        let tap = Tap { ifindex: 7, name: "tap0".into() };
+        let steps = tap_program_steps(&tap, AttachMode::Tcx);
+        assert!(matches!(steps[0], AttachStep::RegisterTap { mode: AttachMode::Tcx, .. }));
+        assert!(!steps.iter().any(|s| matches!(s, AttachStep::EnsureClsact { .. })));
+        let steps = tap_program_steps(&tap, AttachMode::Netlink);
+        assert!(matches!(steps[1], AttachStep::EnsureClsact { .. }));
+        let hooks: Vec<TcHook> = steps
+            .iter()
+            .filter_map(|s| match s {
+                AttachStep::AttachProgram { hook, .. } => Some(*hook),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hooks, TcHook::ALL);
     }
 
     #[test]
