@@ -21,7 +21,7 @@ use crate::{
     sys::{
         KernelError,
         maps::PinnedMaps,
-        netlink::{ErspanLink, LinkStats, Netlink},
+        netlink::{ErspanLink, Link, LinkStats, Netlink},
     },
 };
 
@@ -159,57 +159,16 @@ async fn session_status(
     config: &SessionConfig,
 ) -> Result<SessionStatus, KernelError> {
     let tap_entry = observed.tap_of(id).map(|(_, tap)| *tap);
-    let tap_link = netlink
-        .link_by_index(config.tap_ifindex)
-        .await
-        .map_err(KernelError::netlink(format!("looking up ifindex {}", config.tap_ifindex)))?;
+    let tap_link = link_by_index(netlink, config.tap_ifindex).await?;
     let recorded_name = tap_entry.map(|t| ifname(&t.ifname)).filter(|n| !n.is_empty());
-    let tap_present = match (&tap_link, &recorded_name) {
-        (Some(link), Some(name)) => &link.name == name,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
-    let tap = recorded_name.or_else(|| tap_link.as_ref().map(|l| l.name.clone())).unwrap_or_default();
-    let state = if observed.orphaned.contains(&id) {
-        "orphaned"
-    } else if config.state != SESSION_ACTIVE {
-        "busy"
-    } else if !tap_present {
-        "tap-gone"
-    } else {
-        "active"
-    };
+    let (tap, tap_present) = tap_name_and_presence(tap_link.map(|l| l.name), recorded_name);
+    let state = session_state(observed.orphaned.contains(&id), config.state == SESSION_ACTIVE, tap_present);
 
-    let mut counters = PerDirection::<Counters>::default();
-    let mut devices = PerDirection::<Option<DeviceStatus>>::default();
     let directions = Directions::from_bits(config.directions).unwrap_or(Directions::Both);
-    for direction in directions.iter() {
-        if let Some(maps) = maps {
-            *counters.get_mut(direction) = maps.counters(id, direction)?.into();
-        }
-        let ifindex = config.target_ifindex[direction.index()];
-        if ifindex != 0 {
-            let link = netlink
-                .link_by_index(ifindex)
-                .await
-                .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))?;
-            *devices.get_mut(direction) = link.map(|l| DeviceStatus {
-                name: l.name,
-                ifindex,
-                up: l.up,
-                stats: l.stats,
-                erspan: l.erspan,
-            });
-        }
-    }
-    let filter = match (maps, config.filter.checked_sub(FILTER_SLOT_BASE)) {
-        (Some(maps), Some(slot)) => Some(stored_expression(&maps.filter(id, slot)?)),
-        _ => None,
-    };
-    let rate_limit = match config.rate_unit {
-        RATE_BITS => Some(RateLimit { unit: RateUnit::Bits, rate: config.rate, burst: config.burst }),
-        RATE_PACKETS => Some(RateLimit { unit: RateUnit::Packets, rate: config.rate, burst: config.burst }),
-        _ => None,
+    let (counters, devices) = direction_readings(netlink, maps, id, config, directions).await?;
+    let filter = match maps {
+        Some(maps) => stored_filter(maps, id, config)?,
+        None => None,
     };
     let gre = config.target_kind == TARGET_GRE;
     let erspan = [&devices.out_of_vm, &devices.into_vm].into_iter().flatten().find_map(|d| d.erspan);
@@ -223,15 +182,9 @@ async fn session_status(
         tap_ifindex: config.tap_ifindex,
         vm: None,
         nic: None,
-        to: (gre && config.remote_family == 4)
-            .then(|| Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])),
+        to: (gre && config.remote_family == 4).then(|| collector(config)),
         to_dev,
-        encap: match (gre, erspan) {
-            (false, _) => "none",
-            (true, None) => "gre",
-            (true, Some(ErspanLink { version: 1, .. })) => "erspan1",
-            (true, Some(_)) => "erspan",
-        },
+        encap: encap_name(gre, erspan),
         erspan_hwid: erspan.filter(|e| e.version != 1).map(|e| e.hwid),
         key: gre.then_some(config.key),
         ttl: gre.then_some(config.ttl),
@@ -239,7 +192,7 @@ async fn session_status(
         direction: directions.as_str(),
         filter,
         sample: config.sample_every.max(1),
-        rate_limit: rate_limit.map(|r| r.to_string()),
+        rate_limit: rate_limit(config).map(|r| r.to_string()),
         snaplen: (config.snaplen != 0).then_some(config.snaplen),
         attach_mode: tap_entry.and_then(|t| AttachMode::from_abi(t.attach_mode)).map(AttachMode::as_str),
         state,
@@ -248,6 +201,103 @@ async fn session_status(
         counters,
         devices,
     })
+}
+
+async fn link_by_index(netlink: &Netlink, ifindex: u32) -> Result<Option<Link>, KernelError> {
+    netlink
+        .link_by_index(ifindex)
+        .await
+        .map_err(KernelError::netlink(format!("looking up ifindex {ifindex}")))
+}
+
+/// The tap's name, and whether it still exists: the name recorded at attach, else the
+/// kernel's for the ifindex. A different device at the recorded ifindex means the tap is gone
+/// (the kernel reuses ifindexes).
+fn tap_name_and_presence(link_name: Option<String>, recorded_name: Option<String>) -> (String, bool) {
+    let present = match (&link_name, &recorded_name) {
+        (Some(link), Some(recorded)) => link == recorded,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    (recorded_name.or(link_name).unwrap_or_default(), present)
+}
+
+/// `orphaned` before `busy` before `tap-gone`: the first is what the operator must act on.
+fn session_state(orphaned: bool, active: bool, tap_present: bool) -> &'static str {
+    if orphaned {
+        "orphaned"
+    } else if !active {
+        "busy"
+    } else if !tap_present {
+        "tap-gone"
+    } else {
+        "active"
+    }
+}
+
+/// Each mirrored direction's counters (zero without maps) and target device.
+async fn direction_readings(
+    netlink: &Netlink,
+    maps: Option<&PinnedMaps>,
+    id: u32,
+    config: &SessionConfig,
+    directions: Directions,
+) -> Result<(PerDirection<Counters>, PerDirection<Option<DeviceStatus>>), KernelError> {
+    let mut counters = PerDirection::<Counters>::default();
+    let mut devices = PerDirection::<Option<DeviceStatus>>::default();
+    for direction in directions.iter() {
+        if let Some(maps) = maps {
+            *counters.get_mut(direction) = maps.counters(id, direction)?.into();
+        }
+        *devices.get_mut(direction) = target_device(netlink, config, direction).await?;
+    }
+    Ok((counters, devices))
+}
+
+/// The device one direction's copies leave through, with its counters; `None` when the
+/// session has none for it or the device is gone.
+async fn target_device(
+    netlink: &Netlink,
+    config: &SessionConfig,
+    direction: Direction,
+) -> Result<Option<DeviceStatus>, KernelError> {
+    let ifindex = config.target_ifindex[direction.index()];
+    if ifindex == 0 {
+        return Ok(None);
+    }
+    let link = link_by_index(netlink, ifindex).await?;
+    Ok(link.map(|l| DeviceStatus { name: l.name, ifindex, up: l.up, stats: l.stats, erspan: l.erspan }))
+}
+
+/// `none` for `--to-dev`; else what the session's devices are: ERSPAN type II (`erspan1`) or
+/// III (`erspan`), or plain GRE.
+fn encap_name(gre: bool, erspan: Option<ErspanLink>) -> &'static str {
+    match (gre, erspan) {
+        (false, _) => "none",
+        (true, None) => "gre",
+        (true, Some(ErspanLink { version: 1, .. })) => "erspan1",
+        (true, Some(_)) => "erspan",
+    }
+}
+
+/// The expression of the session's `--filter`, if it has one.
+fn stored_filter(maps: &PinnedMaps, id: u32, config: &SessionConfig) -> Result<Option<String>, KernelError> {
+    let Some(slot) = config.filter.checked_sub(FILTER_SLOT_BASE) else { return Ok(None) };
+    Ok(Some(stored_expression(&maps.filter(id, slot)?)))
+}
+
+/// A GRE session's IPv4 collector.
+fn collector(config: &SessionConfig) -> Ipv4Addr {
+    Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])
+}
+
+fn rate_limit(config: &SessionConfig) -> Option<RateLimit> {
+    let unit = match config.rate_unit {
+        RATE_BITS => RateUnit::Bits,
+        RATE_PACKETS => RateUnit::Packets,
+        _ => return None,
+    };
+    Some(RateLimit { unit, rate: config.rate, burst: config.burst })
 }
 
 impl Status {
@@ -341,5 +391,49 @@ impl SessionStatus {
             }
         }
         lost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_is_present_while_its_ifindex_keeps_the_recorded_name() {
+        let name = |n: &str| Some(n.to_owned());
+        assert_eq!(tap_name_and_presence(name("tap0"), name("tap0")), ("tap0".into(), true));
+        // The kernel gave the ifindex to another device: the tap is gone, under its own name.
+        assert_eq!(tap_name_and_presence(name("veth9"), name("tap0")), ("tap0".into(), false));
+        assert_eq!(tap_name_and_presence(name("tap0"), None), ("tap0".into(), true));
+        assert_eq!(tap_name_and_presence(None, name("tap0")), ("tap0".into(), false));
+        assert_eq!(tap_name_and_presence(None, None), (String::new(), false));
+    }
+
+    #[test]
+    fn the_state_names_the_first_thing_to_act_on() {
+        assert_eq!(session_state(true, false, false), "orphaned");
+        assert_eq!(session_state(false, false, false), "busy");
+        assert_eq!(session_state(false, true, false), "tap-gone");
+        assert_eq!(session_state(false, true, true), "active");
+    }
+
+    #[test]
+    fn the_encap_is_read_from_the_devices() {
+        let erspan = |version| Some(ErspanLink { version, hwid: 0 });
+        assert_eq!(encap_name(false, erspan(2)), "none");
+        assert_eq!(encap_name(true, None), "gre");
+        assert_eq!(encap_name(true, erspan(1)), "erspan1");
+        assert_eq!(encap_name(true, erspan(2)), "erspan");
+    }
+
+    #[test]
+    fn a_rate_limit_needs_a_known_unit() {
+        let config = SessionConfig { rate_unit: RATE_PACKETS, rate: 50, burst: 8, ..SessionConfig::EMPTY };
+        assert_eq!(rate_limit(&config), Some(RateLimit { unit: RateUnit::Packets, rate: 50, burst: 8 }));
+        assert_eq!(
+            rate_limit(&SessionConfig { rate_unit: RATE_BITS, ..config }).map(|r| r.unit),
+            Some(RateUnit::Bits)
+        );
+        assert_eq!(rate_limit(&SessionConfig { rate_unit: 0, ..config }), None);
     }
 }
