@@ -303,8 +303,7 @@ fn rate_limit(config: &SessionConfig) -> Option<RateLimit> {
 impl Status {
     /// The table `vmsniff status` prints.
     pub fn render_table(&self) -> String {
-        let status = self;
-        if status.sessions.is_empty() {
+        if self.sessions.is_empty() {
             return "no mirror sessions in this network namespace\n".into();
         }
         let mut out = format!(
@@ -322,17 +321,12 @@ impl Status {
             "IN BYTES",
             "LOST"
         );
-        for s in &status.sessions {
-            let target = match (&s.to, &s.to_dev) {
-                (Some(ip), _) => format!("{ip} ({})", s.encap),
-                (None, Some(dev)) => format!("dev {dev}"),
-                (None, None) => "-".into(),
-            };
+        for s in &self.sessions {
             out.push_str(&format!(
                 "{:<7} {:<15} {:<22} {:>10} {:<4} {:<7} {:<8} {:>10} {:>12} {:>10} {:>12} {:>6}\n",
                 s.session,
                 s.tap,
-                target,
+                target_column(s),
                 s.key.map_or("-".to_string(), |k| k.to_string()),
                 s.direction,
                 s.attach_mode.unwrap_or("-"),
@@ -348,6 +342,15 @@ impl Status {
             }
         }
         out
+    }
+}
+
+/// Where the copies go: the collector and its encapsulation, or the local device.
+fn target_column(s: &SessionStatus) -> String {
+    match (&s.to, &s.to_dev) {
+        (Some(ip), _) => format!("{ip} ({})", s.encap),
+        (None, Some(dev)) => format!("dev {dev}"),
+        (None, None) => "-".into(),
     }
 }
 
