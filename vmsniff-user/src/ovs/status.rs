@@ -48,17 +48,7 @@ pub struct OvsDetails {
 
 pub fn session_status(session: &OvsSession) -> OvsSessionStatus {
     let error = session.gre_interface.as_ref().and_then(|i| i.error.clone());
-    let state = if session.mirror.is_none() {
-        "mirror-gone"
-    } else if session.gre_port.is_none() {
-        "output-gone"
-    } else if session.vm_port.is_none() {
-        "vm-port-gone"
-    } else if error.is_some() {
-        "gre-error"
-    } else {
-        "active"
-    };
+    let state = state(session, error.is_some());
     OvsSessionStatus {
         session: session.id,
         mode: "ovs",
@@ -82,6 +72,22 @@ pub fn session_status(session: &OvsSession) -> OvsSessionStatus {
             tx_packets: session.statistic("tx_packets"),
             tx_bytes: session.statistic("tx_bytes"),
         },
+    }
+}
+
+/// The session's first missing part (Mirror, GRE port, VM's port), else its GRE error, else
+/// `active`.
+fn state(session: &OvsSession, gre_error: bool) -> &'static str {
+    if session.mirror.is_none() {
+        "mirror-gone"
+    } else if session.gre_port.is_none() {
+        "output-gone"
+    } else if session.vm_port.is_none() {
+        "vm-port-gone"
+    } else if gre_error {
+        "gre-error"
+    } else {
+        "active"
     }
 }
 
@@ -124,4 +130,30 @@ pub fn render_table(sessions: &[OvsSessionStatus]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ovs::session::{MirrorRow, PortRow};
+
+    #[test]
+    fn the_state_names_the_first_missing_part() {
+        let whole = OvsSession {
+            id: 1,
+            mirror: Some(MirrorRow::default()),
+            gre_port: Some(PortRow::default()),
+            gre_interface: None,
+            bridges: Vec::new(),
+            vm_port: Some("qvo1".into()),
+            directions: None,
+        };
+        assert_eq!(state(&whole, false), "active");
+        assert_eq!(state(&whole, true), "gre-error");
+        let no_vm_port = OvsSession { vm_port: None, ..whole.clone() };
+        assert_eq!(state(&no_vm_port, true), "vm-port-gone");
+        let no_output = OvsSession { gre_port: None, ..no_vm_port.clone() };
+        assert_eq!(state(&no_output, true), "output-gone");
+        assert_eq!(state(&OvsSession { mirror: None, ..no_output }, true), "mirror-gone");
+    }
 }
