@@ -227,6 +227,8 @@ fn a_snaplen_the_kernel_will_not_cut_to_drops_the_copy_never_sends_it_whole() {
     let refused =
         counter(&hv.ns, id, "out", "snaplen-refused") + counter(&hv.ns, id, "in", "snaplen-refused");
     assert_eq!(refused, 16, "every copy is counted as refused");
+    let clone_errors = counter(&hv.ns, id, "out", "clone-errors") + counter(&hv.ns, id, "in", "clone-errors");
+    assert_eq!(clone_errors, 0, "a refused copy is counted once, as refused, not as a clone error too");
     // Frames whose headers fit the snaplen are still cut and sent.
     let short: Vec<Vec<u8>> = (0..4).map(|i| frames::frame(VM_MAC, PEER_MAC, 500 + i, 200)).collect();
     hv.vm_sends(&short);

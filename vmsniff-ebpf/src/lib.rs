@@ -395,8 +395,10 @@ impl DirectionCounters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InFlight {
-    /// Non-zero while a clone is in flight; the copy program clears it, so that a second
-    /// copy program on the same device does not count the copy again.
+    /// [`IN_FLIGHT_ARMED`] while a clone is in flight; the copy program sets it to 0 once it
+    /// has dealt with the copy (so that a second copy program on the same device does not count
+    /// it again), or to [`IN_FLIGHT_REFUSED`] when it dropped the copy for its snaplen: the
+    /// tap program then counts the failed redirect as that, not as a clone error.
     pub armed: u32,
     pub session_id: u32,
     /// [`Direction`] as u32.
@@ -404,6 +406,12 @@ pub struct InFlight {
     /// The session's snaplen, 0 = whole frames.
     pub snaplen: u32,
 }
+
+/// [`InFlight::armed`]: a copy is on its way to the target.
+pub const IN_FLIGHT_ARMED: u32 = 1;
+/// [`InFlight::armed`]: the copy program dropped the copy, which the kernel would not cut to
+/// its snaplen (counted in `snaplen_refused`).
+pub const IN_FLIGHT_REFUSED: u32 = 2;
 
 /// Largest `--snaplen`, as tcpdump's.
 pub const MAX_SNAPLEN: u32 = 65535;

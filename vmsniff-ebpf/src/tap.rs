@@ -10,9 +10,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use vmsniff_ebpf::{
-    COUNTER_SLOTS, Direction, DirectionCounters, FILTER_NONE, FILTER_SLOT_BASE, InFlight,
-    MAX_SESSIONS_PER_TAP, MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE, SESSION_SLOTS, SessionConfig,
-    TapSessions, TokenBucket, counter_index,
+    COUNTER_SLOTS, Direction, DirectionCounters, FILTER_NONE, FILTER_SLOT_BASE, IN_FLIGHT_ARMED,
+    IN_FLIGHT_REFUSED, InFlight, MAX_SESSIONS_PER_TAP, MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE,
+    SESSION_SLOTS, SessionConfig, TapSessions, TokenBucket, counter_index,
     filter::{self, Filter, HEAD_BYTES, Machine, filter_index, get, set},
     take_tokens,
 };
@@ -120,20 +120,38 @@ fn mirror(ctx: &TcContext, direction: Direction) {
         // SAFETY: as above.
         let counters = unsafe { &mut *counters };
         let target = session.target_ifindex[direction.index()];
-        let flight =
-            InFlight { armed: 1, session_id: id, direction: direction as u32, snaplen: session.snaplen };
+        let flight = InFlight {
+            armed: IN_FLIGHT_ARMED,
+            session_id: id,
+            direction: direction as u32,
+            snaplen: session.snaplen,
+        };
         set_in_flight(flight);
         // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
         // what is redirected; `ctx`'s frame continues on its way whatever the result.
         let cloned = ctx.clone_redirect(target, 0);
-        set_in_flight(InFlight::default());
+        let refused = take_in_flight() == IN_FLIGHT_REFUSED;
         match cloned {
             Ok(()) => {
                 counters.frames += 1;
                 counters.bytes += len;
             }
+            // Dropped by the copy program for its snaplen, and counted there.
+            Err(_) if refused => {}
             Err(_) => counters.clone_errors += 1,
         }
+    }
+}
+
+/// Clears the in-flight slot after a clone; what the copy program left in `armed`.
+#[inline(always)]
+fn take_in_flight() -> u32 {
+    let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) else { return 0 };
+    // SAFETY: a per-CPU slot; see `InFlight` for who reads it.
+    unsafe {
+        let armed = (*slot).armed;
+        *slot = InFlight::default();
+        armed
     }
 }
 
@@ -165,7 +183,7 @@ fn cut_copy(ctx: &TcContext) -> bool {
     };
     // SAFETY: a per-CPU slot, see `InFlight`.
     let flight = unsafe { &mut *slot };
-    if flight.armed == 0 {
+    if flight.armed != IN_FLIGHT_ARMED {
         return true;
     }
     flight.armed = 0;
@@ -185,6 +203,9 @@ fn cut_copy(ctx: &TcContext) -> bool {
                 (*counters).snaplen_refused += 1;
             }
         }
+    }
+    if !cut {
+        flight.armed = IN_FLIGHT_REFUSED;
     }
     cut
 }
