@@ -112,7 +112,7 @@ impl Families {
             self.bytes.clone(),
         );
         r.register("vmsniff_not_copied", "Frames not copied by choice: reason filtered (--filter), sampled-out (--sample), rate-limited (--rate-limit)", self.not_copied.clone());
-        r.register("vmsniff_copy_failures", "Copies that failed at the source: reason clone-error (bpf_clone_redirect failed), snaplen-refused (too short to cut: dropped, never sent whole)", self.failures.clone());
+        r.register("vmsniff_copy_failures", "Copies that failed at the source: reason clone-error (bpf_clone_redirect failed), snaplen-refused (too short to cut: dropped, never sent whole); one reason each", self.failures.clone());
         r.register("vmsniff_truncated", "Copies cut to --snaplen", self.truncated.clone());
         r.register(
             "vmsniff_device_tx_packets",
@@ -240,7 +240,11 @@ fn ebpf_session(families: &Families, s: &SessionStatus, config: Option<String>) 
         {
             families.not_copied.get_or_create(&ReasonLabels { direction: d.clone(), reason }).inc_by(n);
         }
-        for (reason, n) in [("clone-error", c.clone_errors), ("snaplen-refused", c.snaplen_refused)] {
+        // A copy the device's egress program drops (too short to cut) is also a failed
+        // bpf_clone_redirect to the kernel (NET_XMIT_DROP), so `clone_errors` counts it too:
+        // here each failure has one reason, and the budget's stages add up.
+        let clone_errors = c.clone_errors.saturating_sub(c.snaplen_refused);
+        for (reason, n) in [("clone-error", clone_errors), ("snaplen-refused", c.snaplen_refused)] {
             families.failures.get_or_create(&ReasonLabels { direction: d.clone(), reason }).inc_by(n);
         }
         // A --to-dev interface is not the session's: its counters count everything it sends.
@@ -305,7 +309,8 @@ mod tests {
         let counters = |frames| Counters {
             frames,
             bytes: frames * 100,
-            clone_errors: 1,
+            // 4 of them refused by the snaplen, which the kernel counts as clone errors too.
+            clone_errors: 5,
             filtered: 5,
             sampled_out: 0,
             rate_limited: 2,
