@@ -232,6 +232,28 @@ fn daemon_metrics_count_what_status_counts_and_go_on_across_an_adoption() {
         assert_metrics_match_status(&samples, &vmsniff::status(&hv.ns));
         assert_eq!(value(&samples, "vmsniff_copies_total", &vm0("out")), 13, "monotonic across the adoption");
 
+        // Detach and attach again: a new session, whose counters start from 0 (a counter reset
+        // to Prometheus) and whose start time says so; the old one's series are gone.
+        let hand = |samples: &[Sample]| {
+            let l = [("session", by_hand.as_str()), ("direction", "out")];
+            (
+                value(samples, "vmsniff_copies_total", &l),
+                value(samples, "vmsniff_session_start_time_seconds", &l[..1]),
+            )
+        };
+        let (copies, started) = hand(&samples);
+        assert_eq!(copies, 13);
+        vmsniff::ok(&hv.ns, &["detach", &by_hand]);
+        assert!(!scrape(&hv.ns, PORT).iter().any(|s| s.labels.get("session") == Some(&by_hand)));
+        let again = vmsniff::attach(
+            &hv.ns,
+            &["--tap", TAP, "--to-dev", "mir2", "--direction", "out", "--attach-mode", mode],
+        );
+        assert_eq!(again.to_string(), by_hand, "the lowest free id again");
+        let (copies, restarted) = hand(&scrape(&hv.ns, PORT));
+        assert_eq!(copies, 0, "a new session counts from 0");
+        assert!(restarted >= started);
+
         assert!(daemon.stop_with(Signal::SIGTERM), "the daemon stops cleanly:\n{}", daemon.log());
         vmsniff::ok(&hv.ns, &["detach", "--all"]);
     }
