@@ -12,6 +12,7 @@ pub mod collect;
 pub mod daemon;
 pub mod foreign;
 pub mod frames;
+pub mod metrics;
 pub mod netns;
 pub mod ovs;
 pub mod ovsdb;

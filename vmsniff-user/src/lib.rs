@@ -2,12 +2,13 @@
 //!
 //! The layers, each importing only those before it (checked by `layers::tests`):
 //! `model` → `sys`, `ovsdb`, `collect` → `resolve` → `plan` → `apply`, `observe` → `ovs` →
-//! `service` → the front ends `daemon` and `cli`. ARCHITECTURE.md draws them.
+//! `service` → the front ends `daemon`, `metrics` and `cli`. ARCHITECTURE.md draws them.
 mod apply;
 pub mod cli;
 mod collect;
 mod daemon;
 mod layers;
+mod metrics;
 mod model;
 mod observe;
 mod ovs;

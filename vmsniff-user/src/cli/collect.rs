@@ -1,15 +1,19 @@
 //! `vmsniff collect`: the collector's side. Receives vmsniff's (and Open vSwitch's) GRE and
 //! ERSPAN copies through a raw socket and writes pcapng with one interface per sender and
 //! session, each packet's direction in its flags.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Args;
 
-use crate::collect::{
-    names::{Names, NamesArg, parse_names_arg},
-    pcapng::{Destination, Rotate, parse_rotate},
-    receive::{self, Cidr, Ended, Options, parse_cidr},
-    stats::render_summary,
+use crate::{
+    collect::{
+        names::{Names, NamesArg, parse_names_arg},
+        pcapng::{Destination, Rotate, parse_rotate},
+        receive::{self, Cidr, Ended, Options, parse_cidr},
+        stats::{SharedStats, lock, render_summary},
+    },
+    metrics,
+    model::listen::parse_listen_addr,
 };
 
 #[derive(Args, Debug)]
@@ -36,6 +40,12 @@ pub struct CollectArgs {
     /// on a hypervisor, for every sender or for SENDER only (repeatable).
     #[arg(long, value_name = "[SENDER=]FILE", value_parser = parse_names_arg)]
     pub names: Vec<NamesArg>,
+
+    /// Serve Prometheus/OpenMetrics text on http://ADDR:PORT/metrics: per sender, key and
+    /// direction the copies, bytes, lost, reordered, duplicates and restarts; what was
+    /// undecodable or refused, by reason; socket drops.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen_addr)]
+    pub metrics: Option<SocketAddr>,
 }
 
 pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
@@ -48,8 +58,16 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         Destination::File(args.write)
     };
     let names = Names::load(&args.names)?;
+    let stats = SharedStats::default();
+    // Before the socket and the capture file: a bad address leaves no file behind.
+    if let Some(addr) = args.metrics {
+        let listener = metrics::bind(addr).await?;
+        log::info!("metrics on http://{addr}/metrics");
+        tokio::spawn(metrics::serve(listener, metrics::collector::scrape(stats.clone())));
+    }
     let options = Options { from: args.from, destination, rotate: args.rotate, count: args.count, names };
-    let (stats, ended) = receive::run(&options).await?;
+    let ended = receive::run(&options, &stats).await?;
+    let stats = lock(&stats);
     match ended {
         Ended::Signal(signal) => log::info!("{signal}: stopping"),
         Ended::Count => log::info!("{} copies collected (--count)", stats.written),

@@ -1,15 +1,17 @@
 //! `vmsniff daemon` and `vmsniff reload`.
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use tokio::sync::watch;
 
 use crate::{
     daemon::{
         self, config,
         state::{self, DaemonState, SessionState},
     },
-    model::sources::Sources,
+    metrics,
+    model::{listen::parse_listen_addr, sources::Sources},
 };
 
 /// Where the daemon keeps its state file and lock; shared by daemon, reload and status.
@@ -33,18 +35,33 @@ pub struct DaemonArgs {
 
     #[command(flatten)]
     pub run_dir: RunDirArg,
+
+    /// Serve Prometheus/OpenMetrics text on http://ADDR:PORT/metrics: every session's counters
+    /// on this node (the daemon's and `vmsniff attach`'s), the daemon's session states. Wins
+    /// over the config's `[daemon] metrics`.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen_addr)]
+    pub metrics: Option<SocketAddr>,
 }
 
 pub async fn run(sources: Sources, args: DaemonArgs) -> anyhow::Result<()> {
+    let config = config::load(&args.config)?;
     if args.check {
-        let config = config::load(&args.config)?;
         println!("{}: valid, {config}", args.config.display());
         for (name, spec) in &config.sessions {
             println!("  {name}: vmsniff attach {}", spec.spec.to_args().join(" "));
         }
         return Ok(());
     }
-    daemon::run(sources, daemon::Options { config: args.config, run_dir: args.run_dir.run_dir }).await
+    let (published, watched) = watch::channel(DaemonState::default());
+    // Listening comes first: a bad address or a port in use stops the start before anything
+    // is attached or adopted.
+    if let Some(addr) = args.metrics.or(config.metrics) {
+        let listener = metrics::bind(addr).await?;
+        log::info!("daemon: metrics on http://{addr}/metrics");
+        tokio::spawn(metrics::serve(listener, metrics::hypervisor::scrape(sources.clone(), Some(watched))));
+    }
+    let options = daemon::Options { config: args.config, run_dir: args.run_dir.run_dir, published };
+    daemon::run(sources, options).await
 }
 
 #[derive(Args, Debug)]

@@ -18,7 +18,7 @@ use super::{
     decode::{self, Copy},
     names::Names,
     pcapng::{Capture, Destination, FLUSH_INTERVAL, Interface, Packet, PcapngError, Rotate},
-    stats::{InterfaceKey, Stats, StreamKey, render_live, render_summary},
+    stats::{InterfaceKey, SharedStats, Stats, StreamKey, lock, render_live, render_summary},
 };
 use crate::model::wire::pcapng_direction_flags;
 
@@ -161,8 +161,9 @@ pub enum Ended {
     PipeClosed,
 }
 
-/// Receives until a signal, `--count`, or a closed pipe; returns what was counted.
-pub async fn run(options: &Options) -> Result<(Stats, Ended), CollectError> {
+/// Receives until a signal, `--count`, or a closed pipe, counting into `stats` (which the
+/// metrics endpoint reads between batches).
+pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, CollectError> {
     let signal = |kind| {
         signal(kind).map_err(|source| CollectError::Socket { op: "cannot install a signal handler", source })
     };
@@ -179,7 +180,6 @@ pub async fn run(options: &Options) -> Result<(Stats, Ended), CollectError> {
         None => log::info!("collecting GRE and ERSPAN copies to stdout"),
     }
     let live = io::stderr().is_terminal();
-    let mut stats = Stats::default();
     let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
     let label = |key: &InterfaceKey| options.names.interface_name(key);
     let ended = loop {
@@ -191,21 +191,23 @@ pub async fn run(options: &Options) -> Result<(Stats, Ended), CollectError> {
                 if live {
                     eprint!("\r\x1b[2K");
                 }
-                eprint!("{}", render_summary(&stats, label));
+                eprint!("{}", render_summary(&lock(stats), label));
             }
             _ = ticker.tick() => {
                 if let Err(e) = capture.flush().and_then(|()| capture.rotate_if_due()) {
                     break pipe_or_error(e)?;
                 }
                 if live {
-                    eprint!("\r\x1b[2K{}", render_live(&stats, label));
+                    eprint!("\r\x1b[2K{}", render_live(&lock(stats), label));
                     let _ = io::stderr().flush();
                 }
             }
             ready = fd.readable() => {
                 let mut guard = ready.map_err(|source| CollectError::Socket { op: "waiting for packets", source })?;
                 let mut buffers = (&mut buf[..], &mut cmsg);
-                match receive_batch(&mut buffers, &mut guard, options, &mut stats, &mut capture) {
+                // Held for one batch, no await inside: a scrape waits at most that long.
+                let counted = receive_batch(&mut buffers, &mut guard, options, &mut lock(stats), &mut capture);
+                match counted {
                     Ok(false) => {}
                     Ok(true) => break Ended::Count,
                     Err(CollectError::Capture(e)) => break pipe_or_error(e)?,
@@ -223,7 +225,7 @@ pub async fn run(options: &Options) -> Result<(Stats, Ended), CollectError> {
             pipe_or_error(e)?;
         }
     }
-    Ok((stats, ended))
+    Ok(ended)
 }
 
 /// A closed pipe ends the capture as tcpdump's does; any other write error is fatal.
@@ -292,7 +294,9 @@ fn handle(
     };
     let key = StreamKey { sender, kind: copy.kind, session: copy.session, direction: copy.direction };
     let interface = key.interface();
-    stats.copy(key, copy.frame.len(), copy.sequence);
+    if !stats.copy(key, copy.frame.len(), copy.sequence) {
+        return Ok(false);
+    }
     let names = &options.names;
     capture.write(
         &interface,

@@ -1,10 +1,22 @@
 //! What `collect` counts: per stream (sender, session, direction) packets, bytes, lost copies and
 //! reordering from the GRE sequence numbers; undecodable packets per reason; ignored senders.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! The stream table is bounded: senders and keys come from the network, and anyone who can
+//! send GRE to the collector could otherwise grow it (and the metrics' series) without end.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
 
 use vmsniff_ebpf::Direction;
 
 use super::decode::{Kind, Undecodable};
+
+/// Streams counted at most. A hypervisor has at most 1023 sessions of two directions; 4096 is
+/// room for many hypervisors' real sessions, and bounds the memory (each stream keeps a window
+/// of 4096 sequence numbers) and the metrics' series. Copies of further streams are refused:
+/// counted, not written.
+pub const MAX_STREAMS: usize = 4096;
 
 /// How far back a late sequence number is still told apart from the ones seen: farther back,
 /// the sender is taken to have started over (its device was re-created).
@@ -125,16 +137,83 @@ pub struct Stats {
     pub socket_drops: u64,
     /// Copies written to the capture.
     pub written: u64,
+    /// Copies of a new stream refused because [`MAX_STREAMS`] streams are counted already.
+    pub refused_streams: u64,
+}
+
+/// The receive loop's counts, read by the metrics endpoint between batches.
+pub type SharedStats = Arc<Mutex<Stats>>;
+
+/// The counts, also when a thread panicked holding them (they are plain numbers: still right).
+pub fn lock(stats: &SharedStats) -> MutexGuard<'_, Stats> {
+    stats.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One stream's counts, without its sequence window: what a scrape copies out under the lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Whether the stream carries sequence numbers (else the four below mean nothing).
+    pub sequenced: bool,
+    pub lost: u64,
+    pub reordered: u64,
+    pub duplicates: u64,
+    pub restarts: u64,
+}
+
+/// Everything counted, as plain numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub streams: Vec<(StreamKey, StreamCounts)>,
+    pub undecodable: BTreeMap<Undecodable, u64>,
+    pub ignored: u64,
+    pub refused_streams: u64,
+    pub socket_drops: u64,
+    pub written: u64,
 }
 
 impl Stats {
-    pub fn copy(&mut self, key: StreamKey, frame_len: usize, sequence: Option<u32>) {
+    /// Counts a copy of stream `key`; false when it is refused (a new stream, the table full).
+    pub fn copy(&mut self, key: StreamKey, frame_len: usize, sequence: Option<u32>) -> bool {
+        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+            self.refused_streams += 1;
+            return false;
+        }
         let stream = self.streams.entry(key).or_default();
         stream.packets += 1;
         stream.bytes += frame_len as u64;
         if let Some(seq) = sequence {
             stream.sequenced = true;
             stream.sequence.observe(seq);
+        }
+        true
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let streams = self
+            .streams
+            .iter()
+            .map(|(key, s)| {
+                let counts = StreamCounts {
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    sequenced: s.sequenced,
+                    lost: s.sequence.lost,
+                    reordered: s.sequence.reordered,
+                    duplicates: s.sequence.duplicates,
+                    restarts: s.sequence.restarts,
+                };
+                (*key, counts)
+            })
+            .collect();
+        Snapshot {
+            streams,
+            undecodable: self.undecodable.clone(),
+            ignored: self.ignored,
+            refused_streams: self.refused_streams,
+            socket_drops: self.socket_drops,
+            written: self.written,
         }
     }
 
@@ -185,11 +264,16 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
     }
     let reasons: Vec<String> = stats.undecodable.iter().map(|(why, n)| format!("{why} {n}")).collect();
     out.push_str(&format!(
-        "undecodable {}{}; from other senders (not --from) {}; dropped by this host's socket buffer {}\n",
+        "undecodable {}{}; from other senders (not --from) {}; dropped by this host's socket buffer {}{}\n",
         stats.undecodable_total(),
         if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
         stats.ignored,
-        stats.socket_drops
+        stats.socket_drops,
+        if stats.refused_streams > 0 {
+            format!("; refused (over {MAX_STREAMS} streams) {}", stats.refused_streams)
+        } else {
+            String::new()
+        }
     ));
     out
 }
@@ -269,5 +353,28 @@ mod tests {
         assert!(text.contains("undecodable 1 (unknown GRE protocol 1)"), "{text}");
         assert!(text.contains("(not --from) 5"), "{text}");
         assert_eq!(render_live(&stats, |k| format!("s{}", k.session)), "s3: 3 lost 1 | undecodable 1");
+    }
+
+    #[test]
+    fn the_stream_table_is_bounded_and_refusals_are_counted() {
+        let mut stats = Stats::default();
+        let key = |session| StreamKey {
+            sender: Ipv4Addr::new(198, 51, 100, 7),
+            kind: Kind::VmsniffGre,
+            session,
+            direction: Some(Direction::In),
+        };
+        // A spray of keys: the first MAX_STREAMS are counted, the rest refused.
+        for session in 0..(MAX_STREAMS as u32 + 100) {
+            stats.copy(key(session), 60, Some(0));
+        }
+        assert_eq!((stats.streams.len(), stats.refused_streams), (MAX_STREAMS, 100));
+        // Streams already counted go on.
+        assert!(stats.copy(key(1), 60, Some(1)));
+        assert!(!stats.copy(key(MAX_STREAMS as u32 + 5), 60, Some(1)));
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.streams.len(), MAX_STREAMS);
+        assert_eq!(snapshot.refused_streams, 101);
+        assert!(render_summary(&stats, |_| String::new()).contains("; refused (over 4096 streams) 101"));
     }
 }

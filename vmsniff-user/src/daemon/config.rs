@@ -2,7 +2,7 @@
 //! like `vmsniff attach`'s flags. Each table is turned into those flags and checked by the same
 //! parser the command line uses, into the same typed [`MirrorSpec`], so a key means exactly what
 //! its flag means; every error names the file and line.
-use std::{collections::BTreeMap, fmt, ops::Range, path::Path, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, ops::Range, path::Path, time::Duration};
 
 use clap::CommandFactory as _;
 use serde::Deserialize;
@@ -10,7 +10,7 @@ use thiserror::Error;
 use toml::Spanned;
 
 use crate::{
-    model::error::chain,
+    model::{error::chain, listen::parse_listen_addr},
     service::{
         MirrorSpec,
         spec::{FlagsCli, SpecError},
@@ -24,6 +24,9 @@ pub struct DaemonConfig {
     pub keep_on_stop: bool,
     /// `[daemon] resync-seconds`: the safety-net resync; events do the real work.
     pub resync: Duration,
+    /// `[daemon] metrics = "ADDR:PORT"`: where `/metrics` is served (`--metrics` wins). Read at
+    /// start: a reload that changes it takes effect at the next start.
+    pub metrics: Option<SocketAddr>,
     pub sessions: BTreeMap<String, SessionSpec>,
 }
 
@@ -59,6 +62,7 @@ struct RawConfig {
 struct RawDaemon {
     keep_on_stop: Option<bool>,
     resync_seconds: Option<Spanned<u64>>,
+    metrics: Option<Spanned<String>>,
 }
 
 /// Reads and checks the config file.
@@ -82,7 +86,14 @@ pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
         let message = e.message().trim_end().to_owned();
         error(e.span(), format!("{message} (the config has a [daemon] table and [session.NAME] tables)"))
     })?;
-    let daemon = raw.daemon.unwrap_or(RawDaemon { keep_on_stop: None, resync_seconds: None });
+    let daemon = raw.daemon.unwrap_or(RawDaemon { keep_on_stop: None, resync_seconds: None, metrics: None });
+    let metrics = match &daemon.metrics {
+        Some(text) => Some(
+            parse_listen_addr(text.get_ref())
+                .map_err(|why| error(Some(text.span()), format!("metrics: {why}")))?,
+        ),
+        None => None,
+    };
     let resync = match daemon.resync_seconds {
         Some(s) if *s.get_ref() == 0 || *s.get_ref() > 86_400 => {
             return Err(error(Some(s.span()), "resync-seconds must be 1 to 86400".into()));
@@ -156,7 +167,7 @@ pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
         let spec = flags.spec().map_err(|e| error(key_line(e.flag()), in_session(spec_message(&e))))?;
         sessions.insert(name, SessionSpec { line, spec });
     }
-    Ok(DaemonConfig { keep_on_stop: daemon.keep_on_stop.unwrap_or(false), resync, sessions })
+    Ok(DaemonConfig { keep_on_stop: daemon.keep_on_stop.unwrap_or(false), resync, metrics, sessions })
 }
 
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
@@ -291,6 +302,9 @@ impl fmt::Display for DaemonConfig {
         if self.keep_on_stop {
             write!(f, ", mirrors kept on stop")?;
         }
+        if let Some(addr) = self.metrics {
+            write!(f, ", metrics on {addr}")?;
+        }
         Ok(())
     }
 }
@@ -353,6 +367,15 @@ to-dev = "mir0"
         assert!(config.sessions["ovs"].spec.is_ovs());
         assert_eq!(config.sessions["ovs"].spec.key, Some(9));
         assert!(!parse_ok("[session.e]\nvm = \"x\"\nto = \"192.0.2.2\"\n").sessions["e"].spec.is_ovs());
+    }
+
+    #[test]
+    fn the_metrics_address_is_checked_with_its_line() {
+        let config = parse_ok("[daemon]\nmetrics = \"127.0.0.1:9466\"\n");
+        assert_eq!(config.metrics, Some("127.0.0.1:9466".parse().unwrap()));
+        let e = parse_err("[daemon]\nkeep-on-stop = true\nmetrics = \"localhost\"\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.to_string().contains("metrics: \"localhost\" is not ADDR:PORT"), "{e}");
     }
 
     #[test]

@@ -53,6 +53,9 @@ const SETTLE: Duration = Duration::from_millis(50);
 pub struct Options {
     pub config: PathBuf,
     pub run_dir: PathBuf,
+    /// Every state the daemon records, also for the metrics endpoint (which reads the sessions'
+    /// counters from the kernel itself).
+    pub published: watch::Sender<DaemonState>,
 }
 
 pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
@@ -323,6 +326,13 @@ impl Daemon {
     async fn reload(&mut self) {
         match config::load(&self.options.config) {
             Ok(config) => {
+                if config.metrics != self.config.metrics {
+                    log::warn!(
+                        "daemon: the metrics address changed in {}: it takes effect when the daemon \
+                         starts again (`systemctl restart vmsniff`; the mirrors stay)",
+                        self.options.config.display()
+                    );
+                }
                 let (old, new): (BTreeSet<&String>, BTreeSet<&String>) =
                     (self.config.sessions.keys().collect(), config.sessions.keys().collect());
                 log::info!(
@@ -646,6 +656,7 @@ impl Daemon {
         }
         self.records.retain(|name, _| sessions.contains_key(name));
         self.state.sessions = sessions;
+        self.options.published.send_replace(self.state.clone());
         if let Err(e) = self.state.write(&self.options.run_dir) {
             log::error!(
                 "daemon: cannot write {}: {e}; `vmsniff status` will not show the daemon's sessions",

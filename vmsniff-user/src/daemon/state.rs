@@ -54,6 +54,10 @@ pub enum SessionState {
 }
 
 impl SessionState {
+    /// Every state, for the metrics' one-gauge-per-state encoding.
+    pub const ALL: [SessionState; 3] =
+        [SessionState::Active, SessionState::WaitingForVm, SessionState::Error];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SessionState::Active => "active",

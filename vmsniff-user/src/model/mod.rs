@@ -3,6 +3,7 @@
 //! it.
 pub mod cancel;
 pub mod error;
+pub mod listen;
 pub mod mac;
 pub mod mirror;
 pub mod observed;
