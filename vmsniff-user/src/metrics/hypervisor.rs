@@ -240,11 +240,9 @@ fn ebpf_session(families: &Families, s: &SessionStatus, config: Option<String>) 
         {
             families.not_copied.get_or_create(&ReasonLabels { direction: d.clone(), reason }).inc_by(n);
         }
-        // A copy the device's egress program drops (too short to cut) is also a failed
-        // bpf_clone_redirect to the kernel (NET_XMIT_DROP), so `clone_errors` counts it too:
-        // here each failure has one reason, and the budget's stages add up.
-        let clone_errors = c.clone_errors.saturating_sub(c.snaplen_refused);
-        for (reason, n) in [("clone-error", clone_errors), ("snaplen-refused", c.snaplen_refused)] {
+        // Each failed copy has one reason: the programs count a copy refused for its snaplen
+        // as that alone, not as a clone error too.
+        for (reason, n) in [("clone-error", c.clone_errors), ("snaplen-refused", c.snaplen_refused)] {
             families.failures.get_or_create(&ReasonLabels { direction: d.clone(), reason }).inc_by(n);
         }
         // A --to-dev interface is not the session's: its counters count everything it sends.
@@ -309,7 +307,6 @@ mod tests {
         let counters = |frames| Counters {
             frames,
             bytes: frames * 100,
-            // 4 of them refused by the snaplen, which the kernel counts as clone errors too.
             clone_errors: 5,
             filtered: 5,
             sampled_out: 0,
@@ -391,7 +388,7 @@ mod tests {
             format!("vmsniff_not_copied_total{{{session},direction=\"in\",reason=\"filtered\"}} 5"),
             format!("vmsniff_not_copied_total{{{session},direction=\"in\",reason=\"rate-limited\"}} 2"),
             format!("vmsniff_not_copied_total{{{session},direction=\"in\",reason=\"sampled-out\"}} 0"),
-            format!("vmsniff_copy_failures_total{{{session},direction=\"out\",reason=\"clone-error\"}} 1"),
+            format!("vmsniff_copy_failures_total{{{session},direction=\"out\",reason=\"clone-error\"}} 5"),
             format!(
                 "vmsniff_copy_failures_total{{{session},direction=\"out\",reason=\"snaplen-refused\"}} 4"
             ),
