@@ -16,14 +16,19 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("apply and observe", &["apply", "observe"]),
     ("OVS mode", &["ovs"]),
     ("the service layer", &["service"]),
+    ("the fleet (etcd)", &["fleet"]),
     ("the daemon", &["daemon"]),
     ("the command line", &["cli"]),
 ];
 
 /// Front ends reach the rest only through the service layer (which re-exports the types its
 /// operations take and return), the model, and the front ends below them.
-const FRONT_ENDS: &[(&str, &[&str])] =
-    &[("daemon", &["service", "model"]), ("cli", &["service", "model", "daemon", "collect"])];
+const FRONT_ENDS: &[(&str, &[&str])] = &[
+    ("fleet", &["service", "model"]),
+    // The daemon runs the fleet's mirrors of its node: it watches etcd through `fleet`.
+    ("daemon", &["service", "model", "fleet"]),
+    ("cli", &["service", "model", "daemon", "collect", "fleet"]),
+];
 
 fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|(_, modules)| modules.contains(&module))

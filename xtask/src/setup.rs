@@ -27,6 +27,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("netsniff-ng", "trafgen: the benchmark's VM sends small frames at a set rate or as fast as it can"),
     ("iperf3", "the benchmark's VM sends TCP bulk traffic"),
     ("fonts-dejavu-core", "the benchmark's chart is drawn with DejaVu Sans"),
+    ("protobuf-compiler", "etcd-client's build script compiles etcd's gRPC API with protoc"),
+    ("libprotobuf-dev", "protoc's well-known types (descriptor.proto), which etcd's API imports"),
+    ("etcd-server", "the fleet's tests run a real etcd on 127.0.0.1 (not started as a service)"),
 ];
 
 /// rustup components of the toolchain that runs xtask, and why each is needed.

@@ -4,6 +4,7 @@ pub mod capture;
 pub mod collect;
 pub mod daemon;
 pub mod detach;
+pub mod fleet;
 pub mod install;
 pub mod list;
 pub mod mirror;
@@ -78,4 +79,7 @@ pub enum Command {
     /// On the collector: receive GRE and ERSPAN copies and write pcapng, one interface per
     /// sender and session, the direction of every frame in its flags.
     Collect(collect::CollectArgs),
+    /// Mirrors declared once in etcd for a whole cloud, kept by every compute node's daemon and
+    /// following the VM when it migrates.
+    Fleet(fleet::FleetArgs),
 }

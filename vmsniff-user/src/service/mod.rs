@@ -21,7 +21,6 @@ pub use self::{
     select::Selection,
     spec::{Destination, MirrorSpec},
 };
-pub use crate::resolve::vm::{ResolveError, Resolved};
 use crate::{
     model::{
         cancel::Cancel,
@@ -29,8 +28,11 @@ use crate::{
         observed::Observed,
         sources::Sources,
     },
-    plan::update::ControlChange,
     resolve::vm::resolve_tap,
+};
+pub use crate::{
+    plan::{controls::Controls, update::ControlChange},
+    resolve::vm::{ResolveError, Resolved},
 };
 
 /// Who keeps a session, and so who removes it.
