@@ -4,5 +4,6 @@
 //!
 //! [`MirrorSpec`]: crate::service::MirrorSpec
 pub mod etcd;
+pub mod node;
 pub mod store;
 pub mod view;

@@ -3,7 +3,7 @@
 //! one transaction guarded by compares, so a refused or raced change writes nothing.
 use std::collections::{BTreeMap, BTreeSet};
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmsniff_ebpf::MAX_GRE_USER_KEY;
@@ -46,11 +46,17 @@ impl Layout {
     pub fn nodes(&self) -> String {
         format!("{}/nodes/", self.prefix)
     }
+    pub fn node(&self, node: &str) -> String {
+        format!("{}/nodes/{node}", self.prefix)
+    }
     pub fn reports(&self) -> String {
         format!("{}/status/", self.prefix)
     }
     pub fn reports_of(&self, name: &str) -> String {
         format!("{}/status/{name}/", self.prefix)
+    }
+    pub fn report(&self, name: &str, node: &str) -> String {
+        format!("{}/status/{name}/{node}", self.prefix)
     }
     pub fn placements(&self) -> String {
         format!("{}/placed/", self.prefix)
@@ -73,6 +79,18 @@ pub struct MirrorRecord {
     pub key: u32,
     pub created: u64,
     pub updated: u64,
+}
+
+impl MirrorRecord {
+    /// The spec a node applies: the record's flags with the fleet's key.
+    pub fn spec(&self) -> Result<MirrorSpec, SpecError> {
+        let mut spec = MirrorSpec::from_args(&self.args)?;
+        // `--to-dev` copies carry no key: the key stays the fleet's name for the stream.
+        if matches!(spec.destination, Destination::Collector { .. }) {
+            spec.key = Some(self.key);
+        }
+        Ok(spec)
+    }
 }
 
 /// `<prefix>/nodes/NODE`, under the node's lease: a live node.
@@ -465,6 +483,30 @@ impl Store {
             })
             .collect())
     }
+
+    /// Writes `record` at `key` under `lease`.
+    pub async fn put_leased<T: Serialize>(
+        &mut self,
+        key: String,
+        record: &T,
+        lease: i64,
+    ) -> Result<(), EtcdError> {
+        self.client
+            .put(key.clone(), encode(record), Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(call(format!("writing {key}")))?;
+        Ok(())
+    }
+
+    pub async fn put<T: Serialize>(&mut self, key: String, record: &T) -> Result<(), EtcdError> {
+        self.client.put(key.clone(), encode(record), None).await.map_err(call(format!("writing {key}")))?;
+        Ok(())
+    }
+
+    pub async fn delete(&mut self, key: String) -> Result<(), EtcdError> {
+        self.client.delete(key.clone(), None).await.map_err(call(format!("deleting {key}")))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -504,8 +546,12 @@ mod tests {
         };
         let text = encode(&record);
         assert_eq!(decode::<MirrorRecord>(text.as_bytes()).unwrap(), record);
+        assert_eq!(record.spec().unwrap().key, Some(7));
         let later = text.replace("\"version\":1", "\"version\":2");
         assert!(decode::<MirrorRecord>(later.as_bytes()).unwrap_err().contains("version 2"));
+        // A `--to-dev` copy has no key on the wire.
+        let local = MirrorRecord { args: spec(&["vm", "--to-dev", "mir0"]).to_args(), ..record };
+        assert_eq!(local.spec().unwrap().key, None);
     }
 
     #[test]
@@ -521,6 +567,8 @@ mod tests {
         let l = Layout::new("/vmsniff");
         assert_eq!(l.mirror("web"), "/vmsniff/mirrors/web");
         assert_eq!(l.key(3), "/vmsniff/keys/3");
+        assert_eq!(l.node("cn1"), "/vmsniff/nodes/cn1");
+        assert_eq!(l.report("web", "cn1"), "/vmsniff/status/web/cn1");
         assert_eq!(l.placement("web"), "/vmsniff/placed/web");
     }
 }

@@ -5,6 +5,7 @@
 mod ebpf;
 pub mod flags;
 pub mod inventory;
+pub mod local;
 pub mod namespace;
 pub mod ovs;
 pub mod select;
