@@ -4,8 +4,23 @@
 // Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
 #![expect(clippy::expect_used, reason = "a failed step fails the test")]
 
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
 use serde_json::Value;
-use vmsniff_tests::{etcd::Etcd, netns::Netns, privileged_on_host, vmsniff};
+use vmsniff_tests::{
+    daemon::Daemon,
+    etcd::Etcd,
+    frames::{self, is_marked},
+    netns::Netns,
+    packet::PacketSocket,
+    privileged_on_host,
+    topology::Hypervisor,
+    vmsniff,
+};
 
 const HOST_ONLY: &str = "the fleet's control plane (etcd, libvirt, the daemon's loop) is user space";
 
@@ -96,4 +111,200 @@ fn cli_declares_with_unique_keys_and_refuses_bad_input_writing_nothing() {
     // ETCDCTL_* is read as etcdctl reads it.
     let out = ctl.sh(&format!("ETCDCTL_ENDPOINTS={ep} {} fleet status", vmsniff::binary().display()));
     assert!(out.contains("db") && out.contains("web2"), "{out}");
+}
+
+/// A Nova-shaped domain whose NIC 0 is `TAP` in br0, as libvirt's test driver reads it.
+const DOMAIN: &str = r#"<domain type='test'>
+  <name>instance-00000042</name>
+  <uuid>4242a9c1-7b4d-4e8f-9a6b-1c2d3e4f5a42</uuid>
+  <metadata>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:name>c-mig</nova:name>
+    </nova:instance>
+  </metadata>
+  <memory unit='KiB'>1048576</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <interface type='bridge'>
+      <mac address='52:54:00:aa:00:01'/>
+      <source bridge='br0'/>
+      <target dev='tapvm0'/>
+      <model type='virtio'/>
+    </interface>
+  </devices>
+</domain>"#;
+
+/// One compute node: a namespace with the VM's tap (when the VM is here), its libvirt XML and
+/// its daemon.
+struct Node {
+    hv: Hypervisor,
+    mirror: PacketSocket,
+    xml: PathBuf,
+    daemon: Daemon,
+}
+
+impl Node {
+    fn new(name: &'static str, etcd: &Etcd, vm_here: bool) -> Node {
+        let mut hv = Hypervisor::new();
+        let mirror = hv.mirror_port();
+        etcd.reach_from(&hv.ns);
+        let xml = std::env::temp_dir().join(format!("vmsniff-fleet-{}-{name}.xml", std::process::id()));
+        if !vm_here {
+            hv.port.vm.unplug(&hv.ns);
+        }
+        write_node(&xml, vm_here);
+        let uri = format!("test://{}", xml.display());
+        let config = format!(
+            "[daemon]\nresync-seconds = 1\n\n[fleet]\nendpoints = [\"{}\"]\nnode = \"{name}\"\nlease-seconds = 2\nreport-seconds = 1\n",
+            etcd.endpoint()
+        );
+        let daemon = Daemon::start_with(&hv.ns, &config, &["--connect", &uri]);
+        Node { hv, mirror, xml, daemon }
+    }
+
+    /// The VM arrives: libvirt defines the domain, then creates and plugs its tap.
+    fn vm_arrives(&mut self) {
+        write_node(&self.xml, true);
+        self.hv.recreate_tap();
+    }
+
+    /// The VM leaves: the domain goes, and its tap with it.
+    fn vm_leaves(&mut self) {
+        write_node(&self.xml, false);
+        self.hv.port.vm.unplug(&self.hv.ns);
+    }
+
+    /// The kernel sessions in this node's namespace (`vmsniff status --json`).
+    fn sessions(&self) -> Vec<Value> {
+        let out = vmsniff::ok(&self.hv.ns, &["status", "--json"]);
+        let status: Value = serde_json::from_str(&out).expect("status --json is JSON");
+        status["sessions"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The VM sends marked frames; returns how many copies reached this node's `--to-dev`.
+    fn copies(&mut self, n: usize) -> usize {
+        self.mirror.drain(Duration::from_millis(100), is_marked);
+        let sent: Vec<Vec<u8>> =
+            (0..n).map(|i| frames::frame(frames::VM_MAC, frames::PEER_MAC, 0x4000 + i as u32, 100)).collect();
+        self.hv.vm_sends(&sent);
+        self.mirror.capture(n, Duration::from_secs(5), is_marked).len()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.xml);
+    }
+}
+
+fn write_node(xml: &Path, vm_here: bool) {
+    let domain = if vm_here { DOMAIN } else { "" };
+    std::fs::write(xml, format!("<node>\n{domain}\n</node>\n")).expect("write the node's libvirt XML");
+}
+
+/// `fleet status --json`'s mirror `name` once `ready` holds for it (within 30 s).
+fn wait_mirror(ctl: &Netns, ep: &str, name: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = status(ctl, ep);
+        let mirror = status["mirrors"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).cloned();
+        if let Some(m) = mirror.filter(|m| ready(m)) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 30 s: {status:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn active_on(m: &Value, node: &str) -> bool {
+    m["state"] == "active" && m["nodes"] == serde_json::json!([node])
+}
+
+#[test]
+fn a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss() {
+    if !privileged_on_host("a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss", HOST_ONLY)
+    {
+        return;
+    }
+    let Some(mut etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let mut a = Node::new("a", &etcd, true);
+    let mut b = Node::new("b", &etcd, false);
+    wait_until("both nodes registered", || {
+        let out = vmsniff::ok(&ctl, &fleet_args(ep, &["nodes", "--json"]));
+        out.contains("\"a\"") && out.contains("\"b\"")
+    });
+
+    // Declared once, run by the node that has the VM (named by its UUID, upper case).
+    let key = vmsniff::ok(
+        &ctl,
+        &fleet_args(ep, &["mirror", "web", "4242A9C1-7B4D-4E8F-9A6B-1C2D3E4F5A42", "--to-dev", "mir0"]),
+    );
+    let m = wait_mirror(&ctl, ep, "web", "active on a", |m| active_on(m, "a"));
+    assert_eq!(m["key"].to_string(), key.trim());
+    assert_eq!(a.copies(5), 5, "copies on a");
+    assert!(b.sessions().is_empty(), "b mirrors a VM it does not have");
+
+    // Live migration: the domain and its tap appear on b (both nodes mirror during the
+    // handover), a's tap goes (a waits, and a waiting fleet mirror holds no session: the VM is
+    // not on a), then a's domain.
+    let started = Instant::now();
+    b.vm_arrives();
+    wait_mirror(&ctl, ep, "web", "the handover", |m| m["nodes"] == serde_json::json!(["a", "b"]));
+    a.hv.port.vm.unplug(&a.hv.ns);
+    wait_until("a detaches once its tap is gone", || a.sessions().is_empty());
+    write_node(&a.xml, false);
+    let m = wait_mirror(&ctl, ep, "web", "active on b", |m| active_on(m, "b"));
+    eprintln!("fleet: the mirror followed the VM to b in {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(m["key"].to_string(), key.trim(), "the key follows the mirror");
+    assert_eq!(m["placed-on"], "b");
+    assert!(a.sessions().is_empty(), "a mirrors again");
+    assert_eq!(b.copies(5), 5, "copies on b");
+
+    // etcd down: nothing detaches, and a daemon restarted meanwhile knows the fleet from its
+    // cache.
+    let id = b.sessions()[0]["session"].clone();
+    etcd.pause();
+    b.daemon.stop_with(Signal::SIGKILL);
+    b.daemon.spawn(&b.hv.ns);
+    std::thread::sleep(Duration::from_secs(3));
+    let sessions = b.sessions();
+    assert_eq!(sessions.len(), 1, "b's mirror during the outage: {sessions:#?}\n{}", b.daemon.log());
+    assert_eq!(sessions[0]["session"], id, "b's mirror was made again during the outage");
+    assert_eq!(b.copies(3), 3, "copies on b during the outage");
+    etcd.resume();
+    // Back: the nodes register again, and a change converges (in place: same session).
+    wait_mirror(&ctl, ep, "web", "active on b after the outage", |m| active_on(m, "b"));
+    vmsniff::ok(&ctl, &fleet_args(ep, &["update", "web", "--snaplen", "64"]));
+    wait_until("b applies the update", || b.sessions().first().is_some_and(|s| s["snaplen"] == 64));
+    assert_eq!(b.sessions()[0]["session"], id, "an update keeps the session");
+
+    // Node lost: its lease expires, status names it, and its mirror runs on in the kernel.
+    b.daemon.stop_with(Signal::SIGKILL);
+    let m = wait_mirror(&ctl, ep, "web", "node-lost", |m| m["state"] == "node-lost");
+    assert!(m["reason"].as_str().unwrap().contains("node b"), "{m:#}");
+    let out = vmsniff::ok(&ctl, &fleet_args(ep, &["nodes", "--json"]));
+    assert!(!out.contains("\"b\""), "b is still listed: {out}");
+    assert_eq!(b.sessions().len(), 1, "b's mirror went with its daemon");
+    assert_eq!(b.copies(3), 3, "copies on b after its daemon died");
+
+    // Removed: the node that runs it (a, once the VM is back there) detaches.
+    b.daemon.spawn(&b.hv.ns);
+    b.vm_leaves();
+    a.vm_arrives();
+    wait_mirror(&ctl, ep, "web", "back on a", |m| active_on(m, "a"));
+    wait_until("b detaches", || b.sessions().is_empty());
+    vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
+    wait_until("a detaches after rm", || a.sessions().is_empty());
 }
