@@ -12,6 +12,7 @@ use std::{
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use vmsniff_tests::{
+    collect::{Collector, GreSender, gre, read_pcapng_file, summary},
     daemon::Daemon,
     etcd::Etcd,
     frames::{self, is_marked},
@@ -307,4 +308,61 @@ fn a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss() {
     wait_until("b detaches", || b.sessions().is_empty());
     vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
     wait_until("a detaches after rm", || a.sessions().is_empty());
+}
+
+#[test]
+fn collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses() {
+    if !privileged_on_host(
+        "collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses",
+        "collect decodes what a raw socket receives, in user space",
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let senders = Netns::new("snd");
+    let col = Netns::new("col");
+    etcd.reach_from(&col);
+    let ep = etcd.endpoint();
+    senders.sh(&format!(
+        "ip link add snd0 type veth peer name col0 netns {col}
+         ip addr add 10.241.0.1/24 dev snd0
+         ip addr add 10.241.0.3/24 dev snd0
+         ip link set snd0 up",
+        col = col.name
+    ));
+    col.sh("ip addr add 10.241.0.2/24 dev col0; ip link set col0 up");
+    let key: u32 = vmsniff::ok(
+        &col,
+        &fleet_args(&ep, &["mirror", "web", "c-private", "--nic", "0", "--to", "10.241.0.2"]),
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let file = etcd.dir.join("fleet.pcapng");
+    let collector = Collector::start(&col, &["-w", file.to_str().unwrap(), "--fleet", "--endpoints", &ep]);
+    let (a, b) = (GreSender::open(&senders, [10, 241, 0, 1]), GreSender::open(&senders, [10, 241, 0, 3]));
+    let to = [10, 241, 0, 2];
+    let send = |node: &GreSender, seqs: std::ops::Range<u32>| {
+        for seq in seqs {
+            let frame = frames::frame(frames::VM_MAC, frames::PEER_MAC, seq, 80);
+            node.send(to, &gre(Some(key * 2), Some(seq), 0x6558, &frame));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // On a, then on b (a new sequence from another sender), then back on a (a new session).
+    send(&a, 0..5);
+    send(&b, 0..4);
+    send(&a, 0..3);
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = collector.stop();
+    let packets = read_pcapng_file(&file);
+    assert_eq!(packets.len(), 12, "{}", stopped.stderr);
+    assert!(
+        packets.iter().all(|p| p.interface == "web (c-private nic 0)"),
+        "one interface for the mirror: {:?}",
+        packets.iter().map(|p| &p.interface).collect::<Vec<_>>()
+    );
+    assert!(stopped.stderr.contains("web (c-private nic 0): moved 2 time(s)"), "{}", stopped.stderr);
+    let (rows, _) = summary(&stopped.stderr);
+    assert!(rows.iter().all(|r| r.lost == Some(0)), "a move is no loss: {}", stopped.stderr);
 }

@@ -291,9 +291,17 @@ fn handle(
         }
     };
     let key = StreamKey { sender, kind: copy.kind, session: copy.session, direction: copy.direction };
-    let interface = key.interface();
-    stats.copy(key, copy.frame.len(), copy.sequence);
     let names = &options.names;
+    let interface = match names.fleet_interface(&key) {
+        Some(interface) => {
+            stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence);
+            interface
+        }
+        None => {
+            stats.copy(key, copy.frame.len(), copy.sequence);
+            key.interface()
+        }
+    };
     capture.write(
         &interface,
         || Interface {
