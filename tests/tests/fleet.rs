@@ -89,6 +89,10 @@ fn cli_declares_with_unique_keys_and_refuses_bad_input_writing_nothing() {
             "key 5 is held by fleet mirror db",
         ),
         (fleet_args(ep, &["mirror", "db", "c-x", "--to", "192.0.2.2"]), "fleet mirror db exists already"),
+        (
+            fleet_args(ep, &["mirror", "x", "c-x", "--to", "192.0.2.2", "--encap", "erspan", "--key", "600"]),
+            "K is at most 511",
+        ),
         (fleet_args(ep, &["mirror", "x", "tapf7eae624-34", "--to", "192.0.2.2"]), "taps are per node"),
         (fleet_args(ep, &["mirror", "x", "--tap", "tap0", "--to", "192.0.2.2"]), "taps are per node"),
         (fleet_args(ep, &["mirror", "a/b", "c-x", "--to", "192.0.2.2"]), "use 1 to 64 letters"),

@@ -105,10 +105,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     match &args.command {
         FleetCommand::Mirror(m) => {
             let spec = m.flags.spec()?;
-            crate::fleet::store::check_name(&m.name)?;
-            if let Some(tap) = spec.nic.tap() {
-                return Err(StoreError::TapSelector(tap.to_owned()).into());
-            }
+            crate::fleet::store::check_declaration(&m.name, &spec)?;
             if let Some(selector) = spec.nic.selector().filter(|s| looks_like_a_tap(s)) {
                 return Err(StoreError::TapSelector(selector.to_owned()).into());
             }

@@ -174,6 +174,11 @@ pub enum StoreError {
         "key {key} is held by fleet mirror {holder}: give another --key, or leave it out for the lowest free one"
     )]
     KeyTaken { key: u32, holder: String },
+    #[error(
+        "--key {key} does not fit ERSPAN: its 10-bit session id holds K*2+d, so K is at most {limit}; give \
+         a smaller --key, or leave it out"
+    )]
+    KeyTooLarge { key: u32, limit: u32 },
     #[error("every key 1..={limit} is held by a fleet mirror: remove one (`vmsniff fleet rm NAME`)")]
     KeysExhausted { limit: u32 },
     #[error("the fleet has {MAX_MIRRORS} mirrors, its limit: remove some first")]
@@ -196,6 +201,20 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
         && name != "."
         && name != "..";
     if ok { Ok(()) } else { Err(StoreError::BadName(name.to_owned())) }
+}
+
+/// What a declaration needs beyond the flags' own checks: a name, a VM rather than a tap, a
+/// `--key` its encapsulation carries. No etcd needed: checked before it is reached.
+pub fn check_declaration(name: &str, spec: &MirrorSpec) -> Result<(), StoreError> {
+    check_name(name)?;
+    if let Some(tap) = spec.nic.tap() {
+        return Err(StoreError::TapSelector(tap.to_owned()));
+    }
+    let limit = key_limit(spec);
+    if let Some(key) = spec.key.filter(|&k| k > limit) {
+        return Err(StoreError::KeyTooLarge { key, limit });
+    }
+    Ok(())
 }
 
 /// The largest key K a spec's encapsulation carries.
@@ -284,10 +303,7 @@ impl Store {
     /// Declares a mirror: its record and its key, in one transaction that requires both to be
     /// free. The key is `spec.key` or the lowest free one.
     pub async fn declare(&mut self, name: &str, spec: &MirrorSpec) -> Result<MirrorRecord, StoreError> {
-        check_name(name)?;
-        if let Some(tap) = spec.nic.tap() {
-            return Err(StoreError::TapSelector(tap.to_owned()));
-        }
+        check_declaration(name, spec)?;
         let limit = key_limit(spec);
         for _ in 0..ATTEMPTS {
             let held = self.held_keys().await?;
