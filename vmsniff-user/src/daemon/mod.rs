@@ -31,11 +31,11 @@ use self::{
         Action, OvsAction, OvsPort, Placement, daemon_ovs_sessions, daemon_sessions, plan_ovs_reconcile,
         plan_reconcile,
     },
-    state::{DaemonSession, DaemonState, STATE_VERSION, SessionState},
+    state::{DaemonSession, DaemonState, FleetPass, STATE_VERSION, SessionState},
 };
 use crate::{
     fleet::{
-        node::{Agent, Declared, Report, SESSION_PREFIX},
+        node::{Agent, Declared, Origin, Report, SESSION_PREFIX},
         store::{Count, FleetState, ReportCounters},
     },
     model::{
@@ -388,6 +388,7 @@ impl Daemon {
 
     /// Brings the kernel and OVSDB in line with the config; records every session's state.
     async fn reconcile(&mut self) {
+        let started = std::time::Instant::now();
         let mut resolved_taps = BTreeMap::new();
         let mut placements: BTreeMap<String, Placement<Tap>> = BTreeMap::new();
         for (name, session) in &self.config.sessions {
@@ -444,6 +445,16 @@ impl Daemon {
             return;
         }
         let observed = self.service.observe().unwrap_or_default();
+        self.state.last_pass_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.state.fleet = self.fleet.as_ref().map(|agent| {
+            let declared = agent.declared.borrow();
+            FleetPass {
+                declared: declared.as_ref().map(|d| d.mirrors.len()),
+                from_cache: declared.as_ref().is_some_and(|d| d.origin == Origin::Cache),
+                here: self.desired.keys().filter(|n| n.starts_with(SESSION_PREFIX)).count()
+                    + self.fleet_waiting.len(),
+            }
+        });
         self.record_states(&placements, &observed, &ovs_sessions, &failures);
         self.report_fleet().await;
     }
