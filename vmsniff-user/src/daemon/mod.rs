@@ -508,11 +508,8 @@ impl Daemon {
                 return waiting;
             }
         };
-        for (name, mirror) in &declared.mirrors {
-            let Some(selector) = mirror.spec.nic.selector() else { continue };
-            if !local.holds(selector) {
-                continue;
-            }
+        // By this node's VMs' names, not by the fleet's mirrors: O(local VMs).
+        for (name, mirror) in declared.matching(local.keys()) {
             let session = format!("{SESSION_PREFIX}{name}");
             match self.service.resolve_in(&mirror.spec, &local).await {
                 Ok(found) => {
@@ -734,7 +731,10 @@ impl Daemon {
                             "session {name}: detached session {id} (its config changed, or it was a duplicate)"
                         )
                     }
-                    None => log::info!("daemon: detached session {id}: its config session is gone"),
+                    None => log::info!(
+                        "daemon: detached session {id}: its config session is gone, or it was a fleet \
+                         mirror whose VM is no longer on this node (or that was removed)"
+                    ),
                 }
                 if let Some(name) = name {
                     self.records.remove(name);

@@ -5,7 +5,7 @@
 //! declared set stays in force (never detach because etcd could not be read); the task
 //! reconnects with backoff and reads the whole set again.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -23,7 +23,10 @@ use super::{
         ReportRecord, Store, StoreError, decode, now,
     },
 };
-use crate::{model::error::chain, service::MirrorSpec};
+use crate::{
+    model::error::chain,
+    service::{MirrorSpec, local::selector_key},
+};
 
 /// The daemon's session names of fleet mirrors: `fleet/NAME`, apart from the file's sessions
 /// (whose names cannot hold a '/').
@@ -67,6 +70,32 @@ pub enum Origin {
 pub struct Declared {
     pub mirrors: BTreeMap<String, FleetMirror>,
     pub origin: Origin,
+    /// The mirrors' names by [`selector_key`] of their VM selector, built once per change so
+    /// that a node's pass looks up its own VMs rather than scanning the fleet.
+    pub by_selector: HashMap<String, Vec<String>>,
+}
+
+impl Declared {
+    fn new(mirrors: BTreeMap<String, FleetMirror>, origin: Origin) -> Self {
+        let mut by_selector: HashMap<String, Vec<String>> = HashMap::new();
+        for (name, mirror) in &mirrors {
+            if let Some(selector) = mirror.spec.nic.selector() {
+                by_selector.entry(selector_key(selector)).or_default().push(name.clone());
+            }
+        }
+        Declared { mirrors, origin, by_selector }
+    }
+
+    /// The mirrors whose selector is one of `keys` (each once, in name order).
+    pub fn matching<'a>(
+        &'a self,
+        keys: impl Iterator<Item = &'a String>,
+    ) -> BTreeMap<&'a String, &'a FleetMirror> {
+        keys.filter_map(|k| self.by_selector.get(k))
+            .flatten()
+            .filter_map(|name| Some((name, self.mirrors.get(name)?)))
+            .collect()
+    }
 }
 
 /// What the daemon says of one fleet mirror whose VM is on this node.
@@ -147,7 +176,7 @@ struct Cache {
 fn read_cache(path: &Path) -> Option<Declared> {
     let bytes = fs::read(path).ok()?;
     match decode::<Cache>(&bytes) {
-        Ok(cache) => Some(Declared { mirrors: applicable(cache.mirrors), origin: Origin::Cache }),
+        Ok(cache) => Some(Declared::new(applicable(cache.mirrors), Origin::Cache)),
         Err(why) => {
             log::warn!("fleet: ignoring {}: {why}", path.display());
             None
@@ -343,7 +372,7 @@ impl Link<'_> {
         let mirrors = applicable(records.clone());
         write_cache(self.cache, &mirrors);
         self.declared.send_if_modified(|old| {
-            let new = Declared { mirrors, origin: Origin::Etcd };
+            let new = Declared::new(mirrors, Origin::Etcd);
             let changed = old.as_deref() != Some(&new);
             *old = Some(Arc::new(new));
             changed
@@ -403,4 +432,45 @@ fn kernel_release() -> String {
 /// This host's name, the default node name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::store::MirrorRecord;
+
+    fn mirror(name: &str, selector: &str, key: u32) -> (String, FleetMirror) {
+        let record = MirrorRecord {
+            version: RECORD_VERSION,
+            name: name.into(),
+            args: vec![selector.into(), "--to".into(), "192.0.2.2".into()],
+            key,
+            created: 0,
+            updated: 0,
+        };
+        let spec = record.spec().unwrap();
+        (name.into(), FleetMirror { record, spec })
+    }
+
+    #[test]
+    fn a_node_finds_its_mirrors_by_its_own_vms_names_in_any_spelling() {
+        let declared = Declared::new(
+            BTreeMap::from([
+                mirror("by-name", "c-private", 1),
+                mirror("by-mac", "FA-16-3E-11-22-33", 2),
+                mirror("by-uuid", "3F2A9C1E-7B4D-4E8F-9A6B-1C2D3E4F5A6B", 3),
+                mirror("elsewhere", "c-other", 4),
+            ]),
+            Origin::Etcd,
+        );
+        // What LocalVms::keys gives for c-private: its names, UUID and MACs, normalised.
+        let local: Vec<String> =
+            ["c-private", "instance-00000003", "3f2a9c1e-7b4d-4e8f-9a6b-1c2d3e4f5a6b", "fa:16:3e:11:22:33"]
+                .iter()
+                .map(|s| selector_key(s))
+                .collect();
+        let found: Vec<&String> = declared.matching(local.iter()).into_keys().collect();
+        assert_eq!(found, ["by-mac", "by-name", "by-uuid"]);
+        assert_eq!(declared.mirrors["by-name"].spec.key, Some(1), "the fleet's key is applied");
+    }
 }

@@ -19,6 +19,16 @@ pub struct LocalVms {
     names: HashSet<String>,
 }
 
+/// A selector in the one spelling both sides of a match use: a MAC in lower case with ':', a
+/// UUID as 32 lower-case hex digits, anything else (a name) as given.
+pub fn selector_key(selector: &str) -> String {
+    let selector = selector.trim();
+    if let Ok(mac) = selector.parse::<Mac>() {
+        return mac.to_string();
+    }
+    normalize_uuid(selector).unwrap_or_else(|| selector.to_owned())
+}
+
 impl LocalVms {
     fn new(vms: Vec<Vm>) -> Self {
         let mut names = HashSet::new();
@@ -31,14 +41,10 @@ impl LocalVms {
         LocalVms { vms, names }
     }
 
-    /// Whether `selector` can name one of these VMs (constant time; resolving says which).
-    pub fn holds(&self, selector: &str) -> bool {
-        let selector = selector.trim();
-        if let Ok(mac) = selector.parse::<Mac>() {
-            return self.names.contains(&mac.to_string());
-        }
-        normalize_uuid(selector).is_some_and(|uuid| self.names.contains(&uuid))
-            || self.names.contains(selector)
+    /// Every [`selector_key`] that names one of these VMs: a declared set indexed by the same
+    /// keys is matched in time that grows with this node's VMs, not with the fleet.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.names.iter()
     }
 
     /// How many domains this node has.
@@ -68,6 +74,7 @@ mod tests {
     #[test]
     fn every_name_of_a_local_vm_is_held_and_others_are_not() {
         let local = LocalVms::new(fixture_vms());
+        let holds = |s: &str| local.names.contains(&selector_key(s));
         for selector in [
             "c-private",
             "instance-00000003",
@@ -75,10 +82,10 @@ mod tests {
             "3f2a9c1e-7b4d-4e8f-9a6b-1c2d3e4f5a6b",
             "FA-16-3E-11-22-33",
         ] {
-            assert!(local.holds(selector), "{selector}");
+            assert!(holds(selector), "{selector}");
         }
         for selector in ["c-elsewhere", "00000000-0000-4000-8000-000000000000", "fa:16:3e:00:00:99"] {
-            assert!(!local.holds(selector), "{selector}");
+            assert!(!holds(selector), "{selector}");
         }
     }
 }
