@@ -10,6 +10,7 @@
 
 pub mod collect;
 pub mod daemon;
+pub mod etcd;
 pub mod foreign;
 pub mod frames;
 pub mod metrics;

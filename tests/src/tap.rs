@@ -61,6 +61,18 @@ impl Vm {
         *self = Vm::create(ns, &self.tap);
     }
 
+    /// Deletes the tap, as libvirt does when the VM leaves the node; [`Vm::recreate`] makes it
+    /// again.
+    pub fn unplug(&mut self, ns: &Netns) {
+        // Closing the last descriptor of a non-persistent tap deletes it.
+        self.file = File::open("/dev/null").expect("open /dev/null");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns.link_names().contains(&self.tap) {
+            assert!(Instant::now() < deadline, "tap {} was not deleted", self.tap);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The VM sends a frame.
     pub fn send(&mut self, frame: &[u8]) {
         let n = self.file.write(frame).expect("write to tap");

@@ -17,6 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("apply and observe", &["apply", "observe"]),
     ("OVS mode", &["ovs"]),
     ("the service layer", &["service"]),
+    ("the fleet (etcd)", &["fleet"]),
     ("the daemon", &["daemon"]),
     ("the metrics endpoint", &["metrics"]),
     ("the command line", &["cli"]),
@@ -25,11 +26,13 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// Front ends reach the rest only through the service layer (which re-exports the types its
 /// operations take and return), the model, and the front ends below them.
 /// The metrics endpoint reads what the service's status, the daemon's state and the collector's
-/// counts say; it changes nothing.
+/// counts say; it changes nothing. The daemon runs the fleet's mirrors of its node: it watches
+/// etcd through `fleet`.
 const FRONT_ENDS: &[(&str, &[&str])] = &[
-    ("daemon", &["service", "model"]),
+    ("fleet", &["service", "model"]),
+    ("daemon", &["service", "model", "fleet"]),
     ("metrics", &["service", "model", "daemon", "collect"]),
-    ("cli", &["service", "model", "daemon", "collect", "metrics"]),
+    ("cli", &["service", "model", "daemon", "collect", "metrics", "fleet"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

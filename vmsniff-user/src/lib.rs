@@ -7,6 +7,7 @@ mod apply;
 pub mod cli;
 mod collect;
 mod daemon;
+mod fleet;
 mod layers;
 mod metrics;
 mod model;

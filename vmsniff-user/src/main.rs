@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             Command::Show(args) => cli::show::run(&sources, args).await,
             Command::Capture(args) => cli::capture::run(&sources, args).await,
             Command::Collect(args) => cli::collect::run(args).await,
+            Command::Fleet(args) => cli::fleet::run(args).await,
             Command::Daemon(args) => cli::daemon::run(sources, args).await,
             Command::Reload(args) => cli::daemon::reload(args).await,
             Command::Install(args) => cli::install::install(args),

@@ -5,6 +5,7 @@ pub mod collect;
 pub mod daemon;
 pub mod detach;
 pub mod docs;
+pub mod fleet;
 pub mod install;
 pub mod list;
 pub mod mirror;
@@ -81,4 +82,7 @@ pub enum Command {
     /// On the collector: receive GRE and ERSPAN copies and write pcapng, one interface per
     /// sender and session, the direction of every frame in its flags.
     Collect(collect::CollectArgs),
+    /// Mirrors declared once in etcd for a whole cloud, kept by every compute node's daemon and
+    /// following the VM when it migrates.
+    Fleet(fleet::FleetArgs),
 }

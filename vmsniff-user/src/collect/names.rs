@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::stats::InterfaceKey;
+use super::stats::{InterfaceKey, StreamKey};
 
 #[derive(Debug, Error)]
 pub enum NamesError {
@@ -73,6 +73,9 @@ struct SessionEntry {
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     by_key: BTreeMap<(Option<Ipv4Addr>, bool, u32), Named>,
+    /// `--fleet`: fleet mirrors by key K, "NAME (VM nic N)". Their copies share one interface
+    /// whichever node sends them.
+    fleet: BTreeMap<u32, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +99,23 @@ impl Names {
             })?;
         }
         Ok(names)
+    }
+
+    /// Names the fleet's mirrors, by their keys.
+    pub fn set_fleet(&mut self, fleet: BTreeMap<u32, String>) {
+        self.fleet = fleet;
+    }
+
+    /// The interface of a fleet mirror's stream: one per mirror, whichever node sends it (its
+    /// sender is left unspecified).
+    pub fn fleet_interface(&self, key: &StreamKey) -> Option<InterfaceKey> {
+        let interface = key.interface();
+        (!interface.plain && self.fleet.contains_key(&interface.session))
+            .then_some(InterfaceKey { sender: Ipv4Addr::UNSPECIFIED, ..interface })
+    }
+
+    fn fleet_name(&self, key: &InterfaceKey) -> Option<&String> {
+        self.fleet.get(&key.session).filter(|_| !key.plain)
     }
 
     fn add(&mut self, sender: Option<Ipv4Addr>, text: &str) -> Result<(), AddError> {
@@ -131,6 +151,9 @@ impl Names {
     /// unless `--key` was given), or `VM nic N session S` / `TAP session S` from `--names`;
     /// a plain GRE mirror's is `SENDER gre key K`.
     pub fn interface_name(&self, key: &InterfaceKey) -> String {
+        if let Some(name) = self.fleet_name(key) {
+            return name.clone();
+        }
         match (self.get(key), key.plain) {
             (_, true) => format!("{} gre key {}", key.sender, key.session),
             (Some(named), _) => format!("{} session {}", named.label, named.session),
@@ -145,6 +168,9 @@ impl Names {
             (false, true) => format!("ERSPAN span id {}", key.session),
             (false, false) => format!("vmsniff GRE key {}", key.session),
         };
+        if let Some(name) = self.fleet_name(key) {
+            return format!("fleet mirror {name}: {what}, from whichever node runs it");
+        }
         match self.get(key) {
             Some(n) => format!(
                 "{what} from {}: vmsniff session {} on {} ({}), encap {}",
@@ -207,6 +233,24 @@ mod tests {
             .unwrap();
         assert_eq!(names.interface_name(&key([192, 0, 2, 5], false, 7)), "tapx session 9");
         assert_eq!(names.interface_name(&key([192, 0, 2, 6], false, 7)), "tapvm0 session 1");
+    }
+
+    #[test]
+    fn a_fleet_mirror_has_one_interface_named_after_it_whoever_sends() {
+        let mut names = Names::default();
+        names.set_fleet(BTreeMap::from([(7, "web (c-private nic 0)".to_owned())]));
+        let stream = |sender: [u8; 4]| StreamKey {
+            sender: Ipv4Addr::from(sender),
+            kind: super::super::decode::Kind::VmsniffGre,
+            session: 7,
+            direction: None,
+        };
+        let a = names.fleet_interface(&stream([192, 0, 2, 1])).unwrap();
+        assert_eq!(Some(a), names.fleet_interface(&stream([192, 0, 2, 2])));
+        assert_eq!(names.interface_name(&a), "web (c-private nic 0)");
+        assert_eq!(names.interface_name(&key([192, 0, 2, 1], false, 7)), "web (c-private nic 0)");
+        assert!(names.interface_description(&a).contains("fleet mirror web"));
+        assert_eq!(names.fleet_interface(&StreamKey { session: 8, ..stream([192, 0, 2, 1]) }), None);
     }
 
     #[test]

@@ -293,11 +293,21 @@ fn handle(
         }
     };
     let key = StreamKey { sender, kind: copy.kind, session: copy.session, direction: copy.direction };
-    let interface = key.interface();
-    if !stats.copy(key, copy.frame.len(), copy.sequence) {
-        return Ok(false);
-    }
     let names = &options.names;
+    let interface = match names.fleet_interface(&key) {
+        Some(interface) => {
+            if !stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence) {
+                return Ok(false);
+            }
+            interface
+        }
+        None => {
+            if !stats.copy(key, copy.frame.len(), copy.sequence) {
+                return Ok(false);
+            }
+            key.interface()
+        }
+    };
     capture.write(
         &interface,
         || Interface {

@@ -73,6 +73,20 @@ impl Sequence {
         }
     }
 
+    /// Whether `seq` starts this sequence over: the first number, or one behind the next
+    /// expected (a new session's devices count from 0 again).
+    pub fn starts_over_at(&self, seq: u32) -> bool {
+        self.next.is_none_or(|next| seq.wrapping_sub(next) >= u32::MAX / 2)
+    }
+
+    /// Starts the sequence at `seq` without counting anything: a fleet mirror that moved here.
+    pub fn begin(&mut self, seq: u32) {
+        if self.seen.is_empty() {
+            self.seen = vec![false; WINDOW as usize];
+        }
+        self.start(seq);
+    }
+
     fn start(&mut self, seq: u32) {
         self.seen.iter_mut().for_each(|s| *s = false);
         self.mark(seq, true);
@@ -139,6 +153,15 @@ pub struct Stats {
     pub written: u64,
     /// Copies of a new stream refused because [`MAX_STREAMS`] streams are counted already.
     pub refused_streams: u64,
+    /// Fleet mirrors (`--fleet`): the sender of each one's last copy, and how often its copies
+    /// moved to another sender.
+    pub moves: BTreeMap<InterfaceKey, Moves>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Moves {
+    pub last: Ipv4Addr,
+    pub moves: u64,
 }
 
 /// The receive loop's counts, read by the metrics endpoint between batches.
@@ -217,6 +240,42 @@ impl Stats {
         }
     }
 
+    /// A copy of a fleet mirror (`interface`). A move is a copy from another sender than the
+    /// last whose sequence starts over (a node that now runs the mirror): counted apart, and
+    /// never as lost copies. While both nodes send during a handover, their sequences go on and
+    /// no move is counted twice.
+    pub fn fleet_copy(
+        &mut self,
+        interface: InterfaceKey,
+        key: StreamKey,
+        frame_len: usize,
+        sequence: Option<u32>,
+    ) -> bool {
+        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+            self.refused_streams += 1;
+            return false;
+        }
+        let stream = self.streams.entry(key).or_default();
+        let starts_over = match sequence {
+            Some(seq) => stream.sequence.starts_over_at(seq),
+            None => stream.packets == 0,
+        };
+        let moves = self.moves.entry(interface).or_insert(Moves { last: key.sender, moves: 0 });
+        if moves.last != key.sender && starts_over {
+            moves.moves += 1;
+            if let Some(seq) = sequence {
+                stream.sequence.begin(seq);
+                stream.sequenced = true;
+                stream.packets += 1;
+                stream.bytes += frame_len as u64;
+                moves.last = key.sender;
+                return true;
+            }
+        }
+        moves.last = key.sender;
+        self.copy(key, frame_len, sequence)
+    }
+
     pub fn undecodable(&mut self, why: Undecodable) {
         *self.undecodable.entry(why).or_default() += 1;
     }
@@ -275,6 +334,15 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
             String::new()
         }
     ));
+    // After the closing line: the rows above keep their shape for readers of the summary.
+    for (interface, m) in stats.moves.iter().filter(|(_, m)| m.moves > 0) {
+        out.push_str(&format!(
+            "{}: moved {} time(s) to another sender, last {} (not counted as lost)\n",
+            label(interface),
+            m.moves,
+            m.last
+        ));
+    }
     out
 }
 
@@ -330,6 +398,32 @@ mod tests {
         assert_eq!((s.duplicates, s.reordered, s.lost), (1, 0, 0));
         let s = run(&[100_000, 100_001, 1, 2, 3]);
         assert_eq!((s.restarts, s.lost, s.reordered), (1, 0, 0), "a re-created device starts over");
+    }
+
+    #[test]
+    fn a_fleet_mirrors_move_is_counted_apart_from_losses() {
+        let mut stats = Stats::default();
+        let (a, b) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        let key = |sender| StreamKey { sender, kind: Kind::VmsniffGre, session: 7, direction: None };
+        let interface =
+            InterfaceKey { sender: Ipv4Addr::UNSPECIFIED, erspan: false, plain: false, session: 7 };
+        for seq in 0..5 {
+            stats.fleet_copy(interface, key(a), 60, Some(seq));
+        }
+        // The handover: both nodes send, each its own sequence.
+        for seq in 0..3 {
+            stats.fleet_copy(interface, key(b), 60, Some(seq));
+            stats.fleet_copy(interface, key(a), 60, Some(5 + seq));
+        }
+        stats.fleet_copy(interface, key(b), 60, Some(3));
+        assert_eq!(stats.moves[&interface].moves, 1);
+        // Back to a: its new session counts from 0 again.
+        stats.fleet_copy(interface, key(a), 60, Some(0));
+        stats.fleet_copy(interface, key(a), 60, Some(1));
+        assert_eq!(stats.moves[&interface], Moves { last: a, moves: 2 });
+        let lost: u64 = stats.streams.values().map(|s| s.sequence.lost + s.sequence.duplicates).sum();
+        assert_eq!(lost, 0, "a move is no loss: {:?}", stats.streams);
+        assert!(render_summary(&stats, |_| "web".into()).contains("web: moved 2 time(s)"));
     }
 
     #[test]

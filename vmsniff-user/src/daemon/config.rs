@@ -10,6 +10,11 @@ use thiserror::Error;
 use toml::Spanned;
 
 use crate::{
+    fleet::{
+        etcd::{DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdSettings},
+        node::{NodeSettings, hostname},
+        store::check_name as check_node_name,
+    },
     model::{error::chain, listen::parse_listen_addr},
     service::{
         MirrorSpec,
@@ -28,6 +33,8 @@ pub struct DaemonConfig {
     /// start: a reload that changes it takes effect at the next start.
     pub metrics: Option<SocketAddr>,
     pub sessions: BTreeMap<String, SessionSpec>,
+    /// `[fleet]`: keep the fleet's mirrors whose VMs run on this node.
+    pub fleet: Option<NodeSettings>,
 }
 
 /// One `[session.NAME]`.
@@ -55,6 +62,67 @@ struct RawConfig {
     daemon: Option<RawDaemon>,
     #[serde(default)]
     session: BTreeMap<Spanned<String>, Spanned<RawSession>>,
+    fleet: Option<Spanned<RawFleet>>,
+}
+
+/// `[fleet]`: etcd's settings as `vmsniff fleet` takes them (`key` is the client key, as
+/// etcdctl's `--key`), and the node.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawFleet {
+    endpoints: Option<Vec<String>>,
+    cacert: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+    user: Option<String>,
+    password: Option<String>,
+    prefix: Option<String>,
+    dial_timeout_seconds: Option<u64>,
+    /// Default: the host name.
+    node: Option<String>,
+    lease_seconds: Option<u64>,
+    report_seconds: Option<u64>,
+}
+
+/// The lease's default time to live: a dead node's mirrors show as lost this long after.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+pub const DEFAULT_REPORT: Duration = Duration::from_secs(5);
+
+fn fleet_settings(raw: RawFleet) -> Result<NodeSettings, String> {
+    let seconds =
+        |what: &str, value: Option<u64>, range: std::ops::RangeInclusive<u64>, default: Duration| match value
+        {
+            None => Ok(default),
+            Some(s) if range.contains(&s) => Ok(Duration::from_secs(s)),
+            Some(_) => Err(format!("[fleet] {what} must be {} to {}", range.start(), range.end())),
+        };
+    let node = raw.node.unwrap_or_else(hostname);
+    check_node_name(&node).map_err(|_| {
+        format!("[fleet] node {node:?}: use 1 to 64 letters, digits, '-', '_' or '.' (set `node` if the host name is not)")
+    })?;
+    if raw.cert.is_some() != raw.key.is_some() {
+        return Err("[fleet] a client certificate needs its key: give both `cert` and `key`".into());
+    }
+    Ok(NodeSettings {
+        etcd: EtcdSettings {
+            endpoints: raw.endpoints.unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_owned()]),
+            cacert: raw.cacert,
+            cert: raw.cert,
+            key: raw.key,
+            user: raw.user,
+            password: raw.password,
+            prefix: raw.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+            timeout: seconds(
+                "dial-timeout-seconds",
+                raw.dial_timeout_seconds,
+                1..=300,
+                Duration::from_secs(5),
+            )?,
+        },
+        node,
+        lease: seconds("lease-seconds", raw.lease_seconds, 2..=600, DEFAULT_LEASE)?,
+        report_every: seconds("report-seconds", raw.report_seconds, 1..=600, DEFAULT_REPORT)?,
+    })
 }
 
 #[derive(Deserialize)]
@@ -84,7 +152,10 @@ pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let message = e.message().trim_end().to_owned();
-        error(e.span(), format!("{message} (the config has a [daemon] table and [session.NAME] tables)"))
+        error(
+            e.span(),
+            format!("{message} (the config has a [daemon] table, a [fleet] table and [session.NAME] tables)"),
+        )
     })?;
     let daemon = raw.daemon.unwrap_or(RawDaemon { keep_on_stop: None, resync_seconds: None, metrics: None });
     let metrics = match &daemon.metrics {
@@ -100,6 +171,13 @@ pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
         }
         Some(s) => Duration::from_secs(*s.get_ref()),
         None => DEFAULT_RESYNC,
+    };
+    let fleet = match raw.fleet {
+        Some(table) => {
+            let span = table.span();
+            Some(fleet_settings(table.into_inner()).map_err(|m| error(Some(span), m))?)
+        }
+        None => None,
     };
     let flags = attach_flags();
     let mut sessions = BTreeMap::new();
@@ -167,7 +245,7 @@ pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
         let spec = flags.spec().map_err(|e| error(key_line(e.flag()), in_session(spec_message(&e))))?;
         sessions.insert(name, SessionSpec { line, spec });
     }
-    Ok(DaemonConfig { keep_on_stop: daemon.keep_on_stop.unwrap_or(false), resync, metrics, sessions })
+    Ok(DaemonConfig { keep_on_stop: daemon.keep_on_stop.unwrap_or(false), resync, metrics, sessions, fleet })
 }
 
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
@@ -299,6 +377,9 @@ fn name_span_fallback(text: &str, line: usize) -> Range<usize> {
 impl fmt::Display for DaemonConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} session(s)", self.sessions.len())?;
+        if let Some(fleet) = &self.fleet {
+            write!(f, ", the fleet at {} as node {}", fleet.etcd.endpoints.join(","), fleet.node)?;
+        }
         if self.keep_on_stop {
             write!(f, ", mirrors kept on stop")?;
         }
@@ -446,5 +527,26 @@ to-dev = "mir0"
         let c = parse_ok("[session.a]\nvm = \"y\"\nto = \"192.0.2.2\"\nfilter = \"tcp\"\n");
         assert_eq!(a.sessions["a"].spec.changed_keys(&c.sessions["a"].spec), ["vm"]);
         assert!(a.sessions["a"].spec.changed_keys(&a.sessions["a"].spec).is_empty());
+    }
+
+    #[test]
+    fn a_fleet_table_names_etcd_and_the_node_and_is_checked() {
+        let config = parse_ok(
+            "[fleet]\nendpoints = [\"https://etcd1:2379\"]\ncacert = \"/etc/ca.pem\"\nnode = \"cn-7\"\nlease-seconds = 4\n",
+        );
+        let fleet = config.fleet.unwrap();
+        assert_eq!(fleet.etcd.endpoints, ["https://etcd1:2379"]);
+        assert_eq!((fleet.node.as_str(), fleet.lease.as_secs()), ("cn-7", 4));
+        assert_eq!(fleet.etcd.prefix, "/vmsniff");
+        assert!(parse_ok("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\n").fleet.is_none());
+        for (bad, expected) in [
+            ("[fleet]\nlease-seconds = 1\n", "lease-seconds must be 2 to 600"),
+            ("[fleet]\nnode = \"a/b\"\n", "node \"a/b\""),
+            ("[fleet]\ncert = \"/c.pem\"\n", "give both `cert` and `key`"),
+            ("[fleet]\nendpoint = \"x\"\n", "unknown field `endpoint`"),
+        ] {
+            let e = parse("m.toml", bad).unwrap_err();
+            assert!(e.to_string().contains(expected), "{bad}: {e}");
+        }
     }
 }

@@ -32,10 +32,20 @@ use self::{
         Action, OvsAction, OvsPort, Placement, daemon_ovs_sessions, daemon_sessions, plan_ovs_reconcile,
         plan_reconcile,
     },
-    state::{DaemonSession, DaemonState, STATE_VERSION, SessionState},
+    state::{DaemonSession, DaemonState, FleetPass, STATE_VERSION, SessionState},
 };
 use crate::{
-    model::{cancel::Cancel, error::chain, mirror::Tap, observed::Observed, sources::Sources},
+    fleet::{
+        node::{Agent, Declared, Origin, Report, SESSION_PREFIX},
+        store::{Count, FleetState, ReportCounters},
+    },
+    model::{
+        cancel::Cancel,
+        error::chain,
+        mirror::{Mode, Tap},
+        observed::Observed,
+        sources::Sources,
+    },
     service::{
         Keeper, MirrorSpec, Resolved, Service, current_netns, describe,
         ovs::{OvsEvents, OvsPortError, OvsSession},
@@ -75,8 +85,16 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     let mut links = LinkEvents::subscribe().context("subscribing to link events (rtnetlink)")?;
     let mut ovs_changes = OvsEvents::watch(&sources).context("starting the OVSDB monitor thread")?;
     links.know(service.links().await?);
+    let fleet = config.fleet.clone().map(|settings| Agent::start(settings, &options.run_dir));
+    let mut declared_changes = fleet.as_ref().map(|agent| agent.declared.clone());
+    // Counters go to etcd this often (state changes at once, after each pass).
+    let mut report_tick =
+        tokio::time::interval(config.fleet.as_ref().map_or(Duration::from_secs(3600), |f| f.report_every));
     let mut daemon = Daemon {
         records: previous.map(records_of).unwrap_or_default(),
+        desired: BTreeMap::new(),
+        fleet,
+        fleet_waiting: BTreeMap::new(),
         state: DaemonState {
             version: STATE_VERSION,
             pid: std::process::id(),
@@ -105,6 +123,11 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
                 systemd::notify("READY=1");
             }
             _ = stopped.changed() => break,
+            () = changed(&mut declared_changes) => {
+                pass_at = Some(Instant::now() + SETTLE);
+                retry_until = Instant::now() + RETRY_FOR;
+            }
+            _ = report_tick.tick(), if daemon.fleet.is_some() => daemon.report_fleet().await,
             change = links.next() => {
                 let Some(change) = change else {
                     anyhow::bail!("the link event socket closed; restart the daemon (its mirrors are adopted)");
@@ -135,6 +158,18 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     }
     systemd::notify("STOPPING=1");
     daemon.stop().await
+}
+
+/// Returns when the fleet's declared set changes; never without a fleet (or once its agent is
+/// gone).
+async fn changed(declared: &mut Option<watch::Receiver<Option<std::sync::Arc<Declared>>>>) {
+    let alive = match declared {
+        Some(receiver) => receiver.changed().await.is_ok(),
+        None => false,
+    };
+    if !alive {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// SIGTERM and SIGINT, heard by a task of their own: a pass that waits (for ovs-vswitchd, say)
@@ -195,6 +230,14 @@ struct Daemon {
     options: Options,
     /// What was last applied to each config session's kernel session.
     records: BTreeMap<String, MirrorSpec>,
+    /// This pass's sessions: the config's, and `fleet/NAME` for each fleet mirror whose VM is
+    /// on this node and running (or kept while libvirt or etcd cannot be read).
+    desired: BTreeMap<String, MirrorSpec>,
+    /// `[fleet]`: the task that talks to etcd.
+    fleet: Option<Agent>,
+    /// Fleet mirrors whose VM is defined here but not running or not plugged: no kernel
+    /// session (for the fleet, waiting means "not on this node"), with the reason.
+    fleet_waiting: BTreeMap<String, (MirrorSpec, String)>,
     state: DaemonState,
     /// Config sessions whose last attach, re-attach or update failed: not tried again before
     /// `until`. A failed attempt makes and removes devices or rows, which are events of their
@@ -242,8 +285,11 @@ impl Daemon {
     /// A tap that appears may be a waiting VM's; one that goes may be a mirrored one.
     fn cares_about(&self, change: &LinkChange) -> bool {
         match change {
+            // A tap that appears may also be a fleet mirror's VM migrating here.
             LinkChange::Appeared { .. } => {
-                self.waiting() || self.state.sessions.len() < self.config.sessions.len()
+                self.waiting()
+                    || self.state.sessions.len() < self.config.sessions.len()
+                    || self.fleet.is_some()
             }
             LinkChange::Gone { name, .. } | LinkChange::TcRemoved { name, .. } => {
                 self.state.sessions.values().any(|s| s.tap.as_deref() == Some(name.as_str()))
@@ -254,7 +300,7 @@ impl Daemon {
     /// Whether OVSDB changes matter: the config has OVS sessions. (Those of an earlier config
     /// go in the pass its reload runs.)
     fn has_ovs_sessions(&self) -> bool {
-        self.config.sessions.values().any(|s| s.spec.is_ovs())
+        self.desired.values().any(MirrorSpec::is_ovs)
     }
 
     /// Why session `name` is not tried now, if it failed recently.
@@ -357,12 +403,7 @@ impl Daemon {
 
     /// Brings the kernel and OVSDB in line with the config; records every session's state.
     async fn reconcile(&mut self) {
-        let (ovs_specs, ebpf_specs): (BTreeMap<String, MirrorSpec>, BTreeMap<String, MirrorSpec>) = self
-            .config
-            .sessions
-            .iter()
-            .map(|(n, s)| (n.clone(), s.spec.clone()))
-            .partition(|(_, s)| s.is_ovs());
+        let started = std::time::Instant::now();
         let mut resolved_taps = BTreeMap::new();
         let mut placements: BTreeMap<String, Placement<Tap>> = BTreeMap::new();
         for (name, session) in &self.config.sessions {
@@ -377,6 +418,12 @@ impl Daemon {
             };
             placements.insert(name.clone(), placement);
         }
+        let mut desired: BTreeMap<String, MirrorSpec> =
+            self.config.sessions.iter().map(|(n, s)| (n.clone(), s.spec.clone())).collect();
+        self.fleet_waiting = self.place_fleet(&mut desired, &mut placements, &mut resolved_taps).await;
+        self.desired = desired;
+        let (ovs_specs, ebpf_specs): (BTreeMap<String, MirrorSpec>, BTreeMap<String, MirrorSpec>) =
+            self.desired.iter().map(|(n, s)| (n.clone(), s.clone())).partition(|(_, s)| s.is_ovs());
         let mut failures = Failures::new();
         // Another tool removed vmsniff's filters from a tap (`tc qdisc del dev TAP clsact`):
         // put them back before anything else, for every mirror of this namespace.
@@ -429,7 +476,126 @@ impl Daemon {
             return;
         }
         let observed = self.service.observe().unwrap_or_default();
+        self.state.last_pass_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.state.fleet = self.fleet.as_ref().map(|agent| {
+            let declared = agent.declared.borrow();
+            FleetPass {
+                declared: declared.as_ref().map(|d| d.mirrors.len()),
+                from_cache: declared.as_ref().is_some_and(|d| d.origin == Origin::Cache),
+                here: self.desired.keys().filter(|n| n.starts_with(SESSION_PREFIX)).count()
+                    + self.fleet_waiting.len(),
+            }
+        });
         self.record_states(&placements, &observed, &ovs_sessions, &failures);
+        self.report_fleet().await;
+    }
+
+    /// Adds the fleet's mirrors whose VMs are on this node to `desired`, with their placements:
+    /// libvirt is read once, and a mirror is resolved only when its selector names one of this
+    /// node's domains, so a pass grows with this node's VMs, not with the fleet. Returns the
+    /// fleet mirrors that wait here (no session). Nothing that runs is dropped because etcd or
+    /// libvirt could not be read: such mirrors stay desired, placed in error.
+    async fn place_fleet(
+        &self,
+        desired: &mut BTreeMap<String, MirrorSpec>,
+        placements: &mut BTreeMap<String, Placement<Tap>>,
+        resolved: &mut BTreeMap<String, Resolved>,
+    ) -> BTreeMap<String, (MirrorSpec, String)> {
+        let mut waiting = BTreeMap::new();
+        let Some(agent) = &self.fleet else { return waiting };
+        let declared = agent.declared.borrow().clone();
+        let keep_running = |desired: &mut BTreeMap<String, MirrorSpec>,
+                            placements: &mut BTreeMap<String, Placement<Tap>>,
+                            names: &mut dyn Iterator<Item = (String, MirrorSpec)>,
+                            why: &str| {
+            for (name, spec) in names {
+                if self.records.contains_key(&name) {
+                    placements.insert(name.clone(), Placement::Error(why.to_owned()));
+                    desired.insert(name, spec);
+                }
+            }
+        };
+        let Some(declared) = declared else {
+            let mut applied = self
+                .records
+                .iter()
+                .filter(|(n, _)| n.starts_with(SESSION_PREFIX))
+                .map(|(n, s)| (n.clone(), s.clone()));
+            keep_running(
+                desired,
+                placements,
+                &mut applied,
+                "etcd has not answered since the daemon started and there is no cache: its session is kept as it runs",
+            );
+            return waiting;
+        };
+        let local = match self.service.local_vms().await {
+            Ok(local) => local,
+            Err(e) => {
+                let why = format!("{}: its session is kept as it runs", chain(&e));
+                let mut all =
+                    declared.mirrors.iter().map(|(n, m)| (format!("{SESSION_PREFIX}{n}"), m.spec.clone()));
+                keep_running(desired, placements, &mut all, &why);
+                return waiting;
+            }
+        };
+        // By this node's VMs' names, not by the fleet's mirrors: O(local VMs).
+        for (name, mirror) in declared.matching(local.keys()) {
+            let session = format!("{SESSION_PREFIX}{name}");
+            match self.service.resolve_in(&mirror.spec, &local).await {
+                Ok(found) => {
+                    let tap = Tap { ifindex: found.tap().ifindex, name: found.tap().name.clone() };
+                    placements.insert(session.clone(), Placement::Here(tap));
+                    resolved.insert(session.clone(), found);
+                    desired.insert(session, mirror.spec.clone());
+                }
+                Err(e) if e.waits() => {
+                    waiting.insert(session, (mirror.spec.clone(), chain(&e)));
+                }
+                Err(e) => {
+                    placements.insert(session.clone(), Placement::Error(chain(&e)));
+                    desired.insert(session, mirror.spec.clone());
+                }
+            }
+        }
+        log::debug!(
+            "fleet: {} declared, {} of them here and running, {} waiting, among {} local domains",
+            declared.mirrors.len(),
+            desired.keys().filter(|n| n.starts_with(SESSION_PREFIX)).count(),
+            waiting.len(),
+            local.domains()
+        );
+        waiting
+    }
+
+    /// Tells the fleet each of its mirrors this node has: state, reason, session, counters.
+    async fn report_fleet(&self) {
+        let Some(agent) = &self.fleet else { return };
+        let mut reports = BTreeMap::new();
+        for (name, s) in &self.state.sessions {
+            let Some(mirror) = name.strip_prefix(SESSION_PREFIX) else { continue };
+            let mut counters = None;
+            if let Some(id) = s.session.filter(|_| s.mode == Mode::Ebpf)
+                && let Ok(Some(status)) = self.service.session_status(id).await
+            {
+                let (i, o) = (&status.counters.into_vm, &status.counters.out_of_vm);
+                counters = Some(ReportCounters {
+                    into_vm: Count { frames: i.frames, bytes: i.bytes },
+                    out_of_vm: Count { frames: o.frames, bytes: o.bytes },
+                    lost: status.lost(),
+                });
+            }
+            let state = match s.state {
+                SessionState::Active => FleetState::Active,
+                SessionState::WaitingForVm => FleetState::WaitingForVm,
+                SessionState::Error => FleetState::Error,
+            };
+            reports.insert(
+                mirror.to_owned(),
+                Report { state, reason: s.reason.clone(), session: s.session, tap: s.tap.clone(), counters },
+            );
+        }
+        agent.report(reports);
     }
 
     /// The OVS half of a pass: each OVS session's VM port in OVSDB, then the plan. Returns the
@@ -523,7 +689,7 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         match action {
             OvsAction::Attach { name, .. } => {
-                let spec = self.config.sessions[name].spec.clone();
+                let spec = self.desired[name].clone();
                 let keeper = Keeper::Daemon { name: name.clone() };
                 let attached =
                     self.service.attach_resolved(&spec, &resolved[name], &keeper, &self.stop).await?;
@@ -531,7 +697,7 @@ impl Daemon {
                 self.records.insert(name.clone(), spec);
             }
             OvsAction::Reselect { name, id, port } => {
-                let spec = &self.config.sessions[name].spec;
+                let spec = &self.desired[name];
                 self.service.reselect_ovs(*id, &port.port, &port.tap, spec, &self.stop).await?;
                 log::info!(
                     "session {name}: OVS session {id} mirrors {} again, port {} on {}; its GRE port and key stay",
@@ -559,7 +725,7 @@ impl Daemon {
     async fn apply(&mut self, action: &Action, resolved: &BTreeMap<String, Resolved>) -> anyhow::Result<()> {
         match action {
             Action::Attach { name, .. } => {
-                let spec = self.config.sessions[name].spec.clone();
+                let spec = self.desired[name].clone();
                 let keeper = Keeper::Daemon { name: name.clone() };
                 let attached =
                     self.service.attach_resolved(&spec, &resolved[name], &keeper, &self.stop).await?;
@@ -572,7 +738,7 @@ impl Daemon {
                 self.records.insert(name.clone(), spec);
             }
             Action::Rehome { name, id, tap } => {
-                if self.service.rehome(*id, tap, &self.config.sessions[name].spec).await? {
+                if self.service.rehome(*id, tap, &self.desired[name]).await? {
                     log::info!(
                         "session {name}: re-attached session {id} to {} (ifindex {}); its counters go on",
                         describe(&resolved[name]),
@@ -581,7 +747,7 @@ impl Daemon {
                 }
             }
             Action::Update { name, id } => {
-                let spec = self.config.sessions[name].spec.clone();
+                let spec = self.desired[name].clone();
                 self.service.update_to(*id, &spec).await?;
                 log::info!(
                     "session {name}: session {id} updated in place (filter, snaplen, sample, rate limit)"
@@ -596,7 +762,10 @@ impl Daemon {
                             "session {name}: detached session {id} (its config changed, or it was a duplicate)"
                         )
                     }
-                    None => log::info!("daemon: detached session {id}: its config session is gone"),
+                    None => log::info!(
+                        "daemon: detached session {id}: its config session is gone, or it was a fleet \
+                         mirror whose VM is no longer on this node (or that was removed)"
+                    ),
                 }
                 if let Some(name) = name {
                     self.records.remove(name);
@@ -614,11 +783,10 @@ impl Daemon {
         ovs_sessions: &BTreeMap<u32, OvsSession>,
         failures: &Failures,
     ) {
-        let owned = daemon_sessions(self.config.sessions.keys(), observed);
-        let owned_ovs = daemon_ovs_sessions(self.config.sessions.keys(), ovs_sessions);
-        let mut sessions = BTreeMap::new();
-        for (name, session) in &self.config.sessions {
-            let spec = &session.spec;
+        let owned = daemon_sessions(self.desired.keys(), observed);
+        let owned_ovs = daemon_ovs_sessions(self.desired.keys(), ovs_sessions);
+        let mut entries = Vec::new();
+        for (name, spec) in &self.desired {
             let owner = if spec.is_ovs() { &owned_ovs } else { &owned };
             let id = owner.get(&Some(name.clone())).and_then(|ids| ids.first().copied());
             // ovs-vswitchd's word on the GRE port of an OVS session: active in OVSDB is not enough.
@@ -641,7 +809,23 @@ impl Daemon {
                 tap,
                 applied: id.and_then(|_| self.records.get(name)).map(MirrorSpec::to_args),
             };
-            let before = self.state.sessions.get(name);
+            entries.push((name.clone(), entry));
+        }
+        for (name, (spec, reason)) in &self.fleet_waiting {
+            let entry = DaemonSession {
+                state: SessionState::WaitingForVm,
+                mode: spec.mode,
+                reason: Some(reason.clone()),
+                session: None,
+                vm: spec.nic.selector().map(str::to_owned),
+                tap: None,
+                applied: None,
+            };
+            entries.push((name.clone(), entry));
+        }
+        let mut sessions = BTreeMap::new();
+        for (name, entry) in entries {
+            let before = self.state.sessions.get(&name);
             if before.map(|b| (b.state, &b.reason)) != Some((entry.state, &entry.reason))
                 && entry.state != SessionState::Active
             {
@@ -652,7 +836,7 @@ impl Daemon {
                     log::info!("session {name}: waiting for its VM: {what}");
                 }
             }
-            sessions.insert(name.clone(), entry);
+            sessions.insert(name, entry);
         }
         self.records.retain(|name, _| sessions.contains_key(name));
         self.state.sessions = sessions;
@@ -667,7 +851,7 @@ impl Daemon {
 
     /// Removes the daemon's OVS sessions; how many there were.
     async fn stop_ovs(&self) -> anyhow::Result<usize> {
-        let any_ovs = self.config.sessions.values().any(|s| s.spec.is_ovs());
+        let any_ovs = self.desired.values().any(MirrorSpec::is_ovs);
         if !any_ovs && !self.service.ovsdb_reachable().await {
             log::debug!("no OVSDB, so no OVS sessions to remove");
             return Ok(0);
@@ -675,14 +859,24 @@ impl Daemon {
         let sessions =
             self.service.ovs_snapshot().await.context("removing the daemon's OVS sessions")?.sessions();
         let ids: BTreeSet<u32> =
-            daemon_ovs_sessions(self.config.sessions.keys(), &sessions).into_values().flatten().collect();
+            daemon_ovs_sessions(self.desired.keys(), &sessions).into_values().flatten().collect();
         self.service.detach_ovs(&ids).await.context("removing the daemon's OVS sessions")?;
         Ok(ids.len())
     }
 
     /// SIGTERM or SIGINT: detach what the daemon owns, unless the config keeps mirrors on stop
     /// or systemd is restarting the service (the next start adopts them with no gap).
-    async fn stop(self) -> anyhow::Result<()> {
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let fleet = self.fleet.take();
+        let result = self.stop_sessions().await;
+        // After the sessions: the node's lease (and so its reports) goes once they are gone.
+        if let Some(agent) = fleet {
+            agent.stop().await;
+        }
+        result
+    }
+
+    async fn stop_sessions(self) -> anyhow::Result<()> {
         let keep = if self.config.keep_on_stop {
             Some("keep-on-stop is set")
         } else if systemd::restart_queued() {
@@ -715,7 +909,7 @@ impl Daemon {
     async fn stop_ebpf(&self) -> anyhow::Result<usize> {
         let observed = self.service.observe()?;
         let ids: BTreeSet<u32> =
-            daemon_sessions(self.config.sessions.keys(), &observed).into_values().flatten().collect();
+            daemon_sessions(self.desired.keys(), &observed).into_values().flatten().collect();
         self.service.detach_ebpf(&ids).await.context("detaching the daemon's sessions")?;
         Ok(ids.len())
     }

@@ -39,6 +39,24 @@ pub struct DaemonState {
     /// The last reload's error, if it was refused (the previous config stays in force).
     pub reload_error: Option<String>,
     pub sessions: BTreeMap<String, DaemonSession>,
+    /// How long the last pass took, in microseconds (what `cargo xtask bench --fleet` reads).
+    #[serde(default)]
+    pub last_pass_micros: u64,
+    /// With `[fleet]`: what the last pass saw of the fleet.
+    #[serde(default)]
+    pub fleet: Option<FleetPass>,
+}
+
+/// The fleet as a daemon's pass saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FleetPass {
+    /// Declared mirrors (`None`: not known yet, etcd has not answered and there is no cache).
+    pub declared: Option<usize>,
+    /// Whether they come from the run directory's cache (etcd not read since the start).
+    pub from_cache: bool,
+    /// Of them, those whose VM is on this node (with or without a session).
+    pub here: usize,
 }
 
 /// A config session's state, as the state file and `status` spell it.

@@ -90,26 +90,9 @@ pub async fn resolve_tap(
     }
     let selector = selector.ok_or(ResolveError::Missing)?;
     let libvirt_failure = match read_vms(sources).await {
-        Ok(vms) => match find_vm(&vms, selector) {
-            Ok(found) => {
-                let nic = choose_nic(selector, &found, choice)?;
-                let tap_name = mirrorable_tap(found.vm, nic)?;
-                let tap = match ethernet_interface(netlink, "tap", tap_name).await {
-                    Ok(tap) => tap,
-                    Err(InterfaceError::NotFound { .. }) => {
-                        return Err(ResolveError::TapMissing {
-                            vm: found.vm.display_name().to_owned(),
-                            domain: found.vm.xml.name.clone(),
-                            index: nic.index,
-                            tap: tap_name.to_owned(),
-                        });
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                return Ok(Resolved::Nic { vm: Box::new(found.vm.clone()), nic: nic.clone(), tap });
-            }
-            Err(e @ SelectError::UnknownVm { .. }) => ResolveError::Select(e),
-            Err(e) => return Err(e.into()),
+        Ok(vms) => match resolve_in_vms(netlink, &vms, selector, choice).await {
+            Err(e @ ResolveError::Select(SelectError::UnknownVm { .. })) => e,
+            other => return other,
         },
         Err(e) => ResolveError::Libvirt(e),
     };
@@ -128,6 +111,31 @@ pub async fn resolve_tap(
         return Ok(Resolved::Interface { tap: link });
     }
     Err(libvirt_failure)
+}
+
+/// A VM selector resolved among domains read already (the daemon reads libvirt once per pass).
+pub async fn resolve_in_vms(
+    netlink: &Netlink,
+    vms: &[Vm],
+    selector: &str,
+    choice: NicChoice,
+) -> Result<Resolved, ResolveError> {
+    let found = find_vm(vms, selector)?;
+    let nic = choose_nic(selector, &found, choice)?;
+    let tap_name = mirrorable_tap(found.vm, nic)?;
+    let tap = match ethernet_interface(netlink, "tap", tap_name).await {
+        Ok(tap) => tap,
+        Err(InterfaceError::NotFound { .. }) => {
+            return Err(ResolveError::TapMissing {
+                vm: found.vm.display_name().to_owned(),
+                domain: found.vm.xml.name.clone(),
+                index: nic.index,
+                tap: tap_name.to_owned(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Resolved::Nic { vm: Box::new(found.vm.clone()), nic: nic.clone(), tap })
 }
 
 /// Every domain libvirt has, read off the runtime thread.

@@ -5,6 +5,7 @@
 mod ebpf;
 pub mod flags;
 pub mod inventory;
+pub mod local;
 pub mod namespace;
 pub mod ovs;
 pub mod select;
@@ -28,10 +29,10 @@ use crate::{
         observed::Observed,
         sources::Sources,
     },
-    plan::update::ControlChange,
     resolve::vm::resolve_tap,
 };
 pub use crate::{
+    plan::{controls::Controls, update::ControlChange},
     resolve::vm::{ResolveError, Resolved},
     sys::{files, lock::flock_holder as lock_holder},
 };

@@ -1,0 +1,222 @@
+//! A real etcd for the fleet's tests: Debian's `etcd-server` on 127.0.0.1 with its own data
+//! directory and ports, stopped and removed on drop. Nodes live in network namespaces, whose
+//! loopback is not the host's: [`Etcd::reach_from`] forwards the client port from a
+//! namespace's 127.0.0.1 to the host's, so a node's daemon uses the same endpoint.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+pub struct Etcd {
+    pub dir: PathBuf,
+    pub client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+    stop: Arc<AtomicBool>,
+    /// Bytes relayed both ways for namespaces ([`Etcd::reach_from`]): their etcd traffic.
+    relayed: Arc<AtomicU64>,
+}
+
+/// A port free now on the host's loopback.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers; `None` (with a printed reason) without etcd.
+    pub fn start() -> Option<Etcd> {
+        if !std::path::Path::new("/usr/bin/etcd").exists() {
+            crate::skip("no /usr/bin/etcd: install Debian's etcd-server (`cargo xtask setup` does)");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("vmsniff-etcd-{}-{}", std::process::id(), free_port()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut etcd = Etcd {
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            relayed: Arc::new(AtomicU64::new(0)),
+        };
+        etcd.resume();
+        Some(etcd)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// Starts (again) on the same data and ports; returns once it answers.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "etcd runs already");
+        let (client, peer) = (
+            format!("http://127.0.0.1:{}", self.client_port),
+            format!("http://127.0.0.1:{}", self.peer_port),
+        );
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log")).unwrap();
+        self.child = Some(
+            Command::new("/usr/bin/etcd")
+                .args(["--name", "test", "--data-dir"])
+                .arg(self.dir.join("data"))
+                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("test={peer}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.revision_now().is_none() {
+            assert!(Instant::now() < deadline, "etcd did not answer within 30 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops etcd (SIGKILL: an outage, not a shutdown), keeping its data.
+    pub fn pause(&mut self) {
+        let mut child = self.child.take().expect("etcd runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    /// etcd's current revision: it moves with every write, so an unchanged revision proves
+    /// that nothing was written.
+    pub fn revision(&self) -> u64 {
+        self.revision_now().expect("etcd answers")
+    }
+
+    /// Through etcd's JSON gateway (`/v3/kv/range`), with no client of our own.
+    fn revision_now(&self) -> Option<u64> {
+        let json = self.post("/v3/kv/range", r#"{"key":"AA=="}"#)?;
+        let value: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+        value["header"]["revision"].as_str()?.parse().ok()
+    }
+
+    /// Bytes relayed so far between namespaces and etcd.
+    pub fn relayed_bytes(&self) -> u64 {
+        self.relayed.load(Ordering::Relaxed)
+    }
+
+    /// Writes `pairs` (key, value) straight through etcd's JSON gateway, 100 per transaction:
+    /// a benchmark's thousands of records without a client process each.
+    pub fn put_all(&self, pairs: &[(String, String)]) {
+        for chunk in pairs.chunks(100) {
+            let ops: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|(k, v)| serde_json::json!({"requestPut": {"key": base64(k.as_bytes()), "value": base64(v.as_bytes())}}))
+                .collect();
+            let body = serde_json::json!({"success": ops}).to_string();
+            let reply = self.post("/v3/kv/txn", &body).expect("etcd answers a transaction");
+            assert!(reply.contains("\"succeeded\":true"), "etcd refused the transaction: {reply}");
+        }
+    }
+
+    fn post(&self, path: &str, body: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.client_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).ok()?;
+        Some(reply.split("\r\n\r\n").nth(1)?.to_owned())
+    }
+
+    /// Makes etcd's endpoint work inside `ns` too: a listener on the namespace's 127.0.0.1 at
+    /// the same port, each connection relayed to the host's etcd (refused while it is paused).
+    pub fn reach_from(&self, ns: &Netns) {
+        let port = self.client_port;
+        let listener =
+            ns.enter(move || TcpListener::bind(("127.0.0.1", port)).expect("listen in the namespace"));
+        listener.set_nonblocking(true).unwrap();
+        let (stop, relayed) = (self.stop.clone(), self.relayed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        inside.set_nonblocking(false).unwrap();
+                        match TcpStream::connect(("127.0.0.1", port)) {
+                            Ok(outside) => relay(inside, outside, &relayed),
+                            Err(_) => drop(inside),
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+    }
+}
+
+/// Copies both ways until either side closes, counting the bytes.
+fn relay(a: TcpStream, b: TcpStream, relayed: &Arc<AtomicU64>) {
+    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let pipe = |mut from: TcpStream, mut to: TcpStream| {
+        let relayed = relayed.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                relayed.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            let _ = to.shutdown(Shutdown::Both);
+            let _ = from.shutdown(Shutdown::Both);
+        })
+    };
+    pipe(a, b2);
+    pipe(b, a2);
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("etcd log:\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Standard base64, as etcd's JSON gateway takes keys and values.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

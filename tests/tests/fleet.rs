@@ -1,0 +1,372 @@
+//! The fleet: mirrors declared in a real etcd (Debian's etcd-server on 127.0.0.1, its own data
+//! directory and ports) and kept by nodes' daemons, each node a network namespace with its own
+//! run directory, tap and libvirt test-driver XML.
+// Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
+#![expect(clippy::expect_used, reason = "a failed step fails the test")]
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use vmsniff_tests::{
+    collect::{Collector, GreSender, gre, read_pcapng_file, summary},
+    daemon::Daemon,
+    etcd::Etcd,
+    frames::{self, is_marked},
+    netns::Netns,
+    packet::PacketSocket,
+    privileged_on_host,
+    topology::Hypervisor,
+    vmsniff,
+};
+
+const HOST_ONLY: &str = "the fleet's control plane (etcd, libvirt, the daemon's loop) is user space";
+
+/// `vmsniff fleet ARGS` against `etcd`, run in `ns`.
+fn fleet_args<'a>(etcd: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["fleet", "--endpoints", etcd];
+    all.extend_from_slice(args);
+    all
+}
+
+fn status(ns: &Netns, etcd: &str) -> Value {
+    let out = vmsniff::ok(ns, &fleet_args(etcd, &["status", "--json"]));
+    serde_json::from_str(&out).expect("fleet status --json is JSON")
+}
+
+#[test]
+fn cli_declares_with_unique_keys_and_refuses_bad_input_writing_nothing() {
+    if !privileged_on_host("cli_declares_with_unique_keys_and_refuses_bad_input_writing_nothing", HOST_ONLY) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    // Keys: the lowest free one, a given one, gaps filled again after a removal.
+    assert_eq!(
+        vmsniff::ok(&ctl, &fleet_args(ep, &["mirror", "web", "c-private", "--to", "192.0.2.2"])).trim(),
+        "1"
+    );
+    assert_eq!(
+        vmsniff::ok(&ctl, &fleet_args(ep, &["mirror", "db", "c-web", "--to", "192.0.2.2", "--key", "5"]))
+            .trim(),
+        "5"
+    );
+    assert_eq!(
+        vmsniff::ok(&ctl, &fleet_args(ep, &["mirror", "app", "c-dup", "--to", "192.0.2.2"])).trim(),
+        "2"
+    );
+    vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
+    assert_eq!(
+        vmsniff::ok(
+            &ctl,
+            &fleet_args(ep, &["mirror", "web2", "c-private", "--to", "192.0.2.2", "--encap", "erspan"])
+        )
+        .trim(),
+        "1"
+    );
+    vmsniff::ok(&ctl, &fleet_args(ep, &["update", "db", "--filter", "tcp port 443", "--snaplen", "96"]));
+    let s = status(&ctl, ep);
+    let db = s["mirrors"].as_array().unwrap().iter().find(|m| m["name"] == "db").unwrap();
+    assert_eq!(db["key"], 5);
+    assert!(db["args"].to_string().contains("tcp port 443"), "{db}");
+    assert_eq!(db["state"], "waiting-for-vm", "no node runs it: {db}");
+
+    // Every refusal names the problem and the fix and leaves etcd's revision where it was.
+    let before = etcd.revision();
+    let bad = "127.0.0.1:1";
+    let cacert = etcd.dir.join("not-a-ca.pem");
+    std::fs::write(&cacert, "not a certificate").unwrap();
+    let cacert = cacert.to_string_lossy().into_owned();
+    for (args, expected) in [
+        (
+            fleet_args(ep, &["mirror", "x", "c-x", "--to", "192.0.2.2", "--key", "5"]),
+            "key 5 is held by fleet mirror db",
+        ),
+        (fleet_args(ep, &["mirror", "db", "c-x", "--to", "192.0.2.2"]), "fleet mirror db exists already"),
+        (
+            fleet_args(ep, &["mirror", "x", "c-x", "--to", "192.0.2.2", "--encap", "erspan", "--key", "600"]),
+            "K is at most 511",
+        ),
+        (fleet_args(ep, &["mirror", "x", "tapf7eae624-34", "--to", "192.0.2.2"]), "taps are per node"),
+        (fleet_args(ep, &["mirror", "x", "--tap", "tap0", "--to", "192.0.2.2"]), "taps are per node"),
+        (fleet_args(ep, &["mirror", "a/b", "c-x", "--to", "192.0.2.2"]), "use 1 to 64 letters"),
+        (
+            fleet_args(ep, &["mirror", "x", "c-x", "--to", "192.0.2.2", "--filter", "tcp port"]),
+            "can't parse filter",
+        ),
+        (fleet_args(ep, &["mirror", "x", "c-x", "--to", "192.0.2.2", "--direction", "sideways"]), "sideways"),
+        (fleet_args(ep, &["update", "db"]), "nothing to change"),
+        (fleet_args(ep, &["update", "nope", "--filter", "tcp"]), "no fleet mirror nope"),
+        (fleet_args(ep, &["rm", "nope"]), "no fleet mirror nope"),
+        (fleet_args(bad, &["mirror", "x", "c-x", "--to", "192.0.2.2"]), "cannot reach etcd at 127.0.0.1:1"),
+        (fleet_args(ep, &["--cacert", "/nonexistent/ca.pem", "status"]), "cannot read the CA certificate"),
+        (fleet_args(ep, &["--cacert", &cacert, "mirror", "x", "c-x", "--to", "192.0.2.2"]), "--cacert"),
+        (fleet_args(ep, &["--prefix", "vmsniff/", "status"]), "key prefix"),
+    ] {
+        let err = vmsniff::fails(&ctl, &args);
+        assert!(err.contains(expected), "vmsniff {}: expected {expected:?} in:\n{err}", args.join(" "));
+    }
+    assert_eq!(etcd.revision(), before, "a refused command wrote to etcd");
+    // ETCDCTL_* is read as etcdctl reads it.
+    let out = ctl.sh(&format!("ETCDCTL_ENDPOINTS={ep} {} fleet status", vmsniff::binary().display()));
+    assert!(out.contains("db") && out.contains("web2"), "{out}");
+}
+
+/// A Nova-shaped domain whose NIC 0 is `TAP` in br0, as libvirt's test driver reads it.
+const DOMAIN: &str = r#"<domain type='test'>
+  <name>instance-00000042</name>
+  <uuid>4242a9c1-7b4d-4e8f-9a6b-1c2d3e4f5a42</uuid>
+  <metadata>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:name>c-mig</nova:name>
+    </nova:instance>
+  </metadata>
+  <memory unit='KiB'>1048576</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <interface type='bridge'>
+      <mac address='52:54:00:aa:00:01'/>
+      <source bridge='br0'/>
+      <target dev='tapvm0'/>
+      <model type='virtio'/>
+    </interface>
+  </devices>
+</domain>"#;
+
+/// One compute node: a namespace with the VM's tap (when the VM is here), its libvirt XML and
+/// its daemon.
+struct Node {
+    hv: Hypervisor,
+    mirror: PacketSocket,
+    xml: PathBuf,
+    daemon: Daemon,
+}
+
+impl Node {
+    fn new(name: &'static str, etcd: &Etcd, vm_here: bool) -> Node {
+        let mut hv = Hypervisor::new();
+        let mirror = hv.mirror_port();
+        etcd.reach_from(&hv.ns);
+        let xml = std::env::temp_dir().join(format!("vmsniff-fleet-{}-{name}.xml", std::process::id()));
+        if !vm_here {
+            hv.port.vm.unplug(&hv.ns);
+        }
+        write_node(&xml, vm_here);
+        let uri = format!("test://{}", xml.display());
+        let config = format!(
+            "[daemon]\nresync-seconds = 1\n\n[fleet]\nendpoints = [\"{}\"]\nnode = \"{name}\"\nlease-seconds = 2\nreport-seconds = 1\n",
+            etcd.endpoint()
+        );
+        let daemon = Daemon::start_with(&hv.ns, &config, &["--connect", &uri]);
+        Node { hv, mirror, xml, daemon }
+    }
+
+    /// The VM arrives: libvirt defines the domain, then creates and plugs its tap.
+    fn vm_arrives(&mut self) {
+        write_node(&self.xml, true);
+        self.hv.recreate_tap();
+    }
+
+    /// The VM leaves: the domain goes, and its tap with it.
+    fn vm_leaves(&mut self) {
+        write_node(&self.xml, false);
+        self.hv.port.vm.unplug(&self.hv.ns);
+    }
+
+    /// The kernel sessions in this node's namespace (`vmsniff status --json`).
+    fn sessions(&self) -> Vec<Value> {
+        let out = vmsniff::ok(&self.hv.ns, &["status", "--json"]);
+        let status: Value = serde_json::from_str(&out).expect("status --json is JSON");
+        status["sessions"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The VM sends marked frames; returns how many copies reached this node's `--to-dev`.
+    fn copies(&mut self, n: usize) -> usize {
+        self.mirror.drain(Duration::from_millis(100), is_marked);
+        let sent: Vec<Vec<u8>> =
+            (0..n).map(|i| frames::frame(frames::VM_MAC, frames::PEER_MAC, 0x4000 + i as u32, 100)).collect();
+        self.hv.vm_sends(&sent);
+        self.mirror.capture(n, Duration::from_secs(5), is_marked).len()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.xml);
+    }
+}
+
+fn write_node(xml: &Path, vm_here: bool) {
+    let domain = if vm_here { DOMAIN } else { "" };
+    std::fs::write(xml, format!("<node>\n{domain}\n</node>\n")).expect("write the node's libvirt XML");
+}
+
+/// `fleet status --json`'s mirror `name` once `ready` holds for it (within 30 s).
+fn wait_mirror(ctl: &Netns, ep: &str, name: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = status(ctl, ep);
+        let mirror = status["mirrors"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).cloned();
+        if let Some(m) = mirror.filter(|m| ready(m)) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 30 s: {status:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn active_on(m: &Value, node: &str) -> bool {
+    m["state"] == "active" && m["nodes"] == serde_json::json!([node])
+}
+
+#[test]
+fn a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss() {
+    if !privileged_on_host("a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss", HOST_ONLY)
+    {
+        return;
+    }
+    let Some(mut etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let mut a = Node::new("a", &etcd, true);
+    let mut b = Node::new("b", &etcd, false);
+    wait_until("both nodes registered", || {
+        let out = vmsniff::ok(&ctl, &fleet_args(ep, &["nodes", "--json"]));
+        out.contains("\"a\"") && out.contains("\"b\"")
+    });
+
+    // Declared once, run by the node that has the VM (named by its UUID, upper case).
+    let key = vmsniff::ok(
+        &ctl,
+        &fleet_args(ep, &["mirror", "web", "4242A9C1-7B4D-4E8F-9A6B-1C2D3E4F5A42", "--to-dev", "mir0"]),
+    );
+    let m = wait_mirror(&ctl, ep, "web", "active on a", |m| active_on(m, "a"));
+    assert_eq!(m["key"].to_string(), key.trim());
+    assert_eq!(a.copies(5), 5, "copies on a");
+    assert!(b.sessions().is_empty(), "b mirrors a VM it does not have");
+
+    // Live migration: the domain and its tap appear on b (both nodes mirror during the
+    // handover), a's tap goes (a waits, and a waiting fleet mirror holds no session: the VM is
+    // not on a), then a's domain.
+    let started = Instant::now();
+    b.vm_arrives();
+    wait_mirror(&ctl, ep, "web", "the handover", |m| m["nodes"] == serde_json::json!(["a", "b"]));
+    a.hv.port.vm.unplug(&a.hv.ns);
+    wait_until("a detaches once its tap is gone", || a.sessions().is_empty());
+    write_node(&a.xml, false);
+    let m = wait_mirror(&ctl, ep, "web", "active on b", |m| active_on(m, "b"));
+    eprintln!("fleet: the mirror followed the VM to b in {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(m["key"].to_string(), key.trim(), "the key follows the mirror");
+    assert_eq!(m["placed-on"], "b");
+    assert!(a.sessions().is_empty(), "a mirrors again");
+    assert_eq!(b.copies(5), 5, "copies on b");
+
+    // etcd down: nothing detaches, and a daemon restarted meanwhile knows the fleet from its
+    // cache.
+    let id = b.sessions()[0]["session"].clone();
+    etcd.pause();
+    b.daemon.stop_with(Signal::SIGKILL);
+    b.daemon.spawn(&b.hv.ns);
+    std::thread::sleep(Duration::from_secs(3));
+    let sessions = b.sessions();
+    assert_eq!(sessions.len(), 1, "b's mirror during the outage: {sessions:#?}\n{}", b.daemon.log());
+    assert_eq!(sessions[0]["session"], id, "b's mirror was made again during the outage");
+    assert_eq!(b.copies(3), 3, "copies on b during the outage");
+    etcd.resume();
+    // Back: the nodes register again, and a change converges (in place: same session).
+    wait_mirror(&ctl, ep, "web", "active on b after the outage", |m| active_on(m, "b"));
+    vmsniff::ok(&ctl, &fleet_args(ep, &["update", "web", "--snaplen", "64"]));
+    wait_until("b applies the update", || b.sessions().first().is_some_and(|s| s["snaplen"] == 64));
+    assert_eq!(b.sessions()[0]["session"], id, "an update keeps the session");
+
+    // Node lost: its lease expires, status names it, and its mirror runs on in the kernel.
+    b.daemon.stop_with(Signal::SIGKILL);
+    let m = wait_mirror(&ctl, ep, "web", "node-lost", |m| m["state"] == "node-lost");
+    assert!(m["reason"].as_str().unwrap().contains("node b"), "{m:#}");
+    let out = vmsniff::ok(&ctl, &fleet_args(ep, &["nodes", "--json"]));
+    assert!(!out.contains("\"b\""), "b is still listed: {out}");
+    assert_eq!(b.sessions().len(), 1, "b's mirror went with its daemon");
+    assert_eq!(b.copies(3), 3, "copies on b after its daemon died");
+
+    // Removed: the node that runs it (a, once the VM is back there) detaches.
+    b.daemon.spawn(&b.hv.ns);
+    b.vm_leaves();
+    a.vm_arrives();
+    wait_mirror(&ctl, ep, "web", "back on a", |m| active_on(m, "a"));
+    wait_until("b detaches", || b.sessions().is_empty());
+    vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
+    wait_until("a detaches after rm", || a.sessions().is_empty());
+}
+
+#[test]
+fn collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses() {
+    if !privileged_on_host(
+        "collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses",
+        "collect decodes what a raw socket receives, in user space",
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let senders = Netns::new("snd");
+    let col = Netns::new("col");
+    etcd.reach_from(&col);
+    let ep = etcd.endpoint();
+    senders.sh(&format!(
+        "ip link add snd0 type veth peer name col0 netns {col}
+         ip addr add 10.241.0.1/24 dev snd0
+         ip addr add 10.241.0.3/24 dev snd0
+         ip link set snd0 up",
+        col = col.name
+    ));
+    col.sh("ip addr add 10.241.0.2/24 dev col0; ip link set col0 up");
+    let key: u32 = vmsniff::ok(
+        &col,
+        &fleet_args(&ep, &["mirror", "web", "c-private", "--nic", "0", "--to", "10.241.0.2"]),
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let file = etcd.dir.join("fleet.pcapng");
+    let collector = Collector::start(&col, &["-w", file.to_str().unwrap(), "--fleet", "--endpoints", &ep]);
+    let (a, b) = (GreSender::open(&senders, [10, 241, 0, 1]), GreSender::open(&senders, [10, 241, 0, 3]));
+    let to = [10, 241, 0, 2];
+    let send = |node: &GreSender, seqs: std::ops::Range<u32>| {
+        for seq in seqs {
+            let frame = frames::frame(frames::VM_MAC, frames::PEER_MAC, seq, 80);
+            node.send(to, &gre(Some(key * 2), Some(seq), 0x6558, &frame));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // On a, then on b (a new sequence from another sender), then back on a (a new session).
+    send(&a, 0..5);
+    send(&b, 0..4);
+    send(&a, 0..3);
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = collector.stop();
+    let packets = read_pcapng_file(&file);
+    assert_eq!(packets.len(), 12, "{}", stopped.stderr);
+    assert!(
+        packets.iter().all(|p| p.interface == "web (c-private nic 0)"),
+        "one interface for the mirror: {:?}",
+        packets.iter().map(|p| &p.interface).collect::<Vec<_>>()
+    );
+    assert!(stopped.stderr.contains("web (c-private nic 0): moved 2 time(s)"), "{}", stopped.stderr);
+    let (rows, _) = summary(&stopped.stderr);
+    assert!(rows.iter().all(|r| r.lost == Some(0)), "a move is no loss: {}", stopped.stderr);
+}
