@@ -192,6 +192,18 @@ impl Etcd {
         }
     }
 
+    /// Turns on etcd's authentication with user `root` and `password` (etcd needs root first).
+    pub fn enable_auth(&self, password: &str) {
+        for (path, body) in [
+            ("/v3/auth/user/add", serde_json::json!({"name": "root", "password": password})),
+            ("/v3/auth/user/grant", serde_json::json!({"user": "root", "role": "root"})),
+            ("/v3/auth/enable", serde_json::json!({})),
+        ] {
+            let reply = self.post(path, &body.to_string()).expect("etcd answers");
+            assert!(!reply.contains("\"error\""), "{path}: {reply}");
+        }
+    }
+
     fn post(&self, path: &str, body: &str) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.client_port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;

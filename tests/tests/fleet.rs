@@ -116,6 +116,20 @@ fn cli_declares_with_unique_keys_and_refuses_bad_input_writing_nothing() {
     // ETCDCTL_* is read as etcdctl reads it.
     let out = ctl.sh(&format!("ETCDCTL_ENDPOINTS={ep} {} fleet status", vmsniff::binary().display()));
     assert!(out.contains("db") && out.contains("web2"), "{out}");
+
+    // With etcd's authentication on: a user and password as etcdctl takes them.
+    etcd.enable_auth("s3cret");
+    let err = vmsniff::fails(&ctl, &fleet_args(ep, &["--user", "root:wrong", "status"]));
+    assert!(err.contains("refused the user or password"), "{err}");
+    let err = vmsniff::fails(&ctl, &fleet_args(ep, &["--user", "root", "status"]));
+    assert!(err.contains("has no password"), "{err}");
+    let out = vmsniff::ok(&ctl, &fleet_args(ep, &["--user", "root", "--password", "s3cret", "status"]));
+    assert!(out.contains("web2"), "{out}");
+    let out = ctl.sh(&format!(
+        "ETCDCTL_ENDPOINTS={ep} ETCDCTL_USER=root:s3cret {} fleet mirror app2 c-app --to 192.0.2.2",
+        vmsniff::binary().display()
+    ));
+    assert_eq!(out.trim(), "3", "the lowest free key");
 }
 
 /// A Nova-shaped domain whose NIC 0 is `TAP` in br0, as libvirt's test driver reads it.
