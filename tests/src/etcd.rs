@@ -18,12 +18,44 @@ use crate::netns::Netns;
 
 pub struct Etcd {
     pub dir: PathBuf,
+    /// With TLS: its CA, and a client certificate and key it accepts (PEM files in `dir`).
+    pub tls: Option<TlsFiles>,
     pub client_port: u16,
     peer_port: u16,
     child: Option<Child>,
     stop: Arc<AtomicBool>,
     /// Bytes relayed both ways for namespaces ([`Etcd::reach_from`]): their etcd traffic.
     relayed: Arc<AtomicU64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_certificates(dir: &std::path::Path) -> TlsFiles {
+    let sh = |line: &str| {
+        let out = Command::new("sh").arg("-ec").arg(line).current_dir(dir).output().expect("run openssl");
+        assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let quiet = "2>/dev/null";
+    sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca {quiet}
+         printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > san.ext
+         printf 'extendedKeyUsage=clientAuth\n' > client.ext
+         openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=etcd {quiet}
+         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile san.ext {quiet}
+         openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=vmsniff {quiet}
+         openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 1 -extfile client.ext {quiet}"
+    ));
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    }
 }
 
 /// A port free now on the host's loopback.
@@ -34,6 +66,15 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Starts etcd and waits until it answers; `None` (with a printed reason) without etcd.
     pub fn start() -> Option<Etcd> {
+        Etcd::start_with(false)
+    }
+
+    /// As [`Etcd::start`], serving TLS only and requiring a client certificate of its CA.
+    pub fn start_tls() -> Option<Etcd> {
+        Etcd::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Option<Etcd> {
         if !std::path::Path::new("/usr/bin/etcd").exists() {
             crate::skip("no /usr/bin/etcd: install Debian's etcd-server (`cargo xtask setup` does)");
             return None;
@@ -41,7 +82,9 @@ impl Etcd {
         let dir = std::env::temp_dir().join(format!("vmsniff-etcd-{}-{}", std::process::id(), free_port()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let tls = tls.then(|| make_certificates(&dir));
         let mut etcd = Etcd {
+            tls,
             dir,
             client_port: free_port(),
             peer_port: free_port(),
@@ -60,10 +103,24 @@ impl Etcd {
     /// Starts (again) on the same data and ports; returns once it answers.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "etcd runs already");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let (client, peer) = (
-            format!("http://127.0.0.1:{}", self.client_port),
+            format!("{scheme}://127.0.0.1:{}", self.client_port),
             format!("http://127.0.0.1:{}", self.peer_port),
         );
+        let pem = |file: &str| self.dir.join(file).to_string_lossy().into_owned();
+        let tls_args: Vec<String> = match &self.tls {
+            Some(_) => vec![
+                "--cert-file".into(),
+                pem("server.pem"),
+                "--key-file".into(),
+                pem("server.key"),
+                "--trusted-ca-file".into(),
+                pem("ca.pem"),
+                "--client-cert-auth".into(),
+            ],
+            None => Vec::new(),
+        };
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log")).unwrap();
         self.child = Some(
@@ -73,6 +130,7 @@ impl Etcd {
                 .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
                 .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
                 .args(["--initial-cluster", &format!("test={peer}")])
+                .args(&tls_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -80,7 +138,12 @@ impl Etcd {
                 .expect("start etcd"),
         );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.revision_now().is_none() {
+        // With TLS, a listening port is the sign (the JSON gateway needs a client certificate).
+        let ready = || match self.tls {
+            Some(_) => TcpStream::connect(("127.0.0.1", self.client_port)).is_ok(),
+            None => self.revision_now().is_some(),
+        };
+        while !ready() {
             assert!(Instant::now() < deadline, "etcd did not answer within 30 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -126,6 +189,18 @@ impl Etcd {
             let body = serde_json::json!({"success": ops}).to_string();
             let reply = self.post("/v3/kv/txn", &body).expect("etcd answers a transaction");
             assert!(reply.contains("\"succeeded\":true"), "etcd refused the transaction: {reply}");
+        }
+    }
+
+    /// Turns on etcd's authentication with user `root` and `password` (etcd needs root first).
+    pub fn enable_auth(&self, password: &str) {
+        for (path, body) in [
+            ("/v3/auth/user/add", serde_json::json!({"name": "root", "password": password})),
+            ("/v3/auth/user/grant", serde_json::json!({"user": "root", "role": "root"})),
+            ("/v3/auth/enable", serde_json::json!({})),
+        ] {
+            let reply = self.post(path, &body.to_string()).expect("etcd answers");
+            assert!(!reply.contains("\"error\""), "{path}: {reply}");
         }
     }
 

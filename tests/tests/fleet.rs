@@ -116,6 +116,20 @@ fn cli_declares_with_unique_keys_and_refuses_bad_input_writing_nothing() {
     // ETCDCTL_* is read as etcdctl reads it.
     let out = ctl.sh(&format!("ETCDCTL_ENDPOINTS={ep} {} fleet status", vmsniff::binary().display()));
     assert!(out.contains("db") && out.contains("web2"), "{out}");
+
+    // With etcd's authentication on: a user and password as etcdctl takes them.
+    etcd.enable_auth("s3cret");
+    let err = vmsniff::fails(&ctl, &fleet_args(ep, &["--user", "root:wrong", "status"]));
+    assert!(err.contains("refused the user or password"), "{err}");
+    let err = vmsniff::fails(&ctl, &fleet_args(ep, &["--user", "root", "status"]));
+    assert!(err.contains("has no password"), "{err}");
+    let out = vmsniff::ok(&ctl, &fleet_args(ep, &["--user", "root", "--password", "s3cret", "status"]));
+    assert!(out.contains("web2"), "{out}");
+    let out = ctl.sh(&format!(
+        "ETCDCTL_ENDPOINTS={ep} ETCDCTL_USER=root:s3cret {} fleet mirror app2 c-app --to 192.0.2.2",
+        vmsniff::binary().display()
+    ));
+    assert_eq!(out.trim(), "3", "the lowest free key");
 }
 
 /// A Nova-shaped domain whose NIC 0 is `TAP` in br0, as libvirt's test driver reads it.
@@ -369,4 +383,66 @@ fn collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses() {
     assert!(stopped.stderr.contains("web (c-private nic 0): moved 2 time(s)"), "{}", stopped.stderr);
     let (rows, _) = summary(&stopped.stderr);
     assert!(rows.iter().all(|r| r.lost == Some(0)), "a move is no loss: {}", stopped.stderr);
+}
+
+#[test]
+fn fleet_commands_reach_etcd_over_tls_with_a_client_certificate_and_name_a_wrong_one() {
+    if !privileged_on_host(
+        "fleet_commands_reach_etcd_over_tls_with_a_client_certificate_and_name_a_wrong_one",
+        HOST_ONLY,
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start_tls() else { return };
+    let tls = etcd.tls.clone().unwrap();
+    let ctl = Netns::new("tls");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let (ca, cert, key) = (
+        tls.ca.to_string_lossy().into_owned(),
+        tls.client_cert.to_string_lossy().into_owned(),
+        tls.client_key.to_string_lossy().into_owned(),
+    );
+    let declared = vmsniff::ok(
+        &ctl,
+        &[
+            "fleet",
+            "--endpoints",
+            &ep,
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--etcd-key",
+            &key,
+            "mirror",
+            "web",
+            "c-private",
+            "--to",
+            "192.0.2.2",
+        ],
+    );
+    assert_eq!(declared.trim(), "1");
+    // The same through etcdctl's environment.
+    let out = ctl.sh(&format!(
+        "ETCDCTL_ENDPOINTS={ep} ETCDCTL_CACERT={ca} ETCDCTL_CERT={cert} ETCDCTL_KEY={key} {} fleet status",
+        vmsniff::binary().display()
+    ));
+    assert!(out.contains("web"), "{out}");
+    // No client certificate: etcd refuses the handshake; a CA that did not sign etcd's: we do.
+    let out = vmsniff::run(&ctl, &["fleet", "--endpoints", &ep, "--cacert", &ca, "status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the TLS connection to etcd") && err.contains("--cert"),
+        "{}: {err}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = vmsniff::fails(
+        &ctl,
+        &["fleet", "--endpoints", &ep, "--cacert", &cert, "--cert", &cert, "--etcd-key", &key, "status"],
+    );
+    assert!(err.contains("the TLS connection to etcd") && err.contains("--cacert"), "{err}");
+    let err = vmsniff::fails(&ctl, &["fleet", "--endpoints", &ep, "--cert", &cert, "status"]);
+    assert!(err.contains("--etcd-key"), "{err}");
 }

@@ -11,9 +11,17 @@ use vmsniff_user::{
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Mirror(_) | Command::Daemon(_)) {
+    let talks_to_etcd = match &cli.command {
+        Command::Fleet(_) => true,
+        Command::Collect(args) => args.fleet,
+        _ => false,
+    };
+    if !matches!(cli.command, Command::Mirror(_) | Command::Daemon(_)) && !talks_to_etcd {
         // `vmsniff status | head` should end quietly, as other tools do, not panic on a closed
-        // pipe. Not for `mirror` and `daemon`: they must live to detach their sessions.
+        // pipe. Not for `mirror` and `daemon`: they must live to detach their sessions. Not
+        // for etcd's clients either: the gRPC stack writes with writev, which raises SIGPIPE
+        // when etcd resets the connection (a refused client certificate), killing the
+        // command before it can say why.
         // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }

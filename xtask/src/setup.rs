@@ -32,6 +32,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "etcd-client's build script compiles etcd's gRPC API with protoc"),
     ("libprotobuf-dev", "protoc's well-known types (descriptor.proto), which etcd's API imports"),
     ("etcd-server", "the fleet's tests run a real etcd on 127.0.0.1 (not started as a service)"),
+    ("openssl", "the fleet's TLS test makes a CA and certificates for its etcd"),
 ];
 
 /// rustup components of the toolchain that runs xtask, and why each is needed.

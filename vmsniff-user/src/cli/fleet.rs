@@ -136,7 +136,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
                 record.args.join(" "),
                 record.key
             );
-            println!("{}", record.key);
+            print_out(&format!("{}\n", record.key))?;
         }
         FleetCommand::Update(u) => {
             let Some(change) = change else { return Ok(()) };
@@ -177,6 +177,16 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Stdout, where a reader that went away (`| head`) ends the output quietly: SIGPIPE is
+/// ignored for etcd's sake (see main.rs).
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
 }
 
 #[cfg(test)]

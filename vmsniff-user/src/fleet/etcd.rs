@@ -193,6 +193,10 @@ impl EtcdSettings {
         }
     }
 
+    fn tls_configured(&self) -> bool {
+        self.cacert.is_some() || self.cert.is_some()
+    }
+
     fn tls(&self) -> Result<Option<TlsOptions>, EtcdError> {
         let read = |what: &'static str, path: &PathBuf| {
             std::fs::read(path).map_err(|source| EtcdError::TlsFile { what, path: path.clone(), source })
@@ -222,7 +226,14 @@ impl EtcdSettings {
     }
 
     fn classify(&self, endpoints: &str, e: &etcd_client::Error) -> EtcdError {
-        let reason = chain(e);
+        // tonic's transport errors say little in Display: the whole error for RUST_LOG=debug.
+        log::debug!("etcd at {endpoints}: {e:?}");
+        let reason = match e {
+            // Its Display is "transport error" twice over; the cause (a refused certificate,
+            // a refused connection) is only in the Debug form.
+            etcd_client::Error::TransportError(t) => format!("{t:?}"),
+            _ => chain(e),
+        };
         let lower = reason.to_lowercase();
         let endpoints = endpoints.to_owned();
         if lower.contains("authentication failed")
@@ -230,7 +241,14 @@ impl EtcdSettings {
             || lower.contains("user name")
         {
             EtcdError::Auth { endpoints, reason }
-        } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        } else if lower.contains("certificate")
+            || lower.contains("tls")
+            || lower.contains("handshake")
+            // With TLS 1.3 a refused client certificate shows after the handshake, often as
+            // the connection closing (closed, reset, broken pipe) rather than as the server's
+            // alert: with TLS, a connection made and then lost is put down to TLS.
+            || (self.tls_configured() && !lower.contains("tcp connect") && !lower.contains("refused"))
+        {
             EtcdError::Tls { endpoints, reason }
         } else {
             EtcdError::Unreachable { endpoints, reason }
