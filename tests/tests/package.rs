@@ -27,6 +27,7 @@ const FILES: &[&str] = &[
     "/usr/lib/systemd/system/vmsniff.service",
     "/etc/vmsniff/mirrors.toml",
     "/usr/share/man/man8/vmsniff.8.gz",
+    "/usr/share/vmsniff/grafana/vmsniff.json",
     "/usr/share/man/man8/vmsniff-attach.8.gz",
     "/usr/share/man/man8/vmsniff-daemon.8.gz",
     "/usr/share/bash-completion/completions/vmsniff",
