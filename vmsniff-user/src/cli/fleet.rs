@@ -10,7 +10,7 @@ use crate::{
         store::{Store, StoreError},
         view,
     },
-    service::flags::{ControlArgs, MirrorFlags},
+    service::flags::{ChangeArgs, MirrorFlags},
 };
 
 #[derive(Args, Debug)]
@@ -54,19 +54,7 @@ pub struct FleetUpdateArgs {
     pub name: String,
 
     #[command(flatten)]
-    pub controls: ControlArgs,
-
-    /// Drop the filter: mirror every frame again.
-    #[arg(long, conflicts_with = "filter")]
-    pub no_filter: bool,
-
-    /// Send whole frames again.
-    #[arg(long, conflicts_with = "snaplen")]
-    pub no_snaplen: bool,
-
-    /// Drop the rate limit.
-    #[arg(long, conflicts_with = "rate_limit")]
-    pub no_rate_limit: bool,
+    pub change: ChangeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -116,7 +104,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     }
     let change = match &args.command {
         FleetCommand::Update(u) => {
-            let change = u.controls.change(u.no_filter, u.no_snaplen, u.no_rate_limit)?;
+            let change = u.change.change()?;
             if change.is_empty() {
                 return Err(crate::service::UpdateError::Nothing.into());
             }

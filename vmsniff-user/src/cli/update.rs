@@ -5,7 +5,7 @@ use clap::Args;
 use super::sessions::SessionArgs;
 use crate::{
     model::sources::Sources,
-    service::{Service, UpdateError, flags::ControlArgs},
+    service::{Service, UpdateError, flags::ChangeArgs},
 };
 
 #[derive(Args, Debug)]
@@ -14,23 +14,11 @@ pub struct UpdateArgs {
     pub sessions: SessionArgs,
 
     #[command(flatten)]
-    pub controls: ControlArgs,
-
-    /// Drop the filter: mirror every frame again.
-    #[arg(long, conflicts_with = "filter")]
-    pub no_filter: bool,
-
-    /// Send whole frames again.
-    #[arg(long, conflicts_with = "snaplen")]
-    pub no_snaplen: bool,
-
-    /// Drop the rate limit.
-    #[arg(long, conflicts_with = "rate_limit")]
-    pub no_rate_limit: bool,
+    pub change: ChangeArgs,
 }
 
 pub async fn run(sources: &Sources, args: UpdateArgs) -> anyhow::Result<()> {
-    let change = args.controls.change(args.no_filter, args.no_snaplen, args.no_rate_limit)?;
+    let change = args.change.change()?;
     if change.is_empty() {
         return Err(UpdateError::Nothing.into());
     }

@@ -139,25 +139,39 @@ pub struct ControlArgs {
     pub snaplen: Option<u32>,
 }
 
-impl ControlArgs {
-    /// What `update` changes: the controls given, and those lifted by `--no-filter`,
-    /// `--no-snaplen` and `--no-rate-limit`. Checked and compiled before any session is read.
-    pub fn change(
-        &self,
-        no_filter: bool,
-        no_snaplen: bool,
-        no_rate_limit: bool,
-    ) -> Result<ControlChange, FilterError> {
-        let filter = match (&self.filter, no_filter) {
+/// What `update` (and `fleet update`) changes: the controls given, and those lifted.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ChangeArgs {
+    #[command(flatten)]
+    pub controls: ControlArgs,
+
+    /// Drop the filter: mirror every frame again.
+    #[arg(long, conflicts_with = "filter")]
+    pub no_filter: bool,
+
+    /// Send whole frames again.
+    #[arg(long, conflicts_with = "snaplen")]
+    pub no_snaplen: bool,
+
+    /// Drop the rate limit.
+    #[arg(long, conflicts_with = "rate_limit")]
+    pub no_rate_limit: bool,
+}
+
+impl ChangeArgs {
+    /// The change, checked and compiled before any session is read.
+    pub fn change(&self) -> Result<ControlChange, FilterError> {
+        let c = &self.controls;
+        let filter = match (&c.filter, self.no_filter) {
             (Some(expression), _) => Some(Some(compile(expression)?)),
             (None, true) => Some(None),
             (None, false) => None,
         };
         Ok(ControlChange {
             filter,
-            snaplen: self.snaplen.or(no_snaplen.then_some(0)),
-            sample_every: self.sample,
-            rate_limit: match (self.rate_limit, no_rate_limit) {
+            snaplen: c.snaplen.or(self.no_snaplen.then_some(0)),
+            sample_every: c.sample,
+            rate_limit: match (c.rate_limit, self.no_rate_limit) {
                 (Some(limit), _) => Some(Some(limit)),
                 (None, true) => Some(None),
                 (None, false) => None,
