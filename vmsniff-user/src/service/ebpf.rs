@@ -115,6 +115,11 @@ impl Service {
     /// common operator and agent habit), on every tap that is still there; each tap repaired,
     /// with its hooks. The sessions, their counters and the entries stay as they are.
     pub async fn reattach_removed_programs(&self) -> anyhow::Result<Vec<(String, Vec<TcHook>)>> {
+        // A look without the lock first: every daemon pass asks, and nearly always nothing is
+        // missing. What it sees may be an attach half-way; the locked look below decides.
+        if self.unhooked_taps(&self.namespace.observe()?).await?.is_empty() {
+            return Ok(Vec::new());
+        }
         let _lock = self.namespace.lock().await?;
         let observed = self.namespace.observe()?;
         let mut repaired = Vec::new();
