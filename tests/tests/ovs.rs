@@ -496,7 +496,7 @@ fn ovs_mode_refuses_bad_input_and_changes_nothing() {
             &["--filter, --snaplen are eBPF mode's"],
         ),
         (&["--tap", TAP, "--to", COLLECTOR, "--attach-mode", "tcx"], &["--attach-mode is eBPF mode's"]),
-        (&["--tap", TAP, "--to", "300.1.2.3"], &["not an IPv4 address"]),
+        (&["--tap", TAP, "--to", "300.1.2.3"], &["not an IP address"]),
         (&["--tap", TAP, "--to", "10.77.0.2"], &["mirrored into themselves", QBR]),
         (&["--tap", TAP, "--to", "10.231.0.1"], &["an address of this host"]),
         (&["--tap", TAP, "--to", "203.0.113.9"], &["no route to 203.0.113.9"]),

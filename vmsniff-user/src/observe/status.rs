@@ -1,6 +1,6 @@
 //! `status`: every session of the caller's network namespace, from the pinned maps and the
 //! devices' own counters. The JSON form is versioned; fields are added, never renamed.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 use vmsniff_ebpf::{
@@ -10,10 +10,11 @@ use vmsniff_ebpf::{
 
 use crate::{
     model::{
-        mirror::{AttachMode, Directions},
+        mirror::{AttachMode, Directions, family},
         observed::Observed,
     },
     plan::{
+        attach::session_remote,
         controls::{RateLimit, RateUnit},
         detach::ifname,
         filter::stored_expression,
@@ -44,15 +45,19 @@ pub struct SessionStatus {
     /// The VM and NIC index behind the tap, when libvirt knows them (`status` only).
     pub vm: Option<String>,
     pub nic: Option<usize>,
-    /// The collector (GRE sessions).
-    pub to: Option<Ipv4Addr>,
+    /// The collector (tunnel sessions), IPv4 or IPv6.
+    pub to: Option<IpAddr>,
+    /// The collector's address family: `ipv4` or `ipv6` (tunnel sessions).
+    pub family: Option<&'static str>,
     /// The local interface (`--to-dev` sessions).
     pub to_dev: Option<String>,
-    /// `gre`, `erspan` (type III) or `erspan1` (type II), read from the session's devices;
-    /// `none` for `--to-dev`.
+    /// `gre`, `erspan` (type III), `erspan1` (type II) or `vxlan`, read from the session's
+    /// devices; `none` for `--to-dev`.
     pub encap: &'static str,
     /// ERSPAN type III's hardware id.
     pub erspan_hwid: Option<u16>,
+    /// VXLAN's UDP destination port, read from the session's devices.
+    pub port: Option<u16>,
     /// GRE sessions: `--key`, `--ttl` and `--tos` (the wire key is key * 2 + d).
     pub key: Option<u32>,
     pub ttl: Option<u8>,
@@ -136,6 +141,8 @@ pub struct DeviceStatus {
     pub stats: LinkStats,
     #[serde(skip)]
     pub erspan: Option<ErspanLink>,
+    #[serde(skip)]
+    pub vxlan_port: Option<u16>,
 }
 
 /// Reads every session's status.
@@ -199,6 +206,7 @@ async fn session_status(
                 up: l.up,
                 stats: l.stats,
                 erspan: l.erspan,
+                vxlan_port: l.vxlan_port,
             });
         }
     }
@@ -213,6 +221,8 @@ async fn session_status(
     };
     let gre = config.target_kind == TARGET_GRE;
     let erspan = [&devices.out_of_vm, &devices.into_vm].into_iter().flatten().find_map(|d| d.erspan);
+    let vxlan_port = [&devices.out_of_vm, &devices.into_vm].into_iter().flatten().find_map(|d| d.vxlan_port);
+    let to = session_remote(config);
     let to_dev = (config.target_kind == TARGET_LOCAL_DEV)
         .then(|| devices.into_vm.as_ref().or(devices.out_of_vm.as_ref()).map(|d| d.name.clone()))
         .flatten();
@@ -223,16 +233,18 @@ async fn session_status(
         tap_ifindex: config.tap_ifindex,
         vm: None,
         nic: None,
-        to: (gre && config.remote_family == 4)
-            .then(|| Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])),
+        to,
+        family: to.map(family),
         to_dev,
-        encap: match (gre, erspan) {
-            (false, _) => "none",
-            (true, None) => "gre",
-            (true, Some(ErspanLink { version: 1, .. })) => "erspan1",
-            (true, Some(_)) => "erspan",
+        encap: match (gre, erspan, vxlan_port) {
+            (false, _, _) => "none",
+            (true, _, Some(_)) => "vxlan",
+            (true, None, None) => "gre",
+            (true, Some(ErspanLink { version: 1, .. }), None) => "erspan1",
+            (true, Some(_), None) => "erspan",
         },
         erspan_hwid: erspan.filter(|e| e.version != 1).map(|e| e.hwid),
+        port: vxlan_port,
         key: gre.then_some(config.key),
         ttl: gre.then_some(config.ttl),
         tos: gre.then_some(config.tos),
@@ -274,7 +286,10 @@ impl Status {
         );
         for s in &status.sessions {
             let target = match (&s.to, &s.to_dev) {
-                (Some(ip), _) => format!("{ip} ({})", s.encap),
+                (Some(ip), _) => match s.port {
+                    Some(port) => format!("{ip} ({} {port})", s.encap),
+                    None => format!("{ip} ({})", s.encap),
+                },
                 (None, Some(dev)) => format!("dev {dev}"),
                 (None, None) => "-".into(),
             };

@@ -5,7 +5,7 @@
 //! `mutate ... insert`: the bridge's other ports and mirrors are never rewritten, so a change
 //! someone makes at the same time is kept, not clobbered. `wait` guards make the transaction
 //! fail whole if the bridge or the VM's port changed since they were read.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use serde_json::{Value, json};
 use thiserror::Error;
@@ -26,7 +26,8 @@ pub struct OvsAttachRequest {
     pub bridge: String,
     /// The VM's port: qvo for the hybrid plug, the tap for native OVS.
     pub vm_port: String,
-    pub remote: Ipv4Addr,
+    /// IPv4, or IPv6 through an `ip6gre` port (OVS's name for Ethernet in GRE over IPv6).
+    pub remote: IpAddr,
     /// `--key`; the session id when absent. Sent as is: one OVS port carries both directions.
     pub key: Option<u32>,
     pub ttl: u8,
@@ -80,11 +81,20 @@ pub enum OvsPlanError {
     #[error(
         "GRE port {port} already sends to {remote} with key {key}; OVS cannot tell two such tunnels apart: choose another --key"
     )]
-    DuplicateTunnel { port: String, remote: Ipv4Addr, key: u32 },
+    DuplicateTunnel { port: String, remote: IpAddr, key: u32 },
 }
 
 /// `vms<id>-ovs`: vmsniff's GRE port (a name no kernel device gets: OVS carries every GRE port
 /// through one `gre_sys` device). Distinct from eBPF mode's `vms<id>-out`/`vms<id>-in`.
+/// The Interface type of a GRE port toward `remote`: OVS names Ethernet in GRE over IPv6
+/// `ip6gre`.
+pub fn gre_port_type(remote: IpAddr) -> &'static str {
+    match remote {
+        IpAddr::V4(_) => "gre",
+        IpAddr::V6(_) => "ip6gre",
+    }
+}
+
 pub fn gre_port_name(id: u32) -> String {
     format!("vms{id}-ovs")
 }
@@ -126,9 +136,11 @@ pub fn plan_ovs_attach(
         .ok_or(OvsPlanError::NoFreeSessionId)?;
     let key = request.key.unwrap_or(id);
     let remote = request.remote.to_string();
+    // OVS's GRE port over IPv6 is `ip6gre` (a `gre` port's kernel vport is IPv4 only).
+    let kind = gre_port_type(request.remote);
     if let Some(duplicate) = snapshot.interfaces.iter().find(|i| {
-        i.kind == "gre"
-            && i.options.get("remote_ip") == Some(&remote)
+        (i.kind == "gre" || i.kind == "ip6gre")
+            && i.options.get("remote_ip").and_then(|ip| ip.parse::<IpAddr>().ok()) == Some(request.remote)
             && i.options.get("key").map_or("0", String::as_str) == key.to_string()
     }) {
         return Err(OvsPlanError::DuplicateTunnel {
@@ -182,7 +194,7 @@ pub fn plan_ovs_attach(
             table: "Interface".into(),
             row: json!({
                 "name": gre_port,
-                "type": "gre",
+                "type": kind,
                 "options": datum::to_string_map(options.iter().map(|(k, v)| (*k, v.clone()))),
                 "external_ids": datum::to_string_map(ids.iter().map(|(k, v)| (*k, v.clone()))),
             }),
@@ -230,7 +242,7 @@ pub fn plan_ovs_attach(
         "create".into(),
         "Interface".into(),
         format!("name={gre_port}"),
-        "type=gre".into(),
+        format!("type={kind}"),
     ];
     interface.extend(options.iter().map(|(k, v)| format!("options:{k}={}", vsctl_value(v))));
     interface.extend(external_ids(&ids));
@@ -512,7 +524,7 @@ mod tests {
         OvsAttachRequest {
             bridge: "br-int".into(),
             vm_port: "qvof7eae624-34".into(),
-            remote: Ipv4Addr::new(192, 0, 2, 2),
+            remote: IpAddr::from([192, 0, 2, 2]),
             key: None,
             ttl: 64,
             tos: 0,
@@ -527,6 +539,21 @@ mod tests {
 
     fn json(operations: &[Operation]) -> Vec<Value> {
         operations.iter().map(Operation::to_json).collect()
+    }
+
+    #[test]
+    fn an_ipv6_collector_gets_an_ip6gre_port() {
+        let remote: IpAddr = "2001:db8::2".parse().unwrap();
+        let plan = plan_ovs_attach(&OvsAttachRequest { remote, ..request() }, &snapshot(), &BTreeSet::new())
+            .unwrap();
+        let ops = json(&plan.operations);
+        assert_eq!(ops[4]["row"]["type"], "ip6gre");
+        assert_eq!(ops[4]["row"]["options"][1][0], json!(["remote_ip", "2001:db8::2"]));
+        assert!(
+            plan.vsctl.contains("type=ip6gre options:remote_ip=2001:db8::2 options:key=1"),
+            "{}",
+            plan.vsctl
+        );
     }
 
     #[test]
@@ -659,7 +686,7 @@ mod tests {
             plan_ovs_attach(&OvsAttachRequest { vm_port: "eth1".into(), ..request() }, &snapshot, &none);
         assert!(matches!(err, Err(OvsPlanError::NoPort { .. })));
         let err = plan_ovs_attach(
-            &OvsAttachRequest { remote: Ipv4Addr::new(192, 0, 2, 9), key: Some(5), ..request() },
+            &OvsAttachRequest { remote: IpAddr::from([192, 0, 2, 9]), key: Some(5), ..request() },
             &snapshot,
             &none,
         )
