@@ -1,6 +1,6 @@
 //! What `collect` counts: per stream (sender, session, direction) packets, bytes, lost copies and
 //! reordering from the GRE sequence numbers; undecodable packets per reason; ignored senders.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use vmsniff_ebpf::Direction;
 
@@ -79,7 +79,7 @@ impl Sequence {
 /// One stream of copies: a sender's session in one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
-    pub sender: Ipv4Addr,
+    pub sender: IpAddr,
     pub kind: Kind,
     pub session: u32,
     pub direction: Option<Direction>,
@@ -92,17 +92,20 @@ impl StreamKey {
             sender: self.sender,
             erspan: self.kind.is_erspan(),
             plain: self.kind == Kind::PlainGre,
+            vxlan: self.kind == Kind::Vxlan,
             session: self.session,
         }
     }
 }
 
-/// One pcapng interface: a sender's session (vmsniff GRE, ERSPAN or a plain GRE mirror's key).
+/// One pcapng interface: a sender's session (vmsniff GRE or VXLAN, ERSPAN or a plain GRE
+/// mirror's key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InterfaceKey {
-    pub sender: Ipv4Addr,
+    pub sender: IpAddr,
     pub erspan: bool,
     pub plain: bool,
+    pub vxlan: bool,
     pub session: u32,
 }
 
@@ -121,8 +124,9 @@ pub struct Stats {
     pub undecodable: BTreeMap<Undecodable, u64>,
     /// Packets from senders outside `--from`.
     pub ignored: u64,
-    /// Packets the kernel dropped because this process did not read fast enough.
-    pub socket_drops: u64,
+    /// Packets the kernel dropped because this process did not read fast enough: each socket's
+    /// running count, by socket.
+    pub socket_drops: BTreeMap<usize, u64>,
     /// Copies written to the capture.
     pub written: u64,
 }
@@ -189,8 +193,14 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
         stats.undecodable_total(),
         if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
         stats.ignored,
-        stats.socket_drops
+        stats.socket_drops.values().sum::<u64>()
     ));
+    if stats.streams.keys().any(|k| k.kind == Kind::Vxlan) {
+        out.push_str(
+            "VXLAN carries no sequence numbers: its lost and reordered copies cannot be counted (-); \
+             --encap gre counts them\n",
+        );
+    }
     out
 }
 
@@ -252,7 +262,7 @@ mod tests {
     fn the_summary_names_streams_and_reasons() {
         let mut stats = Stats::default();
         let key = StreamKey {
-            sender: Ipv4Addr::new(192, 0, 2, 1),
+            sender: std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
             kind: Kind::VmsniffGre,
             session: 3,
             direction: Some(Direction::Out),
