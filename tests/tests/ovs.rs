@@ -451,6 +451,41 @@ fn attach_and_detach_leave_other_mirrors_and_ports_alone() {
 }
 
 #[test]
+fn an_ipv6_collector_gets_an_ip6gre_port_and_detach_takes_exactly_its_rows() {
+    if !privileged_on_host(
+        "an_ipv6_collector_gets_an_ip6gre_port_and_detach_takes_exactly_its_rows",
+        "OVSDB rows and messages, which ovs-vswitchd on the userspace datapath applies as well",
+    ) {
+        return;
+    }
+    let Some(node) = node(Plug::Native) else { return };
+    node.ns.sh("sysctl -qw net.ipv6.conf.up1.disable_ipv6=0; ip addr add fd00:231::1/64 dev up1 nodad");
+    let before = node.rows();
+    let dry = node.ok(&["attach", "--tap", TAP, "--mode", "ovs", "--to", "fd00:231::2", "--dry-run"]);
+    assert!(dry.contains("type=ip6gre options:remote_ip=fd00:231::2"), "{dry}");
+    assert_eq!(node.rows(), before, "--dry-run changed OVSDB");
+    let id =
+        node.attach(&["--tap", TAP, "--mode", "ovs", "--to", "fd00:231::2", "--ttl", "9", "--tos", "32"]);
+    let get =
+        |column: &str| node.ovs.vsctl(&["get", "Interface", "vms1-ovs", column]).trim_matches('"').to_owned();
+    assert_eq!(get("type"), "ip6gre");
+    assert_eq!(get("options:remote_ip"), "fd00:231::2");
+    assert_eq!((get("options:ttl"), get("options:tos")), ("9".to_owned(), "32".to_owned()));
+    let session = node.session(id);
+    assert_eq!((&session["to"], &session["family"]), (&"fd00:231::2".into(), &"ipv6".into()), "{session}");
+    let err = node.fails(&["attach", "--tap", TAP, "--mode", "ovs", "--to", "fd00:231:0::2", "--key", "1"]);
+    assert!(err.contains("choose another --key"), "the same tunnel, spelled otherwise: {err}");
+    for (to, needle) in
+        [("fd00:231::1", "an address of this host"), ("2001:db8::9", "no route to 2001:db8::9")]
+    {
+        let err = node.fails(&["attach", "--tap", TAP, "--mode", "ovs", "--to", to]);
+        assert!(err.contains(needle), "{to}: {err}");
+    }
+    node.ok(&["detach", &id.to_string()]);
+    assert_eq!(node.rows(), before, "detach left or took rows");
+}
+
+#[test]
 fn a_cleared_mirror_leaves_a_port_that_detach_still_removes() {
     if !privileged_on_host(
         "a_cleared_mirror_leaves_a_port_that_detach_still_removes",

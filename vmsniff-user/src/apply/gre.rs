@@ -197,6 +197,11 @@ fn link_message(device: &TunnelDevice) -> LinkMessage {
             // As for IPv4; the hop limit is `ttl`. IPv6 routers never fragment, and the kernel's
             // IPv6 GRE devices have no "ignore DF": a copy larger than the path MTU is dropped
             // here (counted in the device's tx errors).
+            // Without a local address the kernel's IPv6 tunnels send nothing.
+            let builder = match device.local {
+                Some(IpAddr::V6(local)) => builder.local(local),
+                _ => builder,
+            };
             builder
                 .remote(remote)
                 .ttl(device.ttl)
@@ -266,6 +271,7 @@ mod tests {
             name: "vms3-in".into(),
             alias: "vmsniff session 3 in".into(),
             remote: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            local: None,
             wire_key: 7,
             ttl: 64,
             tos: 0,
@@ -291,7 +297,8 @@ mod tests {
             [None, Some(ErspanHeader { version: 2, session_id: 3, direction: Direction::In, hwid: 5 })]
         {
             let mut d = device(erspan);
-            (d.remote, d.ttl, d.tos) = (IpAddr::V6(remote), 9, 0x20);
+            let local = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+            (d.remote, d.local, d.ttl, d.tos) = (IpAddr::V6(remote), Some(IpAddr::V6(local)), 9, 0x20);
             let message = link_message(&d);
             let infos = link_info(&message);
             let data = infos
@@ -305,6 +312,7 @@ mod tests {
             assert!(infos.contains(&LinkInfo::Kind(expected)));
             assert_eq!(kind_name(&d), if erspan.is_some() { "ip6erspan" } else { "ip6gretap" });
             assert!(data.contains(&InfoGre6::Remote(remote)));
+            assert!(data.contains(&InfoGre6::Local(local)), "the route's source");
             assert!(data.contains(&InfoGre6::Ttl(9)), "the hop limit");
             assert!(data.contains(&InfoGre6::FlowLabel(0x20 << 20)), "the traffic class");
             assert!(data.contains(&InfoGre6::OFlags(GreIOFlags::Key | GreIOFlags::Seq)));

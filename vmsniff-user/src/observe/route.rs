@@ -29,15 +29,20 @@ pub enum RouteError {
 }
 
 /// Refuses a collector with no route, a local one, and one reached through `tap` or its bridge.
-pub async fn check_collector_route(netlink: &Netlink, to: IpAddr, tap: &Tap) -> Result<(), RouteError> {
-    let oif = match netlink.route_to(to).await.map_err(RouteError::Netlink)? {
+/// Returns the source address the route would use.
+pub async fn check_collector_route(
+    netlink: &Netlink,
+    to: IpAddr,
+    tap: &Tap,
+) -> Result<Option<IpAddr>, RouteError> {
+    let (oif, source) = match netlink.route_to(to).await.map_err(RouteError::Netlink)? {
         RouteTo::Unreachable => return Err(RouteError::NoRoute { to }),
         RouteTo::Local => return Err(RouteError::LocalAddress { to }),
-        RouteTo::Out { oif: None } => return Ok(()),
-        RouteTo::Out { oif: Some(oif) } => oif,
+        RouteTo::Out { oif: None, source } => return Ok(source),
+        RouteTo::Out { oif: Some(oif), source } => (oif, source),
     };
     let Some(device) = netlink.link_by_index(oif).await.map_err(RouteError::Netlink)? else {
-        return Ok(());
+        return Ok(source);
     };
     let bridge = match netlink.link_by_index(tap.ifindex).await.map_err(RouteError::Netlink)? {
         Some(link) => link.master,
@@ -54,6 +59,6 @@ pub async fn check_collector_route(netlink: &Netlink, to: IpAddr, tap: &Tap) -> 
     };
     match why {
         Some(why) => Err(RouteError::Loop { to, device: device.name, why }),
-        None => Ok(()),
+        None => Ok(source),
     }
 }

@@ -187,8 +187,8 @@ pub async fn check_route(
     let oif = match netlink.route_to(to).await.map_err(OvsPortError::Netlink)? {
         RouteTo::Unreachable => return Err(OvsPortError::NoRoute { to }),
         RouteTo::Local => return Err(OvsPortError::LocalAddress { to }),
-        RouteTo::Out { oif: None } => return Ok(()),
-        RouteTo::Out { oif: Some(oif) } => oif,
+        RouteTo::Out { oif: None, .. } => return Ok(()),
+        RouteTo::Out { oif: Some(oif), .. } => oif,
     };
     let Some(device) = netlink.link_by_index(oif).await.map_err(OvsPortError::Netlink)? else {
         return Ok(());

@@ -121,6 +121,9 @@ pub struct TunnelDevice {
     pub name: String,
     pub alias: String,
     pub remote: IpAddr,
+    /// The source address, where the kernel needs one: its IPv6 GRE devices send nothing
+    /// without (ip6_tnl_xmit_ctl). The one the route to the collector chose at attach.
+    pub local: Option<IpAddr>,
     /// `key * 2 + d`: the GRE key or the VNI on the wire (`--encap gre|vxlan`), and every GRE
     /// device's receive key (the kernel tells classic tunnels toward one collector apart by it).
     pub wire_key: u32,
@@ -275,6 +278,7 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
                     name: gre_device_name(session_id, direction),
                     alias: gre_device_alias(session_id, direction),
                     remote: *remote,
+                    local: None,
                     wire_key: gre_wire_key(key, direction),
                     ttl: *ttl,
                     tos: *tos,
@@ -306,6 +310,21 @@ pub fn plan_attach(request: &AttachRequest, observed: &Observed) -> Result<Attac
     steps.push(AttachStep::ActivateSession { id: session_id });
     steps.push(AttachStep::AddToTap { tap: request.tap.clone(), id: session_id });
     Ok(AttachPlan { session_id, key, steps })
+}
+
+impl AttachPlan {
+    /// Gives the devices that need a source address (IPv6 GRE and ERSPAN) `source`, the one the
+    /// route to the collector uses (known only once the route is read).
+    pub fn set_tunnel_source(&mut self, source: Option<IpAddr>) {
+        for step in &mut self.steps {
+            if let AttachStep::CreateGreDevice { device, .. } = step
+                && device.remote.is_ipv6()
+                && !matches!(device.encap, DeviceEncap::Vxlan { .. })
+            {
+                device.local = source;
+            }
+        }
+    }
 }
 
 /// The attach mode for a tap: the one its programs already use (`existing`), else `choice`.
@@ -434,6 +453,15 @@ mod tests {
         }
         let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
         assert_eq!(session_remote(config), Some(remote));
+        let source: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut with_source = plan.clone();
+        with_source.set_tunnel_source(Some(source));
+        assert!(devices(&with_source).iter().all(|d| d.local.is_none()), "vxlan picks its source per packet");
+        let mut gre6 = req.clone();
+        gre6.target = Target::Tunnel { remote, ttl: 64, tos: 0, encap: Encap::ErspanII };
+        let mut plan6 = plan_attach(&gre6, &Observed::default()).unwrap();
+        plan6.set_tunnel_source(Some(source));
+        assert!(devices(&plan6).iter().all(|d| d.local == Some(source)), "ip6erspan needs its source");
         let mut observed = Observed::default();
         applied(&mut observed, &req);
         req.tap.ifindex = 8;

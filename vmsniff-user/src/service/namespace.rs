@@ -110,9 +110,10 @@ impl Namespace {
         reserved: BTreeSet<u32>,
     ) -> Result<(u32, u32), SessionError> {
         let observed = Observed { reserved, ..self.observe()? };
-        let plan = plan_attach(request, &observed)?;
+        let mut plan = plan_attach(request, &observed)?;
         if let Target::Tunnel { remote, .. } = &request.target {
-            check_collector_route(&self.kernel.netlink, *remote, &request.tap).await?;
+            let source = check_collector_route(&self.kernel.netlink, *remote, &request.tap).await?;
+            plan.set_tunnel_source(source);
         }
         log::debug!("attach plan: {plan:#?}");
         executor::apply_attach(&self.kernel, &plan).await?;

@@ -4,7 +4,7 @@ use netlink_packet_route::link::{
     InfoData, InfoGre, InfoGre6, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType,
     LinkMessage,
 };
-use netlink_packet_route::route::{RouteAttribute, RouteType};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -59,6 +59,11 @@ impl Netlink {
                     RouteAttribute::Oif(index) => Some(*index),
                     _ => None,
                 }),
+                source: route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                    RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                    _ => None,
+                }),
             },
         })
     }
@@ -71,8 +76,8 @@ pub enum RouteTo {
     Unreachable,
     /// An address of this host.
     Local,
-    /// Out through this interface.
-    Out { oif: Option<u32> },
+    /// Out through this interface, from this source address.
+    Out { oif: Option<u32>, source: Option<IpAddr> },
 }
 
 /// ENODEV from a lookup means "no such link", which callers handle as `None`.
