@@ -375,14 +375,22 @@ pub fn decap_tunnel(frame: &[u8], vxlan_port: u16) -> Option<Tunneled> {
             let src: [u8; 16] = ip[8..24].try_into().ok()?;
             let dst: [u8; 16] = ip[24..40].try_into().ok()?;
             let tclass = ((u16::from_be_bytes([ip[0], ip[1]]) >> 4) & 0xff) as u8;
+            let mut payload = ip.get(40..40 + len)?;
+            let mut next = ip[6];
+            // A destination options header (a tunnel encapsulation limit) before GRE.
+            if next == 60 {
+                let skip = (usize::from(*payload.get(1)?) + 1) * 8;
+                next = payload[0];
+                payload = payload.get(skip..)?;
+            }
             (
                 IpAddr::from(Ipv6Addr::from(src)),
                 IpAddr::from(Ipv6Addr::from(dst)),
                 ip[7],
                 tclass,
                 false,
-                ip[6],
-                ip.get(40..40 + len)?,
+                next,
+                payload,
             )
         }
         _ => return None,

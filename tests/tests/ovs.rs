@@ -18,7 +18,7 @@ use vmsniff_tests::{
     netns::Netns,
     ovs::{Ovs, kernel_datapath},
     ovsdb::OvsdbServer,
-    packet::{PacketSocket, decap_gre, reassemble_ipv4},
+    packet::{PacketSocket, Tunneled, decap_gre, decap_tunnel, reassemble_ipv4},
     privileged_on_every_kernel, privileged_on_host, privileged_on_host_and_one_guest, skip,
     tap::Vm,
     topology::assert_frames_eq,
@@ -335,6 +335,41 @@ fn frames_reach_the_collector_through_the_ovs_mirror_for_each_plug_and_direction
     node.replug_native();
     mirror_frames_both_ways(&mut node, Plug::Native);
     one_direction_selects_one_side_of_the_port(&mut node);
+    an_ipv6_collector_receives_the_copies(&mut node);
+}
+
+/// An IPv6 collector, on the native plug: the mirror's ip6gre port carries the copies.
+fn an_ipv6_collector_receives_the_copies(node: &mut Node) {
+    node.ns.sh("sysctl -qw net.ipv6.conf.up1.disable_ipv6=0; ip addr add fd00:231::1/64 dev up1 nodad");
+    node._collector_ns
+        .sh("sysctl -qw net.ipv6.conf.down1.disable_ipv6=0; ip addr add fd00:231::2/64 dev down1 nodad");
+    node.wait_until_forwarding();
+    let id = node.attach(&["--tap", TAP, "--mode", "ovs", "--to", "fd00:231::2", "--key", "9"]);
+    // IPv6 copies are never fragmented: frames whose copies fit the 1500-byte uplink.
+    let (mut out, mut into) = frames::both_ways(8);
+    out.retain(|f| f.len() <= 1400);
+    into.retain(|f| f.len() <= 1400);
+    node.vm_sends(&out);
+    node.vm_receives(&into);
+    let copies: Vec<Tunneled> = node
+        .collector
+        .capture(out.len() + into.len(), Duration::from_secs(15), |f| {
+            decap_tunnel(f, 0).is_some_and(|t| is_marked(&t.inner))
+        })
+        .iter()
+        .filter_map(|f| decap_tunnel(f, 0))
+        .collect();
+    let inner: Vec<Vec<u8>> = copies.iter().map(|t| t.inner.clone()).collect();
+    let mut both = out.clone();
+    both.extend(into.iter().cloned());
+    assert_frames_eq("copies over IPv6 through the ip6gre port", &both, &inner);
+    for t in &copies {
+        assert_eq!(
+            (t.outer_dst.to_string(), t.key, t.protocol),
+            ("fd00:231::2".to_owned(), Some(9), Some(0x6558))
+        );
+    }
+    node.ok(&["detach", &id.to_string()]);
 }
 
 /// `--direction out` on the native plug: only the frames the VM sent are copied.
