@@ -71,7 +71,7 @@ impl Collector {
         let mut seen = Vec::new();
         while Instant::now() < deadline {
             match collector.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) if line.contains("collecting GRE and ERSPAN") => return collector,
+                Ok(line) if line.contains("collecting ") && line.contains(" copies") => return collector,
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     if let Some(status) = collector.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

@@ -324,3 +324,119 @@ mod tests {
         assert_eq!(decap_gre(&whole[0]).unwrap().inner, inner);
     }
 }
+
+/// A copy as a collector sees it over any underlay: the outer IP header's fields, the UDP ports
+/// of VXLAN, and GRE's fields or VXLAN's VNI, around the mirrored frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunneled {
+    pub outer_src: std::net::IpAddr,
+    pub outer_dst: std::net::IpAddr,
+    /// TTL or hop limit.
+    pub ttl: u8,
+    /// TOS or traffic class.
+    pub tos: u8,
+    /// IPv4's DF bit (false for IPv6, which has none).
+    pub dont_fragment: bool,
+    /// VXLAN: UDP source and destination port, and the VNI.
+    pub udp: Option<(u16, u16)>,
+    pub vni: Option<u32>,
+    /// GRE: key, sequence number, protocol.
+    pub key: Option<u32>,
+    pub sequence: Option<u32>,
+    pub protocol: Option<u16>,
+    /// What follows GRE or VXLAN: the frame (for ERSPAN, its header first).
+    pub inner: Vec<u8>,
+}
+
+/// Decapsulates an Ethernet frame carrying IPv4 or IPv6 (no extension headers), then GRE or UDP
+/// with VXLAN on `vxlan_port`; `None` for anything else, fragments included.
+pub fn decap_tunnel(frame: &[u8], vxlan_port: u16) -> Option<Tunneled> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ethertype = u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
+    let ip = &frame[14..];
+    let (src, dst, ttl, tos, df, proto, payload) = match ethertype {
+        0x0800 if !is_ipv4_fragment(frame) && ip.len() >= 20 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+            let src: [u8; 4] = ip[12..16].try_into().ok()?;
+            let dst: [u8; 4] = ip[16..20].try_into().ok()?;
+            (
+                IpAddr::from(Ipv4Addr::from(src)),
+                IpAddr::from(Ipv4Addr::from(dst)),
+                ip[8],
+                ip[1],
+                ip[6] & 0x40 != 0,
+                ip[9],
+                ip.get(ihl..total)?,
+            )
+        }
+        0x86dd if ip.len() >= 40 => {
+            let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let src: [u8; 16] = ip[8..24].try_into().ok()?;
+            let dst: [u8; 16] = ip[24..40].try_into().ok()?;
+            let tclass = ((u16::from_be_bytes([ip[0], ip[1]]) >> 4) & 0xff) as u8;
+            let mut payload = ip.get(40..40 + len)?;
+            let mut next = ip[6];
+            // A destination options header (a tunnel encapsulation limit) before GRE.
+            if next == 60 {
+                let skip = (usize::from(*payload.get(1)?) + 1) * 8;
+                next = payload[0];
+                payload = payload.get(skip..)?;
+            }
+            (
+                IpAddr::from(Ipv6Addr::from(src)),
+                IpAddr::from(Ipv6Addr::from(dst)),
+                ip[7],
+                tclass,
+                false,
+                next,
+                payload,
+            )
+        }
+        _ => return None,
+    };
+    let mut t = Tunneled {
+        outer_src: src,
+        outer_dst: dst,
+        ttl,
+        tos,
+        dont_fragment: df,
+        udp: None,
+        vni: None,
+        key: None,
+        sequence: None,
+        protocol: None,
+        inner: Vec::new(),
+    };
+    match proto {
+        17 if payload.len() >= 16 => {
+            let (sport, dport) =
+                (u16::from_be_bytes([payload[0], payload[1]]), u16::from_be_bytes([payload[2], payload[3]]));
+            if dport != vxlan_port || payload[8] & 0x08 == 0 {
+                return None;
+            }
+            t.udp = Some((sport, dport));
+            t.vni = Some(u32::from_be_bytes([0, payload[12], payload[13], payload[14]]));
+            t.inner = payload[16..].to_vec();
+        }
+        47 if payload.len() >= 4 => {
+            let flags = u16::from_be_bytes([payload[0], payload[1]]);
+            let mut at = 4;
+            let mut word = |present: bool| -> Option<Option<u32>> {
+                if !present {
+                    return Some(None);
+                }
+                let v = u32::from_be_bytes(payload.get(at..at + 4)?.try_into().ok()?);
+                at += 4;
+                Some(Some(v))
+            };
+            word(flags & 0x8000 != 0)?;
+            t.key = word(flags & 0x2000 != 0)?;
+            t.sequence = word(flags & 0x1000 != 0)?;
+            t.protocol = Some(u16::from_be_bytes([payload[2], payload[3]]));
+            t.inner = payload[at..].to_vec();
+        }
+        _ => return None,
+    }
+    Some(t)
+}

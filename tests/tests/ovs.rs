@@ -18,7 +18,7 @@ use vmsniff_tests::{
     netns::Netns,
     ovs::{Ovs, kernel_datapath},
     ovsdb::OvsdbServer,
-    packet::{PacketSocket, decap_gre, reassemble_ipv4},
+    packet::{PacketSocket, Tunneled, decap_gre, decap_tunnel, reassemble_ipv4},
     privileged_on_every_kernel, privileged_on_host, privileged_on_host_and_one_guest, skip,
     tap::Vm,
     topology::assert_frames_eq,
@@ -335,6 +335,41 @@ fn frames_reach_the_collector_through_the_ovs_mirror_for_each_plug_and_direction
     node.replug_native();
     mirror_frames_both_ways(&mut node, Plug::Native);
     one_direction_selects_one_side_of_the_port(&mut node);
+    an_ipv6_collector_receives_the_copies(&mut node);
+}
+
+/// An IPv6 collector, on the native plug: the mirror's ip6gre port carries the copies.
+fn an_ipv6_collector_receives_the_copies(node: &mut Node) {
+    node.ns.sh("sysctl -qw net.ipv6.conf.up1.disable_ipv6=0; ip addr add fd00:231::1/64 dev up1 nodad");
+    node._collector_ns
+        .sh("sysctl -qw net.ipv6.conf.down1.disable_ipv6=0; ip addr add fd00:231::2/64 dev down1 nodad");
+    node.wait_until_forwarding();
+    let id = node.attach(&["--tap", TAP, "--mode", "ovs", "--to", "fd00:231::2", "--key", "9"]);
+    // IPv6 copies are never fragmented: frames whose copies fit the 1500-byte uplink.
+    let (mut out, mut into) = frames::both_ways(8);
+    out.retain(|f| f.len() <= 1400);
+    into.retain(|f| f.len() <= 1400);
+    node.vm_sends(&out);
+    node.vm_receives(&into);
+    let copies: Vec<Tunneled> = node
+        .collector
+        .capture(out.len() + into.len(), Duration::from_secs(15), |f| {
+            decap_tunnel(f, 0).is_some_and(|t| is_marked(&t.inner))
+        })
+        .iter()
+        .filter_map(|f| decap_tunnel(f, 0))
+        .collect();
+    let inner: Vec<Vec<u8>> = copies.iter().map(|t| t.inner.clone()).collect();
+    let mut both = out.clone();
+    both.extend(into.iter().cloned());
+    assert_frames_eq("copies over IPv6 through the ip6gre port", &both, &inner);
+    for t in &copies {
+        assert_eq!(
+            (t.outer_dst.to_string(), t.key, t.protocol),
+            ("fd00:231::2".to_owned(), Some(9), Some(0x6558))
+        );
+    }
+    node.ok(&["detach", &id.to_string()]);
 }
 
 /// `--direction out` on the native plug: only the frames the VM sent are copied.
@@ -451,6 +486,41 @@ fn attach_and_detach_leave_other_mirrors_and_ports_alone() {
 }
 
 #[test]
+fn an_ipv6_collector_gets_an_ip6gre_port_and_detach_takes_exactly_its_rows() {
+    if !privileged_on_host(
+        "an_ipv6_collector_gets_an_ip6gre_port_and_detach_takes_exactly_its_rows",
+        "OVSDB rows and messages, which ovs-vswitchd on the userspace datapath applies as well",
+    ) {
+        return;
+    }
+    let Some(node) = node(Plug::Native) else { return };
+    node.ns.sh("sysctl -qw net.ipv6.conf.up1.disable_ipv6=0; ip addr add fd00:231::1/64 dev up1 nodad");
+    let before = node.rows();
+    let dry = node.ok(&["attach", "--tap", TAP, "--mode", "ovs", "--to", "fd00:231::2", "--dry-run"]);
+    assert!(dry.contains("type=ip6gre options:remote_ip=fd00:231::2"), "{dry}");
+    assert_eq!(node.rows(), before, "--dry-run changed OVSDB");
+    let id =
+        node.attach(&["--tap", TAP, "--mode", "ovs", "--to", "fd00:231::2", "--ttl", "9", "--tos", "32"]);
+    let get =
+        |column: &str| node.ovs.vsctl(&["get", "Interface", "vms1-ovs", column]).trim_matches('"').to_owned();
+    assert_eq!(get("type"), "ip6gre");
+    assert_eq!(get("options:remote_ip"), "fd00:231::2");
+    assert_eq!((get("options:ttl"), get("options:tos")), ("9".to_owned(), "32".to_owned()));
+    let session = node.session(id);
+    assert_eq!((&session["to"], &session["family"]), (&"fd00:231::2".into(), &"ipv6".into()), "{session}");
+    let err = node.fails(&["attach", "--tap", TAP, "--mode", "ovs", "--to", "fd00:231:0::2", "--key", "1"]);
+    assert!(err.contains("choose another --key"), "the same tunnel, spelled otherwise: {err}");
+    for (to, needle) in
+        [("fd00:231::1", "an address of this host"), ("2001:db8::9", "no route to 2001:db8::9")]
+    {
+        let err = node.fails(&["attach", "--tap", TAP, "--mode", "ovs", "--to", to]);
+        assert!(err.contains(needle), "{to}: {err}");
+    }
+    node.ok(&["detach", &id.to_string()]);
+    assert_eq!(node.rows(), before, "detach left or took rows");
+}
+
+#[test]
 fn a_cleared_mirror_leaves_a_port_that_detach_still_removes() {
     if !privileged_on_host(
         "a_cleared_mirror_leaves_a_port_that_detach_still_removes",
@@ -496,7 +566,7 @@ fn ovs_mode_refuses_bad_input_and_changes_nothing() {
             &["--filter, --snaplen are eBPF mode's"],
         ),
         (&["--tap", TAP, "--to", COLLECTOR, "--attach-mode", "tcx"], &["--attach-mode is eBPF mode's"]),
-        (&["--tap", TAP, "--to", "300.1.2.3"], &["not an IPv4 address"]),
+        (&["--tap", TAP, "--to", "300.1.2.3"], &["not an IP address"]),
         (&["--tap", TAP, "--to", "10.77.0.2"], &["mirrored into themselves", QBR]),
         (&["--tap", TAP, "--to", "10.231.0.1"], &["an address of this host"]),
         (&["--tap", TAP, "--to", "203.0.113.9"], &["no route to 203.0.113.9"]),

@@ -165,8 +165,9 @@ pub const SESSION_BUSY: u32 = 1;
 /// [`SessionConfig::state`]: mirrored by the tap programs.
 pub const SESSION_ACTIVE: u32 = 2;
 
-/// [`SessionConfig::target_kind`]: copies go into vmsniff's own GRE (gretap) devices, one per
-/// direction, named after the session.
+/// [`SessionConfig::target_kind`]: copies go into vmsniff's own tunnel devices toward `remote`,
+/// one per direction, named after the session: gretap, erspan or vxlan (or ip6gretap, ip6erspan
+/// toward an IPv6 collector). Which kind is read back from the devices, not recorded here.
 pub const TARGET_GRE: u32 = 1;
 /// [`SessionConfig::target_kind`]: copies go out of an existing local interface (`--to-dev`).
 pub const TARGET_LOCAL_DEV: u32 = 2;

@@ -28,11 +28,21 @@ pub struct DemoArgs {
     here: bool,
 }
 
+/// The vmsniff that `cargo build -p vmsniff-user` made: `VMSNIFF_BIN` when set (as the tests
+/// take it), else the debug build in cargo's target directory (`CARGO_TARGET_DIR` or the
+/// workspace's `target/`).
+pub fn vmsniff_binary(workspace: &Path) -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("VMSNIFF_BIN") {
+        return bin.into();
+    }
+    crate::target_dir(workspace).join("debug/vmsniff")
+}
+
 pub fn run(args: DemoArgs, workspace: &Path) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    let vmsniff = crate::target_dir(workspace).join("debug/vmsniff");
+    let vmsniff = vmsniff_binary(workspace);
     if !args.here {
         crate::setup::run()?;
         crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;

@@ -17,7 +17,7 @@ use crate::{
 use crate::{
     model::mirror::{AttachMode, Tap},
     plan::{
-        attach::{AttachPlan, AttachStep, GreDevice},
+        attach::{AttachPlan, AttachStep, TunnelDevice},
         detach::DetachStep,
         rehome::RehomePlan,
         update::UpdatePlan,
@@ -137,7 +137,7 @@ impl<K: KernelOps> Attach<'_, K> {
         &mut self,
         id: u32,
         direction: Direction,
-        device: &GreDevice,
+        device: &TunnelDevice,
     ) -> Result<(), KernelError> {
         let ifindex = self.kernel.create_gre_device(device).await?;
         self.session.target_ifindex[direction.index()] = ifindex;
@@ -442,7 +442,12 @@ mod tests {
     fn gre_attach(observed: &Observed) -> AttachPlan {
         let request = AttachRequest {
             tap: Tap { ifindex: 7, name: "tap0".into() },
-            target: Target::Gre { remote: Ipv4Addr::new(192, 0, 2, 10), ttl: 64, tos: 0, encap: Encap::Gre },
+            target: Target::Tunnel {
+                remote: Ipv4Addr::new(192, 0, 2, 10).into(),
+                ttl: 64,
+                tos: 0,
+                encap: Encap::Gre,
+            },
             key: None,
             directions: Directions::Both,
             controls: Controls { filter: Some(compile("tcp").unwrap()), ..Controls::default() },

@@ -20,7 +20,7 @@ use crate::{
 };
 use crate::{
     model::{mirror::AttachMode, observed::Observed},
-    plan::attach::GreDevice,
+    plan::attach::TunnelDevice,
 };
 
 /// The priority the fake hands out for netlink filters, as tc does on an empty hook.
@@ -189,7 +189,7 @@ impl KernelOps for Fake {
         Ok(())
     }
 
-    async fn create_gre_device(&self, device: &GreDevice) -> Result<u32, KernelError> {
+    async fn create_gre_device(&self, device: &TunnelDevice) -> Result<u32, KernelError> {
         self.record(Call::CreateGreDevice { name: device.name.clone() })?;
         let mut state = self.0.borrow_mut();
         state.next_ifindex += 1;

@@ -18,7 +18,7 @@ use crate::{
         maps::{self, PinnedMaps},
     },
 };
-use crate::{model::mirror::AttachMode, plan::attach::GreDevice, sys::paths::PinPaths};
+use crate::{model::mirror::AttachMode, plan::attach::TunnelDevice, sys::paths::PinPaths};
 
 /// What the executor asks of the kernel in one network namespace.
 pub trait KernelOps {
@@ -36,7 +36,7 @@ pub trait KernelOps {
     /// Removes the namespace's pins (maps, programs, TCX links).
     fn remove_pins(&self) -> Result<(), KernelError>;
     /// Creates and raises a GRE device; returns its ifindex.
-    async fn create_gre_device(&self, device: &GreDevice) -> Result<u32, KernelError>;
+    async fn create_gre_device(&self, device: &TunnelDevice) -> Result<u32, KernelError>;
     /// Deletes the GRE device at `ifindex` if it still is vmsniff's.
     async fn delete_gre_device(&self, ifindex: u32, name: &str, alias: &str) -> Result<(), KernelError>;
     /// Adds a clsact qdisc to an interface; returns whether it added one (false: one was there).
@@ -100,7 +100,7 @@ impl KernelOps for Kernel {
         maps::remove_pins(&self.paths)
     }
 
-    async fn create_gre_device(&self, device: &GreDevice) -> Result<u32, KernelError> {
+    async fn create_gre_device(&self, device: &TunnelDevice) -> Result<u32, KernelError> {
         gre::create(&self.netlink, device).await
     }
 

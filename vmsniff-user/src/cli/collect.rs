@@ -1,6 +1,6 @@
 //! `vmsniff collect`: the collector's side. Receives vmsniff's (and Open vSwitch's) GRE and
-//! ERSPAN copies through a raw socket and writes pcapng with one interface per sender and
-//! session, each packet's direction in its flags.
+//! ERSPAN copies over IPv4 and IPv6 through raw sockets, and VXLAN on a UDP port, and writes
+//! pcapng with one interface per sender and session, each packet's direction in its flags.
 use std::{net::SocketAddr, path::PathBuf};
 
 use std::collections::BTreeMap;
@@ -29,10 +29,16 @@ pub struct CollectArgs {
     #[arg(short = 'w', long = "write", value_name = "FILE|-")]
     pub write: PathBuf,
 
-    /// Only copies from these senders (an address or a network, IPv4; repeatable). Default:
-    /// every sender. Packets from others are counted and dropped.
+    /// Only copies from these senders (an address or a network, IPv4 or IPv6; repeatable).
+    /// Default: every sender. Packets from others are counted and dropped.
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
     pub from: Vec<Cidr>,
+
+    /// Receive VXLAN copies (`attach --encap vxlan`) on this UDP port too, over IPv4 and IPv6
+    /// (4789 is VXLAN's). A UDP port needs no privilege (above 1023 without
+    /// CAP_NET_BIND_SERVICE): without CAP_NET_RAW, collect receives VXLAN only.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub vxlan_port: Option<u16>,
 
     /// Start a new file when the current one reaches SIZE (100M, 1G) or every TIME (30s, 10m,
     /// 1h): FILE, then FILE's name with .1, .2, ... before its extension.
@@ -109,7 +115,14 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         log::info!("metrics on http://{addr}/metrics");
         tokio::spawn(metrics::serve(listener, metrics::collector::scrape(stats.clone())));
     }
-    let options = Options { from: args.from, destination, rotate: args.rotate, count: args.count, names };
+    let options = Options {
+        from: args.from,
+        vxlan_port: args.vxlan_port,
+        destination,
+        rotate: args.rotate,
+        count: args.count,
+        names,
+    };
     let ended = receive::run(&options, &stats).await?;
     let stats = lock(&stats);
     match ended {

@@ -1,5 +1,7 @@
-//! Decoding what a raw IPv4 socket for GRE receives into the mirrored frame, its session and its
-//! direction. Pure: any input, however hostile, is either a [`Copy`] or an [`Undecodable`].
+//! Decoding what the collector's sockets receive into the mirrored frame, its session and its
+//! direction: GRE from a raw IPv4 socket (IPv4 header first) or a raw IPv6 socket (GRE first),
+//! VXLAN from a UDP socket. Pure: any input, however hostile, is either a [`Copy`] or an
+//! [`Undecodable`].
 //!
 //! Recognized, by GRE protocol (RFC 2784/2890 headers, with or without checksum, key, sequence):
 //! - 0x6558 (TEB) with key and sequence number: vmsniff's GRE; session `key >> 1`, direction
@@ -9,7 +11,10 @@
 //! - 0x88BE with a sequence number: ERSPAN type II (version 1); session = span id, direction
 //!   from the port index when vmsniff sent it (0 out, 1 in). Without: ERSPAN type I (no header).
 //! - 0x22EB: ERSPAN type III (version 2); session = span id, direction = the D bit.
-use std::net::Ipv4Addr;
+//!
+//! VXLAN (RFC 7348, the I flag set): session `VNI >> 1`, direction `VNI & 1`, as vmsniff sends
+//! it; no sequence number.
+use std::net::{IpAddr, Ipv4Addr};
 
 use thiserror::Error;
 use vmsniff_ebpf::{Direction, split_gre_wire_key};
@@ -35,6 +40,8 @@ pub enum Kind {
     ErspanI,
     ErspanII,
     ErspanIII,
+    /// vmsniff's VXLAN (`--encap vxlan`).
+    Vxlan,
 }
 
 impl Kind {
@@ -45,6 +52,7 @@ impl Kind {
             Kind::ErspanI => "erspan-i",
             Kind::ErspanII => "erspan1",
             Kind::ErspanIII => "erspan",
+            Kind::Vxlan => "vxlan",
         }
     }
 
@@ -57,14 +65,14 @@ impl Kind {
 /// One mirrored frame, as decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Copy<'a> {
-    pub sender: Ipv4Addr,
+    pub sender: IpAddr,
     pub kind: Kind,
     /// vmsniff's key K (the session id unless `--key` was given), ERSPAN's span id, or a plain
     /// GRE mirror's key.
     pub session: u32,
     /// Relative to the VM; `None` where the encapsulation does not tell.
     pub direction: Option<Direction>,
-    /// The GRE sequence number, when present.
+    /// The GRE sequence number, when present (never for VXLAN).
     pub sequence: Option<u32>,
     /// The Ethernet frame as mirrored.
     pub frame: &'a [u8],
@@ -95,6 +103,10 @@ pub enum Undecodable {
     ErspanFrameType,
     #[error("no Ethernet frame inside")]
     TruncatedFrame,
+    #[error("truncated VXLAN header")]
+    TruncatedVxlan,
+    #[error("VXLAN without a VNI (I flag clear)")]
+    VxlanFlags,
 }
 
 /// Decodes one packet as a raw IPv4 socket returns it: the IPv4 header, then GRE.
@@ -110,7 +122,7 @@ pub fn decode_ipv4(packet: &[u8]) -> Result<Copy<'_>, Undecodable> {
     let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
     // The kernel hands over whole (reassembled) packets; trust the shorter of the two lengths.
     let end = if total >= header_len { total.min(packet.len()) } else { packet.len() };
-    decode_gre(sender, &packet[header_len..end])
+    decode_gre(IpAddr::V4(sender), &packet[header_len..end])
 }
 
 /// The source address of an IPv4 packet: what `--from` filters on.
@@ -125,7 +137,7 @@ pub fn ipv4_source(packet: &[u8]) -> Result<Ipv4Addr, Undecodable> {
 }
 
 /// Decodes a GRE packet (its header and payload) from `sender`.
-pub fn decode_gre(sender: Ipv4Addr, gre: &[u8]) -> Result<Copy<'_>, Undecodable> {
+pub fn decode_gre(sender: IpAddr, gre: &[u8]) -> Result<Copy<'_>, Undecodable> {
     let header = gre.get(..4).ok_or(Undecodable::TruncatedGre)?;
     let flags = u16::from_be_bytes([header[0], header[1]]);
     let protocol = u16::from_be_bytes([header[2], header[3]]);
@@ -186,6 +198,27 @@ pub fn decode_gre(sender: Ipv4Addr, gre: &[u8]) -> Result<Copy<'_>, Undecodable>
         }
         _ => Err(Undecodable::UnknownProtocol),
     }
+}
+
+/// Decodes a UDP datagram's payload as VXLAN from `sender`: an 8-byte header (flags with the I
+/// bit, 24-bit VNI), then the frame.
+pub fn decode_vxlan(sender: IpAddr, datagram: &[u8]) -> Result<Copy<'_>, Undecodable> {
+    let header = datagram.get(..8).ok_or(Undecodable::TruncatedVxlan)?;
+    if header[0] & 0x08 == 0 {
+        return Err(Undecodable::VxlanFlags);
+    }
+    let vni = u32::from_be_bytes([0, header[4], header[5], header[6]]);
+    let (session, direction) = split_gre_wire_key(vni);
+    let copy = Copy {
+        sender,
+        kind: Kind::Vxlan,
+        session,
+        direction: Some(direction),
+        sequence: None,
+        frame: &datagram[8..],
+        original_len: 0,
+    };
+    inner_frame(copy, false)
 }
 
 /// Checks the frame a copy holds and fills in its original length.
@@ -290,6 +323,32 @@ pub mod tests {
         p
     }
 
+    /// A VXLAN header with the I flag and `vni`, then `frame`.
+    pub fn vxlan(vni: u32, frame: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x08, 0, 0, 0];
+        v.extend_from_slice(&(vni << 8).to_be_bytes());
+        v.extend_from_slice(frame);
+        v
+    }
+
+    #[test]
+    fn vxlan_gives_session_and_direction_from_the_vni_and_no_sequence() {
+        let frame = ipv4_frame(100, 86);
+        let sender: IpAddr = "2001:db8::1".parse().unwrap();
+        let packet = vxlan(7 * 2, &frame);
+        let copy = decode_vxlan(sender, &packet).unwrap();
+        assert_eq!((copy.kind, copy.session, copy.direction), (Kind::Vxlan, 7, Some(Direction::Out)));
+        assert_eq!((copy.sequence, copy.frame, copy.sender), (None, &frame[..], sender));
+        let packet = vxlan((1 << 24) - 1, &frame);
+        let copy = decode_vxlan(sender, &packet).unwrap();
+        assert_eq!((copy.session, copy.direction), ((1 << 23) - 1, Some(Direction::In)));
+        assert_eq!(decode_vxlan(sender, &[0x08, 0, 0]), Err(Undecodable::TruncatedVxlan));
+        let mut no_vni = vxlan(2, &frame);
+        no_vni[0] = 0;
+        assert_eq!(decode_vxlan(sender, &no_vni), Err(Undecodable::VxlanFlags));
+        assert_eq!(decode_vxlan(sender, &vxlan(2, &frame[..10])), Err(Undecodable::TruncatedFrame));
+    }
+
     #[test]
     fn vmsniff_gre_gives_session_and_direction_from_the_key() {
         let frame = ipv4_frame(100, 86);
@@ -298,10 +357,10 @@ pub mod tests {
             let copy = decode_ipv4(&packet).unwrap();
             assert_eq!(copy.kind, Kind::VmsniffGre);
             assert_eq!((copy.session, copy.direction, copy.sequence), (7, Some(Direction::In), Some(42)));
-            assert_eq!((copy.frame, copy.original_len, copy.sender), (&frame[..], 100, SENDER));
+            assert_eq!((copy.frame, copy.original_len, copy.sender), (&frame[..], 100, SENDER.into()));
         }
         let packet = gre(false, Some(14), Some(0), PROTO_TEB, &frame);
-        let copy = decode_gre(SENDER, &packet).unwrap();
+        let copy = decode_gre(SENDER.into(), &packet).unwrap();
         assert_eq!((copy.session, copy.direction), (7, Some(Direction::Out)));
     }
 
@@ -309,10 +368,10 @@ pub mod tests {
     fn plain_gre_mirrors_have_a_key_and_no_direction() {
         let frame = ipv4_frame(60, 46);
         let packet = gre(false, Some(5), None, PROTO_TEB, &frame);
-        let copy = decode_gre(SENDER, &packet).unwrap();
+        let copy = decode_gre(SENDER.into(), &packet).unwrap();
         assert_eq!((copy.kind, copy.session, copy.direction, copy.sequence), (Kind::PlainGre, 5, None, None));
         let packet = gre(true, None, None, PROTO_TEB, &frame);
-        let copy = decode_gre(SENDER, &packet).unwrap();
+        let copy = decode_gre(SENDER.into(), &packet).unwrap();
         assert_eq!((copy.kind, copy.session), (Kind::PlainGre, 0));
         assert_eq!(copy.original_len, 60, "padding is no truncation");
     }
@@ -325,7 +384,7 @@ pub mod tests {
                 let mut payload = erspan3(1023, d, 63, false, platform);
                 payload.extend_from_slice(&frame);
                 let packet = gre(false, None, Some(9), PROTO_ERSPAN_III, &payload);
-                let copy = decode_gre(SENDER, &packet).unwrap();
+                let copy = decode_gre(SENDER.into(), &packet).unwrap();
                 assert_eq!(copy.kind, Kind::ErspanIII);
                 assert_eq!((copy.session, copy.direction, copy.sequence), (1023, Some(direction), Some(9)));
                 assert_eq!(copy.frame, &frame[..]);
@@ -340,11 +399,11 @@ pub mod tests {
             let mut payload = erspan2(12, index);
             payload.extend_from_slice(&frame);
             let packet = gre(false, None, Some(1), PROTO_ERSPAN_II, &payload);
-            let copy = decode_gre(SENDER, &packet).unwrap();
+            let copy = decode_gre(SENDER.into(), &packet).unwrap();
             assert_eq!((copy.kind, copy.session, copy.direction), (Kind::ErspanII, 12, direction));
         }
         let packet = gre(false, None, None, PROTO_ERSPAN_II, &frame);
-        let copy = decode_gre(SENDER, &packet).unwrap();
+        let copy = decode_gre(SENDER.into(), &packet).unwrap();
         assert_eq!((copy.kind, copy.frame), (Kind::ErspanI, &frame[..]));
     }
 
@@ -352,13 +411,13 @@ pub mod tests {
     fn truncated_copies_get_their_original_length_from_the_ip_header() {
         let frame = ipv4_frame(64, 1486);
         let packet = gre(false, Some(2), Some(1), PROTO_TEB, &frame);
-        let copy = decode_gre(SENDER, &packet).unwrap();
+        let copy = decode_gre(SENDER.into(), &packet).unwrap();
         assert_eq!((copy.frame.len(), copy.original_len), (64, 1500));
 
         let mut payload = erspan3(3, 0, 0, true, false);
         payload.extend_from_slice(&frame);
         let packet = gre(false, None, Some(1), PROTO_ERSPAN_III, &payload);
-        let copy = decode_gre(SENDER, &packet).unwrap();
+        let copy = decode_gre(SENDER.into(), &packet).unwrap();
         assert_eq!(copy.original_len, 1500);
 
         let mut vlan = frame[..12].to_vec();
@@ -386,35 +445,35 @@ pub mod tests {
         assert_eq!(decode_ipv4(&ipv4(17, &[0; 40])), Err(Undecodable::NotGre));
         assert_eq!(decode_ipv4(&[0x60; 40]), Err(Undecodable::NotIpv4));
         assert_eq!(
-            decode_gre(SENDER, &gre(false, None, None, 0x0800, &frame)),
+            decode_gre(SENDER.into(), &gre(false, None, None, 0x0800, &frame)),
             Err(Undecodable::UnknownProtocol)
         );
         let mut pptp = gre(false, Some(1), None, 0x880b, &frame);
         pptp[1] |= 1;
-        assert_eq!(decode_gre(SENDER, &pptp), Err(Undecodable::GreVersion));
+        assert_eq!(decode_gre(SENDER.into(), &pptp), Err(Undecodable::GreVersion));
 
         let mut bad = erspan3(3, 0, 0, false, false);
         bad[0] = 0x30;
         bad.extend_from_slice(&frame);
         assert_eq!(
-            decode_gre(SENDER, &gre(false, None, Some(1), PROTO_ERSPAN_III, &bad)),
+            decode_gre(SENDER.into(), &gre(false, None, Some(1), PROTO_ERSPAN_III, &bad)),
             Err(Undecodable::ErspanVersion)
         );
         let mut bad = erspan2(3, 0);
         bad[0] = 0x20;
         bad.extend_from_slice(&frame);
         assert_eq!(
-            decode_gre(SENDER, &gre(false, None, Some(1), PROTO_ERSPAN_II, &bad)),
+            decode_gre(SENDER.into(), &gre(false, None, Some(1), PROTO_ERSPAN_II, &bad)),
             Err(Undecodable::ErspanVersion)
         );
         assert_eq!(
-            decode_gre(SENDER, &gre(false, None, Some(1), PROTO_ERSPAN_III, &[0x20, 0, 0])),
+            decode_gre(SENDER.into(), &gre(false, None, Some(1), PROTO_ERSPAN_III, &[0x20, 0, 0])),
             Err(Undecodable::TruncatedErspan)
         );
         let mut ip_frames = erspan3(3, 0, 0, false, false);
         ip_frames[10] |= 2 << 2;
         assert_eq!(
-            decode_gre(SENDER, &gre(false, None, Some(1), PROTO_ERSPAN_III, &ip_frames)),
+            decode_gre(SENDER.into(), &gre(false, None, Some(1), PROTO_ERSPAN_III, &ip_frames)),
             Err(Undecodable::ErspanFrameType)
         );
         // An IHL larger than the packet, a total length smaller than the header.

@@ -1,6 +1,10 @@
 //! `--names [SENDER=]FILE`: what `vmsniff status --json` printed on a hypervisor, so that the
 //! capture's interfaces are named after the VM (or tap) and session rather than by number.
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -32,7 +36,7 @@ pub enum NamesError {
 /// `--names [SENDER=]FILE`, as given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamesArg {
-    pub sender: Option<Ipv4Addr>,
+    pub sender: Option<IpAddr>,
     pub path: PathBuf,
 }
 
@@ -40,7 +44,7 @@ pub fn parse_names_arg(text: &str) -> Result<NamesArg, String> {
     match text.split_once('=') {
         Some((sender, path)) => {
             let sender = sender.parse().map_err(|_| {
-                format!("--names {text:?}: {sender:?} is not an IPv4 address; give SENDER=FILE or FILE")
+                format!("--names {text:?}: {sender:?} is not an IP address; give SENDER=FILE or FILE")
             })?;
             Ok(NamesArg { sender: Some(sender), path: path.into() })
         }
@@ -72,7 +76,7 @@ struct SessionEntry {
 /// Names of sessions, by (sender or any, ERSPAN or GRE, key).
 #[derive(Clone, Debug, Default)]
 pub struct Names {
-    by_key: BTreeMap<(Option<Ipv4Addr>, bool, u32), Named>,
+    by_key: BTreeMap<(Option<IpAddr>, bool, u32), Named>,
     /// `--fleet`: fleet mirrors by key K, "NAME (VM nic N)". Their copies share one interface
     /// whichever node sends them.
     fleet: BTreeMap<u32, String>,
@@ -111,14 +115,14 @@ impl Names {
     pub fn fleet_interface(&self, key: &StreamKey) -> Option<InterfaceKey> {
         let interface = key.interface();
         (!interface.plain && self.fleet.contains_key(&interface.session))
-            .then_some(InterfaceKey { sender: Ipv4Addr::UNSPECIFIED, ..interface })
+            .then_some(InterfaceKey { sender: IpAddr::V4(Ipv4Addr::UNSPECIFIED), ..interface })
     }
 
     fn fleet_name(&self, key: &InterfaceKey) -> Option<&String> {
         self.fleet.get(&key.session).filter(|_| !key.plain)
     }
 
-    fn add(&mut self, sender: Option<Ipv4Addr>, text: &str) -> Result<(), AddError> {
+    fn add(&mut self, sender: Option<IpAddr>, text: &str) -> Result<(), AddError> {
         let file: StatusFile = serde_json::from_str(text).map_err(AddError::Parse)?;
         if file.version != 1 {
             return Err(AddError::Version(file.version));
@@ -163,10 +167,11 @@ impl Names {
 
     /// The interface description: everything known about the stream.
     pub fn interface_description(&self, key: &InterfaceKey) -> String {
-        let what = match (key.plain, key.erspan) {
-            (true, _) => format!("GRE mirror key {}", key.session),
-            (false, true) => format!("ERSPAN span id {}", key.session),
-            (false, false) => format!("vmsniff GRE key {}", key.session),
+        let what = match (key.plain, key.erspan, key.vxlan) {
+            (true, _, _) => format!("GRE mirror key {}", key.session),
+            (false, true, _) => format!("ERSPAN span id {}", key.session),
+            (false, false, true) => format!("vmsniff VXLAN key {}", key.session),
+            (false, false, false) => format!("vmsniff GRE key {}", key.session),
         };
         if let Some(name) = self.fleet_name(key) {
             return format!("fleet mirror {name}: {what}, from whichever node runs it");
@@ -189,6 +194,8 @@ enum AddError {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const STATUS: &str = r#"{"version": 1, "sessions": [
@@ -198,7 +205,7 @@ mod tests {
     ]}"#;
 
     fn key(sender: [u8; 4], erspan: bool, session: u32) -> InterfaceKey {
-        InterfaceKey { sender: Ipv4Addr::from(sender), erspan, plain: false, session }
+        InterfaceKey { sender: Ipv4Addr::from(sender).into(), erspan, plain: false, vxlan: false, session }
     }
 
     #[test]
@@ -227,7 +234,7 @@ mod tests {
         names.add(None, STATUS).unwrap();
         names
             .add(
-                Some(Ipv4Addr::new(192, 0, 2, 5)),
+                Some(Ipv4Addr::new(192, 0, 2, 5).into()),
                 r#"{"version":1,"sessions":[{"session":9,"tap":"tapx","key":7}]}"#,
             )
             .unwrap();
@@ -240,7 +247,7 @@ mod tests {
         let mut names = Names::default();
         names.set_fleet(BTreeMap::from([(7, "web (c-private nic 0)".to_owned())]));
         let stream = |sender: [u8; 4]| StreamKey {
-            sender: Ipv4Addr::from(sender),
+            sender: Ipv4Addr::from(sender).into(),
             kind: super::super::decode::Kind::VmsniffGre,
             session: 7,
             direction: None,
@@ -262,8 +269,9 @@ mod tests {
         ));
         assert_eq!(
             parse_names_arg("192.0.2.1=/x.json"),
-            Ok(NamesArg { sender: Some(Ipv4Addr::new(192, 0, 2, 1)), path: "/x.json".into() })
+            Ok(NamesArg { sender: Some(Ipv4Addr::new(192, 0, 2, 1).into()), path: "/x.json".into() })
         );
+        assert_eq!(parse_names_arg("2001:db8::1=/x.json").unwrap().sender, "2001:db8::1".parse().ok());
         assert_eq!(parse_names_arg("/x.json").unwrap().sender, None);
         assert!(parse_names_arg("host=/x.json").is_err());
         let missing =

@@ -1,13 +1,17 @@
-//! The receive loop: a raw IPv4 socket for GRE (protocol 47; CAP_NET_RAW is enough, no tunnel
-//! device), decode, count, write; signals for the summary and the end.
+//! The receive loop: raw sockets for GRE over IPv4 and IPv6 (protocol 47; CAP_NET_RAW is
+//! enough, no tunnel device) and, with `--vxlan-port`, a UDP socket for VXLAN (no privilege at
+//! all above port 1023); decode, count, write; signals for the summary and the end.
 use std::{
     io::{self, IoSliceMut, IsTerminal as _, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, SystemTime},
 };
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
+use futures::future::select_all;
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrIn6, SockaddrStorage, bind, recvmsg, setsockopt, sockopt,
+};
 use thiserror::Error;
 use tokio::{
     io::unix::AsyncFd,
@@ -30,10 +34,16 @@ const RECEIVE_BUFFER: usize = 8 << 20;
 #[derive(Debug, Error)]
 pub enum CollectError {
     #[error(
-        "cannot open a raw IPv4 socket for GRE: vmsniff collect needs CAP_NET_RAW (run it as \
-         root, or grant it with `setcap cap_net_raw+ep $(command -v vmsniff)`)"
+        "cannot open a raw IPv4 socket for GRE: vmsniff collect needs CAP_NET_RAW for GRE and ERSPAN \
+         (run it as root, or grant it with `setcap cap_net_raw+ep $(command -v vmsniff)`); VXLAN \
+         alone (--vxlan-port) needs no privilege"
     )]
     NoPermission(#[source] io::Error),
+    #[error(
+        "UDP port {port} is taken on this host (a VXLAN device, another collector: `ss -ulpn sport = :{port}`); \
+         stop it, or have the hypervisors send to another port (attach --port) and give that here"
+    )]
+    PortInUse { port: u16 },
     #[error("{op}")]
     Socket {
         op: &'static str,
@@ -44,51 +54,76 @@ pub enum CollectError {
     Capture(#[from] PcapngError),
 }
 
-/// An IPv4 network, for `--from`.
+/// An IPv4 or IPv6 network, for `--from`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
-    pub network: Ipv4Addr,
+    pub network: IpAddr,
     pub prefix: u8,
 }
 
 impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
-        u32::from(ip) & mask == u32::from(self.network) & mask
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net) & mask
+            }
+            _ => false,
+        }
     }
 }
 
-/// `--from`: `10.0.0.0/8`, or an address alone (/32).
+/// `--from`: `10.0.0.0/8`, `2001:db8::/32`, or an address alone (/32, /128).
 pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
     let err = || {
-        format!("--from {text:?}: give a sender's IPv4 address or network, such as 192.0.2.1 or 10.0.0.0/8")
+        format!(
+            "--from {text:?}: give a sender's address or network, such as 192.0.2.1, 10.0.0.0/8 or \
+             2001:db8::/32"
+        )
     };
-    if text.contains(':') {
-        return Err(format!(
-            "--from {text:?}: vmsniff collect receives GRE over IPv4 only; give IPv4 senders"
-        ));
-    }
     let (ip, prefix) = match text.split_once('/') {
-        Some((ip, prefix)) => (ip, prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(err)?),
-        None => (text, 32),
+        Some((ip, prefix)) => (ip, Some(prefix.parse::<u8>().map_err(|_| err())?)),
+        None => (text, None),
     };
-    Ok(Cidr { network: ip.parse().map_err(|_| err())?, prefix })
+    let network: IpAddr = ip.parse().map_err(|_| err())?;
+    let bits = if network.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix.unwrap_or(bits);
+    if prefix > bits {
+        return Err(err());
+    }
+    Ok(Cidr { network, prefix })
 }
 
 pub struct Options {
     pub from: Vec<Cidr>,
+    /// VXLAN's UDP port, when VXLAN is received too.
+    pub vxlan_port: Option<u16>,
     pub destination: Destination,
     pub rotate: Option<Rotate>,
     pub count: Option<u64>,
     pub names: Names,
 }
 
-/// A raw socket receiving every GRE packet addressed to this host, with kernel timestamps and
-/// the count of what its buffer dropped.
-pub struct GreSocket {
+/// What one socket receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    /// Raw IPv4, protocol GRE: whole IPv4 packets.
+    GreV4,
+    /// Raw IPv6, protocol GRE: the GRE header onward; the sender in the address.
+    GreV6,
+    /// UDP on the VXLAN port, both families: the VXLAN header onward.
+    Vxlan,
+}
+
+/// A socket receiving copies addressed to this host, with kernel timestamps and the count of
+/// what its buffer dropped.
+struct Socket {
     fd: AsyncFd<OwnedFd>,
-    buf: Vec<u8>,
-    cmsg: Vec<u8>,
+    listener: Listener,
 }
 
 /// One received packet.
@@ -96,28 +131,56 @@ struct Received {
     timestamp: Duration,
     len: usize,
     drops: Option<u32>,
+    /// The sender's address, for sockets whose packets do not start with an IPv4 header.
+    from: Option<IpAddr>,
 }
 
-impl GreSocket {
-    /// Must be called inside a tokio runtime.
-    pub fn open() -> Result<GreSocket, CollectError> {
-        // SAFETY: plain socket(2); the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_GRE,
-            )
-        };
-        if raw < 0 {
-            let error = io::Error::last_os_error();
-            return Err(match error.raw_os_error() {
-                Some(libc::EPERM | libc::EACCES) => CollectError::NoPermission(error),
-                _ => CollectError::Socket { op: "cannot open a raw IPv4 socket for GRE", source: error },
-            });
+/// A fresh non-blocking socket, or the OS error.
+fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked.
+    let raw = unsafe { libc::socket(domain, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor this function owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+impl Socket {
+    /// The sockets `options` ask for. Must be called inside a tokio runtime.
+    fn open_all(options: &Options) -> Result<Vec<Socket>, CollectError> {
+        let mut sockets = Vec::new();
+        match socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_GRE) {
+            Ok(fd) => sockets.push(Socket::ready(fd, Listener::GreV4)?),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+                if options.vxlan_port.is_none() {
+                    return Err(CollectError::NoPermission(e));
+                }
+                log::warn!("no CAP_NET_RAW: receiving VXLAN only (GRE and ERSPAN need raw sockets)");
+            }
+            Err(source) => {
+                return Err(CollectError::Socket { op: "cannot open a raw IPv4 socket for GRE", source });
+            }
         }
-        // SAFETY: `raw` is a fresh descriptor this function owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if !sockets.is_empty() {
+            match socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_GRE) {
+                Ok(fd) => sockets.push(Socket::ready(fd, Listener::GreV6)?),
+                // A host without IPv6 receives GRE over IPv4 only.
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    log::warn!("this host has no IPv6: receiving GRE over IPv4 only");
+                }
+                Err(source) => {
+                    return Err(CollectError::Socket { op: "cannot open a raw IPv6 socket for GRE", source });
+                }
+            }
+        }
+        if let Some(port) = options.vxlan_port {
+            sockets.push(Socket::ready(udp_socket(port)?, Listener::Vxlan)?);
+        }
+        Ok(sockets)
+    }
+
+    fn ready(fd: OwnedFd, listener: Listener) -> Result<Socket, CollectError> {
         let option = |op: &'static str| move |e: nix::Error| CollectError::Socket { op, source: e.into() };
         setsockopt(&fd, sockopt::ReceiveTimestampns, &true)
             .map_err(option("cannot ask for receive timestamps"))?;
@@ -130,13 +193,14 @@ impl GreSocket {
         // SAFETY: the AsyncFd owns the descriptor, which stays open for as long as it lives.
         let fd = unsafe { AsyncFd::register(fd) }
             .map_err(|e| CollectError::Socket { op: "cannot poll the socket", source: e.into_parts().1 })?;
-        Ok(GreSocket { fd, buf: vec![0; 65536], cmsg: nix::cmsg_space!(nix::sys::time::TimeSpec, u32) })
+        Ok(Socket { fd, listener })
     }
 
     fn try_recv(fd: &OwnedFd, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<Received> {
         let mut iov = [IoSliceMut::new(buf)];
-        let message = recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
-        let mut received = Received { timestamp: Duration::ZERO, len: message.bytes, drops: None };
+        let message = recvmsg::<SockaddrStorage>(fd.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
+        let from = message.address.and_then(|a| sender_of(&a));
+        let mut received = Received { timestamp: Duration::ZERO, len: message.bytes, drops: None, from };
         for c in message.cmsgs()? {
             match c {
                 ControlMessageOwned::ScmTimestampns(ts) => {
@@ -151,6 +215,42 @@ impl GreSocket {
         }
         Ok(received)
     }
+}
+
+/// A UDP socket on `port` of every address, IPv4 and IPv6 (one dual-stack socket; IPv4 alone on
+/// a host without IPv6).
+fn udp_socket(port: u16) -> Result<OwnedFd, CollectError> {
+    let failed = |op: &'static str| move |source: io::Error| CollectError::Socket { op, source };
+    let bound =
+        |fd: OwnedFd, address: &dyn nix::sys::socket::SockaddrLike| match bind(fd.as_raw_fd(), address) {
+            Ok(()) => Ok(fd),
+            Err(nix::Error::EADDRINUSE) => Err(CollectError::PortInUse { port }),
+            Err(e) => Err(CollectError::Socket { op: "cannot bind the VXLAN socket", source: e.into() }),
+        };
+    match socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP) {
+        Ok(fd) => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &false).map_err(|e| CollectError::Socket {
+                op: "cannot receive IPv4 on the VXLAN socket",
+                source: e.into(),
+            })?;
+            bound(fd, &SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(failed("cannot open a UDP socket for VXLAN"))?;
+            bound(fd, &nix::sys::socket::SockaddrIn::new(0, 0, 0, 0, port))
+        }
+        Err(source) => Err(CollectError::Socket { op: "cannot open a UDP socket for VXLAN", source }),
+    }
+}
+
+/// The sender's address; an IPv4 sender on the dual-stack socket arrives IPv4-mapped.
+fn sender_of(address: &SockaddrStorage) -> Option<IpAddr> {
+    if let Some(v4) = address.as_sockaddr_in() {
+        return Some(IpAddr::V4(v4.ip()));
+    }
+    let v6 = address.as_sockaddr_in6()?.ip();
+    Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
 }
 
 /// Why the loop ended.
@@ -173,11 +273,17 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
         signal(SignalKind::hangup())?,
         signal(SignalKind::user_defined1())?,
     );
-    let GreSocket { fd, mut buf, mut cmsg } = GreSocket::open()?;
+    let sockets = Socket::open_all(options)?;
+    let (mut buf, mut cmsg) = (vec![0; 65536], nix::cmsg_space!(nix::sys::time::TimeSpec, u32));
     let mut capture: Capture<InterfaceKey> = Capture::open(options.destination.clone(), options.rotate)?;
+    let what = match (sockets.iter().any(|s| s.listener != Listener::Vxlan), options.vxlan_port) {
+        (true, Some(port)) => format!("GRE and ERSPAN copies, and VXLAN on UDP port {port},"),
+        (false, Some(port)) => format!("VXLAN copies on UDP port {port}"),
+        (_, None) => "GRE and ERSPAN copies".to_owned(),
+    };
     match capture.current_path() {
-        Some(path) => log::info!("collecting GRE and ERSPAN copies into {}", path.display()),
-        None => log::info!("collecting GRE and ERSPAN copies to stdout"),
+        Some(path) => log::info!("collecting {what} into {}", path.display()),
+        None => log::info!("collecting {what} to stdout"),
     }
     let live = io::stderr().is_terminal();
     let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
@@ -202,11 +308,13 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
                     let _ = io::stderr().flush();
                 }
             }
-            ready = fd.readable() => {
+            (ready, index, _) = select_all(sockets.iter().map(|s| Box::pin(s.fd.readable()))) => {
                 let mut guard = ready.map_err(|source| CollectError::Socket { op: "waiting for packets", source })?;
                 let mut buffers = (&mut buf[..], &mut cmsg);
+                let listener = sockets[index].listener;
                 // Held for one batch, no await inside: a scrape waits at most that long.
-                let counted = receive_batch(&mut buffers, &mut guard, options, &mut lock(stats), &mut capture);
+                let counted =
+                    receive_batch(&mut buffers, listener, &mut guard, options, &mut lock(stats), &mut capture);
                 match counted {
                     Ok(false) => {}
                     Ok(true) => break Ended::Count,
@@ -241,25 +349,26 @@ fn pipe_or_error(error: PcapngError) -> Result<Ended, CollectError> {
 /// Reads up to [`BATCH`] packets; `Ok(true)` once `--count` copies are written.
 fn receive_batch(
     (buf, cmsg): &mut (&mut [u8], &mut Vec<u8>),
+    listener: Listener,
     guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
     options: &Options,
     stats: &mut Stats,
     capture: &mut Capture<InterfaceKey>,
 ) -> Result<bool, CollectError> {
     for _ in 0..BATCH {
-        let received = match guard.try_io(|fd| GreSocket::try_recv(fd.get_ref(), buf, cmsg)) {
+        let received = match guard.try_io(|fd| Socket::try_recv(fd.get_ref(), buf, cmsg)) {
             Ok(Ok(received)) => received,
             Ok(Err(source)) => {
-                return Err(CollectError::Socket { op: "receiving from the GRE socket", source });
+                return Err(CollectError::Socket { op: "receiving from a collector socket", source });
             }
             // Would block: everything is read; the guard is cleared for the next wakeup.
             Err(_would_block) => return Ok(false),
         };
         if let Some(drops) = received.drops {
-            stats.socket_drops = u64::from(drops);
+            stats.socket_drops.insert(listener as usize, u64::from(drops));
         }
         let packet = &buf[..received.len];
-        if handle(packet, received.timestamp, options, stats, capture)? {
+        if handle(listener, packet, received.from, received.timestamp, options, stats, capture)? {
             return Ok(true);
         }
     }
@@ -267,25 +376,38 @@ fn receive_batch(
 }
 
 /// Decodes, counts and writes one packet; `Ok(true)` once `--count` copies are written.
+/// A raw IPv4 socket's packet names its sender in its header; the others' come with `from`.
 fn handle(
+    listener: Listener,
     packet: &[u8],
+    from: Option<IpAddr>,
     timestamp: Duration,
     options: &Options,
     stats: &mut Stats,
     capture: &mut Capture<InterfaceKey>,
 ) -> Result<bool, CollectError> {
-    let sender = match decode::ipv4_source(packet) {
-        Ok(sender) => sender,
-        Err(why) => {
-            stats.undecodable(why);
-            return Ok(false);
-        }
+    let sender = match (listener, from) {
+        (Listener::GreV4, _) => match decode::ipv4_source(packet) {
+            Ok(sender) => IpAddr::V4(sender),
+            Err(why) => {
+                stats.undecodable(why);
+                return Ok(false);
+            }
+        },
+        (_, Some(sender)) => sender,
+        // Datagram sockets always name the sender: nothing to attribute the packet to otherwise.
+        (_, None) => return Ok(false),
     };
     if !options.from.is_empty() && !options.from.iter().any(|c| c.contains(sender)) {
         stats.ignored += 1;
         return Ok(false);
     }
-    let copy: Copy = match decode::decode_ipv4(packet) {
+    let decoded = match listener {
+        Listener::GreV4 => decode::decode_ipv4(packet),
+        Listener::GreV6 => decode::decode_gre(sender, packet),
+        Listener::Vxlan => decode::decode_vxlan(sender, packet),
+    };
+    let copy: Copy = match decoded {
         Ok(copy) => copy,
         Err(why) => {
             stats.undecodable(why);
@@ -331,16 +453,65 @@ mod tests {
 
     #[test]
     fn senders_are_filtered_by_network() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         let net = parse_cidr("10.1.0.0/16").unwrap();
-        assert!(net.contains(Ipv4Addr::new(10, 1, 200, 3)));
-        assert!(!net.contains(Ipv4Addr::new(10, 2, 0, 1)));
+        assert!(net.contains(ip("10.1.200.3")));
+        assert!(!net.contains(ip("10.2.0.1")));
         let host = parse_cidr("192.0.2.1").unwrap();
-        assert!(host.contains(Ipv4Addr::new(192, 0, 2, 1)) && !host.contains(Ipv4Addr::new(192, 0, 2, 2)));
-        assert!(parse_cidr("0.0.0.0/0").unwrap().contains(Ipv4Addr::new(203, 0, 113, 9)));
-        for bad in ["", "10.0.0.0/33", "10.0.0/8", "host", "fe80::1/64", "10.0.0.0/"] {
+        assert!(host.contains(ip("192.0.2.1")) && !host.contains(ip("192.0.2.2")));
+        assert!(parse_cidr("0.0.0.0/0").unwrap().contains(ip("203.0.113.9")));
+        assert!(!parse_cidr("0.0.0.0/0").unwrap().contains(ip("2001:db8::1")), "families never mix");
+        let net6 = parse_cidr("2001:db8:5::/48").unwrap();
+        assert!(net6.contains(ip("2001:db8:5:1::9")) && !net6.contains(ip("2001:db8:6::9")));
+        assert!(parse_cidr("fe80::1").unwrap().contains(ip("fe80::1")));
+        assert!(parse_cidr("::/0").unwrap().contains(ip("2001:db8::1")));
+        assert!(!parse_cidr("::/0").unwrap().contains(ip("192.0.2.1")));
+        for bad in ["", "10.0.0.0/33", "10.0.0/8", "host", "2001:db8::/129", "10.0.0.0/"] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
-        assert!(parse_cidr("fe80::1").unwrap_err().contains("IPv4 only"));
+    }
+
+    #[test]
+    fn vxlan_and_ipv6_gre_take_the_sender_from_the_socket() {
+        use crate::collect::decode::tests::{gre, ipv4_frame, vxlan};
+        let dir = std::env::temp_dir().join(format!("vmsniff-handle6-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sender: IpAddr = "2001:db8::1".parse().unwrap();
+        let options = Options {
+            from: vec![parse_cidr("2001:db8::/64").unwrap()],
+            vxlan_port: Some(4789),
+            destination: Destination::File(dir.join("cap.pcapng")),
+            rotate: None,
+            count: None,
+            names: Names::default(),
+        };
+        let mut stats = Stats::default();
+        let mut capture = Capture::open(options.destination.clone(), None).unwrap();
+        let frame = ipv4_frame(60, 46);
+        let mut handle = |listener, packet: &[u8], from: Option<IpAddr>| {
+            handle(listener, packet, from, Duration::ZERO, &options, &mut stats, &mut capture).unwrap()
+        };
+        handle(Listener::Vxlan, &vxlan(15, &frame), Some(sender));
+        handle(
+            Listener::GreV6,
+            &gre(false, Some(14), Some(0), crate::model::wire::PROTO_TEB, &frame),
+            Some(sender),
+        );
+        handle(Listener::Vxlan, &vxlan(15, &frame), Some("2001:db9::1".parse().unwrap()));
+        handle(Listener::Vxlan, &vxlan(15, &frame), None);
+        assert_eq!((stats.written, stats.ignored), (2, 1));
+        let kinds: Vec<_> =
+            stats.streams.keys().map(|k| (k.kind, k.session, k.direction, k.sender)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (decode::Kind::VmsniffGre, 7, Some(vmsniff_ebpf::Direction::Out), sender),
+                (decode::Kind::Vxlan, 7, Some(vmsniff_ebpf::Direction::In), sender)
+            ]
+        );
+        let summary = render_summary(&stats, |k| k.session.to_string());
+        assert!(summary.contains("VXLAN carries no sequence numbers"), "{summary}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -351,6 +522,7 @@ mod tests {
         let path = dir.join("cap.pcapng");
         let options = Options {
             from: vec![parse_cidr(&SENDER.to_string()).unwrap()],
+            vxlan_port: None,
             destination: Destination::File(path.clone()),
             rotate: None,
             count: Some(3),
@@ -367,14 +539,18 @@ mod tests {
             // A flood of garbage from a stranger, and from the listed sender.
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
             let mut junk: Vec<u8> = (0..(x % 90) as usize).map(|j| (x >> (j % 24)) as u8).collect();
-            assert!(!handle(&stranger, Duration::ZERO, &options, &mut stats, &mut capture).unwrap());
+            assert!(
+                !handle(Listener::GreV4, &stranger, None, Duration::ZERO, &options, &mut stats, &mut capture)
+                    .unwrap()
+            );
             if junk.len() > 16 {
                 junk[0] = 0x45;
                 junk[12..16].copy_from_slice(&SENDER.octets());
             }
-            handle(&junk, Duration::ZERO, &options, &mut stats, &mut capture).unwrap();
+            handle(Listener::GreV4, &junk, None, Duration::ZERO, &options, &mut stats, &mut capture).unwrap();
             if i % 400 == 0 {
-                handle(&good, Duration::ZERO, &options, &mut stats, &mut capture).unwrap();
+                handle(Listener::GreV4, &good, None, Duration::ZERO, &options, &mut stats, &mut capture)
+                    .unwrap();
             }
         }
         assert_eq!(stats.ignored, 1000);
@@ -383,7 +559,7 @@ mod tests {
         let mut more = good.clone();
         more[20 + 11] = 4;
         assert!(
-            handle(&more, Duration::ZERO, &options, &mut stats, &mut capture).unwrap(),
+            handle(Listener::GreV4, &more, None, Duration::ZERO, &options, &mut stats, &mut capture).unwrap(),
             "--count 3 reached"
         );
         capture.flush().unwrap();

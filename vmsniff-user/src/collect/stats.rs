@@ -4,7 +4,7 @@
 //! send GRE to the collector could otherwise grow it (and the metrics' series) without end.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
@@ -105,7 +105,7 @@ impl Sequence {
 /// One stream of copies: a sender's session in one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
-    pub sender: Ipv4Addr,
+    pub sender: IpAddr,
     pub kind: Kind,
     pub session: u32,
     pub direction: Option<Direction>,
@@ -118,17 +118,20 @@ impl StreamKey {
             sender: self.sender,
             erspan: self.kind.is_erspan(),
             plain: self.kind == Kind::PlainGre,
+            vxlan: self.kind == Kind::Vxlan,
             session: self.session,
         }
     }
 }
 
-/// One pcapng interface: a sender's session (vmsniff GRE, ERSPAN or a plain GRE mirror's key).
+/// One pcapng interface: a sender's session (vmsniff GRE or VXLAN, ERSPAN or a plain GRE
+/// mirror's key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InterfaceKey {
-    pub sender: Ipv4Addr,
+    pub sender: IpAddr,
     pub erspan: bool,
     pub plain: bool,
+    pub vxlan: bool,
     pub session: u32,
 }
 
@@ -147,8 +150,9 @@ pub struct Stats {
     pub undecodable: BTreeMap<Undecodable, u64>,
     /// Packets from senders outside `--from`.
     pub ignored: u64,
-    /// Packets the kernel dropped because this process did not read fast enough.
-    pub socket_drops: u64,
+    /// Packets the kernel dropped because this process did not read fast enough: each socket's
+    /// running count, by socket.
+    pub socket_drops: BTreeMap<usize, u64>,
     /// Copies written to the capture.
     pub written: u64,
     /// Copies of a new stream refused because [`MAX_STREAMS`] streams are counted already.
@@ -160,7 +164,7 @@ pub struct Stats {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Moves {
-    pub last: Ipv4Addr,
+    pub last: IpAddr,
     pub moves: u64,
 }
 
@@ -235,7 +239,7 @@ impl Stats {
             undecodable: self.undecodable.clone(),
             ignored: self.ignored,
             refused_streams: self.refused_streams,
-            socket_drops: self.socket_drops,
+            socket_drops: self.socket_drops.values().sum(),
             written: self.written,
         }
     }
@@ -327,14 +331,20 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
         stats.undecodable_total(),
         if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
         stats.ignored,
-        stats.socket_drops,
+        stats.socket_drops.values().sum::<u64>(),
         if stats.refused_streams > 0 {
             format!("; refused (over {MAX_STREAMS} streams) {}", stats.refused_streams)
         } else {
             String::new()
         }
     ));
-    // After the closing line: the rows above keep their shape for readers of the summary.
+    if stats.streams.keys().any(|k| k.kind == Kind::Vxlan) {
+        out.push_str(
+            "VXLAN carries no sequence numbers: its lost and reordered copies cannot be counted (-); \
+             --encap gre counts them\n",
+        );
+    }
+    // After the closing lines: the rows above keep their shape for readers of the summary.
     for (interface, m) in stats.moves.iter().filter(|(_, m)| m.moves > 0) {
         out.push_str(&format!(
             "{}: moved {} time(s) to another sender, last {} (not counted as lost)\n",
@@ -367,6 +377,8 @@ pub fn render_live(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) -> St
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn run(seqs: &[u32]) -> Sequence {
@@ -403,10 +415,16 @@ mod tests {
     #[test]
     fn a_fleet_mirrors_move_is_counted_apart_from_losses() {
         let mut stats = Stats::default();
-        let (a, b) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        let (a, b): (IpAddr, IpAddr) =
+            (Ipv4Addr::new(192, 0, 2, 1).into(), Ipv4Addr::new(192, 0, 2, 2).into());
         let key = |sender| StreamKey { sender, kind: Kind::VmsniffGre, session: 7, direction: None };
-        let interface =
-            InterfaceKey { sender: Ipv4Addr::UNSPECIFIED, erspan: false, plain: false, session: 7 };
+        let interface = InterfaceKey {
+            sender: Ipv4Addr::UNSPECIFIED.into(),
+            erspan: false,
+            plain: false,
+            vxlan: false,
+            session: 7,
+        };
         for seq in 0..5 {
             stats.fleet_copy(interface, key(a), 60, Some(seq));
         }
@@ -430,7 +448,7 @@ mod tests {
     fn the_summary_names_streams_and_reasons() {
         let mut stats = Stats::default();
         let key = StreamKey {
-            sender: Ipv4Addr::new(192, 0, 2, 1),
+            sender: std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
             kind: Kind::VmsniffGre,
             session: 3,
             direction: Some(Direction::Out),
@@ -453,7 +471,7 @@ mod tests {
     fn the_stream_table_is_bounded_and_refusals_are_counted() {
         let mut stats = Stats::default();
         let key = |session| StreamKey {
-            sender: Ipv4Addr::new(198, 51, 100, 7),
+            sender: Ipv4Addr::new(198, 51, 100, 7).into(),
             kind: Kind::VmsniffGre,
             session,
             direction: Some(Direction::In),

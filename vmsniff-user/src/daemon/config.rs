@@ -460,6 +460,28 @@ to-dev = "mir0"
     }
 
     #[test]
+    fn underlay_keys_are_spelled_like_the_flags() {
+        let config = parse_ok(
+            "[session.v]\nvm = \"c-private\"\nto = \"2001:db8::2\"\nencap = \"vxlan\"\nport = 8472\ntos = 32\n",
+        );
+        let spec = &config.sessions["v"].spec;
+        assert_eq!(
+            spec.destination,
+            crate::service::spec::Destination::Collector {
+                remote: "2001:db8::2".parse().unwrap(),
+                ttl: 64,
+                tos: 32,
+                encap: crate::model::wire::Encap::Vxlan { port: 8472 },
+            }
+        );
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"192.0.2.2\"\nencap = \"vxlan\"\nport = 0\n");
+        assert!(e.message.contains("port 0 is no destination"), "{e}");
+        let e = parse_err("[session.a]\nvm = \"x\"\nto = \"fe80::2\"\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("link-local"), "{e}");
+    }
+
+    #[test]
     fn an_empty_config_has_no_sessions() {
         let config = parse_ok("");
         assert!(config.sessions.is_empty());

@@ -10,7 +10,7 @@ use vmsniff_ebpf::MAX_GRE_USER_KEY;
 
 use super::etcd::{EtcdError, call};
 use crate::{
-    model::wire::{Encap, MAX_ERSPAN_KEY},
+    model::wire::{Encap, MAX_ERSPAN_KEY, MAX_VXLAN_KEY},
     service::{ControlChange, Controls, Destination, MirrorSpec, spec::SpecError},
 };
 
@@ -221,6 +221,7 @@ pub fn check_declaration(name: &str, spec: &MirrorSpec) -> Result<(), StoreError
 pub fn key_limit(spec: &MirrorSpec) -> u32 {
     match spec.destination {
         Destination::Collector { encap: Encap::ErspanIII { .. } | Encap::ErspanII, .. } => MAX_ERSPAN_KEY,
+        Destination::Collector { encap: Encap::Vxlan { .. }, .. } => MAX_VXLAN_KEY,
         Destination::Collector { encap: Encap::Gre, .. } | Destination::Device { .. } => MAX_GRE_USER_KEY,
     }
 }
@@ -547,6 +548,7 @@ mod tests {
     #[test]
     fn erspan_keys_stay_within_its_ten_bits() {
         assert_eq!(key_limit(&spec(&["vm", "--to", "192.0.2.2", "--encap", "erspan"])), MAX_ERSPAN_KEY);
+        assert_eq!(key_limit(&spec(&["vm", "--to", "192.0.2.2", "--encap", "vxlan"])), MAX_VXLAN_KEY);
         assert_eq!(key_limit(&spec(&["vm", "--to", "192.0.2.2"])), MAX_GRE_USER_KEY);
     }
 

@@ -130,7 +130,7 @@ fn reason_label(message: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::{collections::BTreeMap, net::Ipv4Addr};
 
     use super::*;
     use crate::collect::{
@@ -139,7 +139,7 @@ mod tests {
     };
 
     fn key(session: u32, direction: Option<Direction>, kind: Kind) -> StreamKey {
-        StreamKey { sender: Ipv4Addr::new(192, 0, 2, 1), kind, session, direction }
+        StreamKey { sender: Ipv4Addr::new(192, 0, 2, 1).into(), kind, session, direction }
     }
 
     #[test]
@@ -152,7 +152,7 @@ mod tests {
         stats.undecodable(Undecodable::TruncatedGre);
         stats.undecodable(Undecodable::TruncatedGre);
         stats.ignored = 3;
-        stats.socket_drops = 2;
+        stats.socket_drops = BTreeMap::from([(0, 2)]);
         let text = render(&stats.snapshot()).unwrap();
         let stream = r#"{sender="192.0.2.1",encap="gre",key="7",direction="out"}"#;
         for line in [

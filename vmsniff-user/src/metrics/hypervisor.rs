@@ -326,6 +326,7 @@ mod tests {
                 tx_carrier_errors: 0,
             },
             erspan: None,
+            vxlan_port: None,
         };
         SessionStatus {
             session: 3,
@@ -334,10 +335,12 @@ mod tests {
             tap_ifindex: 4,
             vm: Some("c-private".into()),
             nic: Some(0),
-            to: Some(Ipv4Addr::new(192, 0, 2, 2)),
+            to: Some(Ipv4Addr::new(192, 0, 2, 2).into()),
+            family: Some("ipv4"),
             to_dev: None,
             encap: "gre",
             erspan_hwid: None,
+            port: None,
             key: Some(7),
             ttl: Some(64),
             tos: Some(0),

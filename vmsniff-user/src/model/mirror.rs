@@ -1,6 +1,9 @@
 //! What a mirror is made of, as typed values every layer shares: directions, the mirrored tap,
 //! where copies go, how programs attach, who keeps a session.
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+};
 
 use vmsniff_ebpf::{ATTACH_NETLINK, ATTACH_TCX, Direction};
 
@@ -107,9 +110,9 @@ impl AttachModeChoice {
 /// Where the copies go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// A collector reached over GRE (gretap, TEB 0x6558) or ERSPAN through vmsniff's own
-    /// devices.
-    Gre { remote: Ipv4Addr, ttl: u8, tos: u8, encap: Encap },
+    /// A collector reached over GRE (gretap, TEB 0x6558), ERSPAN or VXLAN, over IPv4 or IPv6,
+    /// through vmsniff's own devices. `ttl` is IPv6's hop limit, `tos` its traffic class.
+    Tunnel { remote: IpAddr, ttl: u8, tos: u8, encap: Encap },
     /// An existing local interface (`--to-dev`), for local analysis and for tests on kernels
     /// without GRE.
     LocalDev { name: String, ifindex: u32 },
@@ -118,9 +121,14 @@ pub enum Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Gre { remote, encap: Encap::Gre, .. } => write!(f, "{remote} (GRE)"),
-            Target::Gre { remote, encap: Encap::ErspanIII { .. }, .. } => write!(f, "{remote} (ERSPAN III)"),
-            Target::Gre { remote, encap: Encap::ErspanII, .. } => write!(f, "{remote} (ERSPAN II)"),
+            Target::Tunnel { remote, encap: Encap::Gre, .. } => write!(f, "{remote} (GRE)"),
+            Target::Tunnel { remote, encap: Encap::ErspanIII { .. }, .. } => {
+                write!(f, "{remote} (ERSPAN III)")
+            }
+            Target::Tunnel { remote, encap: Encap::ErspanII, .. } => write!(f, "{remote} (ERSPAN II)"),
+            Target::Tunnel { remote, encap: Encap::Vxlan { port }, .. } => {
+                write!(f, "{remote} (VXLAN, UDP port {port})")
+            }
             Target::LocalDev { name, .. } => write!(f, "device {name}"),
         }
     }
@@ -180,26 +188,53 @@ pub enum NicChoice {
     Mac(Mac),
 }
 
-/// A collector address: IPv4, unicast, routable.
-pub fn parse_collector(text: &str) -> Result<Ipv4Addr, String> {
-    if text.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Err(format!(
-            "{text}: IPv6 collectors are not supported yet; give the collector's IPv4 address"
-        ));
-    }
-    let ip = Ipv4Addr::from_str(text).map_err(|_| {
-        format!("{text:?} is not an IPv4 address; give the collector's address, for example --to 192.0.2.10")
+/// A collector address: IPv4 or IPv6, unicast, and for IPv6 not link-local.
+pub fn parse_collector(text: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP address; give the collector's IPv4 or IPv6 address, for example \
+             --to 192.0.2.10 or --to 2001:db8::10"
+        )
     })?;
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        return Err(format!(
-            "{ip} cannot be a collector: give the unicast address of the host that receives the copies"
-        ));
+    let unicast = "give the unicast address of the host that receives the copies";
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+            Err(format!("{v4} cannot be a collector: {unicast}"))
+        }
+        IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => {
+            Err(format!("{v6} cannot be a collector: {unicast}"))
+        }
+        // A tunnel toward a link-local address needs the link it is on, and vmsniff's devices
+        // follow the routing table instead: the copies could leave on any link, or none.
+        IpAddr::V6(v6) if is_link_local(v6) => Err(format!(
+            "{v6} is a link-local address, reachable only on one link, which a tunnel device \
+             does not name: give the collector's global or unique-local address"
+        )),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Err(format!("{v6} is an IPv4 address written as IPv6: give --to {v4}")),
+            None => Ok(ip),
+        },
+        IpAddr::V4(_) => Ok(ip),
     }
-    Ok(ip)
+}
+
+/// fe80::/10.
+fn is_link_local(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// An address family, as `status --json` spells it.
+pub fn family(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "ipv4",
+        IpAddr::V6(_) => "ipv6",
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -215,13 +250,29 @@ mod tests {
 
     #[test]
     fn collector_addresses_are_checked() {
-        assert_eq!(parse_collector("192.0.2.10").unwrap(), Ipv4Addr::new(192, 0, 2, 10));
-        for bad in
-            ["", "192.0.2", "192.0.2.300", "0.0.0.0", "255.255.255.255", "224.0.0.1", "host", "fe80::1"]
-        {
+        assert_eq!(parse_collector("192.0.2.10").unwrap(), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)));
+        assert_eq!(parse_collector("2001:db8::10").unwrap(), "2001:db8::10".parse::<IpAddr>().unwrap());
+        assert_eq!(parse_collector("fd00::1").unwrap(), "fd00::1".parse::<IpAddr>().unwrap());
+        for bad in [
+            "",
+            "192.0.2",
+            "192.0.2.300",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "host",
+            "fe80::1",
+            "febf::1",
+            "ff02::1",
+            "::",
+            "::ffff:192.0.2.1",
+        ] {
             assert!(parse_collector(bad).is_err(), "{bad}");
         }
-        assert!(parse_collector("fe80::1").unwrap_err().contains("IPv6"));
+        assert!(parse_collector("fe80::1").unwrap_err().contains("link-local"));
+        assert!(parse_collector("ff02::1").unwrap_err().contains("unicast"));
+        assert!(parse_collector("::ffff:192.0.2.1").unwrap_err().contains("--to 192.0.2.1"));
+        assert_eq!(family(parse_collector("2001:db8::1").unwrap()), "ipv6");
     }
 
     #[test]

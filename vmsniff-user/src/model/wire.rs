@@ -6,6 +6,7 @@
 //! | `gre` | 0x6558 (TEB) | key >> 1 | key & 1 (0 out, 1 in) | GRE S, per session and direction |
 //! | `erspan` (type III) | 0x22EB | span id = K | D bit (0 out, 1 in) | GRE S, per session and direction |
 //! | `erspan1` (type II) | 0x88BE | span id = K | port index (0 out, 1 in) | GRE S, per session and direction |
+//! | `vxlan` | none: UDP, `--port` | VNI >> 1 | VNI & 1 (0 out, 1 in) | none |
 use thiserror::Error;
 use vmsniff_ebpf::Direction;
 
@@ -24,6 +25,14 @@ pub const MAX_ERSPAN_SESSION: u32 = 0x3ff;
 pub const MAX_ERSPAN_KEY: u32 = MAX_ERSPAN_SESSION / 2;
 /// ERSPAN type III's hardware id has 6 bits.
 pub const MAX_ERSPAN_HWID: u8 = 63;
+/// VXLAN's UDP destination port (IANA), the default of `--port`.
+pub const VXLAN_PORT: u16 = 4789;
+/// VXLAN's network identifier has 24 bits: the VNI `K * 2 + d` needs K below 2^23.
+pub const MAX_VXLAN_KEY: u32 = (1 << 23) - 1;
+/// The UDP source ports of VXLAN copies (RFC 7348's dynamic range): the kernel picks one per
+/// flow of the mirrored traffic from its hash, so ECMP spreads the copies as it spreads the
+/// flows, and one flow's copies stay in order on one path.
+pub const VXLAN_SOURCE_PORTS: (u16, u16) = (49152, 65535);
 
 /// `--encap`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -35,14 +44,23 @@ pub enum EncapChoice {
     Erspan,
     /// ERSPAN type II, for collectors that only know it: span id K, the direction in the index.
     Erspan1,
+    /// VXLAN (UDP, --port, default 4789): VNI K*2+d, no sequence number; for paths that pass
+    /// only UDP.
+    Vxlan,
 }
 
 /// A checked encapsulation toward a collector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encap {
     Gre,
-    ErspanIII { hwid: u8 },
+    ErspanIII {
+        hwid: u8,
+    },
     ErspanII,
+    /// VXLAN toward this UDP destination port.
+    Vxlan {
+        port: u16,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -52,15 +70,22 @@ pub enum EncapError {
          --encap {encap})"
     )]
     HwidWithoutErspan { encap: &'static str },
+    #[error("--port sets VXLAN's UDP destination port: it needs --encap vxlan (it was --encap {encap})")]
+    PortWithoutVxlan { encap: &'static str },
 }
 
 impl EncapChoice {
-    /// The encapsulation; `hwid` (`--erspan-hwid`) only goes with `erspan`.
-    pub fn checked(self, hwid: Option<u8>) -> Result<Encap, EncapError> {
+    /// The encapsulation; `hwid` (`--erspan-hwid`) only goes with `erspan`, `port` (`--port`,
+    /// checked non-zero by its parser) only with `vxlan`.
+    pub fn checked(self, hwid: Option<u8>, port: Option<u16>) -> Result<Encap, EncapError> {
+        if self != EncapChoice::Vxlan && port.is_some() {
+            return Err(EncapError::PortWithoutVxlan { encap: self.as_str() });
+        }
         match (self, hwid) {
             (EncapChoice::Gre, None) => Ok(Encap::Gre),
             (EncapChoice::Erspan, hwid) => Ok(Encap::ErspanIII { hwid: hwid.unwrap_or(0) }),
             (EncapChoice::Erspan1, None) => Ok(Encap::ErspanII),
+            (EncapChoice::Vxlan, None) => Ok(Encap::Vxlan { port: port.unwrap_or(VXLAN_PORT) }),
             (other, Some(_)) => Err(EncapError::HwidWithoutErspan { encap: other.as_str() }),
         }
     }
@@ -70,6 +95,7 @@ impl EncapChoice {
             EncapChoice::Gre => "gre",
             EncapChoice::Erspan => "erspan",
             EncapChoice::Erspan1 => "erspan1",
+            EncapChoice::Vxlan => "vxlan",
         }
     }
 }
@@ -78,9 +104,19 @@ impl Encap {
     /// The kernel's `erspan_ver`: 1 for type II, 2 for type III.
     pub fn erspan_version(self) -> Option<u8> {
         match self {
-            Encap::Gre => None,
+            Encap::Gre | Encap::Vxlan { .. } => None,
             Encap::ErspanIII { .. } => Some(2),
             Encap::ErspanII => Some(1),
+        }
+    }
+
+    /// As `--encap` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encap::Gre => "gre",
+            Encap::ErspanIII { .. } => "erspan",
+            Encap::ErspanII => "erspan1",
+            Encap::Vxlan { .. } => "vxlan",
         }
     }
 }
@@ -144,17 +180,28 @@ mod tests {
 
     #[test]
     fn the_hardware_id_goes_with_type_iii_only() {
-        assert_eq!(EncapChoice::Erspan.checked(Some(5)), Ok(Encap::ErspanIII { hwid: 5 }));
-        assert_eq!(EncapChoice::Erspan.checked(None), Ok(Encap::ErspanIII { hwid: 0 }));
-        assert_eq!(EncapChoice::Gre.checked(None), Ok(Encap::Gre));
-        assert_eq!(EncapChoice::Erspan1.checked(None), Ok(Encap::ErspanII));
+        assert_eq!(EncapChoice::Erspan.checked(Some(5), None), Ok(Encap::ErspanIII { hwid: 5 }));
+        assert_eq!(EncapChoice::Erspan.checked(None, None), Ok(Encap::ErspanIII { hwid: 0 }));
+        assert_eq!(EncapChoice::Gre.checked(None, None), Ok(Encap::Gre));
+        assert_eq!(EncapChoice::Erspan1.checked(None, None), Ok(Encap::ErspanII));
         assert_eq!(
-            EncapChoice::Erspan1.checked(Some(1)),
+            EncapChoice::Erspan1.checked(Some(1), None),
             Err(EncapError::HwidWithoutErspan { encap: "erspan1" })
         );
-        assert!(EncapChoice::Gre.checked(Some(1)).is_err());
+        assert!(EncapChoice::Gre.checked(Some(1), None).is_err());
+        assert!(EncapChoice::Vxlan.checked(Some(1), None).is_err());
         assert_eq!(Encap::ErspanIII { hwid: 1 }.erspan_version(), Some(2));
         assert_eq!(Encap::ErspanII.erspan_version(), Some(1));
         assert_eq!(Encap::Gre.erspan_version(), None);
+    }
+
+    #[test]
+    fn the_port_goes_with_vxlan_only() {
+        assert_eq!(EncapChoice::Vxlan.checked(None, None), Ok(Encap::Vxlan { port: VXLAN_PORT }));
+        assert_eq!(EncapChoice::Vxlan.checked(None, Some(8472)), Ok(Encap::Vxlan { port: 8472 }));
+        assert_eq!(
+            EncapChoice::Gre.checked(None, Some(4789)),
+            Err(EncapError::PortWithoutVxlan { encap: "gre" })
+        );
     }
 }

@@ -2,5 +2,6 @@
 //! devices, the host's VM NICs and the path their frames take.
 pub mod inventory;
 pub mod path;
+pub mod route;
 pub mod status;
 pub mod vm_names;

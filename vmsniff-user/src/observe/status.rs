@@ -1,6 +1,6 @@
 //! `status`: every session of the caller's network namespace, from the pinned maps and the
 //! devices' own counters. The JSON form is versioned; fields are added, never renamed.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::Serialize;
 use vmsniff_ebpf::{
@@ -10,10 +10,11 @@ use vmsniff_ebpf::{
 
 use crate::{
     model::{
-        mirror::{AttachMode, Directions},
+        mirror::{AttachMode, Directions, family},
         observed::Observed,
     },
     plan::{
+        attach::session_remote,
         controls::{RateLimit, RateUnit},
         detach::ifname,
         filter::stored_expression,
@@ -44,15 +45,19 @@ pub struct SessionStatus {
     /// The VM and NIC index behind the tap, when libvirt knows them (`status` only).
     pub vm: Option<String>,
     pub nic: Option<usize>,
-    /// The collector (GRE sessions).
-    pub to: Option<Ipv4Addr>,
+    /// The collector (tunnel sessions), IPv4 or IPv6.
+    pub to: Option<IpAddr>,
+    /// The collector's address family: `ipv4` or `ipv6` (tunnel sessions).
+    pub family: Option<&'static str>,
     /// The local interface (`--to-dev` sessions).
     pub to_dev: Option<String>,
-    /// `gre`, `erspan` (type III) or `erspan1` (type II), read from the session's devices;
-    /// `none` for `--to-dev`.
+    /// `gre`, `erspan` (type III), `erspan1` (type II) or `vxlan`, read from the session's
+    /// devices; `none` for `--to-dev`.
     pub encap: &'static str,
     /// ERSPAN type III's hardware id.
     pub erspan_hwid: Option<u16>,
+    /// VXLAN's UDP destination port, read from the session's devices.
+    pub port: Option<u16>,
     /// GRE sessions: `--key`, `--ttl` and `--tos` (the wire key is key * 2 + d).
     pub key: Option<u32>,
     pub ttl: Option<u8>,
@@ -141,6 +146,8 @@ pub struct DeviceStatus {
     pub stats: LinkStats,
     #[serde(skip)]
     pub erspan: Option<ErspanLink>,
+    #[serde(skip)]
+    pub vxlan_port: Option<u16>,
 }
 
 /// Reads every session's status.
@@ -187,6 +194,8 @@ async fn session_status(
     };
     let gre = config.target_kind == TARGET_GRE;
     let erspan = [&devices.out_of_vm, &devices.into_vm].into_iter().flatten().find_map(|d| d.erspan);
+    let vxlan_port = [&devices.out_of_vm, &devices.into_vm].into_iter().flatten().find_map(|d| d.vxlan_port);
+    let to = session_remote(config);
     let to_dev = (config.target_kind == TARGET_LOCAL_DEV)
         .then(|| devices.into_vm.as_ref().or(devices.out_of_vm.as_ref()).map(|d| d.name.clone()))
         .flatten();
@@ -197,10 +206,12 @@ async fn session_status(
         tap_ifindex: config.tap_ifindex,
         vm: None,
         nic: None,
-        to: (gre && config.remote_family == 4).then(|| collector(config)),
+        to,
+        family: to.map(family),
         to_dev,
-        encap: encap_name(gre, erspan),
+        encap: encap_name(gre, erspan, vxlan_port),
         erspan_hwid: erspan.filter(|e| e.version != 1).map(|e| e.hwid),
+        port: vxlan_port,
         key: gre.then_some(config.key),
         ttl: gre.then_some(config.ttl),
         tos: gre.then_some(config.tos),
@@ -281,17 +292,25 @@ async fn target_device(
         return Ok(None);
     }
     let link = link_by_index(netlink, ifindex).await?;
-    Ok(link.map(|l| DeviceStatus { name: l.name, ifindex, up: l.up, stats: l.stats, erspan: l.erspan }))
+    Ok(link.map(|l| DeviceStatus {
+        name: l.name,
+        ifindex,
+        up: l.up,
+        stats: l.stats,
+        erspan: l.erspan,
+        vxlan_port: l.vxlan_port,
+    }))
 }
 
-/// `none` for `--to-dev`; else what the session's devices are: ERSPAN type II (`erspan1`) or
-/// III (`erspan`), or plain GRE.
-fn encap_name(gre: bool, erspan: Option<ErspanLink>) -> &'static str {
-    match (gre, erspan) {
-        (false, _) => "none",
-        (true, None) => "gre",
-        (true, Some(ErspanLink { version: 1, .. })) => "erspan1",
-        (true, Some(_)) => "erspan",
+/// `none` for `--to-dev`; else what the session's devices are: VXLAN, ERSPAN type II
+/// (`erspan1`) or III (`erspan`), or plain GRE.
+fn encap_name(gre: bool, erspan: Option<ErspanLink>, vxlan_port: Option<u16>) -> &'static str {
+    match (gre, erspan, vxlan_port) {
+        (false, _, _) => "none",
+        (true, _, Some(_)) => "vxlan",
+        (true, None, None) => "gre",
+        (true, Some(ErspanLink { version: 1, .. }), None) => "erspan1",
+        (true, Some(_), None) => "erspan",
     }
 }
 
@@ -299,11 +318,6 @@ fn encap_name(gre: bool, erspan: Option<ErspanLink>) -> &'static str {
 fn stored_filter(maps: &PinnedMaps, id: u32, config: &SessionConfig) -> Result<Option<String>, KernelError> {
     let Some(slot) = config.filter.checked_sub(FILTER_SLOT_BASE) else { return Ok(None) };
     Ok(Some(stored_expression(&maps.filter(id, slot)?)))
-}
-
-/// A GRE session's IPv4 collector.
-fn collector(config: &SessionConfig) -> Ipv4Addr {
-    Ipv4Addr::new(config.remote[0], config.remote[1], config.remote[2], config.remote[3])
 }
 
 fn rate_limit(config: &SessionConfig) -> Option<RateLimit> {
@@ -363,7 +377,10 @@ impl Status {
 /// Where the copies go: the collector and its encapsulation, or the local device.
 fn target_column(s: &SessionStatus) -> String {
     match (&s.to, &s.to_dev) {
-        (Some(ip), _) => format!("{ip} ({})", s.encap),
+        (Some(ip), _) => match s.port {
+            Some(port) => format!("{ip} ({} {port})", s.encap),
+            None => format!("{ip} ({})", s.encap),
+        },
         (None, Some(dev)) => format!("dev {dev}"),
         (None, None) => "-".into(),
     }
@@ -440,10 +457,11 @@ mod tests {
     #[test]
     fn the_encap_is_read_from_the_devices() {
         let erspan = |version| Some(ErspanLink { version, hwid: 0 });
-        assert_eq!(encap_name(false, erspan(2)), "none");
-        assert_eq!(encap_name(true, None), "gre");
-        assert_eq!(encap_name(true, erspan(1)), "erspan1");
-        assert_eq!(encap_name(true, erspan(2)), "erspan");
+        assert_eq!(encap_name(false, erspan(2), None), "none");
+        assert_eq!(encap_name(true, None, None), "gre");
+        assert_eq!(encap_name(true, erspan(1), None), "erspan1");
+        assert_eq!(encap_name(true, erspan(2), None), "erspan");
+        assert_eq!(encap_name(true, None, Some(4789)), "vxlan");
     }
 
     #[test]

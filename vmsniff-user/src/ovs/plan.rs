@@ -5,7 +5,7 @@
 //! `mutate ... insert`: the bridge's other ports and mirrors are never rewritten, so a change
 //! someone makes at the same time is kept, not clobbered. `wait` guards make the transaction
 //! fail whole if the bridge or the VM's port changed since they were read.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use serde_json::{Value, json};
 use thiserror::Error;
@@ -27,7 +27,8 @@ pub struct OvsAttachRequest {
     pub bridge: String,
     /// The VM's port: qvo for the hybrid plug, the tap for native OVS.
     pub vm_port: String,
-    pub remote: Ipv4Addr,
+    /// IPv4, or IPv6 through an `ip6gre` port (OVS's name for Ethernet in GRE over IPv6).
+    pub remote: IpAddr,
     /// `--key`; the session id when absent. Sent as is: one OVS port carries both directions.
     pub key: Option<u32>,
     pub ttl: u8,
@@ -81,13 +82,22 @@ pub enum OvsPlanError {
     #[error(
         "GRE port {port} already sends to {remote} with key {key}; OVS cannot tell two such tunnels apart: choose another --key"
     )]
-    DuplicateTunnel { port: String, remote: Ipv4Addr, key: u32 },
+    DuplicateTunnel { port: String, remote: IpAddr, key: u32 },
 }
 
 /// `vms<id>-ovs`: vmsniff's GRE port (a name no kernel device gets: OVS carries every GRE port
 /// through one `gre_sys` device). Distinct from eBPF mode's `vms<id>-out`/`vms<id>-in`.
 pub fn gre_port_name(id: u32) -> String {
     format!("vms{id}-ovs")
+}
+
+/// The Interface type of a GRE port toward `remote`: OVS names Ethernet in GRE over IPv6
+/// `ip6gre` (a `gre` port's kernel vport is IPv4 only).
+pub fn gre_port_type(remote: IpAddr) -> &'static str {
+    match remote {
+        IpAddr::V4(_) => "gre",
+        IpAddr::V6(_) => "ip6gre",
+    }
 }
 
 /// `vmsniff-<id>`: the session's Mirror.
@@ -172,11 +182,10 @@ fn free_session_id(snapshot: &Snapshot, taken: &BTreeSet<u32>) -> Result<u32, Ov
 
 /// Refuses a second GRE port toward `remote` with `key`: OVS could not tell the two tunnels
 /// apart. A GRE Interface without a `key` option sends key 0.
-fn refuse_duplicate_tunnel(snapshot: &Snapshot, remote: Ipv4Addr, key: u32) -> Result<(), OvsPlanError> {
-    let remote_ip = remote.to_string();
+fn refuse_duplicate_tunnel(snapshot: &Snapshot, remote: IpAddr, key: u32) -> Result<(), OvsPlanError> {
     let duplicate = snapshot.interfaces.iter().find(|i| {
-        i.kind == "gre"
-            && i.options.get("remote_ip") == Some(&remote_ip)
+        (i.kind == "gre" || i.kind == "ip6gre")
+            && i.options.get("remote_ip").and_then(|ip| ip.parse::<IpAddr>().ok()) == Some(remote)
             && i.options.get("key").map_or("0", String::as_str) == key.to_string()
     });
     match duplicate {
@@ -283,7 +292,7 @@ fn new_rows(new: &NewSession, vm_port_uuid: &str) -> [Operation; 3] {
             table: "Interface".into(),
             row: json!({
                 "name": new.gre_port,
-                "type": "gre",
+                "type": gre_port_type(new.request.remote),
                 "options": datum::to_string_map(new.options.iter().map(|(k, v)| (*k, v.clone()))),
                 "external_ids": external_ids,
             }),
@@ -318,7 +327,8 @@ fn vsctl_lines(new: &NewSession) -> Vec<Vec<String>> {
     let external_ids =
         || new.external_ids.iter().map(|(k, v)| format!("external_ids:{k}={}", vsctl_value(v)));
     let gre_name = format!("name={}", new.gre_port);
-    let mut interface = words(&["--", "--id=@gi", "create", "Interface", &gre_name, "type=gre"]);
+    let gre_type = format!("type={}", gre_port_type(new.request.remote));
+    let mut interface = words(&["--", "--id=@gi", "create", "Interface", &gre_name, &gre_type]);
     interface.extend(new.options.iter().map(|(k, v)| format!("options:{k}={}", vsctl_value(v))));
     interface.extend(external_ids());
     let mut port = words(&["--", "--id=@gp", "create", "Port", &gre_name, "interfaces=@gi"]);
@@ -584,7 +594,7 @@ mod tests {
         OvsAttachRequest {
             bridge: "br-int".into(),
             vm_port: "qvof7eae624-34".into(),
-            remote: Ipv4Addr::new(192, 0, 2, 2),
+            remote: IpAddr::from([192, 0, 2, 2]),
             key: None,
             ttl: 64,
             tos: 0,
@@ -599,6 +609,21 @@ mod tests {
 
     fn json(operations: &[Operation]) -> Vec<Value> {
         operations.iter().map(Operation::to_json).collect()
+    }
+
+    #[test]
+    fn an_ipv6_collector_gets_an_ip6gre_port() {
+        let remote: IpAddr = "2001:db8::2".parse().unwrap();
+        let plan = plan_ovs_attach(&OvsAttachRequest { remote, ..request() }, &snapshot(), &BTreeSet::new())
+            .unwrap();
+        let ops = json(&plan.operations);
+        assert_eq!(ops[4]["row"]["type"], "ip6gre");
+        assert_eq!(ops[4]["row"]["options"][1][0], json!(["remote_ip", "2001:db8::2"]));
+        assert!(
+            plan.vsctl.contains("type=ip6gre options:remote_ip=2001:db8::2 options:key=1"),
+            "{}",
+            plan.vsctl
+        );
     }
 
     #[test]
@@ -731,7 +756,7 @@ mod tests {
             plan_ovs_attach(&OvsAttachRequest { vm_port: "eth1".into(), ..request() }, &snapshot, &none);
         assert!(matches!(err, Err(OvsPlanError::NoPort { .. })));
         let err = plan_ovs_attach(
-            &OvsAttachRequest { remote: Ipv4Addr::new(192, 0, 2, 9), key: Some(5), ..request() },
+            &OvsAttachRequest { remote: IpAddr::from([192, 0, 2, 9]), key: Some(5), ..request() },
             &snapshot,
             &none,
         )
@@ -745,7 +770,7 @@ mod tests {
     #[test]
     fn a_gre_port_without_a_key_option_sends_key_0() {
         let mut snapshot = snapshot();
-        let remote = Ipv4Addr::new(192, 0, 2, 9);
+        let remote = IpAddr::from([192, 0, 2, 9]);
         snapshot.interfaces[1].options.remove("key");
         assert_eq!(
             refuse_duplicate_tunnel(&snapshot, remote, 0),

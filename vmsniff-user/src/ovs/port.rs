@@ -1,11 +1,8 @@
 //! OVS mode's view of a resolved NIC: the OVS port that carries its frames (qvo for the hybrid
 //! plug, the tap itself for native OVS), the devices on the way, and whether the copies' route
 //! to the collector would run back through them.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use futures::TryStreamExt as _;
-use netlink_packet_route::route::{RouteAttribute, RouteType};
-use rtnetlink::RouteMessageBuilder;
 use thiserror::Error;
 
 use crate::{
@@ -17,7 +14,7 @@ use crate::{
 };
 use crate::{
     ovs::session::Snapshot,
-    sys::netlink::{Link, Netlink},
+    sys::netlink::{Link, Netlink, RouteTo},
 };
 
 #[derive(Debug, Error)]
@@ -41,17 +38,17 @@ pub enum OvsPortError {
     #[error(
         "{to} is an address of this host: GRE copies sent to it would come back into Open vSwitch; give the collector's address"
     )]
-    LocalAddress { to: Ipv4Addr },
+    LocalAddress { to: IpAddr },
     #[error(
         "no route to {to} in this network namespace (`ip route get {to}`): the copies could not \
          leave; add a route or give another --to"
     )]
-    NoRoute { to: Ipv4Addr },
+    NoRoute { to: IpAddr },
     #[error(
         "the route to {to} leaves through {device}, which {why}: the GRE copies would be mirrored \
          into themselves. Give a collector reached through another interface"
     )]
-    Loop { to: Ipv4Addr, device: String, why: String },
+    Loop { to: IpAddr, device: String, why: String },
     #[error("reading interfaces and routes through netlink failed")]
     Netlink(#[source] rtnetlink::Error),
 }
@@ -183,27 +180,15 @@ fn path_to(links: &[Link], tap: &Link, interface: &str) -> Vec<String> {
 /// GRE copies would cross the mirrored port, or be flooded to it, and be mirrored again.
 pub async fn check_route(
     netlink: &Netlink,
-    to: Ipv4Addr,
+    to: IpAddr,
     vm_port: &VmPort,
     snapshot: &Snapshot,
 ) -> Result<(), OvsPortError> {
-    let message = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(to, 32).build();
-    let route = match netlink.handle.route().get(message).execute().try_next().await {
-        Ok(Some(route)) => route,
-        Ok(None) => return Err(OvsPortError::NoRoute { to }),
-        Err(e) if matches!(crate::sys::netlink::errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
-            return Err(OvsPortError::NoRoute { to });
-        }
-        Err(e) => return Err(OvsPortError::Netlink(e)),
-    };
-    if route.header.kind == RouteType::Local {
-        return Err(OvsPortError::LocalAddress { to });
-    }
-    let Some(oif) = route.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(index) => Some(*index),
-        _ => None,
-    }) else {
-        return Ok(());
+    let oif = match netlink.route_to(to).await.map_err(OvsPortError::Netlink)? {
+        RouteTo::Unreachable => return Err(OvsPortError::NoRoute { to }),
+        RouteTo::Local => return Err(OvsPortError::LocalAddress { to }),
+        RouteTo::Out { oif: None, .. } => return Ok(()),
+        RouteTo::Out { oif: Some(oif), .. } => oif,
     };
     let Some(device) = netlink.link_by_index(oif).await.map_err(OvsPortError::Netlink)? else {
         return Ok(());

@@ -1,6 +1,6 @@
 //! `status` for OVS mode's sessions, read back from OVSDB (their one record), beside the eBPF
 //! sessions of `observe::status`. Same JSON field names where the meaning is the same.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -15,7 +15,9 @@ pub struct OvsSessionStatus {
     pub tap: Option<String>,
     pub vm: Option<String>,
     pub nic: Option<u32>,
-    pub to: Option<Ipv4Addr>,
+    pub to: Option<IpAddr>,
+    /// `ipv4` or `ipv6`, as eBPF sessions say it.
+    pub family: Option<&'static str>,
     pub encap: &'static str,
     /// The GRE key as sent: OVS sessions send `--key` itself (one port carries both directions).
     pub key: Option<u32>,
@@ -56,6 +58,7 @@ pub fn session_status(session: &OvsSession) -> OvsSessionStatus {
         vm: session.vm().map(str::to_owned),
         nic: session.external_id(NIC_KEY).and_then(|n| n.parse().ok()),
         to: session.option("remote_ip").and_then(|ip| ip.parse().ok()),
+        family: session.option("remote_ip").and_then(|ip| ip.parse().ok()).map(crate::model::mirror::family),
         encap: "gre",
         key: session.option("key").and_then(|k| k.parse().ok()),
         ttl: session.option("ttl").and_then(|t| t.parse().ok()),

@@ -1,5 +1,5 @@
 //! Planning an attach: which session id, which devices, which programs, in which order.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use thiserror::Error;
 use vmsniff_ebpf::{
@@ -9,7 +9,7 @@ use vmsniff_ebpf::{
 };
 
 use crate::{
-    model::wire::{Encap, MAX_ERSPAN_KEY},
+    model::wire::{Encap, MAX_ERSPAN_KEY, MAX_VXLAN_KEY},
     sys::paths::{gre_device_alias, gre_device_name},
 };
 use crate::{
@@ -41,11 +41,16 @@ pub enum AttachPlanError {
         "session {session} already sends to {remote} with key {key}; a collector could not tell \
          the two apart: give this session another --key"
     )]
-    KeyInUse { remote: Ipv4Addr, key: u32, session: u32 },
+    KeyInUse { remote: IpAddr, key: u32, session: u32 },
     #[error(
         "--key {key} is too large: the GRE key on the wire is key * 2 + direction, so the key must be at most {MAX_GRE_USER_KEY}"
     )]
     KeyTooLarge { key: u32 },
+    #[error(
+        "--key {key} is too large for VXLAN: the VNI is key * 2 + direction in 24 bits, so the key \
+         must be at most {MAX_VXLAN_KEY}"
+    )]
+    VxlanKeyTooLarge { key: u32 },
     #[error(
         "{what} {key} is too large for ERSPAN: its session id has 10 bits and the kernel's \
          ERSPAN devices need K * 2 + 1 to fit them too, so the key must be at most \
@@ -90,7 +95,7 @@ pub enum AttachStep {
     /// the session never runs without it).
     WriteFilter { id: u32, filter: Box<Filter> },
     /// Create and raise one direction's GRE device.
-    CreateGreDevice { id: u32, direction: Direction, device: GreDevice },
+    CreateGreDevice { id: u32, direction: Direction, device: TunnelDevice },
     /// Attach the copy program (it cuts copies to the snaplen) to the egress hook of one
     /// direction's target device, adding a clsact qdisc there if it has none. Always, so that
     /// `update --snaplen` needs no attach.
@@ -110,19 +115,34 @@ pub enum AttachStep {
     MoveSession { id: u32, tap_ifindex: u32 },
 }
 
-/// A classic (not collect_md) gretap or erspan device of one session and direction.
+/// A classic (not collect_md) tunnel device of one session and direction: gretap, erspan or
+/// vxlan, or their IPv6 kinds (ip6gretap, ip6erspan) toward an IPv6 collector.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GreDevice {
+pub struct TunnelDevice {
     pub name: String,
     pub alias: String,
-    pub remote: Ipv4Addr,
-    /// `key * 2 + d`: the GRE key on the wire (`--encap gre`), and every device's receive key
-    /// (the kernel tells classic tunnels toward one collector apart by it).
+    pub remote: IpAddr,
+    /// The source address, where the kernel needs one: its IPv6 GRE devices send nothing
+    /// without (ip6_tnl_xmit_ctl). The one the route to the collector chose at attach.
+    pub local: Option<IpAddr>,
+    /// `key * 2 + d`: the GRE key or the VNI on the wire (`--encap gre|vxlan`), and every GRE
+    /// device's receive key (the kernel tells classic tunnels toward one collector apart by it).
     pub wire_key: u32,
+    /// IPv4's TTL and TOS, IPv6's hop limit and traffic class.
     pub ttl: u8,
     pub tos: u8,
-    /// The ERSPAN header's fields (`--encap erspan|erspan1`); `None` for GRE.
-    pub erspan: Option<ErspanHeader>,
+    pub encap: DeviceEncap,
+}
+
+/// What a tunnel device puts around each copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceEncap {
+    /// GRE with key and sequence number.
+    Gre,
+    /// GRE with a sequence number, then an ERSPAN header with these fields.
+    Erspan(ErspanHeader),
+    /// VXLAN with VNI `wire_key`, toward this UDP port.
+    Vxlan { port: u16 },
 }
 
 /// What one ERSPAN device writes into every copy's ERSPAN header.
@@ -202,12 +222,18 @@ fn free_session_id(observed: &Observed) -> Result<u32, AttachPlanError> {
 }
 
 /// Refuses a key whose wire form would not fit: GRE's 32 bits after the direction bit, and
-/// for ERSPAN the 10-bit session id (the error says whether `--key` or the default was it).
+/// for VXLAN the 24-bit VNI, for ERSPAN the 10-bit session id (the error says whether `--key`
+/// or the default was it).
 fn check_key_fits(request: &AttachRequest, key: u32) -> Result<(), AttachPlanError> {
     if key > MAX_GRE_USER_KEY {
         return Err(AttachPlanError::KeyTooLarge { key });
     }
-    if let Target::Gre { encap: Encap::ErspanIII { .. } | Encap::ErspanII, .. } = request.target
+    if let Target::Tunnel { encap: Encap::Vxlan { .. }, .. } = request.target
+        && key > MAX_VXLAN_KEY
+    {
+        return Err(AttachPlanError::VxlanKeyTooLarge { key });
+    }
+    if let Target::Tunnel { encap: Encap::ErspanIII { .. } | Encap::ErspanII, .. } = request.target
         && key > MAX_ERSPAN_KEY
     {
         return Err(match request.key {
@@ -236,7 +262,7 @@ fn check_copies_are_new(
             && same_target(other, &request.target, key)
         {
             let target = match &request.target {
-                Target::Gre { .. } => format!("{} with key {key}", request.target),
+                Target::Tunnel { .. } => format!("{} with key {key}", request.target),
                 Target::LocalDev { .. } => request.target.to_string(),
             };
             return Err(AttachPlanError::AlreadyMirrored {
@@ -246,7 +272,7 @@ fn check_copies_are_new(
             });
         }
     }
-    if let Target::Gre { remote, .. } = &request.target
+    if let Target::Tunnel { remote, .. } = &request.target
         && let Some((&session, _)) =
             observed.sessions.iter().find(|(_, s)| same_target(s, &request.target, key))
     {
@@ -273,10 +299,9 @@ fn session_config(request: &AttachRequest, key: u32) -> SessionConfig {
         config.filter = FILTER_SLOT_BASE;
     }
     match &request.target {
-        Target::Gre { remote, ttl, tos, .. } => {
+        Target::Tunnel { remote, ttl, tos, .. } => {
             config.target_kind = TARGET_GRE;
-            config.remote_family = 4;
-            config.remote[..4].copy_from_slice(&remote.octets());
+            (config.remote_family, config.remote) = remote_bytes(*remote);
             config.ttl = *ttl;
             config.tos = *tos;
         }
@@ -290,39 +315,38 @@ fn session_config(request: &AttachRequest, key: u32) -> SessionConfig {
     config
 }
 
-/// One GRE or ERSPAN device per direction (none for `--to-dev`).
+/// One GRE, ERSPAN or VXLAN device per direction (none for `--to-dev`).
 fn gre_device_steps(request: &AttachRequest, id: u32, key: u32) -> Vec<AttachStep> {
-    let Target::Gre { remote, ttl, tos, encap } = &request.target else { return Vec::new() };
+    let Target::Tunnel { remote, ttl, tos, encap } = &request.target else { return Vec::new() };
     request
         .directions
         .iter()
         .map(|direction| AttachStep::CreateGreDevice {
             id,
             direction,
-            device: GreDevice {
+            device: TunnelDevice {
                 name: gre_device_name(id, direction),
                 alias: gre_device_alias(id, direction),
                 remote: *remote,
+                local: None,
                 wire_key: gre_wire_key(key, direction),
                 ttl: *ttl,
                 tos: *tos,
-                erspan: erspan_header(encap, key, direction),
+                encap: device_encap(*encap, key, direction),
             },
         })
         .collect()
 }
 
-/// What a device of `encap` writes into each copy's ERSPAN header; `None` for GRE.
-fn erspan_header(encap: &Encap, key: u32, direction: Direction) -> Option<ErspanHeader> {
-    encap.erspan_version().map(|version| ErspanHeader {
-        version,
-        session_id: key,
-        direction,
-        hwid: match encap {
-            Encap::ErspanIII { hwid } => *hwid,
-            _ => 0,
-        },
-    })
+/// What a device of `encap` puts around each copy: for ERSPAN, its header's fields.
+fn device_encap(encap: Encap, key: u32, direction: Direction) -> DeviceEncap {
+    let header = |version, hwid| ErspanHeader { version, session_id: key, direction, hwid };
+    match encap {
+        Encap::Gre => DeviceEncap::Gre,
+        Encap::ErspanIII { hwid } => DeviceEncap::Erspan(header(2, hwid)),
+        Encap::ErspanII => DeviceEncap::Erspan(header(1, 0)),
+        Encap::Vxlan { port } => DeviceEncap::Vxlan { port },
+    }
 }
 
 /// A copy program on each device the copies leave through: each direction's GRE device, or
@@ -330,7 +354,7 @@ fn erspan_header(encap: &Encap, key: u32, direction: Direction) -> Option<Erspan
 fn copy_program_steps(request: &AttachRequest, id: u32) -> Vec<AttachStep> {
     let mut directions = request.directions.iter();
     match &request.target {
-        Target::Gre { .. } => directions
+        Target::Tunnel { .. } => directions
             .map(|direction| AttachStep::AttachCopyProgram {
                 id,
                 direction,
@@ -359,6 +383,21 @@ fn tap_program_steps(tap: &Tap, mode: AttachMode) -> Vec<AttachStep> {
         mode,
     }));
     steps
+}
+
+impl AttachPlan {
+    /// Gives the devices that need a source address (IPv6 GRE and ERSPAN) `source`, the one the
+    /// route to the collector uses (known only once the route is read).
+    pub fn set_tunnel_source(&mut self, source: Option<IpAddr>) {
+        for step in &mut self.steps {
+            if let AttachStep::CreateGreDevice { device, .. } = step
+                && device.remote.is_ipv6()
+                && !matches!(device.encap, DeviceEncap::Vxlan { .. })
+            {
+                device.local = source;
+            }
+        }
+    }
 }
 
 /// The attach mode for a tap: the one its programs already use (`existing`), else `choice`.
@@ -391,15 +430,37 @@ pub fn choose_mode(
     }
 }
 
+/// The session map's `remote_family` and `remote` of a collector.
+fn remote_bytes(remote: IpAddr) -> (u8, [u8; 16]) {
+    let mut bytes = [0; 16];
+    match remote {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            (4, bytes)
+        }
+        IpAddr::V6(v6) => (6, v6.octets()),
+    }
+}
+
+/// The collector a session's map entry records (`None` for `--to-dev` sessions).
+pub fn session_remote(session: &SessionConfig) -> Option<IpAddr> {
+    match (session.target_kind, session.remote_family) {
+        (TARGET_GRE, 4) => {
+            Some(IpAddr::from([session.remote[0], session.remote[1], session.remote[2], session.remote[3]]))
+        }
+        (TARGET_GRE, 6) => Some(IpAddr::from(session.remote)),
+        _ => None,
+    }
+}
+
 fn same_target(session: &SessionConfig, target: &Target, key: u32) -> bool {
     if session.state != SESSION_ACTIVE && session.state != SESSION_BUSY {
         return false;
     }
     match target {
-        Target::Gre { remote, .. } => {
+        Target::Tunnel { remote, .. } => {
             session.target_kind == TARGET_GRE
-                && session.remote_family == 4
-                && session.remote[..4] == remote.octets()
+                && (session.remote_family, session.remote) == remote_bytes(*remote)
                 && session.key == key
         }
         Target::LocalDev { ifindex, .. } => {
@@ -436,14 +497,53 @@ mod tests {
     }
 
     fn gre(ip: [u8; 4]) -> Target {
-        Target::Gre { remote: Ipv4Addr::from(ip), ttl: 64, tos: 0, encap: Encap::Gre }
+        Target::Tunnel { remote: IpAddr::from(ip), ttl: 64, tos: 0, encap: Encap::Gre }
     }
 
     fn erspan(ip: [u8; 4], encap: Encap) -> Target {
-        Target::Gre { remote: Ipv4Addr::from(ip), ttl: 64, tos: 0, encap }
+        Target::Tunnel { remote: IpAddr::from(ip), ttl: 64, tos: 0, encap }
     }
 
-    fn devices(plan: &AttachPlan) -> Vec<&GreDevice> {
+    fn header(device: &TunnelDevice) -> Option<ErspanHeader> {
+        match device.encap {
+            DeviceEncap::Erspan(header) => Some(header),
+            DeviceEncap::Gre | DeviceEncap::Vxlan { .. } => None,
+        }
+    }
+
+    #[test]
+    fn vxlan_devices_carry_the_vni_and_port_and_ipv6_collectors_are_recorded() {
+        let remote: IpAddr = "2001:db8::10".parse().unwrap();
+        let mut req = request(Target::Tunnel { remote, ttl: 9, tos: 32, encap: Encap::Vxlan { port: 8472 } });
+        req.key = Some(7);
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
+        let created = devices(&plan);
+        assert_eq!(created.len(), 2);
+        for (device, direction) in created.iter().zip([Direction::Out, Direction::In]) {
+            assert_eq!(device.encap, DeviceEncap::Vxlan { port: 8472 });
+            assert_eq!(device.wire_key, 14 + direction as u32, "VNI K*2+d, as the GRE key");
+            assert_eq!((device.remote, device.ttl, device.tos), (remote, 9, 32));
+        }
+        let AttachStep::ClaimSession { config, .. } = &plan.steps[0] else { panic!() };
+        assert_eq!(session_remote(config), Some(remote));
+        let source: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut with_source = plan.clone();
+        with_source.set_tunnel_source(Some(source));
+        assert!(devices(&with_source).iter().all(|d| d.local.is_none()), "vxlan picks its source per packet");
+        let mut gre6 = req.clone();
+        gre6.target = Target::Tunnel { remote, ttl: 64, tos: 0, encap: Encap::ErspanII };
+        let mut plan6 = plan_attach(&gre6, &Observed::default()).unwrap();
+        plan6.set_tunnel_source(Some(source));
+        assert!(devices(&plan6).iter().all(|d| d.local == Some(source)), "ip6erspan needs its source");
+        let mut observed = Observed::default();
+        applied(&mut observed, &req);
+        req.tap.ifindex = 8;
+        assert!(matches!(plan_attach(&req, &observed), Err(AttachPlanError::KeyInUse { .. })));
+        req.key = Some(MAX_VXLAN_KEY + 1);
+        assert!(matches!(plan_attach(&req, &observed), Err(AttachPlanError::VxlanKeyTooLarge { .. })));
+    }
+
+    fn devices(plan: &AttachPlan) -> Vec<&TunnelDevice> {
         plan.steps
             .iter()
             .filter_map(|s| match s {
@@ -461,17 +561,17 @@ mod tests {
         let created = devices(&plan);
         assert_eq!(created.len(), 2);
         for (device, direction) in created.iter().zip([Direction::Out, Direction::In]) {
-            let header = device.erspan.expect("an ERSPAN header");
+            let header = header(device).expect("an ERSPAN header");
             assert_eq!((header.version, header.session_id, header.hwid), (2, 300, 9));
             assert_eq!(header.direction, direction);
             assert_eq!(device.wire_key, 600 + direction as u32, "distinct receive keys per direction");
         }
         req.target = erspan([192, 0, 2, 10], Encap::ErspanII);
         let plan = plan_attach(&req, &Observed::default()).unwrap();
-        assert!(devices(&plan).iter().all(|d| d.erspan.is_some_and(|h| h.version == 1)));
+        assert!(devices(&plan).iter().all(|d| header(d).is_some_and(|h| h.version == 1)));
         req.target = gre([192, 0, 2, 10]);
         let plan = plan_attach(&req, &Observed::default()).unwrap();
-        assert!(devices(&plan).iter().all(|d| d.erspan.is_none()));
+        assert!(devices(&plan).iter().all(|d| d.encap == DeviceEncap::Gre));
     }
 
     #[test]
@@ -594,7 +694,7 @@ mod tests {
         let mut req = request(gre([192, 0, 2, 10]));
         req.directions = Directions::In;
         let plan = plan_attach(&req, &Observed::default()).unwrap();
-        let devices: Vec<&GreDevice> = plan
+        let devices: Vec<&TunnelDevice> = plan
             .steps
             .iter()
             .filter_map(|s| match s {

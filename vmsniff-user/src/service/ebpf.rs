@@ -47,7 +47,7 @@ impl Service {
         let netlink = &self.namespace.kernel.netlink;
         let target = match &spec.destination {
             Destination::Collector { remote, ttl, tos, encap } => {
-                Target::Gre { remote: *remote, ttl: *ttl, tos: *tos, encap: *encap }
+                Target::Tunnel { remote: *remote, ttl: *ttl, tos: *tos, encap: *encap }
             }
             Destination::Device { name } => {
                 let link = ethernet_interface(netlink, "--to-dev", name).await?;
@@ -75,10 +75,15 @@ impl Service {
         let reserved = self.ovs_reserved_ids().await;
         let (id, key) = self.namespace.attach(&request, reserved).await?;
         let wire = match request.target {
-            Target::Gre { encap: Encap::Gre, .. } => {
+            Target::Tunnel { encap: Encap::Gre, .. } => {
                 format!(", GRE key {key} (wire keys {} out, {} in)", key * 2, key * 2 + 1)
             }
-            Target::Gre { .. } => format!(", ERSPAN session id {key}"),
+            Target::Tunnel { encap: Encap::Vxlan { .. }, .. } => {
+                format!(", key {key} (VNIs {} out, {} in)", key * 2, key * 2 + 1)
+            }
+            Target::Tunnel { encap: Encap::ErspanIII { .. } | Encap::ErspanII, .. } => {
+                format!(", ERSPAN session id {key}")
+            }
             Target::LocalDev { .. } => String::new(),
         };
         let what = format!("{} to {}{wire}", mirrored(request.directions, resolved), request.target);

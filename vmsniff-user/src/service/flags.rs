@@ -46,9 +46,10 @@ pub struct MirrorArgs {
     #[command(flatten)]
     pub nic: NicArgs,
 
-    /// The collector's IPv4 address: copies go there in GRE (transparent Ethernet bridging).
+    /// The collector's IPv4 or IPv6 address: copies go there in GRE (transparent Ethernet
+    /// bridging), ERSPAN or VXLAN (--encap).
     #[arg(long, value_name = "IP", value_parser = parse_collector, required_unless_present = "to_dev", conflicts_with = "to_dev")]
-    pub to: Option<std::net::Ipv4Addr>,
+    pub to: Option<std::net::IpAddr>,
 
     /// Copy into an existing local interface instead of GRE (local analysis; tests on kernels
     /// without ip_gre).
@@ -65,16 +66,17 @@ pub struct MirrorArgs {
     #[arg(long, value_enum, default_value_t = Directions::Both)]
     pub direction: Directions,
 
-    /// Outer IP TTL of the GRE packets.
+    /// Outer IPv4 TTL or IPv6 hop limit of the copies.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u8).range(1..), conflicts_with = "to_dev")]
     pub ttl: u8,
 
-    /// Outer IP TOS of the GRE packets.
+    /// Outer IPv4 TOS or IPv6 traffic class of the copies.
     #[arg(long, default_value_t = 0, conflicts_with = "to_dev")]
     pub tos: u8,
 
     /// How copies travel: `gre` (the Ethernet frame in GRE, key K*2+d, sequence numbers),
-    /// `erspan` (ERSPAN type III: span id K, direction bit) or `erspan1` (ERSPAN type II).
+    /// `erspan` (ERSPAN type III: span id K, direction bit), `erspan1` (ERSPAN type II) or
+    /// `vxlan` (UDP, VNI K*2+d, no sequence numbers).
     #[arg(long, value_enum, default_value_t = EncapChoice::Gre, conflicts_with = "to_dev")]
     pub encap: EncapChoice,
 
@@ -82,6 +84,10 @@ pub struct MirrorArgs {
     #[arg(long, value_name = "N", conflicts_with = "to_dev",
           value_parser = clap::value_parser!(u8).range(0..=i64::from(MAX_ERSPAN_HWID)))]
     pub erspan_hwid: Option<u8>,
+
+    /// VXLAN's UDP destination port (with --encap vxlan). Default: 4789.
+    #[arg(long, value_name = "PORT", conflicts_with = "to_dev", value_parser = parse_vxlan_port)]
+    pub port: Option<u16>,
 
     /// How to attach to the tap: `tcx` links (Linux >= 6.6), `netlink` (a clsact qdisc), or
     /// `auto` (tcx where the kernel has it; the default).
@@ -108,6 +114,19 @@ impl NicArgs {
             (Some(index), _) => NicChoice::Index(index),
             (None, Some(mac)) => NicChoice::Mac(mac),
             (None, None) => NicChoice::Unspecified,
+        }
+    }
+}
+
+fn parse_vxlan_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(0) => Err(
+            "port 0 is no destination: give VXLAN's UDP port, 1..65535 (4789, the default, is VXLAN's own)"
+                .into(),
+        ),
+        Ok(port) => Ok(port),
+        Err(_) => {
+            Err(format!("{text:?} is not a UDP port: give 1..65535 (4789, the default, is VXLAN's own)"))
         }
     }
 }

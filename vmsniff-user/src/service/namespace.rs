@@ -7,7 +7,8 @@ use thiserror::Error;
 
 use crate::{
     apply::executor::{self, Kernel},
-    model::{error::chain, observed::Observed},
+    model::{error::chain, mirror::Target, observed::Observed},
+    observe::route::{RouteError, check_collector_route},
     plan::{
         attach::{AttachPlanError, plan_attach},
         detach::plan_detach,
@@ -32,6 +33,8 @@ pub enum SessionError {
     Plan(#[from] AttachPlanError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
     #[error("cannot identify this process's network namespace (/proc/thread-self/ns/net)")]
     Netns(#[source] std::io::Error),
     #[error("opening a netlink socket failed")]
@@ -106,7 +109,11 @@ impl Namespace {
         reserved: BTreeSet<u32>,
     ) -> Result<(u32, u32), SessionError> {
         let observed = Observed { reserved, ..self.observe()? };
-        let plan = plan_attach(request, &observed)?;
+        let mut plan = plan_attach(request, &observed)?;
+        if let Target::Tunnel { remote, .. } = &request.target {
+            let source = check_collector_route(&self.kernel.netlink, *remote, &request.tap).await?;
+            plan.set_tunnel_source(source);
+        }
         log::debug!("attach plan: {plan:#?}");
         executor::apply_attach(&self.kernel, &plan).await?;
         Ok((plan.session_id, plan.key))

@@ -2,7 +2,7 @@
 //! checked once ([`MirrorFlags::spec`]). Every service operation takes it; front ends never
 //! hand arguments further down. Its argument form ([`MirrorSpec::to_args`]) is how the daemon
 //! records what it applied (its state file, OVSDB's rows), read back by [`MirrorSpec::from_args`].
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use clap::Parser;
 use thiserror::Error;
@@ -57,8 +57,9 @@ impl NicRef {
 /// Where copies go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {
-    /// A collector, through vmsniff's tunnel devices (eBPF mode) or an OVS GRE port.
-    Collector { remote: Ipv4Addr, ttl: u8, tos: u8, encap: Encap },
+    /// A collector (IPv4 or IPv6), through vmsniff's tunnel devices (eBPF mode) or an OVS GRE
+    /// port.
+    Collector { remote: IpAddr, ttl: u8, tos: u8, encap: Encap },
     /// `--to-dev`: an existing local interface (eBPF mode only).
     Device { name: String },
 }
@@ -110,6 +111,7 @@ impl SpecError {
             SpecError::NoVm => "vm",
             SpecError::EbpfOnly { .. } | SpecError::OvsWithoutCollector => "mode",
             SpecError::Filter(_) => "filter",
+            SpecError::Encap(EncapError::PortWithoutVxlan { .. }) => "port",
             SpecError::Encap(_) | SpecError::Record { .. } => "encap",
         }
     }
@@ -136,7 +138,7 @@ impl MirrorFlags {
             rate_limit: c.rate_limit,
             snaplen: c.snaplen.unwrap_or(0),
         };
-        let encap = args.encap.checked(args.erspan_hwid)?;
+        let encap = args.encap.checked(args.erspan_hwid, args.port)?;
         let destination = match (&args.to, &args.to_dev) {
             (Some(remote), _) => {
                 Destination::Collector { remote: *remote, ttl: args.ttl, tos: args.tos, encap }
@@ -167,7 +169,8 @@ impl MirrorFlags {
             (mirror.to_dev.is_some(), "--to-dev"),
             (mirror.attach_mode.is_some(), "--attach-mode"),
             // vmsniff's OVS mirror sends through an OVS GRE port: plain GRE with the key.
-            (mirror.encap != crate::model::wire::EncapChoice::Gre, "--encap erspan"),
+            (mirror.encap != crate::model::wire::EncapChoice::Gre, encap_flag(mirror.encap)),
+            (mirror.port.is_some(), "--port"),
             (mirror.erspan_hwid.is_some(), "--erspan-hwid"),
         ]
         .into_iter()
@@ -180,6 +183,17 @@ impl MirrorFlags {
             return Err(SpecError::OvsWithoutCollector);
         }
         Ok(())
+    }
+}
+
+/// `--encap X` as the operator gave it, for naming a refused flag.
+fn encap_flag(encap: crate::model::wire::EncapChoice) -> &'static str {
+    use crate::model::wire::EncapChoice;
+    match encap {
+        EncapChoice::Gre => "--encap gre",
+        EncapChoice::Erspan => "--encap erspan",
+        EncapChoice::Erspan1 => "--encap erspan1",
+        EncapChoice::Vxlan => "--encap vxlan",
     }
 }
 
@@ -250,6 +264,12 @@ impl MirrorSpec {
                 }
             }
             Some(Encap::ErspanII) => flag("encap", "erspan1".into()),
+            Some(Encap::Vxlan { port }) => {
+                flag("encap", "vxlan".into());
+                if port != crate::model::wire::VXLAN_PORT {
+                    flag("port", port.to_string());
+                }
+            }
             Some(Encap::Gre) | None => {}
         }
         if let Some(mode) = self.attach_mode {
@@ -340,7 +360,7 @@ mod tests {
         assert_eq!(
             s.destination,
             Destination::Collector {
-                remote: Ipv4Addr::new(192, 0, 2, 2),
+                remote: IpAddr::from([192, 0, 2, 2]),
                 ttl: 64,
                 tos: 0,
                 encap: Encap::Gre
@@ -405,6 +425,9 @@ mod tests {
             ],
             vec!["vm", "--to", "192.0.2.2", "--mode", "ovs", "--key", "9", "--direction", "out"],
             vec!["vm", "--to", "192.0.2.2", "--encap", "erspan1", "--attach-mode", "netlink"],
+            vec!["vm", "--to", "2001:db8::2", "--encap", "vxlan", "--port", "8472", "--tos", "32"],
+            vec!["vm", "--to", "2001:db8::2", "--encap", "vxlan"],
+            vec!["vm", "--to", "2001:db8::2", "--mode", "ovs"],
         ] {
             let s = spec(&args).unwrap();
             assert_eq!(MirrorSpec::from_args(&s.to_args()).unwrap(), s, "{args:?} -> {:?}", s.to_args());
@@ -431,6 +454,29 @@ mod tests {
         let d = spec(&["other", "--to", "192.0.2.2"]).unwrap();
         assert!(a.changed_keys(&d).contains(&"vm".to_owned()));
         assert!(!a.differs_only_live(&d));
+    }
+
+    #[test]
+    fn vxlan_and_ipv6_flags_are_checked() {
+        let s = spec(&["vm", "--to", "2001:db8::2", "--encap", "vxlan"]).unwrap();
+        assert!(matches!(
+            s.destination,
+            Destination::Collector { remote: IpAddr::V6(_), encap: Encap::Vxlan { port: 4789 }, .. }
+        ));
+        assert!(matches!(
+            spec(&["vm", "--to", "192.0.2.2", "--port", "4789"]),
+            Err(SpecError::Encap(EncapError::PortWithoutVxlan { encap: "gre" }))
+        ));
+        let args: Vec<String> = ["vm", "--to", "192.0.2.2", "--encap", "vxlan", "--port", "0"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let e = FlagsCli::parse_args(&args).unwrap_err().to_string();
+        assert!(e.contains("port 0 is no destination"), "{e}");
+        let args: Vec<String> = ["vm", "--to", "fe80::1"].iter().map(|s| (*s).to_owned()).collect();
+        assert!(FlagsCli::parse_args(&args).unwrap_err().to_string().contains("link-local"));
+        let e = spec(&["vm", "--to", "192.0.2.2", "--mode", "ovs", "--encap", "vxlan"]).unwrap_err();
+        assert!(e.to_string().starts_with("--encap vxlan is eBPF mode's"), "{e}");
     }
 
     #[test]

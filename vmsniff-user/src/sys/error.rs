@@ -43,10 +43,12 @@ pub enum KernelError {
     )]
     AbiVersion { path: PathBuf, found: u32, recorded: bool, ours: u32 },
     #[error(
-        "this kernel cannot create GRE devices (the ip_gre module is missing); load it with \
-         `modprobe ip_gre`, or mirror into a local interface with --to-dev"
+        "this kernel cannot create {kind} devices (the {} module is missing); load it with \
+         `modprobe {}`, use another --encap, or mirror into a local interface with --to-dev",
+        tunnel_module(kind),
+        tunnel_module(kind)
     )]
-    NoGreSupport,
+    NoTunnelSupport { kind: &'static str },
     #[error(
         "an interface named {name} exists and is not vmsniff's; rename or delete it (vmsniff \
          names its GRE devices vms<session>-<direction>)"
@@ -62,7 +64,21 @@ pub enum KernelError {
         "a GRE device toward {remote} with wire key {wire_key} exists already (another tool's, or \
          a leftover); delete it, or give this session another --key"
     )]
-    TunnelExists { remote: std::net::Ipv4Addr, wire_key: u32 },
+    TunnelExists { remote: std::net::IpAddr, wire_key: u32 },
+    #[error(
+        "a VXLAN device with VNI {vni} on UDP port {port} exists already in this network namespace \
+         (the kernel allows one per VNI and port, whatever the collector: another session's with the \
+         same --key, another tool's, or a tenant network's); give this session another --key, or \
+         another --port"
+    )]
+    VniInUse { vni: u32, port: u16 },
+    #[error(
+        "UDP port {port} is taken on this host by a socket of another kind (Open vSwitch's \
+         vxlan_sys_{port}, or a VXLAN device with other flags), and a VXLAN device opens its \
+         destination port to receive as well: give another --port (the collector must listen \
+         there), or use --encap gre"
+    )]
+    UdpPortInUse { port: u16 },
     #[error(
         "this process runs in a mount namespace of its own (as under `ip netns exec`), and the \
          host has no bpffs at {} (seen here as {}); a bpffs mounted from here would vanish with \
@@ -171,5 +187,14 @@ impl KernelError {
     pub fn netlink(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
         let op = op.into();
         move |source| KernelError::Netlink { op, source: Box::new(source) }
+    }
+}
+
+/// The module that provides a tunnel link kind.
+fn tunnel_module(kind: &str) -> &'static str {
+    match kind {
+        "vxlan" => "vxlan",
+        "ip6gretap" | "ip6erspan" => "ip6_gre",
+        _ => "ip_gre",
     }
 }

@@ -1,9 +1,12 @@
 //! One rtnetlink connection per command, and the link facts vmsniff reads through it.
 use futures::TryStreamExt as _;
 use netlink_packet_route::link::{
-    InfoData, InfoGre, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+    InfoData, InfoGre, InfoGre6, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType,
+    LinkMessage,
 };
-use rtnetlink::Handle;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use rtnetlink::{Handle, RouteMessageBuilder};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A route netlink socket in the caller's network namespace.
 #[derive(Clone)]
@@ -33,6 +36,48 @@ impl Netlink {
         let mut request = self.handle.link().get().match_index(ifindex).execute();
         not_found_is_none(request.try_next().await).map(|m| m.map(Link::from_message))
     }
+
+    /// Where the kernel would send a packet to `to` (`ip route get TO`).
+    pub async fn route_to(&self, to: IpAddr) -> Result<RouteTo, rtnetlink::Error> {
+        let message = match to {
+            IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(v4, 32).build(),
+            IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(v6, 128).build(),
+        };
+        let route = match self.handle.route().get(message).execute().try_next().await {
+            Ok(Some(route)) => route,
+            Ok(None) => return Ok(RouteTo::Unreachable),
+            Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+                return Ok(RouteTo::Unreachable);
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(match route.header.kind {
+            RouteType::Local => RouteTo::Local,
+            RouteType::Unreachable | RouteType::BlackHole | RouteType::Prohibit => RouteTo::Unreachable,
+            _ => RouteTo::Out {
+                oif: route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(index) => Some(*index),
+                    _ => None,
+                }),
+                source: route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                    RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                    _ => None,
+                }),
+            },
+        })
+    }
+}
+
+/// The answer of [`Netlink::route_to`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteTo {
+    /// No route, or one that discards.
+    Unreachable,
+    /// An address of this host.
+    Local,
+    /// Out through this interface, from this source address.
+    Out { oif: Option<u32>, source: Option<IpAddr> },
 }
 
 /// ENODEV from a lookup means "no such link", which callers handle as `None`.
@@ -69,8 +114,11 @@ pub struct Link {
     pub master: Option<u32>,
     /// A veth's peer in this namespace (IFLA_LINK without a link netns).
     pub peer: Option<u32>,
-    /// An erspan device's ERSPAN version (1 = type II, 2 = type III) and hardware id.
+    /// An erspan or ip6erspan device's ERSPAN version (1 = type II, 2 = type III) and hardware
+    /// id.
     pub erspan: Option<ErspanLink>,
+    /// A vxlan device's UDP destination port.
+    pub vxlan_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,6 +152,7 @@ impl Link {
             master: None,
             peer: None,
             erspan: None,
+            vxlan_port: None,
         };
         let mut peer_elsewhere = false;
         for attribute in message.attributes {
@@ -137,6 +186,23 @@ impl Link {
                                     }
                                 }
                                 link.erspan = Some(erspan);
+                            }
+                            LinkInfo::Data(InfoData::Ip6ErSpan(data)) => {
+                                let mut erspan = ErspanLink::default();
+                                for item in data {
+                                    match item {
+                                        InfoGre6::ErSpanVer(v) => erspan.version = v,
+                                        InfoGre6::ErSpanHwId(h) => erspan.hwid = h,
+                                        _ => {}
+                                    }
+                                }
+                                link.erspan = Some(erspan);
+                            }
+                            LinkInfo::Data(InfoData::Vxlan(data)) => {
+                                link.vxlan_port = data.into_iter().find_map(|item| match item {
+                                    InfoVxlan::Port(port) => Some(port),
+                                    _ => None,
+                                });
                             }
                             _ => {}
                         }

@@ -24,6 +24,7 @@ fn color(config: Config) -> RGBColor {
     match config {
         Config::None => RGBColor(140, 140, 140),
         Config::Vmsniff => RGBColor(31, 119, 180),
+        Config::VmsniffVxlan => RGBColor(148, 103, 189),
         Config::Mirred => RGBColor(255, 127, 14),
         Config::Ovs => RGBColor(44, 160, 44),
         Config::Relay => RGBColor(214, 39, 40),

@@ -16,18 +16,22 @@ use crate::demo::vmsniff_in;
 pub enum Config {
     None,
     Vmsniff,
+    /// vmsniff with its own VXLAN devices (`--encap vxlan`), beside its GRE: this kernel only.
+    VmsniffVxlan,
     Mirred,
     Ovs,
     Relay,
 }
 
-pub const ALL: [Config; 5] = [Config::None, Config::Vmsniff, Config::Mirred, Config::Ovs, Config::Relay];
+pub const ALL: [Config; 6] =
+    [Config::None, Config::Vmsniff, Config::VmsniffVxlan, Config::Mirred, Config::Ovs, Config::Relay];
 
 impl Config {
     pub fn label(self) -> &'static str {
         match self {
             Config::None => "(a) no mirror",
             Config::Vmsniff => "(b) vmsniff (eBPF)",
+            Config::VmsniffVxlan => "(b') vmsniff, --encap vxlan",
             Config::Mirred => "(c) tc mirred",
             Config::Ovs => "(d) OVS mirror",
             Config::Relay => "(e) AF_PACKET relay",
@@ -38,6 +42,7 @@ impl Config {
         match self {
             Config::None => "none",
             Config::Vmsniff => "vmsniff",
+            Config::VmsniffVxlan => "vmsniff-vxlan",
             Config::Mirred => "mirred",
             Config::Ovs => "ovs",
             Config::Relay => "relay",
@@ -56,6 +61,9 @@ impl Config {
             (Config::Vmsniff, Tunnel::Gre) => {
                 format!("`vmsniff attach --tap {TAP} --to {COLLECTOR_IP}` (its own gretaps)")
             }
+            (Config::VmsniffVxlan, _) => format!(
+                "`vmsniff attach --tap {TAP} --to {COLLECTOR_IP} --encap vxlan` (its own vxlan devices, one per direction)"
+            ),
             (Config::Mirred, _) => format!(
                 "`tc filter add dev {TAP} ingress protocol all u32 match u32 0 0 action mirred egress mirror dev {TUNNEL_DEV}`, and the same on egress"
             ),
@@ -78,6 +86,21 @@ impl Config {
                     Tunnel::Vxlan => args.extend(["--to-dev", TUNNEL_DEV]),
                     Tunnel::Gre => args.extend(["--to", COLLECTOR_IP]),
                 }
+                let id = vmsniff_in(hv, vmsniff, &args)?.trim().to_owned();
+                Attached::Vmsniff { id, programs: program_ids(hv)? }
+            }
+            Config::VmsniffVxlan => {
+                let args = [
+                    "attach",
+                    "--tap",
+                    TAP,
+                    "--attach-mode",
+                    "netlink",
+                    "--to",
+                    COLLECTOR_IP,
+                    "--encap",
+                    "vxlan",
+                ];
                 let id = vmsniff_in(hv, vmsniff, &args)?.trim().to_owned();
                 Attached::Vmsniff { id, programs: program_ids(hv)? }
             }

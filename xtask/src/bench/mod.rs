@@ -108,7 +108,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
         bail!("--rounds must be at least 1");
     }
     catch_interrupts()?;
-    let vmsniff = crate::target_dir(workspace).join("debug/vmsniff");
+    let vmsniff = crate::demo::vmsniff_binary(workspace);
     if args.guest {
         let part = measure::run(&args.plan(true), Switch::Ovs, Tunnel::Gre, &vmsniff)?;
         println!("{RESULT_PREFIX}{}", serde_json::to_string(&part)?);
@@ -179,7 +179,9 @@ const LIMITS: &str = "## What this machine can and cannot show\n\n\
   whose costs are the same for every configuration and not measured here. A real VM with \
   virtio-net TSO hands the tap 64 KiB frames, with which per-frame costs weigh less per byte.\n\
 - This kernel has no ip_gre and no openvswitch module: its part tunnels over VXLAN, and vmsniff \
-  copies `--to-dev` into the VXLAN device, as tc mirred and the relay do. OVS, and GRE for every \
+  copies `--to-dev` into the VXLAN device, as tc mirred and the relay do; (b') is vmsniff with \
+  its own VXLAN devices (`--encap vxlan`, one per direction), the row beside the guest's GRE \
+  (b). OVS, and GRE for every \
   configuration, run in Debian's 6.1 kernel under QEMU with TCG: an emulated CPU, tens of times \
   slower than the host and unevenly so, hence ratios to (a) only. Code runs slowly the first \
   time TCG translates it, and the other engineers' QEMU guests share the host's CPUs: single \

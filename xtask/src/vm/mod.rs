@@ -184,7 +184,10 @@ fn check_visible(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The harness's cache and scratch space in the workspace's target directory.
+/// The harness's cache and scratch space in cargo's target directory (`CARGO_TARGET_DIR`, else
+/// the workspace's `target/`), so that worktrees sharing a target directory share the kernels.
 fn vm_dir(workspace: &Path) -> PathBuf {
-    workspace.join("target/vm")
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), |dir| workspace.join(PathBuf::from(dir)))
+        .join("vm")
 }
