@@ -76,8 +76,10 @@ fn collect_decodes_each_encapsulation_and_counts_garbage_and_strangers() {
     collector_ns.sh("ip addr add 10.240.0.2/24 dev col0; ip link set col0 up");
     let scratch = Scratch::new("handmade");
     let file = scratch.path("cap.pcapng");
-    let collector =
-        Collector::start(&collector_ns, &["-w", file.to_str().unwrap(), "--from", "10.240.0.1/32"]);
+    let collector = Collector::start(
+        &collector_ns,
+        &["-w", file.to_str().unwrap(), "--from", "10.240.0.1/32", "--plain-gre"],
+    );
     // A second collector at once, to stdout, stopping by itself after 4 copies.
     let mut piped = Collector::start(&collector_ns, &["-w", "-", "-c", "4"]);
 
@@ -97,7 +99,8 @@ fn collect_decodes_each_encapsulation_and_counts_garbage_and_strangers() {
         listed.send(to, &gre(Some(4 * 2 + 1), Some(seq), TEB, &f));
         expected.push(("10.240.0.1 session 4".into(), f, INBOUND));
     }
-    // ERSPAN III span 9, egress (in); ERSPAN II span 10, index 0 (out); a plain GRE mirror.
+    // ERSPAN III span 9, egress (in); ERSPAN II span 10, index 0 (out); a plain GRE mirror
+    // (recorded: --plain-gre).
     for seq in 1..=2 {
         let f = frame(2000 + seq, 200);
         let mut payload = erspan3(9, 1, 5);
@@ -479,4 +482,70 @@ fn bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing() {
     assert_eq!(hv.ns.link_names(), before, "no device was created");
     assert!(!hv.ns.pin_dir().exists(), "no pins were made");
     assert!(!scratch.path("never.pcapng").exists(), "no capture file was created");
+}
+
+/// Issue 19, class 1: what a sender the collector does not know can make it keep. A spray of
+/// distinct keys fills the stream table to `--max-streams` and no further (refusals counted,
+/// real copies still written); a tenant's VM name full of terminal escapes reaches neither the
+/// terminal nor Wireshark as such; plain GRE (a GRE tenant network) is left out by default.
+#[test]
+fn a_spray_of_keys_hostile_names_and_plain_gre_stay_bounded() {
+    if !privileged_on_host(
+        "a_spray_of_keys_hostile_names_and_plain_gre_stay_bounded",
+        "collect decodes what a raw socket receives, in user space",
+    ) {
+        return;
+    }
+    let sender_ns = Netns::new("snd");
+    let collector_ns = Netns::new("col");
+    sender_ns.sh(&format!(
+        "ip link add snd0 type veth peer name col0 netns {col}
+         ip addr add 10.240.0.1/24 dev snd0
+         ip link set snd0 up",
+        col = collector_ns.name
+    ));
+    collector_ns.sh("ip addr add 10.240.0.2/24 dev col0; ip link set col0 up");
+    let scratch = Scratch::new("spray");
+    let file = scratch.path("cap.pcapng");
+    let names = scratch.path("status.json");
+    let evil = format!("\u{1b}[2J\u{1b}]0;owned\u{7}{}", "v".repeat(300));
+    let status = serde_json::json!({"version": 1, "sessions": [
+        {"session": 3, "tap": "tap3", "key": 3, "encap": "gre", "vm": evil, "nic": 0},
+    ]});
+    std::fs::write(&names, status.to_string()).unwrap();
+    let collector = Collector::start(
+        &collector_ns,
+        &["-w", file.to_str().unwrap(), "--max-streams", "50", "--names", names.to_str().unwrap()],
+    );
+    let to = [10, 240, 0, 2];
+    let sender = GreSender::open(&sender_ns, [10, 240, 0, 1]);
+    let frame = |seq: u32| frames::frame(VM_MAC, PEER_MAC, seq, 60);
+    // The named session first, then 2000 keys nobody uses, then the named session again.
+    sender.send(to, &gre(Some(3 * 2), Some(1), TEB, &frame(1)));
+    for key in 100..2100 {
+        sender.send(to, &gre(Some(key * 2), Some(0), TEB, &frame(key)));
+    }
+    // Plain GRE: a tenant network's packets, key 5, no sequence numbers.
+    for seq in 0..10 {
+        sender.send(to, &gre(Some(5), None, TEB, &frame(seq)));
+    }
+    sender.send(to, &gre(Some(3 * 2), Some(2), TEB, &frame(2)));
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = collector.stop();
+    assert!(stopped.status.success(), "collect: {}", stopped.stderr);
+    let (rows, closing) = summary(&stopped.stderr);
+    assert_eq!(rows.len(), 50, "the stream table stops at --max-streams");
+    assert_eq!(closing_count(&closing, "--max-streams) "), 2000 - 49, "{closing}");
+    assert_eq!(closing_count(&closing, "--plain-gre records it) "), 10, "{closing}");
+    assert!(!stopped.stderr.contains('\u{1b}'), "no terminal escape reaches stderr");
+    let packets = read_pcapng_file(&file);
+    let named: Vec<&CapturedPacket> =
+        packets.iter().filter(|p| p.interface.ends_with("nic 0 session 3")).collect();
+    assert_eq!(named.len(), 2, "the real copies are written: {:?}", packets.len());
+    let name = &named[0].interface;
+    assert!(!name.chars().any(char::is_control), "{name:?}");
+    assert!(name.chars().count() < 100, "{name:?}");
+    let interfaces: std::collections::BTreeSet<&str> = packets.iter().map(|p| p.interface.as_str()).collect();
+    assert_eq!(interfaces.len(), 50, "one interface per counted stream, no more");
+    assert_eq!(packets.len(), 51);
 }

@@ -301,7 +301,7 @@ fn collect_metrics_count_what_its_summary_counts() {
     for seq in 100..=102 {
         listed.send(to, &gre(Some(4 * 2 + 1), Some(seq), 0x6558, &frame(seq, 200)));
     }
-    // A plain GRE mirror (no sequence numbers), two malformed packets, a stranger.
+    // A plain GRE mirror (no sequence numbers: left out), two malformed packets, a stranger.
     listed.send(to, &gre(Some(77), None, 0x6558, &frame(7, 60)));
     listed.send(to, &[0x30, 0x00, 0x65]);
     listed.send(to, &gre(Some(8), Some(1), 0x0800, &frame(8, 60)));
@@ -356,6 +356,9 @@ fn collect_metrics_count_what_its_summary_counts() {
     );
     assert_eq!(value(&samples, "vmsniff_collect_refused_total", &[("reason", "not-from")]), 5);
     assert_eq!(value(&samples, "vmsniff_collect_socket_drops_total", &[]), 0);
-    assert_eq!(value(&samples, "vmsniff_collect_written_total", &[]), 9);
+    // The plain GRE mirror is left out without --plain-gre: counted, not written.
+    assert_eq!(value(&samples, "vmsniff_collect_refused_total", &[("reason", "plain-gre")]), 1);
+    assert_eq!(closing_count(&closing, "--plain-gre records it) "), 1, "{closing}");
+    assert_eq!(value(&samples, "vmsniff_collect_written_total", &[]), 8);
     assert_eq!(value(&samples, "vmsniff_collect_streams", &[]), rows.len() as u64);
 }

@@ -1,7 +1,7 @@
 //! `vmsniff collect`: the collector's side. Receives vmsniff's (and Open vSwitch's) GRE and
 //! ERSPAN copies over IPv4 and IPv6 through raw sockets, and VXLAN on a UDP port, and writes
 //! pcapng with one interface per sender and session, each packet's direction in its flags.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Mutex};
 
 use std::collections::BTreeMap;
 
@@ -13,7 +13,7 @@ use crate::{
         names::{Names, NamesArg, parse_names_arg},
         pcapng::{Destination, Rotate, parse_rotate},
         receive::{self, Cidr, Ended, Options, parse_cidr},
-        stats::{SharedStats, lock, render_summary},
+        stats::{DEFAULT_MAX_STREAMS, MAX_STREAMS_LIMIT, SharedStats, Stats, lock, render_summary},
     },
     metrics,
     model::listen::parse_listen_addr,
@@ -66,8 +66,27 @@ pub struct CollectArgs {
     #[arg(long)]
     pub fleet: bool,
 
+    /// Record plain GRE too: Ethernet in GRE without vmsniff's sequence numbers whose key no
+    /// `--names` OVS-mode session or `--fleet` mirror names. Off by default: a node's GRE tenant
+    /// networks look the same, and are no mirror (they are counted, not written).
+    #[arg(long)]
+    pub plain_gre: bool,
+
+    /// Streams (sender, session, direction) counted at most; copies of further streams are
+    /// counted as refused, not written. Bounds what the network can make the collector keep
+    /// (512 bytes of sequence window per stream).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STREAMS, value_parser = parse_max_streams)]
+    pub max_streams: usize,
+
     #[command(flatten)]
     pub etcd: EtcdArgs,
+}
+
+fn parse_max_streams(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_STREAMS_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a number of streams from 1 to {MAX_STREAMS_LIMIT}")),
+    }
 }
 
 /// The fleet's mirrors by key: "NAME (VM nic N)".
@@ -108,7 +127,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     if args.fleet {
         names.set_fleet(fleet_names(&args.etcd).await?);
     }
-    let stats = SharedStats::default();
+    let stats = SharedStats::new(Mutex::new(Stats::with_limit(args.max_streams)));
     // Before the socket and the capture file: a bad address leaves no file behind.
     if let Some(addr) = args.metrics {
         let listener = metrics::bind(addr).await?;
@@ -122,6 +141,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         rotate: args.rotate,
         count: args.count,
         names,
+        plain_gre: args.plain_gre,
     };
     let ended = receive::run(&options, &stats).await?;
     let stats = lock(&stats);

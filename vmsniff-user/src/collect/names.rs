@@ -71,12 +71,32 @@ struct SessionEntry {
     vm: Option<String>,
     #[serde(default)]
     nic: Option<u32>,
+    /// `ovs` for an Open vSwitch Mirror, whose GRE port sends plain GRE (key K, no sequence).
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// Characters of a name a capture shows at most. Names come from hypervisors' status (a VM's
+/// name is its tenant's choice): they reach terminals and Wireshark, so they are cut and made
+/// printable.
+const NAME_CHARS: usize = 64;
+
+/// `text` without control characters (terminal escapes, newlines), at most [`NAME_CHARS`] long.
+pub fn printable(text: &str) -> String {
+    let mut out: String =
+        text.chars().take(NAME_CHARS).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if text.chars().nth(NAME_CHARS).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 /// Names of sessions, by (sender or any, ERSPAN or GRE, key).
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     by_key: BTreeMap<(Option<IpAddr>, bool, u32), Named>,
+    /// OVS mode's sessions, whose copies are plain GRE with key K: by (sender or any, key).
+    plain: BTreeMap<(Option<IpAddr>, u32), Named>,
     /// `--fleet`: fleet mirrors by key K, "NAME (VM nic N)". Their copies share one interface
     /// whichever node sends them.
     fleet: BTreeMap<u32, String>,
@@ -107,7 +127,13 @@ impl Names {
 
     /// Names the fleet's mirrors, by their keys.
     pub fn set_fleet(&mut self, fleet: BTreeMap<u32, String>) {
-        self.fleet = fleet;
+        self.fleet = fleet.into_iter().map(|(key, name)| (key, printable(&name))).collect();
+    }
+
+    /// Whether plain GRE of `key` is a mirror someone named (an OVS-mode session in `--names`,
+    /// a fleet mirror's key), so that it is recorded without `--plain-gre`.
+    pub fn knows_plain(&self, key: &InterfaceKey) -> bool {
+        key.plain && (self.get(key).is_some() || self.fleet.contains_key(&key.session))
     }
 
     /// The interface of a fleet mirror's stream: one per mirror, whichever node sends it (its
@@ -129,14 +155,19 @@ impl Names {
         }
         for s in file.sessions {
             let Some(key) = s.key else { continue };
-            let encap = s.encap.unwrap_or_else(|| "gre".into());
+            let encap = printable(&s.encap.unwrap_or_else(|| "gre".into()));
             let label = match (&s.vm, s.nic) {
-                (Some(vm), Some(nic)) => format!("{vm} nic {nic}"),
-                (Some(vm), None) => vm.clone(),
-                _ => s.tap.clone(),
+                (Some(vm), Some(nic)) => format!("{} nic {nic}", printable(vm)),
+                (Some(vm), None) => printable(vm),
+                _ => printable(&s.tap),
             };
             let erspan = encap.starts_with("erspan");
-            self.by_key.insert((sender, erspan, key), Named { session: s.session, label, tap: s.tap, encap });
+            let named = Named { session: s.session, label, tap: printable(&s.tap), encap };
+            if s.mode.as_deref() == Some("ovs") && !erspan {
+                self.plain.insert((sender, key), named);
+            } else {
+                self.by_key.insert((sender, erspan, key), named);
+            }
         }
         Ok(())
     }
@@ -144,7 +175,10 @@ impl Names {
     /// The name of an interface's session: the sender's own file first, then one for any sender.
     pub fn get(&self, key: &InterfaceKey) -> Option<&Named> {
         if key.plain {
-            return None;
+            return self
+                .plain
+                .get(&(Some(key.sender), key.session))
+                .or_else(|| self.plain.get(&(None, key.session)));
         }
         self.by_key
             .get(&(Some(key.sender), key.erspan, key.session))
@@ -159,9 +193,9 @@ impl Names {
             return name.clone();
         }
         match (self.get(key), key.plain) {
-            (_, true) => format!("{} gre key {}", key.sender, key.session),
             (Some(named), _) => format!("{} session {}", named.label, named.session),
-            (None, _) => format!("{} session {}", key.sender, key.session),
+            (None, true) => format!("{} gre key {}", key.sender, key.session),
+            (None, false) => format!("{} session {}", key.sender, key.session),
         }
     }
 
@@ -226,6 +260,24 @@ mod tests {
                 .interface_description(&key([192, 0, 2, 1], false, 7))
                 .contains("vmsniff session 1 on tapvm0")
         );
+    }
+
+    #[test]
+    fn ovs_sessions_name_their_plain_gre_and_hostile_names_are_made_printable() {
+        let mut names = Names::default();
+        let evil = format!("\u{1b}]0;pwned\u{7}{}", "x".repeat(200));
+        let status = serde_json::json!({"version": 1, "sessions": [
+            {"session": 4, "mode": "ovs", "tap": "qvo1", "key": 4, "encap": "gre", "vm": evil, "nic": 0},
+        ]});
+        names.add(None, &status.to_string()).unwrap();
+        let plain = InterfaceKey { plain: true, ..key([192, 0, 2, 9], false, 4) };
+        assert!(names.knows_plain(&plain));
+        assert!(!names.knows_plain(&InterfaceKey { session: 5, ..plain }));
+        let name = names.interface_name(&plain);
+        assert!(name.starts_with("?]0;pwned?xxx"), "{name}");
+        assert!(!name.chars().any(char::is_control), "{name}");
+        assert!(name.chars().count() < NAME_CHARS + 20, "{name}");
+        assert_eq!(names.interface_name(&key([192, 0, 2, 9], false, 4)), "192.0.2.9 session 4");
     }
 
     #[test]

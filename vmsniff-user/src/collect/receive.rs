@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use super::{
-    decode::{self, Copy},
+    decode::{self, Copy, Kind},
     names::Names,
     pcapng::{Capture, Destination, FLUSH_INTERVAL, Interface, Packet, PcapngError, Rotate},
     stats::{InterfaceKey, SharedStats, Stats, StreamKey, lock, render_live, render_summary},
@@ -106,6 +106,8 @@ pub struct Options {
     pub rotate: Option<Rotate>,
     pub count: Option<u64>,
     pub names: Names,
+    /// `--plain-gre`: record GRE without vmsniff's sequence numbers whatever its key.
+    pub plain_gre: bool,
 }
 
 /// What one socket receives.
@@ -416,6 +418,10 @@ fn handle(
     };
     let key = StreamKey { sender, kind: copy.kind, session: copy.session, direction: copy.direction };
     let names = &options.names;
+    if copy.kind == Kind::PlainGre && !options.plain_gre && !names.knows_plain(&key.interface()) {
+        stats.refused_plain += 1;
+        return Ok(false);
+    }
     let interface = match names.fleet_interface(&key) {
         Some(interface) => {
             if !stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence) {
@@ -484,6 +490,7 @@ mod tests {
             rotate: None,
             count: None,
             names: Names::default(),
+            plain_gre: false,
         };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();
@@ -515,6 +522,44 @@ mod tests {
     }
 
     #[test]
+    fn plain_gre_is_recorded_only_when_asked_for_or_named() {
+        use crate::collect::decode::tests::{gre, ipv4, ipv4_frame};
+        let dir = std::env::temp_dir().join(format!("vmsniff-plain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let frame = ipv4_frame(60, 46);
+        // A GRE tenant network's packet: TEB, key 5, no sequence number.
+        let tenant = ipv4(47, &gre(false, Some(5), None, crate::model::wire::PROTO_TEB, &frame));
+        let ovs_session = ipv4(47, &gre(false, Some(4), None, crate::model::wire::PROTO_TEB, &frame));
+        let mut names = Names::default();
+        names.set_fleet(std::collections::BTreeMap::from([(4, "web (c-private nic 0)".to_owned())]));
+        for (plain_gre, written) in [(false, 1), (true, 2)] {
+            let options = Options {
+                from: Vec::new(),
+                vxlan_port: None,
+                destination: Destination::File(dir.join(format!("{plain_gre}.pcapng"))),
+                rotate: None,
+                count: None,
+                names: names.clone(),
+                plain_gre,
+            };
+            let mut stats = Stats::default();
+            let mut capture = Capture::open(options.destination.clone(), None).unwrap();
+            for packet in [&tenant, &ovs_session] {
+                handle(Listener::GreV4, packet, None, Duration::ZERO, &options, &mut stats, &mut capture)
+                    .unwrap();
+            }
+            assert_eq!(
+                (stats.written, stats.refused_plain),
+                (written, 2 - written),
+                "--plain-gre {plain_gre}"
+            );
+            let summary = render_summary(&stats, |k| k.session.to_string());
+            assert_eq!(summary.contains("--plain-gre records it) 1"), !plain_gre, "{summary}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn garbage_is_counted_and_copies_are_written_whole() {
         use crate::collect::decode::tests::{SENDER, gre, ipv4, ipv4_frame};
         let dir = std::env::temp_dir().join(format!("vmsniff-handle-{}", std::process::id()));
@@ -527,6 +572,7 @@ mod tests {
             rotate: None,
             count: Some(3),
             names: Names::default(),
+            plain_gre: false,
         };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();

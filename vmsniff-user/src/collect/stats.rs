@@ -12,23 +12,29 @@ use vmsniff_ebpf::Direction;
 
 use super::decode::{Kind, Undecodable};
 
-/// Streams counted at most. A hypervisor has at most 1023 sessions of two directions; 4096 is
-/// room for many hypervisors' real sessions, and bounds the memory (each stream keeps a window
-/// of 4096 sequence numbers) and the metrics' series. Copies of further streams are refused:
-/// counted, not written.
-pub const MAX_STREAMS: usize = 4096;
+/// Streams counted at most unless `--max-streams` says otherwise. A hypervisor has at most
+/// 1023 sessions of two directions; 4096 is room for many hypervisors' real sessions, and bounds
+/// the memory (each stream keeps a 512-byte window of sequence numbers: 2 MiB in all) and the
+/// metrics' series. Copies of further streams are refused: counted, not written.
+pub const DEFAULT_MAX_STREAMS: usize = 4096;
+
+/// `--max-streams` at most: 128 MiB of sequence windows.
+pub const MAX_STREAMS_LIMIT: usize = 1 << 18;
 
 /// How far back a late sequence number is still told apart from the ones seen: farther back,
 /// the sender is taken to have started over (its device was re-created).
 const WINDOW: u32 = 4096;
+/// The window's bits, in words.
+const WINDOW_WORDS: usize = (WINDOW / 64) as usize;
 
 /// The loss accounting of one sequence of GRE sequence numbers (one device of the sender).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sequence {
     /// The number expected next; `None` before the first.
     next: Option<u32>,
-    /// Which of the last [`WINDOW`] numbers arrived, indexed by number % WINDOW.
-    seen: Vec<bool>,
+    /// Which of the last [`WINDOW`] numbers arrived, a bit per number % WINDOW (allocated at
+    /// the first number, so a stream costs its window only once it counts).
+    seen: Vec<u64>,
     /// Numbers skipped and not (yet) arrived late.
     pub lost: u64,
     /// Numbers that arrived after a higher one.
@@ -42,7 +48,7 @@ pub struct Sequence {
 impl Sequence {
     pub fn observe(&mut self, seq: u32) {
         if self.seen.is_empty() {
-            self.seen = vec![false; WINDOW as usize];
+            self.seen = vec![0; WINDOW_WORDS];
         }
         let Some(next) = self.next else {
             self.start(seq);
@@ -82,23 +88,34 @@ impl Sequence {
     /// Starts the sequence at `seq` without counting anything: a fleet mirror that moved here.
     pub fn begin(&mut self, seq: u32) {
         if self.seen.is_empty() {
-            self.seen = vec![false; WINDOW as usize];
+            self.seen = vec![0; WINDOW_WORDS];
         }
         self.start(seq);
     }
 
     fn start(&mut self, seq: u32) {
-        self.seen.iter_mut().for_each(|s| *s = false);
+        self.seen.iter_mut().for_each(|s| *s = 0);
         self.mark(seq, true);
         self.next = Some(seq.wrapping_add(1));
     }
 
     fn mark(&mut self, seq: u32, seen: bool) {
-        self.seen[(seq % WINDOW) as usize] = seen;
+        let (word, bit) = Self::slot(seq);
+        if seen {
+            self.seen[word] |= bit;
+        } else {
+            self.seen[word] &= !bit;
+        }
     }
 
     fn is_seen(&self, seq: u32) -> bool {
-        self.seen[(seq % WINDOW) as usize]
+        let (word, bit) = Self::slot(seq);
+        self.seen[word] & bit != 0
+    }
+
+    fn slot(seq: u32) -> (usize, u64) {
+        let index = seq % WINDOW;
+        ((index / 64) as usize, 1 << (index % 64))
     }
 }
 
@@ -144,8 +161,10 @@ pub struct StreamStats {
 }
 
 /// Everything counted since the start.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Stats {
+    /// Streams counted at most (`--max-streams`).
+    pub max_streams: usize,
     pub streams: BTreeMap<StreamKey, StreamStats>,
     pub undecodable: BTreeMap<Undecodable, u64>,
     /// Packets from senders outside `--from`.
@@ -155,11 +174,20 @@ pub struct Stats {
     pub socket_drops: BTreeMap<usize, u64>,
     /// Copies written to the capture.
     pub written: u64,
-    /// Copies of a new stream refused because [`MAX_STREAMS`] streams are counted already.
+    /// Copies of a new stream refused because `max_streams` streams are counted already.
     pub refused_streams: u64,
+    /// Plain GRE (no vmsniff sequence numbers, no name for its key) left out without
+    /// `--plain-gre`: a node's GRE tenant networks are no mirror.
+    pub refused_plain: u64,
     /// Fleet mirrors (`--fleet`): the sender of each one's last copy, and how often its copies
     /// moved to another sender.
     pub moves: BTreeMap<InterfaceKey, Moves>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_MAX_STREAMS)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,15 +223,32 @@ pub struct Snapshot {
     pub streams: Vec<(StreamKey, StreamCounts)>,
     pub undecodable: BTreeMap<Undecodable, u64>,
     pub ignored: u64,
+    pub max_streams: usize,
     pub refused_streams: u64,
+    pub refused_plain: u64,
     pub socket_drops: u64,
     pub written: u64,
 }
 
 impl Stats {
+    /// Nothing counted yet; at most `max_streams` streams will be.
+    pub fn with_limit(max_streams: usize) -> Self {
+        Stats {
+            max_streams,
+            streams: BTreeMap::new(),
+            undecodable: BTreeMap::new(),
+            ignored: 0,
+            socket_drops: BTreeMap::new(),
+            written: 0,
+            refused_streams: 0,
+            refused_plain: 0,
+            moves: BTreeMap::new(),
+        }
+    }
+
     /// Counts a copy of stream `key`; false when it is refused (a new stream, the table full).
     pub fn copy(&mut self, key: StreamKey, frame_len: usize, sequence: Option<u32>) -> bool {
-        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+        if self.streams.len() >= self.max_streams && !self.streams.contains_key(&key) {
             self.refused_streams += 1;
             return false;
         }
@@ -238,7 +283,9 @@ impl Stats {
             streams,
             undecodable: self.undecodable.clone(),
             ignored: self.ignored,
+            max_streams: self.max_streams,
             refused_streams: self.refused_streams,
+            refused_plain: self.refused_plain,
             socket_drops: self.socket_drops.values().sum(),
             written: self.written,
         }
@@ -255,7 +302,7 @@ impl Stats {
         frame_len: usize,
         sequence: Option<u32>,
     ) -> bool {
-        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+        if self.streams.len() >= self.max_streams && !self.streams.contains_key(&key) {
             self.refused_streams += 1;
             return false;
         }
@@ -327,13 +374,21 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
     }
     let reasons: Vec<String> = stats.undecodable.iter().map(|(why, n)| format!("{why} {n}")).collect();
     out.push_str(&format!(
-        "undecodable {}{}; from other senders (not --from) {}; dropped by this host's socket buffer {}{}\n",
+        "undecodable {}{}; from other senders (not --from) {}; dropped by this host's socket buffer {}{}{}\n",
         stats.undecodable_total(),
         if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
         stats.ignored,
         stats.socket_drops.values().sum::<u64>(),
         if stats.refused_streams > 0 {
-            format!("; refused (over {MAX_STREAMS} streams) {}", stats.refused_streams)
+            format!("; refused (over {} streams: --max-streams) {}", stats.max_streams, stats.refused_streams)
+        } else {
+            String::new()
+        },
+        if stats.refused_plain > 0 {
+            format!(
+                "; plain GRE left out (no vmsniff sequence, key not named: --plain-gre records it) {}",
+                stats.refused_plain
+            )
         } else {
             String::new()
         }
@@ -356,6 +411,10 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
     out
 }
 
+/// Sessions the live line shows by name, the busiest first: it is one terminal line, whatever
+/// the senders make of the stream table.
+const LIVE_SESSIONS: usize = 6;
+
 /// The live line: per session packets and lost copies, then the totals.
 pub fn render_live(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) -> String {
     let mut sessions: BTreeMap<InterfaceKey, (u64, u64)> = BTreeMap::new();
@@ -364,10 +423,16 @@ pub fn render_live(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) -> St
         entry.0 += s.packets;
         entry.1 += s.sequence.lost;
     }
-    let mut parts: Vec<String> = sessions
+    let mut busiest: Vec<_> = sessions.iter().collect();
+    busiest.sort_by_key(|(key, (packets, _))| (std::cmp::Reverse(*packets), **key));
+    let mut parts: Vec<String> = busiest
         .iter()
+        .take(LIVE_SESSIONS)
         .map(|(key, (packets, lost))| format!("{}: {packets} lost {lost}", label(key)))
         .collect();
+    if busiest.len() > LIVE_SESSIONS {
+        parts.push(format!("{} more sessions", busiest.len() - LIVE_SESSIONS));
+    }
     if parts.is_empty() {
         parts.push("no copies yet".into());
     }
@@ -476,17 +541,17 @@ mod tests {
             session,
             direction: Some(Direction::In),
         };
-        // A spray of keys: the first MAX_STREAMS are counted, the rest refused.
-        for session in 0..(MAX_STREAMS as u32 + 100) {
+        // A spray of keys: the first DEFAULT_MAX_STREAMS are counted, the rest refused.
+        for session in 0..(DEFAULT_MAX_STREAMS as u32 + 100) {
             stats.copy(key(session), 60, Some(0));
         }
-        assert_eq!((stats.streams.len(), stats.refused_streams), (MAX_STREAMS, 100));
+        assert_eq!((stats.streams.len(), stats.refused_streams), (DEFAULT_MAX_STREAMS, 100));
         // Streams already counted go on.
         assert!(stats.copy(key(1), 60, Some(1)));
-        assert!(!stats.copy(key(MAX_STREAMS as u32 + 5), 60, Some(1)));
+        assert!(!stats.copy(key(DEFAULT_MAX_STREAMS as u32 + 5), 60, Some(1)));
         let snapshot = stats.snapshot();
-        assert_eq!(snapshot.streams.len(), MAX_STREAMS);
+        assert_eq!(snapshot.streams.len(), DEFAULT_MAX_STREAMS);
         assert_eq!(snapshot.refused_streams, 101);
-        assert!(render_summary(&stats, |_| String::new()).contains("; refused (over 4096 streams) 101"));
+        assert!(render_summary(&stats, |_| String::new()).contains("; refused (over 4096 streams: --max-streams) 101"));
     }
 }

@@ -1,6 +1,6 @@
 //! `vmsniff collect --metrics`: what the collector counted, per sender, key and direction, and
 //! what it could not use, by reason. Series are bounded: streams by the stream table
-//! (`MAX_STREAMS`), reasons by the decoder's fixed set.
+//! (`--max-streams`), reasons by the decoder's fixed set.
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -11,7 +11,7 @@ use vmsniff_ebpf::Direction;
 use std::sync::Arc;
 
 use super::Scrape;
-use crate::collect::stats::{MAX_STREAMS, SharedStats, Snapshot, lock};
+use crate::collect::stats::{SharedStats, Snapshot, lock};
 
 /// A scrape: the counts copied out under the receive loop's lock (held between two batches, for
 /// the copy only), encoded after it is released.
@@ -76,7 +76,7 @@ pub fn render(stats: &Snapshot) -> Result<String, String> {
         restarts.clone(),
     );
     r.register("vmsniff_collect_undecodable", "Packets that were no copies, by reason", undecodable.clone());
-    r.register("vmsniff_collect_refused", "Copies refused, by reason: not-from (sender outside --from), stream-limit (a new stream with the stream table full)", refused.clone());
+    r.register("vmsniff_collect_refused", "Copies refused, by reason: not-from (sender outside --from), stream-limit (a new stream with the stream table full), plain-gre (GRE without vmsniff's sequence numbers, not asked for with --plain-gre)", refused.clone());
     r.register("vmsniff_collect_socket_drops", "Packets this host's kernel dropped because the collector's socket buffer was full (they show as lost too)", socket_drops.clone());
     r.register("vmsniff_collect_written", "Copies written to the capture", written.clone());
     r.register("vmsniff_collect_streams", "Streams counted now", streams.clone());
@@ -107,13 +107,17 @@ pub fn render(stats: &Snapshot) -> Result<String, String> {
     for (why, n) in &stats.undecodable {
         undecodable.get_or_create(&ReasonLabels { reason: reason_label(&why.to_string()) }).inc_by(*n);
     }
-    for (reason, n) in [("not-from", stats.ignored), ("stream-limit", stats.refused_streams)] {
+    for (reason, n) in [
+        ("not-from", stats.ignored),
+        ("stream-limit", stats.refused_streams),
+        ("plain-gre", stats.refused_plain),
+    ] {
         refused.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc_by(n);
     }
     socket_drops.inc_by(stats.socket_drops);
     written.inc_by(stats.written);
     streams.set(i64::try_from(stats.streams.len()).unwrap_or(i64::MAX));
-    limit.set(i64::try_from(MAX_STREAMS).unwrap_or(i64::MAX));
+    limit.set(i64::try_from(stats.max_streams).unwrap_or(i64::MAX));
     super::encode(&registry)
 }
 
@@ -152,6 +156,7 @@ mod tests {
         stats.undecodable(Undecodable::TruncatedGre);
         stats.undecodable(Undecodable::TruncatedGre);
         stats.ignored = 3;
+        stats.refused_plain = 4;
         stats.socket_drops = BTreeMap::from([(0, 2)]);
         let text = render(&stats.snapshot()).unwrap();
         let stream = r#"{sender="192.0.2.1",encap="gre",key="7",direction="out"}"#;
@@ -165,9 +170,10 @@ mod tests {
             r#"vmsniff_collect_undecodable_total{reason="truncated-gre-header"} 2"#.into(),
             r#"vmsniff_collect_refused_total{reason="not-from"} 3"#.into(),
             r#"vmsniff_collect_refused_total{reason="stream-limit"} 0"#.into(),
+            r#"vmsniff_collect_refused_total{reason="plain-gre"} 4"#.into(),
             "vmsniff_collect_socket_drops_total 2".into(),
             "vmsniff_collect_streams 2".into(),
-            format!("vmsniff_collect_stream_limit {MAX_STREAMS}"),
+            "vmsniff_collect_stream_limit 4096".into(),
             "# TYPE vmsniff_collect_lost counter".into(),
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
@@ -181,15 +187,19 @@ mod tests {
 
     #[test]
     fn a_spray_of_keys_stays_within_the_stream_limit() {
-        let mut stats = Stats::default();
-        for session in 0..(MAX_STREAMS as u32 * 2) {
+        let mut stats = Stats::with_limit(100);
+        for session in 0..200 {
             stats.copy(key(session, Some(Direction::In), Kind::VmsniffGre), 60, Some(0));
         }
         let text = render(&stats.snapshot()).unwrap();
         let series = text.lines().filter(|l| l.starts_with("vmsniff_collect_packets_total{")).count();
-        assert_eq!(series, MAX_STREAMS);
-        let refused = format!(r#"vmsniff_collect_refused_total{{reason="stream-limit"}} {MAX_STREAMS}"#);
-        assert!(text.lines().any(|l| l == refused), "{refused}");
+        assert_eq!(series, 100);
+        for line in [
+            r#"vmsniff_collect_refused_total{reason="stream-limit"} 100"#,
+            "vmsniff_collect_stream_limit 100",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}");
+        }
     }
 
     #[test]
