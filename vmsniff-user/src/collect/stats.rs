@@ -552,6 +552,9 @@ mod tests {
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.streams.len(), DEFAULT_MAX_STREAMS);
         assert_eq!(snapshot.refused_streams, 101);
-        assert!(render_summary(&stats, |_| String::new()).contains("; refused (over 4096 streams: --max-streams) 101"));
+        assert!(
+            render_summary(&stats, |_| String::new())
+                .contains("; refused (over 4096 streams: --max-streams) 101")
+        );
     }
 }

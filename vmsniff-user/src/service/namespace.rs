@@ -111,7 +111,8 @@ impl Namespace {
         let observed = Observed { reserved, ..self.observe()? };
         let mut plan = plan_attach(request, &observed)?;
         if let Target::Tunnel { remote, .. } = &request.target {
-            let source = check_collector_route(&self.kernel.netlink, *remote, &request.tap).await?;
+            let source =
+                check_collector_route(&self.kernel.netlink, *remote, &request.tap, &observed).await?;
             plan.set_tunnel_source(source);
         }
         log::debug!("attach plan: {plan:#?}");
