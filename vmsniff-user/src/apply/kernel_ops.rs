@@ -39,6 +39,12 @@ pub trait KernelOps {
     async fn create_gre_device(&self, device: &GreDevice) -> Result<u32, KernelError>;
     /// Deletes the GRE device at `ifindex` if it still is vmsniff's.
     async fn delete_gre_device(&self, ifindex: u32, name: &str, alias: &str) -> Result<(), KernelError>;
+    /// Deletes the device named `name` if it is vmsniff's: marked with `alias`, or not marked
+    /// yet (down, of a GRE kind, no alias: what a run killed between creating and marking it
+    /// left). For the devices of a crashed attach that never recorded their ifindex.
+    async fn delete_unrecorded_gre_device(&self, name: &str, alias: &str) -> Result<(), KernelError>;
+    /// Whether the interface has a clsact qdisc.
+    async fn has_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError>;
     /// Adds a clsact qdisc to an interface; returns whether it added one (false: one was there).
     async fn ensure_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError>;
     /// Removes the clsact qdisc vmsniff added, unless anybody else's filter is in it.
@@ -106,6 +112,14 @@ impl KernelOps for Kernel {
 
     async fn delete_gre_device(&self, ifindex: u32, name: &str, alias: &str) -> Result<(), KernelError> {
         gre::delete(&self.netlink, ifindex, name, alias).await
+    }
+
+    async fn delete_unrecorded_gre_device(&self, name: &str, alias: &str) -> Result<(), KernelError> {
+        gre::delete_unrecorded(&self.netlink, name, alias).await
+    }
+
+    async fn has_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError> {
+        tc::has_clsact(&self.netlink, name, ifindex).await
     }
 
     async fn ensure_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError> {

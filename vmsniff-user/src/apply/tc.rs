@@ -35,8 +35,9 @@ pub struct Attached {
     pub nl_handle: u32,
 }
 
-/// Adds a clsact qdisc to the tap. Returns whether vmsniff created it (false: one was there).
-pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<bool, KernelError> {
+/// Whether the interface has a clsact qdisc; a legacy ingress qdisc, which excludes one, is an
+/// error.
+pub async fn has_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<bool, KernelError> {
     let qdiscs: Vec<TcMessage> = netlink
         .handle
         .qdisc()
@@ -52,10 +53,18 @@ pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) 
             _ => None,
         });
         match kind {
-            Some("clsact") => return Ok(false),
+            Some("clsact") => return Ok(true),
             Some("ingress") => return Err(KernelError::LegacyIngressQdisc { name: tap_name.to_owned() }),
             _ => {}
         }
+    }
+    Ok(false)
+}
+
+/// Adds a clsact qdisc to the tap. Returns whether vmsniff created it (false: one was there).
+pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<bool, KernelError> {
+    if has_clsact(netlink, tap_name, tap_ifindex).await? {
+        return Ok(false);
     }
     match tc::qdisc_add_clsact(tap_name) {
         Ok(()) => Ok(true),
@@ -183,29 +192,49 @@ pub async fn detach(
             }
         }
         AttachMode::Netlink => {
+            // No priority recorded: a run killed before it attached anything there.
+            if nl_priority == 0 {
+                return Ok(());
+            }
             let Some(tap_name) = current_name(netlink, tap_ifindex, tap_name).await? else {
                 return Ok(());
             };
             let tap_name = tap_name.as_str();
-            if !is_our_filter(netlink, tap_ifindex, hook, program, nl_priority, nl_handle).await? {
+            let handles: Vec<u32> = if nl_handle == 0 {
+                // Attached by a run killed before it recorded the handle: the priority was
+                // recorded first, and only vmsniff's filters run vmsniff's programs.
+                bpf_filters(netlink, tap_ifindex, hook)
+                    .await?
+                    .into_iter()
+                    .filter(|(p, _, name)| *p == nl_priority && runs_program(name, program))
+                    .map(|(_, handle, _)| handle)
+                    .collect()
+            } else if is_our_filter(netlink, tap_ifindex, hook, program, nl_priority, nl_handle).await? {
+                vec![nl_handle]
+            } else {
+                Vec::new()
+            };
+            if handles.is_empty() {
                 log::warn!(
                     "{tap_name}'s {} hook has no vmsniff filter at priority {nl_priority} handle {nl_handle:#x}: nothing to detach there",
                     hook.as_str()
                 );
-                return Ok(());
             }
-            let link = SchedClassifierLink::attached(
-                tap_name,
-                attach_type(hook),
-                nl_priority,
-                TcHandle::from(nl_handle),
-                None,
-            )
-            .map_err(KernelError::io(format!("looking up {tap_name}")))?;
-            aya::programs::links::Link::detach(link).map_err(KernelError::program(format!(
-                "removing vmsniff's filter from {tap_name}'s {} hook",
-                hook.as_str()
-            )))
+            for handle in handles {
+                let link = SchedClassifierLink::attached(
+                    tap_name,
+                    attach_type(hook),
+                    nl_priority,
+                    TcHandle::from(handle),
+                    None,
+                )
+                .map_err(KernelError::io(format!("looking up {tap_name}")))?;
+                aya::programs::links::Link::detach(link).map_err(KernelError::program(format!(
+                    "removing vmsniff's filter from {tap_name}'s {} hook",
+                    hook.as_str()
+                )))?;
+            }
+            Ok(())
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     model::{error::chain, observed::Observed},
     plan::{
         attach::{AttachPlanError, plan_attach},
-        detach::plan_detach,
+        detach::{DetachStep, plan_cleanup, plan_detach},
         request::AttachRequest,
     },
     sys::{
@@ -78,24 +78,23 @@ impl Namespace {
         })
     }
 
-    /// Removes what crashed runs left: sessions whose owner died, tap entries without sessions.
+    /// Removes what crashed runs left (see [`plan_cleanup`]).
     /// First records the ABI version of maps made before version records, so that the first
     /// change by this release (the daemon's adoption after an upgrade) writes it. Refuses maps
     /// of another version. Call with the lock held.
     pub async fn clean_orphans(&self) -> Result<(), SessionError> {
         PinnedMaps::record_version(&self.kernel.paths)?;
-        let observed = self.observe()?;
-        let empty_taps = observed.taps.values().filter(|t| t.session_count() == 0).count();
-        if observed.orphaned.is_empty() && empty_taps == 0 {
-            return Ok(());
-        }
+        let Some(maps) = PinnedMaps::open(&self.kernel.paths)? else { return Ok(()) };
+        let observed = maps.observe()?;
+        drop(maps);
+        let Some(steps) = plan_cleanup(&observed) else { return Ok(()) };
         for id in &observed.orphaned {
             log::warn!(
                 "session {id} belonged to process {} which is gone (a crashed or killed vmsniff): removing it",
                 observed.sessions[id].owner_pid
             );
         }
-        self.apply_detach(&observed.orphaned, &observed).await
+        self.apply_steps(&steps).await
     }
 
     /// Plans and applies an attach, leaving the `reserved` ids (OVS sessions') free; returns the
@@ -148,9 +147,12 @@ impl Namespace {
     }
 
     async fn apply_detach(&self, ids: &BTreeSet<u32>, observed: &Observed) -> Result<(), SessionError> {
-        let steps = plan_detach(ids, observed);
+        self.apply_steps(&plan_detach(ids, observed)).await
+    }
+
+    async fn apply_steps(&self, steps: &[DetachStep]) -> Result<(), SessionError> {
         log::debug!("detach plan: {steps:#?}");
-        let failures = executor::apply_detach(&self.kernel, &steps).await;
+        let failures = executor::apply_detach(&self.kernel, steps).await;
         if failures.is_empty() {
             Ok(())
         } else {
