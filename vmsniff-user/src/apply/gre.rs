@@ -63,6 +63,8 @@ pub async fn create(netlink: &Netlink, device: &GreDevice) -> Result<u32, Kernel
             ))(e));
         }
     }
+    // The crash tests' seam: a kill here leaves the device unmarked (see `delete_unrecorded`).
+    crate::sys::kill_point::change_made();
     let created = netlink
         .link_by_name(&device.name)
         .await
