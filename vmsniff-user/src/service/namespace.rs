@@ -7,7 +7,7 @@ use thiserror::Error;
 
 use crate::{
     apply::executor::{self, Kernel},
-    model::{error::chain, observed::Observed},
+    model::{error::chain, mirror::Target, observed::Observed},
     plan::{
         attach::{AttachPlanError, plan_attach},
         detach::{DetachStep, plan_cleanup, plan_detach},
@@ -16,7 +16,7 @@ use crate::{
     sys::{
         KernelError, bpffs,
         lock::{self, StateLock},
-        maps::PinnedMaps,
+        maps::{self, PinnedMaps},
         netlink::Netlink,
         netns,
         paths::PinPaths,
@@ -83,6 +83,7 @@ impl Namespace {
     /// change by this release (the daemon's adoption after an upgrade) writes it. Refuses maps
     /// of another version. Call with the lock held.
     pub async fn clean_orphans(&self) -> Result<(), SessionError> {
+        maps::remove_pins_of_deleted_netns(&self.kernel.paths)?;
         PinnedMaps::record_version(&self.kernel.paths)?;
         let Some(maps) = PinnedMaps::open(&self.kernel.paths)? else { return Ok(()) };
         let observed = maps.observe()?;
@@ -104,11 +105,37 @@ impl Namespace {
         request: &AttachRequest,
         reserved: BTreeSet<u32>,
     ) -> Result<(u32, u32), SessionError> {
+        self.still_there(&request.tap.name, request.tap.ifindex).await?;
+        if let Target::LocalDev { name, ifindex } = &request.target {
+            self.still_there(name, *ifindex).await?;
+        }
         let observed = Observed { reserved, ..self.observe()? };
         let plan = plan_attach(request, &observed)?;
         log::debug!("attach plan: {plan:#?}");
         executor::apply_attach(&self.kernel, &plan).await?;
         Ok((plan.session_id, plan.key))
+    }
+
+    /// Checks, under the lock, that the interface resolved before it is still `name` at
+    /// `ifindex`: a tap deleted and created again meanwhile has another ifindex, and the
+    /// programs (attached by name) would land on the new one while the maps name the old.
+    pub async fn still_there(&self, name: &str, ifindex: u32) -> Result<(), SessionError> {
+        let link = self
+            .kernel
+            .netlink
+            .link_by_index(ifindex)
+            .await
+            .map_err(KernelError::netlink(format!("looking up {name}")))?;
+        match link {
+            Some(link) if link.name == name => Ok(()),
+            other => {
+                let now = match other {
+                    Some(link) => format!("ifindex {ifindex} is {} now", link.name),
+                    None => format!("ifindex {ifindex} is gone"),
+                };
+                Err(KernelError::InterfaceChanged { name: name.to_owned(), ifindex, now }.into())
+            }
+        }
     }
 
     /// For `detach --all`: when this vmsniff cannot read the namespace's maps (another ABI
