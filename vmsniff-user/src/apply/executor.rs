@@ -65,7 +65,8 @@ pub async fn apply_reattach<K: KernelOps>(kernel: &K, steps: &[AttachStep]) -> R
 async fn apply_attach_steps<K: KernelOps>(kernel: &K, steps: &[AttachStep]) -> Result<(), KernelError> {
     let programs = kernel.load_programs()?;
     let maps = kernel.open_maps()?.ok_or_else(|| KernelError::MapsVanished { path: kernel.maps_dir() })?;
-    let mut attach = Attach { kernel, programs, maps, session: SessionConfig::EMPTY, undo: Vec::new() };
+    let mut attach =
+        Attach { kernel, programs, maps, session: SessionConfig::EMPTY, claimed: false, undo: Vec::new() };
     for step in steps {
         if let Err(error) = attach.apply(step).await {
             log::debug!("attach failed at {step:?}: undoing {} steps", attach.undo.len());
@@ -85,6 +86,8 @@ struct Attach<'k, K: KernelOps> {
     /// The session's entry as the steps learn it (target ifindexes, filters, flags), written
     /// whole on activation.
     session: SessionConfig,
+    /// Whether this apply claimed the session (an attach; a re-home moves an existing one).
+    claimed: bool,
     /// What undoes each change made so far, in the order made.
     undo: Vec<DetachStep>,
 }
@@ -122,6 +125,7 @@ impl<K: KernelOps> Attach<'_, K> {
 
     fn claim_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
         self.session = *config;
+        self.claimed = true;
         let claimed = SessionConfig { state: SESSION_BUSY, owner_pid: std::process::id(), ..*config };
         self.maps.set_session(id, &claimed)?;
         self.undo.push(DetachStep::FreeSession { id });
@@ -156,12 +160,26 @@ impl<K: KernelOps> Attach<'_, K> {
     ) -> Result<(), KernelError> {
         let d = direction.index();
         let ifindex = self.session.target_ifindex[d];
-        if self.kernel.ensure_clsact(device, ifindex).await? {
+        // Each change is recorded before it is made, so that a kill between the two leaves it
+        // findable: the next command's cleanup removes what the record names, if it is there.
+        if !self.kernel.has_clsact(device, ifindex).await? {
             self.session.target_flags |= TARGET_CREATED_CLSACT << d;
+            self.record_targets(id)?;
             self.undo
                 .push(DetachStep::RemoveClsactIfUnused { tap_ifindex: ifindex, tap_name: device.to_owned() });
+            let created = self.kernel.ensure_clsact(device, ifindex).await;
+            if !matches!(created, Ok(true)) {
+                // Failed, or somebody else's appeared meanwhile (it stays): not vmsniff's.
+                self.undo.pop();
+                self.session.target_flags &= !(TARGET_CREATED_CLSACT << d);
+                created?;
+                self.record_targets(id)?;
+            }
         }
         let priority = self.kernel.first_priority(device, ifindex, TcHook::Egress).await?;
+        // The priority alone (handle 0) says "a filter running vmsniff's copy program there".
+        self.session.target_nl_priority[d] = priority;
+        self.record_targets(id)?;
         let filter =
             tc::Filter { name: device, ifindex, hook: TcHook::Egress, program: program_name::COPY_EGRESS };
         let attached =
@@ -174,7 +192,12 @@ impl<K: KernelOps> Attach<'_, K> {
         });
         self.session.target_nl_priority[d] = attached.nl_priority;
         self.session.target_nl_handle[d] = attached.nl_handle;
-        // Record the filter at once, so that a crash from here on leaves it findable.
+        self.record_targets(id)
+    }
+
+    /// Writes what the steps learnt of the session's targets (filters, flags) into its claimed
+    /// entry, which stays busy until activation.
+    fn record_targets(&mut self, id: u32) -> Result<(), KernelError> {
         let mut claimed = self.maps.session(id)?;
         claimed.target_nl_priority = self.session.target_nl_priority;
         claimed.target_nl_handle = self.session.target_nl_handle;
@@ -192,19 +215,36 @@ impl<K: KernelOps> Attach<'_, K> {
     }
 
     async fn ensure_clsact(&mut self, tap: &Tap) -> Result<(), KernelError> {
-        if self.kernel.ensure_clsact(&tap.name, tap.ifindex).await? {
-            update_tap(&mut self.maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
-            self.undo.push(DetachStep::RemoveClsactIfUnused {
-                tap_ifindex: tap.ifindex,
-                tap_name: tap.name.clone(),
-            });
+        // Recorded before it is made (see `attach_copy_program`).
+        if self.kernel.has_clsact(&tap.name, tap.ifindex).await? {
+            return Ok(());
+        }
+        update_tap(&mut self.maps, tap.ifindex, |entry| entry.flags |= TAP_CREATED_CLSACT)?;
+        self.undo
+            .push(DetachStep::RemoveClsactIfUnused { tap_ifindex: tap.ifindex, tap_name: tap.name.clone() });
+        let created = self.kernel.ensure_clsact(&tap.name, tap.ifindex).await;
+        if !matches!(created, Ok(true)) {
+            // Failed, or somebody else's appeared meanwhile (it stays): not vmsniff's.
+            self.undo.pop();
+            created?;
+            update_tap(&mut self.maps, tap.ifindex, |entry| entry.flags &= !TAP_CREATED_CLSACT)?;
         }
         Ok(())
     }
 
     async fn attach_program(&mut self, tap: &Tap, hook: TcHook, mode: AttachMode) -> Result<(), KernelError> {
         let priority = match mode {
-            AttachMode::Netlink => self.kernel.first_priority(&tap.name, tap.ifindex, hook).await?,
+            AttachMode::Netlink => {
+                let priority = self.kernel.first_priority(&tap.name, tap.ifindex, hook).await?;
+                // Recorded before the filter is made, with handle 0: "vmsniff's program at this
+                // priority", which the next command's cleanup finds if a kill comes between.
+                update_tap(&mut self.maps, tap.ifindex, |entry| {
+                    entry.nl_priority[hook.index()] = priority;
+                    entry.nl_handle[hook.index()] = 0;
+                })?;
+                priority
+            }
+            // A TCX link not yet pinned goes with the killed process's file descriptors.
             AttachMode::Tcx => 0,
         };
         let filter =
@@ -225,7 +265,9 @@ impl<K: KernelOps> Attach<'_, K> {
     }
 
     fn activate_session(&mut self, id: u32) -> Result<(), KernelError> {
-        let active = SessionConfig { state: SESSION_ACTIVE, ..self.session };
+        // Still this process's until it is on the tap's list (`add_to_tap`): killed in between,
+        // the session is an orphan the next command removes.
+        let active = SessionConfig { state: SESSION_ACTIVE, owner_pid: std::process::id(), ..self.session };
         self.maps.set_session(id, &active)?;
         self.undo.push(DetachStep::DeactivateSession { id });
         Ok(())
@@ -243,6 +285,10 @@ impl<K: KernelOps> Attach<'_, K> {
             return Err(KernelError::TapSlotsTaken { tap: tap.name.clone() });
         }
         self.undo.push(DetachStep::RemoveFromTap { tap_ifindex: tap.ifindex, ids: vec![id] });
+        if self.claimed {
+            // Complete: the session passes to its owner (none for a persistent one).
+            self.maps.set_session(id, &SessionConfig { state: SESSION_ACTIVE, ..self.session })?;
+        }
         Ok(())
     }
 
@@ -361,6 +407,9 @@ async fn apply_detach_step<K: KernelOps>(
         DetachStep::ForgetTap { tap_ifindex } => maps.remove_tap(*tap_ifindex),
         DetachStep::DeleteGreDevice { id, direction, ifindex, name } => {
             kernel.delete_gre_device(*ifindex, name, &gre_device_alias(*id, *direction)).await
+        }
+        DetachStep::DeleteUnrecordedGreDevice { id, direction, name } => {
+            kernel.delete_unrecorded_gre_device(name, &gre_device_alias(*id, *direction)).await
         }
         DetachStep::FreeSession { id } => maps.set_session(*id, &SessionConfig::EMPTY),
         DetachStep::RemovePins => kernel.remove_pins(),
@@ -702,9 +751,12 @@ mod tests {
                 remove_tap(7),
                 Call::LoadPrograms,
                 set_tap(12, &[]),
+                // The clsact and each filter are recorded before they are made.
+                set_tap(12, &[]),
                 clsact(12),
                 set_tap(12, &[]),
                 attach(TAP_INGRESS, 12, TcHook::Ingress),
+                set_tap(12, &[]),
                 set_tap(12, &[]),
                 attach(TAP_EGRESS, 12, TcHook::Egress),
                 set_tap(12, &[]),

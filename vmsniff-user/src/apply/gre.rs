@@ -86,6 +86,8 @@ pub async fn create(netlink: &Netlink, device: &TunnelDevice) -> Result<u32, Ker
             ))(e));
         }
     }
+    // The crash tests' seam: a kill here leaves the device unmarked (see `delete_unrecorded`).
+    crate::sys::kill_point::change_made();
     let created = netlink
         .link_by_name(&device.name)
         .await
@@ -132,6 +134,31 @@ pub fn kind_name(device: &TunnelDevice) -> &'static str {
         (IpAddr::V4(_), DeviceEncap::Erspan(_)) => "erspan",
         (IpAddr::V6(_), DeviceEncap::Gre) => "ip6gretap",
         (IpAddr::V6(_), DeviceEncap::Erspan(_)) => "ip6erspan",
+    }
+}
+
+/// Deletes the device named `name` if it is vmsniff's: marked with `alias`, or unmarked as
+/// `create` leaves it between its two requests (no alias, down, of a GRE kind). vmsniff's lock
+/// is held and `create` refuses a name that is taken, so such a device at the name of a
+/// crashed session is the one its run created. A device that is gone is fine.
+pub async fn delete_unrecorded(netlink: &Netlink, name: &str, alias: &str) -> Result<(), KernelError> {
+    let Some(link) =
+        netlink.link_by_name(name).await.map_err(KernelError::netlink(format!("looking up {name}")))?
+    else {
+        return Ok(());
+    };
+    let unmarked = link.alias.is_none()
+        && !link.up
+        && matches!(link.kind.as_deref(), Some("gretap" | "erspan" | "ip6gretap" | "ip6erspan" | "vxlan"));
+    if !unmarked {
+        // Marked as vmsniff's, or somebody else's: `delete` tells them apart.
+        return delete(netlink, link.ifindex, name, alias).await;
+    }
+    log::warn!("{name} was created but not yet marked by a vmsniff that died: deleting it");
+    match netlink.handle.link().del(link.ifindex).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+        Err(e) => Err(KernelError::netlink(format!("deleting GRE device {name}"))(e)),
     }
 }
 

@@ -14,7 +14,7 @@ use crate::{
     apply::{executor::Kernel, gre, tc},
     model::error::chain,
     sys::{
-        KernelError,
+        KernelError, kill_point,
         maps::{self, PinnedMaps},
     },
 };
@@ -39,6 +39,12 @@ pub trait KernelOps {
     async fn create_gre_device(&self, device: &TunnelDevice) -> Result<u32, KernelError>;
     /// Deletes the GRE device at `ifindex` if it still is vmsniff's.
     async fn delete_gre_device(&self, ifindex: u32, name: &str, alias: &str) -> Result<(), KernelError>;
+    /// Deletes the device named `name` if it is vmsniff's: marked with `alias`, or not marked
+    /// yet (down, of a GRE kind, no alias: what a run killed between creating and marking it
+    /// left). For the devices of a crashed attach that never recorded their ifindex.
+    async fn delete_unrecorded_gre_device(&self, name: &str, alias: &str) -> Result<(), KernelError>;
+    /// Whether the interface has a clsact qdisc.
+    async fn has_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError>;
     /// Adds a clsact qdisc to an interface; returns whether it added one (false: one was there).
     async fn ensure_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError>;
     /// Removes the clsact qdisc vmsniff added, unless anybody else's filter is in it.
@@ -93,27 +99,35 @@ impl KernelOps for Kernel {
     }
 
     fn load_programs(&self) -> Result<Programs, KernelError> {
-        Programs::new(&self.paths)
+        changed(Programs::new(&self.paths))
     }
 
     fn remove_pins(&self) -> Result<(), KernelError> {
-        maps::remove_pins(&self.paths)
+        changed(maps::remove_pins(&self.paths))
     }
 
     async fn create_gre_device(&self, device: &TunnelDevice) -> Result<u32, KernelError> {
-        gre::create(&self.netlink, device).await
+        changed(gre::create(&self.netlink, device).await)
     }
 
     async fn delete_gre_device(&self, ifindex: u32, name: &str, alias: &str) -> Result<(), KernelError> {
-        gre::delete(&self.netlink, ifindex, name, alias).await
+        changed(gre::delete(&self.netlink, ifindex, name, alias).await)
+    }
+
+    async fn delete_unrecorded_gre_device(&self, name: &str, alias: &str) -> Result<(), KernelError> {
+        changed(gre::delete_unrecorded(&self.netlink, name, alias).await)
+    }
+
+    async fn has_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError> {
+        tc::has_clsact(&self.netlink, name, ifindex).await
     }
 
     async fn ensure_clsact(&self, name: &str, ifindex: u32) -> Result<bool, KernelError> {
-        tc::ensure_clsact(&self.netlink, name, ifindex).await
+        changed(tc::ensure_clsact(&self.netlink, name, ifindex).await)
     }
 
     async fn remove_clsact_if_unused(&self, name: &str, ifindex: u32) -> Result<(), KernelError> {
-        tc::remove_clsact_if_unused(&self.netlink, name, ifindex).await
+        changed(tc::remove_clsact_if_unused(&self.netlink, name, ifindex).await)
     }
 
     async fn first_priority(&self, name: &str, ifindex: u32, hook: TcHook) -> Result<u16, KernelError> {
@@ -128,7 +142,7 @@ impl KernelOps for Kernel {
         nl_priority: u16,
     ) -> Result<tc::Attached, KernelError> {
         let program = programs.get(&self.paths, filter.program)?;
-        tc::attach(program, &self.paths, filter, mode, nl_priority)
+        changed(tc::attach(program, &self.paths, filter, mode, nl_priority))
     }
 
     async fn detach_program(
@@ -138,8 +152,14 @@ impl KernelOps for Kernel {
         nl_priority: u16,
         nl_handle: u32,
     ) -> Result<(), KernelError> {
-        tc::detach(&self.netlink, &self.paths, filter, mode, nl_priority, nl_handle).await
+        changed(tc::detach(&self.netlink, &self.paths, filter, mode, nl_priority, nl_handle).await)
     }
+}
+
+/// Passes a kernel change's result on, after the test seam that can kill vmsniff there.
+fn changed<T>(result: Result<T, KernelError>) -> Result<T, KernelError> {
+    kill_point::change_made();
+    result
 }
 
 /// vmsniff's tc programs for one apply. Loading one runs the kernel's verifier, which takes a
@@ -251,7 +271,7 @@ fn load_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Sched
 
 impl MapOps for PinnedMaps {
     fn set_session(&mut self, id: u32, config: &SessionConfig) -> Result<(), KernelError> {
-        self.sessions.set(id, config, 0).map_err(KernelError::map(format!("writing session {id}")))
+        changed(self.sessions.set(id, config, 0).map_err(KernelError::map(format!("writing session {id}"))))
     }
 
     fn session(&self, id: u32) -> Result<SessionConfig, KernelError> {
@@ -267,10 +287,11 @@ impl MapOps for PinnedMaps {
     }
 
     fn set_tap(&mut self, ifindex: u32, tap: &TapSessions) -> Result<(), KernelError> {
-        self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}")))
+        changed(self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}"))))
     }
 
     fn remove_tap(&mut self, ifindex: u32) -> Result<(), KernelError> {
+        kill_point::change_made();
         match self.taps.remove(&ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(KernelError::map(format!("removing tap {ifindex}"))(e)),
@@ -278,15 +299,19 @@ impl MapOps for PinnedMaps {
     }
 
     fn set_filter(&mut self, id: u32, slot: u32, filter: &Filter) -> Result<(), KernelError> {
-        self.filters
-            .set(filter_index(id, slot), filter, 0)
-            .map_err(KernelError::map(format!("writing session {id}'s filter")))
+        changed(
+            self.filters
+                .set(filter_index(id, slot), filter, 0)
+                .map_err(KernelError::map(format!("writing session {id}'s filter"))),
+        )
     }
 
     fn reset_rate(&mut self, id: u32) -> Result<(), KernelError> {
-        self.rate
-            .set(id, TokenBucket::default(), 0)
-            .map_err(KernelError::map(format!("resetting session {id}'s rate limit")))
+        changed(
+            self.rate
+                .set(id, TokenBucket::default(), 0)
+                .map_err(KernelError::map(format!("resetting session {id}'s rate limit"))),
+        )
     }
 
     fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
@@ -298,6 +323,6 @@ impl MapOps for PinnedMaps {
                 .set(counter_index(id, direction), zero, 0)
                 .map_err(KernelError::map(format!("resetting session {id}'s counters")))?;
         }
-        Ok(())
+        changed(Ok(()))
     }
 }

@@ -35,8 +35,9 @@ pub struct Attached {
     pub nl_handle: u32,
 }
 
-/// Adds a clsact qdisc to the tap. Returns whether vmsniff created it (false: one was there).
-pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<bool, KernelError> {
+/// Whether the interface has a clsact qdisc; a legacy ingress qdisc, which excludes one, is an
+/// error.
+pub async fn has_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<bool, KernelError> {
     let qdiscs: Vec<TcMessage> = netlink
         .handle
         .qdisc()
@@ -52,10 +53,18 @@ pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) 
             _ => None,
         });
         match kind {
-            Some("clsact") => return Ok(false),
+            Some("clsact") => return Ok(true),
             Some("ingress") => return Err(KernelError::LegacyIngressQdisc { name: tap_name.to_owned() }),
             _ => {}
         }
+    }
+    Ok(false)
+}
+
+/// Adds a clsact qdisc to the tap. Returns whether vmsniff created it (false: one was there).
+pub async fn ensure_clsact(netlink: &Netlink, tap_name: &str, tap_ifindex: u32) -> Result<bool, KernelError> {
+    if has_clsact(netlink, tap_name, tap_ifindex).await? {
+        return Ok(false);
     }
     match tc::qdisc_add_clsact(tap_name) {
         Ok(()) => Ok(true),
@@ -183,29 +192,41 @@ pub async fn detach(
             }
         }
         AttachMode::Netlink => {
+            // No priority recorded: a run killed before it attached anything there.
+            if nl_priority == 0 {
+                return Ok(());
+            }
             let Some(tap_name) = current_name(netlink, tap_ifindex, tap_name).await? else {
                 return Ok(());
             };
             let tap_name = tap_name.as_str();
-            if !is_our_filter(netlink, tap_ifindex, hook, program, nl_priority, nl_handle).await? {
+            let handles: Vec<u32> = bpf_filters(netlink, tap_ifindex, hook)
+                .await?
+                .into_iter()
+                .filter(|(p, h, name)| is_recorded(nl_priority, nl_handle, program, (*p, *h, name)))
+                .map(|(_, handle, _)| handle)
+                .collect();
+            if handles.is_empty() {
                 log::warn!(
                     "{tap_name}'s {} hook has no vmsniff filter at priority {nl_priority} handle {nl_handle:#x}: nothing to detach there",
                     hook.as_str()
                 );
-                return Ok(());
             }
-            let link = SchedClassifierLink::attached(
-                tap_name,
-                attach_type(hook),
-                nl_priority,
-                TcHandle::from(nl_handle),
-                None,
-            )
-            .map_err(KernelError::io(format!("looking up {tap_name}")))?;
-            aya::programs::links::Link::detach(link).map_err(KernelError::program(format!(
-                "removing vmsniff's filter from {tap_name}'s {} hook",
-                hook.as_str()
-            )))
+            for handle in handles {
+                let link = SchedClassifierLink::attached(
+                    tap_name,
+                    attach_type(hook),
+                    nl_priority,
+                    TcHandle::from(handle),
+                    None,
+                )
+                .map_err(KernelError::io(format!("looking up {tap_name}")))?;
+                aya::programs::links::Link::detach(link).map_err(KernelError::program(format!(
+                    "removing vmsniff's filter from {tap_name}'s {} hook",
+                    hook.as_str()
+                )))?;
+            }
+            Ok(())
         }
     }
 }
@@ -311,7 +332,14 @@ async fn is_our_filter(
     Ok(bpf_filters(netlink, ifindex, hook)
         .await?
         .iter()
-        .any(|(p, h, name)| *p == priority && *h == handle && runs_program(name, expected)))
+        .any(|(p, h, name)| is_recorded(priority, handle, expected, (*p, *h, name))))
+}
+
+/// Whether a cls_bpf filter (priority, handle, name) is the one a record names. Handle 0: the
+/// priority was recorded before the filter was made and the run was killed before its handle
+/// was, so any filter there running the program is it (`detach` finds it the same way).
+fn is_recorded(priority: u16, handle: u32, program: &str, (p, h, name): (u16, u32, &str)) -> bool {
+    priority != 0 && p == priority && (handle == 0 || h == handle) && runs_program(name, program)
 }
 
 /// Whether a cls_bpf filter named `filter_name` runs `program`. tc names a filter after its
@@ -376,6 +404,20 @@ async fn filter_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_names_its_filter_or_without_handle_any_of_the_program_at_its_priority() {
+        let program = vmsniff_ebpf::program_name::TAP_INGRESS;
+        let filter = (49152, 7, "vmsniff_tap_ing");
+        assert!(is_recorded(49152, 7, program, filter));
+        assert!(!is_recorded(49152, 8, program, filter));
+        assert!(!is_recorded(49151, 7, program, filter));
+        // Recorded before it was made: the handle is not known.
+        assert!(is_recorded(49152, 0, program, filter));
+        assert!(!is_recorded(49152, 0, program, (49152, 7, "other_prog")));
+        // Nothing recorded: nothing is vmsniff's.
+        assert!(!is_recorded(0, 0, program, (0, 7, "vmsniff_tap_ing")));
+    }
 
     #[test]
     fn filters_are_ours_by_the_full_or_the_kernel_name() {

@@ -47,7 +47,7 @@ use crate::{
         sources::Sources,
     },
     service::{
-        Keeper, MirrorSpec, Resolved, Service, current_netns, describe,
+        Keeper, MirrorSpec, Resolved, Service, current_netns, describe, lock_holder,
         ovs::{OvsEvents, OvsPortError, OvsSession},
     },
 };
@@ -205,7 +205,11 @@ fn lock_run_dir(run_dir: &Path) -> anyhow::Result<Flock<File>> {
             format!("opening {} (vmsniff does not open it through a symlink)", path.display())
         })?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        let holder = DaemonState::read(run_dir).ok().flatten().map(|s| format!(" (pid {})", s.pid)).unwrap_or_default();
+        // The lock's holder, from the kernel: the state file may not be written yet.
+        let holder = lock_holder(&path)
+            .or_else(|| DaemonState::read(run_dir).ok().flatten().map(|s| s.pid))
+            .map(|pid| format!(" (pid {pid})"))
+            .unwrap_or_default();
         anyhow::anyhow!(
             "another vmsniff daemon{holder} runs with run directory {}: stop it first (`systemctl stop vmsniff`), \
              or give this one another --run-dir ({errno})",

@@ -32,6 +32,9 @@ pub enum DetachStep {
     ForgetTap { tap_ifindex: u32 },
     /// Delete one of the session's GRE devices, if it still is the one vmsniff created.
     DeleteGreDevice { id: u32, direction: Direction, ifindex: u32, name: String },
+    /// Delete the session's GRE device by its name, if it is vmsniff's (marked, or not marked
+    /// yet): a crashed attach may have created it without recording its ifindex.
+    DeleteUnrecordedGreDevice { id: u32, direction: Direction, name: String },
     /// Free the session slot.
     FreeSession { id: u32 },
     /// Nothing is left: remove the namespace's pinned programs and maps.
@@ -68,11 +71,15 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
                     session.target_ifindex[direction.index()],
                     session.target_nl_priority[direction.index()],
                 );
-                if ifindex == 0 || nl_priority == 0 {
+                if ifindex == 0 {
                     continue;
                 }
-                let nl_handle = session.target_nl_handle[direction.index()];
-                steps.push(DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle });
+                // Each is recorded before it is made: a crashed attach may have recorded the
+                // clsact qdisc and not yet the filter.
+                if nl_priority != 0 {
+                    let nl_handle = session.target_nl_handle[direction.index()];
+                    steps.push(DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle });
+                }
                 if session.target_flags & (TARGET_CREATED_CLSACT << direction.index()) != 0 {
                     steps.push(DetachStep::RemoveClsactIfUnused {
                         tap_ifindex: ifindex,
@@ -84,13 +91,11 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
         if session.target_kind == TARGET_GRE {
             for direction in Direction::ALL {
                 let ifindex = session.target_ifindex[direction.index()];
+                let name = gre_device_name(id, direction);
                 if ifindex != 0 {
-                    steps.push(DetachStep::DeleteGreDevice {
-                        id,
-                        direction,
-                        ifindex,
-                        name: gre_device_name(id, direction),
-                    });
+                    steps.push(DetachStep::DeleteGreDevice { id, direction, ifindex, name });
+                } else if observed.orphaned.contains(&id) {
+                    steps.push(DetachStep::DeleteUnrecordedGreDevice { id, direction, name });
                 }
             }
         }
@@ -102,6 +107,17 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
         steps.push(DetachStep::RemovePins);
     }
     steps
+}
+
+/// What the next state-changing command removes first, under the lock: sessions whose owner
+/// died (a crashed or killed attach, detach or `mirror`), tap entries without sessions, and
+/// pins that hold nothing (a first attach killed before it claimed its session, or a detach
+/// killed before it removed them). `None`: nothing is left over.
+pub fn plan_cleanup(observed: &Observed) -> Option<Vec<DetachStep>> {
+    let empty_taps = observed.taps.values().any(|t| t.session_count() == 0);
+    let nothing_held = observed.sessions.is_empty() && observed.taps.is_empty();
+    (!observed.orphaned.is_empty() || empty_taps || nothing_held)
+        .then(|| plan_detach(&observed.orphaned, observed))
 }
 
 /// Steps that take a tap with no session left out of vmsniff's hands: its programs, the
@@ -180,6 +196,22 @@ mod tests {
             },
         );
         observed
+    }
+
+    #[test]
+    fn cleanup_removes_orphans_and_pins_that_hold_nothing_and_leaves_live_sessions() {
+        assert_eq!(plan_cleanup(&observed()), None);
+        assert_eq!(plan_cleanup(&Observed::default()), Some(vec![DetachStep::RemovePins]));
+        let mut crashed = observed();
+        crashed.sessions.get_mut(&2).unwrap().target_ifindex = [0, 0];
+        crashed.orphaned.insert(2);
+        let steps = plan_cleanup(&crashed).unwrap();
+        assert!(steps.contains(&DetachStep::DeleteUnrecordedGreDevice {
+            id: 2,
+            direction: Direction::Out,
+            name: "vms2-out".into()
+        }));
+        assert!(!steps.iter().any(|s| matches!(s, DetachStep::DeactivateSession { id: 1 | 3 })));
     }
 
     #[test]

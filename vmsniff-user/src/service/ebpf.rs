@@ -94,6 +94,7 @@ impl Service {
     /// that tap already.
     pub async fn rehome(&self, id: u32, tap: &Tap, spec: &MirrorSpec) -> anyhow::Result<bool> {
         let _lock = self.namespace.lock().await?;
+        self.namespace.still_there(&tap.name, tap.ifindex).await?;
         let observed = self.namespace.observe()?;
         let mode = spec.attach_mode.unwrap_or_default();
         let Some(plan) = plan_rehome(id, tap, mode, tcx_supported(), &observed)? else { return Ok(false) };

@@ -11,13 +11,13 @@ use crate::{
     observe::route::{RouteError, check_collector_route},
     plan::{
         attach::{AttachPlanError, plan_attach},
-        detach::plan_detach,
+        detach::{DetachStep, plan_cleanup, plan_detach},
         request::AttachRequest,
     },
     sys::{
         KernelError, bpffs,
         lock::{self, StateLock},
-        maps::PinnedMaps,
+        maps::{self, PinnedMaps},
         netlink::Netlink,
         netns,
         paths::PinPaths,
@@ -81,24 +81,24 @@ impl Namespace {
         })
     }
 
-    /// Removes what crashed runs left: sessions whose owner died, tap entries without sessions.
+    /// Removes what crashed runs left (see [`plan_cleanup`]).
     /// First records the ABI version of maps made before version records, so that the first
     /// change by this release (the daemon's adoption after an upgrade) writes it. Refuses maps
     /// of another version. Call with the lock held.
     pub async fn clean_orphans(&self) -> Result<(), SessionError> {
+        maps::remove_pins_of_deleted_netns(&self.kernel.paths)?;
         PinnedMaps::record_version(&self.kernel.paths)?;
-        let observed = self.observe()?;
-        let empty_taps = observed.taps.values().filter(|t| t.session_count() == 0).count();
-        if observed.orphaned.is_empty() && empty_taps == 0 {
-            return Ok(());
-        }
+        let Some(maps) = PinnedMaps::open(&self.kernel.paths)? else { return Ok(()) };
+        let observed = maps.observe()?;
+        drop(maps);
+        let Some(steps) = plan_cleanup(&observed) else { return Ok(()) };
         for id in &observed.orphaned {
             log::warn!(
                 "session {id} belonged to process {} which is gone (a crashed or killed vmsniff): removing it",
                 observed.sessions[id].owner_pid
             );
         }
-        self.apply_detach(&observed.orphaned, &observed).await
+        self.apply_steps(&steps).await
     }
 
     /// Plans and applies an attach, leaving the `reserved` ids (OVS sessions') free; returns the
@@ -108,6 +108,10 @@ impl Namespace {
         request: &AttachRequest,
         reserved: BTreeSet<u32>,
     ) -> Result<(u32, u32), SessionError> {
+        self.still_there(&request.tap.name, request.tap.ifindex).await?;
+        if let Target::LocalDev { name, ifindex } = &request.target {
+            self.still_there(name, *ifindex).await?;
+        }
         let observed = Observed { reserved, ..self.observe()? };
         let mut plan = plan_attach(request, &observed)?;
         if let Target::Tunnel { remote, .. } = &request.target {
@@ -118,6 +122,28 @@ impl Namespace {
         log::debug!("attach plan: {plan:#?}");
         executor::apply_attach(&self.kernel, &plan).await?;
         Ok((plan.session_id, plan.key))
+    }
+
+    /// Checks, under the lock, that the interface resolved before it is still `name` at
+    /// `ifindex`: a tap deleted and created again meanwhile has another ifindex, and the
+    /// programs (attached by name) would land on the new one while the maps name the old.
+    pub async fn still_there(&self, name: &str, ifindex: u32) -> Result<(), SessionError> {
+        let link = self
+            .kernel
+            .netlink
+            .link_by_index(ifindex)
+            .await
+            .map_err(KernelError::netlink(format!("looking up {name}")))?;
+        match link {
+            Some(link) if link.name == name => Ok(()),
+            other => {
+                let now = match other {
+                    Some(link) => format!("ifindex {ifindex} is {} now", link.name),
+                    None => format!("ifindex {ifindex} is gone"),
+                };
+                Err(KernelError::InterfaceChanged { name: name.to_owned(), ifindex, now }.into())
+            }
+        }
     }
 
     /// For `detach --all`: when this vmsniff cannot read the namespace's maps (another ABI
@@ -156,9 +182,12 @@ impl Namespace {
     }
 
     async fn apply_detach(&self, ids: &BTreeSet<u32>, observed: &Observed) -> Result<(), SessionError> {
-        let steps = plan_detach(ids, observed);
+        self.apply_steps(&plan_detach(ids, observed)).await
+    }
+
+    async fn apply_steps(&self, steps: &[DetachStep]) -> Result<(), SessionError> {
         log::debug!("detach plan: {steps:#?}");
-        let failures = executor::apply_detach(&self.kernel, &steps).await;
+        let failures = executor::apply_detach(&self.kernel, steps).await;
         if failures.is_empty() {
             Ok(())
         } else {

@@ -119,6 +119,12 @@ pub enum KernelError {
          status` lists the tap's sessions)"
     )]
     TapSlotsTaken { tap: String },
+    #[error(
+        "{name} is no longer ifindex {ifindex} ({now}): it was deleted (and perhaps created again) \
+         while vmsniff waited for its lock, so it may be another interface now; run the command \
+         again to mirror the one that is there"
+    )]
+    InterfaceChanged { name: String, ifindex: u32, now: String },
     #[error("{op}")]
     Io {
         op: String,

@@ -13,7 +13,10 @@ use vmsniff_ebpf::{
 };
 
 use crate::sys::KernelError;
-use crate::{model::observed::Observed, sys::paths::PinPaths};
+use crate::{
+    model::observed::Observed,
+    sys::{netns, paths::PinPaths},
+};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vmsniff-ebpf"));
@@ -38,6 +41,14 @@ impl PinnedMaps {
     /// Opens the namespace's pinned maps; `None` when vmsniff has no state here. Maps of another
     /// ABI version are refused (see [`judge_abi`]).
     pub fn open(paths: &PinPaths) -> Result<Option<Self>, KernelError> {
+        if left_by_deleted_netns(paths) {
+            log::warn!(
+                "{} holds the pins of a deleted network namespace whose inode this one got: \
+                 ignored, and removed by the next attach or detach here",
+                paths.root().display()
+            );
+            return Ok(None);
+        }
         let names = map_name::PINNED;
         // A version record without maps describes nothing (see `load_object`).
         let present = names.iter().filter(|n| paths.map(n).exists()).count();
@@ -79,8 +90,10 @@ impl PinnedMaps {
     /// reused when present: every tap program of the namespace shares them).
     pub fn load_object(paths: &PinPaths) -> Result<Ebpf, KernelError> {
         if Self::open(paths)?.is_none() {
+            remove_pins_of_deleted_netns(paths)?;
             fs::create_dir_all(paths.maps_dir())
                 .map_err(KernelError::io(format!("creating {}", paths.maps_dir().display())))?;
+            mark_netns(paths)?;
             let record = paths.map(map_name::ABI);
             // A record without maps is what a run that died between pinning the two left.
             match fs::remove_file(&record) {
@@ -216,6 +229,41 @@ pub fn remove_pins(paths: &PinPaths) -> Result<(), KernelError> {
         }
     }
     Ok(())
+}
+
+/// Whether the pin directory holds a deleted namespace's state (see [`netns::pin_owner`]).
+pub fn left_by_deleted_netns(paths: &PinPaths) -> bool {
+    let Ok(entries) = fs::read_dir(paths.root()) else { return false };
+    let names: Vec<String> =
+        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    netns::pin_owner(names.iter().map(String::as_str), netns::current_cookie())
+        == netns::PinOwner::DeletedNamespace
+}
+
+/// Removes the pins a deleted namespace left at this namespace's inode: everything else of its
+/// sessions (devices, filters, links' attachments) went with it. Call with the lock held.
+pub fn remove_pins_of_deleted_netns(paths: &PinPaths) -> Result<(), KernelError> {
+    if !left_by_deleted_netns(paths) {
+        return Ok(());
+    }
+    log::warn!(
+        "removing {}: the pins of a deleted network namespace whose inode this one got",
+        paths.root().display()
+    );
+    fs::remove_dir_all(paths.root()).map_err(KernelError::io(format!("removing {}", paths.root().display())))
+}
+
+/// Marks a new pin directory with the namespace's cookie, so that a later namespace that gets
+/// its inode tells the state is not its own. Nothing to mark with on kernels before 5.14.
+fn mark_netns(paths: &PinPaths) -> Result<(), KernelError> {
+    let Some(cookie) = netns::current_cookie() else { return Ok(()) };
+    let mark = paths.root().join(netns::cookie_mark(cookie));
+    match fs::create_dir(&mark) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            Err(KernelError::io(format!("creating {}", mark.display()))(e))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn process_alive(pid: u32) -> bool {

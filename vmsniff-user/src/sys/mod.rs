@@ -5,6 +5,7 @@ pub mod blocking;
 pub mod bpffs;
 pub mod error;
 pub mod files;
+pub mod kill_point;
 pub mod lock;
 pub mod maps;
 pub mod netlink;
