@@ -99,7 +99,8 @@ pub fn run(rounds: usize, vmsniff: &Path) -> anyhow::Result<Samples> {
             let result = (|| {
                 let program = tap_ingress_fd(&hv.ns)?;
                 let ifindex = if matches!(path, Path4::NoSession) { other } else { tap };
-                let l4 = if matches!(path, Path4::FilteredOut) { L4::Tcp(4000, 80) } else { L4::Udp(4000, 9) };
+                let l4 =
+                    if matches!(path, Path4::FilteredOut) { L4::Tcp(4000, 80) } else { L4::Udp(4000, 9) };
                 let frame = frames::ipv4(VM_MAC, PEER_MAC, [10, 0, 0, 2], [10, 0, 0, 1], l4, 1, 128);
                 let fd = program.as_fd().as_raw_fd();
                 let single = in_parallel(&netns, fd, &frame, ifindex, path.repeat(), &[0])?;
@@ -209,7 +210,8 @@ const SKB_IFINDEX_OFFSET: usize = 40;
 fn test_run(fd: RawFd, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<f64> {
     let mut ctx = [0u8; SKB_IFINDEX_OFFSET + 4];
     ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
-    let attr = TestRunAttr {
+    // Mutable: the kernel writes `retval` and `duration` back into it.
+    let mut attr = TestRunAttr {
         prog_fd: fd as u32,
         data_size_in: frame.len() as u32,
         data_in: frame.as_ptr() as u64,
@@ -219,9 +221,8 @@ fn test_run(fd: RawFd, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Resul
         ..TestRunAttr::default()
     };
     // SAFETY: the attribute points at `frame` and `ctx`, alive for the call; no output buffers.
-    let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &attr as *const TestRunAttr, size_of::<TestRunAttr>())
-    };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestRunAttr>()) };
     if ret != 0 {
         return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN");
     }
@@ -232,7 +233,11 @@ fn test_run(fd: RawFd, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Resul
 
 /// The report's section (also what `--prog-run` prints).
 pub fn section(out: &mut String, rounds: usize, samples: &Samples) -> anyhow::Result<()> {
-    writeln!(out, "## Program time per frame, by path (BPF_PROG_TEST_RUN, kernel {})\n", super::report::kernel())?;
+    writeln!(
+        out,
+        "## Program time per frame, by path (BPF_PROG_TEST_RUN, kernel {})\n",
+        super::report::kernel()
+    )?;
     writeln!(
         out,
         "The kernel's own loop times `vmsniff_tap_ingress` as attached by vmsniff ({REPEAT} runs per \
