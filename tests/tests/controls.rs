@@ -237,6 +237,14 @@ fn a_snaplen_the_kernel_will_not_cut_to_drops_the_copy_never_sends_it_whole() {
     vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
 }
 
+/// Whether vmsniff's copy program is on the target's egress hook, and whether a clsact qdisc is.
+fn copy_program_on_target(ns: &Netns) -> (bool, bool) {
+    let filters = run("tc", &["-n", &ns.name, "filter", "show", "dev", MIRROR_DEV, "egress"]);
+    let qdiscs = run("tc", &["-n", &ns.name, "qdisc", "show", "dev", MIRROR_DEV]);
+    // The kernel's name for a program loaded from its pin is cut to 15 bytes.
+    (filters.contains("vmsniff_copy_eg"), qdiscs.contains("clsact"))
+}
+
 #[test]
 fn snaplen_cuts_the_copies_never_the_vm_frames_and_update_changes_it_live() {
     if !privileged_on_host(
@@ -250,12 +258,10 @@ fn snaplen_cuts_the_copies_never_the_vm_frames_and_update_changes_it_live() {
         vmsniff::report_mode(mode);
         let mut hv = Hypervisor::new();
         let mirror = hv.mirror_port();
-        let id = vmsniff::attach(
-            &hv.ns,
-            &["--tap", TAP, "--to-dev", MIRROR_DEV, "--snaplen", "100", "--attach-mode", mode],
-        );
+        // No snaplen at first: nothing of vmsniff's on the copies' way out of the target.
+        let id = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode]);
         let id_text = id.to_string();
-        for (round, snaplen) in [Some(100usize), Some(200), None].into_iter().enumerate() {
+        for (round, snaplen) in [None, Some(100usize), Some(200), None].into_iter().enumerate() {
             match (round, snaplen) {
                 (0, _) => {}
                 (_, Some(n)) => {
@@ -290,7 +296,16 @@ fn snaplen_cuts_the_copies_never_the_vm_frames_and_update_changes_it_live() {
             assert_eq!(truncated - truncated_before, longer, "truncated count with snaplen {snaplen:?}");
             let expected_snaplen = snaplen.map_or(serde_json::Value::Null, |n| n.into());
             assert_eq!(vmsniff::session(&hv.ns, id)["snaplen"], expected_snaplen);
+            // The copy program (and the clsact qdisc vmsniff adds for it) is there exactly
+            // while a snaplen asks for it.
+            assert_eq!(
+                copy_program_on_target(&hv.ns),
+                (snaplen.is_some(), snaplen.is_some()),
+                "(copy program, clsact) on {MIRROR_DEV} with snaplen {snaplen:?}"
+            );
         }
+        vmsniff::ok(&hv.ns, &["update", &id_text, "--snaplen", "100"]);
+        assert_eq!(copy_program_on_target(&hv.ns), (true, true), "after a second --snaplen");
         // The copy program's filter on the target goes with the session, and so does the clsact
         // qdisc vmsniff added there.
         vmsniff::ok(&hv.ns, &["detach", &id_text]);

@@ -281,7 +281,9 @@ fn state_of_another_abi_version_is_refused_untouched_and_detach_all_removes_it()
         let hv = Hypervisor::new();
         hv.mirror_port();
         let before = hv.ns.link_names();
-        let attach = ["attach", "--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode];
+        // A snaplen, so that the target has a copy program for detach --all to find by name.
+        let attach =
+            ["attach", "--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode, "--snaplen", "96"];
         let id = vmsniff::attach(&hv.ns, &attach[1..]);
         assert_eq!(open_abi_record(&hv.ns).get(&0, 0).unwrap(), ABI_VERSION, "attach records its version");
         open_abi_record(&hv.ns).set(0, other, 0).unwrap();

@@ -59,24 +59,28 @@ pub fn vmsniff_tap_egress(ctx: TcContext) -> i32 {
 /// whatever else the operator runs on the tap.
 const CONTINUE: i32 = TC_ACT_UNSPEC;
 
+/// One pass over the tap's sessions: each is looked up once (session, counters), decided and,
+/// if chosen, cloned before the next is looked at. Nothing is zeroed or copied onto the stack
+/// and no subprogram is called on the way of a frame that no session copies, except a
+/// session's own filter; a direction that no session mirrors costs the tap lookup and one
+/// array read per session.
+///
+/// Deciding the next session after a clone is safe: the clone may run other programs on this
+/// CPU (a target that is itself a mirrored tap) which reuse the filter's scratch, but each
+/// filter run starts from a fresh machine and none outlives its call.
 #[inline(always)]
 fn mirror(ctx: &TcContext, direction: Direction) {
     // SAFETY: the context pointer is valid for the whole program run.
-    let skb = unsafe { &*ctx.skb.skb };
-    let ifindex = skb.ifindex;
-    // SAFETY: the value is copied out at once; userspace replaces whole entries, never edits
-    // them in place.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read in place, one id at a time. Userspace replaces whole entries; an id read
+    // from an entry being replaced is still bounded by the SESSIONS array and checked there.
     let Some(tap) = (unsafe { VMSNIFF_TAPS.get(&ifindex) }) else {
         return;
     };
-    let ids = tap.ids;
-    let len = u64::from(ctx.len());
-    // First decide for every session, then clone: a clone can run other programs on this CPU
-    // before it returns (a target that is itself a mirrored tap), and they reuse the scratch
-    // the filters read.
-    let mut chosen = [0u32; MAX_SESSIONS_PER_TAP];
-    for (id, choice) in ids.iter().zip(chosen.iter_mut()) {
-        let id = u32::from(*id);
+    let ids = &tap.ids;
+    let len = ctx.len();
+    for slot in 0..MAX_SESSIONS_PER_TAP {
+        let id = u32::from(ids[slot]);
         if id == 0 {
             // Slots are compacted on removal: the first empty one ends the list.
             break;
@@ -102,64 +106,54 @@ fn mirror(ctx: &TcContext, direction: Direction) {
             counters.sampled_out += 1;
             continue;
         }
-        if session.rate_unit != RATE_NONE && !within_rate(session, id, len) {
+        if session.rate_unit != RATE_NONE && !within_rate(session, id, u64::from(len)) {
             counters.rate_limited += 1;
             continue;
         }
-        *choice = id;
-    }
-    for id in chosen {
-        if id == 0 {
-            continue;
-        }
-        let (Some(session), Some(counters)) =
-            (VMSNIFF_SESSIONS.get(id), VMSNIFF_COUNTERS.get_ptr_mut(counter_index(id, direction)))
-        else {
-            continue;
-        };
-        // SAFETY: as above.
-        let counters = unsafe { &mut *counters };
-        let target = session.target_ifindex[direction.index()];
-        let flight = InFlight {
-            armed: IN_FLIGHT_ARMED,
-            session_id: id,
-            direction: direction as u32,
-            snaplen: session.snaplen,
-        };
-        set_in_flight(flight);
-        // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
-        // what is redirected; `ctx`'s frame continues on its way whatever the result.
-        let cloned = ctx.clone_redirect(target, 0);
-        let refused = take_in_flight() == IN_FLIGHT_REFUSED;
-        match cloned {
-            Ok(()) => {
-                counters.frames += 1;
-                counters.bytes += len;
-            }
-            // Dropped by the copy program for its snaplen, and counted there.
-            Err(_) if refused => {}
-            Err(_) => counters.clone_errors += 1,
-        }
+        copy(ctx, session, id, direction, counters, len);
     }
 }
 
-/// Clears the in-flight slot after a clone; what the copy program left in `armed`.
+/// Clones the frame into the session's target for `direction`, with the in-flight slot armed
+/// for the copy program there (if the session has one, for its snaplen).
 #[inline(always)]
-fn take_in_flight() -> u32 {
-    let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) else { return 0 };
-    // SAFETY: a per-CPU slot; see `InFlight` for who reads it.
+fn copy(
+    ctx: &TcContext,
+    session: &SessionConfig,
+    id: u32,
+    direction: Direction,
+    counters: &mut DirectionCounters,
+    len: u32,
+) {
+    let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) else {
+        return;
+    };
+    let target = session.target_ifindex[direction.index()];
+    // Field by field: a struct store becomes a memset or a stack copy. SAFETY: a per-CPU slot;
+    // see `InFlight` for who reads it.
     unsafe {
-        let armed = (*slot).armed;
-        *slot = InFlight::default();
-        armed
+        (*slot).session_id = id;
+        (*slot).direction = direction as u32;
+        (*slot).snaplen = session.snaplen;
+        (*slot).armed = IN_FLIGHT_ARMED;
     }
-}
-
-#[inline(always)]
-fn set_in_flight(flight: InFlight) {
-    if let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot; see `InFlight` for who reads it.
-        unsafe { *slot = flight };
+    // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
+    // what is redirected; `ctx`'s frame continues on its way whatever the result.
+    let cloned = ctx.clone_redirect(target, 0);
+    // SAFETY: as above; the clone has returned, so nothing else reads the slot now.
+    let refused = unsafe {
+        let refused = (*slot).armed == IN_FLIGHT_REFUSED;
+        (*slot).armed = 0;
+        refused
+    };
+    match cloned {
+        Ok(()) => {
+            counters.frames += 1;
+            counters.bytes += u64::from(len);
+        }
+        // Dropped by the copy program for its snaplen, and counted there.
+        Err(_) if refused => {}
+        Err(_) => counters.clone_errors += 1,
     }
 }
 

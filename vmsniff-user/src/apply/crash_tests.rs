@@ -6,7 +6,7 @@
 //! pins, device, filter, TCX link or clsact qdisc.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use vmsniff_ebpf::{SESSION_ACTIVE, SESSION_BUSY};
+use vmsniff_ebpf::{Direction, SESSION_ACTIVE, SESSION_BUSY, SessionConfig};
 
 use crate::{
     apply::{
@@ -190,27 +190,38 @@ fn a_killed_detach_leaves_only_what_the_next_command_removes() {
 
 #[test]
 fn a_killed_update_leaves_the_session_as_it_was_or_as_asked() {
-    let change = ControlChange {
+    let filter_and_rate = ControlChange {
         filter: Some(Some(compile("udp").unwrap())),
         rate_limit: Some(Some(parse_rate_limit("100pps").unwrap())),
         ..ControlChange::default()
     };
-    let setup = || with_session(gre(), AttachModeChoice::Netlink);
-    let before = setup().observed().sessions[&1];
-    let plan = plan_update(1, &before, &change).unwrap();
-    let update = |fake: &Fake| apply_update(fake, &plan).is_ok();
-    let total = changes_of(&setup, &update);
-    for k in 0..=total {
-        let fake = setup();
-        fake.kill_after(k);
-        assert_eq!(update(&fake), k == total);
-        clean_up_after_kill(&fake);
-        // One map write switches: the session is active, with the old entry or the new one,
-        // and the programs read a complete filter slot either way.
-        let session = fake.observed().sessions[&1];
-        assert!(session == before || session == plan.config, "killed after {k}: {session:?}");
-        detach_all(&fake);
-        assert_nothing_left(&fake, &[], &format!("update killed after {k}"));
+    // A snaplen brings the copy program onto each GRE device: more kernel changes to kill at.
+    let snaplen = ControlChange { snaplen: Some(100), ..ControlChange::default() };
+    let targets = [(Direction::Out, "vms1-out".to_owned()), (Direction::In, "vms1-in".to_owned())];
+    // What the programs act on: the old session's or the new one's, nothing in between.
+    let controls =
+        |s: &SessionConfig| (s.state, s.filter, s.snaplen, s.sample_every, s.rate_unit, s.rate, s.burst);
+    for (what, change) in [("filter and rate", filter_and_rate), ("snaplen", snaplen)] {
+        let setup = || with_session(gre(), AttachModeChoice::Netlink);
+        let before = setup().observed().sessions[&1];
+        let plan = plan_update(1, &before, &change).unwrap();
+        let update = |fake: &Fake| run(apply_update(fake, &plan, &targets)).is_ok();
+        let total = changes_of(&setup, &update);
+        for k in 0..=total {
+            let fake = setup();
+            fake.kill_after(k);
+            assert_eq!(update(&fake), k == total, "{what}");
+            clean_up_after_kill(&fake);
+            // One map write switches: the session is active, with the old controls or the new,
+            // and the programs read a complete filter slot either way.
+            let session = fake.observed().sessions[&1];
+            assert!(
+                controls(&session) == controls(&before) || controls(&session) == controls(&plan.config),
+                "{what}: killed after {k}: {session:?}"
+            );
+            detach_all(&fake);
+            assert_nothing_left(&fake, &[], &format!("{what}: update killed after {k}"));
+        }
     }
 }
 

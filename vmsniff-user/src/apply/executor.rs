@@ -20,7 +20,7 @@ use crate::{
         attach::{AttachPlan, AttachStep, TunnelDevice},
         detach::DetachStep,
         rehome::RehomePlan,
-        update::UpdatePlan,
+        update::{CopyProgramChange, UpdatePlan},
     },
     sys::{
         netlink::Netlink,
@@ -308,20 +308,84 @@ fn update_tap(
     maps.set_tap(ifindex, &entry)
 }
 
-/// Applies an update plan: the idle filter slot, then the session's entry in one write (the
-/// switch), then the token bucket. A failure before the switch changes nothing the programs
-/// read; the switch is one map write, so it happens entirely or not at all.
-pub fn apply_update<K: KernelOps>(kernel: &K, plan: &UpdatePlan) -> Result<(), KernelError> {
+/// Applies an update plan: a copy program the new snaplen needs (on `targets`, the devices of
+/// the plan's directions, by name), the idle filter slot, then the session's entry in one write
+/// (the switch), then the token bucket, then the removal of a copy program no longer needed. A
+/// failure before the switch undoes the attach and changes nothing the programs read; the
+/// switch is one map write, so it happens entirely or not at all.
+pub async fn apply_update<K: KernelOps>(
+    kernel: &K,
+    plan: &UpdatePlan,
+    targets: &[(Direction, String)],
+) -> Result<(), KernelError> {
     let mut maps =
         kernel.open_maps()?.ok_or_else(|| KernelError::NoPinnedMaps { path: kernel.maps_dir() })?;
+    let mut config = plan.config;
+    let mut attach = None;
+    if let CopyProgramChange::Attach(_) = &plan.copy_program {
+        let before = maps.session(plan.id)?;
+        let programs = kernel.load_programs()?;
+        let own_maps =
+            kernel.open_maps()?.ok_or_else(|| KernelError::MapsVanished { path: kernel.maps_dir() })?;
+        let mut adding = Attach {
+            kernel,
+            programs,
+            maps: own_maps,
+            session: plan.config,
+            claimed: false,
+            undo: Vec::new(),
+        };
+        for (direction, device) in targets {
+            if let Err(error) = adding.attach_copy_program(plan.id, *direction, device).await {
+                adding.undo().await;
+                restore_session(&mut maps, plan.id, &before);
+                return Err(error);
+            }
+        }
+        config.target_nl_priority = adding.session.target_nl_priority;
+        config.target_nl_handle = adding.session.target_nl_handle;
+        config.target_flags = adding.session.target_flags;
+        attach = Some((adding, before));
+    }
+    if let Err(error) = write_update(&mut maps, plan, &config) {
+        if let Some((adding, before)) = attach {
+            adding.undo().await;
+            restore_session(&mut maps, plan.id, &before);
+        }
+        return Err(error);
+    }
+    if let CopyProgramChange::Detach { steps, then } = &plan.copy_program {
+        // The entry written above still names the filters: one that cannot be removed now
+        // stays findable by detach.
+        for step in steps {
+            apply_detach_step(kernel, &mut maps, step).await?;
+        }
+        maps.set_session(plan.id, then)?;
+    }
+    Ok(())
+}
+
+fn write_update(
+    maps: &mut impl MapOps,
+    plan: &UpdatePlan,
+    config: &SessionConfig,
+) -> Result<(), KernelError> {
     if let Some((slot, filter)) = &plan.filter {
         maps.set_filter(plan.id, *slot, filter)?;
     }
-    maps.set_session(plan.id, &plan.config)?;
+    maps.set_session(plan.id, config)?;
     if plan.reset_rate {
         maps.reset_rate(plan.id)?;
     }
     Ok(())
+}
+
+/// Puts back the session's entry after an undone attach of its copy program (which recorded
+/// the filters in it as it went).
+fn restore_session(maps: &mut impl MapOps, id: u32, before: &SessionConfig) {
+    if let Err(error) = maps.set_session(id, before) {
+        log::error!("could not restore session {id}'s entry after a failed update: {}", chain(&error));
+    }
 }
 
 /// Applies detach steps, all of them: returns the failures, each with the step it came from.
@@ -499,7 +563,8 @@ mod tests {
             },
             key: None,
             directions: Directions::Both,
-            controls: Controls { filter: Some(compile("tcp").unwrap()), ..Controls::default() },
+            // A snaplen, so that the devices get copy programs too.
+            controls: Controls { filter: Some(compile("tcp").unwrap()), snaplen: 96, ..Controls::default() },
             mode: AttachModeChoice::Netlink,
             tcx_supported: false,
             owner: Owner::Persistent,
@@ -844,7 +909,7 @@ mod tests {
         let mut observed = Observed::default();
         observed.sessions.insert(3, current);
         let fake = Fake::new(&observed, fails);
-        let error = apply_update(&fake, &plan).unwrap_err();
+        let error = run(apply_update(&fake, &plan, &[])).unwrap_err();
         let (_, failed, _) = fake.split_at_failure();
         assert_eq!(error.to_string(), format!("{failed:?}"), "the first failure is the one returned");
         fake.calls()
@@ -881,9 +946,66 @@ mod tests {
         )
         .unwrap();
         let fake = Fake::new(&Observed::default(), |_| false);
-        let error = apply_update(&fake, &plan).unwrap_err();
+        let error = run(apply_update(&fake, &plan, &[])).unwrap_err();
         assert!(matches!(error, KernelError::NoPinnedMaps { .. }), "{error:?}");
         assert_eq!(fake.calls(), []);
+    }
+
+    /// Session 1 of `gre_attach` without its snaplen and copy programs, as an attach of today
+    /// leaves a whole-frame session, and the observed state around it.
+    fn whole_frame_gre_session() -> (Observed, SessionConfig) {
+        let attached = Fake::new(&Observed::default(), |_| false);
+        run(apply_attach(&attached, &gre_attach(&Observed::default()))).unwrap();
+        let mut observed = attached.observed();
+        let session = observed.sessions.get_mut(&1).unwrap();
+        session.snaplen = 0;
+        session.target_nl_priority = [0; 2];
+        session.target_nl_handle = [0; 2];
+        session.target_flags = 0;
+        let session = *session;
+        (observed, session)
+    }
+
+    #[test]
+    fn update_adding_a_snaplen_attaches_the_copy_programs_first_and_undoes_them_on_failure() {
+        let (observed, session) = whole_frame_gre_session();
+        let plan =
+            plan_update(1, &session, &ControlChange { snaplen: Some(64), ..Default::default() }).unwrap();
+        let targets = [(Direction::Out, "vms1-out".to_owned()), (Direction::In, "vms1-in".to_owned())];
+        let fake = Fake::new(&observed, |_| false);
+        run(apply_update(&fake, &plan, &targets)).unwrap();
+        let after = fake.observed().sessions[&1];
+        assert_eq!(after.snaplen, 64);
+        assert!(after.target_nl_priority.iter().all(|&p| p != 0), "{after:?}");
+        let calls = fake.calls();
+        let switch = calls.iter().rposition(|c| *c == set_session(1, SESSION_ACTIVE)).unwrap();
+        let second = calls.iter().position(|c| *c == attach(COPY_EGRESS, 101, TcHook::Egress)).unwrap();
+        assert!(second < switch, "the programs come before the snaplen: {calls:?}");
+
+        // The second device's attach fails: the first is detached, the entry put back.
+        let fake = Fake::new(&observed, |c| *c == attach(COPY_EGRESS, 101, TcHook::Egress));
+        run(apply_update(&fake, &plan, &targets)).unwrap_err();
+        let (_, _, undone) = fake.split_at_failure();
+        assert!(undone.contains(&detach(COPY_EGRESS, 100, TcHook::Egress)), "{undone:?}");
+        assert_eq!(undone.last(), Some(&set_session(1, SESSION_ACTIVE)));
+        assert_eq!(fake.observed().sessions[&1], session, "the entry is as it was");
+    }
+
+    #[test]
+    fn update_dropping_the_snaplen_removes_the_copy_programs_after_the_switch() {
+        let attached = Fake::new(&Observed::default(), |_| false);
+        run(apply_attach(&attached, &gre_attach(&Observed::default()))).unwrap();
+        let observed = attached.observed();
+        let session = observed.sessions[&1];
+        let plan =
+            plan_update(1, &session, &ControlChange { snaplen: Some(0), ..Default::default() }).unwrap();
+        let fake = Fake::new(&observed, |_| false);
+        run(apply_update(&fake, &plan, &[])).unwrap();
+        let calls = fake.calls();
+        let first_detach = calls.iter().position(|c| matches!(c, Call::DetachProgram { .. })).unwrap();
+        assert_eq!(calls[first_detach - 1], set_session(1, SESSION_ACTIVE), "the switch first: {calls:?}");
+        let after = fake.observed().sessions[&1];
+        assert_eq!((after.snaplen, after.target_nl_priority, after.target_flags), (0, [0, 0], 0));
     }
 
     // Detach.

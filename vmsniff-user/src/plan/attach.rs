@@ -97,8 +97,8 @@ pub enum AttachStep {
     /// Create and raise one direction's GRE device.
     CreateGreDevice { id: u32, direction: Direction, device: TunnelDevice },
     /// Attach the copy program (it cuts copies to the snaplen) to the egress hook of one
-    /// direction's target device, adding a clsact qdisc there if it has none. Always, so that
-    /// `update --snaplen` needs no attach.
+    /// direction's target device, adding a clsact qdisc there if it has none. Only for a
+    /// snaplen: every copy would pass through it (`update` adds and removes it).
     AttachCopyProgram { id: u32, direction: Direction, device: String },
     /// Record the tap (empty session list, attach mode) before its programs are attached, so
     /// that a run that dies half-way leaves a record of what to clean.
@@ -349,9 +349,12 @@ fn device_encap(encap: Encap, key: u32, direction: Direction) -> DeviceEncap {
     }
 }
 
-/// A copy program on each device the copies leave through: each direction's GRE device, or
-/// the one `--to-dev` device, which both directions share and one program serves.
+/// With a snaplen, a copy program on each device the copies leave through: each direction's
+/// GRE device, or the one `--to-dev` device, which both directions share and one program serves.
 fn copy_program_steps(request: &AttachRequest, id: u32) -> Vec<AttachStep> {
+    if request.controls.snaplen == 0 {
+        return Vec::new();
+    }
     let mut directions = request.directions.iter();
     match &request.target {
         Target::Tunnel { .. } => directions
@@ -642,7 +645,9 @@ mod tests {
 
     #[test]
     fn first_session_creates_devices_then_attaches_then_publishes() {
-        let plan = plan_attach(&request(gre([192, 0, 2, 10])), &Observed::default()).unwrap();
+        let mut req = request(gre([192, 0, 2, 10]));
+        req.controls.snaplen = 96;
+        let plan = plan_attach(&req, &Observed::default()).unwrap();
         assert_eq!(plan.session_id, 1);
         assert_eq!(plan.key, 1, "the key defaults to the session id");
         let kinds: Vec<&str> = plan
@@ -693,6 +698,7 @@ mod tests {
     fn one_direction_creates_one_device() {
         let mut req = request(gre([192, 0, 2, 10]));
         req.directions = Directions::In;
+        req.controls.snaplen = 96;
         let plan = plan_attach(&req, &Observed::default()).unwrap();
         let devices: Vec<&TunnelDevice> = plan
             .steps
@@ -839,12 +845,15 @@ mod tests {
 
     #[test]
     fn one_copy_program_serves_a_local_device_for_both_directions() {
-        let req = request(Target::LocalDev { name: "veth0".into(), ifindex: 4 });
+        let mut req = request(Target::LocalDev { name: "veth0".into(), ifindex: 4 });
+        assert_eq!(copy_program_steps(&req, 3), [], "no snaplen, no copy program");
+        req.controls.snaplen = 96;
         assert_eq!(
             copy_program_steps(&req, 3),
             [AttachStep::AttachCopyProgram { id: 3, direction: Direction::Out, device: "veth0".into() }]
         );
-        let req = request(gre([192, 0, 2, 1]));
+        let mut req = request(gre([192, 0, 2, 1]));
+        req.controls.snaplen = 96;
         let devices: Vec<String> = copy_program_steps(&req, 3)
             .into_iter()
             .filter_map(|s| match s {

@@ -2,7 +2,8 @@
 use std::collections::BTreeSet;
 
 use vmsniff_ebpf::{
-    Direction, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV, TapSessions, TcHook,
+    Direction, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT, TARGET_GRE, TARGET_LOCAL_DEV,
+    TapSessions, TcHook,
 };
 
 use crate::model::{mirror::AttachMode, observed::Observed};
@@ -66,27 +67,7 @@ pub fn plan_detach(ids: &BTreeSet<u32>, observed: &Observed) -> Vec<DetachStep> 
         let session = &observed.sessions[&id];
         // A GRE device takes its filter with it; a local device outlives the session.
         if session.target_kind == TARGET_LOCAL_DEV {
-            for direction in Direction::ALL {
-                let (ifindex, nl_priority) = (
-                    session.target_ifindex[direction.index()],
-                    session.target_nl_priority[direction.index()],
-                );
-                if ifindex == 0 {
-                    continue;
-                }
-                // Each is recorded before it is made: a crashed attach may have recorded the
-                // clsact qdisc and not yet the filter.
-                if nl_priority != 0 {
-                    let nl_handle = session.target_nl_handle[direction.index()];
-                    steps.push(DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle });
-                }
-                if session.target_flags & (TARGET_CREATED_CLSACT << direction.index()) != 0 {
-                    steps.push(DetachStep::RemoveClsactIfUnused {
-                        tap_ifindex: ifindex,
-                        tap_name: format!("ifindex {ifindex}"),
-                    });
-                }
-            }
+            steps.extend(copy_program_release(id, session));
         }
         if session.target_kind == TARGET_GRE {
             for direction in Direction::ALL {
@@ -147,6 +128,33 @@ pub fn release_tap(tap_ifindex: u32, tap: &TapSessions) -> Vec<DetachStep> {
 pub fn ifname(raw: &[u8; 16]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// Removes the session's copy programs from its target devices (and a clsact qdisc vmsniff
+/// added there, once unused): at detach for a device that outlives the session, and at
+/// `update` when the last snaplen goes.
+pub fn copy_program_release(id: u32, session: &SessionConfig) -> Vec<DetachStep> {
+    let mut steps = Vec::new();
+    for direction in Direction::ALL {
+        let (ifindex, nl_priority) =
+            (session.target_ifindex[direction.index()], session.target_nl_priority[direction.index()]);
+        if ifindex == 0 {
+            continue;
+        }
+        // Each is recorded before it is made: a crashed attach may have recorded the clsact
+        // qdisc and not yet the filter.
+        if nl_priority != 0 {
+            let nl_handle = session.target_nl_handle[direction.index()];
+            steps.push(DetachStep::DetachCopyProgram { id, ifindex, nl_priority, nl_handle });
+        }
+        if session.target_flags & (TARGET_CREATED_CLSACT << direction.index()) != 0 {
+            steps.push(DetachStep::RemoveClsactIfUnused {
+                tap_ifindex: ifindex,
+                tap_name: format!("ifindex {ifindex}"),
+            });
+        }
+    }
+    steps
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 //! frame sees half of them.
 use thiserror::Error;
 use vmsniff_ebpf::{
-    FILTER_NONE, FILTER_SLOT_BASE, SESSION_ACTIVE, SESSION_BUSY, SessionConfig, filter::Filter,
+    Direction, FILTER_NONE, FILTER_SLOT_BASE, SESSION_ACTIVE, SESSION_BUSY, SessionConfig,
+    TARGET_CREATED_CLSACT, TARGET_GRE, filter::Filter,
 };
 
 use super::{
     controls::{RateLimit, set_rate_limit},
+    detach::{DetachStep, copy_program_release},
     filter::CompiledFilter,
 };
 
@@ -39,6 +41,25 @@ pub struct UpdatePlan {
     pub config: SessionConfig,
     /// Refill the token bucket (its credit was counted in the old rate or unit).
     pub reset_rate: bool,
+    /// The copy program follows the snaplen.
+    pub copy_program: CopyProgramChange,
+}
+
+/// The copy program (it cuts copies to the snaplen) runs on a session's target devices only
+/// while the session has a snaplen: every copy passes through it, so whole-frame sessions do
+/// without.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyProgramChange {
+    Keep,
+    /// Attach it to these directions' target devices before the new entry is written: until
+    /// then the copies carry no snaplen and it lets them pass whole.
+    Attach(Vec<Direction>),
+    /// Remove it with these steps once the new entry (no snaplen) is written, then write
+    /// `then`: the entry without the filters' record.
+    Detach {
+        steps: Vec<DetachStep>,
+        then: Box<SessionConfig>,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -85,7 +106,26 @@ pub fn plan_update(
     }
     let reset_rate =
         (config.rate_unit, config.rate, config.burst) != (current.rate_unit, current.rate, current.burst);
-    Ok(UpdatePlan { id, filter, config, reset_rate })
+    let has_program = current.target_nl_priority.iter().any(|&p| p != 0);
+    let copy_program = match (config.snaplen != 0, has_program) {
+        (true, false) => CopyProgramChange::Attach(copy_program_directions(current)),
+        (false, true) => {
+            let mut then = config;
+            then.target_nl_priority = [0; 2];
+            then.target_nl_handle = [0; 2];
+            then.target_flags &= !(TARGET_CREATED_CLSACT | TARGET_CREATED_CLSACT << 1);
+            CopyProgramChange::Detach { steps: copy_program_release(id, current), then: Box::new(then) }
+        }
+        _ => CopyProgramChange::Keep,
+    };
+    Ok(UpdatePlan { id, filter, config, reset_rate, copy_program })
+}
+
+/// The directions whose target device takes a copy program, as attach places them: each GRE
+/// device, or the one local device both directions share, recorded at the first.
+fn copy_program_directions(session: &SessionConfig) -> Vec<Direction> {
+    let directions = Direction::ALL.into_iter().filter(|d| session.target_ifindex[d.index()] != 0);
+    if session.target_kind == TARGET_GRE { directions.collect() } else { directions.take(1).collect() }
 }
 
 #[cfg(test)]
@@ -133,6 +173,49 @@ mod tests {
         assert_eq!(plan.config.filter, FILTER_NONE);
         assert_eq!(plan.config.snaplen, 0);
         assert_eq!(plan.config.sample_every, 10);
+    }
+
+    #[test]
+    fn the_copy_program_comes_with_the_first_snaplen_and_goes_with_the_last() {
+        let mut local = active();
+        local.target_kind = vmsniff_ebpf::TARGET_LOCAL_DEV;
+        local.target_ifindex = [4, 4];
+        let add = ControlChange { snaplen: Some(96), ..Default::default() };
+        let plan = plan_update(2, &local, &add).unwrap();
+        assert_eq!(plan.copy_program, CopyProgramChange::Attach(vec![Direction::Out]));
+        let mut gre = SessionConfig { target_kind: TARGET_GRE, target_ifindex: [0, 7], ..local };
+        assert_eq!(
+            plan_update(2, &gre, &add).unwrap().copy_program,
+            CopyProgramChange::Attach(vec![Direction::In])
+        );
+        gre.target_ifindex = [6, 7];
+        assert_eq!(
+            plan_update(2, &gre, &add).unwrap().copy_program,
+            CopyProgramChange::Attach(vec![Direction::Out, Direction::In])
+        );
+
+        // With the program there: a new snaplen keeps it, none removes it.
+        let mut cutting = SessionConfig { snaplen: 96, target_nl_priority: [49152, 0], ..local };
+        cutting.target_nl_handle = [1, 0];
+        cutting.target_flags = TARGET_CREATED_CLSACT;
+        let plan =
+            plan_update(2, &cutting, &ControlChange { snaplen: Some(200), ..Default::default() }).unwrap();
+        assert_eq!(plan.copy_program, CopyProgramChange::Keep);
+        let plan =
+            plan_update(2, &cutting, &ControlChange { snaplen: Some(0), ..Default::default() }).unwrap();
+        let CopyProgramChange::Detach { steps, then } = plan.copy_program else { panic!("{plan:?}") };
+        assert_eq!(
+            steps[0],
+            DetachStep::DetachCopyProgram { id: 2, ifindex: 4, nl_priority: 49152, nl_handle: 1 }
+        );
+        assert!(matches!(steps[1], DetachStep::RemoveClsactIfUnused { tap_ifindex: 4, .. }));
+        // The entry written first still names the filter, so that a failed removal stays findable.
+        assert_eq!(plan.config.target_nl_priority, [49152, 0]);
+        assert_eq!((then.snaplen, then.target_nl_priority, then.target_flags), (0, [0, 0], 0));
+        // No snaplen and no program: nothing to do.
+        let plan =
+            plan_update(2, &local, &ControlChange { sample_every: Some(3), ..Default::default() }).unwrap();
+        assert_eq!(plan.copy_program, CopyProgramChange::Keep);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
-use vmsniff_ebpf::{TcHook, daemon_tag};
+use vmsniff_ebpf::{Direction, TcHook, daemon_tag};
 
 use super::{Attached, Destination, Keeper, MirrorSpec, Service, mirrored, now};
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
         detach::ifname,
         rehome::{plan_reattach, plan_rehome},
         request::AttachRequest,
-        update::{ControlChange, plan_update},
+        update::{ControlChange, CopyProgramChange, plan_update},
     },
     resolve::{interface::ethernet_interface, vm::Resolved},
     service::namespace::tcx_supported,
@@ -151,7 +151,7 @@ impl Service {
 
     /// Plans every session first, so that one that cannot change stops the operation before any
     /// has; then applies.
-    pub(super) fn update_sessions(
+    pub(super) async fn update_sessions(
         &self,
         ids: &BTreeSet<u32>,
         change: &ControlChange,
@@ -161,13 +161,48 @@ impl Service {
             .iter()
             .map(|&id| {
                 let current = observed.sessions.get(&id).with_context(|| format!("session {id} is gone"))?;
-                Ok(plan_update(id, current, change)?)
+                Ok((plan_update(id, current, change)?, current.target_ifindex))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        for plan in &plans {
-            apply_update(&self.namespace.kernel, plan)
+        for (plan, target_ifindex) in &plans {
+            let targets = match &plan.copy_program {
+                CopyProgramChange::Attach(directions) => {
+                    self.copy_program_targets(plan.id, directions, target_ifindex).await?
+                }
+                _ => Vec::new(),
+            };
+            apply_update(&self.namespace.kernel, plan, &targets)
+                .await
                 .with_context(|| format!("updating session {}", plan.id))?;
         }
-        Ok(plans.iter().map(|p| p.id).collect())
+        Ok(plans.iter().map(|(p, _)| p.id).collect())
+    }
+
+    /// The names of the devices a new snaplen's copy programs go on (aya attaches by name).
+    async fn copy_program_targets(
+        &self,
+        id: u32,
+        directions: &[Direction],
+        target_ifindex: &[u32; 2],
+    ) -> anyhow::Result<Vec<(Direction, String)>> {
+        let mut targets = Vec::new();
+        for &direction in directions {
+            let ifindex = target_ifindex[direction.index()];
+            let link = self
+                .namespace
+                .kernel
+                .netlink
+                .link_by_index(ifindex)
+                .await
+                .with_context(|| format!("looking up ifindex {ifindex}"))?
+                .with_context(|| {
+                    format!(
+                        "session {id}'s target device (ifindex {ifindex}) is gone, so no snaplen can be \
+                         applied there; detach the session and attach it again"
+                    )
+                })?;
+            targets.push((direction, link.name));
+        }
+        Ok(targets)
     }
 }

@@ -169,7 +169,7 @@ impl Service {
         let observed = self.namespace.observe()?;
         let candidates = select::Candidates { taps: ebpf::recorded_taps(&observed) };
         let ids = select::select(selection, &candidates, &self.sources).await?;
-        self.update_sessions(&ids, change, &observed)
+        self.update_sessions(&ids, change, &observed).await
     }
 
     /// Changes one session's controls to what `spec` says (a daemon reload).
@@ -183,7 +183,7 @@ impl Service {
         };
         let _lock = self.namespace.lock().await?;
         let observed = self.namespace.observe()?;
-        self.update_sessions(&BTreeSet::from([id]), &change, &observed)?;
+        self.update_sessions(&BTreeSet::from([id]), &change, &observed).await?;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ mod configs;
 mod filters;
 mod fleet;
 mod measure;
+mod progrun;
 mod relay;
 mod report;
 mod scene;
@@ -47,6 +48,11 @@ pub struct BenchArgs {
     /// traffic (a real etcd; about a minute). Prints the table and writes BENCHMARKS-fleet.md.
     #[arg(long)]
     fleet: bool,
+    /// Only the tap program's time per run by path (BPF_PROG_TEST_RUN, one and two CPUs):
+    /// prints the table, writes nothing. With `--guest`, inside `cargo xtask vm-run --kernel K`,
+    /// it measures that guest's kernel.
+    #[arg(long)]
+    prog_run: bool,
     /// Run the guest part and print its results (the command passes this to itself in QEMU).
     #[arg(long, hide = true)]
     guest: bool,
@@ -109,6 +115,16 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     }
     catch_interrupts()?;
     let vmsniff = crate::demo::vmsniff_binary(workspace);
+    if args.prog_run {
+        if !args.guest {
+            crate::setup::run()?;
+            crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;
+        }
+        let mut out = String::new();
+        progrun::section(&mut out, args.rounds(), &progrun::run(args.rounds(), &vmsniff)?)?;
+        print!("{out}");
+        return Ok(());
+    }
     if args.guest {
         let part = measure::run(&args.plan(true), Switch::Ovs, Tunnel::Gre, &vmsniff)?;
         println!("{RESULT_PREFIX}{}", serde_json::to_string(&part)?);
@@ -124,6 +140,8 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     eprintln!("\n==> this kernel: vmsniff's filters");
     let filter_frames = if args.quick { 2_000 } else { filters::FRAMES };
     let filter_samples = filters::run(args.rounds(), filter_frames, &vmsniff)?;
+    eprintln!("\n==> this kernel: the tap program's time by path (BPF_PROG_TEST_RUN)");
+    let prog_samples = progrun::run(args.rounds(), &vmsniff)?;
     let guest = if args.host_only {
         None
     } else {
@@ -159,6 +177,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
         None => out.push_str("The guest part (GRE, Open vSwitch) was skipped (`--host-only`).\n\n"),
     }
     filters::section(&mut out, args.rounds(), filter_frames, &filter_samples)?;
+    progrun::section(&mut out, args.rounds(), &prog_samples)?;
     out.push_str(LIMITS);
     std::fs::write(workspace.join("BENCHMARKS.md"), &out).context("writing BENCHMARKS.md")?;
     let mut parts = vec![("this kernel", &host)];

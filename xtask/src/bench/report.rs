@@ -101,7 +101,9 @@ pub fn header(out: &mut String, command: &str, load: &str, rounds: usize) -> std
          includes the generator's sending and the switching that (a) also pays: a mirror's own cost \
          is its row minus (a)'s. For vmsniff, *in BPF* is the kernel's own accounting of its programs \
          (bpf_stats run_time_ns / run_cnt summed over them, per frame sent), which includes the \
-         copy's transmit into the tunnel.\n\
+         copy's transmit into the tunnel; it comes from a run of its own at the same load, since \
+         statistics add two clock reads to every program run: every other number is measured with \
+         them off.\n\
          - *Delivery*: copies the collector received / frames the VM sent, at offered loads that are \
          fractions of (a)'s highest frame rate, and at the VM's highest rate with the mirror in place \
          (*unlimited*). The chart places each point at the rate the VM actually sent, which a \

@@ -1,0 +1,335 @@
+//! The tap program's own cost per run, by path, timed by the kernel's BPF_PROG_TEST_RUN loop
+//! (a repeat count: one syscall, the program run back to back, the mean in ns per run).
+//!
+//! The program is vmsniff's own, attached by `vmsniff attach` to the privileged tests' tap; the
+//! test run hands it a frame whose `ifindex` is the tap's (or another interface's, for "no
+//! session here"), so it finds the same maps a real frame does. Copies go `--to-dev` a veth:
+//! the copied path includes bpf_clone_redirect and the veth's transmit.
+//!
+//! Runs on any kernel the VM harness boots (`cargo xtask bench --prog-run` inside it), since
+//! it needs only a tap, a veth and tc.
+use std::{
+    fmt::Write as _,
+    fs::File,
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::loaded_programs;
+use nix::sched::{CloneFlags, CpuSet, sched_setaffinity, setns};
+use vmsniff_tests::{
+    frames::{self, L4, PEER_MAC, VM_MAC},
+    topology::{Hypervisor, MIRROR_DEV, TAP},
+};
+
+use crate::demo::vmsniff_in;
+
+/// Runs per BPF_PROG_TEST_RUN call for the paths that copy nothing.
+pub const REPEAT: u32 = 1_000_000;
+/// Runs per call for paths that clone (each sends a copy out of a veth).
+pub const REPEAT_COPY: u32 = 100_000;
+
+/// Where the frame goes through the program.
+#[derive(Clone, Copy)]
+enum Path4 {
+    /// The tap has no session (the test run's ifindex is another interface's).
+    NoSession,
+    /// The tap's one session mirrors the other direction only.
+    OtherDirection,
+    /// The session's 1-term filter drops the frame.
+    FilteredOut,
+    /// The frame is copied (filter matched, clone to the veth).
+    Copied,
+    /// Over a tiny `--rate-limit`: the shared token bucket is read and written, nothing copied.
+    RateLimited,
+}
+
+impl Path4 {
+    const ALL: [Path4; 5] =
+        [Path4::NoSession, Path4::OtherDirection, Path4::FilteredOut, Path4::Copied, Path4::RateLimited];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path4::NoSession => "no session on this tap",
+            Path4::OtherDirection => "session for the other direction only",
+            Path4::FilteredOut => "1-term filter, frame filtered out",
+            Path4::Copied => "1-term filter, frame copied",
+            Path4::RateLimited => "no filter, over the rate limit (bucket written)",
+        }
+    }
+
+    fn attach_args(self) -> Vec<&'static str> {
+        let mut args = vec!["attach", "--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", "netlink"];
+        match self {
+            Path4::OtherDirection => args.extend(["--direction", "in"]),
+            Path4::RateLimited => args.extend(["--direction", "out", "--rate-limit", "1pps"]),
+            _ => args.extend(["--direction", "out", "--filter", "udp port 9"]),
+        }
+        args
+    }
+
+    fn repeat(self) -> u32 {
+        if matches!(self, Path4::Copied) { REPEAT_COPY } else { REPEAT }
+    }
+}
+
+/// The measured numbers: per path, one CPU's ns per run by round, then per CPU with two CPUs
+/// running the same path at once.
+pub struct Samples {
+    one: Vec<Vec<f64>>,
+    two: Vec<Vec<f64>>,
+    /// An empty program's time: what the test run itself costs per run on this machine.
+    floor: Vec<f64>,
+    cpus: usize,
+}
+
+pub fn run(rounds: usize, vmsniff: &Path) -> anyhow::Result<Samples> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let hv = Hypervisor::new();
+    // Something must read the copies off the veth's far end, as in the other benchmarks.
+    let _capture = hv.mirror_port();
+    let tap = hv.ns.ifindex(TAP);
+    let other = hv.ns.ifindex(MIRROR_DEV);
+    let netns = hv.ns.path();
+    let mut one = vec![Vec::new(); Path4::ALL.len()];
+    let mut two = vec![Vec::new(); Path4::ALL.len()];
+    let mut floor = Vec::new();
+    let empty = empty_program()?;
+    let frame = frames::ipv4(VM_MAC, PEER_MAC, [10, 0, 0, 2], [10, 0, 0, 1], L4::Udp(4000, 9), 1, 128);
+    // A warm-up: under TCG the test run's own code is translated on first use, slowly.
+    in_parallel(&netns, empty.as_raw_fd(), &frame, tap, REPEAT / 10, &[0])?;
+    for round in 0..rounds {
+        floor.push(in_parallel(&netns, empty.as_raw_fd(), &frame, tap, REPEAT, &[0])?[0]);
+        for (i, path) in Path4::ALL.into_iter().enumerate() {
+            super::check_interrupted()?;
+            let id = vmsniff_in(&hv.ns, vmsniff, &path.attach_args())?;
+            let result = (|| {
+                let program = tap_ingress_fd(&hv.ns)?;
+                let ifindex = if matches!(path, Path4::NoSession) { other } else { tap };
+                let l4 =
+                    if matches!(path, Path4::FilteredOut) { L4::Tcp(4000, 80) } else { L4::Udp(4000, 9) };
+                let frame = frames::ipv4(VM_MAC, PEER_MAC, [10, 0, 0, 2], [10, 0, 0, 1], l4, 1, 128);
+                let fd = program.as_fd().as_raw_fd();
+                let single = in_parallel(&netns, fd, &frame, ifindex, path.repeat(), &[0])?;
+                let pair = if cpus >= 2 {
+                    in_parallel(&netns, fd, &frame, ifindex, path.repeat(), &[0, 1])?
+                } else {
+                    Vec::new()
+                };
+                Ok::<_, anyhow::Error>((single[0], pair.iter().sum::<f64>() / pair.len().max(1) as f64))
+            })();
+            vmsniff_in(&hv.ns, vmsniff, &["detach", id.trim()])?;
+            let (single, pair) = result.with_context(|| format!("round {}: {}", round + 1, path.name()))?;
+            eprintln!(
+                "bench: prog-run: round {} {:<48} {single:>7.1} ns/run, {pair:>7.1} per CPU on two",
+                round + 1,
+                path.name()
+            );
+            one[i].push(single);
+            two[i].push(pair);
+        }
+    }
+    Ok(Samples { one, two, floor, cpus })
+}
+
+/// The program on the tap's ingress hook, opened by its id (tc names it).
+fn tap_ingress_fd(ns: &vmsniff_tests::netns::Netns) -> anyhow::Result<aya::programs::ProgramFd> {
+    let filters = ns.sh(&format!("tc filter show dev {TAP} ingress"));
+    let words: Vec<&str> = filters.split_whitespace().collect();
+    let id: u32 = words
+        .windows(2)
+        .find(|w| w[0] == "id")
+        .and_then(|w| w[1].parse().ok())
+        .with_context(|| format!("no program id in tc's listing of {TAP}'s ingress: {filters}"))?;
+    for info in loaded_programs() {
+        let info = info.context("listing loaded BPF programs")?;
+        if info.id() == id {
+            return info.fd().with_context(|| format!("opening BPF program {id}"));
+        }
+    }
+    bail!("BPF program {id} is not loaded")
+}
+
+/// Test-runs the program on each CPU of `cpus` at once (one thread each, pinned, in the
+/// namespace): each CPU's ns per run.
+fn in_parallel(
+    netns: &Path,
+    fd: RawFd,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+    cpus: &[usize],
+) -> anyhow::Result<Vec<f64>> {
+    let barrier = std::sync::Barrier::new(cpus.len());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = cpus
+            .iter()
+            .map(|&cpu| {
+                let barrier = &barrier;
+                scope.spawn(move || -> anyhow::Result<f64> {
+                    let file = File::open(netns).context("opening the namespace")?;
+                    setns(&file, CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
+                    let mut set = CpuSet::new();
+                    set.set(cpu).context("CPU set")?;
+                    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                        .with_context(|| format!("pinning to CPU {cpu}"))?;
+                    barrier.wait();
+                    test_run(fd, frame, ifindex, repeat)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a test-run thread panicked"))?)
+            .collect()
+    })
+}
+
+/// BPF_PROG_LOAD's part of `union bpf_attr`, through the program's name.
+#[repr(C)]
+#[derive(Default)]
+struct LoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+/// A tc program that only returns TC_ACT_UNSPEC (`r0 = -1; exit`), to time the test run itself.
+fn empty_program() -> anyhow::Result<std::os::fd::OwnedFd> {
+    let insns: [u64; 2] = [
+        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm -1.
+        u64::from_le_bytes([0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+        // BPF_JMP | BPF_EXIT.
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut attr = LoadAttr {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..LoadAttr::default()
+    };
+    attr.prog_name[..12].copy_from_slice(b"vmsniff_null");
+    // SAFETY: the attribute points at `insns` and `license`, alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &raw mut attr, size_of::<LoadAttr>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("loading an empty tc program (BPF_PROG_LOAD)");
+    }
+    // SAFETY: the kernel just returned this new descriptor, owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// BPF_PROG_TEST_RUN's part of `union bpf_attr` (through `batch_size`, 5.18; older kernels
+/// accept the larger size since the fields they lack are zero).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `offsetof(struct __sk_buff, ifindex)`: the context passed in ends with it (the kernel takes
+/// the device by that index, 5.10 and later; every earlier field stays 0, as it requires).
+const SKB_IFINDEX_OFFSET: usize = 40;
+
+/// One BPF_PROG_TEST_RUN of `repeat` runs on this CPU: the kernel's mean ns per run.
+fn test_run(fd: RawFd, frame: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<f64> {
+    let mut ctx = [0u8; SKB_IFINDEX_OFFSET + 4];
+    ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
+    // Mutable: the kernel writes `retval` and `duration` back into it.
+    let mut attr = TestRunAttr {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: the attribute points at `frame` and `ctx`, alive for the call; no output buffers.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestRunAttr>()) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN");
+    }
+    // The kernel reports the mean over the repeats, rounded down to whole ns; the total is
+    // duration * repeat, so one more digit comes from nowhere: report it as it is.
+    Ok(f64::from(attr.duration))
+}
+
+/// The report's section (also what `--prog-run` prints).
+pub fn section(out: &mut String, rounds: usize, samples: &Samples) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "## Program time per frame, by path (BPF_PROG_TEST_RUN, kernel {})\n",
+        super::report::kernel()
+    )?;
+    writeln!(
+        out,
+        "The kernel's own loop times `vmsniff_tap_ingress` as attached by vmsniff ({REPEAT} runs per \
+         call, {REPEAT_COPY} for the copied path, which clones into a veth), on a 128-byte UDP frame \
+         (TCP for the filtered one); median of {rounds} alternating rounds, min–max. \"Two CPUs\" runs \
+         the same path on CPUs 0 and 1 at once, as a multi-queue tap fed by two vhost threads is: \
+         the mean per CPU. The rate-limit row shares one token bucket between them.\n"
+    )?;
+    writeln!(out, "| Path | ns/run, one CPU | min–max | ns/run per CPU, two CPUs | min–max |")?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    let floor = super::report::Stats::of(&samples.floor);
+    writeln!(
+        out,
+        "| an empty program (the test run's own cost) | {:.0} | {:.0}–{:.0} | | |",
+        floor.median, floor.min, floor.max
+    )?;
+    for (i, path) in Path4::ALL.into_iter().enumerate() {
+        let one = super::report::Stats::of(&samples.one[i]);
+        let two = if samples.cpus >= 2 {
+            let s = super::report::Stats::of(&samples.two[i]);
+            (format!("{:.0}", s.median), format!("{:.0}–{:.0}", s.min, s.max))
+        } else {
+            ("(one CPU)".into(), String::new())
+        };
+        writeln!(
+            out,
+            "| {} | {:.0} | {:.0}–{:.0} | {} | {} |",
+            path.name(),
+            one.median,
+            one.min,
+            one.max,
+            two.0,
+            two.1
+        )?;
+    }
+    writeln!(
+        out,
+        "\nA path's program time is its row minus the empty program's. Targets: under 30 ns with no session for the direction, under 50 ns for a filtered-out \
+         frame; two CPUs cost each no more than one does.\n"
+    )?;
+    Ok(())
+}
