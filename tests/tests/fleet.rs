@@ -33,7 +33,12 @@ fn fleet_args<'a>(etcd: &'a str, args: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn status(ns: &Netns, etcd: &str) -> Value {
-    let out = vmsniff::ok(ns, &fleet_args(etcd, &["status", "--json"]));
+    status_in(ns, etcd, "/vmsniff")
+}
+
+/// `fleet status --json` of the fleet under `prefix`.
+fn status_in(ns: &Netns, etcd: &str, prefix: &str) -> Value {
+    let out = vmsniff::ok(ns, &fleet_args(etcd, &["--prefix", prefix, "status", "--json"]));
     serde_json::from_str(&out).expect("fleet status --json is JSON")
 }
 
@@ -173,11 +178,7 @@ impl Node {
         }
         write_node(&xml, vm_here);
         let uri = format!("test://{}", xml.display());
-        let config = format!(
-            "[daemon]\nresync-seconds = 1\n\n[fleet]\nendpoints = [\"{}\"]\nnode = \"{name}\"\nlease-seconds = 2\nreport-seconds = 1\n",
-            etcd.endpoint()
-        );
-        let daemon = Daemon::start_with(&hv.ns, &config, &["--connect", &uri]);
+        let daemon = Daemon::start_with(&hv.ns, &node_config(etcd, name, ""), &["--connect", &uri]);
         Node { hv, mirror, xml, daemon }
     }
 
@@ -216,6 +217,14 @@ impl Drop for Node {
     }
 }
 
+/// A node's daemon config: the fleet at `etcd` as node `name`, with `extra` lines in `[fleet]`.
+fn node_config(etcd: &Etcd, name: &str, extra: &str) -> String {
+    format!(
+        "[daemon]\nresync-seconds = 1\n\n[fleet]\nendpoints = [\"{}\"]\nnode = \"{name}\"\nlease-seconds = 2\nreport-seconds = 1\n{extra}",
+        etcd.endpoint()
+    )
+}
+
 fn write_node(xml: &Path, vm_here: bool) {
     let domain = if vm_here { DOMAIN } else { "" };
     std::fs::write(xml, format!("<node>\n{domain}\n</node>\n")).expect("write the node's libvirt XML");
@@ -223,9 +232,21 @@ fn write_node(xml: &Path, vm_here: bool) {
 
 /// `fleet status --json`'s mirror `name` once `ready` holds for it (within 30 s).
 fn wait_mirror(ctl: &Netns, ep: &str, name: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    wait_mirror_in(ctl, ep, "/vmsniff", name, what, ready)
+}
+
+/// [`wait_mirror`] in the fleet under `prefix`.
+fn wait_mirror_in(
+    ctl: &Netns,
+    ep: &str,
+    prefix: &str,
+    name: &str,
+    what: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = status(ctl, ep);
+        let status = status_in(ctl, ep, prefix);
         let mirror = status["mirrors"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).cloned();
         if let Some(m) = mirror.filter(|m| ready(m)) {
             return m;
@@ -326,6 +347,81 @@ fn a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss() {
     wait_until("b detaches", || b.sessions().is_empty());
     vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
     wait_until("a detaches after rm", || a.sessions().is_empty());
+}
+
+/// The nodes registered in the fleet under `prefix` (`fleet nodes --json`).
+fn nodes_in(ctl: &Netns, ep: &str, prefix: &str) -> String {
+    vmsniff::ok(ctl, &fleet_args(ep, &["--prefix", prefix, "nodes", "--json"]))
+}
+
+#[test]
+fn reload_reconnects_to_a_changed_fleet_and_refuses_bad_fleet_settings_keeping_the_old() {
+    if !privileged_on_host(
+        "reload_reconnects_to_a_changed_fleet_and_refuses_bad_fleet_settings_keeping_the_old",
+        HOST_ONLY,
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let mut a = Node::new("a", &etcd, true);
+    let reload = |a: &Node| vmsniff::run(&a.hv.ns, &["reload", "--run-dir", &a.daemon.run_dir()]);
+    // A mirror of a's VM, declared in another fleet (prefix) than the one a's daemon follows.
+    vmsniff::ok(
+        &ctl,
+        &fleet_args(ep, &["--prefix", "/other", "mirror", "web", "instance-00000042", "--to-dev", "mir0"]),
+    );
+    wait_until("a registered under /vmsniff", || nodes_in(&ctl, ep, "/vmsniff").contains("\"a\""));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(a.sessions().is_empty(), "a runs a mirror of a fleet it does not follow");
+
+    // The new prefix and node name, with no restart: the node moves to the other fleet.
+    let pid = a.daemon.pid();
+    a.daemon.write_config(&node_config(&etcd, "a2", "prefix = \"/other\"\n"));
+    let out = reload(&a);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    let m = wait_mirror_in(&ctl, ep, "/other", "web", "active on a2", |m| active_on(m, "a2"));
+    assert_eq!(m["placed-on"], "a2");
+    wait_until("a's old registration goes", || !nodes_in(&ctl, ep, "/vmsniff").contains("\"a\""));
+    assert_eq!(a.daemon.pid(), pid, "the daemon restarted");
+    assert!(a.daemon.log().contains("[fleet] changed: reconnecting"), "{}", a.daemon.log());
+    assert_eq!(a.copies(5), 5, "copies after the reload");
+    let id = a.sessions()[0]["session"].clone();
+
+    // Settings the etcd client cannot use: refused, with the previous fleet kept running.
+    for (extra, expected) in [
+        ("prefix = \"/other\"\ncacert = \"/nonexistent/ca.pem\"\n", "cannot read the CA certificate"),
+        ("prefix = \"other/\"\n", "key prefix"),
+        ("prefix = \"/other\"\nuser = \"root\"\n", "has no password"),
+        ("prefix = \"/other\"\ndial-timeout-seconds = 0\n", "dial-timeout-seconds must be 1 to 300"),
+    ] {
+        a.daemon.write_config(&node_config(&etcd, "a2", extra));
+        let out = reload(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("refused the new config") && err.contains(expected),
+            "{extra}: expected {expected:?} in:\n{err}"
+        );
+    }
+    assert!(a.daemon.log().contains("reload refused, the previous config stays in force"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(nodes_in(&ctl, ep, "/other").contains("\"a2\""), "a2 left its fleet");
+    wait_mirror_in(&ctl, ep, "/other", "web", "still active on a2", |m| active_on(m, "a2"));
+    let sessions = a.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:#?}");
+    assert_eq!(sessions[0]["session"], id, "a refused reload touched the mirror");
+    assert_eq!(a.copies(3), 3, "copies after the refused reloads");
+
+    // Back to the first fleet, which declares nothing for a's VM: the mirror goes.
+    a.daemon.write_config(&node_config(&etcd, "a", ""));
+    let out = reload(&a);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    wait_until("a detaches the other fleet's mirror", || a.sessions().is_empty());
+    wait_until("a registered under /vmsniff again", || nodes_in(&ctl, ep, "/vmsniff").contains("\"a\""));
+    wait_until("a2's registration goes", || !nodes_in(&ctl, ep, "/other").contains("\"a2\""));
 }
 
 #[test]
