@@ -349,6 +349,63 @@ fn a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss() {
     wait_until("a detaches after rm", || a.sessions().is_empty());
 }
 
+#[test]
+fn a_fleet_mirror_runs_on_exactly_one_of_three_nodes_as_its_vm_moves_from_a_to_b_to_c() {
+    if !privileged_on_host(
+        "a_fleet_mirror_runs_on_exactly_one_of_three_nodes_as_its_vm_moves_from_a_to_b_to_c",
+        HOST_ONLY,
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let names = ["a", "b", "c"];
+    let mut nodes = [Node::new("a", &etcd, true), Node::new("b", &etcd, false), Node::new("c", &etcd, false)];
+    wait_until("three nodes registered", || {
+        let out = vmsniff::ok(&ctl, &fleet_args(ep, &["nodes", "--json"]));
+        names.iter().all(|n| out.contains(&format!("\"{n}\"")))
+    });
+    // Named by its Nova name this time.
+    let key = vmsniff::ok(&ctl, &fleet_args(ep, &["mirror", "web", "c-mig", "--to-dev", "mir0"]));
+    let key = key.trim();
+    // Exactly one node holds a kernel session, `at`, and `fleet status` names it alone.
+    let only_on = |nodes: &mut [Node; 3], at: usize| {
+        let m = wait_mirror(&ctl, ep, "web", names[at], |m| active_on(m, names[at]));
+        assert_eq!(m["key"].to_string(), key, "the key follows the mirror");
+        assert_eq!(m["placed-on"], names[at]);
+        for (i, node) in nodes.iter().enumerate() {
+            let sessions = node.sessions();
+            assert_eq!(sessions.len(), usize::from(i == at), "node {}: {sessions:#?}", names[i]);
+        }
+        let text = vmsniff::ok(&ctl, &fleet_args(ep, &["status", "web"]));
+        let row: Vec<&str> =
+            text.lines().find(|l| l.starts_with("web ")).expect("a row for web").split_whitespace().collect();
+        assert_eq!(row[2..5], [key, names[at], "active"], "KEY NODE STATE:\n{text}");
+        assert_eq!(nodes[at].copies(4), 4, "copies on {}", names[at]);
+    };
+    only_on(&mut nodes, 0);
+    for (from, to) in [(0, 1), (1, 2)] {
+        let started = Instant::now();
+        nodes[to].vm_arrives();
+        wait_mirror(&ctl, ep, "web", "the handover", |m| {
+            m["nodes"] == serde_json::json!([names[from], names[to]])
+        });
+        let bystander = 3 - from - to;
+        assert!(nodes[bystander].sessions().is_empty(), "{} mirrors during the handover", names[bystander]);
+        nodes[from].hv.port.vm.unplug(&nodes[from].hv.ns);
+        wait_until("the source detaches once its tap is gone", || nodes[from].sessions().is_empty());
+        write_node(&nodes[from].xml, false);
+        only_on(&mut nodes, to);
+        eprintln!("fleet: {} -> {} in {:.1} s", names[from], names[to], started.elapsed().as_secs_f64());
+    }
+    vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
+    wait_until("c detaches after rm", || nodes[2].sessions().is_empty());
+    assert!(nodes.iter().all(|n| n.sessions().is_empty()));
+}
+
 /// The nodes registered in the fleet under `prefix` (`fleet nodes --json`).
 fn nodes_in(ctl: &Netns, ep: &str, prefix: &str) -> String {
     vmsniff::ok(ctl, &fleet_args(ep, &["--prefix", prefix, "nodes", "--json"]))
