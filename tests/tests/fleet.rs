@@ -17,8 +17,10 @@ use vmsniff_tests::{
     etcd::Etcd,
     frames::{self, is_marked},
     netns::Netns,
+    ovs::Ovs,
     packet::PacketSocket,
     privileged_on_host,
+    tap::Vm,
     topology::Hypervisor,
     vmsniff,
 };
@@ -226,7 +228,10 @@ fn node_config(etcd: &Etcd, name: &str, extra: &str) -> String {
 }
 
 fn write_node(xml: &Path, vm_here: bool) {
-    let domain = if vm_here { DOMAIN } else { "" };
+    write_domain(xml, if vm_here { DOMAIN } else { "" });
+}
+
+fn write_domain(xml: &Path, domain: &str) {
     std::fs::write(xml, format!("<node>\n{domain}\n</node>\n")).expect("write the node's libvirt XML");
 }
 
@@ -404,6 +409,141 @@ fn a_fleet_mirror_runs_on_exactly_one_of_three_nodes_as_its_vm_moves_from_a_to_b
     vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
     wait_until("c detaches after rm", || nodes[2].sessions().is_empty());
     assert!(nodes.iter().all(|n| n.sessions().is_empty()));
+}
+
+/// A Nova-shaped domain plugged natively into br-int (os-vif's OVS plug), NIC 0 `tapfo0`.
+const OVS_DOMAIN: &str = r#"<domain type='test'>
+  <name>instance-00000077</name>
+  <uuid>7777a9c1-7b4d-4e8f-9a6b-1c2d3e4f5a77</uuid>
+  <metadata>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:name>c-ovs</nova:name>
+    </nova:instance>
+  </metadata>
+  <memory unit='KiB'>1048576</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <interface type='bridge'>
+      <mac address='52:54:00:aa:00:77'/>
+      <source bridge='br-int'/>
+      <virtualport type='openvswitch'/>
+      <target dev='tapfo0'/>
+      <model type='virtio'/>
+    </interface>
+  </devices>
+</domain>"#;
+
+#[test]
+fn an_ovs_mode_fleet_mirror_is_a_mirror_row_on_the_node_holding_the_vm_and_leaves_others_alone() {
+    if !privileged_on_host(
+        "an_ovs_mode_fleet_mirror_is_a_mirror_row_on_the_node_holding_the_vm_and_leaves_others_alone",
+        "OVSDB's rows are the daemon's logic; frames through OVS mirrors are checked in tests/ovs.rs",
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let ns = Netns::new("fovs");
+    etcd.reach_from(&ns);
+    let Some(ovs) = Ovs::start(&ns) else { return };
+    ovs.add_bridge("br-int");
+    let mut vm = Vm::create(&ns, "tapfo0");
+    ovs.vsctl(&["add-port", "br-int", "tapfo0"]);
+    // Someone else's mirror on the same bridge, which must stay as it is; a route to the
+    // collector.
+    ns.sh("ip link add oth0 type veth peer name oth1
+         ip link set oth0 up; ip link set oth1 up
+         ip link add up1 type veth peer name up2; ip addr add 10.231.0.1/24 dev up1
+         ip link set up1 up; ip link set up2 up");
+    ovs.vsctl(&["add-port", "br-int", "oth0", "--", "add-port", "br-int", "oth1"]);
+    ovs.vsctl(&[
+        "--",
+        "--id=@s",
+        "get",
+        "Port",
+        "oth0",
+        "--",
+        "--id=@o",
+        "get",
+        "Port",
+        "oth1",
+        "--",
+        "--id=@m",
+        "create",
+        "Mirror",
+        "name=theirs",
+        "select_src_port=@s",
+        "output_port=@o",
+        "--",
+        "add",
+        "Bridge",
+        "br-int",
+        "mirrors",
+        "@m",
+    ]);
+    let theirs = ovs.vsctl(&["--columns=_uuid,name,select_src_port,output_port", "list", "Mirror", "theirs"]);
+    let mirrors_before = ovs.names("Mirror");
+    let xml = std::env::temp_dir().join(format!("vmsniff-fleet-{}-ovs.xml", std::process::id()));
+    write_domain(&xml, OVS_DOMAIN);
+    let uri = format!("test://{}", xml.display());
+    let address = ovs.address();
+    let daemon =
+        Daemon::start_with(&ns, &node_config(&etcd, "o", ""), &["--connect", &uri, "--ovsdb", &address]);
+    wait_until("o registered", || nodes_in(&ctl, ep, "/vmsniff").contains("\"o\""));
+
+    let key = vmsniff::ok(
+        &ctl,
+        &fleet_args(ep, &["mirror", "web", "c-ovs", "--to", "10.231.0.2", "--mode", "ovs"]),
+    );
+    // OVS mode has no controls, in the fleet as for attach: refused, nothing written.
+    // (The node writes its reports meanwhile: etcd's revision moves; the mirrors do not.)
+    let records = || {
+        let status = status(&ctl, ep);
+        let mirrors = status["mirrors"].as_array().cloned().unwrap_or_default();
+        mirrors.iter().map(|m| (m["name"].clone(), m["args"].clone(), m["key"].clone())).collect::<Vec<_>>()
+    };
+    let declared = records();
+    for args in [
+        &["mirror", "x", "c-ovs", "--to", "10.231.0.2", "--mode", "ovs", "--filter", "tcp"][..],
+        &["update", "web", "--snaplen", "64"][..],
+    ] {
+        let err = vmsniff::fails(&ctl, &fleet_args(ep, args));
+        assert!(err.contains("is eBPF mode's") && err.contains("--mode ovs"), "{args:?}: {err}");
+    }
+    assert_eq!(records(), declared, "a refused OVS declaration changed the fleet");
+    let m = wait_mirror(&ctl, ep, "web", "active on o", |m| active_on(m, "o"));
+    assert_eq!(m["key"].to_string(), key.trim());
+    let id = m["session"].as_u64().expect("a session id");
+    let row = format!("vmsniff-{id}");
+    assert_eq!(ovs.names("Mirror"), ["theirs", row.as_str()], "{}", daemon.log());
+    assert_eq!(ovs.vsctl(&["get", "Mirror", &row, "external_ids:vmsniff-daemon-session"]), "\"fleet/web\"");
+    let tap = ovs.vsctl(&["get", "Port", "tapfo0", "_uuid"]);
+    assert_eq!(ovs.vsctl(&["get", "Mirror", &row, "select_src_port"]), format!("[{tap}]"));
+
+    // The VM leaves (os-vif unplugs its port, libvirt's domain goes): the row goes.
+    ovs.vsctl(&["del-port", "br-int", "tapfo0"]);
+    vm.unplug(&ns);
+    write_domain(&xml, "");
+    wait_until("the Mirror row goes with the VM", || ovs.names("Mirror") == mirrors_before);
+    wait_mirror(&ctl, ep, "web", "waiting for its VM", |m| m["state"] == "waiting-for-vm");
+    // It comes back: a row again; then the fleet mirror is removed: the row goes.
+    write_domain(&xml, OVS_DOMAIN);
+    vm.recreate(&ns);
+    ovs.vsctl(&["add-port", "br-int", "tapfo0"]);
+    let m = wait_mirror(&ctl, ep, "web", "active on o again", |m| active_on(m, "o"));
+    let row = format!("vmsniff-{}", m["session"]);
+    wait_until("a Mirror row again", || ovs.names("Mirror").contains(&row));
+    vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
+    wait_until("the Mirror row goes with the fleet mirror", || ovs.names("Mirror") == mirrors_before);
+    assert_eq!(
+        ovs.vsctl(&["--columns=_uuid,name,select_src_port,output_port", "list", "Mirror", "theirs"]),
+        theirs,
+        "the other mirror changed"
+    );
+    let _ = std::fs::remove_file(&xml);
 }
 
 /// The nodes registered in the fleet under `prefix` (`fleet nodes --json`).
