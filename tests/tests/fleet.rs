@@ -664,14 +664,25 @@ fn collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses() {
     send(&a, 0..5);
     send(&b, 0..4);
     send(&a, 0..3);
+    // Declared while collect runs: named as well (collect follows the fleet, not one read).
+    let db: u32 = vmsniff::ok(&col, &fleet_args(&ep, &["mirror", "db", "c-db", "--to", "10.241.0.2"]))
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for seq in 0..3 {
+        let frame = frames::frame(frames::VM_MAC, frames::PEER_MAC, seq, 80);
+        b.send(to, &gre(Some(db * 2), Some(seq), 0x6558, &frame));
+    }
     std::thread::sleep(Duration::from_millis(300));
     let stopped = collector.stop();
     let packets = read_pcapng_file(&file);
-    assert_eq!(packets.len(), 12, "{}", stopped.stderr);
-    assert!(
-        packets.iter().all(|p| p.interface == "web (c-private nic 0)"),
-        "one interface for the mirror: {:?}",
-        packets.iter().map(|p| &p.interface).collect::<Vec<_>>()
+    assert_eq!(packets.len(), 15, "{}", stopped.stderr);
+    let interfaces: Vec<&str> = packets.iter().map(|p| p.interface.as_str()).collect();
+    assert_eq!(
+        interfaces,
+        [["web (c-private nic 0)"; 12].as_slice(), &["db (c-db)"; 3]].concat(),
+        "one interface per mirror, the later one named too"
     );
     assert!(stopped.stderr.contains("web (c-private nic 0): moved 2 time(s)"), "{}", stopped.stderr);
     let (rows, _) = summary(&stopped.stderr);
