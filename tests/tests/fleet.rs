@@ -17,8 +17,10 @@ use vmsniff_tests::{
     etcd::Etcd,
     frames::{self, is_marked},
     netns::Netns,
+    ovs::Ovs,
     packet::PacketSocket,
     privileged_on_host,
+    tap::Vm,
     topology::Hypervisor,
     vmsniff,
 };
@@ -33,7 +35,12 @@ fn fleet_args<'a>(etcd: &'a str, args: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn status(ns: &Netns, etcd: &str) -> Value {
-    let out = vmsniff::ok(ns, &fleet_args(etcd, &["status", "--json"]));
+    status_in(ns, etcd, "/vmsniff")
+}
+
+/// `fleet status --json` of the fleet under `prefix`.
+fn status_in(ns: &Netns, etcd: &str, prefix: &str) -> Value {
+    let out = vmsniff::ok(ns, &fleet_args(etcd, &["--prefix", prefix, "status", "--json"]));
     serde_json::from_str(&out).expect("fleet status --json is JSON")
 }
 
@@ -173,11 +180,7 @@ impl Node {
         }
         write_node(&xml, vm_here);
         let uri = format!("test://{}", xml.display());
-        let config = format!(
-            "[daemon]\nresync-seconds = 1\n\n[fleet]\nendpoints = [\"{}\"]\nnode = \"{name}\"\nlease-seconds = 2\nreport-seconds = 1\n",
-            etcd.endpoint()
-        );
-        let daemon = Daemon::start_with(&hv.ns, &config, &["--connect", &uri]);
+        let daemon = Daemon::start_with(&hv.ns, &node_config(etcd, name, ""), &["--connect", &uri]);
         Node { hv, mirror, xml, daemon }
     }
 
@@ -216,16 +219,39 @@ impl Drop for Node {
     }
 }
 
+/// A node's daemon config: the fleet at `etcd` as node `name`, with `extra` lines in `[fleet]`.
+fn node_config(etcd: &Etcd, name: &str, extra: &str) -> String {
+    format!(
+        "[daemon]\nresync-seconds = 1\n\n[fleet]\nendpoints = [\"{}\"]\nnode = \"{name}\"\nlease-seconds = 2\nreport-seconds = 1\n{extra}",
+        etcd.endpoint()
+    )
+}
+
 fn write_node(xml: &Path, vm_here: bool) {
-    let domain = if vm_here { DOMAIN } else { "" };
+    write_domain(xml, if vm_here { DOMAIN } else { "" });
+}
+
+fn write_domain(xml: &Path, domain: &str) {
     std::fs::write(xml, format!("<node>\n{domain}\n</node>\n")).expect("write the node's libvirt XML");
 }
 
 /// `fleet status --json`'s mirror `name` once `ready` holds for it (within 30 s).
 fn wait_mirror(ctl: &Netns, ep: &str, name: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    wait_mirror_in(ctl, ep, "/vmsniff", name, what, ready)
+}
+
+/// [`wait_mirror`] in the fleet under `prefix`.
+fn wait_mirror_in(
+    ctl: &Netns,
+    ep: &str,
+    prefix: &str,
+    name: &str,
+    what: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = status(ctl, ep);
+        let status = status_in(ctl, ep, prefix);
         let mirror = status["mirrors"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).cloned();
         if let Some(m) = mirror.filter(|m| ready(m)) {
             return m;
@@ -329,6 +355,273 @@ fn a_fleet_mirror_follows_its_vm_and_outlives_etcd_outages_and_node_loss() {
 }
 
 #[test]
+fn a_fleet_mirror_runs_on_exactly_one_of_three_nodes_as_its_vm_moves_from_a_to_b_to_c() {
+    if !privileged_on_host(
+        "a_fleet_mirror_runs_on_exactly_one_of_three_nodes_as_its_vm_moves_from_a_to_b_to_c",
+        HOST_ONLY,
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let names = ["a", "b", "c"];
+    let mut nodes = [Node::new("a", &etcd, true), Node::new("b", &etcd, false), Node::new("c", &etcd, false)];
+    wait_until("three nodes registered", || {
+        let out = vmsniff::ok(&ctl, &fleet_args(ep, &["nodes", "--json"]));
+        names.iter().all(|n| out.contains(&format!("\"{n}\"")))
+    });
+    // Named by its Nova name this time.
+    let key = vmsniff::ok(&ctl, &fleet_args(ep, &["mirror", "web", "c-mig", "--to-dev", "mir0"]));
+    let key = key.trim();
+    // Exactly one node holds a kernel session, `at`, and `fleet status` names it alone.
+    let only_on = |nodes: &mut [Node; 3], at: usize| {
+        let m = wait_mirror(&ctl, ep, "web", names[at], |m| active_on(m, names[at]));
+        assert_eq!(m["key"].to_string(), key, "the key follows the mirror");
+        assert_eq!(m["placed-on"], names[at]);
+        for (i, node) in nodes.iter().enumerate() {
+            let sessions = node.sessions();
+            assert_eq!(sessions.len(), usize::from(i == at), "node {}: {sessions:#?}", names[i]);
+        }
+        let text = vmsniff::ok(&ctl, &fleet_args(ep, &["status", "web"]));
+        let row: Vec<&str> =
+            text.lines().find(|l| l.starts_with("web ")).expect("a row for web").split_whitespace().collect();
+        assert_eq!(row[2..5], [key, names[at], "active"], "KEY NODE STATE:\n{text}");
+        assert_eq!(nodes[at].copies(4), 4, "copies on {}", names[at]);
+    };
+    only_on(&mut nodes, 0);
+    for (from, to) in [(0, 1), (1, 2)] {
+        let started = Instant::now();
+        nodes[to].vm_arrives();
+        wait_mirror(&ctl, ep, "web", "the handover", |m| {
+            m["nodes"] == serde_json::json!([names[from], names[to]])
+        });
+        let bystander = 3 - from - to;
+        assert!(nodes[bystander].sessions().is_empty(), "{} mirrors during the handover", names[bystander]);
+        nodes[from].hv.port.vm.unplug(&nodes[from].hv.ns);
+        wait_until("the source detaches once its tap is gone", || nodes[from].sessions().is_empty());
+        write_node(&nodes[from].xml, false);
+        only_on(&mut nodes, to);
+        eprintln!("fleet: {} -> {} in {:.1} s", names[from], names[to], started.elapsed().as_secs_f64());
+    }
+    vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
+    wait_until("c detaches after rm", || nodes[2].sessions().is_empty());
+    assert!(nodes.iter().all(|n| n.sessions().is_empty()));
+}
+
+/// A Nova-shaped domain plugged natively into br-int (os-vif's OVS plug), NIC 0 `tapfo0`.
+const OVS_DOMAIN: &str = r#"<domain type='test'>
+  <name>instance-00000077</name>
+  <uuid>7777a9c1-7b4d-4e8f-9a6b-1c2d3e4f5a77</uuid>
+  <metadata>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:name>c-ovs</nova:name>
+    </nova:instance>
+  </metadata>
+  <memory unit='KiB'>1048576</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <interface type='bridge'>
+      <mac address='52:54:00:aa:00:77'/>
+      <source bridge='br-int'/>
+      <virtualport type='openvswitch'/>
+      <target dev='tapfo0'/>
+      <model type='virtio'/>
+    </interface>
+  </devices>
+</domain>"#;
+
+#[test]
+fn an_ovs_mode_fleet_mirror_is_a_mirror_row_on_the_node_holding_the_vm_and_leaves_others_alone() {
+    if !privileged_on_host(
+        "an_ovs_mode_fleet_mirror_is_a_mirror_row_on_the_node_holding_the_vm_and_leaves_others_alone",
+        "OVSDB's rows are the daemon's logic; frames through OVS mirrors are checked in tests/ovs.rs",
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let ns = Netns::new("fovs");
+    etcd.reach_from(&ns);
+    let Some(ovs) = Ovs::start(&ns) else { return };
+    ovs.add_bridge("br-int");
+    let mut vm = Vm::create(&ns, "tapfo0");
+    ovs.vsctl(&["add-port", "br-int", "tapfo0"]);
+    // Someone else's mirror on the same bridge, which must stay as it is; a route to the
+    // collector.
+    ns.sh("ip link add oth0 type veth peer name oth1
+         ip link set oth0 up; ip link set oth1 up
+         ip link add up1 type veth peer name up2; ip addr add 10.231.0.1/24 dev up1
+         ip link set up1 up; ip link set up2 up");
+    ovs.vsctl(&["add-port", "br-int", "oth0", "--", "add-port", "br-int", "oth1"]);
+    ovs.vsctl(&[
+        "--",
+        "--id=@s",
+        "get",
+        "Port",
+        "oth0",
+        "--",
+        "--id=@o",
+        "get",
+        "Port",
+        "oth1",
+        "--",
+        "--id=@m",
+        "create",
+        "Mirror",
+        "name=theirs",
+        "select_src_port=@s",
+        "output_port=@o",
+        "--",
+        "add",
+        "Bridge",
+        "br-int",
+        "mirrors",
+        "@m",
+    ]);
+    let theirs = ovs.vsctl(&["--columns=_uuid,name,select_src_port,output_port", "list", "Mirror", "theirs"]);
+    let mirrors_before = ovs.names("Mirror");
+    let xml = std::env::temp_dir().join(format!("vmsniff-fleet-{}-ovs.xml", std::process::id()));
+    write_domain(&xml, OVS_DOMAIN);
+    let uri = format!("test://{}", xml.display());
+    let address = ovs.address();
+    let daemon =
+        Daemon::start_with(&ns, &node_config(&etcd, "o", ""), &["--connect", &uri, "--ovsdb", &address]);
+    wait_until("o registered", || nodes_in(&ctl, ep, "/vmsniff").contains("\"o\""));
+
+    let key = vmsniff::ok(
+        &ctl,
+        &fleet_args(ep, &["mirror", "web", "c-ovs", "--to", "10.231.0.2", "--mode", "ovs"]),
+    );
+    // OVS mode has no controls, in the fleet as for attach: refused, nothing written.
+    // (The node writes its reports meanwhile: etcd's revision moves; the mirrors do not.)
+    let records = || {
+        let status = status(&ctl, ep);
+        let mirrors = status["mirrors"].as_array().cloned().unwrap_or_default();
+        mirrors.iter().map(|m| (m["name"].clone(), m["args"].clone(), m["key"].clone())).collect::<Vec<_>>()
+    };
+    let declared = records();
+    for args in [
+        &["mirror", "x", "c-ovs", "--to", "10.231.0.2", "--mode", "ovs", "--filter", "tcp"][..],
+        &["update", "web", "--snaplen", "64"][..],
+    ] {
+        let err = vmsniff::fails(&ctl, &fleet_args(ep, args));
+        assert!(err.contains("is eBPF mode's") && err.contains("--mode ovs"), "{args:?}: {err}");
+    }
+    assert_eq!(records(), declared, "a refused OVS declaration changed the fleet");
+    let m = wait_mirror(&ctl, ep, "web", "active on o", |m| active_on(m, "o"));
+    assert_eq!(m["key"].to_string(), key.trim());
+    let id = m["session"].as_u64().expect("a session id");
+    let row = format!("vmsniff-{id}");
+    assert_eq!(ovs.names("Mirror"), ["theirs", row.as_str()], "{}", daemon.log());
+    assert_eq!(ovs.vsctl(&["get", "Mirror", &row, "external_ids:vmsniff-daemon-session"]), "\"fleet/web\"");
+    let tap = ovs.vsctl(&["get", "Port", "tapfo0", "_uuid"]);
+    assert_eq!(ovs.vsctl(&["get", "Mirror", &row, "select_src_port"]), format!("[{tap}]"));
+
+    // The VM leaves (os-vif unplugs its port, libvirt's domain goes): the row goes.
+    ovs.vsctl(&["del-port", "br-int", "tapfo0"]);
+    vm.unplug(&ns);
+    write_domain(&xml, "");
+    wait_until("the Mirror row goes with the VM", || ovs.names("Mirror") == mirrors_before);
+    wait_mirror(&ctl, ep, "web", "waiting for its VM", |m| m["state"] == "waiting-for-vm");
+    // It comes back: a row again; then the fleet mirror is removed: the row goes.
+    write_domain(&xml, OVS_DOMAIN);
+    vm.recreate(&ns);
+    ovs.vsctl(&["add-port", "br-int", "tapfo0"]);
+    let m = wait_mirror(&ctl, ep, "web", "active on o again", |m| active_on(m, "o"));
+    let row = format!("vmsniff-{}", m["session"]);
+    wait_until("a Mirror row again", || ovs.names("Mirror").contains(&row));
+    vmsniff::ok(&ctl, &fleet_args(ep, &["rm", "web"]));
+    wait_until("the Mirror row goes with the fleet mirror", || ovs.names("Mirror") == mirrors_before);
+    assert_eq!(
+        ovs.vsctl(&["--columns=_uuid,name,select_src_port,output_port", "list", "Mirror", "theirs"]),
+        theirs,
+        "the other mirror changed"
+    );
+    let _ = std::fs::remove_file(&xml);
+}
+
+/// The nodes registered in the fleet under `prefix` (`fleet nodes --json`).
+fn nodes_in(ctl: &Netns, ep: &str, prefix: &str) -> String {
+    vmsniff::ok(ctl, &fleet_args(ep, &["--prefix", prefix, "nodes", "--json"]))
+}
+
+#[test]
+fn reload_reconnects_to_a_changed_fleet_and_refuses_bad_fleet_settings_keeping_the_old() {
+    if !privileged_on_host(
+        "reload_reconnects_to_a_changed_fleet_and_refuses_bad_fleet_settings_keeping_the_old",
+        HOST_ONLY,
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let mut a = Node::new("a", &etcd, true);
+    let reload = |a: &Node| vmsniff::run(&a.hv.ns, &["reload", "--run-dir", &a.daemon.run_dir()]);
+    // A mirror of a's VM, declared in another fleet (prefix) than the one a's daemon follows.
+    vmsniff::ok(
+        &ctl,
+        &fleet_args(ep, &["--prefix", "/other", "mirror", "web", "instance-00000042", "--to-dev", "mir0"]),
+    );
+    wait_until("a registered under /vmsniff", || nodes_in(&ctl, ep, "/vmsniff").contains("\"a\""));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(a.sessions().is_empty(), "a runs a mirror of a fleet it does not follow");
+
+    // The new prefix and node name, with no restart: the node moves to the other fleet.
+    let pid = a.daemon.pid();
+    a.daemon.write_config(&node_config(&etcd, "a2", "prefix = \"/other\"\n"));
+    let out = reload(&a);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    let m = wait_mirror_in(&ctl, ep, "/other", "web", "active on a2", |m| active_on(m, "a2"));
+    assert_eq!(m["placed-on"], "a2");
+    wait_until("a's old registration goes", || !nodes_in(&ctl, ep, "/vmsniff").contains("\"a\""));
+    assert_eq!(a.daemon.pid(), pid, "the daemon restarted");
+    assert!(a.daemon.log().contains("[fleet] changed: reconnecting"), "{}", a.daemon.log());
+    assert_eq!(a.copies(5), 5, "copies after the reload");
+    let id = a.sessions()[0]["session"].clone();
+
+    // Settings the etcd client cannot use: refused, with the previous fleet kept running.
+    for (extra, expected) in [
+        ("prefix = \"/other\"\ncacert = \"/nonexistent/ca.pem\"\n", "cannot read the CA certificate"),
+        ("prefix = \"other/\"\n", "key prefix"),
+        ("prefix = \"/other\"\nuser = \"root\"\n", "has no password"),
+        ("prefix = \"/other\"\ndial-timeout-seconds = 0\n", "dial-timeout-seconds must be 1 to 300"),
+    ] {
+        a.daemon.write_config(&node_config(&etcd, "a2", extra));
+        let out = reload(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("refused the new config") && err.contains(expected),
+            "{extra}: expected {expected:?} in:\n{err}"
+        );
+    }
+    assert!(a.daemon.log().contains("reload refused, the previous config stays in force"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(nodes_in(&ctl, ep, "/other").contains("\"a2\""), "a2 left its fleet");
+    wait_mirror_in(&ctl, ep, "/other", "web", "still active on a2", |m| active_on(m, "a2"));
+    let sessions = a.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:#?}");
+    assert_eq!(sessions[0]["session"], id, "a refused reload touched the mirror");
+    assert_eq!(a.copies(3), 3, "copies after the refused reloads");
+
+    // Back to the first fleet, which declares nothing for a's VM: the mirror goes.
+    a.daemon.write_config(&node_config(&etcd, "a", ""));
+    let out = reload(&a);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    wait_until("a detaches the other fleet's mirror", || a.sessions().is_empty());
+    wait_until("a registered under /vmsniff again", || nodes_in(&ctl, ep, "/vmsniff").contains("\"a\""));
+    wait_until("a2's registration goes", || !nodes_in(&ctl, ep, "/other").contains("\"a2\""));
+}
+
+#[test]
 fn collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses() {
     if !privileged_on_host(
         "collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses",
@@ -371,14 +664,25 @@ fn collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses() {
     send(&a, 0..5);
     send(&b, 0..4);
     send(&a, 0..3);
+    // Declared while collect runs: named as well (collect follows the fleet, not one read).
+    let db: u32 = vmsniff::ok(&col, &fleet_args(&ep, &["mirror", "db", "c-db", "--to", "10.241.0.2"]))
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for seq in 0..3 {
+        let frame = frames::frame(frames::VM_MAC, frames::PEER_MAC, seq, 80);
+        b.send(to, &gre(Some(db * 2), Some(seq), 0x6558, &frame));
+    }
     std::thread::sleep(Duration::from_millis(300));
     let stopped = collector.stop();
     let packets = read_pcapng_file(&file);
-    assert_eq!(packets.len(), 12, "{}", stopped.stderr);
-    assert!(
-        packets.iter().all(|p| p.interface == "web (c-private nic 0)"),
-        "one interface for the mirror: {:?}",
-        packets.iter().map(|p| &p.interface).collect::<Vec<_>>()
+    assert_eq!(packets.len(), 15, "{}", stopped.stderr);
+    let interfaces: Vec<&str> = packets.iter().map(|p| p.interface.as_str()).collect();
+    assert_eq!(
+        interfaces,
+        [["web (c-private nic 0)"; 12].as_slice(), &["db (c-db)"; 3]].concat(),
+        "one interface per mirror, the later one named too"
     );
     assert!(stopped.stderr.contains("web (c-private nic 0): moved 2 time(s)"), "{}", stopped.stderr);
     let (rows, _) = summary(&stopped.stderr);

@@ -3,11 +3,10 @@
 //! pcapng with one interface per sender and session, each packet's direction in its flags.
 use std::{net::SocketAddr, path::PathBuf, sync::Mutex};
 
-use std::collections::BTreeMap;
-
 use anyhow::Context as _;
 use clap::Args;
 
+use crate::fleet::{self, etcd::EtcdArgs};
 use crate::{
     collect::{
         names::{Names, NamesArg, parse_names_arg},
@@ -17,10 +16,6 @@ use crate::{
     },
     metrics,
     model::listen::parse_listen_addr,
-};
-use crate::{
-    fleet::{etcd::EtcdArgs, store::Store},
-    model::mirror::NicChoice,
 };
 
 #[derive(Args, Debug)]
@@ -60,9 +55,9 @@ pub struct CollectArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen_addr)]
     pub metrics: Option<SocketAddr>,
 
-    /// Name interfaces after the fleet's mirrors (read from etcd at start: `NAME (VM nic N)`),
-    /// one interface per mirror whichever node sends it, and count its moves between nodes
-    /// apart from lost copies. etcd is reached with the same options as `vmsniff fleet`.
+    /// Name interfaces after the fleet's mirrors (`NAME (VM nic N)`, followed in etcd as they
+    /// are declared), one interface per mirror whichever node sends it, and count its moves
+    /// between nodes apart from lost copies. etcd is reached with the same options as `vmsniff fleet`.
     #[arg(long)]
     pub fleet: bool,
 
@@ -89,31 +84,6 @@ fn parse_max_streams(text: &str) -> Result<usize, String> {
     }
 }
 
-/// The fleet's mirrors by key: "NAME (VM nic N)".
-async fn fleet_names(etcd: &EtcdArgs) -> anyhow::Result<BTreeMap<u32, String>> {
-    let settings = etcd.settings();
-    let mut store = Store::new(settings.connect().await?, &settings.prefix);
-    let (mirrors, _) = store.mirrors().await.context("reading the fleet's mirrors for --fleet")?;
-    let mut names = BTreeMap::new();
-    for (name, record) in mirrors {
-        let Ok(record) = record else { continue };
-        let what = match record.spec() {
-            Ok(spec) => {
-                let vm = spec.nic.selector().unwrap_or("?").to_owned();
-                match spec.nic.choice() {
-                    NicChoice::Index(i) => format!("{vm} nic {i}"),
-                    NicChoice::Mac(mac) => format!("{vm} mac {mac}"),
-                    NicChoice::Unspecified => vm,
-                }
-            }
-            Err(_) => "?".to_owned(),
-        };
-        names.insert(record.key, format!("{name} ({what})"));
-    }
-    log::info!("--fleet: {} fleet mirror(s) named by key", names.len());
-    Ok(names)
-}
-
 pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let destination = if args.write.as_os_str() == "-" {
         if args.rotate.is_some() {
@@ -125,7 +95,10 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     };
     let mut names = Names::load(&args.names)?;
     if args.fleet {
-        names.set_fleet(fleet_names(&args.etcd).await?);
+        let fleet = fleet::names::follow(args.etcd.settings())
+            .await
+            .context("reading the fleet's mirrors for --fleet")?;
+        names.set_fleet(fleet);
     }
     let stats = SharedStats::new(Mutex::new(Stats::with_limit(args.max_streams)));
     // Before the socket and the capture file: a bad address leaves no file behind.

@@ -8,6 +8,7 @@ use std::{
 
 use serde::Deserialize;
 use thiserror::Error;
+use tokio::sync::watch;
 
 use super::stats::{InterfaceKey, StreamKey};
 
@@ -97,9 +98,9 @@ pub struct Names {
     by_key: BTreeMap<(Option<IpAddr>, bool, u32), Named>,
     /// OVS mode's sessions, whose copies are plain GRE with key K: by (sender or any, key).
     plain: BTreeMap<(Option<IpAddr>, u32), Named>,
-    /// `--fleet`: fleet mirrors by key K, "NAME (VM nic N)". Their copies share one interface
-    /// whichever node sends them.
-    fleet: BTreeMap<u32, String>,
+    /// `--fleet`: fleet mirrors by key K, "NAME (VM nic N)", as the fleet declares them now
+    /// (a watch of etcd updates it). Their copies share one interface whichever node sends them.
+    fleet: Option<watch::Receiver<BTreeMap<u32, String>>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,27 +126,30 @@ impl Names {
         Ok(names)
     }
 
-    /// Names the fleet's mirrors, by their keys.
-    pub fn set_fleet(&mut self, fleet: BTreeMap<u32, String>) {
-        self.fleet = fleet.into_iter().map(|(key, name)| (key, printable(&name))).collect();
+    /// Names the fleet's mirrors, by their keys, as `fleet` says at each copy.
+    pub fn set_fleet(&mut self, fleet: watch::Receiver<BTreeMap<u32, String>>) {
+        self.fleet = Some(fleet);
     }
 
     /// Whether plain GRE of `key` is a mirror someone named (an OVS-mode session in `--names`,
     /// a fleet mirror's key), so that it is recorded without `--plain-gre`.
     pub fn knows_plain(&self, key: &InterfaceKey) -> bool {
-        key.plain && (self.get(key).is_some() || self.fleet.contains_key(&key.session))
+        key.plain
+            && (self.get(key).is_some()
+                || self.fleet.as_ref().is_some_and(|f| f.borrow().contains_key(&key.session)))
     }
 
     /// The interface of a fleet mirror's stream: one per mirror, whichever node sends it (its
     /// sender is left unspecified).
     pub fn fleet_interface(&self, key: &StreamKey) -> Option<InterfaceKey> {
         let interface = key.interface();
-        (!interface.plain && self.fleet.contains_key(&interface.session))
+        let declared = self.fleet.as_ref().is_some_and(|f| f.borrow().contains_key(&interface.session));
+        (!interface.plain && declared)
             .then_some(InterfaceKey { sender: IpAddr::V4(Ipv4Addr::UNSPECIFIED), ..interface })
     }
 
-    fn fleet_name(&self, key: &InterfaceKey) -> Option<&String> {
-        self.fleet.get(&key.session).filter(|_| !key.plain)
+    fn fleet_name(&self, key: &InterfaceKey) -> Option<String> {
+        self.fleet.as_ref()?.borrow().get(&key.session).filter(|_| !key.plain).map(|name| printable(name))
     }
 
     fn add(&mut self, sender: Option<IpAddr>, text: &str) -> Result<(), AddError> {
@@ -190,7 +194,7 @@ impl Names {
     /// a plain GRE mirror's is `SENDER gre key K`.
     pub fn interface_name(&self, key: &InterfaceKey) -> String {
         if let Some(name) = self.fleet_name(key) {
-            return name.clone();
+            return name;
         }
         match (self.get(key), key.plain) {
             (Some(named), _) => format!("{} session {}", named.label, named.session),
@@ -297,7 +301,8 @@ mod tests {
     #[test]
     fn a_fleet_mirror_has_one_interface_named_after_it_whoever_sends() {
         let mut names = Names::default();
-        names.set_fleet(BTreeMap::from([(7, "web (c-private nic 0)".to_owned())]));
+        let (fleet, receiver) = watch::channel(BTreeMap::from([(7, "web (c-private nic 0)".to_owned())]));
+        names.set_fleet(receiver);
         let stream = |sender: [u8; 4]| StreamKey {
             sender: Ipv4Addr::from(sender).into(),
             kind: super::super::decode::Kind::VmsniffGre,
@@ -310,6 +315,12 @@ mod tests {
         assert_eq!(names.interface_name(&key([192, 0, 2, 1], false, 7)), "web (c-private nic 0)");
         assert!(names.interface_description(&a).contains("fleet mirror web"));
         assert_eq!(names.fleet_interface(&StreamKey { session: 8, ..stream([192, 0, 2, 1]) }), None);
+        // Declared later: named from then on.
+        fleet.send_modify(|f| {
+            f.insert(8, "db (c-db)".to_owned());
+        });
+        let b = names.fleet_interface(&StreamKey { session: 8, ..stream([192, 0, 2, 1]) }).unwrap();
+        assert_eq!(names.interface_name(&b), "db (c-db)");
     }
 
     #[test]

@@ -531,7 +531,11 @@ mod tests {
         let tenant = ipv4(47, &gre(false, Some(5), None, crate::model::wire::PROTO_TEB, &frame));
         let ovs_session = ipv4(47, &gre(false, Some(4), None, crate::model::wire::PROTO_TEB, &frame));
         let mut names = Names::default();
-        names.set_fleet(std::collections::BTreeMap::from([(4, "web (c-private nic 0)".to_owned())]));
+        let (_fleet, receiver) = tokio::sync::watch::channel(std::collections::BTreeMap::from([(
+            4,
+            "web (c-private nic 0)".to_owned(),
+        )]));
+        names.set_fleet(receiver);
         for (plain_gre, written) in [(false, 1), (true, 2)] {
             let options = Options {
                 from: Vec::new(),

@@ -36,7 +36,7 @@ use self::{
 };
 use crate::{
     fleet::{
-        node::{Agent, Declared, Origin, Report, SESSION_PREFIX},
+        node::{Agent, Declared, NodeSettings, Origin, Report, SESSION_PREFIX},
         store::{Count, FleetState, ReportCounters},
     },
     model::{
@@ -88,8 +88,7 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     let fleet = config.fleet.clone().map(|settings| Agent::start(settings, &options.run_dir));
     let mut declared_changes = fleet.as_ref().map(|agent| agent.declared.clone());
     // Counters go to etcd this often (state changes at once, after each pass).
-    let mut report_tick =
-        tokio::time::interval(config.fleet.as_ref().map_or(Duration::from_secs(3600), |f| f.report_every));
+    let mut report_tick = report_interval(&config);
     let mut daemon = Daemon {
         records: previous.map(records_of).unwrap_or_default(),
         desired: BTreeMap::new(),
@@ -119,7 +118,11 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
         tokio::select! {
             _ = hangup.recv() => {
                 systemd::notify("RELOADING=1");
-                daemon.reload().await;
+                if daemon.reload().await {
+                    // A new `[fleet]` table: a new agent, whose changes and report pace to follow.
+                    declared_changes = daemon.fleet.as_ref().map(|agent| agent.declared.clone());
+                    report_tick = report_interval(&daemon.config);
+                }
                 systemd::notify("READY=1");
             }
             _ = stopped.changed() => break,
@@ -160,6 +163,11 @@ pub async fn run(sources: Sources, options: Options) -> anyhow::Result<()> {
     daemon.stop().await
 }
 
+/// Counters go to etcd this often (state changes at once, after each pass).
+fn report_interval(config: &DaemonConfig) -> tokio::time::Interval {
+    tokio::time::interval(config.fleet.as_ref().map_or(Duration::from_secs(3600), |f| f.report_every))
+}
+
 /// Returns when the fleet's declared set changes; never without a fleet (or once its agent is
 /// gone).
 async fn changed(declared: &mut Option<watch::Receiver<Option<std::sync::Arc<Declared>>>>) {
@@ -169,6 +177,15 @@ async fn changed(declared: &mut Option<watch::Receiver<Option<std::sync::Arc<Dec
     };
     if !alive {
         std::future::pending::<()>().await;
+    }
+}
+
+/// What a reload refuses in a `[fleet]` table beyond its syntax: settings the etcd client
+/// could never use (unreadable TLS files, a bad prefix, a user without a password).
+fn check_fleet(config: &DaemonConfig) -> anyhow::Result<()> {
+    match &config.fleet {
+        Some(fleet) => fleet.etcd.check().context("[fleet]"),
+        None => Ok(()),
     }
 }
 
@@ -373,8 +390,13 @@ impl Daemon {
         self.state.sessions.values().any(|s| s.state != SessionState::Active)
     }
 
-    async fn reload(&mut self) {
-        match config::load(&self.options.config) {
+    /// Returns whether the fleet's agent was replaced (a changed `[fleet]` table).
+    async fn reload(&mut self) -> bool {
+        let mut fleet_changed = false;
+        match config::load(&self.options.config)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| check_fleet(&c).map(|()| c))
+        {
             Ok(config) => {
                 if config.metrics != self.config.metrics {
                     log::warn!(
@@ -391,18 +413,42 @@ impl Daemon {
                     new.difference(&old).count(),
                     old.difference(&new).count()
                 );
+                if config.fleet != self.config.fleet {
+                    self.replace_fleet(config.fleet.clone()).await;
+                    fleet_changed = true;
+                }
                 self.config = config;
                 self.state.reload_error = None;
                 // A new config deserves a fresh try.
                 self.backoff.clear();
             }
             Err(e) => {
-                log::error!("daemon: reload refused, the previous config stays in force: {e}");
-                self.state.reload_error = Some(e.to_string());
+                log::error!("daemon: reload refused, the previous config stays in force: {e:#}");
+                self.state.reload_error = Some(format!("{e:#}"));
             }
         }
         self.state.reloads += 1;
         self.reconcile().await;
+        fleet_changed
+    }
+
+    /// Stops the agent of the old `[fleet]` table (its lease and reports go) and starts one
+    /// for the new. The new agent starts from the run directory's cache, so the fleet's
+    /// mirrors running here stay until the new etcd has answered.
+    async fn replace_fleet(&mut self, settings: Option<NodeSettings>) {
+        if let Some(old) = self.fleet.take() {
+            old.stop().await;
+        }
+        match &settings {
+            Some(s) => log::info!(
+                "daemon: [fleet] changed: reconnecting to etcd at {} as node {} (prefix {})",
+                s.etcd.endpoints.join(","),
+                s.node,
+                s.etcd.prefix
+            ),
+            None => log::info!("daemon: [fleet] removed: this node leaves the fleet"),
+        }
+        self.fleet = settings.map(|s| Agent::start(s, &self.options.run_dir));
     }
 
     /// Brings the kernel and OVSDB in line with the config; records every session's state.

@@ -136,6 +136,37 @@ impl EtcdSettings {
     /// The fleet's etcd client, once etcd has answered a read under the prefix: a client that
     /// cannot read (down, wrong TLS, wrong password) fails here, before anything is written.
     pub async fn connect(&self) -> Result<Client, EtcdError> {
+        let (endpoints, options) = self.prepared()?;
+        let shown = self.endpoints.join(",");
+        let probe = async {
+            let mut client = Client::connect(&endpoints, Some(options)).await?;
+            client
+                .get(
+                    self.prefix.as_bytes(),
+                    Some(GetOptions::new().with_prefix().with_keys_only().with_limit(1)),
+                )
+                .await?;
+            Ok::<Client, etcd_client::Error>(client)
+        };
+        match tokio::time::timeout(self.timeout + Duration::from_secs(1), probe).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(self.classify(&shown, &e)),
+            Err(_) => Err(EtcdError::Unreachable {
+                endpoints: shown,
+                reason: format!("no answer within {} s", self.timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// What can be wrong before etcd is asked (the prefix, the endpoints, unreadable TLS
+    /// files, a user without a password): a daemon's reload refuses such settings and keeps
+    /// the connection it has.
+    pub fn check(&self) -> Result<(), EtcdError> {
+        self.prepared().map(drop)
+    }
+
+    /// The endpoints (with https:// where TLS is configured) and the connect options.
+    fn prepared(&self) -> Result<(Vec<String>, ConnectOptions), EtcdError> {
         if !self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.len() > 128 {
             return Err(EtcdError::Settings(format!(
                 "key prefix {:?}: give a path such as /vmsniff (a leading '/', none at the end, at most 128 bytes)",
@@ -172,25 +203,7 @@ impl EtcdSettings {
             };
             options = options.with_user(name, password);
         }
-        let shown = self.endpoints.join(",");
-        let probe = async {
-            let mut client = Client::connect(&endpoints, Some(options)).await?;
-            client
-                .get(
-                    self.prefix.as_bytes(),
-                    Some(GetOptions::new().with_prefix().with_keys_only().with_limit(1)),
-                )
-                .await?;
-            Ok::<Client, etcd_client::Error>(client)
-        };
-        match tokio::time::timeout(self.timeout + Duration::from_secs(1), probe).await {
-            Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(self.classify(&shown, &e)),
-            Err(_) => Err(EtcdError::Unreachable {
-                endpoints: shown,
-                reason: format!("no answer within {} s", self.timeout.as_secs()),
-            }),
-        }
+        Ok((endpoints, options))
     }
 
     fn tls_configured(&self) -> bool {

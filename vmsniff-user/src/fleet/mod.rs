@@ -4,6 +4,7 @@
 //!
 //! [`MirrorSpec`]: crate::service::MirrorSpec
 pub mod etcd;
+pub mod names;
 pub mod node;
 pub mod store;
 pub mod view;
