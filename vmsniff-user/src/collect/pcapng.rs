@@ -22,7 +22,6 @@ use pcap_file::{
     pcapng::{
         PcapNgWriter,
         blocks::{
-            enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption},
             interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
             section_header::{SectionHeaderBlock, SectionHeaderOption},
         },
@@ -31,7 +30,7 @@ use pcap_file::{
 use thiserror::Error;
 
 /// Buffered blocks are written out at this size, or after [`FLUSH_INTERVAL`].
-const FLUSH_BYTES: usize = 256 * 1024;
+const FLUSH_BYTES: usize = 1 << 20;
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest frame an interface announces: a jumbo frame with room to spare.
 const SNAPLEN: u32 = 65535;
@@ -108,19 +107,35 @@ impl Encoder {
         self.writer.write_pcapng_block(block).map_err(PcapngError::Encode)?;
         Ok(std::mem::take(self.writer.get_mut()))
     }
+}
 
-    /// An enhanced packet block on interface `id`.
-    pub fn packet(&mut self, id: u32, packet: &Packet) -> Result<Vec<u8>, PcapngError> {
-        let block = EnhancedPacketBlock {
-            interface_id: id,
-            timestamp: packet.timestamp,
-            original_len: packet.original_len.max(packet.frame.len()) as u32,
-            data: Cow::Borrowed(packet.frame),
-            options: vec![EnhancedPacketOption::Flags(packet.flags)],
-        };
-        self.writer.write_pcapng_block(block).map_err(PcapngError::Encode)?;
-        Ok(std::mem::take(self.writer.get_mut()))
-    }
+/// Appends the enhanced packet block of `packet` on interface `id` to `out`: encoded by hand,
+/// as pcap-file encodes it (a test holds them equal), because this runs once per copy and
+/// pcap-file allocates an option list and a block buffer each time.
+fn encode_packet(out: &mut Vec<u8>, id: u32, packet: &Packet) {
+    const EPB: u32 = 6;
+    const OPT_FLAGS: u16 = 2;
+    let data = packet.frame;
+    let padded = data.len().next_multiple_of(4);
+    // Header 28, data, the flags option (4 + 4), end of options (4), trailing length (4).
+    let total = 28 + padded + 8 + 4 + 4;
+    let nanos = packet.timestamp.as_nanos() as u64;
+    out.reserve(total);
+    let word = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&v.to_ne_bytes());
+    word(out, EPB);
+    word(out, total as u32);
+    word(out, id);
+    word(out, (nanos >> 32) as u32);
+    word(out, nanos as u32);
+    word(out, data.len() as u32);
+    word(out, packet.original_len.max(data.len()) as u32);
+    out.extend_from_slice(data);
+    out.resize(out.len() + padded - data.len(), 0);
+    out.extend_from_slice(&OPT_FLAGS.to_ne_bytes());
+    out.extend_from_slice(&4u16.to_ne_bytes());
+    word(out, packet.flags);
+    word(out, 0);
+    word(out, total as u32);
 }
 
 /// Where the capture goes: `-w FILE` (rotated on request) or `-w -`.
@@ -201,8 +216,17 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
                 id
             }
         };
-        let block = self.encoder.packet(id, packet)?;
-        self.block(block)
+        match self.destination {
+            Destination::Stdout => {
+                let mut block = Vec::new();
+                encode_packet(&mut block, id, packet);
+                self.write_whole(&block)
+            }
+            Destination::File(_) => {
+                encode_packet(&mut self.pending, id, packet);
+                self.flush_if_due()
+            }
+        }
     }
 
     /// Writes out buffered blocks (files); called on a timer and before exit.
@@ -211,8 +235,12 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
-        self.write_whole(&pending)
+        // The buffer is kept (cleared) so that its capacity serves the next blocks.
+        let mut pending = std::mem::take(&mut self.pending);
+        let result = self.write_whole(&pending);
+        pending.clear();
+        self.pending = pending;
+        result
     }
 
     /// Time-based rotation, also without traffic; called on a timer.
@@ -241,12 +269,16 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
             Destination::Stdout => self.write_whole(&block),
             Destination::File(_) => {
                 self.pending.extend_from_slice(&block);
-                if self.pending.len() >= FLUSH_BYTES || self.last_flush.elapsed() >= FLUSH_INTERVAL {
-                    self.flush()?;
-                }
-                Ok(())
+                self.flush_if_due()
             }
         }
+    }
+
+    fn flush_if_due(&mut self) -> Result<(), PcapngError> {
+        if self.pending.len() >= FLUSH_BYTES || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Writes whole blocks; on failure cuts a file back to its last whole block.
@@ -333,7 +365,10 @@ pub fn parse_rotate(text: &str) -> Result<Rotate, String> {
 
 #[cfg(test)]
 mod tests {
-    use pcap_file::pcapng::{Block, PcapNgReader};
+    use pcap_file::pcapng::{
+        Block, PcapNgReader,
+        blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption},
+    };
 
     use super::*;
 
@@ -381,6 +416,29 @@ mod tests {
             }
         }
         (names, packets)
+    }
+
+    #[test]
+    fn packets_are_encoded_as_pcap_file_encodes_them() {
+        let (mut writer, _) = Encoder::new().unwrap();
+        // pcap-file refuses a packet of an interface not announced.
+        writer.interface(&iface("x")).unwrap();
+        for (len, original, flags) in [(60, 60, 1), (61, 1500, 2), (1, 1, 0), (64, 64, 2), (0, 0, 1)] {
+            let frame: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let packet = Packet { original_len: original, ..packet(&frame, flags) };
+            let block = EnhancedPacketBlock {
+                interface_id: 0,
+                timestamp: packet.timestamp,
+                original_len: original as u32,
+                data: Cow::Borrowed(&frame),
+                options: vec![EnhancedPacketOption::Flags(flags)],
+            };
+            writer.writer.write_pcapng_block(block).unwrap();
+            let mut ours = vec![9];
+            encode_packet(&mut ours, 0, &packet);
+            assert_eq!(ours[1..], writer.writer.get_mut()[..], "frame of {len}");
+            writer.writer.get_mut().clear();
+        }
     }
 
     #[test]

@@ -2,16 +2,14 @@
 //! enough, no tunnel device) and, with `--vxlan-port`, a UDP socket for VXLAN (no privilege at
 //! all above port 1023); decode, count, write; signals for the summary and the end.
 use std::{
-    io::{self, IoSliceMut, IsTerminal as _, Write as _},
+    io::{self, IsTerminal as _, Write as _},
     net::{IpAddr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, SystemTime},
 };
 
 use futures::future::select_all;
-use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, SockaddrIn6, SockaddrStorage, bind, recvmsg, setsockopt, sockopt,
-};
+use nix::sys::socket::{SockaddrIn6, bind, setsockopt, sockopt};
 use thiserror::Error;
 use tokio::{
     io::unix::AsyncFd,
@@ -131,7 +129,6 @@ struct Socket {
 /// One received packet.
 struct Received {
     timestamp: Duration,
-    len: usize,
     drops: Option<u32>,
     /// The sender's address, for sockets whose packets do not start with an IPv4 header.
     from: Option<IpAddr>,
@@ -197,25 +194,120 @@ impl Socket {
             .map_err(|e| CollectError::Socket { op: "cannot poll the socket", source: e.into_parts().1 })?;
         Ok(Socket { fd, listener })
     }
+}
 
-    fn try_recv(fd: &OwnedFd, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<Received> {
-        let mut iov = [IoSliceMut::new(buf)];
-        let message = recvmsg::<SockaddrStorage>(fd.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
-        let from = message.address.and_then(|a| sender_of(&a));
-        let mut received = Received { timestamp: Duration::ZERO, len: message.bytes, drops: None, from };
-        for c in message.cmsgs()? {
-            match c {
-                ControlMessageOwned::ScmTimestampns(ts) => {
-                    received.timestamp = Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32)
+/// Room for one message's control data: a nanosecond timestamp and the drop count.
+const CMSG_ROOM: usize = 64;
+/// The largest datagram: an IPv4 or IPv6 packet of any size.
+const DATAGRAM: usize = 65536;
+/// Datagrams one recvmmsg(2) call takes at most: one syscall for many copies under a flood.
+const MMSG: usize = 64;
+
+/// Buffers for one recvmmsg(2) call: a datagram, its control data and its sender per slot.
+struct Batch {
+    data: Vec<u8>,
+    control: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+    /// Slots filled by the last call.
+    filled: usize,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            data: vec![0; MMSG * DATAGRAM],
+            control: vec![0; MMSG * CMSG_ROOM],
+            // SAFETY: all-zero bytes are a valid sockaddr_storage (family AF_UNSPEC).
+            names: (0..MMSG).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            iovecs: (0..MMSG).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect(),
+            // SAFETY: all-zero bytes are a valid mmsghdr (null pointers, zero lengths); every
+            // pointer is set before the kernel reads them.
+            headers: (0..MMSG).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            filled: 0,
+        }
+    }
+
+    /// Receives up to [`MMSG`] datagrams in one call without waiting.
+    fn receive(&mut self, fd: &OwnedFd) -> io::Result<usize> {
+        for i in 0..MMSG {
+            self.iovecs[i] =
+                libc::iovec { iov_base: self.data[i * DATAGRAM..].as_mut_ptr().cast(), iov_len: DATAGRAM };
+            let header = &mut self.headers[i].msg_hdr;
+            header.msg_name = (&raw mut self.names[i]).cast();
+            header.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_iov = &raw mut self.iovecs[i];
+            header.msg_iovlen = 1;
+            header.msg_control = self.control[i * CMSG_ROOM..].as_mut_ptr().cast();
+            header.msg_controllen = CMSG_ROOM;
+            header.msg_flags = 0;
+            self.headers[i].msg_len = 0;
+        }
+        // SAFETY: every header points into this batch's buffers, which outlive the call, with
+        // their true lengths.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                MMSG as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            self.filled = 0;
+            return Err(io::Error::last_os_error());
+        }
+        self.filled = n as usize;
+        Ok(self.filled)
+    }
+
+    /// Slot `i` of the last call: its bytes and what came with them.
+    fn get(&self, i: usize) -> (&[u8], Received) {
+        let header = &self.headers[i];
+        let len = (header.msg_len as usize).min(DATAGRAM);
+        let mut received = Received { timestamp: Duration::ZERO, drops: None, from: None };
+        let name = &self.names[i];
+        received.from = match i32::from(name.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in.
+                let v4 = unsafe { &*(&raw const *name).cast::<libc::sockaddr_in>() };
+                Some(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the storage holds a sockaddr_in6.
+                let v6 = unsafe { &*(&raw const *name).cast::<libc::sockaddr_in6>() };
+                let ip = Ipv6Addr::from(v6.sin6_addr.s6_addr);
+                Some(ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4))
+            }
+            _ => None,
+        };
+        let msg = &header.msg_hdr;
+        // SAFETY: the kernel filled msg_control up to msg_controllen; the CMSG_* walk stays
+        // inside it and each payload is read unaligned at its announced type.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(msg);
+            while !c.is_null() {
+                let data = libc::CMSG_DATA(c);
+                match ((*c).cmsg_level, (*c).cmsg_type) {
+                    (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                        let ts = std::ptr::read_unaligned(data.cast::<libc::timespec>());
+                        received.timestamp = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+                    }
+                    (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
+                        received.drops = Some(std::ptr::read_unaligned(data.cast::<u32>()));
+                    }
+                    _ => {}
                 }
-                ControlMessageOwned::RxqOvfl(drops) => received.drops = Some(drops),
-                _ => {}
+                c = libc::CMSG_NXTHDR(msg, c);
             }
         }
         if received.timestamp.is_zero() {
             received.timestamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         }
-        Ok(received)
+        let start = i * DATAGRAM;
+        (&self.data[start..start + len], received)
     }
 }
 
@@ -246,15 +338,6 @@ fn udp_socket(port: u16) -> Result<OwnedFd, CollectError> {
     }
 }
 
-/// The sender's address; an IPv4 sender on the dual-stack socket arrives IPv4-mapped.
-fn sender_of(address: &SockaddrStorage) -> Option<IpAddr> {
-    if let Some(v4) = address.as_sockaddr_in() {
-        return Some(IpAddr::V4(v4.ip()));
-    }
-    let v6 = address.as_sockaddr_in6()?.ip();
-    Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
-}
-
 /// Why the loop ended.
 pub enum Ended {
     Signal(&'static str),
@@ -276,7 +359,7 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
         signal(SignalKind::user_defined1())?,
     );
     let sockets = Socket::open_all(options)?;
-    let (mut buf, mut cmsg) = (vec![0; 65536], nix::cmsg_space!(nix::sys::time::TimeSpec, u32));
+    let mut batch = Batch::new();
     let mut capture: Capture<InterfaceKey> = Capture::open(options.destination.clone(), options.rotate)?;
     let what = match (sockets.iter().any(|s| s.listener != Listener::Vxlan), options.vxlan_port) {
         (true, Some(port)) => format!("GRE and ERSPAN copies, and VXLAN on UDP port {port},"),
@@ -312,11 +395,10 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
             }
             (ready, index, _) = select_all(sockets.iter().map(|s| Box::pin(s.fd.readable()))) => {
                 let mut guard = ready.map_err(|source| CollectError::Socket { op: "waiting for packets", source })?;
-                let mut buffers = (&mut buf[..], &mut cmsg);
                 let listener = sockets[index].listener;
                 // Held for one batch, no await inside: a scrape waits at most that long.
                 let counted =
-                    receive_batch(&mut buffers, listener, &mut guard, options, &mut lock(stats), &mut capture);
+                    receive_batch(&mut batch, listener, &mut guard, options, &mut lock(stats), &mut capture);
                 match counted {
                     Ok(false) => {}
                     Ok(true) => break Ended::Count,
@@ -348,30 +430,33 @@ fn pipe_or_error(error: PcapngError) -> Result<Ended, CollectError> {
     }
 }
 
-/// Reads up to [`BATCH`] packets; `Ok(true)` once `--count` copies are written.
+/// Reads up to [`BATCH`] packets, [`MMSG`] per syscall; `Ok(true)` once `--count` copies are
+/// written.
 fn receive_batch(
-    (buf, cmsg): &mut (&mut [u8], &mut Vec<u8>),
+    batch: &mut Batch,
     listener: Listener,
     guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
     options: &Options,
     stats: &mut Stats,
     capture: &mut Capture<InterfaceKey>,
 ) -> Result<bool, CollectError> {
-    for _ in 0..BATCH {
-        let received = match guard.try_io(|fd| Socket::try_recv(fd.get_ref(), buf, cmsg)) {
-            Ok(Ok(received)) => received,
+    for _ in 0..BATCH / MMSG {
+        match guard.try_io(|fd| batch.receive(fd.get_ref())) {
+            Ok(Ok(_)) => {}
             Ok(Err(source)) => {
                 return Err(CollectError::Socket { op: "receiving from a collector socket", source });
             }
             // Would block: everything is read; the guard is cleared for the next wakeup.
             Err(_would_block) => return Ok(false),
-        };
-        if let Some(drops) = received.drops {
-            stats.socket_drops.insert(listener as usize, u64::from(drops));
         }
-        let packet = &buf[..received.len];
-        if handle(listener, packet, received.from, received.timestamp, options, stats, capture)? {
-            return Ok(true);
+        for i in 0..batch.filled {
+            let (packet, received) = batch.get(i);
+            if let Some(drops) = received.drops {
+                stats.socket_drops.insert(listener as usize, u64::from(drops));
+            }
+            if handle(listener, packet, received.from, received.timestamp, options, stats, capture)? {
+                return Ok(true);
+            }
         }
     }
     Ok(false)
