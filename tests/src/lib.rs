@@ -18,6 +18,7 @@ pub mod netns;
 pub mod ovs;
 pub mod ovsdb;
 pub mod packet;
+pub mod prometheus;
 pub mod tap;
 pub mod topology;
 pub mod vmsniff;

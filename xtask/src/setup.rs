@@ -33,6 +33,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libprotobuf-dev", "protoc's well-known types (descriptor.proto), which etcd's API imports"),
     ("etcd-server", "the fleet's tests run a real etcd on 127.0.0.1 (not started as a service)"),
     ("openssl", "the fleet's TLS test makes a CA and certificates for its etcd"),
+    (
+        "prometheus",
+        "the PromQL test runs a real Prometheus on 127.0.0.1 (not started as a service) to check the README's and the dashboard's queries",
+    ),
 ];
 
 /// rustup components of the toolchain that runs xtask, and why each is needed.
