@@ -15,6 +15,7 @@ pub mod foreign;
 pub mod frames;
 pub mod metrics;
 pub mod netns;
+pub mod nspawn;
 pub mod ovs;
 pub mod ovsdb;
 pub mod packet;

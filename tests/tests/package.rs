@@ -1,20 +1,24 @@
 //! The Debian package of `cargo xtask deb` on this machine: lintian finds nothing unexplained,
 //! `dpkg -i` puts every file in place and enables the service, an upgrade over itself under a
 //! running daemon keeps its mirror flowing and the restarted daemon adopts it (same session),
-//! and `dpkg --purge` leaves nothing behind, the conffile included.
+//! and `dpkg --purge` leaves nothing behind, the conffile included. Where this machine's PID 1
+//! is not systemd, a second test boots a real systemd in a throwaway container (systemd-nspawn
+//! over an overlay of /) to start, restart by upgrade and stop the packaged service there.
 // Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
 #![expect(clippy::unwrap_used, reason = "a failed step fails the test")]
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use vmsniff_tests::{
     daemon::{Daemon, session_state},
     frames::{self, is_marked},
+    nspawn::Container,
     packet::PacketSocket,
     privileged_on_host, skip,
     topology::{Hypervisor, MIRROR_DEV, TAP, assert_frames_eq},
@@ -37,6 +41,10 @@ const FILES: &[&str] = &[
 ];
 /// Where deb-systemd-helper enables the unit, with or without a running systemd.
 const ENABLED: &str = "/etc/systemd/system/multi-user.target.wants/vmsniff.service";
+
+/// The container's root is an overlay of the live /: an install on the host meanwhile would
+/// change it under the container's feet.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The package under test: `VMSNIFF_DEB` (the VM harness builds it), else the newest one
 /// `cargo xtask deb` left in this target directory's `debian/`.
@@ -105,6 +113,7 @@ fn the_package_installs_upgrades_under_a_running_daemon_and_purges_clean() {
     ) {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if installed() {
         skip("a vmsniff package is installed on this machine and this test would replace it: purge it first");
         return;
@@ -139,7 +148,8 @@ fn the_package_installs_upgrades_under_a_running_daemon_and_purges_clean() {
             "!!! skipped: the service's start and its restart after the upgrade by systemd: systemd is \
              not running here (PID 1 is {}); the maintainer scripts ran with systemd offline, which \
              must not fail the install, and enabled the unit. The daemon's restart is played below \
-             by a stop that keeps its mirrors and a start of the new binary",
+             by a stop that keeps its mirrors and a start of the new binary; the service itself runs \
+             under a real systemd in the_packaged_service_starts_restarts_on_upgrade_with_its_mirrors_and_stops_under_systemd",
             init.trim()
         );
     }
@@ -176,4 +186,87 @@ fn the_package_installs_upgrades_under_a_running_daemon_and_purges_clean() {
     }
     assert!(!Path::new("/etc/vmsniff").exists(), "/etc/vmsniff is left after the purge");
     assert!(!Path::new(ENABLED).is_symlink(), "{ENABLED} is left after the purge");
+}
+
+/// `vmsniff status --json` inside the container, once `until` holds (30 s at most).
+fn container_status(
+    c: &Container,
+    what: &str,
+    until: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (ok, out) = c.try_sh("/usr/sbin/vmsniff status --json");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+        if ok && until(&status) {
+            return status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: not within 30 s; last status:\n{out}\njournal:\n{}",
+            c.try_sh("journalctl -u vmsniff --no-pager").1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_packaged_service_starts_restarts_on_upgrade_with_its_mirrors_and_stops_under_systemd() {
+    if !privileged_on_host(
+        "the_packaged_service_starts_restarts_on_upgrade_with_its_mirrors_and_stops_under_systemd",
+        "systemd-nspawn boots this machine's root, which guests share read-only",
+    ) {
+        return;
+    }
+    if Path::new("/run/systemd/system").is_dir() {
+        skip("systemd runs this machine: the package test checks the service on the host itself");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut hv = Hypervisor::new();
+    let mirror = hv.mirror_port();
+    let c = match Container::boot(&hv.ns) {
+        Ok(c) => c,
+        Err(why) => {
+            skip(&format!("the service under a real systemd: {why}"));
+            return;
+        }
+    };
+    // A real systemd is PID 1 in there, not a stand-in.
+    assert_eq!(c.sh("cat /proc/1/comm").trim(), "systemd");
+    assert!(c.path("/run/systemd/system").is_dir(), "no /run/systemd/system in the container");
+
+    std::fs::copy(package(), c.path("/var/tmp/vmsniff.deb")).unwrap();
+    c.sh("dpkg -i /var/tmp/vmsniff.deb");
+    // The postinst started the service: Type=notify, so active means the daemon said ready.
+    c.sh("systemctl is-active vmsniff");
+    std::fs::write(
+        c.path("/etc/vmsniff/mirrors.toml"),
+        format!("[session.vm0]\ntap = \"{TAP}\"\nto-dev = \"{MIRROR_DEV}\"\n"),
+    )
+    .unwrap();
+    c.sh("systemctl reload vmsniff");
+    let status = container_status(&c, "session vm0 active under the unit's hardening", active);
+    let (id, pid) = (session_state(&status, "vm0").1.unwrap(), status["daemon"]["pid"].clone());
+    mirrored(&mut hv, &mirror, "under systemd, before the upgrade");
+
+    // The upgrade's postinst restarts the service: the old daemon leaves its mirror (a restart
+    // job, not a stop) and the new one adopts it.
+    c.sh("dpkg -i /var/tmp/vmsniff.deb");
+    mirrored(&mut hv, &mirror, "under systemd, right after the upgrade");
+    let status =
+        container_status(&c, "adopted by the restarted daemon", |s| active(s) && s["daemon"]["pid"] != pid);
+    assert_eq!(session_state(&status, "vm0").1, Some(id), "adopted, not attached again: {status:#}");
+    assert_eq!(status["sessions"].as_array().unwrap().len(), 1, "no second session: {status:#}");
+    let journal = c.sh("journalctl -u vmsniff --no-pager");
+    assert!(journal.contains("systemd is restarting the service"), "not told as a restart:\n{journal}");
+    mirrored(&mut hv, &mirror, "under systemd, after the new daemon adopted the mirror");
+
+    // A stop is not a restart: the daemon detaches what it owns.
+    c.sh("systemctl stop vmsniff");
+    assert!(!c.try_sh("systemctl is-active --quiet vmsniff").0, "the service still runs after its stop");
+    let status: serde_json::Value = serde_json::from_str(&c.sh("/usr/sbin/vmsniff status --json")).unwrap();
+    assert_eq!(status["sessions"], serde_json::json!([]), "the stop left sessions: {status:#}");
+    assert!(!hv.ns.pin_dir().exists(), "the stop left pins in {}", hv.ns.pin_dir().display());
+    c.sh("dpkg --purge vmsniff");
 }

@@ -29,6 +29,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fonts-dejavu-core", "the benchmark's chart is drawn with DejaVu Sans"),
     ("dpkg-dev", "dpkg-shlibdeps: cargo-deb computes the Debian package's Depends with it"),
     ("lintian", "`cargo xtask deb` and the package test check the package with lintian"),
+    ("systemd-container", "systemd-nspawn: the package test boots a real systemd to run the service"),
     ("protobuf-compiler", "etcd-client's build script compiles etcd's gRPC API with protoc"),
     ("libprotobuf-dev", "protoc's well-known types (descriptor.proto), which etcd's API imports"),
     ("etcd-server", "the fleet's tests run a real etcd on 127.0.0.1 (not started as a service)"),
