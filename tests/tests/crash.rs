@@ -136,6 +136,11 @@ fn a_kill_between_creating_a_gre_device_and_marking_it_leaves_it_to_detach() {
     let mut hv = Hypervisor::new();
     // Unused here, but looked at by `nothing_left`.
     let _mirror = hv.mirror_port();
+    // An uplink toward the collector: attach refuses a collector it has no route to.
+    hv.ns.sh("ip link add up1 type veth peer name up1p
+         ip addr add 192.0.2.1/24 dev up1
+         ip link set up1 up
+         ip link set up1p up");
     let attach = ["attach", "--tap", TAP, "--to", "192.0.2.10", "--attach-mode", "netlink"];
     // The first 12 changes: the programs, the session's claim and counters, then for each
     // direction the device made, marked and recorded (the rest is the --to-dev test's, and
