@@ -50,6 +50,20 @@ impl Drop for Scratch {
     }
 }
 
+/// A sender namespace with `senders` (in 10.240.0.0/24) on a veth to a collector namespace at
+/// 10.240.0.2.
+fn sender_and_collector(senders: &[&str]) -> (Netns, Netns) {
+    let sender_ns = Netns::new("snd");
+    let collector_ns = Netns::new("col");
+    sender_ns.sh(&format!("ip link add snd0 type veth peer name col0 netns {}", collector_ns.name));
+    for sender in senders {
+        sender_ns.sh(&format!("ip addr add {sender}/24 dev snd0"));
+    }
+    sender_ns.sh("ip link set snd0 up");
+    collector_ns.sh("ip addr add 10.240.0.2/24 dev col0; ip link set col0 up");
+    (sender_ns, collector_ns)
+}
+
 fn row<'a>(rows: &'a [Row], encap: &str, session: u32, direction: &str) -> &'a Row {
     rows.iter()
         .find(|r| r.encap == encap && r.session == session && r.direction == direction)
@@ -64,16 +78,7 @@ fn collect_decodes_each_encapsulation_and_counts_garbage_and_strangers() {
     ) {
         return;
     }
-    let sender_ns = Netns::new("snd");
-    let collector_ns = Netns::new("col");
-    sender_ns.sh(&format!(
-        "ip link add snd0 type veth peer name col0 netns {col}
-         ip addr add 10.240.0.1/24 dev snd0
-         ip addr add 10.240.0.3/24 dev snd0
-         ip link set snd0 up",
-        col = collector_ns.name
-    ));
-    collector_ns.sh("ip addr add 10.240.0.2/24 dev col0; ip link set col0 up");
+    let (sender_ns, collector_ns) = sender_and_collector(&["10.240.0.1", "10.240.0.3"]);
     let scratch = Scratch::new("handmade");
     let file = scratch.path("cap.pcapng");
     let collector = Collector::start(
@@ -496,15 +501,7 @@ fn a_spray_of_keys_hostile_names_and_plain_gre_stay_bounded() {
     ) {
         return;
     }
-    let sender_ns = Netns::new("snd");
-    let collector_ns = Netns::new("col");
-    sender_ns.sh(&format!(
-        "ip link add snd0 type veth peer name col0 netns {col}
-         ip addr add 10.240.0.1/24 dev snd0
-         ip link set snd0 up",
-        col = collector_ns.name
-    ));
-    collector_ns.sh("ip addr add 10.240.0.2/24 dev col0; ip link set col0 up");
+    let (sender_ns, collector_ns) = sender_and_collector(&["10.240.0.1"]);
     let scratch = Scratch::new("spray");
     let file = scratch.path("cap.pcapng");
     let names = scratch.path("status.json");
