@@ -195,25 +195,23 @@ fn measure(
     Ok((copies as f64 / sent_in.as_secs_f64(), after.saturating_sub(before)))
 }
 
-/// User and system time of a process and its descendants.
+/// CPU time of a process and its descendants, every thread, to the nanosecond (schedstat's
+/// run time: the clock-tick counts of /proc/PID/stat are too coarse for 100 ns per copy).
 fn tree_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    let mut total = 0.0;
+    let mut total = 0u64;
     let mut pending = vec![pid];
     while let Some(pid) = pending.pop() {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        total += field(14) + field(15);
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) {
+                total += stat.split_whitespace().next().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            }
             if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
                 pending.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
             }
         }
     }
-    Ok(Duration::from_secs_f64(total / ticks))
+    Ok(Duration::from_nanos(total))
 }
 
 fn wait(child: &mut Child, limit: Duration) -> anyhow::Result<()> {
@@ -259,8 +257,8 @@ pub fn section(out: &mut String, rounds: usize, copies: u64, samples: &[Sample])
         out,
         "vmsniff built for release. trafgen sends {copies} GRE copies (vmsniff's GRE, 60-byte frames) as fast as one CPU can, from 1 \
          or 4 sender addresses in turn, over a veth into a collector namespace; each tool writes them to a \
-         file. CPU per copy is the tool's own time (user and system, its children included: tshark's \
-         dumpcap) pinned to another CPU than trafgen; the kernel's copying into the sockets happens in the \
+         file. CPU per copy is the tool's own run time (every thread, its children included: tshark's \
+         dumpcap; from schedstat, in ns) pinned to another CPU than trafgen; the kernel's copying into the sockets happens in the \
          sender's softirq for every tool alike. Median of {rounds} rounds, min–max; the tools alternate \
          within each round.\n"
     )?;
