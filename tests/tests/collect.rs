@@ -546,3 +546,49 @@ fn a_spray_of_keys_hostile_names_and_plain_gre_stay_bounded() {
     assert_eq!(interfaces.len(), 50, "one interface per counted stream, no more");
     assert_eq!(packets.len(), 51);
 }
+
+/// Issue 20: the collector reads a packet socket's ring, which sees packets before the IP
+/// stack. GRE routed through the collector host (its link address, another host's IP) is
+/// counted, not recorded; and the collector's kernel does not answer copies with ICMP
+/// "protocol unreachable" (raw GRE sockets stay open beside the ring, taking nothing).
+#[test]
+fn the_ring_records_only_copies_addressed_here_and_the_host_stays_quiet() {
+    if !privileged_on_host(
+        "the_ring_records_only_copies_addressed_here_and_the_host_stays_quiet",
+        "collect's packet socket and the IP stack of this kernel; no tunnel device",
+    ) {
+        return;
+    }
+    let (sender_ns, collector_ns) = sender_and_collector(&["10.240.0.1"]);
+    // Another network behind the collector host, as if it routed.
+    sender_ns.sh("ip route add 10.99.0.0/24 via 10.240.0.2");
+    let scratch = Scratch::new("ring");
+    let file = scratch.path("cap.pcapng");
+    let collector = Collector::start(&collector_ns, &["-w", file.to_str().unwrap()]);
+    let unreachable = || {
+        let out = collector_ns.sh("nstat -az IcmpOutDestUnreachs");
+        out.lines()
+            .find_map(|l| l.strip_prefix("IcmpOutDestUnreachs"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = unreachable();
+    let sender = GreSender::open(&sender_ns, [10, 240, 0, 1]);
+    let frame = |seq: u32| frames::frame(VM_MAC, PEER_MAC, seq, 60);
+    for seq in 1..=3 {
+        sender.send([10, 240, 0, 2], &gre(Some(6 * 2), Some(seq), TEB, &frame(seq)));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(unreachable(), before, "the collector's kernel answered a copy with ICMP unreachable");
+    for seq in 1..=4 {
+        sender.send([10, 99, 0, 9], &gre(Some(8 * 2), Some(seq), TEB, &frame(seq)));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = collector.stop();
+    assert!(stopped.status.success(), "collect: {}", stopped.stderr);
+    let (rows, closing) = summary(&stopped.stderr);
+    assert_eq!(rows.len(), 1, "only the copies addressed here: {rows:#?}");
+    assert_eq!((rows[0].session, rows[0].packets), (6, 3));
+    assert_eq!(closing_count(&closing, "addressed to another host "), 4, "{closing}");
+    assert_eq!(read_pcapng_file(&file).len(), 3);
+}
