@@ -1,6 +1,8 @@
 //! The README's PromQL and the Grafana dashboard's queries, evaluated by a real Prometheus that
 //! scrapes a `vmsniff daemon --metrics` and a `vmsniff collect --metrics` after a known scene:
-//! each parses, and the loss budget gives the known numbers.
+//! each parses, and the loss budget gives the known numbers. A second scene joins the two ends
+//! for real (VXLAN and, where the kernel has ip_gre, GRE sessions toward one collector, with a
+//! known number of copies lost on the way) and checks the share that never arrived.
 // Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
 #![expect(clippy::unwrap_used, reason = "a failed step fails the test")]
 
@@ -12,7 +14,7 @@ use vmsniff_tests::{
     daemon::{Daemon, session_state},
     frames::{self, L4, PEER_MAC, VM_MAC, is_marked},
     netns::Netns,
-    privileged_on_host,
+    privileged_on_host, privileged_on_host_and_one_guest,
     prometheus::{self, Prometheus},
     skip,
     topology::{Hypervisor, MIRROR_DEV, TAP},
@@ -200,6 +202,219 @@ fn readme_and_dashboard_promql_give_the_known_loss_budget() {
     assert_eq!(by(&shares, &[("stage", "0 copied")]), 10.0 / 16.0, "{shares:#?}");
     assert_eq!(by(&shares, &[("stage", "1 not copied by choice")]), 6.0 / 16.0);
     assert_eq!(by(&shares, &[("stage", "2 failed at the source")]), 0.0);
+
+    drop(prometheus);
+    drop(collector);
+    let _ = std::fs::remove_file(&file);
+    drop(daemon);
+    vmsniff_tests::vmsniff::ok(&hv.ns, &["detach", "--all"]);
+}
+
+/// The join scene's underlay: the hypervisor's address (where its copies leave from, the
+/// `sender` label of its scrape target) and the collector's.
+const JOIN_HV: &str = "10.243.0.1";
+const JOIN_COLLECTOR: &str = "10.243.0.2";
+
+/// Copies of one session that the scene sends and loses: `SENT_BEFORE` frames out arrive,
+/// `LOST` are diverted on the collector's ingress, `SENT_AFTER` arrive; `INTO` frames into
+/// the VM arrive.
+const SENT_BEFORE: u32 = 10;
+const LOST: u32 = 4;
+const SENT_AFTER: u32 = 6;
+const INTO: u32 = 5;
+
+/// The u32 match of one encapsulation's copies on the collector's ingress.
+fn copies_match(encap: &str) -> &'static str {
+    match encap {
+        "vxlan" => "match ip protocol 17 0xff match ip dport 4789 0xffff",
+        _ => "match ip protocol 47 0xff",
+    }
+}
+
+/// Packets that arrived on `dev` in `ns` (the sink's far end: the diverted copies).
+fn rx_packets(ns: &Netns, dev: &str) -> u64 {
+    let json: Value = serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {dev}"))).unwrap();
+    json[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+}
+
+/// The README's "share of copies sent that never arrived" and the dashboard's panel of it,
+/// evaluated across a real join: a VXLAN session (and, where the kernel has ip_gre, a GRE
+/// session) of `vmsniff daemon` toward `vmsniff collect`, the hypervisor target labelled with
+/// its underlay address as the README's scrape config says, and a known number of each
+/// session's copies diverted away from the collector on its ingress.
+#[test]
+fn the_share_never_arrived_joins_both_ends_per_session() {
+    if !privileged_on_host_and_one_guest(
+        "the_share_never_arrived_joins_both_ends_per_session",
+        "the GRE half needs ip_gre (bookworm's kernel has it); the VXLAN half runs on the host",
+    ) {
+        return;
+    }
+    if !std::path::Path::new(prometheus::BINARY).exists() {
+        skip(&format!("{} is missing: `cargo xtask setup` installs Debian's prometheus", prometheus::BINARY));
+        return;
+    }
+    let probe = Netns::new("probe");
+    let vxlan = probe.try_sh("ip link add v0 type vxlan id 1 remote 192.0.2.1 dstport 4789").0;
+    let gre = probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0;
+    drop(probe);
+    if !gre {
+        eprintln!("this kernel cannot make gretap devices: the GRE session is left out here");
+    }
+    if !vxlan {
+        skip("this kernel cannot make vxlan devices");
+        return;
+    }
+    // (config name, encap, key, tap): key 7 on the first VM over VXLAN, key 9 on a second
+    // VM over GRE.
+    let mut sessions = vec![("vx", "vxlan", 7u32, TAP)];
+    if gre {
+        sessions.push(("gr", "gre", 9, "tapvm1"));
+    }
+
+    let mut hv = Hypervisor::new();
+    let mut second = gre.then(|| hv.add_vm("tapvm1", 1));
+    let col = Netns::new("pjoin");
+    hv.ns.sh(&format!(
+        "ip link add up1 type veth peer name down1 netns {ns}
+         ip addr add {JOIN_HV}/24 dev up1; ip link set up1 up",
+        ns = col.name
+    ));
+    // The collector's uplink, and a sink: a veth pair whose far end has no address, where a tc
+    // rule on the uplink's ingress sends the copies the scene loses.
+    col.sh(&format!(
+        "ip addr add {JOIN_COLLECTOR}/24 dev down1; ip link set down1 up
+         ip link add sink0 type veth peer name sink1
+         ip link set sink0 up; ip link set sink1 up
+         tc qdisc add dev down1 ingress"
+    ));
+
+    let mut config = format!("[daemon]\nmetrics = \"{JOIN_HV}:9466\"\n");
+    for (name, encap, key, tap) in &sessions {
+        config.push_str(&format!(
+            "\n[session.{name}]\ntap = \"{tap}\"\nto = \"{JOIN_COLLECTOR}\"\nencap = \"{encap}\"\nkey = {key}\n"
+        ));
+    }
+    let daemon = Daemon::start(&hv.ns, &config);
+    for (name, ..) in &sessions {
+        daemon.wait_for(&hv.ns, &format!("session {name} active"), |s| session_state(s, name).0 == "active");
+    }
+    let file = std::env::temp_dir().join(format!("vmsniff-promql-join-{}.pcapng", std::process::id()));
+    let collector = Collector::start(
+        &col,
+        &["-w", file.to_str().unwrap(), "--vxlan-port", "4789", "--metrics", "127.0.0.1:9467"],
+    );
+    // The README's scrape config: the hypervisor's target labelled with the address its copies
+    // leave from.
+    let prometheus = Prometheus::start(
+        &col,
+        &format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: vmsniff\n    static_configs:\n      - \
+             targets: ['{JOIN_HV}:9466']\n        labels: {{sender: '{JOIN_HV}'}}\n  - job_name: \
+             vmsniff-collect\n    static_configs:\n      - targets: ['127.0.0.1:9467']\n"
+        ),
+    );
+
+    // Small frames: their copies are never fragmented, so one copy is one packet to divert.
+    let out = |range: std::ops::Range<u32>| -> Vec<Vec<u8>> {
+        range.map(|n| frames::frame(VM_MAC, PEER_MAC, n, 100)).collect()
+    };
+    let send =
+        |hv: &mut Hypervisor, second: &mut Option<vmsniff_tests::topology::VmPort>, frames: &[Vec<u8>]| {
+            hv.vm_sends(frames);
+            if let Some(port) = second.as_mut() {
+                port.vm_sends(frames);
+            }
+        };
+    let wait = |expr: &str, want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = prometheus.query(expr);
+            if got.len() == 1 && prometheus::value(&got[0]) == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{expr}: {got:?}, not {want}\n{}", prometheus.log());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let arrived = |encap: &str, direction: &str, want: u32| {
+        wait(
+            &format!("vmsniff_collect_packets_total{{encap=\"{encap}\",direction=\"{direction}\"}}"),
+            f64::from(want),
+        );
+    };
+
+    send(&mut hv, &mut second, &out(0..SENT_BEFORE));
+    let into: Vec<Vec<u8>> = (0..INTO).map(|n| frames::frame(PEER_MAC, VM_MAC, 100 + n, 100)).collect();
+    hv.vm_receives(&into);
+    if let Some(port) = second.as_mut() {
+        port.vm_receives(&into);
+    }
+    for (_, encap, ..) in &sessions {
+        arrived(encap, "out", SENT_BEFORE);
+        arrived(encap, "in", INTO);
+    }
+    // The loss: every copy toward the collector goes to the sink while the VMs send LOST
+    // frames; the sink's far end counts them, so none is still on its way when the rule goes.
+    for (prio, (_, encap, ..)) in (1..).zip(&sessions) {
+        col.sh(&format!(
+            "tc filter add dev down1 ingress prio {prio} protocol ip u32 {} action mirred egress redirect dev sink0",
+            copies_match(encap)
+        ));
+    }
+    send(&mut hv, &mut second, &out(SENT_BEFORE..SENT_BEFORE + LOST));
+    let diverted = u64::from(LOST) * sessions.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx_packets(&col, "sink1") < diverted {
+        assert!(
+            Instant::now() < deadline,
+            "{} copies at the sink, not {diverted}",
+            rx_packets(&col, "sink1")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    col.sh("tc filter del dev down1 ingress");
+    assert_eq!(rx_packets(&col, "sink1"), diverted, "the sink had the lost copies only");
+    send(&mut hv, &mut second, &out(SENT_BEFORE + LOST..SENT_BEFORE + LOST + SENT_AFTER));
+
+    let sent = SENT_BEFORE + LOST + SENT_AFTER;
+    for (_, encap, ..) in &sessions {
+        wait(
+            &format!("vmsniff_copies_total{{job=\"vmsniff\",encap=\"{encap}\",direction=\"out\"}}"),
+            f64::from(sent),
+        );
+        wait(
+            &format!("vmsniff_copies_total{{job=\"vmsniff\",encap=\"{encap}\",direction=\"in\"}}"),
+            f64::from(INTO),
+        );
+        arrived(encap, "out", SENT_BEFORE + SENT_AFTER);
+    }
+    if gre {
+        // GRE's sequence numbers tell the gap at the collector.
+        wait("vmsniff_collect_lost_total{encap=\"gre\",direction=\"out\"}", f64::from(LOST));
+    }
+    // Two more scrapes, so that every increase() has two samples of each series.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The README's query and the dashboard's panel: per (sender, key, direction), exactly the
+    // share lost, 4 of 20 out and none of 5 in, for each session; nothing else.
+    let readme = readme_queries();
+    let share =
+        readme.iter().find(|q| q.contains("vmsniff_collect_lost_total") && q.contains("/ on")).unwrap();
+    let panel =
+        dashboard_queries().into_iter().find(|(title, _)| title.starts_with("Lost on the way")).unwrap().1;
+    for expr in [share, &panel] {
+        let shares = prometheus.query(&as_totals(expr));
+        for (_, encap, key, _) in &sessions {
+            let key = key.to_string();
+            let of = |direction| by(&shares, &[("sender", JOIN_HV), ("key", &key), ("direction", direction)]);
+            assert_eq!(of("out"), f64::from(LOST) / f64::from(sent), "{encap} out: {expr}\n{shares:#?}");
+            assert_eq!(of("in"), 0.0, "{encap} in: {expr}\n{shares:#?}");
+        }
+        assert_eq!(shares.len(), 2 * sessions.len(), "one share per session and direction: {shares:#?}");
+        // As written (increase() over the scene's few seconds): the same series.
+        assert_eq!(prometheus.query(expr).len(), shares.len(), "{expr}");
+    }
 
     drop(prometheus);
     drop(collector);
