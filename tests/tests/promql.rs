@@ -13,11 +13,12 @@ use vmsniff_tests::{
     collect::{Collector, GreSender, gre},
     daemon::{Daemon, session_state},
     frames::{self, L4, PEER_MAC, VM_MAC, is_marked},
+    monitored::{COLLECTOR, HV, Monitored},
     netns::Netns,
     privileged_on_host, privileged_on_host_and_one_guest,
     prometheus::{self, Prometheus},
     skip,
-    topology::{Hypervisor, MIRROR_DEV, TAP},
+    topology::{Hypervisor, MIRROR_DEV, TAP, VmPort},
 };
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -210,11 +211,6 @@ fn readme_and_dashboard_promql_give_the_known_loss_budget() {
     vmsniff_tests::vmsniff::ok(&hv.ns, &["detach", "--all"]);
 }
 
-/// The join scene's underlay: the hypervisor's address (where its copies leave from, the
-/// `sender` label of its scrape target) and the collector's.
-const JOIN_HV: &str = "10.243.0.1";
-const JOIN_COLLECTOR: &str = "10.243.0.2";
-
 /// Copies of one session that the scene sends and loses: `SENT_BEFORE` frames out arrive,
 /// `LOST` are diverted on the collector's ingress, `SENT_AFTER` arrive; `INTO` frames into
 /// the VM arrive.
@@ -229,12 +225,6 @@ fn copies_match(encap: &str) -> &'static str {
         "vxlan" => "match ip protocol 17 0xff match ip dport 4789 0xffff",
         _ => "match ip protocol 47 0xff",
     }
-}
-
-/// Packets that arrived on `dev` in `ns` (the sink's far end: the diverted copies).
-fn rx_packets(ns: &Netns, dev: &str) -> u64 {
-    let json: Value = serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {dev}"))).unwrap();
-    json[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
 }
 
 /// The README's "share of copies sent that never arrived" and the dashboard's panel of it,
@@ -274,58 +264,26 @@ fn the_share_never_arrived_joins_both_ends_per_session() {
 
     let mut hv = Hypervisor::new();
     let mut second = gre.then(|| hv.add_vm("tapvm1", 1));
-    let col = Netns::new("pjoin");
-    hv.ns.sh(&format!(
-        "ip link add up1 type veth peer name down1 netns {ns}
-         ip addr add {JOIN_HV}/24 dev up1; ip link set up1 up",
-        ns = col.name
-    ));
-    // The collector's uplink, and a sink: a veth pair whose far end has no address, where a tc
-    // rule on the uplink's ingress sends the copies the scene loses.
-    col.sh(&format!(
-        "ip addr add {JOIN_COLLECTOR}/24 dev down1; ip link set down1 up
-         ip link add sink0 type veth peer name sink1
-         ip link set sink0 up; ip link set sink1 up
-         tc qdisc add dev down1 ingress"
-    ));
-
-    let mut config = format!("[daemon]\nmetrics = \"{JOIN_HV}:9466\"\n");
-    for (name, encap, key, tap) in &sessions {
-        config.push_str(&format!(
-            "\n[session.{name}]\ntap = \"{tap}\"\nto = \"{JOIN_COLLECTOR}\"\nencap = \"{encap}\"\nkey = {key}\n"
-        ));
-    }
-    let daemon = Daemon::start(&hv.ns, &config);
-    for (name, ..) in &sessions {
-        daemon.wait_for(&hv.ns, &format!("session {name} active"), |s| session_state(s, name).0 == "active");
-    }
-    let file = std::env::temp_dir().join(format!("vmsniff-promql-join-{}.pcapng", std::process::id()));
-    let collector = Collector::start(
-        &col,
-        &["-w", file.to_str().unwrap(), "--vxlan-port", "4789", "--metrics", "127.0.0.1:9467"],
-    );
-    // The README's scrape config: the hypervisor's target labelled with the address its copies
-    // leave from.
-    let prometheus = Prometheus::start(
-        &col,
-        &format!(
-            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: vmsniff\n    static_configs:\n      - \
-             targets: ['{JOIN_HV}:9466']\n        labels: {{sender: '{JOIN_HV}'}}\n  - job_name: \
-             vmsniff-collect\n    static_configs:\n      - targets: ['127.0.0.1:9467']\n"
-        ),
-    );
+    let tables: String = sessions
+        .iter()
+        .map(|(name, encap, key, tap)| {
+            format!("[session.{name}]\ntap = \"{tap}\"\nto = \"{COLLECTOR}\"\nencap = \"{encap}\"\nkey = {key}\n\n")
+        })
+        .collect();
+    let names: Vec<&str> = sessions.iter().map(|s| s.0).collect();
+    let scene = Monitored::start(&hv, &tables, &names, 1);
+    let prometheus = &scene.prometheus;
 
     // Small frames: their copies are never fragmented, so one copy is one packet to divert.
     let out = |range: std::ops::Range<u32>| -> Vec<Vec<u8>> {
         range.map(|n| frames::frame(VM_MAC, PEER_MAC, n, 100)).collect()
     };
-    let send =
-        |hv: &mut Hypervisor, second: &mut Option<vmsniff_tests::topology::VmPort>, frames: &[Vec<u8>]| {
-            hv.vm_sends(frames);
-            if let Some(port) = second.as_mut() {
-                port.vm_sends(frames);
-            }
-        };
+    let send = |hv: &mut Hypervisor, second: &mut Option<VmPort>, frames: &[Vec<u8>]| {
+        hv.vm_sends(frames);
+        if let Some(port) = second.as_mut() {
+            port.vm_sends(frames);
+        }
+    };
     let wait = |expr: &str, want: f64| {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -355,26 +313,15 @@ fn the_share_never_arrived_joins_both_ends_per_session() {
         arrived(encap, "in", INTO);
     }
     // The loss: every copy toward the collector goes to the sink while the VMs send LOST
-    // frames; the sink's far end counts them, so none is still on its way when the rule goes.
+    // frames; the sink counts them, so none is still on its way when the rule goes.
     for (prio, (_, encap, ..)) in (1..).zip(&sessions) {
-        col.sh(&format!(
-            "tc filter add dev down1 ingress prio {prio} protocol ip u32 {} action mirred egress redirect dev sink0",
-            copies_match(encap)
-        ));
+        scene.divert(prio, copies_match(encap));
     }
     send(&mut hv, &mut second, &out(SENT_BEFORE..SENT_BEFORE + LOST));
     let diverted = u64::from(LOST) * sessions.len() as u64;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rx_packets(&col, "sink1") < diverted {
-        assert!(
-            Instant::now() < deadline,
-            "{} copies at the sink, not {diverted}",
-            rx_packets(&col, "sink1")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    col.sh("tc filter del dev down1 ingress");
-    assert_eq!(rx_packets(&col, "sink1"), diverted, "the sink had the lost copies only");
+    scene.wait_diverted(diverted);
+    scene.stop_diverting();
+    assert_eq!(scene.diverted(), diverted, "the sink had the lost copies only");
     send(&mut hv, &mut second, &out(SENT_BEFORE + LOST..SENT_BEFORE + LOST + SENT_AFTER));
 
     let sent = SENT_BEFORE + LOST + SENT_AFTER;
@@ -407,7 +354,7 @@ fn the_share_never_arrived_joins_both_ends_per_session() {
         let shares = prometheus.query(&as_totals(expr));
         for (_, encap, key, _) in &sessions {
             let key = key.to_string();
-            let of = |direction| by(&shares, &[("sender", JOIN_HV), ("key", &key), ("direction", direction)]);
+            let of = |direction| by(&shares, &[("sender", HV), ("key", &key), ("direction", direction)]);
             assert_eq!(of("out"), f64::from(LOST) / f64::from(sent), "{encap} out: {expr}\n{shares:#?}");
             assert_eq!(of("in"), 0.0, "{encap} in: {expr}\n{shares:#?}");
         }
@@ -416,9 +363,6 @@ fn the_share_never_arrived_joins_both_ends_per_session() {
         assert_eq!(prometheus.query(expr).len(), shares.len(), "{expr}");
     }
 
-    drop(prometheus);
-    drop(collector);
-    let _ = std::fs::remove_file(&file);
-    drop(daemon);
+    drop(scene);
     vmsniff_tests::vmsniff::ok(&hv.ns, &["detach", "--all"]);
 }

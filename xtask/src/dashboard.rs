@@ -27,11 +27,9 @@ use plotters::{
 };
 use serde_json::Value;
 use vmsniff_tests::{
-    collect::Collector,
-    daemon::{Daemon, session_state},
     frames::{self, L4, PEER_MAC, VM_MAC},
-    netns::Netns,
-    prometheus::{self, Prometheus},
+    monitored::{COLLECTOR, Monitored},
+    prometheus,
     topology::{Hypervisor, TAP},
 };
 
@@ -45,8 +43,6 @@ pub struct DashboardArgs {
     out: PathBuf,
 }
 
-const HV: &str = "10.244.0.1";
-const COLLECTOR: &str = "10.244.0.2";
 /// Prometheus's scrape interval in the scene, and what `$__rate_interval` stands for (Grafana
 /// makes it at least four scrape intervals).
 const SCRAPE_SECONDS: u64 = 2;
@@ -142,58 +138,19 @@ fn unix_now() -> f64 {
 fn scene(seconds: u64, panels: &[Panel]) -> Vec<Vec<Series>> {
     let mut hv = Hypervisor::new();
     let mut db = hv.add_vm("tapdb", 1);
-    let col = Netns::new("dashcol");
-    hv.ns.sh(&format!(
-        "ip link add up1 type veth peer name down1 netns {ns}
-         ip addr add {HV}/24 dev up1; ip link set up1 up",
-        ns = col.name
-    ));
-    col.sh(&format!(
-        "ip addr add {COLLECTOR}/24 dev down1; ip link set down1 up
-         ip link add sink0 type veth peer name sink1
-         ip link set sink0 up; ip link set sink1 up
-         tc qdisc add dev down1 ingress"
-    ));
-    let daemon = Daemon::start(
-        &hv.ns,
-        &format!(
-            "[daemon]\nmetrics = \"{HV}:9466\"\n\n[session.web]\ntap = \"{TAP}\"\nto = \"{COLLECTOR}\"\nencap = \
-             \"vxlan\"\nkey = 7\nfilter = \"not udp\"\n\n[session.db]\ntap = \"tapdb\"\nto = \
-             \"{COLLECTOR}\"\nencap = \"vxlan\"\nkey = 9\nsample = 4\n"
-        ),
+    let sessions = format!(
+        "[session.web]\ntap = \"{TAP}\"\nto = \"{COLLECTOR}\"\nencap = \"vxlan\"\nkey = 7\nfilter = \"not \
+         udp\"\n\n[session.db]\ntap = \"tapdb\"\nto = \"{COLLECTOR}\"\nencap = \"vxlan\"\nkey = 9\nsample = 4\n"
     );
-    for name in ["web", "db"] {
-        daemon.wait_for(&hv.ns, &format!("session {name} active"), |s| session_state(s, name).0 == "active");
-    }
-    let file = std::env::temp_dir().join(format!("vmsniff-dashboard-{}.pcapng", std::process::id()));
-    let collector = Collector::start(
-        &col,
-        &[
-            "-w",
-            file.to_str().unwrap_or("/tmp/vmsniff-dashboard.pcapng"),
-            "--vxlan-port",
-            "4789",
-            "--metrics",
-            "127.0.0.1:9467",
-        ],
-    );
-    let prometheus = Prometheus::start(
-        &col,
-        &format!(
-            "global: {{scrape_interval: {SCRAPE_SECONDS}s}}\nscrape_configs:\n  - job_name: vmsniff\n    \
-             static_configs:\n      - targets: ['{HV}:9466']\n        labels: {{sender: '{HV}'}}\n  - job_name: \
-             vmsniff-collect\n    static_configs:\n      - targets: ['127.0.0.1:9467']\n"
-        ),
-    );
+    let scene = Monitored::start(&hv, &sessions, &["web", "db"], SCRAPE_SECONDS);
 
     let start = unix_now();
     let began = Instant::now();
     // web's copies out (VNI 7 * 2 + 0 = 14, in the VXLAN header 4 bytes after UDP's) are lost
     // from 45 % to 60 % of the scene.
     let (loss_from, loss_to) = (seconds * 45 / 100, seconds * 60 / 100);
-    let divert = "tc filter add dev down1 ingress prio 1 protocol ip u32 match ip protocol 17 0xff match ip \
-                  dport 4789 0xffff match u32 0x00000e00 0xffffff00 at 32 action mirred egress redirect dev \
-                  sink0";
+    let web_out =
+        "match ip protocol 17 0xff match ip dport 4789 0xffff match u32 0x00000e00 0xffffff00 at 32";
     let mut seq = 0u32;
     let mut next = |n: u32| {
         seq += n;
@@ -204,10 +161,10 @@ fn scene(seconds: u64, panels: &[Panel]) -> Vec<Vec<Series>> {
     );
     for second in 0..seconds {
         if second == loss_from {
-            col.sh(divert);
+            scene.divert(1, web_out);
         }
         if second == loss_to {
-            col.sh("tc filter del dev down1 ingress");
+            scene.stop_diverting();
         }
         let phase = second as f64 / 90.0 * std::f64::consts::TAU;
         let web_tcp = (30.0 + 20.0 * phase.sin()) as u32;
@@ -251,7 +208,7 @@ fn scene(seconds: u64, panels: &[Panel]) -> Vec<Vec<Series>> {
                 .targets
                 .iter()
                 .flat_map(|(legend, expr)| {
-                    prometheus.query_range(expr, start, end, STEP).into_iter().map(|s| Series {
+                    scene.prometheus.query_range(expr, start, end, STEP).into_iter().map(|s| Series {
                         name: legend_of(legend, &s["metric"]),
                         points: s["values"]
                             .as_array()
@@ -268,10 +225,7 @@ fn scene(seconds: u64, panels: &[Panel]) -> Vec<Vec<Series>> {
                 .collect()
         })
         .collect();
-    drop(prometheus);
-    drop(collector);
-    let _ = std::fs::remove_file(&file);
-    drop(daemon);
+    drop(scene);
     vmsniff_tests::vmsniff::ok(&hv.ns, &["detach", "--all"]);
     data
 }
@@ -558,4 +512,58 @@ fn table(area: &Area, panel: &Panel, series: &[Series]) -> DrawResult {
 
 fn series_end(series: &[Series]) -> f64 {
     series.iter().filter_map(|s| s.points.last().map(|p| p.0)).fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dashboard() -> Vec<Panel> {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/grafana/vmsniff.json"),
+        )
+        .unwrap();
+        panels(&serde_json::from_str(&text).unwrap(), 180).unwrap()
+    }
+
+    #[test]
+    fn every_panel_is_read_with_its_variables_set() {
+        let panels = dashboard();
+        assert_eq!(panels.len(), 13);
+        let queries: Vec<&str> = panels.iter().flat_map(|p| &p.targets).map(|(_, e)| e.as_str()).collect();
+        assert!(queries.len() >= 10, "{queries:?}");
+        assert!(queries.iter().all(|e| !e.contains('$')), "{queries:?}");
+        assert!(queries.iter().any(|e| e.contains("[20s]")) && queries.iter().any(|e| e.contains("[180s]")));
+        let budget = &panels[1];
+        assert_eq!((budget.kind.as_str(), budget.unit.as_str(), budget.stacked), ("timeseries", "pps", true));
+    }
+
+    #[test]
+    fn panels_whose_queries_answer_nothing_are_drawn_too() {
+        let panels = dashboard();
+        let dir = std::env::temp_dir().join(format!("vmsniff-dashboard-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Nothing at all, then one series where each panel has one.
+        let empty: Vec<Vec<Series>> = panels.iter().map(|_| Vec::new()).collect();
+        draw(&dir.join("empty.png"), &panels, &empty, 180).unwrap();
+        let one: Vec<Vec<Series>> = panels
+            .iter()
+            .map(|_| vec![Series { name: "a".into(), points: vec![(10.0, 0.25), (20.0, 0.5)] }])
+            .collect();
+        draw(&dir.join("one.png"), &panels, &one, 180).unwrap();
+        for file in ["empty.png", "one.png"] {
+            assert!(std::fs::metadata(dir.join(file)).unwrap().len() > 10_000, "{file}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn legends_take_the_series_labels() {
+        let metric = serde_json::json!({"sender": "192.0.2.1", "key": "7", "direction": "out"});
+        assert_eq!(legend_of("{{sender}} key {{key}} {{ direction }}", &metric), "192.0.2.1 key 7 out");
+        assert_eq!(legend_of("", &metric), "direction=out, key=7, sender=192.0.2.1");
+        assert_eq!(format_value("percentunit", 0.2), "20.0 %");
+        assert_eq!(format_value("pps", 1500.0), "1.5 kp/s");
+        assert_eq!(format_value("bps", 80_000.0), "80 kb/s");
+    }
 }
