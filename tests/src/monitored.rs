@@ -2,8 +2,10 @@
 //! hypervisor's namespace, its sessions' copies crossing an underlay veth to `vmsniff collect
 //! --metrics` in a collector namespace, and a real Prometheus there scraping both with the
 //! README's scrape config (the hypervisor's target labelled with the address its copies leave
-//! from). A tc rule on the collector's ingress can divert copies to a sink, as copies lost on
-//! the way; the sink counts what it got. The promql test and `cargo xtask dashboard-picture`
+//! from). A tc rule on the hypervisor's uplink (egress, after the session's tunnel device has
+//! sent the copy) can divert copies to a sink, as copies lost on the way; the sink counts what
+//! it got. Not on the collector's ingress: collect reads through an AF_PACKET ring, which the
+//! kernel feeds before tc's ingress hook. The promql test and `cargo xtask dashboard-picture`
 //! share it.
 use std::{
     path::PathBuf,
@@ -17,6 +19,7 @@ use crate::{
     daemon::{Daemon, session_state},
     netns::Netns,
     prometheus::Prometheus,
+    run,
     topology::Hypervisor,
 };
 
@@ -36,6 +39,8 @@ pub struct Monitored {
     pub collector: Collector,
     pub daemon: Daemon,
     pub col: Netns,
+    /// The hypervisor's namespace, where the uplink and the sink are.
+    hv: String,
     file: PathBuf,
 }
 
@@ -50,13 +55,11 @@ impl Monitored {
              ip addr add {HV}/24 dev up1; ip link set up1 up",
             ns = col.name
         ));
+        col.sh(&format!("ip addr add {COLLECTOR}/24 dev down1; ip link set down1 up"));
         // The sink: a veth pair whose far end has no address.
-        col.sh(&format!(
-            "ip addr add {COLLECTOR}/24 dev down1; ip link set down1 up
-             ip link add sink0 type veth peer name sink1
+        hv.ns.sh("ip link add sink0 type veth peer name sink1
              ip link set sink0 up; ip link set sink1 up
-             tc qdisc add dev down1 ingress"
-        ));
+             tc qdisc add dev up1 clsact");
         let daemon = Daemon::start(&hv.ns, &format!("[daemon]\nmetrics = \"{HV}:9466\"\n\n{sessions}"));
         for name in names {
             daemon.wait_for(&hv.ns, &format!("session {name} active"), |s| {
@@ -87,26 +90,30 @@ impl Monitored {
                  job_name: vmsniff-collect\n    static_configs:\n      - targets: ['127.0.0.1:9467']\n"
             ),
         );
-        Monitored { prometheus, collector, daemon, col, file }
+        Monitored { prometheus, collector, daemon, col, hv: hv.ns.name.clone(), file }
     }
 
-    /// From now on, the collector's ingress sends the packets `u32_match` selects (tc u32
-    /// syntax) to the sink instead.
+    fn hv_sh(&self, line: &str) -> String {
+        run("ip", &["netns", "exec", &self.hv, "sh", "-ec", line])
+    }
+
+    /// From now on, the hypervisor's uplink sends the packets `u32_match` selects (tc u32
+    /// syntax, from the IP header) to the sink instead of the collector.
     pub fn divert(&self, prio: u32, u32_match: &str) {
-        self.col.sh(&format!(
-            "tc filter add dev down1 ingress prio {prio} protocol ip u32 {u32_match} action mirred egress \
+        self.hv_sh(&format!(
+            "tc filter add dev up1 egress prio {prio} protocol ip u32 {u32_match} action mirred egress \
              redirect dev sink0"
         ));
     }
 
     /// Every copy reaches the collector again.
     pub fn stop_diverting(&self) {
-        self.col.sh("tc filter del dev down1 ingress");
+        self.hv_sh("tc filter del dev up1 egress");
     }
 
     /// Packets the sink received.
     pub fn diverted(&self) -> u64 {
-        let json: Value = serde_json::from_str(&self.col.sh("ip -j -s link show dev sink1")).unwrap();
+        let json: Value = serde_json::from_str(&self.hv_sh("ip -j -s link show dev sink1")).unwrap();
         json[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
     }
 

@@ -212,14 +212,14 @@ fn readme_and_dashboard_promql_give_the_known_loss_budget() {
 }
 
 /// Copies of one session that the scene sends and loses: `SENT_BEFORE` frames out arrive,
-/// `LOST` are diverted on the collector's ingress, `SENT_AFTER` arrive; `INTO` frames into
+/// `LOST` are diverted on the hypervisor's uplink, `SENT_AFTER` arrive; `INTO` frames into
 /// the VM arrive.
 const SENT_BEFORE: u32 = 10;
 const LOST: u32 = 4;
 const SENT_AFTER: u32 = 6;
 const INTO: u32 = 5;
 
-/// The u32 match of one encapsulation's copies on the collector's ingress.
+/// The u32 match of one encapsulation's copies on the hypervisor's uplink.
 fn copies_match(encap: &str) -> &'static str {
     match encap {
         "vxlan" => "match ip protocol 17 0xff match ip dport 4789 0xffff",
@@ -231,7 +231,7 @@ fn copies_match(encap: &str) -> &'static str {
 /// evaluated across a real join: a VXLAN session (and, where the kernel has ip_gre, a GRE
 /// session) of `vmsniff daemon` toward `vmsniff collect`, the hypervisor target labelled with
 /// its underlay address as the README's scrape config says, and a known number of each
-/// session's copies diverted away from the collector on its ingress.
+/// session's copies diverted away from the collector on the hypervisor's uplink.
 #[test]
 fn the_share_never_arrived_joins_both_ends_per_session() {
     if !privileged_on_host_and_one_guest(

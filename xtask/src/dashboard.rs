@@ -9,7 +9,7 @@
 //! The scene (as root): two VMs on their taps, each mirrored by a daemon session over VXLAN to
 //! a collector namespace ("web": key 7, filter `not udp`; "db": key 9, `sample = 4`), traffic
 //! whose rate changes over time, and for a stretch in the middle web's copies out diverted
-//! away from the collector by a tc rule on its ingress (lost on the way). A panel whose query
+//! away from the collector by a tc rule on the hypervisor's uplink (lost on the way). A panel whose query
 //! answers nothing is drawn with "no data".
 use std::{
     collections::BTreeMap,
