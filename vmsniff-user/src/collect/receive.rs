@@ -22,7 +22,7 @@ use super::{
     names::Names,
     pcapng::{Capture, Destination, FLUSH_INTERVAL, Interface, Packet, PcapngError, Rotate},
     reassembly::{self, Offered, Reassembly},
-    ring::{self, Classified, LocalAddresses, Ring},
+    ring::{self, Classified, LocalAddresses, Repeats, Ring},
     stats::{InterfaceKey, SharedStats, Stats, StreamKey, lock, render_live, render_summary},
 };
 use crate::model::wire::pcapng_direction_flags;
@@ -442,6 +442,7 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
     let mut batch = Batch::new();
     let mut local = LocalAddresses::new();
     let mut fragments = Reassembly::default();
+    let mut repeats = Repeats::new();
     let mut capture: Capture<InterfaceKey> = Capture::open(options.destination.clone(), options.rotate)?;
     let gre = receivers.ring.is_some() || sockets.iter().any(|s| s.listener != Listener::Vxlan);
     let what = match (gre, options.vxlan_port) {
@@ -481,7 +482,7 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
                 let mut guard =
                     ready.map_err(|source| CollectError::Socket { op: "waiting for the receive ring", source })?;
                 // Held for a few blocks, no await inside: a scrape waits at most that long.
-                match receive_ring(&mut guard, &mut local, &mut fragments, options, stats, &mut capture) {
+                match receive_ring(&mut guard, &mut local, &mut fragments, &mut repeats, options, stats, &mut capture) {
                     Ok(false) => {}
                     Ok(true) => break Ended::Count,
                     Err(CollectError::Capture(e)) => break pipe_or_error(e)?,
@@ -547,6 +548,7 @@ fn receive_ring(
     guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, Ring>,
     local: &mut LocalAddresses,
     fragments: &mut Reassembly,
+    repeats: &mut Repeats,
     options: &Options,
     stats: &SharedStats,
     capture: &mut Capture<InterfaceKey>,
@@ -556,6 +558,9 @@ fn receive_ring(
         let mut stats = lock(stats);
         let mut outcome = Ok(false);
         let read = ring.read_block(|packet| {
+            if repeats.repeat(&packet) {
+                return true;
+            }
             outcome = handle_ring_packet(
                 packet.data,
                 packet.timestamp,

@@ -163,6 +163,11 @@ impl Ring {
         // Only the host's input: copies this host sends (a hypervisor collecting its own) are
         // read once, as they come back in. Linux 4.20 and later; earlier, the filter does it.
         let _ = setsockopt_raw(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1 as &libc::c_int);
+        // Timestamps taken when a packet first enters the host, kept as it climbs from a bridge
+        // port, bond slave or VLAN's parent to the device with the address: the ring sees it
+        // at each, and [`Repeats`] tells the repeats by their equal timestamps.
+        setsockopt_raw(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, &1 as &libc::c_int)
+            .map_err(step("cannot ask for receive timestamps"))?;
         attach_program(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &receive_filter(vxlan_port))
             .map_err(step("cannot attach the collector's packet filter"))?;
         let version = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
@@ -310,6 +315,43 @@ fn packet_at(block: &[u8], offset: usize) -> Option<(RingPacket<'_>, usize)> {
     let data = block.get(start..start.checked_add(h.tp_snaplen as usize)?)?;
     let timestamp = Duration::new(u64::from(h.tp_sec), h.tp_nsec);
     Some((RingPacket { data, timestamp }, h.tp_next_offset as usize))
+}
+
+/// Packets read lately, to tell a packet the ring sees again: a packet socket on every
+/// interface receives a packet on each device it crosses on its way up (a bridge port and the
+/// bridge, a bond slave and the bond, an Open vSwitch port and `br-ex`, a VLAN's parent and the
+/// VLAN), where a raw socket saw it once. Such a repeat is the same packet with the same receive
+/// timestamp (to the nanosecond, taken once on entry), length and bytes; it comes right after
+/// the first, give or take packets from other CPUs.
+pub struct Repeats {
+    recent: [Option<(Duration, u64)>; REPEAT_WINDOW],
+    next: usize,
+}
+
+const REPEAT_WINDOW: usize = 8;
+/// The bytes that tell packets apart when their timestamps are equal: headers, with the IPv4
+/// id and GRE sequence number.
+const FINGERPRINT_BYTES: usize = 96;
+
+impl Repeats {
+    pub fn new() -> Repeats {
+        Repeats { recent: [None; REPEAT_WINDOW], next: 0 }
+    }
+
+    /// Whether `packet` was read just before; remembers it otherwise.
+    pub fn repeat(&mut self, packet: &RingPacket<'_>) -> bool {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        packet.data.len().hash(&mut hasher);
+        packet.data[..packet.data.len().min(FINGERPRINT_BYTES)].hash(&mut hasher);
+        let seen = (packet.timestamp, hasher.finish());
+        if self.recent.contains(&Some(seen)) {
+            return true;
+        }
+        self.recent[self.next] = Some(seen);
+        self.next = (self.next + 1) % REPEAT_WINDOW;
+        false
+    }
 }
 
 /// What a packet from the ring is to the collector.
@@ -552,6 +594,24 @@ mod tests {
         assert_eq!(run(&with_port, &gre4, 0, ETH_P_IP), u32::MAX, "kept whole");
         // Truncated before the port: the kernel ends the program with 0.
         assert_eq!(run(&with_port, &ipv4(17, &[0, 1]), 0, ETH_P_IP), 0);
+    }
+
+    #[test]
+    fn a_packet_seen_again_on_its_way_up_is_a_repeat_and_others_are_not() {
+        let frame = ipv4_frame(60, 46);
+        let a = ipv4(47, &gre(false, Some(3), Some(1), 0x6558, &frame));
+        let b = ipv4(47, &gre(false, Some(3), Some(2), 0x6558, &frame));
+        let at = |data: &'static [u8], ns: u64| RingPacket { data, timestamp: Duration::from_nanos(ns) };
+        let (a, b): (&'static [u8], &'static [u8]) = (a.leak(), b.leak());
+        let mut repeats = Repeats::new();
+        assert!(!repeats.repeat(&at(a, 10)));
+        assert!(repeats.repeat(&at(a, 10)), "the bridge's delivery of the port's packet");
+        assert!(!repeats.repeat(&at(b, 10)), "another copy at the same nanosecond");
+        assert!(!repeats.repeat(&at(a, 11)), "the same bytes later: a copy sent twice, counted as such");
+        for ns in 100..110 {
+            assert!(!repeats.repeat(&at(b, ns)));
+        }
+        assert!(!repeats.repeat(&at(a, 10)), "only a window of recent packets is kept");
     }
 
     #[test]
