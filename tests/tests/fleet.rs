@@ -546,6 +546,74 @@ fn an_ovs_mode_fleet_mirror_is_a_mirror_row_on_the_node_holding_the_vm_and_leave
     let _ = std::fs::remove_file(&xml);
 }
 
+/// Whether this kernel has ip_gre (a fleet mirror `--to IP` sends through it); skips otherwise.
+fn gre_available() -> bool {
+    let probe = Netns::new("greprobe");
+    if !probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0 {
+        vmsniff_tests::skip(
+            "this kernel has no ip_gre; a fleet mirror's GRE copies are checked in `cargo xtask vm-test`",
+        );
+        return false;
+    }
+    true
+}
+
+#[test]
+fn a_fleet_mirrors_gre_copies_reach_collect_from_whichever_node_holds_the_vm() {
+    if !vmsniff_tests::privileged_on_host_and_one_guest(
+        "a_fleet_mirrors_gre_copies_reach_collect_from_whichever_node_holds_the_vm",
+        "GRE through ip_gre is checked on every kernel by tests/gre.rs; here the fleet's part",
+    ) || !gre_available()
+    {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let col = Netns::new("col");
+    etcd.reach_from(&col);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    let mut a = Node::new("a", &etcd, true);
+    let mut b = Node::new("b", &etcd, false);
+    // Each node reaches the collector's 10.245.0.2 through its own uplink.
+    col.sh("ip addr add 10.245.0.2/32 dev lo; ip link set lo up");
+    for (node, net) in [(&a, 243), (&b, 244)] {
+        node.hv.ns.sh(&format!(
+            "ip link add up9 type veth peer name dn{net} netns {col}
+             ip addr add 10.{net}.0.1/24 dev up9
+             ip link set up9 up
+             ip route add 10.245.0.2/32 via 10.{net}.0.2",
+            col = col.name
+        ));
+        col.sh(&format!("ip addr add 10.{net}.0.2/24 dev dn{net}; ip link set dn{net} up"));
+    }
+    let key = vmsniff::ok(&col, &fleet_args(ep, &["mirror", "web", "c-mig", "--to", "10.245.0.2"]));
+    let file = etcd.dir.join("gre.pcapng");
+    let collector = Collector::start(&col, &["-w", file.to_str().unwrap(), "--fleet", "--endpoints", ep]);
+    let send = |node: &mut Node, base: u32| {
+        let sent: Vec<Vec<u8>> =
+            (0..5).map(|i| frames::frame(frames::VM_MAC, frames::PEER_MAC, base + i, 100)).collect();
+        node.hv.vm_sends(&sent);
+    };
+    wait_mirror(&col, ep, "web", "active on a", |m| active_on(m, "a"));
+    send(&mut a, 0x5000);
+    b.vm_arrives();
+    a.vm_leaves();
+    let m = wait_mirror(&col, ep, "web", "active on b", |m| active_on(m, "b"));
+    assert_eq!(m["key"].to_string(), key.trim());
+    send(&mut b, 0x6000);
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = collector.stop();
+    let marked: Vec<_> = read_pcapng_file(&file).into_iter().filter(|p| is_marked(&p.data)).collect();
+    assert_eq!(marked.len(), 10, "copies from a then b: {}", stopped.stderr);
+    assert!(
+        marked.iter().all(|p| p.interface == "web (c-mig)"),
+        "one interface for the mirror on both nodes: {:?}\n{}",
+        marked.iter().map(|p| &p.interface).collect::<Vec<_>>(),
+        stopped.stderr
+    );
+    assert!(stopped.stderr.contains("web (c-mig): moved"), "{}", stopped.stderr);
+}
+
 /// The nodes registered in the fleet under `prefix` (`fleet nodes --json`).
 fn nodes_in(ctl: &Netns, ep: &str, prefix: &str) -> String {
     vmsniff::ok(ctl, &fleet_args(ep, &["--prefix", prefix, "nodes", "--json"]))
