@@ -171,6 +171,12 @@ struct Node {
 
 impl Node {
     fn new(name: &'static str, etcd: &Etcd, vm_here: bool) -> Node {
+        Node::with(name, etcd, vm_here, "", &[])
+    }
+
+    /// As [`Node::new`], with `extra` lines in the daemon's `[fleet]` and `env` in its
+    /// environment.
+    fn with(name: &'static str, etcd: &Etcd, vm_here: bool, extra: &str, env: &[(&str, &str)]) -> Node {
         let mut hv = Hypervisor::new();
         let mirror = hv.mirror_port();
         etcd.reach_from(&hv.ns);
@@ -180,7 +186,8 @@ impl Node {
         }
         write_node(&xml, vm_here);
         let uri = format!("test://{}", xml.display());
-        let daemon = Daemon::start_with(&hv.ns, &node_config(etcd, name, ""), &["--connect", &uri]);
+        let daemon =
+            Daemon::start_with_env(&hv.ns, &node_config(etcd, name, extra), &["--connect", &uri], env);
         Node { hv, mirror, xml, daemon }
     }
 
@@ -544,6 +551,38 @@ fn an_ovs_mode_fleet_mirror_is_a_mirror_row_on_the_node_holding_the_vm_and_leave
         "the other mirror changed"
     );
     let _ = std::fs::remove_file(&xml);
+}
+
+#[test]
+fn a_nodes_lease_and_watch_outlive_passes_that_hold_the_daemons_thread() {
+    if !privileged_on_host("a_nodes_lease_and_watch_outlive_passes_that_hold_the_daemons_thread", HOST_ONLY) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let ctl = Netns::new("ctl");
+    etcd.reach_from(&ctl);
+    let ep = etcd.endpoint();
+    let ep = ep.as_str();
+    // Every pass holds the daemon's thread for 3 s, longer than the node's 2-s lease, as eBPF
+    // loads did in the 6.1 guest (1.3 to 2.5 s at a time). The etcd client's per-request
+    // timeout is 1 s, shorter than the quiet spells of the watch.
+    let mut a =
+        Node::with("a", &etcd, true, "dial-timeout-seconds = 1\n", &[("VMSNIFF_TEST_PASS_STALL_MS", "3000")]);
+    wait_until("a registered", || nodes_in(&ctl, ep, "/vmsniff").contains("\"a\""));
+    // Quiet for 3 s (three request timeouts, several stalled passes): the node stays listed.
+    let quiet = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < quiet {
+        let nodes = nodes_in(&ctl, ep, "/vmsniff");
+        assert!(nodes.contains("\"a\""), "a's lease lapsed: {nodes}\n{}", a.daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A mirror declared now reaches a through the watch it opened at the start.
+    vmsniff::ok(&ctl, &fleet_args(ep, &["mirror", "web", "c-mig", "--to-dev", "mir0"]));
+    wait_mirror(&ctl, ep, "web", "active on a", |m| active_on(m, "a"));
+    assert_eq!(a.copies(3), 3, "copies on a");
+    let log = a.daemon.log();
+    assert!(!log.contains("trying again"), "a's etcd connection broke:\n{log}");
+    assert_eq!(log.matches("registered in etcd").count(), 1, "a registered again:\n{log}");
 }
 
 /// Whether this kernel has ip_gre (a fleet mirror `--to IP` sends through it); skips otherwise.
