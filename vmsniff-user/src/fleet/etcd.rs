@@ -187,6 +187,10 @@ impl EtcdSettings {
                 _ => e.clone(),
             })
             .collect();
+        // with_timeout is tonic's Endpoint::timeout: it bounds a call until etcd's response
+        // headers (a unary answer, a stream's first message), never a stream's later quiet, so
+        // the watch and the lease's keep-alive stream live on however long nothing happens
+        // (tests/fleet.rs leaves a 1-s-timeout watch quiet for 3 s).
         let mut options = ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout);
         if let Some(tls) = tls {
             options = options.with_tls(tls);
