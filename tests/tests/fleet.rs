@@ -820,6 +820,59 @@ fn collect_names_a_fleet_mirror_and_counts_its_moves_apart_from_losses() {
 }
 
 #[test]
+fn collect_follows_the_fleet_again_after_its_etcd_connection_dies_without_a_word() {
+    if !privileged_on_host(
+        "collect_follows_the_fleet_again_after_its_etcd_connection_dies_without_a_word",
+        "collect's etcd client is user space",
+    ) {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let senders = Netns::new("snd");
+    let col = Netns::new("col");
+    etcd.reach_from(&col);
+    let ep = etcd.endpoint();
+    senders.sh(&format!(
+        "ip link add snd0 type veth peer name col0 netns {col}
+         ip addr add 10.242.0.1/24 dev snd0
+         ip link set snd0 up",
+        col = col.name
+    ));
+    col.sh("ip addr add 10.242.0.2/24 dev col0; ip link set col0 up");
+    let file = etcd.dir.join("cut.pcapng");
+    let mut collector = Collector::start(
+        &col,
+        &["-w", file.to_str().unwrap(), "--fleet", "--endpoints", &ep, "--dial-timeout", "1", "-c", "3"],
+    );
+    // collect's connection to etcd goes silent both ways without closing (etcd's host lost, a
+    // firewall forgetting it); nothing is sent on a quiet watch, so only HTTP/2 pings find it
+    // dead. A mirror declared meanwhile (over a new connection) must be named all the same.
+    wait_until("collect's watch made", || etcd.watchers() >= 1);
+    let started = Instant::now();
+    etcd.cut_connections();
+    let key: u32 = vmsniff::ok(
+        &col,
+        &fleet_args(&ep, &["mirror", "web", "c-private", "--nic", "0", "--to", "10.242.0.2"]),
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    collector.wait_for_line("etcd answers again", Duration::from_secs(40));
+    eprintln!(
+        "fleet: collect found its dead etcd connection and read the fleet again in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let sender = GreSender::open(&senders, [10, 242, 0, 1]);
+    for seq in 0..3 {
+        let frame = frames::frame(frames::VM_MAC, frames::PEER_MAC, seq, 80);
+        sender.send([10, 242, 0, 2], &gre(Some(key * 2), Some(seq), 0x6558, &frame));
+    }
+    let stopped = collector.wait(Duration::from_secs(30));
+    let interfaces: Vec<String> = read_pcapng_file(&file).into_iter().map(|p| p.interface).collect();
+    assert_eq!(interfaces, ["web (c-private nic 0)"; 3], "{}", stopped.stderr);
+}
+
+#[test]
 fn fleet_commands_reach_etcd_over_tls_with_a_client_certificate_and_name_a_wrong_one() {
     if !privileged_on_host(
         "fleet_commands_reach_etcd_over_tls_with_a_client_certificate_and_name_a_wrong_one",
