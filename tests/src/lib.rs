@@ -14,6 +14,7 @@ pub mod etcd;
 pub mod foreign;
 pub mod frames;
 pub mod metrics;
+pub mod monitored;
 pub mod netns;
 pub mod nspawn;
 pub mod ovs;

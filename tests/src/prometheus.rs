@@ -80,6 +80,29 @@ impl Prometheus {
     }
 }
 
+impl Prometheus {
+    /// A range query through /api/v1/query_range from `start` to `end` (Unix seconds) every
+    /// `step` seconds: one element per series, `{"metric": {...}, "values": [[t, "v"], ...]}`.
+    /// Panics with Prometheus's error unless it succeeds.
+    pub fn query_range(&self, expr: &str, start: f64, end: f64, step: f64) -> Vec<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-s", "--max-time", "30"])
+            .args(["--data-urlencode", &format!("query={expr}")])
+            .args(["--data-urlencode", &format!("start={start}")])
+            .args(["--data-urlencode", &format!("end={end}")])
+            .args(["--data-urlencode", &format!("step={step}")])
+            .arg(format!("http://127.0.0.1:{PORT}/api/v1/query_range"))
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        let answer: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: not JSON from prometheus: {body}"));
+        assert_eq!(answer["status"], "success", "query_range {expr}\nanswered {answer}");
+        assert_eq!(answer["data"]["resultType"], "matrix", "query_range {expr}: {answer}");
+        answer["data"]["result"].as_array().expect("a matrix").clone()
+    }
+}
+
 /// The value of a vector element as Prometheus writes it, ["<time>", "<value>"].
 pub fn value(element: &Value) -> f64 {
     element["value"][1]

@@ -1,6 +1,8 @@
 //! The README's PromQL and the Grafana dashboard's queries, evaluated by a real Prometheus that
 //! scrapes a `vmsniff daemon --metrics` and a `vmsniff collect --metrics` after a known scene:
-//! each parses, and the loss budget gives the known numbers.
+//! each parses, and the loss budget gives the known numbers. A second scene joins the two ends
+//! for real (VXLAN and, where the kernel has ip_gre, GRE sessions toward one collector, with a
+//! known number of copies lost on the way) and checks the share that never arrived.
 // Test code throughout: helpers outside `#[test]` functions fail the test by panicking too.
 #![expect(clippy::unwrap_used, reason = "a failed step fails the test")]
 
@@ -11,11 +13,12 @@ use vmsniff_tests::{
     collect::{Collector, GreSender, gre},
     daemon::{Daemon, session_state},
     frames::{self, L4, PEER_MAC, VM_MAC, is_marked},
+    monitored::{COLLECTOR, HV, Monitored},
     netns::Netns,
-    privileged_on_host,
+    privileged_on_host, privileged_on_host_and_one_guest,
     prometheus::{self, Prometheus},
     skip,
-    topology::{Hypervisor, MIRROR_DEV, TAP},
+    topology::{Hypervisor, MIRROR_DEV, TAP, VmPort},
 };
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -205,5 +208,161 @@ fn readme_and_dashboard_promql_give_the_known_loss_budget() {
     drop(collector);
     let _ = std::fs::remove_file(&file);
     drop(daemon);
+    vmsniff_tests::vmsniff::ok(&hv.ns, &["detach", "--all"]);
+}
+
+/// Copies of one session that the scene sends and loses: `SENT_BEFORE` frames out arrive,
+/// `LOST` are diverted on the hypervisor's uplink, `SENT_AFTER` arrive; `INTO` frames into
+/// the VM arrive.
+const SENT_BEFORE: u32 = 10;
+const LOST: u32 = 4;
+const SENT_AFTER: u32 = 6;
+const INTO: u32 = 5;
+
+/// The u32 match of one encapsulation's copies on the hypervisor's uplink.
+fn copies_match(encap: &str) -> &'static str {
+    match encap {
+        "vxlan" => "match ip protocol 17 0xff match ip dport 4789 0xffff",
+        _ => "match ip protocol 47 0xff",
+    }
+}
+
+/// The README's "share of copies sent that never arrived" and the dashboard's panel of it,
+/// evaluated across a real join: a VXLAN session (and, where the kernel has ip_gre, a GRE
+/// session) of `vmsniff daemon` toward `vmsniff collect`, the hypervisor target labelled with
+/// its underlay address as the README's scrape config says, and a known number of each
+/// session's copies diverted away from the collector on the hypervisor's uplink.
+#[test]
+fn the_share_never_arrived_joins_both_ends_per_session() {
+    if !privileged_on_host_and_one_guest(
+        "the_share_never_arrived_joins_both_ends_per_session",
+        "the GRE half needs ip_gre (bookworm's kernel has it); the VXLAN half runs on the host",
+    ) {
+        return;
+    }
+    if !std::path::Path::new(prometheus::BINARY).exists() {
+        skip(&format!("{} is missing: `cargo xtask setup` installs Debian's prometheus", prometheus::BINARY));
+        return;
+    }
+    let probe = Netns::new("probe");
+    let vxlan = probe.try_sh("ip link add v0 type vxlan id 1 remote 192.0.2.1 dstport 4789").0;
+    let gre = probe.try_sh("ip link add g0 type gretap remote 192.0.2.1").0;
+    drop(probe);
+    if !gre {
+        eprintln!("this kernel cannot make gretap devices: the GRE session is left out here");
+    }
+    if !vxlan {
+        skip("this kernel cannot make vxlan devices");
+        return;
+    }
+    // (config name, encap, key, tap): key 7 on the first VM over VXLAN, key 9 on a second
+    // VM over GRE.
+    let mut sessions = vec![("vx", "vxlan", 7u32, TAP)];
+    if gre {
+        sessions.push(("gr", "gre", 9, "tapvm1"));
+    }
+
+    let mut hv = Hypervisor::new();
+    let mut second = gre.then(|| hv.add_vm("tapvm1", 1));
+    let tables: String = sessions
+        .iter()
+        .map(|(name, encap, key, tap)| {
+            format!("[session.{name}]\ntap = \"{tap}\"\nto = \"{COLLECTOR}\"\nencap = \"{encap}\"\nkey = {key}\n\n")
+        })
+        .collect();
+    let names: Vec<&str> = sessions.iter().map(|s| s.0).collect();
+    let scene = Monitored::start(&hv, &tables, &names, 1);
+    let prometheus = &scene.prometheus;
+
+    // Small frames: their copies are never fragmented, so one copy is one packet to divert.
+    let out = |range: std::ops::Range<u32>| -> Vec<Vec<u8>> {
+        range.map(|n| frames::frame(VM_MAC, PEER_MAC, n, 100)).collect()
+    };
+    let send = |hv: &mut Hypervisor, second: &mut Option<VmPort>, frames: &[Vec<u8>]| {
+        hv.vm_sends(frames);
+        if let Some(port) = second.as_mut() {
+            port.vm_sends(frames);
+        }
+    };
+    let wait = |expr: &str, want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = prometheus.query(expr);
+            if got.len() == 1 && prometheus::value(&got[0]) == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{expr}: {got:?}, not {want}\n{}", prometheus.log());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let arrived = |encap: &str, direction: &str, want: u32| {
+        wait(
+            &format!("vmsniff_collect_packets_total{{encap=\"{encap}\",direction=\"{direction}\"}}"),
+            f64::from(want),
+        );
+    };
+
+    send(&mut hv, &mut second, &out(0..SENT_BEFORE));
+    let into: Vec<Vec<u8>> = (0..INTO).map(|n| frames::frame(PEER_MAC, VM_MAC, 100 + n, 100)).collect();
+    hv.vm_receives(&into);
+    if let Some(port) = second.as_mut() {
+        port.vm_receives(&into);
+    }
+    for (_, encap, ..) in &sessions {
+        arrived(encap, "out", SENT_BEFORE);
+        arrived(encap, "in", INTO);
+    }
+    // The loss: every copy toward the collector goes to the sink while the VMs send LOST
+    // frames; the sink counts them, so none is still on its way when the rule goes.
+    for (prio, (_, encap, ..)) in (1..).zip(&sessions) {
+        scene.divert(prio, copies_match(encap));
+    }
+    send(&mut hv, &mut second, &out(SENT_BEFORE..SENT_BEFORE + LOST));
+    let diverted = u64::from(LOST) * sessions.len() as u64;
+    scene.wait_diverted(diverted);
+    scene.stop_diverting();
+    assert_eq!(scene.diverted(), diverted, "the sink had the lost copies only");
+    send(&mut hv, &mut second, &out(SENT_BEFORE + LOST..SENT_BEFORE + LOST + SENT_AFTER));
+
+    let sent = SENT_BEFORE + LOST + SENT_AFTER;
+    for (_, encap, ..) in &sessions {
+        wait(
+            &format!("vmsniff_copies_total{{job=\"vmsniff\",encap=\"{encap}\",direction=\"out\"}}"),
+            f64::from(sent),
+        );
+        wait(
+            &format!("vmsniff_copies_total{{job=\"vmsniff\",encap=\"{encap}\",direction=\"in\"}}"),
+            f64::from(INTO),
+        );
+        arrived(encap, "out", SENT_BEFORE + SENT_AFTER);
+    }
+    if gre {
+        // GRE's sequence numbers tell the gap at the collector.
+        wait("vmsniff_collect_lost_total{encap=\"gre\",direction=\"out\"}", f64::from(LOST));
+    }
+    // Two more scrapes, so that every increase() has two samples of each series.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The README's query and the dashboard's panel: per (sender, key, direction), exactly the
+    // share lost, 4 of 20 out and none of 5 in, for each session; nothing else.
+    let readme = readme_queries();
+    let share =
+        readme.iter().find(|q| q.contains("vmsniff_collect_lost_total") && q.contains("/ on")).unwrap();
+    let panel =
+        dashboard_queries().into_iter().find(|(title, _)| title.starts_with("Lost on the way")).unwrap().1;
+    for expr in [share, &panel] {
+        let shares = prometheus.query(&as_totals(expr));
+        for (_, encap, key, _) in &sessions {
+            let key = key.to_string();
+            let of = |direction| by(&shares, &[("sender", HV), ("key", &key), ("direction", direction)]);
+            assert_eq!(of("out"), f64::from(LOST) / f64::from(sent), "{encap} out: {expr}\n{shares:#?}");
+            assert_eq!(of("in"), 0.0, "{encap} in: {expr}\n{shares:#?}");
+        }
+        assert_eq!(shares.len(), 2 * sessions.len(), "one share per session and direction: {shares:#?}");
+        // As written (increase() over the scene's few seconds): the same series.
+        assert_eq!(prometheus.query(expr).len(), shares.len(), "{expr}");
+    }
+
+    drop(scene);
     vmsniff_tests::vmsniff::ok(&hv.ns, &["detach", "--all"]);
 }

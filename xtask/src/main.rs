@@ -1,5 +1,7 @@
-//! Project commands: `cargo xtask setup | demo | test | bench | deb | vm-run | vm-test`.
+//! Project commands: `cargo xtask setup | demo | test | bench | deb | vm-run | vm-test |
+//! dashboard-picture`.
 mod bench;
+mod dashboard;
 mod deb;
 mod demo;
 mod setup;
@@ -38,6 +40,9 @@ enum Command {
     VmRun(vm::VmRunArgs),
     /// Run the privileged test suite inside Debian kernels under QEMU (and on the host).
     VmTest(vm::VmTestArgs),
+    /// Draw docs/dashboard.png: the Grafana dashboard's panels from their own queries against a
+    /// real Prometheus that scraped both ends during a test scene (as root; not Grafana).
+    DashboardPicture(dashboard::DashboardArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Deb => deb::run_command(&workspace),
         Command::VmRun(args) => vm::run_command(args, &workspace),
         Command::VmTest(args) => vm::test_command(args, &workspace),
+        Command::DashboardPicture(args) => dashboard::run(args, &workspace),
     }
 }
 

@@ -26,7 +26,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libpcap-dev", "vmsniff compiles --filter expressions with libpcap"),
     ("netsniff-ng", "trafgen: the benchmark's VM sends small frames at a set rate or as fast as it can"),
     ("iperf3", "the benchmark's VM sends TCP bulk traffic"),
-    ("fonts-dejavu-core", "the benchmark's chart is drawn with DejaVu Sans"),
+    ("fonts-dejavu-core", "the benchmark's chart and the dashboard's picture are drawn with DejaVu Sans"),
     ("dpkg-dev", "dpkg-shlibdeps: cargo-deb computes the Debian package's Depends with it"),
     ("lintian", "`cargo xtask deb` and the package test check the package with lintian"),
     ("systemd-container", "systemd-nspawn: the package test boots a real systemd to run the service"),

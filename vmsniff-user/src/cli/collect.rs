@@ -1,5 +1,5 @@
 //! `vmsniff collect`: the collector's side. Receives vmsniff's (and Open vSwitch's) GRE and
-//! ERSPAN copies over IPv4 and IPv6 through raw sockets, and VXLAN on a UDP port, and writes
+//! ERSPAN copies over IPv4 and IPv6, and VXLAN on a UDP port, through a TPACKET_V3 ring, and writes
 //! pcapng with one interface per sender and session, each packet's direction in its flags.
 use std::{net::SocketAddr, path::PathBuf, sync::Mutex};
 
@@ -12,6 +12,7 @@ use crate::{
         names::{Names, NamesArg, parse_names_arg},
         pcapng::{Destination, Rotate, parse_rotate},
         receive::{self, Cidr, Ended, Options, parse_cidr},
+        ring::DEFAULT_RING_MIB,
         stats::{DEFAULT_MAX_STREAMS, MAX_STREAMS_LIMIT, SharedStats, Stats, lock, render_summary},
     },
     metrics,
@@ -73,6 +74,12 @@ pub struct CollectArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STREAMS, value_parser = parse_max_streams)]
     pub max_streams: usize,
 
+    /// The receive ring's size in MiB: the kernel holds copies there until collect writes them
+    /// (bursts from many hypervisors at once). What does not fit is counted as socket drops.
+    #[arg(short = 'B', long, value_name = "MIB", default_value_t = DEFAULT_RING_MIB,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(4..=4096))]
+    pub buffer_size: usize,
+
     #[command(flatten)]
     pub etcd: EtcdArgs,
 }
@@ -115,6 +122,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         count: args.count,
         names,
         plain_gre: args.plain_gre,
+        ring_mib: args.buffer_size,
     };
     let ended = receive::run(&options, &stats).await?;
     let stats = lock(&stats);

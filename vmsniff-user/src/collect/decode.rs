@@ -107,6 +107,14 @@ pub enum Undecodable {
     TruncatedVxlan,
     #[error("VXLAN without a VNI (I flag clear)")]
     VxlanFlags,
+    #[error("addressed to another host")]
+    NotForThisHost,
+    #[error("IPv6 fragment (not reassembled)")]
+    Ipv6Fragment,
+    #[error("overlapping or oversized IPv4 fragments")]
+    BadFragment,
+    #[error("IPv4 fragments never completed")]
+    FragmentsIncomplete,
 }
 
 /// Decodes one packet as a raw IPv4 socket returns it: the IPv4 header, then GRE.

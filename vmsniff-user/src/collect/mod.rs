@@ -2,5 +2,7 @@
 pub mod decode;
 pub mod names;
 pub mod pcapng;
+pub mod reassembly;
 pub mod receive;
+pub mod ring;
 pub mod stats;

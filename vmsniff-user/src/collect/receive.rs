@@ -1,6 +1,7 @@
-//! The receive loop: raw sockets for GRE over IPv4 and IPv6 (protocol 47; CAP_NET_RAW is
-//! enough, no tunnel device) and, with `--vxlan-port`, a UDP socket for VXLAN (no privilege at
-//! all above port 1023); decode, count, write; signals for the summary and the end.
+//! The receive loop: with CAP_NET_RAW, a TPACKET_V3 ring for GRE over IPv4 and IPv6 and for
+//! VXLAN (ring.rs; no tunnel device), raw sockets where the ring cannot be had; without it, a
+//! UDP socket for VXLAN alone (no privilege at all above port 1023); decode, count, write;
+//! signals for the summary and the end.
 use std::{
     io::{self, IsTerminal as _, Write as _},
     net::{IpAddr, Ipv6Addr},
@@ -20,6 +21,8 @@ use super::{
     decode::{self, Copy, Kind},
     names::Names,
     pcapng::{Capture, Destination, FLUSH_INTERVAL, Interface, Packet, PcapngError, Rotate},
+    reassembly::{self, Offered, Reassembly},
+    ring::{self, Classified, LocalAddresses, Repeats, Ring},
     stats::{InterfaceKey, SharedStats, Stats, StreamKey, lock, render_live, render_summary},
 };
 use crate::model::wire::pcapng_direction_flags;
@@ -32,7 +35,7 @@ const RECEIVE_BUFFER: usize = 8 << 20;
 #[derive(Debug, Error)]
 pub enum CollectError {
     #[error(
-        "cannot open a raw IPv4 socket for GRE: vmsniff collect needs CAP_NET_RAW for GRE and ERSPAN \
+        "cannot open a packet socket for GRE: vmsniff collect needs CAP_NET_RAW for GRE and ERSPAN \
          (run it as root, or grant it with `setcap cap_net_raw+ep $(command -v vmsniff)`); VXLAN \
          alone (--vxlan-port) needs no privilege"
     )]
@@ -106,6 +109,8 @@ pub struct Options {
     pub names: Names,
     /// `--plain-gre`: record GRE without vmsniff's sequence numbers whatever its key.
     pub plain_gre: bool,
+    /// `--buffer-size`: the receive ring's size in MiB.
+    pub ring_mib: usize,
 }
 
 /// What one socket receives.
@@ -135,7 +140,7 @@ struct Received {
 }
 
 /// A fresh non-blocking socket, or the OS error.
-fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+pub(super) fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked.
     let raw = unsafe { libc::socket(domain, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol) };
     if raw < 0 {
@@ -145,32 +150,106 @@ fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// Where copies are read from.
+struct Receivers {
+    /// The ring, when this process may have one; it reads GRE and VXLAN alike.
+    ring: Option<AsyncFd<Ring>>,
+    /// Sockets read one datagram at a time: VXLAN without CAP_NET_RAW, or everything where the
+    /// ring could not be set up.
+    sockets: Vec<Socket>,
+    /// Sockets beside the ring that take nothing (a drop-all filter): they keep the host from
+    /// answering copies with ICMP "unreachable", and hold the VXLAN port.
+    _quiet: Vec<OwnedFd>,
+}
+
+/// Index of the ring in `Stats::socket_drops` (the sockets use their [`Listener`]'s).
+const RING_DROPS: usize = 16;
+
+impl Receivers {
+    /// What `options` ask for. Must be called inside a tokio runtime.
+    fn open(options: &Options) -> Result<Receivers, CollectError> {
+        match Ring::open(options.vxlan_port, options.ring_mib) {
+            Ok(ring) => {
+                let mut quiet = Vec::new();
+                for (domain, name) in [(libc::AF_INET, "IPv4"), (libc::AF_INET6, "IPv6")] {
+                    match socket(domain, libc::SOCK_RAW, libc::IPPROTO_GRE) {
+                        Ok(fd) => quiet.push(fd),
+                        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
+                        Err(source) => {
+                            log::warn!("cannot open a raw {name} GRE socket beside the ring: {source}");
+                            continue;
+                        }
+                    }
+                }
+                if let Some(port) = options.vxlan_port {
+                    quiet.push(udp_socket(port)?);
+                }
+                for fd in &quiet {
+                    ring::attach_program(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_ATTACH_FILTER,
+                        &ring::drop_all_filter(),
+                    )
+                    .map_err(|source| CollectError::Socket {
+                        op: "cannot attach a filter to a socket beside the ring",
+                        source,
+                    })?;
+                }
+                // SAFETY: the AsyncFd owns the ring and its descriptor, open for as long as it lives.
+                let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                    .map_err(|e| CollectError::Socket {
+                        op: "cannot poll the receive ring",
+                        source: e.into_parts().1,
+                    })?;
+                Ok(Receivers { ring: Some(ring), sockets: Vec::new(), _quiet: quiet })
+            }
+            Err(e) if matches!(e.source.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+                let Some(port) = options.vxlan_port else {
+                    return Err(CollectError::NoPermission(e.source));
+                };
+                log::warn!("no CAP_NET_RAW: receiving VXLAN only (GRE and ERSPAN need CAP_NET_RAW)");
+                let sockets = vec![Socket::ready(udp_socket(port)?, Listener::Vxlan)?];
+                Ok(Receivers { ring: None, sockets, _quiet: Vec::new() })
+            }
+            Err(e) => {
+                log::warn!("{}: {}; reading copies through sockets instead (slower)", e.op, e.source);
+                Ok(Receivers { ring: None, sockets: Socket::open_all(options)?, _quiet: Vec::new() })
+            }
+        }
+    }
+
+    /// Copies the ring dropped since the last call, into `stats`.
+    fn count_drops(&self, stats: &SharedStats) {
+        if let Some(ring) = &self.ring {
+            match ring.get_ref().take_drops() {
+                Ok(0) => {}
+                Ok(n) => *lock(stats).socket_drops.entry(RING_DROPS).or_default() += n,
+                Err(e) => log::warn!("cannot read the receive ring's drop count: {e}"),
+            }
+        }
+    }
+}
+
 impl Socket {
-    /// The sockets `options` ask for. Must be called inside a tokio runtime.
+    /// The sockets `options` ask for, where the ring cannot be had. Must be called inside a
+    /// tokio runtime.
     fn open_all(options: &Options) -> Result<Vec<Socket>, CollectError> {
         let mut sockets = Vec::new();
         match socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_GRE) {
             Ok(fd) => sockets.push(Socket::ready(fd, Listener::GreV4)?),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
-                if options.vxlan_port.is_none() {
-                    return Err(CollectError::NoPermission(e));
-                }
-                log::warn!("no CAP_NET_RAW: receiving VXLAN only (GRE and ERSPAN need raw sockets)");
-            }
             Err(source) => {
                 return Err(CollectError::Socket { op: "cannot open a raw IPv4 socket for GRE", source });
             }
         }
-        if !sockets.is_empty() {
-            match socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_GRE) {
-                Ok(fd) => sockets.push(Socket::ready(fd, Listener::GreV6)?),
-                // A host without IPv6 receives GRE over IPv4 only.
-                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-                    log::warn!("this host has no IPv6: receiving GRE over IPv4 only");
-                }
-                Err(source) => {
-                    return Err(CollectError::Socket { op: "cannot open a raw IPv6 socket for GRE", source });
-                }
+        match socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_GRE) {
+            Ok(fd) => sockets.push(Socket::ready(fd, Listener::GreV6)?),
+            // A host without IPv6 receives GRE over IPv4 only.
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                log::warn!("this host has no IPv6: receiving GRE over IPv4 only");
+            }
+            Err(source) => {
+                return Err(CollectError::Socket { op: "cannot open a raw IPv6 socket for GRE", source });
             }
         }
         if let Some(port) = options.vxlan_port {
@@ -358,10 +437,15 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
         signal(SignalKind::hangup())?,
         signal(SignalKind::user_defined1())?,
     );
-    let sockets = Socket::open_all(options)?;
+    let receivers = Receivers::open(options)?;
+    let sockets = &receivers.sockets;
     let mut batch = Batch::new();
+    let mut local = LocalAddresses::new();
+    let mut fragments = Reassembly::default();
+    let mut repeats = Repeats::new();
     let mut capture: Capture<InterfaceKey> = Capture::open(options.destination.clone(), options.rotate)?;
-    let what = match (sockets.iter().any(|s| s.listener != Listener::Vxlan), options.vxlan_port) {
+    let gre = receivers.ring.is_some() || sockets.iter().any(|s| s.listener != Listener::Vxlan);
+    let what = match (gre, options.vxlan_port) {
         (true, Some(port)) => format!("GRE and ERSPAN copies, and VXLAN on UDP port {port},"),
         (false, Some(port)) => format!("VXLAN copies on UDP port {port}"),
         (_, None) => "GRE and ERSPAN copies".to_owned(),
@@ -385,6 +469,7 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
                 eprint!("{}", render_summary(&lock(stats), label));
             }
             _ = ticker.tick() => {
+                receivers.count_drops(stats);
                 if let Err(e) = capture.flush().and_then(|()| capture.rotate_if_due()) {
                     break pipe_or_error(e)?;
                 }
@@ -393,7 +478,18 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
                     let _ = io::stderr().flush();
                 }
             }
-            (ready, index, _) = select_all(sockets.iter().map(|s| Box::pin(s.fd.readable()))) => {
+            ready = ring_readable(receivers.ring.as_ref()) => {
+                let mut guard =
+                    ready.map_err(|source| CollectError::Socket { op: "waiting for the receive ring", source })?;
+                // Held for a few blocks, no await inside: a scrape waits at most that long.
+                match receive_ring(&mut guard, &mut local, &mut fragments, &mut repeats, options, stats, &mut capture) {
+                    Ok(false) => {}
+                    Ok(true) => break Ended::Count,
+                    Err(CollectError::Capture(e)) => break pipe_or_error(e)?,
+                    Err(e) => return Err(e),
+                }
+            }
+            (ready, index) = sockets_readable(sockets) => {
                 let mut guard = ready.map_err(|source| CollectError::Socket { op: "waiting for packets", source })?;
                 let listener = sockets[index].listener;
                 // Held for one batch, no await inside: a scrape waits at most that long.
@@ -411,6 +507,7 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
     if live {
         eprintln!();
     }
+    receivers.count_drops(stats);
     match capture.flush() {
         Ok(()) => {}
         Err(e) => {
@@ -418,6 +515,128 @@ pub async fn run(options: &Options, stats: &SharedStats) -> Result<Ended, Collec
         }
     }
     Ok(ended)
+}
+
+/// The ring's next wakeup; never, without a ring.
+async fn ring_readable(
+    ring: Option<&AsyncFd<Ring>>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, Ring>> {
+    match ring {
+        Some(ring) => ring.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The first socket with packets, and its index; never, without sockets.
+async fn sockets_readable(
+    sockets: &[Socket],
+) -> (io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>>, usize) {
+    if sockets.is_empty() {
+        return std::future::pending().await;
+    }
+    let (ready, index, _) = select_all(sockets.iter().map(|s| Box::pin(s.fd.readable()))).await;
+    (ready, index)
+}
+
+/// Blocks read from the ring per wakeup before signals and timers get their turn.
+const RING_BLOCKS: usize = 8;
+
+/// Reads the ring's ready blocks, up to [`RING_BLOCKS`]; `Ok(true)` once `--count` copies are
+/// written. Readiness is cleared only once the ring is seen empty after clearing it, so a block
+/// handed over meanwhile is never left waiting for the next one.
+fn receive_ring(
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, Ring>,
+    local: &mut LocalAddresses,
+    fragments: &mut Reassembly,
+    repeats: &mut Repeats,
+    options: &Options,
+    stats: &SharedStats,
+    capture: &mut Capture<InterfaceKey>,
+) -> Result<bool, CollectError> {
+    let ring = guard.get_inner();
+    for _ in 0..RING_BLOCKS {
+        let mut stats = lock(stats);
+        let mut outcome = Ok(false);
+        let read = ring.read_block(|packet| {
+            if repeats.repeat(&packet) {
+                return true;
+            }
+            outcome = handle_ring_packet(
+                packet.data,
+                packet.timestamp,
+                local,
+                fragments,
+                options,
+                &mut stats,
+                capture,
+            );
+            matches!(outcome, Ok(false))
+        });
+        let given_up = fragments.take_given_up();
+        if given_up > 0 {
+            *stats.undecodable.entry(decode::Undecodable::FragmentsIncomplete).or_default() += given_up;
+        }
+        if !matches!(outcome, Ok(false)) {
+            return outcome;
+        }
+        if !read {
+            guard.clear_ready();
+            if !guard.get_inner().ready() {
+                return Ok(false);
+            }
+        }
+    }
+    // More to read: readiness is kept, so the loop comes straight back.
+    Ok(false)
+}
+
+/// Sorts, decodes, counts and writes one packet from the ring.
+fn handle_ring_packet(
+    packet: &[u8],
+    timestamp: Duration,
+    local: &mut LocalAddresses,
+    fragments: &mut Reassembly,
+    options: &Options,
+    stats: &mut Stats,
+    capture: &mut Capture<InterfaceKey>,
+) -> Result<bool, CollectError> {
+    let whole;
+    let mut packet = packet;
+    if packet.first().is_some_and(|b| b >> 4 == 4) {
+        match ring::ipv4_for_this_host(packet, local) {
+            Ok(fragment) if reassembly::is_fragment(fragment) => match fragments.offer(fragment, timestamp) {
+                Offered::Complete(datagram) => {
+                    whole = datagram;
+                    packet = &whole;
+                }
+                Offered::Pending => return Ok(false),
+                Offered::Refused(why) => {
+                    stats.undecodable(why);
+                    return Ok(false);
+                }
+            },
+            Ok(_) => {}
+            Err(why) => {
+                stats.undecodable(why);
+                return Ok(false);
+            }
+        }
+    }
+    match ring::classify(packet, options.vxlan_port, local) {
+        Ok(Classified::GreV4(packet)) => {
+            handle(Listener::GreV4, packet, None, timestamp, options, stats, capture)
+        }
+        Ok(Classified::GreV6 { sender, gre }) => {
+            handle(Listener::GreV6, gre, Some(sender), timestamp, options, stats, capture)
+        }
+        Ok(Classified::Vxlan { sender, datagram }) => {
+            handle(Listener::Vxlan, datagram, Some(sender), timestamp, options, stats, capture)
+        }
+        Err(why) => {
+            stats.undecodable(why);
+            Ok(false)
+        }
+    }
 }
 
 /// A closed pipe ends the capture as tcpdump's does; any other write error is fatal.
@@ -576,6 +795,7 @@ mod tests {
             count: None,
             names: Names::default(),
             plain_gre: false,
+            ring_mib: ring::DEFAULT_RING_MIB,
         };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();
@@ -630,6 +850,7 @@ mod tests {
                 count: None,
                 names: names.clone(),
                 plain_gre,
+                ring_mib: ring::DEFAULT_RING_MIB,
             };
             let mut stats = Stats::default();
             let mut capture = Capture::open(options.destination.clone(), None).unwrap();
@@ -715,6 +936,7 @@ mod tests {
             count: Some(3),
             names: Names::default(),
             plain_gre: false,
+            ring_mib: ring::DEFAULT_RING_MIB,
         };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();

@@ -8,6 +8,7 @@
 //! datapath and GRE), where the command runs itself with `--guest` and prints its results as
 //! one JSON line on the console.
 mod chart;
+mod collector;
 mod configs;
 mod filters;
 mod fleet;
@@ -53,6 +54,10 @@ pub struct BenchArgs {
     /// it measures that guest's kernel.
     #[arg(long)]
     prog_run: bool,
+    /// Only the collector's table: vmsniff collect, tcpdump and tshark on the same GRE flood
+    /// (a few minutes). Prints the table, writes nothing.
+    #[arg(long)]
+    collector: bool,
     /// Run the guest part and print its results (the command passes this to itself in QEMU).
     #[arg(long, hide = true)]
     guest: bool,
@@ -125,6 +130,23 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
         print!("{out}");
         return Ok(());
     }
+    if args.collector {
+        if !args.guest {
+            crate::setup::run()?;
+            crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;
+        }
+        let copies = if args.quick { collector::COPIES / 10 } else { collector::COPIES };
+        let release = release_vmsniff(workspace)?;
+        let mut out = String::new();
+        collector::section(
+            &mut out,
+            args.rounds(),
+            copies,
+            &collector::run(args.rounds(), copies, &release)?,
+        )?;
+        print!("{out}");
+        return Ok(());
+    }
     if args.guest {
         let part = measure::run(&args.plan(true), Switch::Ovs, Tunnel::Gre, &vmsniff)?;
         println!("{RESULT_PREFIX}{}", serde_json::to_string(&part)?);
@@ -142,6 +164,9 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     let filter_samples = filters::run(args.rounds(), filter_frames, &vmsniff)?;
     eprintln!("\n==> this kernel: the tap program's time by path (BPF_PROG_TEST_RUN)");
     let prog_samples = progrun::run(args.rounds(), &vmsniff)?;
+    eprintln!("\n==> this kernel: the collector against tcpdump and tshark");
+    let copies = if args.quick { collector::COPIES / 10 } else { collector::COPIES };
+    let collector_samples = collector::run(args.rounds(), copies, &release_vmsniff(workspace)?)?;
     let guest = if args.host_only {
         None
     } else {
@@ -178,6 +203,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     }
     filters::section(&mut out, args.rounds(), filter_frames, &filter_samples)?;
     progrun::section(&mut out, args.rounds(), &prog_samples)?;
+    collector::section(&mut out, args.rounds(), copies, &collector_samples)?;
     out.push_str(LIMITS);
     std::fs::write(workspace.join("BENCHMARKS.md"), &out).context("writing BENCHMARKS.md")?;
     let mut parts = vec![("this kernel", &host)];
@@ -236,6 +262,16 @@ fn guest_part(args: &BenchArgs) -> anyhow::Result<Part> {
         bail!("the guest part failed ({status}): see its output above");
     }
     part.context("the guest part printed no results")
+}
+
+/// The collector's work is all in user space: it is measured as operators run it, built for
+/// release (`VMSNIFF_BIN` overrides, as for the rest).
+fn release_vmsniff(workspace: &Path) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(bin) = std::env::var_os("VMSNIFF_BIN") {
+        return Ok(bin.into());
+    }
+    crate::test::cargo(workspace, &["build", "--release", "-p", "vmsniff-user"])?;
+    Ok(crate::target_dir(workspace).join("release/vmsniff"))
 }
 
 fn loadavg() -> String {

@@ -1,0 +1,290 @@
+//! The collector's cost: `vmsniff collect -w` against `tcpdump -w` and `tshark -w` on the same
+//! flood of GRE copies (60-byte frames, one session per sender) that trafgen sends into a
+//! collector namespace as fast as one CPU can. Per tool and number of senders: copies offered
+//! per second, the share kept (written), and the tool's CPU time per copy (its process and
+//! children: tshark's dumpcap). trafgen runs on CPU 0 and the tool on CPU 1, so that the two
+//! never share a CPU; the kernel's receive work happens on the sender's CPU for every tool
+//! alike (a veth delivers in the sender's softirq).
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use vmsniff_tests::netns::Netns;
+
+/// Copies per run.
+pub const COPIES: u64 = 1_000_000;
+/// Senders per run: one hypervisor, and several at once.
+const SENDERS: [usize; 2] = [1, 4];
+const COLLECTOR: &str = "10.250.0.2";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Vmsniff,
+    Tcpdump,
+    Tshark,
+}
+
+impl Tool {
+    const ALL: [Tool; 3] = [Tool::Vmsniff, Tool::Tcpdump, Tool::Tshark];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Vmsniff => "vmsniff collect -w",
+            Tool::Tcpdump => "tcpdump -w (-B 8192)",
+            Tool::Tshark => "tshark -w",
+        }
+    }
+
+    /// The command line, capturing into `file`.
+    fn command(self, vmsniff: &Path, file: &Path) -> Vec<String> {
+        let file = file.display().to_string();
+        let args: Vec<&str> = match self {
+            Tool::Vmsniff => vec!["collect", "-w", &file],
+            Tool::Tcpdump => vec!["tcpdump", "-n", "-i", "col0", "-B", "8192", "-w", &file, "proto", "47"],
+            Tool::Tshark => vec!["tshark", "-n", "-q", "-i", "col0", "-w", &file, "-f", "proto 47"],
+        };
+        let mut line = vec![];
+        if self == Tool::Vmsniff {
+            line.push(vmsniff.display().to_string());
+        }
+        line.extend(args.into_iter().map(str::to_owned));
+        line
+    }
+
+    /// What the tool prints on stderr once it is capturing.
+    fn ready(self) -> &'static str {
+        match self {
+            Tool::Vmsniff => "collecting",
+            Tool::Tcpdump => "listening on",
+            Tool::Tshark => "Capturing on",
+        }
+    }
+}
+
+pub struct Sample {
+    tool: Tool,
+    senders: usize,
+    offered_per_s: f64,
+    kept: f64,
+    ns_per_copy: f64,
+}
+
+pub fn run(rounds: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        for senders in SENDERS {
+            for tool in Tool::ALL {
+                super::check_interrupted()?;
+                let sample = one(tool, senders, copies, vmsniff)
+                    .with_context(|| format!("{} with {senders} sender(s)", tool.name()))?;
+                eprintln!(
+                    "bench: collector round {}: {} from {senders} sender(s): {:.0} copies/s offered, {:.1} % kept, {:.0} ns/copy",
+                    round + 1,
+                    tool.name(),
+                    sample.offered_per_s,
+                    sample.kept * 100.0,
+                    sample.ns_per_copy
+                );
+                samples.push(sample);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// trafgen's packets: one GRE copy per sender (vmsniff's GRE: key and sequence number),
+/// sent in turn; the sequence number's low byte counts up.
+fn trafgen_config(senders: usize, collector_mac: &str, sender_mac: &str) -> String {
+    (0..senders)
+        .map(|i| {
+            format!(
+                "{{\n  eth(da={collector_mac}, sa={sender_mac}, type=0x0800),\n  \
+                 ipv4(saddr=10.250.0.{}, daddr={COLLECTOR}, proto=47, ttl=64),\n  \
+                 0x30, 0x00, 0x65, 0x58,\n  0x00, 0x00, 0x00, 0x08,\n  0x00, 0x00, 0x00, dinc(0, 255, 1),\n  \
+                 0x52, 0x54, 0x00, 0x00, 0x00, 0x01, 0x52, 0x54, 0x00, 0x00, 0x00, 0x02, 0x08, 0x00,\n  \
+                 fill(0x00, 46)\n}}\n",
+                10 + i
+            )
+        })
+        .collect()
+}
+
+fn mac(ns: &Netns, dev: &str) -> anyhow::Result<String> {
+    let json = ns.sh(&format!("ip -j link show {dev}"));
+    let v: serde_json::Value = serde_json::from_str(&json).context("ip -j link")?;
+    v[0]["address"].as_str().map(str::to_owned).context("no link address")
+}
+
+fn one(tool: Tool, senders: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Sample> {
+    let snd = Netns::new("cbsnd");
+    let col = Netns::new("cbcol");
+    snd.sh(&format!("ip link add snd0 type veth peer name col0 netns {}", col.name));
+    for i in 0..senders {
+        snd.sh(&format!("ip addr add 10.250.0.{}/24 dev snd0", 10 + i));
+    }
+    snd.sh("ip link set snd0 up; ip link set lo up");
+    col.sh(&format!("ip addr add {COLLECTOR}/24 dev col0; ip link set col0 up; ip link set lo up"));
+    let dir = tempdir()?;
+    let config = dir.join("gre.cfg");
+    std::fs::write(&config, trafgen_config(senders, &mac(&col, "col0")?, &mac(&snd, "snd0")?))?;
+    let file = dir.join("capture");
+    let stderr = dir.join("stderr");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &col.name, "taskset", "-c", "1"])
+        .args(tool.command(vmsniff, &file))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr)?)
+        .spawn()
+        .context("starting the tool")?;
+    let result = measure(tool, &snd, &config, &stderr, copies, &mut child);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT);
+    let waited = wait(&mut child, Duration::from_secs(20));
+    let (offered_per_s, cpu) = result?;
+    waited?;
+    let text = std::fs::read_to_string(&stderr)?;
+    let kept = kept(tool, &text).with_context(|| format!("no count in the tool's output:\n{text}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Sample {
+        tool,
+        senders,
+        offered_per_s,
+        kept: kept as f64 / copies as f64,
+        ns_per_copy: cpu.as_nanos() as f64 / copies as f64,
+    })
+}
+
+/// Waits for the tool, floods, lets it drain: the offered rate and the tool's CPU time.
+fn measure(
+    tool: Tool,
+    snd: &Netns,
+    config: &Path,
+    stderr: &Path,
+    copies: u64,
+    child: &mut Child,
+) -> anyhow::Result<(f64, Duration)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(stderr)?.contains(tool.ready()) {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            bail!("the tool did not start capturing: {}", std::fs::read_to_string(stderr)?);
+        }
+        super::sleep(Duration::from_millis(100))?;
+    }
+    super::sleep(Duration::from_millis(500))?;
+    let pid = child.id();
+    let before = tree_cpu(pid)?;
+    let started = Instant::now();
+    let status = Command::new("ip")
+        .args(["netns", "exec", &snd.name, "taskset", "-c", "0", "trafgen", "-o", "snd0", "-q", "-c"])
+        .arg(config)
+        .args(["-n", &copies.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running trafgen")?;
+    let sent_in = started.elapsed();
+    if !status.success() {
+        bail!("trafgen failed: {status}");
+    }
+    // What is queued is read within this long; the CPU it takes counts.
+    super::sleep(Duration::from_millis(1500))?;
+    let after = tree_cpu(pid)?;
+    Ok((copies as f64 / sent_in.as_secs_f64(), after.saturating_sub(before)))
+}
+
+/// CPU time of a process and its descendants, every thread, to the nanosecond (schedstat's
+/// run time: the clock-tick counts of /proc/PID/stat are too coarse for 100 ns per copy).
+fn tree_cpu(pid: u32) -> anyhow::Result<Duration> {
+    let mut total = 0u64;
+    let mut pending = vec![pid];
+    while let Some(pid) = pending.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) {
+                total += stat.split_whitespace().next().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            }
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                pending.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+fn wait(child: &mut Child, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the tool did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Copies the tool says it wrote.
+fn kept(tool: Tool, stderr: &str) -> Option<u64> {
+    match tool {
+        // The summary's rows: ... DIR PACKETS BYTES LOST REORDERED.
+        Tool::Vmsniff => Some(
+            stderr
+                .lines()
+                .filter(|l| l.starts_with("10.250.0."))
+                .filter_map(|l| l.split_whitespace().rev().nth(3)?.parse::<u64>().ok())
+                .sum(),
+        ),
+        Tool::Tcpdump | Tool::Tshark => {
+            stderr.lines().find_map(|l| l.trim().strip_suffix(" packets captured")?.trim().parse().ok())
+        }
+    }
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("vmsniff-bench-collector-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // tcpdump drops to its own user before writing.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    Ok(dir)
+}
+
+pub fn section(out: &mut String, rounds: usize, copies: u64, samples: &[Sample]) -> anyhow::Result<()> {
+    writeln!(out, "## The collector: vmsniff collect, tcpdump and tshark on the same flood (this kernel)\n")?;
+    writeln!(
+        out,
+        "vmsniff built for release. trafgen sends {copies} GRE copies (vmsniff's GRE, 60-byte frames) as fast as one CPU can, from 1 \
+         or 4 sender addresses in turn, over a veth into a collector namespace; each tool writes them to a \
+         file. CPU per copy is the tool's own run time (every thread, its children included: tshark's \
+         dumpcap; from schedstat, in ns) pinned to another CPU than trafgen; the kernel's copying into the sockets happens in the \
+         sender's softirq for every tool alike. Median of {rounds} rounds, min–max; the tools alternate \
+         within each round.\n"
+    )?;
+    writeln!(out, "| Tool | Senders | Copies/s offered | Kept | CPU ns per copy | min–max |")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
+    for senders in SENDERS {
+        for tool in Tool::ALL {
+            let of = |f: fn(&Sample) -> f64| -> Vec<f64> {
+                samples.iter().filter(|s| s.tool == tool && s.senders == senders).map(f).collect()
+            };
+            let offered = super::report::Stats::of(&of(|s| s.offered_per_s));
+            let kept = super::report::Stats::of(&of(|s| s.kept));
+            let ns = super::report::Stats::of(&of(|s| s.ns_per_copy));
+            writeln!(
+                out,
+                "| {} | {senders} | {:.0} | {:.2} % (min {:.2} %) | {:.0} | {:.0}–{:.0} |",
+                tool.name(),
+                offered.median,
+                kept.median * 100.0,
+                kept.min * 100.0,
+                ns.median,
+                ns.min,
+                ns.max
+            )?;
+        }
+    }
+    out.push('\n');
+    Ok(())
+}
