@@ -889,6 +889,7 @@ mod tests {
             count: None,
             names,
             plain_gre: false,
+            ring_mib: ring::DEFAULT_RING_MIB,
         };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();
