@@ -26,6 +26,8 @@ pub struct Collector {
     lines: mpsc::Receiver<String>,
     stderr: Option<std::thread::JoinHandle<()>>,
     stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+    /// stderr lines [`Collector::wait_for_line`] read, for [`Stopped::stderr`].
+    read: Vec<String>,
 }
 
 /// What a stopped collector left: its exit status, its stderr, and its stdout (for `-w -`).
@@ -65,8 +67,13 @@ impl Collector {
             let _ = stdout.read_to_end(&mut bytes);
             bytes
         });
-        let mut collector =
-            Collector { child: Some(child), lines, stderr: Some(stderr), stdout: Some(stdout) };
+        let mut collector = Collector {
+            child: Some(child),
+            lines,
+            stderr: Some(stderr),
+            stdout: Some(stdout),
+            read: Vec::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut seen = Vec::new();
         while Instant::now() < deadline {
@@ -101,6 +108,22 @@ impl Collector {
         lines
     }
 
+    /// Waits until collect prints a line containing `text` on stderr, at most `timeout`; panics
+    /// with what it printed meanwhile otherwise.
+    pub fn wait_for_line(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Ok(line) = self.lines.recv_timeout(left) {
+                let found = line.contains(text);
+                self.read.push(line);
+                if found {
+                    return;
+                }
+            }
+        }
+        panic!("collect printed no {text:?} within {} s:\n{}", timeout.as_secs(), self.read.join("\n"));
+    }
+
     /// Waits for the collector to exit by itself (`--count`), at most `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> Stopped {
         let mut child = self.child.take().expect("running");
@@ -117,7 +140,8 @@ impl Collector {
         };
         let stdout = self.stdout.take().expect("stdout").join().expect("stdout reader");
         self.stderr.take().expect("stderr").join().expect("stderr reader");
-        let stderr: Vec<String> = self.lines.try_iter().collect();
+        let mut stderr = std::mem::take(&mut self.read);
+        stderr.extend(self.lines.try_iter());
         Stopped { status, stderr: stderr.join("\n"), stdout }
     }
 }

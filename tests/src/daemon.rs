@@ -16,6 +16,9 @@ pub struct Daemon {
     global: Vec<String>,
     /// The vmsniff that runs as the daemon.
     bin: PathBuf,
+    /// Variables for the daemon's environment besides RUST_LOG (test seams such as
+    /// `VMSNIFF_TEST_PASS_STALL_MS`).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -30,14 +33,25 @@ impl Daemon {
         Daemon::start_binary(ns, config, global, &vmsniff::binary())
     }
 
+    /// As [`Daemon::start_with`], with `env` in the daemon's environment.
+    pub fn start_with_env(ns: &Netns, config: &str, global: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(ns, config, global, &vmsniff::binary(), env)
+    }
+
     /// As [`Daemon::start_with`], running `bin` as the daemon (an installed package's binary).
     pub fn start_binary(ns: &Netns, config: &str, global: &[&str], bin: &Path) -> Daemon {
+        Daemon::start_full(ns, config, global, bin, &[])
+    }
+
+    fn start_full(ns: &Netns, config: &str, global: &[&str], bin: &Path, env: &[(&str, &str)]) -> Daemon {
         // Under /tmp: the VM harness's guests have their own tmpfs there.
         let dir = std::env::temp_dir().join(format!("vmsniff-daemon-{}-{}", std::process::id(), ns.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the daemon's test directory");
         let global = global.iter().map(|s| s.to_string()).collect();
-        let mut daemon = Daemon { dir, child: None, ns_name: ns.name.clone(), global, bin: bin.to_owned() };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut daemon =
+            Daemon { dir, child: None, ns_name: ns.name.clone(), global, bin: bin.to_owned(), env };
         daemon.write_config(config);
         daemon.spawn(ns);
         daemon
@@ -59,7 +73,8 @@ impl Daemon {
     pub fn spawn(&mut self, ns: &Netns) {
         assert!(self.child.is_none(), "the daemon runs already");
         let bin = self.bin.clone();
-        let (config, run_dir, global) = (self.config(), self.run_dir(), self.global.clone());
+        let (config, run_dir, global, env) =
+            (self.config(), self.run_dir(), self.global.clone(), self.env.clone());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -72,6 +87,7 @@ impl Daemon {
                 .arg(config)
                 .args(["--run-dir", &run_dir])
                 .env("RUST_LOG", "info")
+                .envs(env)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -26,6 +26,9 @@ pub struct Etcd {
     stop: Arc<AtomicBool>,
     /// Bytes relayed both ways for namespaces ([`Etcd::reach_from`]): their etcd traffic.
     relayed: Arc<AtomicU64>,
+    /// Relayed connections made before the last [`Etcd::cut_connections`] (their number below
+    /// this) carry nothing any more.
+    cut: Arc<AtomicU64>,
 }
 
 #[derive(Clone, Debug)]
@@ -91,6 +94,7 @@ impl Etcd {
             child: None,
             stop: Arc::new(AtomicBool::new(false)),
             relayed: Arc::new(AtomicU64::new(0)),
+            cut: Arc::new(AtomicU64::new(0)),
         };
         etcd.resume();
         Some(etcd)
@@ -173,6 +177,13 @@ impl Etcd {
         value["header"]["revision"].as_str()?.parse().ok()
     }
 
+    /// Every connection relayed so far goes silent for good, both ways, without closing: what a
+    /// client sees when etcd's host is lost or a firewall or NAT forgets the connection.
+    /// Connections made later are relayed as before.
+    pub fn cut_connections(&self) {
+        self.cut.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Bytes relayed so far between namespaces and etcd.
     pub fn relayed_bytes(&self) -> u64 {
         self.relayed.load(Ordering::Relaxed)
@@ -204,6 +215,25 @@ impl Etcd {
         }
     }
 
+    /// The watchers etcd serves now (its `etcd_debugging_mvcc_watcher_total` gauge): a client's
+    /// watch counts once etcd has made it.
+    pub fn watchers(&self) -> u64 {
+        let metrics = (|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", self.client_port)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            write!(stream, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).ok()?;
+            Some(reply)
+        })()
+        .expect("etcd serves /metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
     fn post(&self, path: &str, body: &str) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.client_port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
@@ -226,14 +256,14 @@ impl Etcd {
         let listener =
             ns.enter(move || TcpListener::bind(("127.0.0.1", port)).expect("listen in the namespace"));
         listener.set_nonblocking(true).unwrap();
-        let (stop, relayed) = (self.stop.clone(), self.relayed.clone());
+        let (stop, relayed, cut) = (self.stop.clone(), self.relayed.clone(), self.cut.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((inside, _)) => {
                         inside.set_nonblocking(false).unwrap();
                         match TcpStream::connect(("127.0.0.1", port)) {
-                            Ok(outside) => relay(inside, outside, &relayed),
+                            Ok(outside) => relay(inside, outside, &relayed, &cut),
                             Err(_) => drop(inside),
                         }
                     }
@@ -245,13 +275,17 @@ impl Etcd {
 }
 
 /// Copies both ways until either side closes, counting the bytes.
-fn relay(a: TcpStream, b: TcpStream, relayed: &Arc<AtomicU64>) {
+fn relay(a: TcpStream, b: TcpStream, relayed: &Arc<AtomicU64>, cut: &Arc<AtomicU64>) {
     let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let born = cut.load(Ordering::SeqCst);
     let pipe = |mut from: TcpStream, mut to: TcpStream| {
-        let relayed = relayed.clone();
+        let (relayed, cut) = (relayed.clone(), cut.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0; 64 * 1024];
             while let Ok(n @ 1..) = from.read(&mut buf) {
+                if cut.load(Ordering::SeqCst) > born {
+                    continue;
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }

@@ -11,6 +11,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use super::stats::{InterfaceKey, StreamKey};
+use crate::model::wire::FleetLabel;
 
 #[derive(Debug, Error)]
 pub enum NamesError {
@@ -100,7 +101,7 @@ pub struct Names {
     plain: BTreeMap<(Option<IpAddr>, u32), Named>,
     /// `--fleet`: fleet mirrors by key K, "NAME (VM nic N)", as the fleet declares them now
     /// (a watch of etcd updates it). Their copies share one interface whichever node sends them.
-    fleet: Option<watch::Receiver<BTreeMap<u32, String>>>,
+    fleet: Option<watch::Receiver<BTreeMap<u32, FleetLabel>>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,29 +128,33 @@ impl Names {
     }
 
     /// Names the fleet's mirrors, by their keys, as `fleet` says at each copy.
-    pub fn set_fleet(&mut self, fleet: watch::Receiver<BTreeMap<u32, String>>) {
+    pub fn set_fleet(&mut self, fleet: watch::Receiver<BTreeMap<u32, FleetLabel>>) {
         self.fleet = Some(fleet);
     }
 
     /// Whether plain GRE of `key` is a mirror someone named (an OVS-mode session in `--names`,
-    /// a fleet mirror's key), so that it is recorded without `--plain-gre`.
+    /// an OVS-mode fleet mirror's key), so that it is recorded without `--plain-gre`.
     pub fn knows_plain(&self, key: &InterfaceKey) -> bool {
-        key.plain
-            && (self.get(key).is_some()
-                || self.fleet.as_ref().is_some_and(|f| f.borrow().contains_key(&key.session)))
+        key.plain && (self.get(key).is_some() || self.fleet_name(key).is_some())
     }
 
     /// The interface of a fleet mirror's stream: one per mirror, whichever node sends it (its
-    /// sender is left unspecified).
+    /// sender is left unspecified). Plain GRE is a fleet mirror's only when that mirror is in
+    /// OVS mode (its GRE port sends key K); vmsniff's encapsulations only when it is not: plain
+    /// GRE whose key an eBPF-mode mirror holds is someone else's (a GRE tenant network).
     pub fn fleet_interface(&self, key: &StreamKey) -> Option<InterfaceKey> {
         let interface = key.interface();
-        let declared = self.fleet.as_ref().is_some_and(|f| f.borrow().contains_key(&interface.session));
-        (!interface.plain && declared)
-            .then_some(InterfaceKey { sender: IpAddr::V4(Ipv4Addr::UNSPECIFIED), ..interface })
+        self.fleet_name(&interface)?;
+        Some(InterfaceKey { sender: IpAddr::V4(Ipv4Addr::UNSPECIFIED), ..interface })
     }
 
     fn fleet_name(&self, key: &InterfaceKey) -> Option<String> {
-        self.fleet.as_ref()?.borrow().get(&key.session).filter(|_| !key.plain).map(|name| printable(name))
+        self.fleet
+            .as_ref()?
+            .borrow()
+            .get(&key.session)
+            .filter(|label| label.plain_gre == key.plain)
+            .map(|label| printable(&label.name))
     }
 
     fn add(&mut self, sender: Option<IpAddr>, text: &str) -> Result<(), AddError> {
@@ -298,10 +303,15 @@ mod tests {
         assert_eq!(names.interface_name(&key([192, 0, 2, 6], false, 7)), "tapvm0 session 1");
     }
 
+    fn fleet_label(name: &str, plain_gre: bool) -> FleetLabel {
+        FleetLabel { name: name.to_owned(), plain_gre }
+    }
+
     #[test]
     fn a_fleet_mirror_has_one_interface_named_after_it_whoever_sends() {
         let mut names = Names::default();
-        let (fleet, receiver) = watch::channel(BTreeMap::from([(7, "web (c-private nic 0)".to_owned())]));
+        let (fleet, receiver) =
+            watch::channel(BTreeMap::from([(7, fleet_label("web (c-private nic 0)", false))]));
         names.set_fleet(receiver);
         let stream = |sender: [u8; 4]| StreamKey {
             sender: Ipv4Addr::from(sender).into(),
@@ -317,10 +327,44 @@ mod tests {
         assert_eq!(names.fleet_interface(&StreamKey { session: 8, ..stream([192, 0, 2, 1]) }), None);
         // Declared later: named from then on.
         fleet.send_modify(|f| {
-            f.insert(8, "db (c-db)".to_owned());
+            f.insert(8, fleet_label("db (c-db)", false));
         });
         let b = names.fleet_interface(&StreamKey { session: 8, ..stream([192, 0, 2, 1]) }).unwrap();
         assert_eq!(names.interface_name(&b), "db (c-db)");
+    }
+
+    #[test]
+    fn an_ovs_mode_fleet_mirrors_plain_gre_has_its_one_interface_and_a_tenants_has_none() {
+        use super::super::decode::Kind;
+        let mut names = Names::default();
+        let (_fleet, receiver) = watch::channel(BTreeMap::from([
+            (4, fleet_label("ovs-web (c-private nic 0)", true)),
+            (7, fleet_label("web (c-web)", false)),
+        ]));
+        names.set_fleet(receiver);
+        let stream = |sender: [u8; 4], kind, session| StreamKey {
+            sender: Ipv4Addr::from(sender).into(),
+            kind,
+            session,
+            direction: None,
+        };
+        // Key 4, an OVS-mode mirror: its plain GRE from either node goes to one interface.
+        let a = names.fleet_interface(&stream([192, 0, 2, 1], Kind::PlainGre, 4)).unwrap();
+        assert_eq!(Some(a), names.fleet_interface(&stream([192, 0, 2, 2], Kind::PlainGre, 4)));
+        assert!(a.plain);
+        assert!(names.knows_plain(&a));
+        assert_eq!(names.interface_name(&a), "ovs-web (c-private nic 0)");
+        assert!(names.interface_description(&a).contains("fleet mirror ovs-web"), "{a:?}");
+        // vmsniff's GRE with key 4 is not that mirror's.
+        assert_eq!(names.fleet_interface(&stream([192, 0, 2, 1], Kind::VmsniffGre, 4)), None);
+        // Key 7, an eBPF-mode mirror: plain GRE with its key is a tenant network's, neither
+        // named after it nor recorded without --plain-gre; its own copies keep their interface.
+        let tenant = stream([192, 0, 2, 1], Kind::PlainGre, 7);
+        assert_eq!(names.fleet_interface(&tenant), None);
+        assert!(!names.knows_plain(&tenant.interface()));
+        assert_eq!(names.interface_name(&tenant.interface()), "192.0.2.1 gre key 7");
+        let own = names.fleet_interface(&stream([192, 0, 2, 1], Kind::VmsniffGre, 7)).unwrap();
+        assert_eq!(names.interface_name(&own), "web (c-web)");
     }
 
     #[test]

@@ -838,7 +838,7 @@ mod tests {
         let mut names = Names::default();
         let (_fleet, receiver) = tokio::sync::watch::channel(std::collections::BTreeMap::from([(
             4,
-            "web (c-private nic 0)".to_owned(),
+            crate::model::wire::FleetLabel { name: "web (c-private nic 0)".to_owned(), plain_gre: true },
         )]));
         names.set_fleet(receiver);
         for (plain_gre, written) in [(false, 1), (true, 2)] {
@@ -866,6 +866,60 @@ mod tests {
             let summary = render_summary(&stats, |k| k.session.to_string());
             assert_eq!(summary.contains("--plain-gre records it) 1"), !plain_gre, "{summary}");
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_ovs_mode_fleet_mirrors_plain_gre_from_two_nodes_is_one_interface_with_one_move() {
+        use crate::collect::decode::tests::{gre, ipv4, ipv4_frame};
+        let dir = std::env::temp_dir().join(format!("vmsniff-fleet-plain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cap.pcapng");
+        let mut names = Names::default();
+        let (_fleet, receiver) = tokio::sync::watch::channel(std::collections::BTreeMap::from([(
+            4,
+            crate::model::wire::FleetLabel { name: "web (c-mig)".to_owned(), plain_gre: true },
+        )]));
+        names.set_fleet(receiver);
+        let options = Options {
+            from: Vec::new(),
+            vxlan_port: None,
+            destination: Destination::File(path.clone()),
+            rotate: None,
+            count: None,
+            names,
+            plain_gre: false,
+            ring_mib: ring::DEFAULT_RING_MIB,
+        };
+        let mut stats = Stats::default();
+        let mut capture = Capture::open(options.destination.clone(), None).unwrap();
+        let frame = ipv4_frame(60, 46);
+        // Node a's Open vSwitch sends two copies (key 4, no sequence), then node b's two.
+        let from_a = ipv4(47, &gre(false, Some(4), None, crate::model::wire::PROTO_TEB, &frame));
+        let mut from_b = from_a.clone();
+        from_b[12..16].copy_from_slice(&[192, 0, 2, 77]);
+        for packet in [&from_a, &from_a, &from_b, &from_b] {
+            handle(Listener::GreV4, packet, None, Duration::ZERO, &options, &mut stats, &mut capture)
+                .unwrap();
+        }
+        capture.flush().unwrap();
+        assert_eq!((stats.written, stats.refused_plain), (4, 0));
+        let moves: Vec<u64> = stats.moves.values().map(|m| m.moves).collect();
+        assert_eq!(moves, [1], "one interface, one move: {:?}", stats.moves);
+        let mut reader = pcap_file::pcapng::PcapNgReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+        let (mut interfaces, mut packets) = (Vec::new(), Vec::new());
+        while let Some(block) = reader.next_block() {
+            match block.unwrap() {
+                pcap_file::pcapng::Block::InterfaceDescription(idb) => {
+                    interfaces.push(format!("{:?}", idb.options))
+                }
+                pcap_file::pcapng::Block::EnhancedPacket(epb) => packets.push(epb.interface_id),
+                _ => {}
+            }
+        }
+        assert_eq!(interfaces.len(), 1, "{interfaces:?}");
+        assert!(interfaces[0].contains("web (c-mig)"), "{interfaces:?}");
+        assert_eq!(packets, [0, 0, 0, 0]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

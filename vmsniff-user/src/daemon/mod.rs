@@ -5,6 +5,7 @@
 pub mod config;
 mod links;
 pub mod reconcile;
+mod stall_point;
 pub mod state;
 mod systemd;
 
@@ -454,6 +455,7 @@ impl Daemon {
     /// Brings the kernel and OVSDB in line with the config; records every session's state.
     async fn reconcile(&mut self) {
         let started = std::time::Instant::now();
+        stall_point::pass_started();
         let mut resolved_taps = BTreeMap::new();
         let mut placements: BTreeMap<String, Placement<Tap>> = BTreeMap::new();
         for (name, session) in &self.config.sessions {

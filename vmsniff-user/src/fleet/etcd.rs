@@ -11,6 +11,9 @@ use crate::model::error::chain;
 
 pub const DEFAULT_PREFIX: &str = "/vmsniff";
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2379";
+/// How often a connection with an open stream (a watch, the lease's keep-alives) pings etcd;
+/// one whose ping gets no answer within the timeout is dropped, and the watch starts again.
+const PING_EVERY: Duration = Duration::from_secs(10);
 
 /// `vmsniff fleet ...` and `collect --fleet`: etcdctl's flags and environment, except that
 /// etcdctl's `--key` (the client key) is `--etcd-key` here: `--key` is a mirror's wire key.
@@ -187,7 +190,19 @@ impl EtcdSettings {
                 _ => e.clone(),
             })
             .collect();
-        let mut options = ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout);
+        // with_timeout is tonic's Endpoint::timeout: it bounds a call until etcd's response
+        // headers (a unary answer, a stream's first message), never a stream's later quiet, so
+        // the watch and the lease's keep-alive stream live on however long nothing happens
+        // (tests/fleet.rs leaves a 1-s-timeout watch quiet for 3 s).
+        // HTTP/2 pings while a stream is open: a connection that died without a word (etcd's
+        // host gone, a firewall or NAT that forgot it) would otherwise hold a quiet watch for
+        // ever, since nothing is sent on it. Not while idle, and not more often than etcd's
+        // --grpc-keepalive-min-time (5 s by default) lets a client ping.
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.timeout)
+            .with_keep_alive(PING_EVERY, self.timeout)
+            .with_keep_alive_while_idle(false);
         if let Some(tls) = tls {
             options = options.with_tls(tls);
         }

@@ -11,10 +11,10 @@ use super::{
     etcd::{EtcdError, EtcdSettings, call},
     store::{MAX_MIRRORS, MirrorRecord, Store, StoreError, decode},
 };
-use crate::model::{error::chain, mirror::NicChoice};
+use crate::model::{error::chain, mirror::NicChoice, wire::FleetLabel};
 
-/// Interface names by the mirrors' keys.
-pub type KeyNames = BTreeMap<u32, String>;
+/// Interface names (and whether the copies are plain GRE) by the mirrors' keys.
+pub type KeyNames = BTreeMap<u32, FleetLabel>;
 type Records = BTreeMap<String, MirrorRecord>;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -47,7 +47,15 @@ pub fn label(name: &str, record: &MirrorRecord) -> String {
 }
 
 fn key_names(records: &Records) -> KeyNames {
-    records.iter().map(|(name, record)| (record.key, label(name, record))).collect()
+    records
+        .iter()
+        .map(|(name, record)| {
+            // An OVS-mode mirror's GRE port sends plain GRE with key K (OVS mode has no other
+            // encapsulation).
+            let plain_gre = record.spec().is_ok_and(|spec| spec.is_ovs());
+            (record.key, FleetLabel { name: label(name, record), plain_gre })
+        })
+        .collect()
 }
 
 async fn read(settings: &EtcdSettings) -> Result<(Store, Records, i64), StoreError> {

@@ -7,14 +7,19 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
+    future::Future,
     path::{Path, PathBuf},
-    sync::Arc,
+    pin::Pin,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use etcd_client::{EventType, WatchOptions};
 use serde::{Deserialize, Serialize};
-use tokio::{sync::watch, task::JoinHandle, time::Instant};
+use tokio::{
+    sync::{oneshot, watch},
+    time::Instant,
+};
 
 use super::{
     etcd::{EtcdError, EtcdSettings, call},
@@ -121,7 +126,8 @@ pub struct Agent {
     pub declared: watch::Receiver<Option<Arc<Declared>>>,
     reports: watch::Sender<BTreeMap<String, Report>>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// Resolves (or fails) when the agent's task has ended.
+    ended: oneshot::Receiver<()>,
 }
 
 impl Agent {
@@ -139,8 +145,13 @@ impl Agent {
         let (declared_tx, declared) = watch::channel(cached.map(Arc::new));
         let (reports, reports_rx) = watch::channel(BTreeMap::new());
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(settings, cache, declared_tx, reports_rx, stop_rx));
-        Agent { declared, reports, stop, task }
+        let (ended_tx, ended) = oneshot::channel();
+        let task = Box::pin(async move {
+            run(settings, cache, declared_tx, reports_rx, stop_rx).await;
+            let _ = ended_tx.send(());
+        });
+        spawn_apart(task);
+        Agent { declared, reports, stop, ended }
     }
 
     /// The daemon's reports now: written to etcd when they differ from the last (counters
@@ -156,8 +167,40 @@ impl Agent {
     /// Stops the agent, revoking the node's lease when etcd answers.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        if tokio::time::timeout(REVOKE_WITHIN + Duration::from_secs(1), self.task).await.is_err() {
+        if tokio::time::timeout(REVOKE_WITHIN + Duration::from_secs(1), self.ended).await.is_err() {
             log::debug!("fleet: the etcd task did not end in time");
+        }
+    }
+}
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs the agent's task on a thread of its own, with its own runtime (timers and sockets
+/// included), apart from the daemon's thread. A pass loads and attaches eBPF programs on the
+/// daemon's thread, synchronously: that takes seconds on a slow or loaded machine (1.3 to
+/// 2.5 s at a time in the VM harness's 6.1 guest), and on that thread the lease's keep-alives
+/// would wait meanwhile (a lease shorter than the pause expires: the node shows as lost and
+/// its reports vanish) and requests in flight would find their timeouts expired. Should the
+/// thread not start, the task runs on the daemon's runtime as a task, with that risk.
+fn spawn_apart(task: Task) {
+    // The thread takes the task from here; if it cannot start, the task is still here.
+    let slot = Arc::new(Mutex::new(Some(task)));
+    let theirs = Arc::clone(&slot);
+    let started = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|runtime| {
+        std::thread::Builder::new().name("vmsniff-fleet".into()).spawn(move || {
+            let task = theirs.lock().ok().and_then(|mut t| t.take());
+            if let Some(task) = task {
+                runtime.block_on(task);
+            }
+        })
+    });
+    if let Err(e) = started {
+        log::warn!(
+            "fleet: cannot start the etcd thread ({e}); the daemon's thread serves etcd, and a long pass \
+             can let the node's lease expire"
+        );
+        if let Some(task) = slot.lock().ok().and_then(|mut t| t.take()) {
+            tokio::spawn(task);
         }
     }
 }

@@ -34,6 +34,16 @@ pub const MAX_VXLAN_KEY: u32 = (1 << 23) - 1;
 /// flows, and one flow's copies stay in order on one path.
 pub const VXLAN_SOURCE_PORTS: (u16, u16) = (49152, 65535);
 
+/// What `collect --fleet` knows of a fleet mirror by its key K: its name, and whether its
+/// copies are plain GRE with key K (an OVS-mode mirror's GRE port) rather than vmsniff's own
+/// encapsulation (GRE key K*2+d with sequence numbers, ERSPAN, VXLAN).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetLabel {
+    /// "NAME (VM nic N)".
+    pub name: String,
+    pub plain_gre: bool,
+}
+
 /// `--encap`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum EncapChoice {
