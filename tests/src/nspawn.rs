@@ -106,6 +106,12 @@ impl Container {
 
     pub fn sh(&self, line: &str) -> String {
         let (ok, out) = self.try_sh(line);
+        if !ok && !Path::new(&format!("/proc/{}", self.init)).exists() {
+            panic!(
+                "in the container: {line}: its systemd is gone:\n{out}\nsystemd-nspawn's log:\n{}",
+                self.log()
+            );
+        }
         assert!(ok, "in the container: {line}:\n{out}");
         out
     }

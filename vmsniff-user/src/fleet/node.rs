@@ -447,12 +447,14 @@ impl Link<'_> {
                 counters: report.counters,
                 updated: now(),
             };
-            store.put_leased(store.layout.report(name, &node), &record, lease).await?;
+            // The placement before the report: whoever reads "active here" reads where it was
+            // placed too (the two are separate keys; `fleet status` showed one without the other).
             if report.state == FleetState::Active && !self.placed.contains(name) {
                 let placed = PlacedRecord { version: RECORD_VERSION, node: node.clone(), since: now() };
                 store.put(store.layout.placement(name), &placed).await?;
                 self.placed.insert(name.clone());
             }
+            store.put_leased(store.layout.report(name, &node), &record, lease).await?;
             if report.state != FleetState::Active {
                 self.placed.remove(name);
             }
