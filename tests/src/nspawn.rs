@@ -66,9 +66,14 @@ impl Container {
         let mut container = Container { dir, nspawn, init: 0 };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
-            if let Some(init) =
-                children(container.nspawn.id()).into_iter().find_map(|c| children(c).first().copied())
-            {
+            // The container's PID 1 once it runs systemd: nspawn's grandchild (or its child, once
+            // the intermediate process has exited); nspawn's short-lived helpers are not it.
+            let nspawn = container.nspawn.id();
+            let mut candidates = children(nspawn);
+            candidates.extend(children(nspawn).into_iter().flat_map(children));
+            if let Some(init) = candidates.into_iter().find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "systemd")
+            }) {
                 container.init = init;
                 let (ok, out) = container.try_sh("systemctl is-system-running --wait");
                 if ok || out.contains("degraded") {
