@@ -601,28 +601,32 @@ fn handle_ring_packet(
     capture: &mut Capture<InterfaceKey>,
 ) -> Result<bool, CollectError> {
     let whole;
-    let mut packet = packet;
-    if packet.first().is_some_and(|b| b >> 4 == 4) {
-        match ring::ipv4_for_this_host(packet, local) {
-            Ok(fragment) if reassembly::is_fragment(fragment) => match fragments.offer(fragment, timestamp) {
+    let classified = if packet.first().is_some_and(|b| b >> 4 == 4) {
+        let mut ipv4 = match ring::ipv4_for_this_host(packet, local) {
+            Ok(ipv4) => ipv4,
+            Err(why) => {
+                stats.undecodable(why);
+                return Ok(false);
+            }
+        };
+        if reassembly::is_fragment(ipv4) {
+            match fragments.offer(ipv4, timestamp) {
                 Offered::Complete(datagram) => {
                     whole = datagram;
-                    packet = &whole;
+                    ipv4 = &whole;
                 }
                 Offered::Pending => return Ok(false),
                 Offered::Refused(why) => {
                     stats.undecodable(why);
                     return Ok(false);
                 }
-            },
-            Ok(_) => {}
-            Err(why) => {
-                stats.undecodable(why);
-                return Ok(false);
             }
         }
-    }
-    match ring::classify(packet, options.vxlan_port, local) {
+        ring::classify_ipv4(ipv4, options.vxlan_port)
+    } else {
+        ring::classify_ipv6(packet, options.vxlan_port, local)
+    };
+    match classified {
         Ok(Classified::GreV4(packet)) => {
             handle(Listener::GreV4, packet, None, timestamp, options, stats, capture)
         }
@@ -761,6 +765,20 @@ fn handle(
 mod tests {
     use super::*;
 
+    /// Every option at its default, writing to `path`.
+    fn writing_to(path: std::path::PathBuf) -> Options {
+        Options {
+            from: Vec::new(),
+            vxlan_port: None,
+            destination: Destination::File(path),
+            rotate: None,
+            count: None,
+            names: Names::default(),
+            plain_gre: false,
+            ring_mib: ring::DEFAULT_RING_MIB,
+        }
+    }
+
     #[test]
     fn senders_are_filtered_by_network() {
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
@@ -790,12 +808,7 @@ mod tests {
         let options = Options {
             from: vec![parse_cidr("2001:db8::/64").unwrap()],
             vxlan_port: Some(4789),
-            destination: Destination::File(dir.join("cap.pcapng")),
-            rotate: None,
-            count: None,
-            names: Names::default(),
-            plain_gre: false,
-            ring_mib: ring::DEFAULT_RING_MIB,
+            ..writing_to(dir.join("cap.pcapng"))
         };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();
@@ -843,14 +856,9 @@ mod tests {
         names.set_fleet(receiver);
         for (plain_gre, written) in [(false, 1), (true, 2)] {
             let options = Options {
-                from: Vec::new(),
-                vxlan_port: None,
-                destination: Destination::File(dir.join(format!("{plain_gre}.pcapng"))),
-                rotate: None,
-                count: None,
                 names: names.clone(),
                 plain_gre,
-                ring_mib: ring::DEFAULT_RING_MIB,
+                ..writing_to(dir.join(format!("{plain_gre}.pcapng")))
             };
             let mut stats = Stats::default();
             let mut capture = Capture::open(options.destination.clone(), None).unwrap();
@@ -881,16 +889,7 @@ mod tests {
             crate::model::wire::FleetLabel { name: "web (c-mig)".to_owned(), plain_gre: true },
         )]));
         names.set_fleet(receiver);
-        let options = Options {
-            from: Vec::new(),
-            vxlan_port: None,
-            destination: Destination::File(path.clone()),
-            rotate: None,
-            count: None,
-            names,
-            plain_gre: false,
-            ring_mib: ring::DEFAULT_RING_MIB,
-        };
+        let options = Options { names, ..writing_to(path.clone()) };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();
         let frame = ipv4_frame(60, 46);
@@ -931,13 +930,8 @@ mod tests {
         let path = dir.join("cap.pcapng");
         let options = Options {
             from: vec![parse_cidr(&SENDER.to_string()).unwrap()],
-            vxlan_port: None,
-            destination: Destination::File(path.clone()),
-            rotate: None,
             count: Some(3),
-            names: Names::default(),
-            plain_gre: false,
-            ring_mib: ring::DEFAULT_RING_MIB,
+            ..writing_to(path.clone())
         };
         let mut stats = Stats::default();
         let mut capture = Capture::open(options.destination.clone(), None).unwrap();

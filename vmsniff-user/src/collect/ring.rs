@@ -373,50 +373,49 @@ pub enum Classified<'a> {
     Vxlan { sender: IpAddr, datagram: &'a [u8] },
 }
 
-/// Sorts a packet the filter let through, and checks it is addressed to this host.
-pub fn classify<'a>(
+/// Sorts a whole IPv4 packet already checked by [`ipv4_for_this_host`] (and reassembled).
+pub fn classify_ipv4(packet: &[u8], vxlan_port: Option<u16>) -> Result<Classified<'_>, Undecodable> {
+    let header_len = usize::from(packet[0] & 0x0f) * 4;
+    match packet[9] {
+        IPPROTO_GRE => Ok(Classified::GreV4(packet)),
+        IPPROTO_UDP => {
+            let sender = IpAddr::V4(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]));
+            vxlan(sender, &packet[header_len..], vxlan_port)
+        }
+        _ => Err(Undecodable::NotGre),
+    }
+}
+
+/// Sorts an IPv6 packet the filter let through, and checks it is addressed to this host.
+pub fn classify_ipv6<'a>(
     packet: &'a [u8],
     vxlan_port: Option<u16>,
     local: &mut LocalAddresses,
 ) -> Result<Classified<'a>, Undecodable> {
-    match packet.first().map(|b| b >> 4) {
-        Some(4) => {
-            let packet = ipv4_for_this_host(packet, local)?;
-            let header_len = usize::from(packet[0] & 0x0f) * 4;
-            match packet[9] {
-                IPPROTO_GRE => Ok(Classified::GreV4(packet)),
-                IPPROTO_UDP => {
-                    let sender = IpAddr::V4(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]));
-                    vxlan(sender, &packet[header_len..], vxlan_port)
-                }
-                _ => Err(Undecodable::NotGre),
-            }
-        }
-        Some(6) => {
-            if packet.len() < 40 {
-                return Err(Undecodable::TruncatedIp);
-            }
-            let payload = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-            let Some(body) = packet.get(40..40 + payload) else {
-                return Err(Undecodable::TruncatedIp);
-            };
-            let address = |at: usize| {
-                let mut octets = [0; 16];
-                octets.copy_from_slice(&packet[at..at + 16]);
-                Ipv6Addr::from(octets)
-            };
-            if !local.contains(IpAddr::V6(address(24))) {
-                return Err(Undecodable::NotForThisHost);
-            }
-            let sender = IpAddr::V6(address(8));
-            match packet[6] {
-                IPPROTO_GRE => Ok(Classified::GreV6 { sender, gre: body }),
-                IPPROTO_UDP => vxlan(sender, body, vxlan_port),
-                IPPROTO_FRAGMENT => Err(Undecodable::Ipv6Fragment),
-                _ => Err(Undecodable::NotGre),
-            }
-        }
-        _ => Err(Undecodable::NotIpv4),
+    if packet.first().map(|b| b >> 4) != Some(6) {
+        return Err(Undecodable::NotIpv4);
+    }
+    if packet.len() < 40 {
+        return Err(Undecodable::TruncatedIp);
+    }
+    let payload = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    let Some(body) = packet.get(40..40 + payload) else {
+        return Err(Undecodable::TruncatedIp);
+    };
+    let address = |at: usize| {
+        let mut octets = [0; 16];
+        octets.copy_from_slice(&packet[at..at + 16]);
+        Ipv6Addr::from(octets)
+    };
+    if !local.contains(IpAddr::V6(address(24))) {
+        return Err(Undecodable::NotForThisHost);
+    }
+    let sender = IpAddr::V6(address(8));
+    match packet[6] {
+        IPPROTO_GRE => Ok(Classified::GreV6 { sender, gre: body }),
+        IPPROTO_UDP => vxlan(sender, body, vxlan_port),
+        IPPROTO_FRAGMENT => Err(Undecodable::Ipv6Fragment),
+        _ => Err(Undecodable::NotGre),
     }
 }
 
@@ -630,29 +629,41 @@ mod tests {
         let gre4 = ipv4(47, &gre(false, Some(3), Some(1), 0x6558, &frame));
         let mut padded = gre4.clone();
         padded.extend_from_slice(&[0; 6]);
-        assert_eq!(classify(&padded, None, &mut local), Ok(Classified::GreV4(&gre4)), "padding cut");
+        let ipv4 = |packet: &[u8], local: &mut LocalAddresses| -> Result<Vec<u8>, Undecodable> {
+            let checked = ipv4_for_this_host(packet, local)?;
+            assert_eq!(classify_ipv4(checked, None), Ok(Classified::GreV4(checked)));
+            Ok(checked.to_vec())
+        };
+        assert_eq!(ipv4(&padded, &mut local), Ok(gre4.clone()), "padding cut");
         let mut elsewhere = gre4.clone();
         elsewhere[19] ^= 1;
-        assert_eq!(classify(&elsewhere, None, &mut local), Err(Undecodable::NotForThisHost));
-        assert_eq!(classify(&gre4[..30], None, &mut local), Err(Undecodable::TruncatedIp));
+        assert_eq!(ipv4(&elsewhere, &mut local), Err(Undecodable::NotForThisHost));
+        assert_eq!(ipv4(&gre4[..30], &mut local), Err(Undecodable::TruncatedIp));
+        let mut tcp = gre4.clone();
+        tcp[9] = 6;
+        assert_eq!(classify_ipv4(&tcp, None), Err(Undecodable::NotGre));
+        assert_eq!(classify_ipv6(&gre4, None, &mut local), Err(Undecodable::NotIpv4));
         let vx = vxlan(7, &frame);
         let sender: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(
-            classify(&ipv6(17, &udp(4789, &vx)), Some(4789), &mut local),
+            classify_ipv6(&ipv6(17, &udp(4789, &vx)), Some(4789), &mut local),
             Ok(Classified::Vxlan { sender, datagram: &vx })
         );
-        assert_eq!(classify(&ipv6(17, &udp(4789, &vx)), Some(4790), &mut local), Err(Undecodable::NotGre));
         assert_eq!(
-            classify(&ipv6(44, &[47, 0, 0, 1, 0, 0, 0, 9]), None, &mut local),
+            classify_ipv6(&ipv6(17, &udp(4789, &vx)), Some(4790), &mut local),
+            Err(Undecodable::NotGre)
+        );
+        assert_eq!(
+            classify_ipv6(&ipv6(44, &[47, 0, 0, 1, 0, 0, 0, 9]), None, &mut local),
             Err(Undecodable::Ipv6Fragment)
         );
         let inner = gre(false, Some(3), None, 0x6558, &frame);
         assert_eq!(
-            classify(&ipv6(47, &inner), None, &mut local),
+            classify_ipv6(&ipv6(47, &inner), None, &mut local),
             Ok(Classified::GreV6 { sender, gre: &inner })
         );
         let mut short = ipv6(47, &inner);
         short.truncate(60);
-        assert_eq!(classify(&short, None, &mut local), Err(Undecodable::TruncatedIp));
+        assert_eq!(classify_ipv6(&short, None, &mut local), Err(Undecodable::TruncatedIp));
     }
 }
