@@ -4,11 +4,15 @@
 #![expect(clippy::expect_used, reason = "a failed step fails the test")]
 use std::{path::PathBuf, time::Duration};
 
-use aya::maps::{Array, Map, MapData};
-use vmsniff_ebpf::{ABI_VERSION, map_name};
+use aya::maps::{Array, HashMap, Map, MapData};
+use vmsniff_ebpf::{
+    ABI_VERSION, ABI_VERSION_UPGRADABLE, Direction, TAP_DIRECTIONS_KNOWN, TapSessions, map_name,
+};
 use vmsniff_tests::{
+    frames::{self, is_marked},
     netns::Netns,
     privileged_on_host, run, skip,
+    topology::assert_frames_eq,
     topology::{Hypervisor, MIRROR_DEV, TAP},
     vmsniff,
 };
@@ -358,4 +362,77 @@ fn state_of_the_release_before_version_records_is_used_and_then_recorded() {
         vmsniff::ok(&hv.ns, &["detach", "--all"]);
         assert!(!hv.ns.pin_dir().exists());
     }
+}
+
+#[test]
+fn state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change() {
+    if !privileged_on_host(
+        "state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change",
+        "the version record and the taps' direction summary are vmsniff's own bookkeeping; the \
+         programs that read the summary copy one direction or both on every kernel in datapath/",
+    ) {
+        return;
+    }
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let mut hv = Hypervisor::new();
+        let mirror = hv.mirror_port();
+        let before = hv.ns.link_names();
+        let tap = hv.ns.ifindex(TAP);
+        let inbound = ["--tap", TAP, "--to-dev", MIRROR_DEV, "--attach-mode", mode, "--direction", "in"];
+        let into_vm = vmsniff::attach(&hv.ns, &inbound);
+        assert_eq!(summary(&hv.ns, tap), TAP_DIRECTIONS_KNOWN | Direction::In.bit());
+
+        // What the version before left: its record, and tap entries whose summary word it kept
+        // reserved (0).
+        open_abi_record(&hv.ns).set(0, ABI_VERSION_UPGRADABLE, 0).unwrap();
+        let mut taps = open_taps(&hv.ns);
+        let entry = TapSessions { directions: 0, ..taps.get(&tap, 0).unwrap() };
+        taps.insert(tap, entry, 0).unwrap();
+
+        // Used as it is: without a summary the programs look at each session.
+        let (out, into) = frames::both_ways(8);
+        hv.vm_receives(&into);
+        let copies = mirror.capture(into.len(), Duration::from_secs(10), is_marked);
+        assert_frames_eq(&format!("[{mode}] copies into the VM, before the upgrade"), &into, &copies);
+        assert_eq!(vmsniff::session(&hv.ns, into_vm)["state"], "active");
+        assert_eq!(record(&hv.ns), ABI_VERSION_UPGRADABLE, "[{mode}] status changed the record");
+
+        // The first change raises the record, and the tap's entry gets its summary.
+        hv.ns.sh("ip link add mirb type veth peer name mirbp
+             ip link set mirb up
+             ip link set mirbp up");
+        let outbound = ["--tap", TAP, "--to-dev", "mirb", "--attach-mode", mode, "--direction", "out"];
+        let out_of_vm = vmsniff::attach(&hv.ns, &outbound);
+        assert_eq!(record(&hv.ns), ABI_VERSION, "[{mode}] the first change raises the record");
+        assert_eq!(summary(&hv.ns, tap), TAP_DIRECTIONS_KNOWN | Direction::In.bit() | Direction::Out.bit());
+        hv.vm_sends(&out);
+        hv.vm_receives(&into);
+        let copies = mirror.capture(into.len(), Duration::from_secs(10), is_marked);
+        assert_frames_eq(&format!("[{mode}] copies into the VM, after the upgrade"), &into, &copies);
+        let sent = &vmsniff::session(&hv.ns, out_of_vm)["counters"]["out"]["frames"];
+        assert_eq!(sent.as_u64(), Some(out.len() as u64), "[{mode}] copies of frames the VM sent");
+
+        // Detached, the entry's summary follows its one session.
+        vmsniff::ok(&hv.ns, &["detach", &into_vm.to_string()]);
+        assert_eq!(summary(&hv.ns, tap), TAP_DIRECTIONS_KNOWN | Direction::Out.bit());
+        vmsniff::ok(&hv.ns, &["detach", "--all"]);
+        assert!(!hv.ns.pin_dir().exists(), "[{mode}] detach --all left pins");
+        hv.ns.sh("ip link del mirb");
+        assert_eq!(hv.ns.link_names(), before);
+    }
+}
+
+fn record(ns: &Netns) -> u32 {
+    open_abi_record(ns).get(&0, 0).expect("the ABI version record's entry")
+}
+
+fn open_taps(ns: &Netns) -> HashMap<MapData, u32, TapSessions> {
+    let data = MapData::from_pin(ns.pin_dir().join("maps").join(map_name::TAPS)).expect("the taps map");
+    HashMap::try_from(Map::HashMap(data)).expect("the taps map's layout")
+}
+
+/// The direction summary of the tap's entry.
+fn summary(ns: &Netns, tap: u32) -> u32 {
+    open_taps(ns).get(&tap, 0).expect("the tap's entry").directions
 }

@@ -8,9 +8,17 @@
 
 pub mod filter;
 
-/// Bumped whenever a layout below changes. Userspace records it beside the maps it creates
-/// ([`map_name::ABI`]) and refuses pinned maps of another version instead of misreading them.
-pub const ABI_VERSION: u32 = 2;
+/// Bumped whenever a layout or a meaning below changes. Userspace records it beside the maps
+/// it creates ([`map_name::ABI`]) and refuses pinned maps of another version instead of
+/// misreading them, except those of [`ABI_VERSION_UPGRADABLE`].
+pub const ABI_VERSION: u32 = 3;
+
+/// The version whose maps this one uses and upgrades in place: version 3 gave a reserved word
+/// of [`TapSessions`] a meaning ([`TapSessions::directions`]) that 2 leaves at 0, which the
+/// programs read as "not known". The first change this release makes to such maps raises their
+/// record to 3, so that a vmsniff of version 2 no longer writes tap entries whose summary it
+/// would leave stale.
+pub const ABI_VERSION_UPGRADABLE: u32 = 2;
 
 /// The version of maps pinned before the record existed (no [`map_name::ABI`] pin): those
 /// releases had this ABI, so their maps count as this version when their value sizes match.
@@ -327,8 +335,16 @@ pub struct TapSessions {
     /// The tap's name when it was attached, NUL-padded: an ifindex alone cannot tell a tap
     /// that was deleted and replaced from the one vmsniff attached to.
     pub ifname: [u8; 16],
-    pub _reserved: [u32; 3],
+    /// [`TAP_DIRECTIONS_KNOWN`] and the [`Direction::bit`]s of the listed sessions, so that a
+    /// frame of a direction none of them mirrors costs the tap lookup alone; 0 (an entry
+    /// written by ABI version 2) = not known, each session is looked at. Written with `ids`,
+    /// from the sessions' entries, whose directions never change.
+    pub directions: u32,
+    pub _reserved: [u32; 2],
 }
+
+/// [`TapSessions::directions`]: the direction bits beside it are the listed sessions'.
+pub const TAP_DIRECTIONS_KNOWN: u32 = 1 << 31;
 
 impl TapSessions {
     pub const EMPTY: TapSessions = TapSessions {
@@ -338,8 +354,14 @@ impl TapSessions {
         nl_priority: [0; 2],
         nl_handle: [0; 2],
         ifname: [0; 16],
-        _reserved: [0; 3],
+        directions: TAP_DIRECTIONS_KNOWN,
+        _reserved: [0; 2],
     };
+
+    /// Whether the programs can skip a frame of `direction` without looking at a session.
+    pub const fn skips(&self, direction: Direction) -> bool {
+        self.directions & TAP_DIRECTIONS_KNOWN != 0 && self.directions & direction.bit() == 0
+    }
 
     pub fn session_count(&self) -> usize {
         self.ids.iter().filter(|&&id| id != 0).count()

@@ -62,8 +62,8 @@ const CONTINUE: i32 = TC_ACT_UNSPEC;
 /// One pass over the tap's sessions: each is looked up once (session, counters), decided and,
 /// if chosen, cloned before the next is looked at. Nothing is zeroed or copied onto the stack
 /// and no subprogram is called on the way of a frame that no session copies, except a
-/// session's own filter; a direction that no session mirrors costs the tap lookup and one
-/// array read per session.
+/// session's own filter; a direction that no session mirrors costs the tap lookup alone (one
+/// array read per session on an entry written by ABI version 2, which has no summary).
 ///
 /// Deciding the next session after a clone is safe: the clone may run other programs on this
 /// CPU (a target that is itself a mirrored tap) which reuse the filter's scratch, but each
@@ -77,6 +77,9 @@ fn mirror(ctx: &TcContext, direction: Direction) {
     let Some(tap) = (unsafe { VMSNIFF_TAPS.get(&ifindex) }) else {
         return;
     };
+    if tap.skips(direction) {
+        return;
+    }
     let ids = &tap.ids;
     let len = ctx.len();
     for slot in 0..MAX_SESSIONS_PER_TAP {

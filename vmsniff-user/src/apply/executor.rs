@@ -2,8 +2,8 @@
 //! undone step by step in reverse, so a failed command leaves the system as it found it; a
 //! detach goes on past a failing step and reports every failure at the end.
 use vmsniff_ebpf::{
-    Direction, SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TARGET_CREATED_CLSACT,
-    TapSessions, TcHook, program_name,
+    Direction, SESSION_ACTIVE, SESSION_BUSY, SessionConfig, TAP_CREATED_CLSACT, TAP_DIRECTIONS_KNOWN,
+    TARGET_CREATED_CLSACT, TapSessions, TcHook, program_name,
 };
 
 use crate::model::error::chain;
@@ -298,6 +298,8 @@ impl<K: KernelOps> Attach<'_, K> {
     }
 }
 
+/// Changes the tap's entry in one write, its direction summary recomputed from the sessions it
+/// then lists (an entry of ABI version 2 gets one here on its first change).
 fn update_tap(
     maps: &mut impl MapOps,
     ifindex: u32,
@@ -305,6 +307,10 @@ fn update_tap(
 ) -> Result<(), KernelError> {
     let mut entry = maps.tap(ifindex)?.unwrap_or(TapSessions::EMPTY);
     change(&mut entry);
+    entry.directions = TAP_DIRECTIONS_KNOWN;
+    for id in entry.ids.into_iter().filter(|&id| id != 0) {
+        entry.directions |= maps.session(u32::from(id))?.directions;
+    }
     maps.set_tap(ifindex, &entry)
 }
 
@@ -594,6 +600,63 @@ mod tests {
             delete_gre(100, "vms1-out"),
             set_session(1, SESSION_FREE),
         ]
+    }
+
+    #[test]
+    fn the_tap_entry_sums_up_the_directions_of_the_sessions_it_lists() {
+        // Each to a device of its own: a second session to the same one is refused.
+        let one_way = |directions, observed: &Observed| {
+            let ifindex = 30 + observed.sessions.len() as u32;
+            let request = AttachRequest {
+                tap: Tap { ifindex: 7, name: "tap0".into() },
+                target: Target::LocalDev { name: format!("mir{ifindex}"), ifindex },
+                key: None,
+                directions,
+                controls: Controls::default(),
+                mode: AttachModeChoice::Netlink,
+                tcx_supported: false,
+                owner: Owner::Persistent,
+                now: 1_700_000_000,
+            };
+            plan_attach(&request, observed).unwrap()
+        };
+        let summary = |fake: &Fake| fake.observed().taps[&7].directions;
+        let fake = Fake::new(&Observed::default(), |_| false);
+        run(apply_attach(&fake, &one_way(Directions::In, &Observed::default()))).unwrap();
+        assert_eq!(summary(&fake), TAP_DIRECTIONS_KNOWN | Direction::In.bit());
+        assert!(fake.observed().taps[&7].skips(Direction::Out));
+        run(apply_attach(&fake, &one_way(Directions::Out, &fake.observed()))).unwrap();
+        assert_eq!(summary(&fake), TAP_DIRECTIONS_KNOWN | Direction::In.bit() | Direction::Out.bit());
+        let first = BTreeSet::from([1]);
+        assert!(run(apply_detach(&fake, &plan_detach(&first, &fake.observed()))).is_empty());
+        assert_eq!(summary(&fake), TAP_DIRECTIONS_KNOWN | Direction::Out.bit());
+        assert!(!fake.observed().taps[&7].skips(Direction::Out));
+        assert!(fake.observed().taps[&7].skips(Direction::In));
+    }
+
+    #[test]
+    fn an_entry_without_a_summary_skips_nothing_and_gets_one_on_its_first_change() {
+        let mut observed = Observed::default();
+        observed.sessions.insert(
+            4,
+            SessionConfig {
+                state: SESSION_ACTIVE,
+                tap_ifindex: 7,
+                directions: Direction::In.bit(),
+                ..SessionConfig::EMPTY
+            },
+        );
+        // As ABI version 2 wrote it: the word was reserved, 0.
+        let mut tap = TapSessions { attach_mode: ATTACH_NETLINK, directions: 0, ..TapSessions::EMPTY };
+        tap.ids[0] = 4;
+        assert!(!tap.skips(Direction::In) && !tap.skips(Direction::Out));
+        observed.taps.insert(7, tap);
+        let fake = Fake::new(&observed, |_| false);
+        run(apply_attach(&fake, &gre_attach(&observed))).unwrap();
+        assert_eq!(
+            fake.observed().taps[&7].directions,
+            TAP_DIRECTIONS_KNOWN | Direction::In.bit() | Direction::Out.bit()
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
 };
 use vmsniff_ebpf::{
-    ABI_VERSION, ABI_VERSION_UNRECORDED, Direction, DirectionCounters, SESSION_FREE, SessionConfig,
-    TapSessions, TokenBucket, counter_index,
+    ABI_VERSION, ABI_VERSION_UNRECORDED, ABI_VERSION_UPGRADABLE, Direction, DirectionCounters, SESSION_FREE,
+    SessionConfig, TapSessions, TokenBucket, counter_index,
     filter::{Filter, filter_index},
     map_name,
 };
@@ -118,13 +118,26 @@ impl PinnedMaps {
     }
 
     /// Gives maps of the release before version records (which `open` judged ours) their
-    /// record. For commands that change state, under the lock: `status` changes nothing.
+    /// record, and raises the record of maps of [`ABI_VERSION_UPGRADABLE`] to this version, so
+    /// that a vmsniff of that version refuses them from now on (see the constant). For commands
+    /// that change state, under the lock, before their first change: `status` changes nothing.
     pub fn record_version(paths: &PinPaths) -> Result<(), KernelError> {
         let record = paths.map(map_name::ABI);
-        if Self::open(paths)?.is_some() && !record.exists() {
-            write_abi_record(&record)?;
+        if Self::open(paths)?.is_none() {
+            return Ok(());
         }
-        Ok(())
+        match read_abi_record(paths)? {
+            None => write_abi_record(&record),
+            Some(ABI_VERSION) => Ok(()),
+            Some(older) => {
+                log::info!(
+                    "raising the ABI version record of {} from {older} to {ABI_VERSION}: a vmsniff of \
+                     version {older} can no longer change this state",
+                    paths.root().display()
+                );
+                raise_abi_record(&record)
+            }
+        }
     }
 
     /// The state the planner works from.
@@ -179,9 +192,10 @@ pub fn judge_abi<T>(
 ) -> Result<T, KernelError> {
     let refuse =
         |found, recorded| KernelError::AbiVersion { path: paths.root().into(), found, recorded, ours };
+    let usable = |version| version == ours || version == ABI_VERSION_UPGRADABLE && ours == ABI_VERSION;
     match (recorded, maps) {
-        (Some(found), _) if found != ours => Err(refuse(found, true)),
-        (None, Ok(_)) if ABI_VERSION_UNRECORDED != ours => Err(refuse(ABI_VERSION_UNRECORDED, false)),
+        (Some(found), _) if !usable(found) => Err(refuse(found, true)),
+        (None, Ok(_)) if !usable(ABI_VERSION_UNRECORDED) => Err(refuse(ABI_VERSION_UNRECORDED, false)),
         (_, Ok(maps)) => Ok(maps),
         (_, Err(detail)) => Err(KernelError::AbiMismatch { path: paths.maps_dir(), detail }),
     }
@@ -208,6 +222,17 @@ fn write_abi_record(path: &Path) -> Result<(), KernelError> {
     let mut record = Array::<MapData, u32>::create(1, 0).map_err(KernelError::map(op()))?;
     record.set(0, ABI_VERSION, 0).map_err(KernelError::map(op()))?;
     record.pin(path).map_err(|e| KernelError::Io { op: op(), source: io::Error::other(e) })
+}
+
+/// Rewrites the pinned record at `path` with this vmsniff's ABI version, in place: one map
+/// write, so that every reader sees the old version or the new one.
+fn raise_abi_record(path: &Path) -> Result<(), KernelError> {
+    let op = || format!("raising vmsniff's ABI version record in {}", path.display());
+    let data = MapData::from_pin(path).map_err(KernelError::map(op()))?;
+    let mut record: Array<MapData, u32> = Array::try_from(Map::Array(data)).map_err(|e| {
+        KernelError::AbiMismatch { path: path.into(), detail: format!("the version record: {e}") }
+    })?;
+    record.set(0, ABI_VERSION, 0).map_err(KernelError::map(op()))
 }
 
 /// Removes the namespace's pin directory (maps and TCX link pins), and vmsniff's directory on
@@ -297,7 +322,7 @@ mod tests {
 
     #[test]
     fn another_recorded_version_is_refused_naming_both_versions_and_the_fix() {
-        for (found, ours) in [(3, 2), (1, 2), (2, 3)] {
+        for (found, ours) in [(3, 2), (1, 2), (1, 3), (4, 3), (2, 4)] {
             let err = judge(Some(found), Ok(()), ours).unwrap_err();
             assert!(err.contains(&format!("ABI version {found},")), "{err}");
             assert!(err.contains(&format!("this vmsniff is of ABI version {ours}")), "{err}");
@@ -317,10 +342,19 @@ mod tests {
 
     #[test]
     fn a_later_version_refuses_unrecorded_maps_as_the_release_before_records() {
-        let err = judge(None, Ok(()), 3).unwrap_err();
+        let err = judge(None, Ok(()), 4).unwrap_err();
         assert!(err.contains("ABI version 2 (made before versions were recorded)"), "{err}");
-        assert!(err.contains("this vmsniff is of ABI version 3"), "{err}");
-        assert_eq!(judge(Some(3), Ok(()), 3), Ok(()));
+        assert!(err.contains("this vmsniff is of ABI version 4"), "{err}");
+        assert_eq!(judge(Some(4), Ok(()), 4), Ok(()));
+    }
+
+    #[test]
+    fn this_version_uses_the_maps_of_the_version_it_upgrades() {
+        assert_eq!((ABI_VERSION, ABI_VERSION_UPGRADABLE), (3, 2));
+        assert_eq!(judge(Some(2), Ok(()), 3), Ok(()));
+        assert_eq!(judge(None, Ok(()), 3), Ok(()));
+        let err = judge(Some(2), Err("invalid value size 120, expected 64"), 3).unwrap_err();
+        assert!(err.contains("do not match this vmsniff"), "{err}");
     }
 
     #[test]
