@@ -116,6 +116,8 @@ pub fn big_endian(bytes: [u8; 4], size: u32) -> u32 {
 pub trait Frame {
     /// Length of the frame on the wire.
     fn wire_len(&self) -> u32;
+    /// Whether loads read the data as it is, with no VLAN tag put back in front of it.
+    fn untagged(&self) -> bool;
     /// `size` (1, 2 or 4) bytes at `offset`, big-endian, or `None` past the end. May use the
     /// machine's `head` and `buf`.
     fn load(&self, m: &mut Machine, offset: u32, size: u32) -> Option<u32>;
@@ -160,6 +162,10 @@ const JGE: u16 = 0x30;
 const JSET: u16 = 0x40;
 const TAX: u16 = 0x00;
 const TXA: u16 = 0x80;
+const LD_H_ABS: u16 = LD | H | ABS;
+const LD_B_ABS: u16 = LD | B | ABS;
+const JEQ_K: u16 = JMP | JEQ | K;
+const RET_K: u16 = RET | K;
 
 /// Runs `filter` on `frame`: true when it accepts (returns non-zero), as tcpdump would capture
 /// the frame. A load past the end of the frame, a division by zero or an unknown instruction
@@ -176,13 +182,43 @@ pub fn matches<F: Frame>(filter: &Filter, frame: &F, m: &mut Machine) -> bool {
     // Jumps only go forward, so a valid program ends within this many steps.
     for _ in 0..MAX_FILTER_INSNS {
         let pc = get(&m.pc);
-        if pc >= len || pc >= MAX_FILTER_INSNS as u64 {
+        if pc >= len {
             return false;
         }
-        let Some(insn) = filter.insns.get(pc as usize) else {
-            return false;
-        };
+        // A mask rather than a second comparison bounds the index for the verifier (`len` is
+        // at most MAX_FILTER_INSNS in any filter userspace writes; past that, the mask only
+        // wraps a corrupt one, which still ends within the loop's bound).
+        let insn = &filter.insns[pc as usize & (MAX_FILTER_INSNS - 1)];
         let (code, k) = (insn.code, insn.k);
+        // The instructions libpcap's programs are mostly made of, decoded whole: each a few
+        // instructions here, where decoding class, mode and size below takes dozens.
+        match code {
+            // Only where the data is the frame as on the wire: the tagged view's own bounds
+            // checks need a size the compiler does not know.
+            LD_H_ABS if frame.untagged() => {
+                let Some(value) = frame.load(m, k, 2) else {
+                    return false;
+                };
+                set(&mut m.a, value);
+                set(&mut m.pc, pc + 1);
+                continue;
+            }
+            LD_B_ABS if frame.untagged() => {
+                let Some(value) = frame.load(m, k, 1) else {
+                    return false;
+                };
+                set(&mut m.a, value);
+                set(&mut m.pc, pc + 1);
+                continue;
+            }
+            JEQ_K => {
+                let skip = if get(&m.a) == k { insn.jt } else { insn.jf };
+                set(&mut m.pc, pc + 1 + u64::from(skip));
+                continue;
+            }
+            RET_K => return k != 0,
+            _ => {}
+        }
         set(&mut m.pc, pc + 1);
         match code & 0x07 {
             LD | LDX => {
@@ -352,6 +388,10 @@ pub struct Bytes<'a>(pub &'a [u8]);
 impl Frame for Bytes<'_> {
     fn wire_len(&self) -> u32 {
         self.0.len() as u32
+    }
+
+    fn untagged(&self) -> bool {
+        true
     }
 
     fn load(&self, _m: &mut Machine, offset: u32, size: u32) -> Option<u32> {

@@ -264,12 +264,16 @@ struct WireFrame<'a> {
     /// Whether the tag is out of the data: then the view's first [`HEAD_BYTES`] are in the
     /// machine's `head`, and byte `o` of the view after them is byte `o - 4` of the data.
     tagged: bool,
+    /// The linear part's bounds, read once: nothing the filter calls moves the data.
+    data: usize,
+    data_end: usize,
 }
 
 impl<'a> WireFrame<'a> {
     #[inline(always)]
     fn new(ctx: &'a TcContext, skb: &aya_ebpf::bindings::__sk_buff, m: &mut Machine) -> Self {
-        let untagged = WireFrame { ctx, len: skb.len, tagged: false };
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        let untagged = WireFrame { ctx, len: skb.len, tagged: false, data, data_end };
         if skb.vlan_present == 0 {
             return untagged;
         }
@@ -285,14 +289,14 @@ impl<'a> WireFrame<'a> {
         if untagged.load_into(0, m.head.as_mut_ptr(), 12).is_none()
             || (after > 0 && untagged.load_into(12, m.head[16..].as_mut_ptr(), after).is_none())
         {
-            return WireFrame { ctx, len: 0, tagged: true };
+            return WireFrame { len: 0, tagged: true, ..untagged };
         }
         // vlan_proto is in network byte order, vlan_tci in host order.
         let tag = (u32::from(u16::from_be(skb.vlan_proto as u16)) << 16) | (skb.vlan_tci & 0xffff);
         for (i, byte) in tag.to_be_bytes().into_iter().enumerate() {
             set(&mut m.head[12 + i], byte);
         }
-        WireFrame { ctx, len: skb.len + 4, tagged: true }
+        WireFrame { len: skb.len + 4, tagged: true, ..untagged }
     }
 
     /// Copies `size` (1..=7) bytes of the data at `offset` to `to`.
@@ -318,11 +322,18 @@ impl<'a> WireFrame<'a> {
         // The mask bounds the very register the verifier checks the access with, below its
         // 64 KiB limit on packet offsets (a larger bound makes it ignore the check).
         let at = (offset & 0x7fff) as usize;
-        let (data, end) = (self.ctx.data(), self.ctx.data_end());
-        if at as u32 == offset && data + at + 4 <= end {
-            // SAFETY: the 4 bytes lie between data and data_end, checked just above.
-            let bytes = unsafe { core::ptr::read_unaligned((data + at) as *const [u8; 4]) };
-            return Some(filter::big_endian(bytes, size));
+        if at as u32 == offset && self.data + at + 4 <= self.data_end {
+            let at = (self.data + at) as *const u8;
+            // SAFETY: the 4 bytes at `at` lie between data and data_end, checked just above.
+            // Only the bytes asked for are read: assembling four for a 1-byte load (most of a
+            // filter's) costs more than the branch.
+            return Some(unsafe {
+                match size {
+                    1 => u32::from(*at),
+                    2 => u32::from(u16::from_be(core::ptr::read_unaligned(at as *const u16))),
+                    _ => u32::from_be(core::ptr::read_unaligned(at as *const u32)),
+                }
+            });
         }
         self.load_into(offset, m.buf.as_mut_ptr(), size)?;
         let buf = get(&m.buf);
@@ -333,6 +344,10 @@ impl<'a> WireFrame<'a> {
 impl filter::Frame for WireFrame<'_> {
     fn wire_len(&self) -> u32 {
         self.len
+    }
+
+    fn untagged(&self) -> bool {
+        !self.tagged
     }
 
     #[inline(always)]
