@@ -35,7 +35,8 @@ use scene::{Switch, Tunnel};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Rounds per configuration; the tables show median, min and max (default 5, --quick 1).
+    /// Rounds per configuration; the tables show median, min and max (default 5, and 9 for
+    /// this kernel's VM-throughput table, whose target is a ratio to tc mirred; --quick 1).
     #[arg(long)]
     rounds: Option<usize>,
     /// This kernel only: skip the Debian 6.1 guest (GRE, Open vSwitch) under QEMU.
@@ -49,9 +50,9 @@ pub struct BenchArgs {
     /// traffic (a real etcd; about a minute). Prints the table and writes BENCHMARKS-fleet.md.
     #[arg(long)]
     fleet: bool,
-    /// Only the tap program's time per run by path (BPF_PROG_TEST_RUN, one and two CPUs):
-    /// prints the table, writes nothing. With `--guest`, inside `cargo xtask vm-run --kernel K`,
-    /// it measures that guest's kernel.
+    /// Only the tap program's time per run by path (BPF_PROG_TEST_RUN, one and two CPUs), on
+    /// this kernel and (unless --host-only) in Debian's 5.10, 6.1 and 6.12 under QEMU: prints
+    /// the tables, writes nothing.
     #[arg(long)]
     prog_run: bool,
     /// Only the collector's table: vmsniff collect, tcpdump and tshark on the same GRE flood
@@ -66,6 +67,11 @@ pub struct BenchArgs {
 /// Printed before the guest part's JSON on the console.
 const RESULT_PREFIX: &str = "vmsniff-bench-result: ";
 const GUEST_KERNEL: &str = "6.1";
+/// The kernels the tap program's time is also measured on: every guest the tests run in.
+const PROG_RUN_KERNELS: [&str; 3] = ["5.10", "6.1", "6.12"];
+/// Rounds of this kernel's VM-throughput table by default: its target is vmsniff's throughput
+/// against tc mirred's, a ratio near 1 that needs the spread of more rounds than the rest.
+const THROUGHPUT_ROUNDS: usize = 9;
 
 impl BenchArgs {
     fn rounds(&self) -> usize {
@@ -75,7 +81,9 @@ impl BenchArgs {
     fn plan(&self, guest: bool) -> Plan {
         match (self.quick, guest) {
             (true, _) => Plan { rounds: self.rounds(), secs: 1, loads: &[0.5] },
-            (false, false) => Plan { rounds: self.rounds(), secs: 2, loads: &[0.25, 0.5, 0.75] },
+            (false, false) => {
+                Plan { rounds: self.rounds.unwrap_or(THROUGHPUT_ROUNDS), secs: 2, loads: &[0.25, 0.5, 0.75] }
+            }
             // The emulated CPU makes every step slow: one load fewer keeps the guest's part
             // within minutes.
             (false, true) => Plan { rounds: self.rounds(), secs: 2, loads: &[0.25, 0.5] },
@@ -121,12 +129,18 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     catch_interrupts()?;
     let vmsniff = crate::demo::vmsniff_binary(workspace);
     if args.prog_run {
-        if !args.guest {
-            crate::setup::run()?;
-            crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;
+        // Guests show one CPU's column only (see `progrun::guests_section`).
+        let samples = progrun::run(args.rounds(), &vmsniff, !args.guest)?;
+        if args.guest {
+            println!("{RESULT_PREFIX}{}", serde_json::to_string(&samples)?);
+            return Ok(());
         }
+        crate::setup::run()?;
+        crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;
+        let guests = if args.host_only { Vec::new() } else { prog_run_in_guests(&args)? };
         let mut out = String::new();
-        progrun::section(&mut out, args.rounds(), &progrun::run(args.rounds(), &vmsniff)?)?;
+        progrun::section(&mut out, args.rounds(), &samples)?;
+        progrun::guests_section(&mut out, args.rounds(), &guests)?;
         print!("{out}");
         return Ok(());
     }
@@ -163,7 +177,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     let filter_frames = if args.quick { 2_000 } else { filters::FRAMES };
     let filter_samples = filters::run(args.rounds(), filter_frames, &vmsniff)?;
     eprintln!("\n==> this kernel: the tap program's time by path (BPF_PROG_TEST_RUN)");
-    let prog_samples = progrun::run(args.rounds(), &vmsniff)?;
+    let prog_samples = progrun::run(args.rounds(), &vmsniff, true)?;
     eprintln!("\n==> this kernel: the collector against tcpdump and tshark");
     let copies = if args.quick { collector::COPIES / 10 } else { collector::COPIES };
     let collector_samples = collector::run(args.rounds(), copies, &release_vmsniff(workspace)?)?;
@@ -171,8 +185,9 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
         None
     } else {
         eprintln!("\n==> Debian {GUEST_KERNEL} under QEMU: Open vSwitch, GRE");
-        Some(guest_part(&args)?)
+        Some(in_guest::<Part>(GUEST_KERNEL, &args.guest_args())?)
     };
+    let prog_guests = if args.host_only { Vec::new() } else { prog_run_in_guests(&args)? };
     let load_after = loadavg();
 
     let mut out = String::new();
@@ -187,7 +202,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() / 60.0,
         if args.quick { " **A --quick run: one round of short runs, not for comparison.**" } else { "" }
     );
-    report::header(&mut out, &command, &load, args.rounds())?;
+    report::header(&mut out, &command, &load, args.plan(false).rounds, args.rounds())?;
     out.push_str(
         "![VM throughput relative to no mirror; delivery ratio by offered load](BENCHMARKS.png)\n\n",
     );
@@ -203,6 +218,7 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     }
     filters::section(&mut out, args.rounds(), filter_frames, &filter_samples)?;
     progrun::section(&mut out, args.rounds(), &prog_samples)?;
+    progrun::guests_section(&mut out, args.rounds(), &prog_guests)?;
     collector::section(&mut out, args.rounds(), copies, &collector_samples)?;
     out.push_str(LIMITS);
     std::fs::write(workspace.join("BENCHMARKS.md"), &out).context("writing BENCHMARKS.md")?;
@@ -237,13 +253,30 @@ const LIMITS: &str = "## What this machine can and cannot show\n\n\
   machine adds to every row alike in expectation, but not per round. The collector is on the same \
   machine, so a mirror's row also pays for receiving and decapsulating its copies there.\n";
 
-/// Boots the guest kernel, runs the guest part there and reads its result from the console.
-fn guest_part(args: &BenchArgs) -> anyhow::Result<Part> {
+/// The tap program's time by path in each of [`PROG_RUN_KERNELS`], a guest booted for each.
+fn prog_run_in_guests(args: &BenchArgs) -> anyhow::Result<Vec<progrun::Samples>> {
+    let guest_args = ["bench", "--guest", "--prog-run", "--rounds"]
+        .map(String::from)
+        .into_iter()
+        .chain([args.rounds().to_string()]);
+    let guest_args: Vec<String> = guest_args.collect();
+    PROG_RUN_KERNELS
+        .into_iter()
+        .map(|kernel| {
+            eprintln!("\n==> Debian {kernel} under QEMU: the tap program's time by path");
+            in_guest(kernel, &guest_args)
+        })
+        .collect()
+}
+
+/// Boots the guest `kernel`, runs this xtask with `guest_args` there and reads its result
+/// from the console.
+fn in_guest<T: serde::de::DeserializeOwned>(kernel: &str, guest_args: &[String]) -> anyhow::Result<T> {
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
     let mut child = Command::new(&xtask)
-        .args(["vm-run", "--kernel", GUEST_KERNEL, "--timeout", "2400", "--"])
+        .args(["vm-run", "--kernel", kernel, "--timeout", "2400", "--"])
         .arg(&xtask)
-        .args(args.guest_args())
+        .args(guest_args)
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the VM harness")?;
@@ -253,15 +286,15 @@ fn guest_part(args: &BenchArgs) -> anyhow::Result<Part> {
         let line = line.context("reading the guest's console")?;
         let line = line.trim_end_matches('\r');
         match line.strip_prefix(RESULT_PREFIX) {
-            Some(json) => part = Some(serde_json::from_str(json).context("the guest part's results")?),
+            Some(json) => part = Some(serde_json::from_str(json).context("the guest's results")?),
             None => eprintln!("{line}"),
         }
     }
     let status = child.wait().context("waiting for the VM harness")?;
     if !status.success() {
-        bail!("the guest part failed ({status}): see its output above");
+        bail!("the run in the {kernel} guest failed ({status}): see its output above");
     }
-    part.context("the guest part printed no results")
+    part.with_context(|| format!("the run in the {kernel} guest printed no results"))
 }
 
 /// The collector's work is all in user space: it is measured as operators run it, built for

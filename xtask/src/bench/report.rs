@@ -3,7 +3,7 @@ use std::{fmt::Write as _, process::Command};
 
 use super::{
     configs::Config,
-    measure::{Part, Sample},
+    measure::{Metric, Part, Sample},
 };
 
 /// Median, min and max of a sample.
@@ -62,7 +62,14 @@ pub fn date() -> String {
 }
 
 /// The header and the explanation of what is measured.
-pub fn header(out: &mut String, command: &str, load: &str, rounds: usize) -> std::fmt::Result {
+/// `rounds`: this kernel's VM-throughput part's; `other_rounds`: every other table's.
+pub fn header(
+    out: &mut String,
+    command: &str,
+    load: &str,
+    rounds: usize,
+    other_rounds: usize,
+) -> std::fmt::Result {
     writeln!(out, "# vmsniff benchmarks\n")?;
     writeln!(
         out,
@@ -75,7 +82,8 @@ pub fn header(out: &mut String, command: &str, load: &str, rounds: usize) -> std
         out,
         "What mirroring a VM costs the VM, and whether every copy arrives: vmsniff against what an \
          operator would use instead, on the same traffic, the configurations alternating round by \
-         round (rounds: {rounds}; each cell is the median with min–max):\n"
+         round (rounds: {rounds} on this kernel, {other_rounds} in the guest and in the tables \
+         further down; each cell is the median with min–max):\n"
     )?;
     for config in super::configs::ALL {
         writeln!(out, "- **{}**", config.label())?;
@@ -162,6 +170,7 @@ pub fn part(out: &mut String, title: &str, part: &Part, absolute: bool) -> std::
             writeln!(out, "| {label} | {} | {tcp} | {pps} | {cpu} |", c.how)?;
         }
     }
+    against_mirred(out, part)?;
     if !part.configs.iter().any(|c| c.config == Config::Ovs.key()) {
         writeln!(
             out,
@@ -198,6 +207,43 @@ pub fn part(out: &mut String, title: &str, part: &Part, absolute: bool) -> std::
         writeln!(out, "| {label} | {} |", cells.join(" | "))?;
     }
     writeln!(out)
+}
+
+/// vmsniff's VM throughput against tc mirred's, round by round (each round's two runs are
+/// minutes apart at most, so the machine's neighbours weigh on both alike).
+fn against_mirred(out: &mut String, part: &Part) -> std::fmt::Result {
+    let Some(mirred) = part.configs.iter().find(|c| c.config == Config::Mirred.key()) else {
+        return Ok(());
+    };
+    let rounds = mirred.rounds.len();
+    writeln!(
+        out,
+        "\nVM throughput with vmsniff against tc mirred, the ratio in each round (median, min–max of {rounds}):\n"
+    )?;
+    for c in part
+        .configs
+        .iter()
+        .filter(|c| [Config::Vmsniff.key(), Config::VmsniffVxlan.key()].contains(&c.config.as_str()))
+    {
+        let ratio = |f: Metric| {
+            let paired: Vec<f64> = c
+                .rounds
+                .iter()
+                .zip(&mirred.rounds)
+                .map(|(s, m)| f(s) / f(m))
+                .filter(|r| r.is_finite())
+                .collect();
+            Stats::of(&paired).show(1.0, 2)
+        };
+        writeln!(
+            out,
+            "- {} / (c): TCP {}, small frames {}",
+            label(&c.config),
+            ratio(|s| s.tcp_gbps),
+            ratio(|s| s.max_pps)
+        )?;
+    }
+    Ok(())
 }
 
 /// A configuration's label from its key.
