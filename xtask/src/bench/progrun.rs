@@ -97,6 +97,10 @@ pub struct Samples {
 pub fn run(rounds: usize, vmsniff: &Path, two_cpus: bool) -> anyhow::Result<Samples> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cpus = if two_cpus { cpus } else { 1 };
+    // Before the keeping session's maps: up to 5.10 a program's memory counts against the
+    // user's RLIMIT_MEMLOCK, which vmsniff's pinned maps already fill.
+    raise_memlock_limit()?;
+    let empty = empty_program()?;
     let hv = Hypervisor::new();
     // Something must read the copies off the veth's far end, as in the other benchmarks.
     let _capture = hv.mirror_port();
@@ -108,7 +112,7 @@ pub fn run(rounds: usize, vmsniff: &Path, two_cpus: bool) -> anyhow::Result<Samp
         vmsniff,
         &["attach", "--tap", KEEPER, "--to-dev", MIRROR_DEV, "--direction", "in"],
     )?;
-    let samples = measure(rounds, vmsniff, &hv, cpus);
+    let samples = measure(rounds, vmsniff, &hv, cpus, &empty);
     vmsniff_in(&hv.ns, vmsniff, &["detach", keeper.trim()])?;
     samples
 }
@@ -116,14 +120,30 @@ pub fn run(rounds: usize, vmsniff: &Path, two_cpus: bool) -> anyhow::Result<Samp
 /// The device the keeping session mirrors (see [`run`]).
 const KEEPER: &str = "keep0";
 
-fn measure(rounds: usize, vmsniff: &Path, hv: &Hypervisor, cpus: usize) -> anyhow::Result<Samples> {
+/// Lifts RLIMIT_MEMLOCK, as vmsniff does for its own maps and programs (kernels before 5.11
+/// charge BPF memory against it).
+fn raise_memlock_limit() -> anyhow::Result<()> {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit, read by the call only.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("lifting RLIMIT_MEMLOCK");
+    }
+    Ok(())
+}
+
+fn measure(
+    rounds: usize,
+    vmsniff: &Path,
+    hv: &Hypervisor,
+    cpus: usize,
+    empty: &std::os::fd::OwnedFd,
+) -> anyhow::Result<Samples> {
     let tap = hv.ns.ifindex(TAP);
     let other = hv.ns.ifindex(MIRROR_DEV);
     let netns = hv.ns.path();
     let mut one = vec![Vec::new(); Path4::ALL.len()];
     let mut two = vec![Vec::new(); Path4::ALL.len()];
     let mut floor = Vec::new();
-    let empty = empty_program()?;
     let frame = frames::ipv4(VM_MAC, PEER_MAC, [10, 0, 0, 2], [10, 0, 0, 1], L4::Udp(4000, 9), 1, 128);
     // A warm-up: under TCG the test run's own code is translated on first use, slowly.
     in_parallel(&netns, empty.as_raw_fd(), &frame, tap, REPEAT / 10, &[0])?;
