@@ -247,6 +247,14 @@ const LIMITS: &str = "## What this machine can and cannot show\n\n\
   slower than the host and unevenly so, hence ratios to (a) only. Code runs slowly the first \
   time TCG translates it, and the other engineers' QEMU guests share the host's CPUs: single \
   rounds there can be far off (see min–max); the medians are what to read.\n\
+- A copy costs vmsniff one thing tc mirred does not pay: after cloning the frame, the kernel's \
+  `bpf_clone_redirect` makes the original frame's head private again (`bpf_try_make_head_writable`, \
+  net/core/filter.c: a new head and a copy of it, so that a program may go on writing the packet \
+  directly), where mirred only clones. The program's own decision costs tens of ns (the \
+  program-time table); that helper, with the copy's transmit, about a thousand. On small frames \
+  it is what keeps (b) level with (c) rather than ahead of it: rounds fall either side of 1.0 \
+  (the ratio under the table). Doing better there would take the clone out of the helper (a tc \
+  mirred action behind the program's decision), which vmsniff does not do.\n\
 - The relay is a Rust AF_PACKET loop (2 MiB receive buffer, tcpdump's default), one `recv` and \
   one `send` per frame: the least a tcpdump-based relay does, so its cost here is a lower bound.\n\
 - CPU per frame counts all CPUs' system, IRQ and softirq time: other people's work on a shared \

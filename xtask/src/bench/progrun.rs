@@ -99,7 +99,7 @@ pub fn run(rounds: usize, vmsniff: &Path, two_cpus: bool) -> anyhow::Result<Samp
     let cpus = if two_cpus { cpus } else { 1 };
     // Before the keeping session's maps: up to 5.10 a program's memory counts against the
     // user's RLIMIT_MEMLOCK, which vmsniff's pinned maps already fill.
-    raise_memlock_limit()?;
+    raise_memlock_limit();
     let empty = empty_program()?;
     let hv = Hypervisor::new();
     // Something must read the copies off the veth's far end, as in the other benchmarks.
@@ -120,15 +120,15 @@ pub fn run(rounds: usize, vmsniff: &Path, two_cpus: bool) -> anyhow::Result<Samp
 /// The device the keeping session mirrors (see [`run`]).
 const KEEPER: &str = "keep0";
 
-/// Lifts RLIMIT_MEMLOCK, as vmsniff does for its own maps and programs (kernels before 5.11
-/// charge BPF memory against it).
-fn raise_memlock_limit() -> anyhow::Result<()> {
+/// Lifts RLIMIT_MEMLOCK where this process may (kernels before 5.11 charge BPF memory against
+/// it). Without CAP_SYS_RESOURCE, as on this project's machine, it stays: kernels from 5.11 on
+/// charge the memory cgroup instead.
+fn raise_memlock_limit() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: a valid rlimit, read by the call only.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("lifting RLIMIT_MEMLOCK");
+        eprintln!("bench: RLIMIT_MEMLOCK stays: {}", std::io::Error::last_os_error());
     }
-    Ok(())
 }
 
 fn measure(
