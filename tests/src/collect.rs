@@ -90,6 +90,11 @@ impl Collector {
         panic!("vmsniff collect did not start listening within 20 s:\n{}", seen.join("\n"));
     }
 
+    /// The collector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Sends SIGINT and waits for the exit.
     pub fn stop(mut self) -> Stopped {
         let child = self.child.as_ref().expect("running");

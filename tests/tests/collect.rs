@@ -480,6 +480,8 @@ fn bad_encapsulations_and_collect_arguments_are_refused_and_change_nothing() {
         (vec!["collect", "-w", file, "--from", "10.0.0.0/40"], "10.0.0.0/40"),
         (vec!["collect", "-w", file, "--names", "/nonexistent/status.json"], "/nonexistent/status.json"),
         (vec!["collect", "-w", file, "-c", "0"], "0"),
+        (vec!["collect", "-w", file, "--threads", "0"], "--threads"),
+        (vec!["collect", "-w", file, "--threads", "65"], "1..=64"),
     ] {
         let err = vmsniff::fails(&hv.ns, &args);
         assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
@@ -627,4 +629,96 @@ fn a_collector_on_a_bridge_writes_each_copy_once() {
     assert!(!stopped.stderr.contains("duplicated sequence numbers"), "{}", stopped.stderr);
     let lens: Vec<usize> = read_pcapng_file(&file).iter().map(|p| p.data.len()).collect();
     assert_eq!(lens, sizes, "each copy once, whole");
+}
+
+/// `--threads`: copies from many senders spread over reading threads, one ring each in a
+/// PACKET_FANOUT group. Each copy is written once (a ring outside the group would write it
+/// again), each sender's in order with its fragments made whole (one sender, one thread), and
+/// two such collectors at once both get every copy (each group is its own).
+#[test]
+fn reading_threads_write_each_senders_copies_once_and_in_order() {
+    if !privileged_on_host(
+        "reading_threads_write_each_senders_copies_once_and_in_order",
+        "collect's packet sockets and this kernel's PACKET_FANOUT",
+    ) {
+        return;
+    }
+    let senders: Vec<[u8; 4]> = (10..18).map(|i| [10, 240, 0, i]).collect();
+    let names: Vec<String> = senders.iter().map(|s| format!("{}.{}.{}.{}", s[0], s[1], s[2], s[3])).collect();
+    let (sender_ns, collector_ns) =
+        sender_and_collector(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let scratch = Scratch::new("threads");
+    let files = [scratch.path("three.pcapng"), scratch.path("two.pcapng")];
+    let collectors: Vec<Collector> = [("3", &files[0]), ("2", &files[1])]
+        .into_iter()
+        .map(|(threads, file)| {
+            Collector::start(&collector_ns, &["-w", file.to_str().unwrap(), "--threads", threads])
+        })
+        .collect();
+    let threads = |pid: u32| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .filter(|c| c.starts_with("collect-"))
+            .collect();
+        names.sort();
+        names
+    };
+    // A thread names itself once it runs: a moment after collect says it is collecting.
+    let named = |pid: u32, expected: &[&str]| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while threads(pid) != expected && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(threads(pid), expected);
+    };
+    named(collectors[0].pid(), &["collect-0", "collect-1", "collect-2"]);
+    named(collectors[1].pid(), &["collect-0", "collect-1"]);
+
+    const COPIES: u32 = 200;
+    let sockets: Vec<GreSender> = senders.iter().map(|s| GreSender::open(&sender_ns, *s)).collect();
+    // Small and fragmented (a 1514-byte frame over a 1500-byte link) copies, the senders in
+    // turn, so that every ring has work at once.
+    let frame = |sender: usize, seq: u32| {
+        let len = if seq.is_multiple_of(3) { 1514 } else { 60 + sender * 10 };
+        frames::frame(VM_MAC, PEER_MAC, seq + 1000 * sender as u32, len)
+    };
+    for seq in 1..=COPIES {
+        for (i, socket) in sockets.iter().enumerate() {
+            socket.send([10, 240, 0, 2], &gre(Some(3 * 2), Some(seq), TEB, &frame(i, seq)));
+        }
+        if seq % 10 == 0 {
+            // Within the veth's backlog.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (collector, file) in collectors.into_iter().zip(&files) {
+        let stopped = collector.stop();
+        assert!(stopped.status.success(), "collect: {}", stopped.stderr);
+        let (rows, closing) = summary(&stopped.stderr);
+        assert_eq!(rows.len(), senders.len(), "{rows:#?}\n{closing}");
+        for row in &rows {
+            assert_eq!(
+                (row.packets, row.lost, row.reordered),
+                (u64::from(COPIES), Some(0), Some(0)),
+                "{row:?}\n{closing}"
+            );
+        }
+        let packets = read_pcapng_file(file);
+        assert_eq!(packets.len(), senders.len() * COPIES as usize, "each copy once");
+        for (i, name) in names.iter().enumerate() {
+            let got: Vec<&[u8]> = packets
+                .iter()
+                .filter(|p| p.interface == format!("{name} session 3"))
+                .map(|p| p.data.as_slice())
+                .collect();
+            let expected: Vec<Vec<u8>> = (1..=COPIES).map(|seq| frame(i, seq)).collect();
+            assert!(
+                got.iter().copied().eq(expected.iter().map(Vec::as_slice)),
+                "{name}'s copies, whole and in order"
+            );
+        }
+    }
 }

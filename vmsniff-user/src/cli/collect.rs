@@ -1,7 +1,11 @@
 //! `vmsniff collect`: the collector's side. Receives vmsniff's (and Open vSwitch's) GRE and
 //! ERSPAN copies over IPv4 and IPv6, and VXLAN on a UDP port, through a TPACKET_V3 ring, and writes
 //! pcapng with one interface per sender and session, each packet's direction in its flags.
-use std::{net::SocketAddr, path::PathBuf, sync::Mutex};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -9,9 +13,11 @@ use clap::Args;
 use crate::fleet::{self, etcd::EtcdArgs};
 use crate::{
     collect::{
+        copies::{Cidr, Options, parse_cidr},
+        fanout::MAX_THREADS,
         names::{Names, NamesArg, parse_names_arg},
         pcapng::{Destination, Rotate, parse_rotate},
-        receive::{self, Cidr, Ended, Options, parse_cidr},
+        receive::{self, Ended},
         ring::DEFAULT_RING_MIB,
         stats::{DEFAULT_MAX_STREAMS, MAX_STREAMS_LIMIT, SharedStats, Stats, lock, render_summary},
     },
@@ -74,11 +80,20 @@ pub struct CollectArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STREAMS, value_parser = parse_max_streams)]
     pub max_streams: usize,
 
-    /// The receive ring's size in MiB: the kernel holds copies there until collect writes them
-    /// (bursts from many hypervisors at once). What does not fit is counted as socket drops.
+    /// The receive ring's size in MiB, per reading thread: the kernel holds copies there until
+    /// collect writes them (bursts from many hypervisors at once). What does not fit is counted
+    /// as socket drops.
     #[arg(short = 'B', long, value_name = "MIB", default_value_t = DEFAULT_RING_MIB,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(4..=4096))]
     pub buffer_size: usize,
+
+    /// Read with N threads, each with its own ring, for more copies a second than one core
+    /// decodes and writes: the kernel hands each sender's copies to one thread (a
+    /// PACKET_FANOUT group hashing the sender's address), so they stay in order. One capture
+    /// file still: each sender's copies in order, senders interleaved block by block.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_THREADS as u64))]
+    pub threads: usize,
 
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -114,7 +129,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         log::info!("metrics on http://{addr}/metrics");
         tokio::spawn(metrics::serve(listener, metrics::collector::scrape(stats.clone())));
     }
-    let options = Options {
+    let options = Arc::new(Options {
         from: args.from,
         vxlan_port: args.vxlan_port,
         destination,
@@ -123,7 +138,8 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         names,
         plain_gre: args.plain_gre,
         ring_mib: args.buffer_size,
-    };
+        threads: args.threads,
+    });
     let ended = receive::run(&options, &stats).await?;
     let stats = lock(&stats);
     match ended {

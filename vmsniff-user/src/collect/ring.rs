@@ -34,28 +34,28 @@ pub const DEFAULT_RING_MIB: usize = 64;
 const FRAME_SIZE: usize = 2048;
 
 const ETH_P_ALL: u16 = 0x0003;
-const ETH_P_IP: u32 = 0x0800;
-const ETH_P_IPV6: u32 = 0x86dd;
+pub(super) const ETH_P_IP: u32 = 0x0800;
+pub(super) const ETH_P_IPV6: u32 = 0x86dd;
 const IPPROTO_GRE: u8 = 47;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_FRAGMENT: u8 = 44;
 
 /// One classic BPF instruction.
-const fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+pub(super) const fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
 // Classic BPF opcodes, as linux/filter.h composes them.
-const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+pub(super) const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
 const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
 const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
 const LDX_B_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
-const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+pub(super) const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
-const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
-const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-const AD_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
+pub(super) const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+pub(super) const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+pub(super) const AD_PROTOCOL: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PROTOCOL) as u32;
 const AD_PKTTYPE: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32;
 
 /// The ring's filter: packets for this host's link address that are GRE over IPv4 or IPv6, an
@@ -102,7 +102,7 @@ pub fn drop_all_filter() -> Vec<libc::sock_filter> {
 
 /// Attaches a classic BPF program with `option` (SO_ATTACH_FILTER, PACKET_FANOUT_DATA).
 pub fn attach_program(
-    fd: &OwnedFd,
+    fd: &impl AsRawFd,
     level: libc::c_int,
     option: libc::c_int,
     program: &[libc::sock_filter],
@@ -113,7 +113,12 @@ pub fn attach_program(
     setsockopt_raw(fd, level, option, &fprog)
 }
 
-fn setsockopt_raw<T>(fd: &OwnedFd, level: libc::c_int, option: libc::c_int, value: &T) -> io::Result<()> {
+pub(super) fn setsockopt_raw<T>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `value` is a live `T` of `len` bytes, which is what `option` reads.
@@ -131,7 +136,7 @@ pub struct RingError {
     pub source: io::Error,
 }
 
-fn step(op: &'static str) -> impl FnOnce(io::Error) -> RingError {
+pub(super) fn step(op: &'static str) -> impl FnOnce(io::Error) -> RingError {
     move |source| RingError { op, source }
 }
 
@@ -156,8 +161,9 @@ pub struct Ring {
 unsafe impl Send for Ring {}
 
 impl Ring {
-    /// A ring of `mib` MiB on every interface of this network namespace. Needs CAP_NET_RAW.
-    pub fn open(vxlan_port: Option<u16>, mib: usize) -> Result<Ring, RingError> {
+    /// A ring of `mib` MiB on every interface of this network namespace, taking what `filter`
+    /// keeps. Needs CAP_NET_RAW.
+    pub fn open(filter: &[libc::sock_filter], mib: usize) -> Result<Ring, RingError> {
         let fd = super::receive::socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0)
             .map_err(step("cannot open an AF_PACKET socket"))?;
         // Only the host's input: copies this host sends (a hypervisor collecting its own) are
@@ -168,7 +174,7 @@ impl Ring {
         // at each, and [`Repeats`] tells the repeats by their equal timestamps.
         setsockopt_raw(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, &1 as &libc::c_int)
             .map_err(step("cannot ask for receive timestamps"))?;
-        attach_program(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &receive_filter(vxlan_port))
+        attach_program(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, filter)
             .map_err(step("cannot attach the collector's packet filter"))?;
         let version = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
         setsockopt_raw(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)
@@ -239,12 +245,12 @@ impl Ring {
         self.status(self.next.get()).load(Ordering::Acquire) & libc::TP_STATUS_USER != 0
     }
 
-    /// Hands each packet of the next block to `each`, then the block back to the kernel.
-    /// Returns false when the next block is still the kernel's. `each` returning false stops
-    /// early (the rest of the block is not read: `--count` reached).
-    pub fn read_block(&self, mut each: impl FnMut(RingPacket<'_>) -> bool) -> bool {
+    /// Hands the packets of the next block to `read`, then the block back to the kernel; None
+    /// when the next block is still the kernel's. The packets borrow the block: they are read
+    /// before it is handed back.
+    pub fn read_block<R>(&self, read: impl FnOnce(BlockPackets<'_>) -> R) -> Option<R> {
         if !self.ready() {
-            return false;
+            return None;
         }
         let index = self.next.get();
         let block = self.block(index);
@@ -252,21 +258,14 @@ impl Ring {
         let header = unsafe { (*block).hdr.bh1 };
         // SAFETY: a block of BLOCK_SIZE bytes inside the mapping.
         let bytes = unsafe { std::slice::from_raw_parts(block.cast::<u8>().cast_const(), BLOCK_SIZE) };
-        let mut offset = header.offset_to_first_pkt as usize;
-        for _ in 0..header.num_pkts {
-            let Some(packet) = packet_at(bytes, offset) else { break };
-            let next = packet.1;
-            if !each(packet.0) {
-                break;
-            }
-            if next == 0 {
-                break;
-            }
-            offset += next;
-        }
+        let result = read(BlockPackets {
+            bytes,
+            offset: Some(header.offset_to_first_pkt as usize),
+            left: header.num_pkts,
+        });
         self.status(index).store(libc::TP_STATUS_KERNEL, Ordering::Release);
         self.next.set((index + 1) % self.blocks);
-        true
+        Some(result)
     }
 
     /// What the kernel dropped since the last call because the ring was full.
@@ -301,6 +300,31 @@ impl Drop for Ring {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `open` mapped; no borrow of it outlives `self`.
         unsafe { libc::munmap(self.base.cast(), self.blocks * BLOCK_SIZE) };
+    }
+}
+
+/// The packets of one ring block, in the order the kernel wrote them.
+pub struct BlockPackets<'a> {
+    bytes: &'a [u8],
+    /// Where the next packet's header is; None once the kernel's offsets end or do not fit.
+    offset: Option<usize>,
+    left: u32,
+}
+
+impl<'a> Iterator for BlockPackets<'a> {
+    type Item = RingPacket<'a>;
+
+    fn next(&mut self) -> Option<RingPacket<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let Some((packet, next)) = packet_at(self.bytes, self.offset?) else {
+            self.offset = None;
+            return None;
+        };
+        self.offset = if next == 0 { None } else { self.offset.and_then(|o| o.checked_add(next)) };
+        Some(packet)
     }
 }
 
@@ -496,14 +520,19 @@ impl LocalAddresses {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::collect::decode::tests::{gre, ipv4, ipv4_frame, vxlan};
 
     /// Runs a classic BPF program as the kernel would on a SOCK_DGRAM packet socket: the
     /// network header at offset 0, the packet type and EtherType as ancillary loads. Only the
     /// instructions these programs use; anything else fails the test.
-    fn run(program: &[libc::sock_filter], packet: &[u8], pkttype: u8, protocol: u32) -> u32 {
+    pub(crate) fn run(program: &[libc::sock_filter], packet: &[u8], pkttype: u8, protocol: u32) -> u32 {
+        const TAX: u16 = (libc::BPF_MISC | libc::BPF_TAX) as u16;
+        const XOR_X: u16 = (libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X) as u16;
+        const MUL_K: u16 = (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16;
+        const RSH_K: u16 = (libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16;
+        const RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
         let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
         let load = |at: u32, size: usize| -> Option<u32> {
             match at {
@@ -533,7 +562,12 @@ mod tests {
                 JEQ_K => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
                 JA => pc += i.k as usize,
                 JSET_K => pc += usize::from(if a & i.k != 0 { i.jt } else { i.jf }),
+                TAX => x = a,
+                XOR_X => a ^= x,
+                MUL_K => a = a.wrapping_mul(i.k),
+                RSH_K => a >>= i.k,
                 RET_K => return i.k,
+                RET_A => return a,
                 other => panic!("instruction {other:#x} not modelled"),
             }
         }

@@ -1,0 +1,297 @@
+//! The rings' reading threads: one per ring (`--threads`). A thread sorts and decodes a whole
+//! block on its own (its repeats, fragments and host addresses are its own: a sender's packets
+//! all reach one ring), then takes the counts' and the capture's locks once to count and write
+//! the block's copies in the order they arrived.
+use std::{
+    io,
+    os::fd::AsRawFd as _,
+    panic::{AssertUnwindSafe, catch_unwind},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{
+    copies::{self, Listener, Options, Skip},
+    decode::Copy,
+    pcapng::{Capture, FLUSH_INTERVAL, PcapngError},
+    reassembly::{self, Offered, Reassembly},
+    ring::{self, BlockPackets, Classified, LocalAddresses, Repeats, Ring},
+    stats::{InterfaceKey, SharedStats, lock},
+};
+
+/// The capture, written by every reading thread and flushed on the main one's timer.
+pub type SharedCapture = Arc<Mutex<Capture<InterfaceKey>>>;
+
+/// The capture, also when a thread panicked holding it: every write is of whole blocks.
+pub fn lock_capture(capture: &SharedCapture) -> MutexGuard<'_, Capture<InterfaceKey>> {
+    capture.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How long a thread waits for its ring before looking whether it is asked to stop.
+const POLL_MS: libc::c_int = 100;
+/// Index of the rings' count in `Stats::socket_drops` (the sockets use their [`Listener`]'s).
+const RING_DROPS: usize = 16;
+
+/// Why a reading thread ended on its own.
+#[derive(Debug)]
+pub enum Finished {
+    /// `--count` copies are written.
+    Count,
+    /// Writing the capture failed (a closed pipe among others).
+    Capture(PcapngError),
+    Poll(io::Error),
+    /// The thread panicked: a bug, reported rather than leaving its senders unread.
+    Panicked(String),
+}
+
+/// The running threads; dropping them asks them to stop.
+pub struct Readers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Readers {
+    /// A thread per ring, each telling `finished` if it ends on its own.
+    pub fn start(
+        rings: Vec<Ring>,
+        options: &Arc<Options>,
+        stats: &SharedStats,
+        capture: &SharedCapture,
+        finished: &UnboundedSender<Finished>,
+    ) -> io::Result<Readers> {
+        let mut readers = Readers { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() };
+        for (i, ring) in rings.into_iter().enumerate() {
+            let (options, stats, capture) = (options.clone(), stats.clone(), capture.clone());
+            let (stop, finished) = (readers.stop.clone(), finished.clone());
+            let thread = std::thread::Builder::new().name(format!("collect-{i}")).spawn(move || {
+                let outcome =
+                    catch_unwind(AssertUnwindSafe(|| read(&ring, &options, &stats, &capture, &stop)));
+                let report = match outcome {
+                    Ok(Ok(None)) => return,
+                    Ok(Ok(Some(finished))) | Ok(Err(finished)) => finished,
+                    Err(panic) => Finished::Panicked(
+                        panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default(),
+                    ),
+                };
+                // The main loop may be gone already (it stops the threads on its way out).
+                let _ = finished.send(report);
+            })?;
+            readers.threads.push(thread);
+        }
+        Ok(readers)
+    }
+
+    /// Stops the threads and waits for them: each has counted its ring's drops.
+    pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads `ring` until asked to stop (`Ok(None)`), `--count` is reached, or a failure.
+fn read(
+    ring: &Ring,
+    options: &Options,
+    stats: &SharedStats,
+    capture: &SharedCapture,
+    stop: &AtomicBool,
+) -> Result<Option<Finished>, Finished> {
+    let mut sorter = Sorter::new();
+    let mut drops_counted = Instant::now();
+    let outcome = 'reading: loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(None);
+        }
+        let mut poll = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one live pollfd, its count given.
+        if unsafe { libc::poll(&raw mut poll, 1, POLL_MS) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                break Err(Finished::Poll(e));
+            }
+        }
+        while let Some(block) = ring.read_block(|packets| sorter.block(packets, options, stats, capture)) {
+            match block {
+                Ok(false) => {}
+                Ok(true) => break 'reading Ok(Some(Finished::Count)),
+                Err(e) => break 'reading Err(Finished::Capture(e)),
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        if drops_counted.elapsed() >= FLUSH_INTERVAL {
+            count_drops(ring, stats);
+            drops_counted = Instant::now();
+        }
+    };
+    count_drops(ring, stats);
+    outcome
+}
+
+/// Copies the ring dropped since the last call, into `stats`.
+fn count_drops(ring: &Ring, stats: &SharedStats) {
+    match ring.take_drops() {
+        Ok(0) => {}
+        Ok(n) => *lock(stats).socket_drops.entry(RING_DROPS).or_default() += n,
+        Err(e) => log::warn!("cannot read the receive ring's drop count: {e}"),
+    }
+}
+
+/// A ring packet, sorted and decoded without any lock.
+enum Sorted<'a> {
+    Copy(Copy<'a>, Duration),
+    /// A datagram made whole from fragments: the block's `wholes[index]`, decoded under the
+    /// lock (it is owned by the block's pass, not by the ring).
+    Whole(usize, Duration),
+    Skipped(Skip),
+}
+
+/// One thread's state between blocks.
+struct Sorter {
+    local: LocalAddresses,
+    fragments: Reassembly,
+    repeats: Repeats,
+    /// The last block's list, kept for its allocation.
+    sorted: Vec<Sorted<'static>>,
+}
+
+impl Sorter {
+    fn new() -> Sorter {
+        Sorter {
+            local: LocalAddresses::new(),
+            fragments: Reassembly::default(),
+            repeats: Repeats::new(),
+            sorted: Vec::new(),
+        }
+    }
+
+    /// Sorts and decodes a block's packets, then counts and writes them under the locks;
+    /// `Ok(true)` once `--count` copies are written.
+    fn block(
+        &mut self,
+        packets: BlockPackets<'_>,
+        options: &Options,
+        stats: &SharedStats,
+        capture: &SharedCapture,
+    ) -> Result<bool, PcapngError> {
+        let mut sorted = reuse(std::mem::take(&mut self.sorted));
+        let mut wholes = Vec::new();
+        for packet in packets {
+            if self.repeats.repeat(&packet) {
+                continue;
+            }
+            sorted.extend(self.sort(packet.data, packet.timestamp, options, &mut wholes));
+        }
+        let given_up = self.fragments.take_given_up();
+        let mut stats = lock(stats);
+        if given_up > 0 {
+            *stats.undecodable.entry(super::decode::Undecodable::FragmentsIncomplete).or_default() +=
+                given_up;
+        }
+        let mut capture = lock_capture(capture);
+        let mut counted = false;
+        for item in sorted.drain(..) {
+            let (copy, timestamp) = match item {
+                Sorted::Copy(copy, timestamp) => (copy, timestamp),
+                Sorted::Whole(index, timestamp) => match decode_whole(&wholes[index], options) {
+                    Ok(copy) => (copy, timestamp),
+                    Err(skip) => {
+                        skip.count(&mut stats);
+                        continue;
+                    }
+                },
+                Sorted::Skipped(skip) => {
+                    skip.count(&mut stats);
+                    continue;
+                }
+            };
+            if copies::record(&copy, timestamp, options, &mut stats, &mut capture)? {
+                counted = true;
+                break;
+            }
+        }
+        self.sorted = reuse(sorted);
+        Ok(counted)
+    }
+
+    /// What one packet from the ring is: a copy, a datagram just made whole, or a reason;
+    /// None for a fragment kept until its datagram is whole.
+    fn sort<'a>(
+        &mut self,
+        packet: &'a [u8],
+        timestamp: Duration,
+        options: &Options,
+        wholes: &mut Vec<Vec<u8>>,
+    ) -> Option<Sorted<'a>> {
+        let classified = if packet.first().is_some_and(|b| b >> 4 == 4) {
+            let ipv4 = match ring::ipv4_for_this_host(packet, &mut self.local) {
+                Ok(ipv4) => ipv4,
+                Err(why) => return Some(Sorted::Skipped(why.into())),
+            };
+            if reassembly::is_fragment(ipv4) {
+                return match self.fragments.offer(ipv4, timestamp) {
+                    Offered::Complete(datagram) => {
+                        wholes.push(datagram);
+                        Some(Sorted::Whole(wholes.len() - 1, timestamp))
+                    }
+                    Offered::Pending => None,
+                    Offered::Refused(why) => Some(Sorted::Skipped(why.into())),
+                };
+            }
+            ring::classify_ipv4(ipv4, options.vxlan_port)
+        } else {
+            ring::classify_ipv6(packet, options.vxlan_port, &mut self.local)
+        };
+        Some(match classified.map_err(Skip::from).and_then(|c| decode_classified(c, options)) {
+            Ok(copy) => Sorted::Copy(copy, timestamp),
+            Err(skip) => Sorted::Skipped(skip),
+        })
+    }
+}
+
+/// A reassembled IPv4 datagram's copy.
+fn decode_whole<'a>(datagram: &'a [u8], options: &Options) -> Result<Copy<'a>, Skip> {
+    decode_classified(ring::classify_ipv4(datagram, options.vxlan_port)?, options)
+}
+
+fn decode_classified<'a>(classified: Classified<'a>, options: &Options) -> Result<Copy<'a>, Skip> {
+    match classified {
+        Classified::GreV4(packet) => copies::decode_copy(Listener::GreV4, packet, None, options),
+        Classified::GreV6 { sender, gre } => copies::decode_copy(Listener::GreV6, gre, Some(sender), options),
+        Classified::Vxlan { sender, datagram } => {
+            copies::decode_copy(Listener::Vxlan, datagram, Some(sender), options)
+        }
+    }
+}
+
+/// An empty list of another lifetime in `list`'s allocation: the block's borrows end with the
+/// block, its capacity serves the next one (collecting from an empty iterator of the same
+/// layout reuses the allocation).
+#[expect(clippy::unnecessary_filter_map, reason = "filter cannot change the lifetime; filter_map can")]
+fn reuse<'a, 'b>(mut list: Vec<Sorted<'a>>) -> Vec<Sorted<'b>> {
+    list.clear();
+    list.into_iter().filter_map(|_| None).collect()
+}
