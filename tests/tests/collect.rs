@@ -722,3 +722,63 @@ fn reading_threads_write_each_senders_copies_once_and_in_order() {
         }
     }
 }
+
+/// A collector busy elsewhere (stopped) while copies queue up in its ring writes every one of
+/// them, in order, once it reads again: the full blocks, and the last, partly filled one the
+/// kernel hands over on its timer.
+#[test]
+fn copies_queued_while_the_collector_is_busy_are_all_written() {
+    if !privileged_on_host(
+        "copies_queued_while_the_collector_is_busy_are_all_written",
+        "collect's ring on this kernel",
+    ) {
+        return;
+    }
+    let senders: Vec<[u8; 4]> = (10..14).map(|i| [10, 240, 0, i]).collect();
+    let names: Vec<String> = senders.iter().map(|s| format!("{}.{}.{}.{}", s[0], s[1], s[2], s[3])).collect();
+    let (sender_ns, collector_ns) =
+        sender_and_collector(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let sockets: Vec<GreSender> = senders.iter().map(|s| GreSender::open(&sender_ns, *s)).collect();
+    let scratch = Scratch::new("busy");
+    const COPIES: u32 = 5000;
+    for threads in ["1", "2"] {
+        let file = scratch.path(&format!("{threads}.pcapng"));
+        let total = (COPIES as usize * senders.len()).to_string();
+        let mut collector = Collector::start(
+            &collector_ns,
+            &["-w", file.to_str().unwrap(), "-c", &total, "--threads", threads],
+        );
+        let pid = nix::unistd::Pid::from_raw(collector.pid() as i32);
+        nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+        // Two sending threads: the kernel fills the ring from two CPUs at once, as from a NIC's
+        // several queues.
+        std::thread::scope(|scope| {
+            for half in sockets.chunks(2) {
+                scope.spawn(move || {
+                    for seq in 1..=COPIES {
+                        for socket in half {
+                            let frame = frames::frame(VM_MAC, PEER_MAC, seq, 60);
+                            socket.send([10, 240, 0, 2], &gre(Some(3 * 2), Some(seq), TEB, &frame));
+                        }
+                        if seq % 40 == 0 {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                });
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+        let stopped = collector.wait(Duration::from_secs(10));
+        assert!(stopped.status.success(), "{}", stopped.stderr);
+        let (rows, closing) = summary(&stopped.stderr);
+        for row in &rows {
+            assert_eq!(
+                (row.packets, row.lost, row.reordered),
+                (u64::from(COPIES), Some(0), Some(0)),
+                "{row:?}\n{closing}"
+            );
+        }
+        assert_eq!(read_pcapng_file(&file).len(), COPIES as usize * senders.len());
+    }
+}

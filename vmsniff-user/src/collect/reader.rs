@@ -4,7 +4,7 @@
 //! the block's copies in the order they arrived.
 use std::{
     io,
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     panic::{AssertUnwindSafe, catch_unwind},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -33,8 +33,8 @@ pub fn lock_capture(capture: &SharedCapture) -> MutexGuard<'_, Capture<Interface
     capture.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// How long a thread waits for its ring before looking whether it is asked to stop.
-const POLL_MS: libc::c_int = 100;
+/// How long a thread waits for its ring at most: its ring's drop count is read between waits.
+const POLL_MS: libc::c_int = 1000;
 /// Index of the rings' count in `Stats::socket_drops` (the sockets use their [`Listener`]'s).
 const RING_DROPS: usize = 16;
 
@@ -52,8 +52,39 @@ pub enum Finished {
 
 /// The running threads; dropping them asks them to stop.
 pub struct Readers {
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// Asks the threads to stop: a flag they look at between blocks, and an eventfd that wakes
+/// them from waiting for their rings.
+struct Stop {
+    asked: AtomicBool,
+    wake: OwnedFd,
+}
+
+impl Stop {
+    fn new() -> io::Result<Stop> {
+        // SAFETY: plain eventfd(2); the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor this function owns.
+        Ok(Stop { asked: AtomicBool::new(false), wake: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    fn ask(&self) {
+        self.asked.store(true, Ordering::Relaxed);
+        // Never read: it stays readable, for every thread.
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer of 8 to the eventfd.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
 }
 
 impl Readers {
@@ -65,7 +96,7 @@ impl Readers {
         capture: &SharedCapture,
         finished: &UnboundedSender<Finished>,
     ) -> io::Result<Readers> {
-        let mut readers = Readers { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() };
+        let mut readers = Readers { stop: Arc::new(Stop::new()?), threads: Vec::new() };
         for (i, ring) in rings.into_iter().enumerate() {
             let (options, stats, capture) = (options.clone(), stats.clone(), capture.clone());
             let (stop, finished) = (readers.stop.clone(), finished.clone());
@@ -93,7 +124,7 @@ impl Readers {
 
     /// Stops the threads and waits for them: each has counted its ring's drops.
     pub async fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.ask();
         let threads = std::mem::take(&mut self.threads);
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {
@@ -106,7 +137,7 @@ impl Readers {
 
 impl Drop for Readers {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.ask();
     }
 }
 
@@ -116,17 +147,21 @@ fn read(
     options: &Options,
     stats: &SharedStats,
     capture: &SharedCapture,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<Option<Finished>, Finished> {
     let mut sorter = Sorter::new();
     let mut drops_counted = Instant::now();
     let outcome = 'reading: loop {
-        if stop.load(Ordering::Relaxed) {
+        if stop.asked() {
             break Ok(None);
         }
-        let mut poll = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one live pollfd, its count given.
-        if unsafe { libc::poll(&raw mut poll, 1, POLL_MS) } < 0 {
+        let mut poll = [ring.as_raw_fd(), stop.wake.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two live pollfds, their count given.
+        if unsafe { libc::poll(poll.as_mut_ptr(), 2, POLL_MS) } < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 break Err(Finished::Poll(e));
@@ -138,7 +173,7 @@ fn read(
                 Ok(true) => break 'reading Ok(Some(Finished::Count)),
                 Err(e) => break 'reading Err(Finished::Capture(e)),
             }
-            if stop.load(Ordering::Relaxed) {
+            if stop.asked() {
                 break;
             }
         }

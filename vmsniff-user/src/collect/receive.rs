@@ -438,6 +438,11 @@ pub async fn run(options: &Arc<Options>, stats: &SharedStats) -> Result<Ended, C
     if live {
         eprintln!();
     }
+    if matches!(ended, Ended::Signal(_)) {
+        // Copies that came before the signal may still be in a block the kernel has not handed
+        // over: the threads read it before they stop.
+        tokio::time::sleep(ring::LAST_BLOCK_WAIT).await;
+    }
     // The threads count their rings' drops and write nothing more once they have stopped.
     readers.stop().await;
     match lock_capture(&capture).flush() {

@@ -26,6 +26,9 @@ const BLOCK_SIZE: usize = 1 << 20;
 /// A block that is not full is handed over after this long, so a quiet session's copies are
 /// written within about a flush interval too.
 const BLOCK_TIMEOUT_MS: u32 = 10;
+/// How long after the last copy its block is surely handed over: the kernel's timer retires a
+/// block on its second expiry without new blocks, so within two timeouts.
+pub const LAST_BLOCK_WAIT: Duration = Duration::from_millis(3 * BLOCK_TIMEOUT_MS as u64);
 /// The ring's size when `--buffer-size` is not given, in MiB (tcpdump's default is 2 MiB; a
 /// collector takes bursts from many hypervisors).
 pub const DEFAULT_RING_MIB: usize = 64;

@@ -24,16 +24,19 @@ const COLLECTOR: &str = "10.250.0.2";
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tool {
     Vmsniff,
+    /// Two reading threads (a fanout group split by sender), on the same one CPU.
+    VmsniffThreads,
     Tcpdump,
     Tshark,
 }
 
 impl Tool {
-    const ALL: [Tool; 3] = [Tool::Vmsniff, Tool::Tcpdump, Tool::Tshark];
+    const ALL: [Tool; 4] = [Tool::Vmsniff, Tool::VmsniffThreads, Tool::Tcpdump, Tool::Tshark];
 
     fn name(self) -> &'static str {
         match self {
             Tool::Vmsniff => "vmsniff collect -w",
+            Tool::VmsniffThreads => "vmsniff collect -w --threads 2",
             Tool::Tcpdump => "tcpdump -w (-B 8192)",
             Tool::Tshark => "tshark -w",
         }
@@ -44,11 +47,12 @@ impl Tool {
         let file = file.display().to_string();
         let args: Vec<&str> = match self {
             Tool::Vmsniff => vec!["collect", "-w", &file],
+            Tool::VmsniffThreads => vec!["collect", "-w", &file, "--threads", "2"],
             Tool::Tcpdump => vec!["tcpdump", "-n", "-i", "col0", "-B", "8192", "-w", &file, "proto", "47"],
             Tool::Tshark => vec!["tshark", "-n", "-q", "-i", "col0", "-w", &file, "-f", "proto 47"],
         };
         let mut line = vec![];
-        if self == Tool::Vmsniff {
+        if matches!(self, Tool::Vmsniff | Tool::VmsniffThreads) {
             line.push(vmsniff.display().to_string());
         }
         line.extend(args.into_iter().map(str::to_owned));
@@ -58,7 +62,7 @@ impl Tool {
     /// What the tool prints on stderr once it is capturing.
     fn ready(self) -> &'static str {
         match self {
-            Tool::Vmsniff => "collecting",
+            Tool::Vmsniff | Tool::VmsniffThreads => "collecting",
             Tool::Tcpdump => "listening on",
             Tool::Tshark => "Capturing on",
         }
@@ -73,7 +77,47 @@ pub struct Sample {
     ns_per_copy: f64,
 }
 
-pub fn run(rounds: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Vec<Sample>> {
+/// Copies the drain part queues in the rings while the collector is stopped.
+const DRAIN_COPIES: u64 = 400_000;
+/// Senders in the drain part: enough for the fanout to give every thread some.
+const DRAIN_SENDERS: usize = 8;
+/// Reading threads the drain part compares.
+const DRAIN_THREADS: [usize; 2] = [1, 2];
+
+/// How fast `vmsniff collect --threads N` empties rings full of copies, on every CPU.
+pub struct Drain {
+    threads: usize,
+    per_s: f64,
+    ns_per_copy: f64,
+}
+
+/// Both parts' samples.
+pub struct Samples {
+    flood: Vec<Sample>,
+    drain: Vec<Drain>,
+}
+
+pub fn run(rounds: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Samples> {
+    let flood = flood(rounds, copies, vmsniff)?;
+    let mut drain = Vec::new();
+    for round in 0..rounds {
+        for threads in DRAIN_THREADS {
+            super::check_interrupted()?;
+            let sample = drained(threads, copies.min(DRAIN_COPIES), vmsniff)
+                .with_context(|| format!("draining with --threads {threads}"))?;
+            eprintln!(
+                "bench: collector drain round {}: --threads {threads}: {:.0} copies/s, {:.0} ns/copy",
+                round + 1,
+                sample.per_s,
+                sample.ns_per_copy
+            );
+            drain.push(sample);
+        }
+    }
+    Ok(Samples { flood, drain })
+}
+
+fn flood(rounds: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for round in 0..rounds {
         for senders in SENDERS {
@@ -157,6 +201,108 @@ fn one(tool: Tool, senders: usize, copies: u64, vmsniff: &Path) -> anyhow::Resul
     })
 }
 
+/// The collector, stopped (SIGSTOP) while trafgen queues `copies` copies from
+/// [`DRAIN_SENDERS`] senders in its rings, then let go on every CPU: how fast its threads read,
+/// decode and write them (to `--count`, where it exits). The sender is done by then, so a
+/// second thread has a core of its own: this is the part `--threads` is for.
+fn drained(threads: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Drain> {
+    let snd = Netns::new("cdsnd");
+    let col = Netns::new("cdcol");
+    snd.sh(&format!("ip link add snd0 type veth peer name col0 netns {}", col.name));
+    for i in 0..DRAIN_SENDERS {
+        snd.sh(&format!("ip addr add 10.250.0.{}/24 dev snd0", 10 + i));
+    }
+    snd.sh("ip link set snd0 up; ip link set lo up");
+    col.sh(&format!("ip addr add {COLLECTOR}/24 dev col0; ip link set col0 up; ip link set lo up"));
+    let dir = tempdir()?;
+    let config = dir.join("gre.cfg");
+    std::fs::write(&config, trafgen_config(DRAIN_SENDERS, &mac(&col, "col0")?, &mac(&snd, "snd0")?))?;
+    let file = dir.join("capture");
+    let stderr = dir.join("stderr");
+    // Room for every copy in one ring: a sender's copies all wait in its thread's.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &col.name])
+        .arg(vmsniff)
+        .args(["collect", "-w"])
+        .arg(&file)
+        .args(["-B", "256", "--threads", &threads.to_string(), "-c", &copies.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr)?)
+        .spawn()
+        .context("starting vmsniff collect")?;
+    let result = drain_once(&mut child, &snd, &config, &stderr, copies);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGCONT);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT);
+    let waited = wait(&mut child, Duration::from_secs(20));
+    let text = std::fs::read_to_string(&stderr)?;
+    let links = || format!("{}{}", snd.sh("ip -s link show snd0"), col.sh("ip -s link show col0"));
+    let (took, cpu) = result.with_context(|| format!("collect's output:\n{text}\n{}", links()))?;
+    waited?;
+    let kept =
+        kept(Tool::Vmsniff, &text).with_context(|| format!("no count in collect's output:\n{text}"))?;
+    if kept != copies {
+        bail!("collect wrote {kept} of {copies} copies: the rings overflowed while it was stopped\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Drain {
+        threads,
+        per_s: copies as f64 / took.as_secs_f64(),
+        ns_per_copy: cpu.as_nanos() as f64 / copies as f64,
+    })
+}
+
+/// Stops the collector, queues the copies, lets it go: the time to its exit and its CPU time.
+fn drain_once(
+    child: &mut Child,
+    snd: &Netns,
+    config: &Path,
+    stderr: &Path,
+    copies: u64,
+) -> anyhow::Result<(Duration, Duration)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(stderr)?.contains("collecting") {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            bail!("collect did not start: {}", std::fs::read_to_string(stderr)?);
+        }
+        super::sleep(Duration::from_millis(100))?;
+    }
+    super::sleep(Duration::from_millis(500))?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP)?;
+    // One trafgen process (it forks one per CPU otherwise): two would send the same copies,
+    // which collect rightly takes for repeats when they arrive in the same nanosecond.
+    let status = Command::new("ip")
+        .args([
+            "netns", "exec", &snd.name, "taskset", "-c", "0", "trafgen", "--cpus", "1", "-o", "snd0", "-q",
+            "-c",
+        ])
+        .arg(config)
+        .args(["-n", &copies.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running trafgen")?;
+    if !status.success() {
+        bail!("trafgen failed: {status}");
+    }
+    // The last partly filled block is handed over after 10 ms.
+    super::sleep(Duration::from_millis(200))?;
+    let before = tree_cpu(child.id())?;
+    let started = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT)?;
+    let deadline = started + Duration::from_secs(60);
+    let mut cpu = before;
+    // Its CPU time is read just before it exits, at each poll: the last reading counts.
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            bail!("collect did not reach --count {copies} within 60 s");
+        }
+        cpu = tree_cpu(child.id())?.max(cpu);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok((started.elapsed(), cpu.saturating_sub(before)))
+}
+
 /// Waits for the tool, floods, lets it drain: the offered rate and the tool's CPU time.
 fn measure(
     tool: Tool,
@@ -178,7 +324,10 @@ fn measure(
     let before = tree_cpu(pid)?;
     let started = Instant::now();
     let status = Command::new("ip")
-        .args(["netns", "exec", &snd.name, "taskset", "-c", "0", "trafgen", "-o", "snd0", "-q", "-c"])
+        .args([
+            "netns", "exec", &snd.name, "taskset", "-c", "0", "trafgen", "--cpus", "1", "-o", "snd0", "-q",
+            "-c",
+        ])
         .arg(config)
         .args(["-n", &copies.to_string()])
         .stdout(Stdio::null())
@@ -230,7 +379,7 @@ fn wait(child: &mut Child, limit: Duration) -> anyhow::Result<()> {
 fn kept(tool: Tool, stderr: &str) -> Option<u64> {
     match tool {
         // The summary's rows: ... DIR PACKETS BYTES LOST REORDERED.
-        Tool::Vmsniff => Some(
+        Tool::Vmsniff | Tool::VmsniffThreads => Some(
             stderr
                 .lines()
                 .filter(|l| l.starts_with("10.250.0."))
@@ -251,7 +400,8 @@ fn tempdir() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-pub fn section(out: &mut String, rounds: usize, copies: u64, samples: &[Sample]) -> anyhow::Result<()> {
+pub fn section(out: &mut String, rounds: usize, copies: u64, samples: &Samples) -> anyhow::Result<()> {
+    let Samples { flood: samples, drain } = samples;
     writeln!(out, "## The collector: vmsniff collect, tcpdump and tshark on the same flood (this kernel)\n")?;
     writeln!(
         out,
@@ -260,7 +410,10 @@ pub fn section(out: &mut String, rounds: usize, copies: u64, samples: &[Sample])
          file. CPU per copy is the tool's own run time (every thread, its children included: tshark's \
          dumpcap; from schedstat, in ns) pinned to another CPU than trafgen; the kernel's copying into the sockets happens in the \
          sender's softirq for every tool alike. Median of {rounds} rounds, min–max; the tools alternate \
-         within each round.\n"
+         within each round. `--threads 2` runs on the same one CPU as the others: this 2-core \
+         machine has no core to spare beside trafgen's, so its row shows what splitting the \
+         senders over two reading threads costs (two rings, a lock per block), not the speed-up a \
+         free core would give.\n"
     )?;
     writeln!(out, "| Tool | Senders | Copies/s offered | Kept | CPU ns per copy | min–max |")?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
@@ -284,6 +437,29 @@ pub fn section(out: &mut String, rounds: usize, copies: u64, samples: &[Sample])
                 ns.max
             )?;
         }
+    }
+    out.push('\n');
+    writeln!(
+        out,
+        "**Draining, on both CPUs.** vmsniff collect is stopped (SIGSTOP) while trafgen queues {} copies \
+         from {DRAIN_SENDERS} senders in its rings (`-B 256` each), then let go unpinned: the copies per \
+         second it reads, decodes and writes until `--count` ends it, and its CPU time per copy. The sender has finished, so a second reading thread has a core of its own. Median of {rounds} \
+         rounds, min–max.\n",
+        copies.min(DRAIN_COPIES)
+    )?;
+    writeln!(out, "| Reading threads | Copies/s drained | min–max | CPU ns per copy |")?;
+    writeln!(out, "|---:|---:|---:|---:|")?;
+    for threads in DRAIN_THREADS {
+        let of = |f: fn(&Drain) -> f64| -> Vec<f64> {
+            drain.iter().filter(|d| d.threads == threads).map(f).collect()
+        };
+        let rate = super::report::Stats::of(&of(|d| d.per_s));
+        let ns = super::report::Stats::of(&of(|d| d.ns_per_copy));
+        writeln!(
+            out,
+            "| {threads} | {:.0} | {:.0}–{:.0} | {:.0} |",
+            rate.median, rate.min, rate.max, ns.median
+        )?;
     }
     out.push('\n');
     Ok(())
