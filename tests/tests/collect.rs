@@ -61,6 +61,10 @@ fn sender_and_collector(senders: &[&str]) -> (Netns, Netns) {
     }
     sender_ns.sh("ip link set snd0 up");
     collector_ns.sh("ip addr add 10.240.0.2/24 dev col0; ip link set col0 up");
+    // The collector's link address, known from the start: the first copies would otherwise
+    // wait for ARP while copies sent from another CPU overtake them.
+    let mac = collector_ns.sh("cat /sys/class/net/col0/address");
+    sender_ns.sh(&format!("ip neigh replace 10.240.0.2 lladdr {} dev snd0 nud permanent", mac.trim()));
     (sender_ns, collector_ns)
 }
 
@@ -68,6 +72,16 @@ fn row<'a>(rows: &'a [Row], encap: &str, session: u32, direction: &str) -> &'a R
     rows.iter()
         .find(|r| r.encap == encap && r.session == session && r.direction == direction)
         .unwrap_or_else(|| panic!("no summary row {encap} {session} {direction} in {rows:#?}"))
+}
+
+/// Keeps the calling thread on one CPU (`cpu` modulo the CPUs there are). Copies sent from one
+/// CPU arrive in the order sent; a thread that moves to another CPU mid-burst leaves some in
+/// the first CPU's backlog, and the stack delivers the two backlogs out of order.
+fn pin_to_cpu(cpu: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu % cpus).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
 }
 
 #[test]
@@ -678,6 +692,7 @@ fn reading_threads_write_each_senders_copies_once_and_in_order() {
 
     const COPIES: u32 = 200;
     let sockets: Vec<GreSender> = senders.iter().map(|s| GreSender::open(&sender_ns, *s)).collect();
+    pin_to_cpu(0);
     // Small and fragmented (a 1514-byte frame over a 1500-byte link) copies, the senders in
     // turn, so that every ring has work at once.
     let frame = |sender: usize, seq: u32| {
@@ -753,8 +768,9 @@ fn copies_queued_while_the_collector_is_busy_are_all_written() {
         // Two sending threads: the kernel fills the ring from two CPUs at once, as from a NIC's
         // several queues.
         std::thread::scope(|scope| {
-            for half in sockets.chunks(2) {
+            for (cpu, half) in sockets.chunks(2).enumerate() {
                 scope.spawn(move || {
+                    pin_to_cpu(cpu);
                     for seq in 1..=COPIES {
                         for socket in half {
                             let frame = frames::frame(VM_MAC, PEER_MAC, seq, 60);

@@ -154,8 +154,8 @@ pub struct Ring {
     fd: OwnedFd,
     base: *mut u8,
     blocks: usize,
-    /// The next block to read: the kernel fills them in order. A Cell: the ring is read
-    /// through the shared borrow tokio's readiness guard gives.
+    /// The next block to read: the kernel fills them in order. A Cell: blocks are read
+    /// through a shared borrow of the ring.
     next: Cell<usize>,
 }
 
