@@ -68,6 +68,16 @@ fn sender_and_collector(senders: &[&str]) -> (Netns, Netns) {
     (sender_ns, collector_ns)
 }
 
+/// `count` senders from 10.240.0.10 on, each with its GRE socket, and both namespaces.
+fn senders_and_collector(count: u8) -> (Vec<String>, Vec<GreSender>, Netns, Netns) {
+    let senders: Vec<[u8; 4]> = (10..10 + count).map(|i| [10, 240, 0, i]).collect();
+    let names: Vec<String> = senders.iter().map(|s| std::net::Ipv4Addr::from(*s).to_string()).collect();
+    let (sender_ns, collector_ns) =
+        sender_and_collector(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let sockets = senders.iter().map(|s| GreSender::open(&sender_ns, *s)).collect();
+    (names, sockets, sender_ns, collector_ns)
+}
+
 fn row<'a>(rows: &'a [Row], encap: &str, session: u32, direction: &str) -> &'a Row {
     rows.iter()
         .find(|r| r.encap == encap && r.session == session && r.direction == direction)
@@ -657,10 +667,7 @@ fn reading_threads_write_each_senders_copies_once_and_in_order() {
     ) {
         return;
     }
-    let senders: Vec<[u8; 4]> = (10..18).map(|i| [10, 240, 0, i]).collect();
-    let names: Vec<String> = senders.iter().map(|s| format!("{}.{}.{}.{}", s[0], s[1], s[2], s[3])).collect();
-    let (sender_ns, collector_ns) =
-        sender_and_collector(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let (names, sockets, _sender_ns, collector_ns) = senders_and_collector(8);
     let scratch = Scratch::new("threads");
     let files = [scratch.path("three.pcapng"), scratch.path("two.pcapng")];
     let collectors: Vec<Collector> = [("3", &files[0]), ("2", &files[1])]
@@ -691,7 +698,6 @@ fn reading_threads_write_each_senders_copies_once_and_in_order() {
     named(collectors[1].pid(), &["collect-0", "collect-1"]);
 
     const COPIES: u32 = 200;
-    let sockets: Vec<GreSender> = senders.iter().map(|s| GreSender::open(&sender_ns, *s)).collect();
     pin_to_cpu(0);
     // Small and fragmented (a 1514-byte frame over a 1500-byte link) copies, the senders in
     // turn, so that every ring has work at once.
@@ -713,7 +719,7 @@ fn reading_threads_write_each_senders_copies_once_and_in_order() {
         let stopped = collector.stop();
         assert!(stopped.status.success(), "collect: {}", stopped.stderr);
         let (rows, closing) = summary(&stopped.stderr);
-        assert_eq!(rows.len(), senders.len(), "{rows:#?}\n{closing}");
+        assert_eq!(rows.len(), sockets.len(), "{rows:#?}\n{closing}");
         for row in &rows {
             assert_eq!(
                 (row.packets, row.lost, row.reordered),
@@ -722,7 +728,7 @@ fn reading_threads_write_each_senders_copies_once_and_in_order() {
             );
         }
         let packets = read_pcapng_file(file);
-        assert_eq!(packets.len(), senders.len() * COPIES as usize, "each copy once");
+        assert_eq!(packets.len(), sockets.len() * COPIES as usize, "each copy once");
         for (i, name) in names.iter().enumerate() {
             let got: Vec<&[u8]> = packets
                 .iter()
@@ -749,16 +755,12 @@ fn copies_queued_while_the_collector_is_busy_are_all_written() {
     ) {
         return;
     }
-    let senders: Vec<[u8; 4]> = (10..14).map(|i| [10, 240, 0, i]).collect();
-    let names: Vec<String> = senders.iter().map(|s| format!("{}.{}.{}.{}", s[0], s[1], s[2], s[3])).collect();
-    let (sender_ns, collector_ns) =
-        sender_and_collector(&names.iter().map(String::as_str).collect::<Vec<_>>());
-    let sockets: Vec<GreSender> = senders.iter().map(|s| GreSender::open(&sender_ns, *s)).collect();
+    let (_names, sockets, _sender_ns, collector_ns) = senders_and_collector(4);
     let scratch = Scratch::new("busy");
     const COPIES: u32 = 5000;
     for threads in ["1", "2"] {
         let file = scratch.path(&format!("{threads}.pcapng"));
-        let total = (COPIES as usize * senders.len()).to_string();
+        let total = (COPIES as usize * sockets.len()).to_string();
         let mut collector = Collector::start(
             &collector_ns,
             &["-w", file.to_str().unwrap(), "-c", &total, "--threads", threads],
@@ -795,6 +797,6 @@ fn copies_queued_while_the_collector_is_busy_are_all_written() {
                 "{row:?}\n{closing}"
             );
         }
-        assert_eq!(read_pcapng_file(&file).len(), COPIES as usize * senders.len());
+        assert_eq!(read_pcapng_file(&file).len(), COPIES as usize * sockets.len());
     }
 }

@@ -7,7 +7,7 @@
 //! alike (a veth delivers in the sender's softirq).
 use std::{
     fmt::Write as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -166,20 +166,69 @@ fn mac(ns: &Netns, dev: &str) -> anyhow::Result<String> {
     v[0]["address"].as_str().map(str::to_owned).context("no link address")
 }
 
-fn one(tool: Tool, senders: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Sample> {
-    let snd = Netns::new("cbsnd");
-    let col = Netns::new("cbcol");
-    snd.sh(&format!("ip link add snd0 type veth peer name col0 netns {}", col.name));
-    for i in 0..senders {
-        snd.sh(&format!("ip addr add 10.250.0.{}/24 dev snd0", 10 + i));
+/// A sender namespace with `senders` addresses on a veth to a collector namespace, trafgen's
+/// configuration for them, and where the tool writes.
+struct Flood {
+    snd: Netns,
+    col: Netns,
+    dir: PathBuf,
+    config: PathBuf,
+    file: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Flood {
+    fn set_up(prefix: &str, senders: usize) -> anyhow::Result<Flood> {
+        let snd = Netns::new(&format!("{prefix}snd"));
+        let col = Netns::new(&format!("{prefix}col"));
+        snd.sh(&format!("ip link add snd0 type veth peer name col0 netns {}", col.name));
+        for i in 0..senders {
+            snd.sh(&format!("ip addr add 10.250.0.{}/24 dev snd0", 10 + i));
+        }
+        snd.sh("ip link set snd0 up; ip link set lo up");
+        col.sh(&format!("ip addr add {COLLECTOR}/24 dev col0; ip link set col0 up; ip link set lo up"));
+        let dir = tempdir()?;
+        let config = dir.join("gre.cfg");
+        std::fs::write(&config, trafgen_config(senders, &mac(&col, "col0")?, &mac(&snd, "snd0")?))?;
+        Ok(Flood { file: dir.join("capture"), stderr: dir.join("stderr"), snd, col, dir, config })
     }
-    snd.sh("ip link set snd0 up; ip link set lo up");
-    col.sh(&format!("ip addr add {COLLECTOR}/24 dev col0; ip link set col0 up; ip link set lo up"));
-    let dir = tempdir()?;
-    let config = dir.join("gre.cfg");
-    std::fs::write(&config, trafgen_config(senders, &mac(&col, "col0")?, &mac(&snd, "snd0")?))?;
-    let file = dir.join("capture");
-    let stderr = dir.join("stderr");
+}
+
+/// Waits until the tool says `ready` on stderr, then a moment more.
+fn started(child: &mut Child, stderr: &Path, ready: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(stderr)?.contains(ready) {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            bail!("the tool did not start capturing: {}", std::fs::read_to_string(stderr)?);
+        }
+        super::sleep(Duration::from_millis(100))?;
+    }
+    super::sleep(Duration::from_millis(500))
+}
+
+/// trafgen sends `copies` from CPU 0, as one process: it forks one per CPU otherwise, and two
+/// would send the same copies, which collect rightly takes for repeats when they arrive in the
+/// same nanosecond.
+fn trafgen(snd: &Netns, config: &Path, copies: u64) -> anyhow::Result<()> {
+    let status = Command::new("ip")
+        .args([
+            "netns", "exec", &snd.name, "taskset", "-c", "0", "trafgen", "--cpus", "1", "-o", "snd0", "-q",
+            "-c",
+        ])
+        .arg(config)
+        .args(["-n", &copies.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running trafgen")?;
+    if !status.success() {
+        bail!("trafgen failed: {status}");
+    }
+    Ok(())
+}
+
+fn one(tool: Tool, senders: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Sample> {
+    let Flood { snd, col, dir, config, file, stderr } = Flood::set_up("cb", senders)?;
     let mut child = Command::new("ip")
         .args(["netns", "exec", &col.name, "taskset", "-c", "1"])
         .args(tool.command(vmsniff, &file))
@@ -209,19 +258,7 @@ fn one(tool: Tool, senders: usize, copies: u64, vmsniff: &Path) -> anyhow::Resul
 /// decode and write them (to `--count`, where it exits). The sender is done by then, so a
 /// second thread has a core of its own: this is the part `--threads` is for.
 fn drained(threads: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Drain> {
-    let snd = Netns::new("cdsnd");
-    let col = Netns::new("cdcol");
-    snd.sh(&format!("ip link add snd0 type veth peer name col0 netns {}", col.name));
-    for i in 0..DRAIN_SENDERS {
-        snd.sh(&format!("ip addr add 10.250.0.{}/24 dev snd0", 10 + i));
-    }
-    snd.sh("ip link set snd0 up; ip link set lo up");
-    col.sh(&format!("ip addr add {COLLECTOR}/24 dev col0; ip link set col0 up; ip link set lo up"));
-    let dir = tempdir()?;
-    let config = dir.join("gre.cfg");
-    std::fs::write(&config, trafgen_config(DRAIN_SENDERS, &mac(&col, "col0")?, &mac(&snd, "snd0")?))?;
-    let file = dir.join("capture");
-    let stderr = dir.join("stderr");
+    let Flood { snd, col, dir, config, file, stderr } = Flood::set_up("cd", DRAIN_SENDERS)?;
     // Room for every copy in one ring: a sender's copies all wait in its thread's.
     let mut child = Command::new("ip")
         .args(["netns", "exec", &col.name])
@@ -260,32 +297,10 @@ fn drain_once(
     stderr: &Path,
     copies: u64,
 ) -> anyhow::Result<(Duration, Duration)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(stderr)?.contains("collecting") {
-        if Instant::now() > deadline || child.try_wait()?.is_some() {
-            bail!("collect did not start: {}", std::fs::read_to_string(stderr)?);
-        }
-        super::sleep(Duration::from_millis(100))?;
-    }
-    super::sleep(Duration::from_millis(500))?;
+    started(child, stderr, Tool::Vmsniff.ready())?;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP)?;
-    // One trafgen process (it forks one per CPU otherwise): two would send the same copies,
-    // which collect rightly takes for repeats when they arrive in the same nanosecond.
-    let status = Command::new("ip")
-        .args([
-            "netns", "exec", &snd.name, "taskset", "-c", "0", "trafgen", "--cpus", "1", "-o", "snd0", "-q",
-            "-c",
-        ])
-        .arg(config)
-        .args(["-n", &copies.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running trafgen")?;
-    if !status.success() {
-        bail!("trafgen failed: {status}");
-    }
+    trafgen(snd, config, copies)?;
     // The last partly filled block is handed over after 10 ms.
     super::sleep(Duration::from_millis(200))?;
     let before = tree_cpu(child.id())?;
@@ -325,32 +340,12 @@ fn measure(
     copies: u64,
     child: &mut Child,
 ) -> anyhow::Result<(f64, Duration)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(stderr)?.contains(tool.ready()) {
-        if Instant::now() > deadline || child.try_wait()?.is_some() {
-            bail!("the tool did not start capturing: {}", std::fs::read_to_string(stderr)?);
-        }
-        super::sleep(Duration::from_millis(100))?;
-    }
-    super::sleep(Duration::from_millis(500))?;
+    started(child, stderr, tool.ready())?;
     let pid = child.id();
     let before = tree_cpu(pid)?;
-    let started = Instant::now();
-    let status = Command::new("ip")
-        .args([
-            "netns", "exec", &snd.name, "taskset", "-c", "0", "trafgen", "--cpus", "1", "-o", "snd0", "-q",
-            "-c",
-        ])
-        .arg(config)
-        .args(["-n", &copies.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running trafgen")?;
-    let sent_in = started.elapsed();
-    if !status.success() {
-        bail!("trafgen failed: {status}");
-    }
+    let sending = Instant::now();
+    trafgen(snd, config, copies)?;
+    let sent_in = sending.elapsed();
     // What is queued is read within this long; the CPU it takes counts.
     super::sleep(Duration::from_millis(1500))?;
     let after = tree_cpu(pid)?;
