@@ -164,7 +164,7 @@ pub struct Capture<K> {
     pending: Vec<u8>,
     encoder: Encoder,
     /// Interface ids of the current section, by stream.
-    ids: HashMap<K, u32>,
+    ids: HashMap<K, u32, foldhash::fast::RandomState>,
     opened: Instant,
     /// Files started so far (1 for the first).
     files: u32,
@@ -181,7 +181,7 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
             written: 0,
             pending: Vec::new(),
             encoder,
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             opened: Instant::now(),
             files: 1,
         };
@@ -562,7 +562,7 @@ mod tests {
             written: 0,
             pending: Vec::new(),
             encoder: Encoder::new().unwrap().0,
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             opened: Instant::now(),
             files: 1,
         };
