@@ -466,24 +466,28 @@ pub const MAX_TOKEN_UNITS: u64 = 8_000_000_000;
 /// `bucket` for the time since its last refill, then spends the cost if the credit covers it.
 /// `rate` (> 0) and `burst` are the session's. Shared by the tap programs and the host's unit
 /// tests.
+///
+/// A refusal leaves the bucket as it was: over the limit, the CPUs feeding a multi-queue tap
+/// then only read its cache line instead of passing it back and forth on every frame. The
+/// credit is the same: refilling later from the older timestamp adds what the skipped refill
+/// would have (the refill is linear up to the capacity, and capped alike).
 #[inline(always)]
 pub fn take_tokens(bucket: &mut TokenBucket, rate: u64, burst: u64, units: u64, now_ns: u64) -> bool {
     let capacity = burst.min(MAX_TOKEN_UNITS) * NS_PER_SECOND;
-    if bucket.refilled_ns == 0 {
-        bucket.tokens = capacity;
+    let tokens = if bucket.refilled_ns == 0 {
+        capacity
     } else {
         // Bound the elapsed time first, so that elapsed * rate stays below capacity + rate.
         let elapsed = now_ns.wrapping_sub(bucket.refilled_ns).min(capacity / rate + 1);
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
-    }
-    bucket.refilled_ns = now_ns;
+        (bucket.tokens + elapsed * rate).min(capacity)
+    };
     let cost = units.min(MAX_TOKEN_UNITS) * NS_PER_SECOND;
-    if bucket.tokens >= cost {
-        bucket.tokens -= cost;
-        true
-    } else {
-        false
+    if tokens < cost {
+        return false;
     }
+    bucket.tokens = tokens - cost;
+    bucket.refilled_ns = now_ns;
+    true
 }
 
 const _: () = assert!(core::mem::size_of::<SessionConfig>() == 128);
@@ -559,8 +563,13 @@ mod tests {
         let t0 = 5 * NS_PER_SECOND;
         assert!((0..3).all(|_| take_tokens(&mut bucket, 10, 3, 1, t0)));
         assert!(!take_tokens(&mut bucket, 10, 3, 1, t0));
+        let emptied = bucket;
         assert!(!take_tokens(&mut bucket, 10, 3, 1, t0 + 99_000_000));
-        assert!(take_tokens(&mut bucket, 10, 3, 1, t0 + 100_000_000 + 99_000_000));
+        assert_eq!(bucket, emptied, "a refusal writes nothing (no cache line passed between CPUs)");
+        // ...and loses no credit: the token due at t0 + 100 ms is there.
+        assert!(take_tokens(&mut bucket, 10, 3, 1, t0 + 100_000_000));
+        assert!(!take_tokens(&mut bucket, 10, 3, 1, t0 + 100_000_000 + 99_000_000));
+        assert!(take_tokens(&mut bucket, 10, 3, 1, t0 + 200_000_000));
         // A long pause refills only up to the burst.
         let later = t0 + 3600 * NS_PER_SECOND;
         assert_eq!((0..10).filter(|_| take_tokens(&mut bucket, 10, 3, 1, later)).count(), 3);

@@ -46,7 +46,8 @@ enum Path4 {
     FilteredOut,
     /// The frame is copied (filter matched, clone to the veth).
     Copied,
-    /// Over a tiny `--rate-limit`: the shared token bucket is read and written, nothing copied.
+    /// Over a tiny `--rate-limit`: the shared token bucket is read (a refusal writes nothing),
+    /// nothing copied.
     RateLimited,
 }
 
@@ -60,7 +61,7 @@ impl Path4 {
             Path4::OtherDirection => "session for the other direction only",
             Path4::FilteredOut => "1-term filter, frame filtered out",
             Path4::Copied => "1-term filter, frame copied",
-            Path4::RateLimited => "no filter, over the rate limit (bucket written)",
+            Path4::RateLimited => "no filter, over the rate limit (bucket read)",
         }
     }
 
@@ -361,7 +362,7 @@ pub fn section(out: &mut String, rounds: usize, samples: &Samples) -> anyhow::Re
          this shared machine interrupts only reads high. Median of {rounds} alternating rounds, \
          min–max. *Program time* is the median less the empty program's (the test run's own cost). \
          \"Two CPUs\" runs the same path on CPUs 0 and 1 at once, as a multi-queue tap fed by two \
-         vhost threads is: the mean per CPU. The rate-limit row shares one token bucket between them.\n"
+         vhost threads is: the mean per CPU. The rate-limit row shares one token bucket between them, which a refused copy only reads.\n"
     )?;
     writeln!(
         out,
