@@ -129,14 +129,18 @@ pub fn run(args: BenchArgs, workspace: &Path) -> anyhow::Result<()> {
     catch_interrupts()?;
     let vmsniff = crate::demo::vmsniff_binary(workspace);
     if args.prog_run {
+        // Built before this kernel's measurement, which would otherwise time the programs of
+        // whatever binary an earlier build left (the guests get the one built here).
+        if !args.guest {
+            crate::setup::run()?;
+            crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;
+        }
         // Guests show one CPU's column only (see `progrun::guests_section`).
         let samples = progrun::run(args.rounds(), &vmsniff, !args.guest)?;
         if args.guest {
             println!("{RESULT_PREFIX}{}", serde_json::to_string(&samples)?);
             return Ok(());
         }
-        crate::setup::run()?;
-        crate::test::cargo(workspace, &["build", "-p", "vmsniff-user"])?;
         let guests = if args.host_only { Vec::new() } else { prog_run_in_guests(&args)? };
         let mut out = String::new();
         progrun::section(&mut out, args.rounds(), &samples)?;
