@@ -135,7 +135,7 @@ impl Names {
     /// Whether plain GRE of `key` is a mirror someone named (an OVS-mode session in `--names`,
     /// an OVS-mode fleet mirror's key), so that it is recorded without `--plain-gre`.
     pub fn knows_plain(&self, key: &InterfaceKey) -> bool {
-        key.plain && (self.get(key).is_some() || self.fleet_name(key).is_some())
+        key.plain && (self.get(key).is_some() || self.is_fleet(key))
     }
 
     /// The interface of a fleet mirror's stream: one per mirror, whichever node sends it (its
@@ -144,17 +144,21 @@ impl Names {
     /// GRE whose key an eBPF-mode mirror holds is someone else's (a GRE tenant network).
     pub fn fleet_interface(&self, key: &StreamKey) -> Option<InterfaceKey> {
         let interface = key.interface();
-        self.fleet_name(&interface)?;
-        Some(InterfaceKey { sender: IpAddr::V4(Ipv4Addr::UNSPECIFIED), ..interface })
+        self.is_fleet(&interface)
+            .then_some(InterfaceKey { sender: IpAddr::V4(Ipv4Addr::UNSPECIFIED), ..interface })
+    }
+
+    /// Asked for every copy: formats nothing.
+    fn is_fleet(&self, key: &InterfaceKey) -> bool {
+        self.fleet_label(key, |_| ()).is_some()
     }
 
     fn fleet_name(&self, key: &InterfaceKey) -> Option<String> {
-        self.fleet
-            .as_ref()?
-            .borrow()
-            .get(&key.session)
-            .filter(|label| label.plain_gre == key.plain)
-            .map(|label| printable(&label.name))
+        self.fleet_label(key, |label| printable(&label.name))
+    }
+
+    fn fleet_label<R>(&self, key: &InterfaceKey, read: impl FnOnce(&FleetLabel) -> R) -> Option<R> {
+        self.fleet.as_ref()?.borrow().get(&key.session).filter(|label| label.plain_gre == key.plain).map(read)
     }
 
     fn add(&mut self, sender: Option<IpAddr>, text: &str) -> Result<(), AddError> {
