@@ -117,8 +117,8 @@ fn mirror(ctx: &TcContext, direction: Direction) {
     }
 }
 
-/// Clones the frame into the session's target for `direction`; for a session with a snaplen,
-/// with the in-flight slot armed for the copy program there.
+/// Clones the frame into the session's target for `direction`, with the in-flight slot armed
+/// for the copy program there (if the session has one, for its snaplen).
 #[inline(always)]
 fn copy(
     ctx: &TcContext,
@@ -128,21 +128,10 @@ fn copy(
     counters: &mut DirectionCounters,
     len: u32,
 ) {
-    let target = session.target_ifindex[direction.index()];
-    // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
-    // what is redirected; `ctx`'s frame continues on its way whatever the result.
-    if session.snaplen == 0 {
-        // Nothing for a copy program to cut: the slot stays unarmed, so one that is there for
-        // another session's snaplen lets this copy pass whole.
-        match ctx.clone_redirect(target, 0) {
-            Ok(()) => counted(counters, len),
-            Err(_) => counters.clone_errors += 1,
-        }
-        return;
-    }
     let Some(slot) = VMSNIFF_IN_FLIGHT.get_ptr_mut(0) else {
         return;
     };
+    let target = session.target_ifindex[direction.index()];
     // Field by field: a struct store becomes a memset or a stack copy. SAFETY: a per-CPU slot;
     // see `InFlight` for who reads it.
     unsafe {
@@ -151,6 +140,8 @@ fn copy(
         (*slot).snaplen = session.snaplen;
         (*slot).armed = IN_FLIGHT_ARMED;
     }
+    // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
+    // what is redirected; `ctx`'s frame continues on its way whatever the result.
     let cloned = ctx.clone_redirect(target, 0);
     // SAFETY: as above; the clone has returned, so nothing else reads the slot now.
     let refused = unsafe {
@@ -159,17 +150,14 @@ fn copy(
         refused
     };
     match cloned {
-        Ok(()) => counted(counters, len),
+        Ok(()) => {
+            counters.frames += 1;
+            counters.bytes += u64::from(len);
+        }
         // Dropped by the copy program for its snaplen, and counted there.
         Err(_) if refused => {}
         Err(_) => counters.clone_errors += 1,
     }
-}
-
-#[inline(always)]
-fn counted(counters: &mut DirectionCounters, len: u32) {
-    counters.frames += 1;
-    counters.bytes += u64::from(len);
 }
 
 /// Runs on the egress hook of a session's target device (its GRE device, or the `--to-dev`
