@@ -440,7 +440,7 @@ pub const IN_FLIGHT_REFUSED: u32 = 2;
 pub const MAX_SNAPLEN: u32 = 65535;
 
 /// Value of the `RATE` array, indexed by session id: the session's token bucket, shared by its
-/// two directions and written by the programs on every CPU.
+/// two directions and written by the programs on every CPU when they admit a copy.
 ///
 /// Updated without a lock (5.10 has no atomic compare-and-exchange for BPF): two CPUs that
 /// refill at the same instant may both spend the same tokens, so under contention the limit
@@ -452,7 +452,7 @@ pub struct TokenBucket {
     /// [`NS_PER_SECOND`]; each elapsed nanosecond adds `rate`. Integer-exact from a few bits per
     /// second up to 100 Gbit/s.
     pub tokens: u64,
-    /// `bpf_ktime_get_ns()` of the last refill; 0 = never (the bucket starts full).
+    /// `bpf_ktime_get_ns()` of the last admitted copy (its refill); 0 = never (the bucket starts full).
     pub refilled_ns: u64,
 }
 

@@ -262,7 +262,7 @@ const LIMITS: &str = "## What this machine can and cannot show\n\n\
   (`perf stat -e kmem:kmalloc,kmem:kmem_cache_alloc`, 22-byte UDP copied `--to-dev` a VXLAN \
   device: per frame, no mirror 2 slab allocations, mirred 3 and 1 kmalloc, vmsniff 4 and 1). A \
   real tap gives 64 (tun's `TUN_RX_PAD`), enough for VXLAN or GRE over IPv4: frames written \
-  into a real tap, the same count reads 2.1, 4.1 and 4.1, and the writer's system time per \
+  into a real tap, the same counts read 2.1, 4.1 and 4.1 allocations in all, and the writer's system time per \
   frame (5 alternating rounds, medians) 1.0 µs with no mirror, 4.97 µs with mirred and 5.00 µs \
   with vmsniff. Either way the two are level on small frames: rounds fall either side of 1.0 (the \
   ratio under the table). The program's own decision costs tens of ns (the program-time table); \
