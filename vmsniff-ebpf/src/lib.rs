@@ -478,7 +478,9 @@ pub fn take_tokens(bucket: &mut TokenBucket, rate: u64, burst: u64, units: u64, 
         capacity
     } else {
         // Bound the elapsed time first, so that elapsed * rate stays below capacity + rate.
-        let elapsed = now_ns.wrapping_sub(bucket.refilled_ns).min(capacity / rate + 1);
+        // Saturating: another CPU may have refilled at a later instant than this CPU's clock
+        // read, and that is no time elapsed (wrapping, it would be a whole burst).
+        let elapsed = now_ns.saturating_sub(bucket.refilled_ns).min(capacity / rate + 1);
         (bucket.tokens + elapsed * rate).min(capacity)
     };
     let cost = units.min(MAX_TOKEN_UNITS) * NS_PER_SECOND;
@@ -578,6 +580,16 @@ mod tests {
         assert!(take_tokens(&mut fast, 100_000_000_000, 1_000_000_000, 72_000, 1));
         assert!(take_tokens(&mut fast, 100_000_000_000, 1_000_000_000, 72_000, u64::MAX / 2));
         assert!(!take_tokens(&mut fast, 1, MAX_TOKEN_UNITS, MAX_TOKEN_UNITS, u64::MAX / 2 + 1));
+    }
+
+    #[test]
+    fn a_clock_read_before_another_cpus_refill_adds_no_credit() {
+        let mut bucket = TokenBucket::default();
+        let t0 = 5 * NS_PER_SECOND;
+        assert!((0..3).all(|_| take_tokens(&mut bucket, 10, 3, 1, t0)));
+        // This CPU read its clock 1 ns before the refill another CPU wrote.
+        assert!(!take_tokens(&mut bucket, 10, 3, 1, t0 - 1));
+        assert!(take_tokens(&mut bucket, 10, 3, 1, t0 + 100_000_000));
     }
 
     #[test]

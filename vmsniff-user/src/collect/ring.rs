@@ -388,17 +388,22 @@ impl Repeats {
 /// A cheap mix of a packet's length and first bytes: it only has to tell apart packets whose
 /// timestamps are equal to the nanosecond, so it need not resist anyone. Each word is rotated
 /// by its place (the same bytes elsewhere differ) and folded in without a multiply per word,
-/// which made this a seventh of a copy's cost.
+/// which made this a seventh of a copy's cost. The length is spread over the whole word first:
+/// left as it is, it would cancel against the low bits of the first word (a packet one byte
+/// longer whose first byte differs by the same bit would match).
 fn fingerprint(data: &[u8]) -> u64 {
     let head = &data[..data.len().min(FINGERPRINT_BYTES)];
-    let mut mixed = data.len() as u64;
+    let mut mixed = (data.len() as u64).wrapping_mul(FINGERPRINT_MULTIPLIER);
     for (place, chunk) in head.chunks(8).enumerate() {
         let mut word = [0; 8];
         word[..chunk.len()].copy_from_slice(chunk);
         mixed ^= u64::from_le_bytes(word).rotate_left(place as u32 * 5);
     }
-    (mixed ^ (mixed >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    (mixed ^ (mixed >> 29)).wrapping_mul(FINGERPRINT_MULTIPLIER)
 }
+
+/// 2^64 divided by the golden ratio: odd, and its bits spread whatever it multiplies.
+const FINGERPRINT_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// What a packet from the ring is to the collector.
 #[derive(Debug, PartialEq, Eq)]
@@ -667,6 +672,12 @@ pub(crate) mod tests {
             assert!(!repeats.repeat(&at(b, ns)));
         }
         assert!(!repeats.repeat(&at(a, 10)), "only a window of recent packets is kept");
+        // One byte longer, its first byte differing in the bit the length does.
+        let mut longer = a.to_vec();
+        longer.push(0);
+        longer[0] ^= (a.len() ^ longer.len()) as u8;
+        let longer: &'static [u8] = longer.leak();
+        assert!(!repeats.repeat(&at(longer, 10)), "the length counts apart from the bytes");
     }
 
     #[test]
