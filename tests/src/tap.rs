@@ -17,6 +17,9 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// `_IOW('T', 218, unsigned int)` of linux/if_tun.h, which the libc crate lacks.
+const TUNSETIFINDEX: libc::c_ulong = 0x4004_54da;
+
 /// The VM side of a tap.
 pub struct Vm {
     file: File,
@@ -28,10 +31,20 @@ pub struct Vm {
 impl Vm {
     /// Creates tap `name` in `ns` and brings it up; the tap lives while this value does.
     pub fn create(ns: &Netns, name: &str) -> Vm {
+        Self::create_at(ns, name, None)
+    }
+
+    /// The same with the ifindex the kernel is to give the tap (as CRIU restores one).
+    pub fn create_at(ns: &Netns, name: &str, ifindex: Option<u32>) -> Vm {
         let owned = name.to_owned();
         let file = ns.enter(move || {
             let file =
                 OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("open /dev/net/tun");
+            if let Some(ifindex) = ifindex {
+                // SAFETY: TUNSETIFINDEX reads an unsigned int, before TUNSETIFF creates the tap.
+                let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFINDEX, &ifindex) };
+                assert_eq!(rc, 0, "TUNSETIFINDEX: {}", std::io::Error::last_os_error());
+            }
             let mut req = IfReq {
                 name: [0; 16],
                 flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,

@@ -37,15 +37,20 @@ impl Hypervisor {
     /// The same with every interface on the VM's side (tap, bridge, network) at `mtu`.
     pub fn with_mtu(mtu: u32) -> Hypervisor {
         let ns = Netns::new("hv");
-        let port = VmPort::plug(&ns, TAP, 0, mtu);
+        let port = VmPort::plug(&ns, TAP, 0, mtu, None);
         Hypervisor { ns, port }
     }
 
     /// Another VM on its own tap `tap`, in bridge br`index` (index > 0) with peer veths
     /// net`index`a/b.
     pub fn add_vm(&self, tap: &str, index: u32) -> VmPort {
+        self.add_vm_at(tap, index, None)
+    }
+
+    /// The same with the tap at a chosen ifindex.
+    pub fn add_vm_at(&self, tap: &str, index: u32, ifindex: Option<u32>) -> VmPort {
         assert!(index > 0, "index 0 is the first VM's");
-        VmPort::plug(&self.ns, tap, index, 1500)
+        VmPort::plug(&self.ns, tap, index, 1500, ifindex)
     }
 
     /// Adds the `--to-dev` veth pair and returns a capture on its far end.
@@ -76,8 +81,8 @@ impl Hypervisor {
 }
 
 impl VmPort {
-    fn plug(ns: &Netns, tap: &str, index: u32, mtu: u32) -> VmPort {
-        let vm = Vm::create(ns, tap);
+    fn plug(ns: &Netns, tap: &str, index: u32, mtu: u32, ifindex: Option<u32>) -> VmPort {
+        let vm = Vm::create_at(ns, tap, ifindex);
         // The first VM keeps the names earlier tests and the README's examples use.
         let (bridge, near, far) = match index {
             0 => ("br0".to_owned(), "peer0".to_owned(), "peer1".to_owned()),

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use aya::maps::{Array, Map, MapData};
+use vmsniff_ebpf::{TAP_INDEX_SHARED, TAP_INDEX_SLOTS, TapIndexEntry, map_name, tap_index_slot};
 use vmsniff_tests::{
     frames::{self, is_marked},
     netns::Netns,
@@ -260,4 +262,63 @@ fn a_vanished_tap_shows_as_gone_and_detach_still_cleans_by_its_name() {
         vmsniff::ok(&hv.ns, &["detach", "--tap", TAP]);
         assert!(!hv.ns.pin_dir().exists(), "[{mode}] pins left after detaching a vanished tap");
     }
+}
+
+/// The tap index slot `ifindex` falls in, as the kernel holds it.
+fn index_slot(ns: &Netns, ifindex: u32) -> TapIndexEntry {
+    let pin = ns.pin_dir().join("maps").join(map_name::TAP_INDEX);
+    let index: Array<MapData, TapIndexEntry> =
+        Array::try_from(Map::Array(MapData::from_pin(pin).unwrap())).expect("the tap index's layout");
+    index.get(&tap_index_slot(ifindex), 0).unwrap()
+}
+
+#[test]
+fn taps_that_share_a_tap_index_slot_are_each_mirrored_into_their_own_session() {
+    if !privileged_on_host(
+        "taps_that_share_a_tap_index_slot_are_each_mirrored_into_their_own_session",
+        "which tap a slot describes is vmsniff's bookkeeping, and the programs read the index alike \
+         on every kernel: every data path test in the guests goes through it",
+    ) {
+        return;
+    }
+    let mut hv = Hypervisor::new();
+    let mirror = hv.mirror_port();
+    let first = hv.ns.ifindex(TAP);
+    // Ifindexes a whole index apart: the same slot.
+    let second_ifindex = first + TAP_INDEX_SLOTS;
+    let mut second = hv.add_vm_at("tapvm1", 1, Some(second_ifindex));
+    assert_eq!(hv.ns.ifindex("tapvm1"), second_ifindex);
+    let a = vmsniff::attach(&hv.ns, &["--tap", TAP, "--to-dev", MIRROR_DEV]);
+    assert_eq!(index_slot(&hv.ns, first).ifindex, first);
+    assert_eq!(index_slot(&hv.ns, first).flags, 0);
+    let b = vmsniff::attach(&hv.ns, &["--tap", "tapvm1", "--to-dev", MIRROR_DEV]);
+    let shared = index_slot(&hv.ns, first);
+    assert_eq!((shared.ifindex, shared.flags), (first, TAP_INDEX_SHARED), "the lower ifindex, shared");
+    assert_eq!(u32::from(shared.ids[0]), a);
+
+    let from_vm = |first_id: u32| -> Vec<Vec<u8>> {
+        (0..6)
+            .map(|i| frames::frame(frames::VM_MAC, frames::PEER_MAC, first_id + i, 60 + 100 * i as usize))
+            .collect()
+    };
+    let (out_a, out_b) = (from_vm(100), from_vm(200));
+    // The slot's own tap (from the index), then the other one (from the taps map).
+    hv.vm_sends(&out_a);
+    second.vm_sends(&out_b);
+    let copies = mirror.capture(out_a.len() + out_b.len(), Duration::from_secs(10), is_marked);
+    assert_frames_eq("copies of both taps' frames", &[out_a.clone(), out_b.clone()].concat(), &copies);
+    assert_eq!(counters(&hv.ns, a, "out"), (6, total_bytes(&out_a), 0));
+    assert_eq!(counters(&hv.ns, b, "out"), (6, total_bytes(&out_b), 0));
+
+    // The first session gone, the slot describes the second tap alone.
+    vmsniff::ok(&hv.ns, &["detach", &a.to_string()]);
+    let alone = index_slot(&hv.ns, first);
+    assert_eq!((alone.ifindex, alone.flags, u32::from(alone.ids[0])), (second_ifindex, 0, b));
+    hv.vm_sends(&out_a);
+    second.vm_sends(&out_b);
+    let copies = mirror.capture(out_b.len(), Duration::from_secs(10), is_marked);
+    assert_frames_eq("copies once the first tap is detached", &out_b, &copies);
+    assert!(mirror.drain(QUIET, is_marked).is_empty(), "the detached tap's frames were copied");
+    assert_eq!(counters(&hv.ns, b, "out").0, 12);
+    vmsniff::ok(&hv.ns, &["detach", "--all"]);
 }

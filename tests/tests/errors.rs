@@ -6,7 +6,8 @@ use std::{path::PathBuf, time::Duration};
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use vmsniff_ebpf::{
-    ABI_VERSION, ABI_VERSION_UPGRADABLE, Direction, TAP_DIRECTIONS_KNOWN, TapSessions, map_name,
+    ABI_VERSION, ABI_VERSIONS_UPGRADABLE, Direction, TAP_DIRECTIONS_KNOWN, TAP_INDEX_SHARED, TapIndexEntry,
+    TapSessions, map_name, tap_index_slot,
 };
 use vmsniff_tests::{
     frames::{self, is_marked},
@@ -368,8 +369,9 @@ fn state_of_the_release_before_version_records_is_used_and_then_recorded() {
 fn state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change() {
     if !privileged_on_host(
         "state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change",
-        "the version record and the taps' direction summary are vmsniff's own bookkeeping; the \
-         programs that read the summary copy one direction or both on every kernel in datapath/",
+        "the version record, the taps' direction summary and the tap index are vmsniff's own \
+         bookkeeping; the programs that read them copy one direction or both on every kernel in \
+         datapath/",
     ) {
         return;
     }
@@ -383,12 +385,17 @@ fn state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change
         let into_vm = vmsniff::attach(&hv.ns, &inbound);
         assert_eq!(summary(&hv.ns, tap), TAP_DIRECTIONS_KNOWN | Direction::In.bit());
 
-        // What the version before left: its record, and tap entries whose summary word it kept
-        // reserved (0).
-        open_abi_record(&hv.ns).set(0, ABI_VERSION_UPGRADABLE, 0).unwrap();
+        // What version 2 left: its record, tap entries whose summary word it kept reserved (0),
+        // no tap index, and programs that look taps up in the taps map (as the attached ones do
+        // with their slot marked shared).
+        let old = ABI_VERSIONS_UPGRADABLE[0];
+        open_abi_record(&hv.ns).set(0, old, 0).unwrap();
         let mut taps = open_taps(&hv.ns);
         let entry = TapSessions { directions: 0, ..taps.get(&tap, 0).unwrap() };
         taps.insert(tap, entry, 0).unwrap();
+        let shared = TapIndexEntry { flags: TAP_INDEX_SHARED, ..TapIndexEntry::default() };
+        open_tap_index(&hv.ns).set(tap_index_slot(tap), shared, 0).unwrap();
+        std::fs::remove_file(tap_index_pin(&hv.ns)).unwrap();
 
         // Used as it is: without a summary the programs look at each session.
         let (out, into) = frames::both_ways(8);
@@ -396,7 +403,8 @@ fn state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change
         let copies = mirror.capture(into.len(), Duration::from_secs(10), is_marked);
         assert_frames_eq(&format!("[{mode}] copies into the VM, before the upgrade"), &into, &copies);
         assert_eq!(vmsniff::session(&hv.ns, into_vm)["state"], "active");
-        assert_eq!(record(&hv.ns), ABI_VERSION_UPGRADABLE, "[{mode}] status changed the record");
+        assert_eq!(record(&hv.ns), old, "[{mode}] status changed the record");
+        assert!(!tap_index_pin(&hv.ns).exists(), "[{mode}] status made the tap index");
 
         // The first change raises the record, and the tap's entry gets its summary.
         hv.ns.sh("ip link add mirb type veth peer name mirbp
@@ -406,6 +414,13 @@ fn state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change
         let out_of_vm = vmsniff::attach(&hv.ns, &outbound);
         assert_eq!(record(&hv.ns), ABI_VERSION, "[{mode}] the first change raises the record");
         assert_eq!(summary(&hv.ns, tap), TAP_DIRECTIONS_KNOWN | Direction::In.bit() | Direction::Out.bit());
+        let made = open_tap_index(&hv.ns).get(&tap_index_slot(tap), 0).unwrap();
+        let entry = open_taps(&hv.ns).get(&tap, 0).unwrap();
+        assert_eq!(
+            made,
+            TapIndexEntry::for_slot([(tap, &entry)]),
+            "[{mode}] the first change makes the index"
+        );
         hv.vm_sends(&out);
         hv.vm_receives(&into);
         let copies = mirror.capture(into.len(), Duration::from_secs(10), is_marked);
@@ -425,6 +440,15 @@ fn state_of_the_version_before_is_used_as_it_is_and_upgraded_by_the_first_change
 
 fn record(ns: &Netns) -> u32 {
     open_abi_record(ns).get(&0, 0).expect("the ABI version record's entry")
+}
+
+fn tap_index_pin(ns: &Netns) -> PathBuf {
+    ns.pin_dir().join("maps").join(map_name::TAP_INDEX)
+}
+
+fn open_tap_index(ns: &Netns) -> Array<MapData, TapIndexEntry> {
+    let data = MapData::from_pin(tap_index_pin(ns)).expect("the tap index");
+    Array::try_from(Map::Array(data)).expect("the tap index's layout")
 }
 
 fn open_taps(ns: &Netns) -> HashMap<MapData, u32, TapSessions> {

@@ -10,15 +10,18 @@ pub mod filter;
 
 /// Bumped whenever a layout or a meaning below changes. Userspace records it beside the maps
 /// it creates ([`map_name::ABI`]) and refuses pinned maps of another version instead of
-/// misreading them, except those of [`ABI_VERSION_UPGRADABLE`].
-pub const ABI_VERSION: u32 = 3;
+/// misreading them, except those of [`ABI_VERSIONS_UPGRADABLE`].
+pub const ABI_VERSION: u32 = 4;
 
-/// The version whose maps this one uses and upgrades in place: version 3 gave a reserved word
-/// of [`TapSessions`] a meaning ([`TapSessions::directions`]) that 2 leaves at 0, which the
-/// programs read as "not known". The first change this release makes to such maps raises their
-/// record to 3, so that a vmsniff of version 2 no longer writes tap entries whose summary it
-/// would leave stale.
-pub const ABI_VERSION_UPGRADABLE: u32 = 2;
+/// The versions whose maps this one uses and upgrades in place:
+/// - 3 gave a reserved word of [`TapSessions`] a meaning ([`TapSessions::directions`]) that 2
+///   leaves at 0, which the programs read as "not known";
+/// - 4 added the [`TAP_INDEX`](map_name::TAP_INDEX) map in front of `TAPS`, which the first
+///   change creates and fills from `TAPS` (programs of 2 and 3 read `TAPS` alone).
+///
+/// The first change this release makes to such maps raises their record to 4, so that an older
+/// vmsniff, which would leave the summary or the index stale, refuses them from then on.
+pub const ABI_VERSIONS_UPGRADABLE: [u32; 2] = [2, 3];
 
 /// The version of maps pinned before the record existed (no [`map_name::ABI`] pin): those
 /// releases had this ABI, so their maps count as this version when their value sizes match.
@@ -44,6 +47,10 @@ pub mod map_name {
     pub const SCRATCH: &str = "VMSNIFF_SCRATCH";
     /// Per-CPU: the copy being cloned right now, for the copy program on the target.
     pub const IN_FLIGHT: &str = "VMSNIFF_IN_FLIGHT";
+    /// The taps' entries direct-mapped by ifindex, in front of `TAPS` (see [`TapIndexEntry`]).
+    /// Made from `TAPS` by userspace, which keeps it in step; pinned, but not part of the
+    /// state the record is judged by ([`PINNED`]): maps of version 2 and 3 lack it.
+    pub const TAP_INDEX: &str = "VMSNIFF_TAP_INDEX";
     /// A one-entry u32 array, pinned beside the maps: the [`ABI_VERSION`](crate::ABI_VERSION)
     /// of the vmsniff that created them. Userspace's alone (no program reads it), and its name
     /// and layout never change, so that every version can read every other's.
@@ -360,11 +367,69 @@ impl TapSessions {
 
     /// Whether the programs can skip a frame of `direction` without looking at a session.
     pub const fn skips(&self, direction: Direction) -> bool {
-        self.directions & TAP_DIRECTIONS_KNOWN != 0 && self.directions & direction.bit() == 0
+        directions_skip(self.directions, direction)
     }
 
     pub fn session_count(&self) -> usize {
         self.ids.iter().filter(|&&id| id != 0).count()
+    }
+}
+
+/// Whether a tap whose `directions` word (of [`TapSessions`] or [`TapIndexEntry`]) is this has
+/// no session for `direction`.
+pub const fn directions_skip(directions: u32, direction: Direction) -> bool {
+    directions & TAP_DIRECTIONS_KNOWN != 0 && directions & direction.bit() == 0
+}
+
+/// Slots of the `TAP_INDEX` array: a power of two, four times [`MAX_TAPS`], so that mirrored taps
+/// rarely share one (a node hands out ifindexes mostly in sequence).
+pub const TAP_INDEX_SLOTS: u32 = 4096;
+
+/// The `TAP_INDEX` slot of the tap with this ifindex.
+pub const fn tap_index_slot(ifindex: u32) -> u32 {
+    ifindex & (TAP_INDEX_SLOTS - 1)
+}
+
+/// Value of the `TAP_INDEX` array at [`tap_index_slot`]: what the programs need of the mirrored
+/// tap in that slot, found by an array read (which the verifier inlines) instead of the `TAPS`
+/// hash lookup (a call and a jhash: about a third of a filtered-out frame's program time).
+///
+/// Derived from `TAPS`, the record, by [`TapIndexEntry::for_slot`]: userspace rewrites a slot
+/// after each write of a tap's entry in it, and rebuilds the whole index before a command's
+/// first change (what a crash between the two writes left is mended there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapIndexEntry {
+    /// The tap's session ids, as its `TAPS` entry lists them.
+    pub ids: [u16; MAX_SESSIONS_PER_TAP],
+    /// Its `TAPS` entry's [`TapSessions::directions`].
+    pub directions: u32,
+    /// The tap described here; 0 = none (ifindex 0 is never a device's).
+    pub ifindex: u32,
+    /// [`TAP_INDEX_SHARED`] or 0.
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// [`TapIndexEntry::flags`]: other mirrored taps fall in this slot too; a frame of any tap but
+/// the entry's own looks its tap up in `TAPS`.
+pub const TAP_INDEX_SHARED: u32 = 1;
+
+impl TapIndexEntry {
+    /// The entry of a slot whose mirrored taps are `taps` (ifindex and `TAPS` entry, each
+    /// falling in that slot): the lowest ifindex is described here, and any other makes the
+    /// slot shared.
+    pub fn for_slot<'a>(taps: impl IntoIterator<Item = (u32, &'a TapSessions)>) -> TapIndexEntry {
+        let mut entry = TapIndexEntry::default();
+        for (ifindex, tap) in taps {
+            if entry.ifindex != 0 {
+                entry.flags = TAP_INDEX_SHARED;
+            }
+            if entry.ifindex == 0 || ifindex < entry.ifindex {
+                entry = TapIndexEntry { ids: tap.ids, directions: tap.directions, ifindex, ..entry };
+            }
+        }
+        entry
     }
 }
 
@@ -500,6 +565,7 @@ const _: () = assert!(
         == 8 + 8 * filter::MAX_FILTER_INSNS + filter::FILTER_EXPRESSION_BYTES
 );
 const _: () = assert!(core::mem::size_of::<TapSessions>() == 64);
+const _: () = assert!(core::mem::size_of::<TapIndexEntry>() == 32);
 const _: () = assert!(core::mem::size_of::<DirectionCounters>() == 64);
 
 #[cfg(feature = "user")]
@@ -514,6 +580,8 @@ mod pod {
     unsafe impl aya::Pod for super::DirectionCounters {}
     // SAFETY: as for SessionConfig.
     unsafe impl aya::Pod for super::TokenBucket {}
+    // SAFETY: as for SessionConfig.
+    unsafe impl aya::Pod for super::TapIndexEntry {}
     // SAFETY: as for SessionConfig (`FilterInsn` is four integers without padding).
     unsafe impl aya::Pod for super::filter::Filter {}
 }
@@ -590,6 +658,29 @@ mod tests {
         // This CPU read its clock 1 ns before the refill another CPU wrote.
         assert!(!take_tokens(&mut bucket, 10, 3, 1, t0 - 1));
         assert!(take_tokens(&mut bucket, 10, 3, 1, t0 + 100_000_000));
+    }
+
+    #[test]
+    fn a_tap_index_slot_describes_its_lowest_tap_and_says_when_others_share_it() {
+        let tap = |id: u16, directions: u32| {
+            let mut entry = TapSessions { directions, ..TapSessions::EMPTY };
+            entry.ids[0] = id;
+            entry
+        };
+        let (a, b, c) = (tap(3, TAP_DIRECTIONS_KNOWN | 1), tap(4, TAP_DIRECTIONS_KNOWN | 2), tap(5, 0));
+        assert_eq!(TapIndexEntry::for_slot([]), TapIndexEntry::default());
+        let alone = TapIndexEntry::for_slot([(4097, &b)]);
+        assert_eq!((alone.ifindex, alone.ids[0], alone.directions, alone.flags), (4097, 4, b.directions, 0));
+        for order in [[(4097, &b), (1, &a), (8193, &c)], [(8193, &c), (4097, &b), (1, &a)]] {
+            let shared = TapIndexEntry::for_slot(order);
+            assert_eq!((shared.ifindex, shared.ids[0], shared.directions), (1, 3, a.directions));
+            assert_eq!(shared.flags, TAP_INDEX_SHARED);
+        }
+        assert_eq!(tap_index_slot(1), tap_index_slot(4097));
+        assert_ne!(tap_index_slot(1), tap_index_slot(2));
+        assert!(directions_skip(TAP_DIRECTIONS_KNOWN | Direction::In.bit(), Direction::Out));
+        assert!(!directions_skip(TAP_DIRECTIONS_KNOWN | Direction::In.bit(), Direction::In));
+        assert!(!directions_skip(0, Direction::Out), "0: not known (ABI 2), every session is looked at");
     }
 
     #[test]

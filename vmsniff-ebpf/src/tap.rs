@@ -12,9 +12,10 @@ use aya_ebpf::{
 use vmsniff_ebpf::{
     COUNTER_SLOTS, Direction, DirectionCounters, FILTER_NONE, FILTER_SLOT_BASE, IN_FLIGHT_ARMED,
     IN_FLIGHT_REFUSED, InFlight, MAX_SESSIONS_PER_TAP, MAX_TAPS, RATE_BITS, RATE_NONE, SESSION_ACTIVE,
-    SESSION_SLOTS, SessionConfig, TapSessions, TokenBucket, counter_index,
+    SESSION_SLOTS, SessionConfig, TAP_INDEX_SHARED, TAP_INDEX_SLOTS, TapIndexEntry, TapSessions, TokenBucket,
+    counter_index, directions_skip,
     filter::{self, Filter, HEAD_BYTES, Machine, filter_index, get, set},
-    take_tokens,
+    take_tokens, tap_index_slot,
 };
 
 #[map]
@@ -22,6 +23,9 @@ static VMSNIFF_SESSIONS: Array<SessionConfig> = Array::with_max_entries(SESSION_
 
 #[map]
 static VMSNIFF_TAPS: HashMap<u32, TapSessions> = HashMap::with_max_entries(MAX_TAPS, 0);
+
+#[map]
+static VMSNIFF_TAP_INDEX: Array<TapIndexEntry> = Array::with_max_entries(TAP_INDEX_SLOTS, 0);
 
 #[map]
 static VMSNIFF_COUNTERS: PerCpuArray<DirectionCounters> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -63,7 +67,8 @@ const CONTINUE: i32 = TC_ACT_UNSPEC;
 /// if chosen, cloned before the next is looked at. Nothing is zeroed or copied onto the stack
 /// and no subprogram is called on the way of a frame that no session copies, except a
 /// session's own filter; a direction that no session mirrors costs the tap lookup alone (one
-/// array read per session on an entry written by ABI version 2, which has no summary).
+/// array read per session on an entry written by ABI version 2, which has no summary). The tap
+/// is found in the index (an array read) unless its slot is shared (then in `TAPS`).
 ///
 /// Deciding the next session after a clone is safe: the clone may run other programs on this
 /// CPU (a target that is itself a mirrored tap) which reuse the filter's scratch, but each
@@ -72,18 +77,16 @@ const CONTINUE: i32 = TC_ACT_UNSPEC;
 fn mirror(ctx: &TcContext, direction: Direction) {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: read in place, one id at a time. Userspace replaces whole entries; an id read
-    // from an entry being replaced is still bounded by the SESSIONS array and checked there.
-    let Some(tap) = (unsafe { VMSNIFF_TAPS.get(&ifindex) }) else {
+    let Some((ids, directions)) = tap_sessions(ifindex) else {
         return;
     };
-    if tap.skips(direction) {
+    if directions_skip(directions, direction) {
         return;
     }
-    let ids = &tap.ids;
     let len = ctx.len();
     for slot in 0..MAX_SESSIONS_PER_TAP {
-        let id = u32::from(ids[slot]);
+        // Little-endian halves: ids[2k] is the low one of word k.
+        let id = (ids[slot / 2] >> (16 * (slot % 2))) & 0xffff;
         if id == 0 {
             // Slots are compacted on removal: the first empty one ends the list.
             break;
@@ -115,6 +118,35 @@ fn mirror(ctx: &TcContext, direction: Direction) {
         }
         copy(ctx, session, id, direction, counters, len);
     }
+}
+
+/// The tap's session ids (as four words of two) and directions summary; `None` when vmsniff
+/// mirrors no tap of this ifindex.
+///
+/// Words, not a pointer into the entry: the verifier then follows one path from here on,
+/// whichever map the values came from. Userspace replaces whole entries; an id read from an
+/// entry being replaced is still bounded by the SESSIONS array and checked there, and a
+/// session's own `state` says whether it still mirrors.
+#[inline(always)]
+fn tap_sessions(ifindex: u32) -> Option<([u32; 4], u32)> {
+    let entry = VMSNIFF_TAP_INDEX.get(tap_index_slot(ifindex))?;
+    if entry.ifindex == ifindex {
+        return Some((id_words(&entry.ids), entry.directions));
+    }
+    if entry.flags & TAP_INDEX_SHARED == 0 {
+        return None;
+    }
+    // SAFETY: read in place, as above.
+    let tap = unsafe { VMSNIFF_TAPS.get(&ifindex) }?;
+    Some((id_words(&tap.ids), tap.directions))
+}
+
+#[inline(always)]
+fn id_words(ids: &[u16; MAX_SESSIONS_PER_TAP]) -> [u32; 4] {
+    // SAFETY: both entries holding ids are `repr(C)` with the ids first, at an offset aligned
+    // for u32 (the entries hold u32 fields), and 16 bytes long.
+    let words = ids.as_ptr() as *const u32;
+    unsafe { [*words, *words.add(1), *words.add(2), *words.add(3)] }
 }
 
 /// Clones the frame into the session's target for `direction`, with the in-flight slot armed

@@ -286,16 +286,22 @@ impl MapOps for PinnedMaps {
         }
     }
 
+    /// The record first, then the index the programs read (see `PinnedMaps::sync_tap_index`
+    /// for a crash between the two).
     fn set_tap(&mut self, ifindex: u32, tap: &TapSessions) -> Result<(), KernelError> {
-        changed(self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}"))))
+        changed(
+            self.taps.insert(ifindex, tap, 0).map_err(KernelError::map(format!("writing tap {ifindex}"))),
+        )?;
+        changed(self.refresh_index_slot(ifindex))
     }
 
     fn remove_tap(&mut self, ifindex: u32) -> Result<(), KernelError> {
         kill_point::change_made();
         match self.taps.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(KernelError::map(format!("removing tap {ifindex}"))(e)),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(KernelError::map(format!("removing tap {ifindex}"))(e)),
         }
+        changed(self.refresh_index_slot(ifindex))
     }
 
     fn set_filter(&mut self, id: u32, slot: u32, filter: &Filter) -> Result<(), KernelError> {

@@ -88,6 +88,7 @@ impl Namespace {
     pub async fn clean_orphans(&self) -> Result<(), SessionError> {
         maps::remove_pins_of_deleted_netns(&self.kernel.paths)?;
         PinnedMaps::record_version(&self.kernel.paths)?;
+        PinnedMaps::sync_tap_index(&self.kernel.paths)?;
         let Some(maps) = PinnedMaps::open(&self.kernel.paths)? else { return Ok(()) };
         let observed = maps.observe()?;
         drop(maps);

@@ -1,15 +1,15 @@
 //! vmsniff's pinned maps in one network namespace: the record of every session.
-use std::{fs, io, path::Path};
+use std::{collections::BTreeMap, fs, io, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
 };
 use vmsniff_ebpf::{
-    ABI_VERSION, ABI_VERSION_UNRECORDED, ABI_VERSION_UPGRADABLE, Direction, DirectionCounters, SESSION_FREE,
-    SessionConfig, TapSessions, TokenBucket, counter_index,
+    ABI_VERSION, ABI_VERSION_UNRECORDED, ABI_VERSIONS_UPGRADABLE, Direction, DirectionCounters, SESSION_FREE,
+    SessionConfig, TAP_INDEX_SLOTS, TapIndexEntry, TapSessions, TokenBucket, counter_index,
     filter::{Filter, filter_index},
-    map_name,
+    map_name, tap_index_slot,
 };
 
 use crate::sys::KernelError;
@@ -35,6 +35,9 @@ pub struct PinnedMaps {
     pub counters: PerCpuArray<MapData, DirectionCounters>,
     pub filters: Array<MapData, Filter>,
     pub rate: Array<MapData, TokenBucket>,
+    /// `None` in the state of a version before 4 until its first change makes it
+    /// ([`PinnedMaps::sync_tap_index`]).
+    pub tap_index: Option<Array<MapData, TapIndexEntry>>,
 }
 
 impl PinnedMaps {
@@ -73,6 +76,8 @@ impl PinnedMaps {
             open(map_name::FILTERS)?,
             open(map_name::RATE)?,
         );
+        let tap_index =
+            paths.map(map_name::TAP_INDEX).exists().then(|| open(map_name::TAP_INDEX)).transpose()?;
         // Typing a map checks its key and value sizes; nothing is read from it.
         let typed = (|| {
             Ok::<_, aya::maps::MapError>(Self {
@@ -81,6 +86,7 @@ impl PinnedMaps {
                 counters: PerCpuArray::try_from(Map::PerCpuArray(counters))?,
                 filters: Array::try_from(Map::Array(filters))?,
                 rate: Array::try_from(Map::Array(rate))?,
+                tap_index: tap_index.map(|index| Array::try_from(Map::Array(index))).transpose()?,
             })
         })();
         judge_abi(paths, recorded, typed.map_err(|e| e.to_string()), ABI_VERSION).map(Some)
@@ -108,7 +114,7 @@ impl PinnedMaps {
             write_abi_record(&record)?;
         }
         let mut loader = EbpfLoader::new();
-        for name in map_name::PINNED {
+        for name in map_name::PINNED.into_iter().chain([map_name::TAP_INDEX]) {
             loader.map_pin_path(name, paths.map(name));
         }
         loader.load(EBPF_OBJECT).map_err(|source| KernelError::Ebpf {
@@ -118,7 +124,7 @@ impl PinnedMaps {
     }
 
     /// Gives maps of the release before version records (which `open` judged ours) their
-    /// record, and raises the record of maps of [`ABI_VERSION_UPGRADABLE`] to this version, so
+    /// record, and raises the record of maps of [`ABI_VERSIONS_UPGRADABLE`] to this version, so
     /// that a vmsniff of that version refuses them from now on (see the constant). For commands
     /// that change state, under the lock, before their first change: `status` changes nothing.
     pub fn record_version(paths: &PinPaths) -> Result<(), KernelError> {
@@ -140,6 +146,67 @@ impl PinnedMaps {
         }
     }
 
+    /// Makes the tap index say what `TAPS` says: creates it in the state of a version before 4
+    /// (pinned from the object's own definition, with nothing yet reading it), and rewrites
+    /// every slot that differs, such as one a crash between a tap's two writes left stale. For
+    /// commands that change state, under the lock, before their first change.
+    pub fn sync_tap_index(paths: &PinPaths) -> Result<(), KernelError> {
+        let Some(mut maps) = Self::open(paths)? else {
+            return Ok(());
+        };
+        if maps.tap_index.is_none() {
+            log::info!("adding the tap index to the state in {}", paths.root().display());
+            // Programs pinned beside the state were loaded without this index: the next attach
+            // loads them anew, with it.
+            match fs::remove_dir_all(paths.programs_root()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(KernelError::io(format!("removing {}", paths.programs_root().display()))(e));
+                }
+                _ => {}
+            }
+            drop(Self::load_object(paths)?);
+            maps = Self::open(paths)?.ok_or_else(|| KernelError::MapsVanished { path: paths.maps_dir() })?;
+        }
+        let taps = maps.observe_taps()?;
+        let mut by_slot: BTreeMap<u32, Vec<(u32, &TapSessions)>> = BTreeMap::new();
+        for (&ifindex, tap) in &taps {
+            by_slot.entry(tap_index_slot(ifindex)).or_default().push((ifindex, tap));
+        }
+        let Some(index) = &mut maps.tap_index else {
+            return Err(KernelError::MapsVanished { path: paths.map(map_name::TAP_INDEX) });
+        };
+        let mut stale = 0;
+        for slot in 0..TAP_INDEX_SLOTS {
+            let want = TapIndexEntry::for_slot(by_slot.get(&slot).into_iter().flatten().copied());
+            let have = index.get(&slot, 0).map_err(KernelError::map("reading the tap index"))?;
+            if have != want {
+                index.set(slot, want, 0).map_err(KernelError::map("writing the tap index"))?;
+                stale += 1;
+            }
+        }
+        if stale > 0 {
+            log::info!("rewrote {stale} slot(s) of the tap index from the taps map");
+        }
+        Ok(())
+    }
+
+    /// Rewrites the tap index slot of `ifindex` from `TAPS`, after a write of its entry there.
+    pub fn refresh_index_slot(&mut self, ifindex: u32) -> Result<(), KernelError> {
+        let slot = tap_index_slot(ifindex);
+        let taps = self.observe_taps()?;
+        let sharing = taps.iter().filter(|&(&other, _)| tap_index_slot(other) == slot);
+        let entry = TapIndexEntry::for_slot(sharing.map(|(&other, tap)| (other, tap)));
+        let Some(index) = &mut self.tap_index else {
+            // Only state that no command has synced yet lacks it; the sync builds it whole.
+            return Ok(());
+        };
+        index.set(slot, entry, 0).map_err(KernelError::map(format!("writing tap {ifindex}'s index slot")))
+    }
+
+    fn observe_taps(&self) -> Result<BTreeMap<u32, TapSessions>, KernelError> {
+        self.taps.iter().map(|entry| entry.map_err(KernelError::map("reading the taps map"))).collect()
+    }
+
     /// The state the planner works from.
     pub fn observe(&self) -> Result<Observed, KernelError> {
         let mut observed = Observed::default();
@@ -153,10 +220,7 @@ impl PinnedMaps {
                 observed.sessions.insert(id, session);
             }
         }
-        for entry in self.taps.iter() {
-            let (ifindex, tap) = entry.map_err(KernelError::map("reading the taps map"))?;
-            observed.taps.insert(ifindex, tap);
-        }
+        observed.taps = self.observe_taps()?;
         Ok(observed)
     }
 
@@ -192,7 +256,8 @@ pub fn judge_abi<T>(
 ) -> Result<T, KernelError> {
     let refuse =
         |found, recorded| KernelError::AbiVersion { path: paths.root().into(), found, recorded, ours };
-    let usable = |version| version == ours || version == ABI_VERSION_UPGRADABLE && ours == ABI_VERSION;
+    let usable =
+        |version| version == ours || ABI_VERSIONS_UPGRADABLE.contains(&version) && ours == ABI_VERSION;
     match (recorded, maps) {
         (Some(found), _) if !usable(found) => Err(refuse(found, true)),
         (None, Ok(_)) if !usable(ABI_VERSION_UNRECORDED) => Err(refuse(ABI_VERSION_UNRECORDED, false)),
@@ -322,7 +387,7 @@ mod tests {
 
     #[test]
     fn another_recorded_version_is_refused_naming_both_versions_and_the_fix() {
-        for (found, ours) in [(3, 2), (1, 2), (1, 3), (4, 3), (2, 4)] {
+        for (found, ours) in [(3, 2), (1, 2), (1, 3), (4, 3), (1, 4), (5, 4), (2, 5)] {
             let err = judge(Some(found), Ok(()), ours).unwrap_err();
             assert!(err.contains(&format!("ABI version {found},")), "{err}");
             assert!(err.contains(&format!("this vmsniff is of ABI version {ours}")), "{err}");
@@ -342,18 +407,19 @@ mod tests {
 
     #[test]
     fn a_later_version_refuses_unrecorded_maps_as_the_release_before_records() {
-        let err = judge(None, Ok(()), 4).unwrap_err();
+        let err = judge(None, Ok(()), 5).unwrap_err();
         assert!(err.contains("ABI version 2 (made before versions were recorded)"), "{err}");
-        assert!(err.contains("this vmsniff is of ABI version 4"), "{err}");
-        assert_eq!(judge(Some(4), Ok(()), 4), Ok(()));
+        assert!(err.contains("this vmsniff is of ABI version 5"), "{err}");
+        assert_eq!(judge(Some(5), Ok(()), 5), Ok(()));
     }
 
     #[test]
-    fn this_version_uses_the_maps_of_the_version_it_upgrades() {
-        assert_eq!((ABI_VERSION, ABI_VERSION_UPGRADABLE), (3, 2));
-        assert_eq!(judge(Some(2), Ok(()), 3), Ok(()));
-        assert_eq!(judge(None, Ok(()), 3), Ok(()));
-        let err = judge(Some(2), Err("invalid value size 120, expected 64"), 3).unwrap_err();
+    fn this_version_uses_the_maps_of_the_versions_it_upgrades() {
+        assert_eq!((ABI_VERSION, ABI_VERSIONS_UPGRADABLE), (4, [2, 3]));
+        assert_eq!(judge(Some(2), Ok(()), 4), Ok(()));
+        assert_eq!(judge(Some(3), Ok(()), 4), Ok(()));
+        assert_eq!(judge(None, Ok(()), 4), Ok(()));
+        let err = judge(Some(3), Err("invalid value size 120, expected 64"), 4).unwrap_err();
         assert!(err.contains("do not match this vmsniff"), "{err}");
     }
 
