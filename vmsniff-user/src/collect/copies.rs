@@ -133,9 +133,70 @@ pub fn decode_copy<'a>(
     Ok(copy?)
 }
 
-/// Counts `copy` in its stream and writes it; `Ok(true)` once `--count` copies are written
-/// (and for every copy after: with several reading threads, copies already decoded when the
-/// count is reached are not written).
+/// What becomes of a decoded copy once counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Counted and to be written, on this interface.
+    Write(InterfaceKey),
+    /// Counted as refused (plain GRE, the stream table full): not written.
+    Refused,
+    /// `--count` copies are written already: neither counted nor written (with several reading
+    /// threads, copies decoded when the count is reached).
+    Counted,
+}
+
+/// Whether `--count` copies are admitted.
+pub fn counted(options: &Options, stats: &Stats) -> bool {
+    options.count.is_some_and(|n| stats.written >= n)
+}
+
+/// Counts `copy` in its stream; a copy to write is counted as written already (whoever holds
+/// it writes it).
+pub fn admit(copy: &Copy<'_>, options: &Options, stats: &mut Stats) -> Admission {
+    if counted(options, stats) {
+        return Admission::Counted;
+    }
+    let key =
+        StreamKey { sender: copy.sender, kind: copy.kind, session: copy.session, direction: copy.direction };
+    let names = &options.names;
+    if copy.kind == Kind::PlainGre && !options.plain_gre && !names.knows_plain(&key.interface()) {
+        stats.refused_plain += 1;
+        return Admission::Refused;
+    }
+    let interface = match names.fleet_interface(&key) {
+        Some(interface) => {
+            if !stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence) {
+                return Admission::Refused;
+            }
+            interface
+        }
+        None => {
+            if !stats.copy(key, copy.frame.len(), copy.sequence) {
+                return Admission::Refused;
+            }
+            key.interface()
+        }
+    };
+    stats.written += 1;
+    Admission::Write(interface)
+}
+
+/// The pcapng interface of a stream: its name and description.
+pub fn interface(names: &Names, key: &InterfaceKey) -> Interface {
+    Interface { name: names.interface_name(key), description: names.interface_description(key) }
+}
+
+/// The packet block's content for `copy`.
+pub fn packet<'a>(copy: &Copy<'a>, timestamp: Duration) -> Packet<'a> {
+    Packet {
+        timestamp,
+        frame: copy.frame,
+        original_len: copy.original_len,
+        flags: pcapng_direction_flags(copy.direction),
+    }
+}
+
+/// Counts `copy` in its stream and writes it; `Ok(true)` once `--count` copies are written.
 pub fn record(
     copy: &Copy<'_>,
     timestamp: Duration,
@@ -143,46 +204,14 @@ pub fn record(
     stats: &mut Stats,
     capture: &mut Capture<InterfaceKey>,
 ) -> Result<bool, PcapngError> {
-    let counted = |stats: &Stats| options.count.is_some_and(|n| stats.written >= n);
-    if counted(stats) {
-        return Ok(true);
-    }
-    let key =
-        StreamKey { sender: copy.sender, kind: copy.kind, session: copy.session, direction: copy.direction };
-    let names = &options.names;
-    if copy.kind == Kind::PlainGre && !options.plain_gre && !names.knows_plain(&key.interface()) {
-        stats.refused_plain += 1;
-        return Ok(false);
-    }
-    let interface = match names.fleet_interface(&key) {
-        Some(interface) => {
-            if !stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence) {
-                return Ok(false);
-            }
-            interface
+    match admit(copy, options, stats) {
+        Admission::Write(key) => {
+            capture.write(&key, || interface(&options.names, &key), &packet(copy, timestamp))?;
+            Ok(counted(options, stats))
         }
-        None => {
-            if !stats.copy(key, copy.frame.len(), copy.sequence) {
-                return Ok(false);
-            }
-            key.interface()
-        }
-    };
-    capture.write(
-        &interface,
-        || Interface {
-            name: names.interface_name(&interface),
-            description: names.interface_description(&interface),
-        },
-        &Packet {
-            timestamp,
-            frame: copy.frame,
-            original_len: copy.original_len,
-            flags: pcapng_direction_flags(copy.direction),
-        },
-    )?;
-    stats.written += 1;
-    Ok(counted(stats))
+        Admission::Refused => Ok(false),
+        Admission::Counted => Ok(true),
+    }
 }
 
 /// Decodes, counts and writes one packet; `Ok(true)` once `--count` copies are written.
@@ -271,7 +300,7 @@ mod tests {
         handle(Listener::Vxlan, &vxlan(15, &frame), None);
         assert_eq!((stats.written, stats.ignored), (2, 1));
         let kinds: Vec<_> =
-            stats.streams.keys().map(|k| (k.kind, k.session, k.direction, k.sender)).collect();
+            stats.streams_sorted().iter().map(|(k, _)| (k.kind, k.session, k.direction, k.sender)).collect();
         assert_eq!(
             kinds,
             [

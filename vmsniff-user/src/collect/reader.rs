@@ -17,9 +17,9 @@ use std::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{
-    copies::{self, Listener, Options, Skip},
+    copies::{self, Admission, Listener, Options, Skip},
     decode::Copy,
-    pcapng::{Capture, FLUSH_INTERVAL, PcapngError},
+    pcapng::{self, Batch, Capture, FLUSH_INTERVAL, PcapngError},
     reassembly::{self, Offered, Reassembly},
     ring::{self, BlockPackets, Classified, LocalAddresses, Repeats, Ring},
     stats::{InterfaceKey, SharedStats, lock},
@@ -211,6 +211,7 @@ struct Sorter {
     repeats: Repeats,
     /// The last block's list, kept for its allocation.
     sorted: Vec<Sorted<'static>>,
+    batch: Batch<InterfaceKey>,
 }
 
 impl Sorter {
@@ -220,6 +221,7 @@ impl Sorter {
             fragments: Reassembly::default(),
             repeats: Repeats::new(),
             sorted: Vec::new(),
+            batch: Batch::new(),
         }
     }
 
@@ -241,13 +243,14 @@ impl Sorter {
             sorted.extend(self.sort(packet.data, packet.timestamp, options, &mut wholes));
         }
         let given_up = self.fragments.take_given_up();
+        // Counted under the counts' lock, encoded without a lock, appended under the capture's.
         let mut stats = lock(stats);
         if given_up > 0 {
             *stats.undecodable.entry(super::decode::Undecodable::FragmentsIncomplete).or_default() +=
                 given_up;
         }
-        let mut capture = lock_capture(capture);
         let mut counted = false;
+        let mut admitted = Vec::with_capacity(sorted.len());
         for item in sorted.drain(..) {
             let (copy, timestamp) = match item {
                 Sorted::Copy(copy, timestamp) => (copy, timestamp),
@@ -263,12 +266,23 @@ impl Sorter {
                     continue;
                 }
             };
-            if copies::record(&copy, timestamp, options, &mut stats, &mut capture)? {
+            match copies::admit(&copy, options, &mut stats) {
+                Admission::Write(interface) => admitted.push((interface, copies::packet(&copy, timestamp))),
+                Admission::Refused => {}
+                Admission::Counted => counted = true,
+            }
+            if counted || copies::counted(options, &stats) {
                 counted = true;
                 break;
             }
         }
+        drop(stats);
+        for (interface, packet) in &admitted {
+            self.batch.push(interface, packet);
+        }
+        drop(admitted);
         self.sorted = reuse(sorted);
+        pcapng::append_shared(capture, &mut self.batch, |key| copies::interface(&options.names, key))?;
         Ok(counted)
     }
 

@@ -438,6 +438,14 @@ pub async fn run(options: &Arc<Options>, stats: &SharedStats) -> Result<Ended, C
     if live {
         eprintln!();
     }
+    if let (Ended::Count, Some(count)) = (&ended, options.count) {
+        // Nothing more is admitted: the capture is whole but for copies other threads are
+        // still appending, which the flush after they stop writes.
+        if let Err(e) = lock_capture(&capture).flush() {
+            pipe_or_error(e)?;
+        }
+        log::info!("--count {count} reached: stopping");
+    }
     if matches!(ended, Ended::Signal(_)) {
         // Copies that came before the signal may still be in a block the kernel has not handed
         // over: the threads read it before they stop.
