@@ -7,8 +7,10 @@
 //! alike (a veth delivers in the sender's softirq).
 use std::{
     fmt::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -267,10 +269,11 @@ fn drained(threads: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Drain>
         .arg(&file)
         .args(["-B", "512", "--threads", &threads.to_string(), "-c", &copies.to_string()])
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr)?)
+        .stderr(Stdio::piped())
         .spawn()
         .context("starting vmsniff collect")?;
-    let result = drain_once(&mut child, &snd, &config, &stderr, copies);
+    let reached = tee_stderr(&mut child, &stderr)?;
+    let result = drain_once(&mut child, &snd, &config, &stderr, &reached, copies);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGCONT);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT);
     let waited = wait(&mut child, Duration::from_secs(20));
@@ -289,12 +292,34 @@ fn drained(threads: usize, copies: u64, vmsniff: &Path) -> anyhow::Result<Drain>
     })
 }
 
-/// Stops the collector, queues the copies, lets it go: the time to its exit and its CPU time.
+/// Copies the collector's stderr into `path` as it comes, and tells when it says the count is
+/// reached: a thread blocked on the pipe notices at once, where polling the file would take CPU
+/// from the collector's own threads on this 2-core machine.
+fn tee_stderr(child: &mut Child, path: &Path) -> anyhow::Result<Receiver<Instant>> {
+    let pipe = child.stderr.take().context("collect's stderr")?;
+    let mut log = std::fs::File::create(path)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if line.contains(COUNT_REACHED) {
+                let _ = tx.send(Instant::now());
+            }
+            if writeln!(log, "{line}").is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Stops the collector, queues the copies, lets it go: the time until it has written them all
+/// and its CPU time.
 fn drain_once(
     child: &mut Child,
     snd: &Netns,
     config: &Path,
     stderr: &Path,
+    reached: &Receiver<Instant>,
     copies: u64,
 ) -> anyhow::Result<(Duration, Duration)> {
     started(child, stderr, Tool::Vmsniff.ready())?;
@@ -308,28 +333,39 @@ fn drain_once(
     nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT)?;
     let deadline = started + Duration::from_secs(60);
     let (mut cpu, mut progressed) = (before, started);
-    // Its CPU time is read just before it exits, at each poll: the last reading counts. A copy
-    // its rings dropped (counted) never comes: once it has read nothing for a while, it is done.
-    let exited = loop {
-        if child.try_wait()?.is_some() {
-            break true;
+    // The clock stops when it says the count is reached (its file then complete): not at its
+    // exit, which frees the rings (tens of ms for 512 MiB each), a cost of the teardown and
+    // not of draining. A copy its rings dropped (counted) never comes: once it has read
+    // nothing for a while, it is done.
+    let took = loop {
+        match reached.recv_timeout(Duration::from_millis(20)) {
+            Ok(at) => {
+                if let Ok(now) = tree_cpu(child.id()) {
+                    cpu = cpu.max(now);
+                }
+                break at.duration_since(started);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break started.elapsed(),
         }
         if Instant::now() > deadline {
             bail!("collect still reading {copies} copies after 60 s");
         }
-        let now = tree_cpu(child.id())?;
+        // Gone (its stderr closes just after): the last reading counts.
+        let Ok(now) = tree_cpu(child.id()) else { break started.elapsed() };
         if now > cpu + Duration::from_micros(100) {
             progressed = Instant::now();
         }
         cpu = cpu.max(now);
         if progressed.elapsed() > Duration::from_millis(300) {
-            break false;
+            break progressed.duration_since(started);
         }
-        std::thread::sleep(Duration::from_millis(1));
     };
-    let took = if exited { started.elapsed() } else { progressed.duration_since(started) };
     Ok((took, cpu.saturating_sub(before)))
 }
+
+/// What `vmsniff collect` logs once `--count` copies are written, before it frees its rings.
+const COUNT_REACHED: &str = "reached: stopping";
 
 /// Waits for the tool, floods, lets it drain: the offered rate and the tool's CPU time.
 fn measure(
@@ -451,7 +487,8 @@ pub fn section(out: &mut String, rounds: usize, copies: u64, samples: &Samples) 
         out,
         "**Draining, on both CPUs.** vmsniff collect is stopped (SIGSTOP) while trafgen queues {} copies \
          from {DRAIN_SENDERS} senders in its rings (`-B 512` each), then let go unpinned: the copies per \
-         second it reads, decodes and writes until it has them all (`--count` ends it; a copy \
+         second it reads, decodes and writes until it has them all (`--count` ends it: the clock stops \
+         when it logs that the count is reached, its file complete, before it frees its rings; a copy \
          the rings dropped while it was stopped, counted, never comes: Kept), and its CPU time per copy. The sender has finished, so a second reading thread has a core of its own. Median of {rounds} \
          rounds, min–max.\n",
         copies.min(DRAIN_COPIES)
