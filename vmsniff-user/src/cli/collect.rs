@@ -1,11 +1,7 @@
 //! `vmsniff collect`: the collector's side. Receives vmsniff's (and Open vSwitch's) GRE and
 //! ERSPAN copies over IPv4 and IPv6, and VXLAN on a UDP port, through a TPACKET_V3 ring, and writes
 //! pcapng with one interface per sender and session, each packet's direction in its flags.
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -19,7 +15,7 @@ use crate::{
         pcapng::{Destination, Rotate, parse_rotate},
         receive::{self, Ended},
         ring::DEFAULT_RING_MIB,
-        stats::{DEFAULT_MAX_STREAMS, MAX_STREAMS_LIMIT, SharedStats, Stats, lock, render_summary},
+        stats::{DEFAULT_MAX_STREAMS, MAX_STREAMS_LIMIT, ShardedStats, SharedStats, render_summary},
     },
     metrics,
     model::listen::parse_listen_addr,
@@ -122,7 +118,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
             .context("reading the fleet's mirrors for --fleet")?;
         names.set_fleet(fleet);
     }
-    let stats = SharedStats::new(Mutex::new(Stats::with_limit(args.max_streams)));
+    let stats = SharedStats::new(ShardedStats::new(args.max_streams, args.threads));
     // Before the socket and the capture file: a bad address leaves no file behind.
     if let Some(addr) = args.metrics {
         let listener = metrics::bind(addr).await?;
@@ -141,10 +137,11 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
         threads: args.threads,
     });
     let ended = receive::run(&options, &stats).await?;
-    let stats = lock(&stats);
+    let stats = stats.snapshot();
     match ended {
         Ended::Signal(signal) => log::info!("{signal}: stopping"),
-        Ended::Count => log::info!("{} copies collected (--count)", stats.written),
+        // Said when it was reached, before the rings were freed.
+        Ended::Count => {}
         Ended::PipeClosed => log::info!("the reader of stdout went away: stopping"),
     }
     eprint!("{}", render_summary(&stats, |key| options.names.interface_name(key)));

@@ -140,22 +140,20 @@ pub enum Admission {
     Write(InterfaceKey),
     /// Counted as refused (plain GRE, the stream table full): not written.
     Refused,
-    /// `--count` copies are written already: neither counted nor written (with several reading
-    /// threads, copies decoded when the count is reached).
+    /// Every copy `--count` allows is taken (written, or about to be by another reading
+    /// thread): neither counted nor written.
     Counted,
 }
 
-/// Whether `--count` copies are admitted.
-pub fn counted(options: &Options, stats: &Stats) -> bool {
-    options.count.is_some_and(|n| stats.written >= n)
+/// Adds the copies `stats` admitted to `--count`'s shared tally; true once `--count` copies are
+/// admitted in all.
+pub fn settle(options: &Options, stats: &mut Stats) -> bool {
+    options.count.is_some_and(|n| stats.settle(n))
 }
 
 /// Counts `copy` in its stream; a copy to write is counted as written already (whoever holds
-/// it writes it).
+/// it writes it). With `--count`, the shard settles after its batch ([`settle`]).
 pub fn admit(copy: &Copy<'_>, options: &Options, stats: &mut Stats) -> Admission {
-    if counted(options, stats) {
-        return Admission::Counted;
-    }
     let key =
         StreamKey { sender: copy.sender, kind: copy.kind, session: copy.session, direction: copy.direction };
     let names = &options.names;
@@ -163,19 +161,22 @@ pub fn admit(copy: &Copy<'_>, options: &Options, stats: &mut Stats) -> Admission
         stats.refused_plain += 1;
         return Admission::Refused;
     }
-    let interface = match names.fleet_interface(&key) {
+    if let Some(count) = options.count
+        && !stats.take_one(count)
+    {
+        return Admission::Counted;
+    }
+    let counted = match names.fleet_interface(&key) {
         Some(interface) => {
-            if !stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence) {
-                return Admission::Refused;
-            }
-            interface
+            stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence).then_some(interface)
         }
-        None => {
-            if !stats.copy(key, copy.frame.len(), copy.sequence) {
-                return Admission::Refused;
-            }
-            key.interface()
+        None => stats.copy(key, copy.frame.len(), copy.sequence).then(|| key.interface()),
+    };
+    let Some(interface) = counted else {
+        if options.count.is_some() {
+            stats.give_back_one();
         }
+        return Admission::Refused;
     };
     stats.written += 1;
     Admission::Write(interface)
@@ -204,14 +205,10 @@ pub fn record(
     stats: &mut Stats,
     capture: &mut Capture<InterfaceKey>,
 ) -> Result<bool, PcapngError> {
-    match admit(copy, options, stats) {
-        Admission::Write(key) => {
-            capture.write(&key, || interface(&options.names, &key), &packet(copy, timestamp))?;
-            Ok(counted(options, stats))
-        }
-        Admission::Refused => Ok(false),
-        Admission::Counted => Ok(true),
+    if let Admission::Write(key) = admit(copy, options, stats) {
+        capture.write(&key, || interface(&options.names, &key), &packet(copy, timestamp))?;
     }
+    Ok(settle(options, stats))
 }
 
 /// Decodes, counts and writes one packet; `Ok(true)` once `--count` copies are written.
@@ -308,7 +305,7 @@ mod tests {
                 (decode::Kind::Vxlan, 7, Some(vmsniff_ebpf::Direction::In), sender)
             ]
         );
-        let summary = render_summary(&stats, |k| k.session.to_string());
+        let summary = render_summary(&stats.snapshot(), |k| k.session.to_string());
         assert!(summary.contains("VXLAN carries no sequence numbers"), "{summary}");
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -345,7 +342,7 @@ mod tests {
                 (written, 2 - written),
                 "--plain-gre {plain_gre}"
             );
-            let summary = render_summary(&stats, |k| k.session.to_string());
+            let summary = render_summary(&stats.snapshot(), |k| k.session.to_string());
             assert_eq!(summary.contains("--plain-gre records it) 1"), !plain_gre, "{summary}");
         }
         std::fs::remove_dir_all(dir).unwrap();
@@ -377,8 +374,8 @@ mod tests {
         }
         capture.flush().unwrap();
         assert_eq!((stats.written, stats.refused_plain), (4, 0));
-        let moves: Vec<u64> = stats.moves.values().map(|m| m.moves).collect();
-        assert_eq!(moves, [1], "one interface, one move: {:?}", stats.moves);
+        let moves: Vec<u64> = stats.moves().iter().map(|(_, m)| m.moves).collect();
+        assert_eq!(moves, [1], "one interface, one move: {:?}", stats.moves());
         let mut reader = pcap_file::pcapng::PcapNgReader::new(std::fs::File::open(&path).unwrap()).unwrap();
         let (mut interfaces, mut packets) = (Vec::new(), Vec::new());
         while let Some(block) = reader.next_block() {
@@ -433,7 +430,7 @@ mod tests {
             }
         }
         assert_eq!(stats.ignored, 1000);
-        assert!(stats.undecodable_total() > 900, "{:?}", stats.undecodable);
+        assert!(stats.snapshot().undecodable_total() > 900, "{:?}", stats.undecodable);
         assert_eq!(stats.written, 3);
         let mut more = good.clone();
         more[20 + 11] = 4;

@@ -22,7 +22,7 @@ use super::{
     pcapng::{self, Batch, Capture, FLUSH_INTERVAL, PcapngError},
     reassembly::{self, Offered, Reassembly},
     ring::{self, BlockPackets, Classified, LocalAddresses, Repeats, Ring},
-    stats::{InterfaceKey, SharedStats, lock},
+    stats::{InterfaceKey, SharedStats},
 };
 
 /// The capture, written by every reading thread and flushed on the main one's timer.
@@ -102,7 +102,7 @@ impl Readers {
             let (stop, finished) = (readers.stop.clone(), finished.clone());
             let thread = std::thread::Builder::new().name(format!("collect-{i}")).spawn(move || {
                 let outcome =
-                    catch_unwind(AssertUnwindSafe(|| read(&ring, &options, &stats, &capture, &stop)));
+                    catch_unwind(AssertUnwindSafe(|| read(&ring, i, &options, &stats, &capture, &stop)));
                 let report = match outcome {
                     Ok(Ok(None)) => return,
                     Ok(Ok(Some(finished))) | Ok(Err(finished)) => finished,
@@ -141,15 +141,17 @@ impl Drop for Readers {
     }
 }
 
-/// Reads `ring` until asked to stop (`Ok(None)`), `--count` is reached, or a failure.
+/// Reads `ring` (reading thread `index`'s) until asked to stop (`Ok(None)`), `--count` is
+/// reached, or a failure.
 fn read(
     ring: &Ring,
+    index: usize,
     options: &Options,
     stats: &SharedStats,
     capture: &SharedCapture,
     stop: &Stop,
 ) -> Result<Option<Finished>, Finished> {
-    let mut sorter = Sorter::new();
+    let mut sorter = Sorter::new(index);
     let mut drops_counted = Instant::now();
     let outcome = 'reading: loop {
         if stop.asked() {
@@ -178,19 +180,19 @@ fn read(
             }
         }
         if drops_counted.elapsed() >= FLUSH_INTERVAL {
-            count_drops(ring, stats);
+            count_drops(ring, index, stats);
             drops_counted = Instant::now();
         }
     };
-    count_drops(ring, stats);
+    count_drops(ring, index, stats);
     outcome
 }
 
-/// Copies the ring dropped since the last call, into `stats`.
-fn count_drops(ring: &Ring, stats: &SharedStats) {
+/// Copies the ring dropped since the last call, into its thread's shard of `stats`.
+fn count_drops(ring: &Ring, index: usize, stats: &SharedStats) {
     match ring.take_drops() {
         Ok(0) => {}
-        Ok(n) => *lock(stats).socket_drops.entry(RING_DROPS).or_default() += n,
+        Ok(n) => *stats.reader(index).socket_drops.entry(RING_DROPS).or_default() += n,
         Err(e) => log::warn!("cannot read the receive ring's drop count: {e}"),
     }
 }
@@ -206,6 +208,8 @@ enum Sorted<'a> {
 
 /// One thread's state between blocks.
 struct Sorter {
+    /// The thread's index, and so its shard of the counts.
+    index: usize,
     local: LocalAddresses,
     fragments: Reassembly,
     repeats: Repeats,
@@ -215,8 +219,9 @@ struct Sorter {
 }
 
 impl Sorter {
-    fn new() -> Sorter {
+    fn new(index: usize) -> Sorter {
         Sorter {
+            index,
             local: LocalAddresses::new(),
             fragments: Reassembly::default(),
             repeats: Repeats::new(),
@@ -243,13 +248,12 @@ impl Sorter {
             sorted.extend(self.sort(packet.data, packet.timestamp, options, &mut wholes));
         }
         let given_up = self.fragments.take_given_up();
-        // Counted under the counts' lock, encoded without a lock, appended under the capture's.
-        let mut stats = lock(stats);
+        // Counted in the thread's shard, encoded without a lock, appended under the capture's.
+        let mut stats = stats.reader(self.index);
         if given_up > 0 {
             *stats.undecodable.entry(super::decode::Undecodable::FragmentsIncomplete).or_default() +=
                 given_up;
         }
-        let mut counted = false;
         let mut admitted = Vec::with_capacity(sorted.len());
         for item in sorted.drain(..) {
             let (copy, timestamp) = match item {
@@ -269,13 +273,12 @@ impl Sorter {
             match copies::admit(&copy, options, &mut stats) {
                 Admission::Write(interface) => admitted.push((interface, copies::packet(&copy, timestamp))),
                 Admission::Refused => {}
-                Admission::Counted => counted = true,
-            }
-            if counted || copies::counted(options, &stats) {
-                counted = true;
-                break;
+                // Another thread holds what is left of the count: it writes those copies, or
+                // gives back what it does not use for a later block.
+                Admission::Counted => break,
             }
         }
+        let counted = copies::settle(options, &mut stats);
         drop(stats);
         for (interface, packet) in &admitted {
             self.batch.push(interface, packet);

@@ -26,7 +26,7 @@ use super::{
     pcapng::{Capture, FLUSH_INTERVAL, PcapngError},
     reader::{Finished, Readers, SharedCapture, lock_capture},
     ring::{self, Ring},
-    stats::{InterfaceKey, SharedStats, Stats, lock, render_live, render_summary},
+    stats::{InterfaceKey, SharedStats, Stats, render_live, render_summary},
 };
 
 /// Packets read per wakeup before signals and timers get their turn, under a flood too.
@@ -393,7 +393,7 @@ pub async fn run(options: &Arc<Options>, stats: &SharedStats) -> Result<Ended, C
                 if live {
                     eprint!("\r\x1b[2K");
                 }
-                eprint!("{}", render_summary(&lock(stats), label));
+                eprint!("{}", render_summary(&stats.snapshot(), label));
             }
             _ = ticker.tick() => {
                 let mut capture = lock_capture(&capture);
@@ -402,7 +402,7 @@ pub async fn run(options: &Arc<Options>, stats: &SharedStats) -> Result<Ended, C
                 }
                 drop(capture);
                 if live {
-                    eprint!("\r\x1b[2K{}", render_live(&lock(stats), label));
+                    eprint!("\r\x1b[2K{}", render_live(&stats.snapshot(), label));
                     let _ = io::stderr().flush();
                 }
             }
@@ -423,7 +423,7 @@ pub async fn run(options: &Arc<Options>, stats: &SharedStats) -> Result<Ended, C
                     listener,
                     &mut guard,
                     options,
-                    &mut lock(stats),
+                    &mut stats.main(),
                     &mut lock_capture(&capture),
                 );
                 match counted {

@@ -3,9 +3,12 @@
 //! The stream table is bounded: senders and keys come from the network, and anyone who can
 //! send GRE to the collector could otherwise grow it (and the metrics' series) without end.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, hash_map::Entry},
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use vmsniff_ebpf::Direction;
@@ -171,14 +174,14 @@ impl StreamStats {
     }
 }
 
-/// Everything counted since the start.
-#[derive(Clone, Debug)]
+/// Everything counted since the start by one reading thread (a shard of [`ShardedStats`]); their
+/// sum is a [`Snapshot`].
+#[derive(Debug)]
 pub struct Stats {
-    /// Streams counted at most (`--max-streams`).
+    /// Streams counted at most (`--max-streams`), by all shards together.
     pub max_streams: usize,
-    /// Hashed, not ordered: it is looked up once per copy, under the lock every reading thread
-    /// takes (a B-tree search of the key was a sixth of a copy's cost). [`Stats::streams_sorted`]
-    /// orders it for reading.
+    /// Hashed, not ordered: it is looked up once per copy (a B-tree search of the key was a
+    /// sixth of a copy's cost). [`Stats::streams_sorted`] orders it for reading.
     pub streams: HashMap<StreamKey, StreamStats, foldhash::fast::RandomState>,
     pub undecodable: BTreeMap<Undecodable, u64>,
     /// Packets from senders outside `--from`.
@@ -193,10 +196,31 @@ pub struct Stats {
     /// Plain GRE (no vmsniff sequence numbers, no name for its key) left out without
     /// `--plain-gre`: a node's GRE tenant networks are no mirror.
     pub refused_plain: u64,
-    /// Fleet mirrors (`--fleet`): the sender of each one's last copy, and how often its copies
-    /// moved to another sender.
-    pub moves: HashMap<InterfaceKey, Moves, foldhash::fast::RandomState>,
+    shared: Arc<Shared>,
+    /// `--count`: copies this shard may still admit, taken from the shared count.
+    budget: u64,
+    /// Copies admitted since the shard last settled with the shared count.
+    unsettled: u64,
 }
+
+/// What a collector's shards share: what spans senders, and so reading threads.
+#[derive(Debug)]
+struct Shared {
+    max_streams: usize,
+    /// Streams counted in all shards.
+    streams: AtomicUsize,
+    /// Fleet mirrors (`--fleet`): the sender of each one's last copy, and how often its copies
+    /// moved to another sender (which may be another thread's).
+    moves: Mutex<HashMap<InterfaceKey, Moves, foldhash::fast::RandomState>>,
+    /// `--count`: copies the shards took for their budgets (never more than the count) and
+    /// copies they admitted and settled.
+    reserved: AtomicU64,
+    settled: AtomicU64,
+}
+
+/// Copies a shard takes from the shared count at once: one atomic operation per this many
+/// copies, not per copy.
+const BUDGET_CHUNK: u64 = 1024;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -210,12 +234,79 @@ pub struct Moves {
     pub moves: u64,
 }
 
-/// The receive loop's counts, read by the metrics endpoint between batches.
-pub type SharedStats = Arc<Mutex<Stats>>;
+/// The collector's counts: a shard per reading thread, each taken by its thread once per block
+/// and by nobody else but a reader of the counts, and one for the main thread's sockets. A
+/// sender's copies all reach one thread, so each stream is counted in one shard; what spans
+/// senders (the bound on streams, `--count`, fleet moves) is shared.
+#[derive(Debug)]
+pub struct ShardedStats {
+    shards: Box<[Mutex<Stats>]>,
+}
 
-/// The counts, also when a thread panicked holding them (they are plain numbers: still right).
-pub fn lock(stats: &SharedStats) -> MutexGuard<'_, Stats> {
-    stats.lock().unwrap_or_else(PoisonError::into_inner)
+/// The counts, read by the metrics endpoint and the summary.
+pub type SharedStats = Arc<ShardedStats>;
+
+impl ShardedStats {
+    /// `readers` reading threads' shards and the main thread's; at most `max_streams` streams
+    /// in all.
+    pub fn new(max_streams: usize, readers: usize) -> ShardedStats {
+        let shared = Arc::new(Shared::new(max_streams));
+        ShardedStats { shards: (0..=readers).map(|_| Mutex::new(Stats::sharing(&shared))).collect() }
+    }
+
+    /// Reading thread `i`'s shard.
+    pub fn reader(&self, i: usize) -> MutexGuard<'_, Stats> {
+        lock(&self.shards[i % (self.shards.len() - 1).max(1)])
+    }
+
+    /// The main thread's shard.
+    pub fn main(&self) -> MutexGuard<'_, Stats> {
+        lock(&self.shards[self.shards.len() - 1])
+    }
+
+    /// Every shard's counts together, as plain numbers (a stream is counted in one shard).
+    /// Each shard is locked in turn, for the copy only.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut all = lock(&self.shards[0]).snapshot();
+        for shard in &self.shards[1..] {
+            let shard = lock(shard).snapshot();
+            all.streams.extend(shard.streams);
+            for (why, n) in shard.undecodable {
+                *all.undecodable.entry(why).or_default() += n;
+            }
+            all.ignored += shard.ignored;
+            all.refused_streams += shard.refused_streams;
+            all.refused_plain += shard.refused_plain;
+            all.socket_drops += shard.socket_drops;
+            all.written += shard.written;
+        }
+        all.streams.sort_unstable_by_key(|(key, _)| *key);
+        all
+    }
+}
+
+/// A shard, also when a thread panicked holding it (they are plain numbers: still right).
+fn lock(shard: &Mutex<Stats>) -> MutexGuard<'_, Stats> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn new(max_streams: usize) -> Shared {
+        Shared {
+            max_streams,
+            streams: AtomicUsize::new(0),
+            moves: Mutex::default(),
+            reserved: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
+        }
+    }
+
+    /// Room for one more stream, taken; false when `max_streams` are counted.
+    fn take_stream(&self) -> bool {
+        self.streams
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_streams).then_some(n + 1))
+            .is_ok()
+    }
 }
 
 /// One stream's counts, without its sequence window: what a scrape copies out under the lock.
@@ -242,13 +333,25 @@ pub struct Snapshot {
     pub refused_plain: u64,
     pub socket_drops: u64,
     pub written: u64,
+    /// Fleet mirrors' moves, by interface.
+    pub moves: Vec<(InterfaceKey, Moves)>,
+}
+
+impl Snapshot {
+    pub fn undecodable_total(&self) -> u64 {
+        self.undecodable.values().sum()
+    }
 }
 
 impl Stats {
-    /// Nothing counted yet; at most `max_streams` streams will be.
+    /// Nothing counted yet; at most `max_streams` streams will be (one shard alone).
     pub fn with_limit(max_streams: usize) -> Self {
+        Stats::sharing(&Arc::new(Shared::new(max_streams)))
+    }
+
+    fn sharing(shared: &Arc<Shared>) -> Stats {
         Stats {
-            max_streams,
+            max_streams: shared.max_streams,
             streams: HashMap::default(),
             undecodable: BTreeMap::new(),
             ignored: 0,
@@ -256,18 +359,73 @@ impl Stats {
             written: 0,
             refused_streams: 0,
             refused_plain: 0,
-            moves: HashMap::default(),
+            shared: Arc::clone(shared),
+            budget: 0,
+            unsettled: 0,
         }
     }
 
     /// Counts a copy of stream `key`; false when it is refused (a new stream, the table full).
     pub fn copy(&mut self, key: StreamKey, frame_len: usize, sequence: Option<u32>) -> bool {
-        if self.streams.len() >= self.max_streams && !self.streams.contains_key(&key) {
-            self.refused_streams += 1;
+        match stream(&mut self.streams, &self.shared, &mut self.refused_streams, key) {
+            Some(stream) => {
+                stream.count(frame_len, sequence);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes one of `--count`'s `count` copies for this shard; false when every copy left is
+    /// taken (by this shard or another, which may give some back when it settles).
+    pub fn take_one(&mut self, count: u64) -> bool {
+        if self.budget == 0 {
+            let taken = self.shared.reserved.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r < count).then(|| r + BUDGET_CHUNK.min(count - r))
+            });
+            if let Ok(before) = taken {
+                self.budget = BUDGET_CHUNK.min(count - before);
+            }
+        }
+        if self.budget == 0 {
             return false;
         }
-        self.streams.entry(key).or_default().count(frame_len, sequence);
+        self.budget -= 1;
+        self.unsettled += 1;
         true
+    }
+
+    /// Gives back the copy [`Stats::take_one`] took last (it was refused after all).
+    pub fn give_back_one(&mut self) {
+        self.budget += 1;
+        self.unsettled -= 1;
+    }
+
+    /// Gives back the copies taken but not admitted, and adds those admitted to the shared
+    /// count; true once `count` copies are admitted in all (each shard settles after each
+    /// block, so nobody holds copies another shard is waiting for).
+    pub fn settle(&mut self, count: u64) -> bool {
+        if self.budget > 0 {
+            self.shared.reserved.fetch_sub(self.budget, Ordering::Relaxed);
+            self.budget = 0;
+        }
+        let settled = self.shared.settled.fetch_add(self.unsettled, Ordering::Relaxed) + self.unsettled;
+        self.unsettled = 0;
+        settled >= count
+    }
+
+    /// Fleet mirrors' moves, by interface.
+    pub fn moves(&self) -> Vec<(InterfaceKey, Moves)> {
+        let mut moves: Vec<_> = self
+            .shared
+            .moves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, m)| (*k, *m))
+            .collect();
+        moves.sort_unstable_by_key(|(interface, _)| *interface);
+        moves
     }
 
     /// The streams in key order (sender, encapsulation, session, direction): how the summary
@@ -304,6 +462,7 @@ impl Stats {
             refused_plain: self.refused_plain,
             socket_drops: self.socket_drops.values().sum(),
             written: self.written,
+            moves: self.moves(),
         }
     }
 
@@ -318,16 +477,15 @@ impl Stats {
         frame_len: usize,
         sequence: Option<u32>,
     ) -> bool {
-        if self.streams.len() >= self.max_streams && !self.streams.contains_key(&key) {
-            self.refused_streams += 1;
+        let Some(stream) = stream(&mut self.streams, &self.shared, &mut self.refused_streams, key) else {
             return false;
-        }
-        let stream = self.streams.entry(key).or_default();
+        };
         let starts_over = match sequence {
             Some(seq) => stream.sequence.starts_over_at(seq),
             None => stream.packets == 0,
         };
-        let moves = self.moves.entry(interface).or_insert(Moves { last: key.sender, moves: 0 });
+        let mut moves = self.shared.moves.lock().unwrap_or_else(PoisonError::into_inner);
+        let moves = moves.entry(interface).or_insert(Moves { last: key.sender, moves: 0 });
         let moved = moves.last != key.sender && starts_over;
         moves.last = key.sender;
         if moved {
@@ -347,15 +505,29 @@ impl Stats {
     pub fn undecodable(&mut self, why: Undecodable) {
         *self.undecodable.entry(why).or_default() += 1;
     }
+}
 
-    pub fn undecodable_total(&self) -> u64 {
-        self.undecodable.values().sum()
+/// The counts of stream `key` in `streams`, made if there is room for another stream (counted in
+/// `refused` if not).
+fn stream<'a>(
+    streams: &'a mut HashMap<StreamKey, StreamStats, foldhash::fast::RandomState>,
+    shared: &Shared,
+    refused: &mut u64,
+    key: StreamKey,
+) -> Option<&'a mut StreamStats> {
+    match streams.entry(key) {
+        Entry::Occupied(stream) => Some(stream.into_mut()),
+        Entry::Vacant(_) if !shared.take_stream() => {
+            *refused += 1;
+            None
+        }
+        Entry::Vacant(stream) => Some(stream.insert(StreamStats::default())),
     }
 }
 
 /// The summary: one row per stream, then the packets that were no copies.
-pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) -> String {
-    let streams = stats.streams_sorted();
+pub fn render_summary(stats: &Snapshot, label: impl Fn(&InterfaceKey) -> String) -> String {
+    let streams = &stats.streams;
     let labels: Vec<String> = streams.iter().map(|(key, _)| label(&key.interface())).collect();
     let width = labels.iter().map(String::len).max().unwrap_or(0).max(4);
     let mut out = format!(
@@ -364,7 +536,7 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
     );
     for ((key, s), name) in streams.iter().zip(&labels) {
         let (lost, reordered) = if s.sequenced {
-            (s.sequence.lost.to_string(), s.sequence.reordered.to_string())
+            (s.lost.to_string(), s.reordered.to_string())
         } else {
             ("-".into(), "-".into())
         };
@@ -380,10 +552,10 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
             lost,
             reordered
         ));
-        if s.sequence.duplicates > 0 || s.sequence.restarts > 0 {
+        if s.duplicates > 0 || s.restarts > 0 {
             out.push_str(&format!(
                 "{:<15} duplicated sequence numbers {}, sequence restarts {}\n",
-                "", s.sequence.duplicates, s.sequence.restarts
+                "", s.duplicates, s.restarts
             ));
         }
     }
@@ -396,7 +568,7 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
         stats.undecodable_total(),
         if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
         stats.ignored,
-        stats.socket_drops.values().sum::<u64>(),
+        stats.socket_drops,
         if stats.refused_streams > 0 {
             format!("; refused (over {} streams: --max-streams) {}", stats.max_streams, stats.refused_streams)
         } else {
@@ -411,16 +583,14 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
             String::new()
         }
     ));
-    if stats.streams.keys().any(|k| k.kind == Kind::Vxlan) {
+    if stats.streams.iter().any(|(k, _)| k.kind == Kind::Vxlan) {
         out.push_str(
             "VXLAN carries no sequence numbers: its lost and reordered copies cannot be counted (-); \
              --encap gre counts them\n",
         );
     }
     // After the closing lines: the rows above keep their shape for readers of the summary.
-    let mut moved: Vec<_> = stats.moves.iter().filter(|(_, m)| m.moves > 0).collect();
-    moved.sort_unstable_by_key(|(interface, _)| **interface);
-    for (interface, m) in moved {
+    for (interface, m) in stats.moves.iter().filter(|(_, m)| m.moves > 0) {
         out.push_str(&format!(
             "{}: moved {} time(s) to another sender, last {} (not counted as lost)\n",
             label(interface),
@@ -436,12 +606,12 @@ pub fn render_summary(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) ->
 const LIVE_SESSIONS: usize = 6;
 
 /// The live line: per session packets and lost copies, then the totals.
-pub fn render_live(stats: &Stats, label: impl Fn(&InterfaceKey) -> String) -> String {
+pub fn render_live(stats: &Snapshot, label: impl Fn(&InterfaceKey) -> String) -> String {
     let mut sessions: BTreeMap<InterfaceKey, (u64, u64)> = BTreeMap::new();
     for (key, s) in &stats.streams {
         let entry = sessions.entry(key.interface()).or_default();
         entry.0 += s.packets;
-        entry.1 += s.sequence.lost;
+        entry.1 += s.lost;
     }
     let mut busiest: Vec<_> = sessions.iter().collect();
     busiest.sort_by_key(|(key, (packets, _))| (std::cmp::Reverse(*packets), **key));
@@ -519,14 +689,14 @@ mod tests {
             stats.fleet_copy(interface, key(a), 60, Some(5 + seq));
         }
         stats.fleet_copy(interface, key(b), 60, Some(3));
-        assert_eq!(stats.moves[&interface].moves, 1);
+        assert_eq!(stats.moves(), [(interface, Moves { last: b, moves: 1 })]);
         // Back to a: its new session counts from 0 again.
         stats.fleet_copy(interface, key(a), 60, Some(0));
         stats.fleet_copy(interface, key(a), 60, Some(1));
-        assert_eq!(stats.moves[&interface], Moves { last: a, moves: 2 });
+        assert_eq!(stats.moves(), [(interface, Moves { last: a, moves: 2 })]);
         let lost: u64 = stats.streams.values().map(|s| s.sequence.lost + s.sequence.duplicates).sum();
         assert_eq!(lost, 0, "a move is no loss: {:?}", stats.streams);
-        assert!(render_summary(&stats, |_| "web".into()).contains("web: moved 2 time(s)"));
+        assert!(render_summary(&stats.snapshot(), |_| "web".into()).contains("web: moved 2 time(s)"));
     }
 
     #[test]
@@ -543,13 +713,100 @@ mod tests {
         }
         stats.undecodable(Undecodable::UnknownProtocol);
         stats.ignored = 5;
-        let text = render_summary(&stats, |k| format!("s{}", k.session));
+        let text = render_summary(&stats.snapshot(), |k| format!("s{}", k.session));
         let row = text.lines().nth(1).unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells, ["192.0.2.1", "gre", "3", "s3", "out", "3", "300", "1", "0"]);
         assert!(text.contains("undecodable 1 (unknown GRE protocol 1)"), "{text}");
         assert!(text.contains("(not --from) 5"), "{text}");
-        assert_eq!(render_live(&stats, |k| format!("s{}", k.session)), "s3: 3 lost 1 | undecodable 1");
+        assert_eq!(
+            render_live(&stats.snapshot(), |k| format!("s{}", k.session)),
+            "s3: 3 lost 1 | undecodable 1"
+        );
+    }
+
+    fn stream(last: u8, session: u32) -> StreamKey {
+        StreamKey {
+            sender: Ipv4Addr::new(198, 51, 100, last).into(),
+            kind: Kind::VmsniffGre,
+            session,
+            direction: Some(Direction::In),
+        }
+    }
+
+    #[test]
+    fn shards_share_the_count_and_give_back_what_they_did_not_use() {
+        let stats = ShardedStats::new(DEFAULT_MAX_STREAMS, 2);
+        let (mut a, mut b) = (stats.reader(0), stats.reader(1));
+        let count = BUDGET_CHUNK + 476;
+        assert!((0..1000).all(|_| a.take_one(count)), "a takes a chunk: 1000 of it used");
+        assert!((0..476).all(|_| b.take_one(count)), "b takes the rest");
+        assert!(!b.take_one(count), "every copy of the count is taken");
+        a.give_back_one();
+        assert!(!a.settle(count), "999 settled");
+        // What a gave back (its unused budget and the refused copy) is b's to take now.
+        assert!((0..25).all(|_| b.take_one(count)));
+        assert!(!b.take_one(count));
+        assert!(b.settle(count), "999 + 476 + 25: the count is reached exactly when settled");
+        assert!(!a.take_one(count), "nothing more to take");
+    }
+
+    #[test]
+    fn the_stream_bound_spans_the_shards_and_their_counts_add_up() {
+        let stats = ShardedStats::new(10, 2);
+        {
+            let (mut a, mut b) = (stats.reader(0), stats.reader(1));
+            (0..6).for_each(|session| assert!(a.copy(stream(1, session), 60, Some(0))));
+            let counted: Vec<bool> = (0..6).map(|session| b.copy(stream(2, session), 60, Some(0))).collect();
+            assert_eq!(counted, [true, true, true, true, false, false], "10 streams in all");
+            assert!(b.copy(stream(2, 0), 60, Some(1)), "a stream counted goes on");
+            a.undecodable(Undecodable::UnknownProtocol);
+            b.undecodable(Undecodable::UnknownProtocol);
+            b.socket_drops.insert(16, 3);
+            (a.written, b.written) = (6, 5);
+            // A full table refuses a fleet mirror's new streams as any other.
+            let fleet = InterfaceKey {
+                sender: Ipv4Addr::UNSPECIFIED.into(),
+                erspan: false,
+                plain: false,
+                vxlan: false,
+                session: 99,
+            };
+            for seq in 0..3 {
+                a.fleet_copy(fleet, stream(1, 99), 60, Some(100 + seq));
+            }
+            b.fleet_copy(fleet, stream(2, 99), 60, Some(0));
+        }
+        stats.main().ignored = 4;
+        let all = stats.snapshot();
+        assert_eq!(all.streams.len(), 10, "the fleet mirror's streams were refused: the table is full");
+        assert_eq!((all.refused_streams, all.written, all.ignored), (2 + 4, 11, 4));
+        assert_eq!(all.undecodable_total(), 2);
+        assert_eq!(all.socket_drops, 3);
+        assert!(all.streams.is_sorted_by_key(|(key, _)| *key), "in key order, whichever shard counted them");
+        let counts = |key| all.streams.iter().find(|(k, _)| *k == key).unwrap().1;
+        assert_eq!(counts(stream(2, 0)).packets, 2);
+    }
+
+    #[test]
+    fn fleet_moves_are_seen_across_shards() {
+        let stats = ShardedStats::new(DEFAULT_MAX_STREAMS, 2);
+        let fleet = InterfaceKey {
+            sender: Ipv4Addr::UNSPECIFIED.into(),
+            erspan: false,
+            plain: false,
+            vxlan: false,
+            session: 9,
+        };
+        for seq in 0..3 {
+            stats.reader(0).fleet_copy(fleet, stream(1, 9), 60, Some(100 + seq));
+        }
+        stats.reader(1).fleet_copy(fleet, stream(2, 9), 60, Some(0));
+        stats.reader(1).fleet_copy(fleet, stream(2, 9), 60, Some(1));
+        let all = stats.snapshot();
+        assert_eq!(all.moves, [(fleet, Moves { last: Ipv4Addr::new(198, 51, 100, 2).into(), moves: 1 })]);
+        let lost: u64 = all.streams.iter().map(|(_, s)| s.lost).sum();
+        assert_eq!(lost, 0);
     }
 
     #[test]
@@ -573,7 +830,7 @@ mod tests {
         assert_eq!(snapshot.streams.len(), DEFAULT_MAX_STREAMS);
         assert_eq!(snapshot.refused_streams, 101);
         assert!(
-            render_summary(&stats, |_| String::new())
+            render_summary(&stats.snapshot(), |_| String::new())
                 .contains("; refused (over 4096 streams: --max-streams) 101")
         );
     }

@@ -11,13 +11,13 @@ use vmsniff_ebpf::Direction;
 use std::sync::Arc;
 
 use super::Scrape;
-use crate::collect::stats::{SharedStats, Snapshot, lock};
+use crate::collect::stats::{SharedStats, Snapshot};
 
-/// A scrape: the counts copied out under the receive loop's lock (held between two batches, for
-/// the copy only), encoded after it is released.
+/// A scrape: the counts copied out of each shard under its lock (which its reading thread holds
+/// between two blocks, for the copy only), encoded after they are released.
 pub fn scrape(stats: SharedStats) -> Scrape {
     Arc::new(move || {
-        let snapshot = lock(&stats).snapshot();
+        let snapshot = stats.snapshot();
         Box::pin(async move { render(&snapshot) })
     })
 }
