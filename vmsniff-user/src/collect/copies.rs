@@ -1,7 +1,7 @@
 //! From a received packet to a written copy: who sent it (`--from`), what it carries
-//! (decode.rs), then counting it in its stream and writing it. The first half needs no shared
-//! state, so reading threads do it on their own; the second runs under the counts' and the
-//! capture's locks.
+//! (decode.rs), then counting it in its stream (its reading thread's shard of the counts) and
+//! writing it. Only the writing, and what spans senders in the counts, is shared between
+//! reading threads.
 use std::{net::IpAddr, time::Duration};
 
 use super::{

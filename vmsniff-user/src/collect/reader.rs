@@ -1,7 +1,7 @@
-//! The rings' reading threads: one per ring (`--threads`). A thread sorts and decodes a whole
-//! block on its own (its repeats, fragments and host addresses are its own: a sender's packets
-//! all reach one ring), then takes the counts' and the capture's locks once to count and write
-//! the block's copies in the order they arrived.
+//! The rings' reading threads: one per ring (`--threads`). A thread sorts, decodes and counts a
+//! whole block on its own (its repeats, fragments, host addresses and streams are its own: a
+//! sender's packets all reach one ring), encodes the block's copies into a batch of its own,
+//! then takes the capture's lock once to add the batch, its copies in the order they arrived.
 use std::{
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -230,7 +230,7 @@ impl Sorter {
         }
     }
 
-    /// Sorts and decodes a block's packets, then counts and writes them under the locks;
+    /// Sorts, decodes, counts and encodes a block's packets, then adds them to the capture;
     /// `Ok(true)` once `--count` copies are written.
     fn block(
         &mut self,
@@ -248,13 +248,13 @@ impl Sorter {
             sorted.extend(self.sort(packet.data, packet.timestamp, options, &mut wholes));
         }
         let given_up = self.fragments.take_given_up();
-        // Counted in the thread's shard, encoded without a lock, appended under the capture's.
+        // Counted in the thread's own shard and encoded into its own batch; only the append
+        // to the capture is shared.
         let mut stats = stats.reader(self.index);
         if given_up > 0 {
             *stats.undecodable.entry(super::decode::Undecodable::FragmentsIncomplete).or_default() +=
                 given_up;
         }
-        let mut admitted = Vec::with_capacity(sorted.len());
         for item in sorted.drain(..) {
             let (copy, timestamp) = match item {
                 Sorted::Copy(copy, timestamp) => (copy, timestamp),
@@ -271,7 +271,7 @@ impl Sorter {
                 }
             };
             match copies::admit(&copy, options, &mut stats) {
-                Admission::Write(interface) => admitted.push((interface, copies::packet(&copy, timestamp))),
+                Admission::Write(interface) => self.batch.push(&interface, &copies::packet(&copy, timestamp)),
                 Admission::Refused => {}
                 // Another thread holds what is left of the count: it writes those copies, or
                 // gives back what it does not use for a later block.
@@ -280,10 +280,6 @@ impl Sorter {
         }
         let counted = copies::settle(options, &mut stats);
         drop(stats);
-        for (interface, packet) in &admitted {
-            self.batch.push(interface, packet);
-        }
-        drop(admitted);
         self.sorted = reuse(sorted);
         pcapng::append_shared(capture, &mut self.batch, |key| copies::interface(&options.names, key))?;
         Ok(counted)
