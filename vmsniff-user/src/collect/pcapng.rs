@@ -775,11 +775,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_failing_write_leaves_only_whole_blocks() {
-        // /dev/full fails every write: nothing, not even part of a block, lands there, and the
-        // error names the destination.
-        let mut capture: Capture<u32> = Capture {
+    /// A capture into /dev/full, which fails every write.
+    fn full_capture() -> Capture<u32> {
+        Capture {
             destination: Destination::File(PathBuf::from("/dev/full")),
             rotate: None,
             out: Output::shared(File::options().write(true).open("/dev/full").unwrap()),
@@ -789,7 +787,14 @@ mod tests {
             ids: HashMap::default(),
             opened: Instant::now(),
             files: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn a_failing_write_leaves_only_whole_blocks() {
+        // /dev/full fails every write: nothing, not even part of a block, lands there, and the
+        // error names the destination.
+        let mut capture = full_capture();
         capture.write(&1, || iface("x"), &packet(&[0u8; 60], 0)).unwrap();
         let error = capture.flush().unwrap_err();
         assert!(error.to_string().contains("/dev/full"), "{error}");
@@ -896,17 +901,7 @@ mod tests {
 
     #[test]
     fn after_a_failed_write_no_thread_adds_to_the_file() {
-        let capture: Mutex<Capture<u32>> = Mutex::new(Capture {
-            destination: Destination::File(PathBuf::from("/dev/full")),
-            rotate: None,
-            out: Output::shared(File::options().write(true).open("/dev/full").unwrap()),
-            written: 0,
-            pending: Vec::new(),
-            encoder: Encoder::new().unwrap().0,
-            ids: HashMap::default(),
-            opened: Instant::now(),
-            files: 1,
-        });
+        let capture = Mutex::new(full_capture());
         let mut batch = Batch::new();
         let frame = vec![0u8; 1400];
         let fill = |batch: &mut Batch<u32>| {
