@@ -201,7 +201,7 @@ pub fn vmsniff_copy_egress(ctx: TcContext) -> i32 {
 }
 
 /// Dropping is for copies only: `cut_copy` says false only for the copy it armed for.
-const DROP_COPY: i32 = TC_ACT_SHOT as i32;
+const DROP_COPY: i32 = TC_ACT_SHOT;
 
 /// Cuts the copy in flight to its session's snaplen; false when the kernel refuses the cut
 /// (below the headers it must keep), so that the copy is dropped rather than sent whole.
