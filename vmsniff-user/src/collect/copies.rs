@@ -140,8 +140,8 @@ pub enum Admission {
     Write(InterfaceKey),
     /// Counted as refused (plain GRE, the stream table full): not written.
     Refused,
-    /// Every copy `--count` allows is taken (written, or about to be by another reading
-    /// thread): neither counted nor written.
+    /// `--count` copies are admitted already (written, or about to be by the reading thread
+    /// that holds them): neither counted nor written.
     Counted,
 }
 

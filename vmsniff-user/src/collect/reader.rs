@@ -273,8 +273,7 @@ impl Sorter {
             match copies::admit(&copy, options, &mut stats) {
                 Admission::Write(interface) => self.batch.push(&interface, &copies::packet(&copy, timestamp)),
                 Admission::Refused => {}
-                // Another thread holds what is left of the count: it writes those copies, or
-                // gives back what it does not use for a later block.
+                // The count is reached: nothing after this copy is written.
                 Admission::Counted => break,
             }
         }

@@ -222,6 +222,9 @@ struct Shared {
 /// copies, not per copy.
 const BUDGET_CHUNK: u64 = 1024;
 
+/// How long a shard sleeps while another holds the rest of `--count` (see [`Stats::take_one`]).
+const COUNT_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+
 impl Default for Stats {
     fn default() -> Self {
         Self::with_limit(DEFAULT_MAX_STREAMS)
@@ -376,23 +379,31 @@ impl Stats {
         }
     }
 
-    /// Takes one of `--count`'s `count` copies for this shard; false when every copy left is
-    /// taken (by this shard or another, which may give some back when it settles).
+    /// Takes one of `--count`'s `count` copies for this shard; false once `count` copies are
+    /// admitted in all. When every copy left is taken but not all are admitted yet, another shard
+    /// holds them for the block it is reading: this shard settles its own and waits until that
+    /// one settles, then takes what it gave back. Dropping the copy instead would leave the
+    /// count short for good once the senders stop, and `collect` would never end.
+    ///
+    /// No two shards wait on each other: a waiting shard holds no copies, and shards that all
+    /// hold none have admitted every taken copy, so the count is reached.
     pub fn take_one(&mut self, count: u64) -> bool {
-        if self.budget == 0 {
+        loop {
+            if self.budget > 0 {
+                self.budget -= 1;
+                self.unsettled += 1;
+                return true;
+            }
             let taken = self.shared.reserved.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
                 (r < count).then(|| r + BUDGET_CHUNK.min(count - r))
             });
-            if let Ok(before) = taken {
-                self.budget = BUDGET_CHUNK.min(count - before);
+            match taken {
+                Ok(before) => self.budget = BUDGET_CHUNK.min(count - before),
+                Err(_) if self.settle(count) => return false,
+                // Another shard settles at the end of its block: a few milliseconds at most.
+                Err(_) => std::thread::sleep(COUNT_WAIT),
             }
         }
-        if self.budget == 0 {
-            return false;
-        }
-        self.budget -= 1;
-        self.unsettled += 1;
-        true
     }
 
     /// Gives back the copy [`Stats::take_one`] took last (it was refused after all).
@@ -737,18 +748,28 @@ mod tests {
     #[test]
     fn shards_share_the_count_and_give_back_what_they_did_not_use() {
         let stats = ShardedStats::new(DEFAULT_MAX_STREAMS, 2);
-        let (mut a, mut b) = (stats.reader(0), stats.reader(1));
         let count = BUDGET_CHUNK + 476;
+        let mut a = stats.reader(0);
         assert!((0..1000).all(|_| a.take_one(count)), "a takes a chunk: 1000 of it used");
-        assert!((0..476).all(|_| b.take_one(count)), "b takes the rest");
-        assert!(!b.take_one(count), "every copy of the count is taken");
-        a.give_back_one();
-        assert!(!a.settle(count), "999 settled");
-        // What a gave back (its unused budget and the refused copy) is b's to take now.
-        assert!((0..25).all(|_| b.take_one(count)));
-        assert!(!b.take_one(count));
-        assert!(b.settle(count), "999 + 476 + 25: the count is reached exactly when settled");
-        assert!(!a.take_one(count), "nothing more to take");
+        std::thread::scope(|scope| {
+            let b = scope.spawn(|| {
+                let mut b = stats.reader(1);
+                assert!((0..476).all(|_| b.take_one(count)), "b takes the rest");
+                // Every copy is taken now, 24 of them unused by a: b waits for a to settle and
+                // takes what it gives back, then finds the count reached.
+                let more = (0..100).take_while(|_| b.take_one(count)).count();
+                (more, b.settle(count))
+            });
+            // b is waiting by now (it is not a condition of the test: b takes the same copies
+            // if a settles first).
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            a.give_back_one();
+            assert!(!a.settle(count), "999 settled, with b's 476 at most");
+            let (more, reached) = b.join().expect("b");
+            assert_eq!(more, 25, "what a gave back: its unused budget and the refused copy");
+            assert!(reached, "999 + 476 + 25: the count is reached exactly");
+        });
+        assert!(!a.take_one(count), "nothing more to take, and nothing to wait for");
     }
 
     #[test]
