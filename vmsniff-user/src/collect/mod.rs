@@ -8,4 +8,5 @@ pub mod reader;
 pub mod reassembly;
 pub mod receive;
 pub mod ring;
+pub mod sockets;
 pub mod stats;

@@ -6,7 +6,7 @@
 use std::{
     io::{self, IsTerminal as _, Write as _},
     net::{IpAddr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -26,6 +26,7 @@ use super::{
     pcapng::{Capture, FLUSH_INTERVAL, PcapngError},
     reader::{Finished, Readers, SharedCapture, lock_capture},
     ring::{self, Ring},
+    sockets::{self, socket},
     stats::{InterfaceKey, SharedStats, Stats, render_live, render_summary},
 };
 
@@ -74,17 +75,6 @@ struct Received {
     from: Option<IpAddr>,
 }
 
-/// A fresh non-blocking socket, or the OS error.
-pub(super) fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked.
-    let raw = unsafe { libc::socket(domain, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor this function owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 /// Where copies are read from.
 struct Receivers {
     /// The rings (one per reading thread), when this process may have them; they read GRE and
@@ -118,7 +108,7 @@ impl Receivers {
                     quiet.push(udp_socket(port)?);
                 }
                 for fd in &quiet {
-                    ring::attach_program(
+                    sockets::attach_program(
                         fd,
                         libc::SOL_SOCKET,
                         libc::SO_ATTACH_FILTER,

@@ -19,7 +19,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::decode::Undecodable;
+use super::{
+    decode::Undecodable,
+    sockets::{self, attach_program, setsockopt_raw},
+};
 
 /// Each block holds many copies: the kernel wakes the reader once per block.
 const BLOCK_SIZE: usize = 1 << 20;
@@ -103,33 +106,6 @@ pub fn drop_all_filter() -> Vec<libc::sock_filter> {
     vec![insn(RET_K, 0, 0, 0)]
 }
 
-/// Attaches a classic BPF program with `option` (SO_ATTACH_FILTER, PACKET_FANOUT_DATA).
-pub fn attach_program(
-    fd: &impl AsRawFd,
-    level: libc::c_int,
-    option: libc::c_int,
-    program: &[libc::sock_filter],
-) -> io::Result<()> {
-    let len = u16::try_from(program.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // `fprog` points at `program`, alive for the call; the kernel copies it.
-    let fprog = libc::sock_fprog { len, filter: program.as_ptr().cast_mut() };
-    setsockopt_raw(fd, level, option, &fprog)
-}
-
-pub(super) fn setsockopt_raw<T>(
-    fd: &impl AsRawFd,
-    level: libc::c_int,
-    option: libc::c_int,
-    value: &T,
-) -> io::Result<()> {
-    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `value` is a live `T` of `len` bytes, which is what `option` reads.
-    let rc =
-        unsafe { libc::setsockopt(fd.as_raw_fd(), level, option, std::ptr::from_ref(value).cast(), len) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
 /// Why the ring could not be set up; each names the step.
 #[derive(Debug, thiserror::Error)]
 #[error("{op}")]
@@ -167,7 +143,7 @@ impl Ring {
     /// A ring of `mib` MiB on every interface of this network namespace, taking what `filter`
     /// keeps. Needs CAP_NET_RAW.
     pub fn open(filter: &[libc::sock_filter], mib: usize) -> Result<Ring, RingError> {
-        let fd = super::receive::socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0)
+        let fd = sockets::socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0)
             .map_err(step("cannot open an AF_PACKET socket"))?;
         // Only the host's input: copies this host sends (a hypervisor collecting its own) are
         // read once, as they come back in. Linux 4.20 and later; earlier, the filter does it.
