@@ -81,8 +81,24 @@ echo $? > "$run/status"
 const MODPROBE: &str = "#!/bin/sh\nexec /sbin/modprobe -d @ROOT@ \"$@\"\n";
 
 const PANIC: &str = "Kernel panic - not syncing";
-const PANICKED: &str = "the guest kernel panicked";
 const GUEST_ERROR: &str = "vmsniff-vm: error: ";
+
+/// Why the guest stopped early, as its console told.
+enum EarlyStop {
+    /// Stage two's own error line.
+    SetupFailed(String),
+    /// The kernel's panic line.
+    Panicked(String),
+}
+
+impl std::fmt::Display for EarlyStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EarlyStop::SetupFailed(error) => write!(f, "guest setup failed: {error}"),
+            EarlyStop::Panicked(line) => write!(f, "the guest kernel panicked: {line}"),
+        }
+    }
+}
 
 /// What the guest runs: argv resolved through the guest's PATH, in `cwd`, with `env` added.
 pub struct GuestCommand {
@@ -130,7 +146,11 @@ pub fn boot(
         boots += 1;
         let (end, console) =
             run_qemu(kernel, dir_str, &initrd, deadline.saturating_duration_since(Instant::now()))?;
-        let outcome = match end {
+        // Under TCG a guest kernel has, rarely, panicked in an interrupt while it booted (seen once
+        // in 6.12, at 1.5 s). Nothing of the command had run, so one more boot is a fair retry;
+        // a panic once the command has started is always the run's result.
+        let booting = !dir.join("started").exists();
+        return Ok(match end {
             Ended::TimedOut => Outcome::TimedOut,
             Ended::Interrupted => Outcome::Interrupted,
             Ended::Exited => match fs::read_to_string(dir.join("status")) {
@@ -140,21 +160,19 @@ pub fn boot(
                         .parse()
                         .with_context(|| format!("the guest wrote a bad exit status {status:?}"))?,
                 ),
-                Err(_) => Outcome::Failed(console.unwrap_or_else(|| {
-                    "the guest stopped without reporting an exit status (see its console above)".to_owned()
-                })),
+                Err(_) => match console {
+                    Some(stop @ EarlyStop::Panicked(_)) if booting && boots == 1 => {
+                        println!("vm: {stop}, before the command started: booting {} once more", kernel.name);
+                        continue;
+                    }
+                    Some(stop) => Outcome::Failed(stop.to_string()),
+                    None => Outcome::Failed(
+                        "the guest stopped without reporting an exit status (see its console above)"
+                            .to_owned(),
+                    ),
+                },
             },
-        };
-        // Under TCG a guest kernel has, rarely, panicked in an interrupt while it booted (seen once
-        // in 6.12, at 1.5 s). Nothing of the command had run, so one more boot is a fair retry;
-        // a panic once the command has started is always the run's result.
-        let booting = !dir.join("started").exists();
-        match outcome {
-            Outcome::Failed(reason) if booting && boots == 1 && reason.starts_with(PANICKED) => {
-                println!("vm: {reason}, before the command started: booting {} once more", kernel.name);
-            }
-            outcome => return Ok(outcome),
-        }
+        });
     }
 }
 
@@ -165,7 +183,7 @@ fn run_qemu(
     dir_str: &str,
     initrd: &Path,
     timeout: Duration,
-) -> anyhow::Result<(Ended, Option<String>)> {
+) -> anyhow::Result<(Ended, Option<EarlyStop>)> {
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
@@ -199,7 +217,7 @@ fn run_qemu(
 
 /// Copies the guest's console to stdout without the serial line's carriage returns, and returns
 /// the reason the guest gave for stopping early, or the kernel's panic line.
-fn forward_console(mut console: impl std::io::Read) -> Option<String> {
+fn forward_console(mut console: impl std::io::Read) -> Option<EarlyStop> {
     let mut reason = None;
     let mut line = Vec::new();
     let mut buf = [0u8; 4096];
@@ -218,9 +236,9 @@ fn forward_console(mut console: impl std::io::Read) -> Option<String> {
             }
             let text = String::from_utf8_lossy(&line);
             if let Some(error) = text.split_once(GUEST_ERROR).map(|(_, e)| e) {
-                reason = Some(format!("guest setup failed: {error}"));
+                reason = Some(EarlyStop::SetupFailed(error.to_owned()));
             } else if text.contains(PANIC) && reason.is_none() {
-                reason = Some(format!("{PANICKED}: {}", text.trim()));
+                reason = Some(EarlyStop::Panicked(text.trim().to_owned()));
             }
             line.clear();
         }
