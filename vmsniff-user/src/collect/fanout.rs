@@ -2,11 +2,13 @@
 //! sender's address hashes to (a classic BPF program, `PACKET_FANOUT_CBPF`). A sender's copies
 //! therefore all reach one ring, in the order they arrived: its sequence numbers are counted in
 //! order, and its IPv4 fragments meet in one reassembly.
-use super::ring::{
-    AD_PROTOCOL, ETH_P_IP, ETH_P_IPV6, JA, JEQ_K, LD_W_ABS, RET_K, Ring, RingError, drop_all_filter, insn,
-    receive_filter, step,
+use super::{
+    ring::{
+        AD_PROTOCOL, ETH_P_IP, ETH_P_IPV6, JA, JEQ_K, LD_W_ABS, RET_K, Ring, RingError, drop_all_filter,
+        insn, receive_filter, step,
+    },
+    sockets::{attach_program, setsockopt_raw},
 };
-use super::sockets::{attach_program, setsockopt_raw};
 use std::{io, os::fd::AsRawFd as _};
 
 /// Reading threads at most: each holds a ring of `--buffer-size`.

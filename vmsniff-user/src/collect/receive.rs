@@ -26,7 +26,7 @@ use super::{
     pcapng::{Capture, FLUSH_INTERVAL, PcapngError},
     reader::{Finished, Readers, SharedCapture, lock_capture},
     ring::{self, Ring},
-    sockets::{self, socket},
+    sockets::{attach_program, socket},
     stats::{InterfaceKey, SharedStats, Stats, render_live, render_summary},
 };
 
@@ -108,16 +108,11 @@ impl Receivers {
                     quiet.push(udp_socket(port)?);
                 }
                 for fd in &quiet {
-                    sockets::attach_program(
-                        fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_ATTACH_FILTER,
-                        &ring::drop_all_filter(),
-                    )
-                    .map_err(|source| CollectError::Socket {
-                        op: "cannot attach a filter to a socket beside the ring",
-                        source,
-                    })?;
+                    attach_program(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &ring::drop_all_filter())
+                        .map_err(|source| CollectError::Socket {
+                            op: "cannot attach a filter to a socket beside the ring",
+                            source,
+                        })?;
                 }
                 Ok(Receivers { rings, sockets: Vec::new(), _quiet: quiet })
             }

@@ -21,7 +21,7 @@ use std::{
 
 use super::{
     decode::Undecodable,
-    sockets::{self, attach_program, setsockopt_raw},
+    sockets::{attach_program, setsockopt_raw, socket},
 };
 
 /// Each block holds many copies: the kernel wakes the reader once per block.
@@ -143,8 +143,8 @@ impl Ring {
     /// A ring of `mib` MiB on every interface of this network namespace, taking what `filter`
     /// keeps. Needs CAP_NET_RAW.
     pub fn open(filter: &[libc::sock_filter], mib: usize) -> Result<Ring, RingError> {
-        let fd = sockets::socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0)
-            .map_err(step("cannot open an AF_PACKET socket"))?;
+        let fd =
+            socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0).map_err(step("cannot open an AF_PACKET socket"))?;
         // Only the host's input: copies this host sends (a hypervisor collecting its own) are
         // read once, as they come back in. Linux 4.20 and later; earlier, the filter does it.
         let _ = setsockopt_raw(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1 as &libc::c_int);
