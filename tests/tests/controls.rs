@@ -237,6 +237,45 @@ fn a_snaplen_the_kernel_will_not_cut_to_drops_the_copy_never_sends_it_whole() {
     vmsniff::ok(&hv.ns, &["detach", &id.to_string()]);
 }
 
+#[test]
+fn a_copy_into_a_mirrored_device_keeps_its_snaplen_whichever_program_runs_there_first() {
+    if !privileged_on_host(
+        "a_copy_into_a_mirrored_device_keeps_its_snaplen_whichever_program_runs_there_first",
+        "the order of programs on a hook and the per-CPU slot that names the copy in flight are \
+         the same on every kernel",
+    ) {
+        return;
+    }
+    for mode in vmsniff::attach_modes() {
+        vmsniff::report_mode(mode);
+        let mut hv = Hypervisor::new();
+        let mirror = hv.mirror_port();
+        let second = second_mirror_port(&hv.ns);
+        // Session A cuts its copies of the VM's frames to 100 bytes on their way out of mir0 ...
+        let a = vmsniff::attach(
+            &hv.ns,
+            &["--tap", TAP, "--to-dev", MIRROR_DEV, "--snaplen", "100", "--attach-mode", mode],
+        );
+        // ... and session B, attached after A, mirrors mir0 itself (a monitoring VM's tap that
+        // is mirrored too): its program runs on mir0's egress before A's copy program, and
+        // copies each of A's copies (whole) into mir2 before A's program has cut it.
+        let b = vmsniff::attach(
+            &hv.ns,
+            &["--tap", MIRROR_DEV, "--to-dev", "mir2", "--direction", "in", "--attach-mode", mode],
+        );
+        let out: Vec<Vec<u8>> = (0..8).map(|i| frames::frame(VM_MAC, PEER_MAC, i, 300)).collect();
+        hv.vm_sends(&out);
+        let cut: Vec<Vec<u8>> = out.iter().map(|f| f[..100].to_vec()).collect();
+        assert_frames_eq("A's copies, cut by A's snaplen", &cut, &mirror.capture(out.len(), WAIT, is_marked));
+        assert!(mirror.drain(QUIET, is_marked).is_empty(), "extra copies of A's");
+        let b_copies = second.capture(out.len(), WAIT, is_marked);
+        assert_eq!(b_copies.len(), out.len(), "B copies each of A's copies once");
+        assert_eq!(counter(&hv.ns, a, "out", "truncated"), 8, "A's copies are counted as cut");
+        assert_eq!(counter(&hv.ns, b, "in", "truncated"), 0, "B has no snaplen: none of its copies is cut");
+        vmsniff::ok(&hv.ns, &["detach", "--all"]);
+    }
+}
+
 /// Whether vmsniff's copy program is on the target's egress hook, and whether a clsact qdisc is.
 fn copy_program_on_target(ns: &Netns) -> (bool, bool) {
     let filters = run("tc", &["-n", &ns.name, "filter", "show", "dev", MIRROR_DEV, "egress"]);

@@ -476,7 +476,8 @@ impl DirectionCounters {
 }
 
 /// Value of the `IN_FLIGHT` per-CPU array: set by a tap program just before it clones a frame,
-/// cleared just after. The clone passes the target device's egress hook inside that call, on
+/// put back as it was just after (a copy into a mirrored tap nests a second copy inside the
+/// first). The clone passes the target device's egress hook inside that call, on
 /// this CPU, so the copy program there knows the copy (and no other frame) as a copy, and
 /// whose. A per-CPU flag rather than the skb's mark: the mark is the VM's (and Open vSwitch's)
 /// and the clone carries it on.

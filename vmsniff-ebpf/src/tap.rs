@@ -151,6 +151,11 @@ fn id_words(ids: &[u16; MAX_SESSIONS_PER_TAP]) -> [u32; 4] {
 
 /// Clones the frame into the session's target for `direction`, with the in-flight slot armed
 /// for the copy program there (if the session has one, for its snaplen).
+///
+/// The slot is put back as it was after the clone, not cleared: when the target is itself a
+/// mirrored tap, its tap program may run before its copy program (whichever attached later
+/// runs first), and that tap program's own copy, nested inside this one, must not disarm the
+/// slot before the copy program has cut this copy.
 #[inline(always)]
 fn copy(
     ctx: &TcContext,
@@ -166,6 +171,7 @@ fn copy(
     let target = session.target_ifindex[direction.index()];
     // Field by field: a struct store becomes a memset or a stack copy. SAFETY: a per-CPU slot;
     // see `InFlight` for who reads it.
+    let outer = unsafe { ((*slot).armed, (*slot).session_id, (*slot).direction, (*slot).snaplen) };
     unsafe {
         (*slot).session_id = id;
         (*slot).direction = direction as u32;
@@ -175,10 +181,10 @@ fn copy(
     // Flags 0: the copy leaves through the target's egress (into the tunnel). The clone is
     // what is redirected; `ctx`'s frame continues on its way whatever the result.
     let cloned = ctx.clone_redirect(target, 0);
-    // SAFETY: as above; the clone has returned, so nothing else reads the slot now.
+    // SAFETY: as above; the clone has returned, so nothing reads the slot for this copy now.
     let refused = unsafe {
         let refused = (*slot).armed == IN_FLIGHT_REFUSED;
-        (*slot).armed = 0;
+        ((*slot).armed, (*slot).session_id, (*slot).direction, (*slot).snaplen) = outer;
         refused
     };
     match cloned {
