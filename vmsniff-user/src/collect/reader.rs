@@ -241,12 +241,17 @@ impl Sorter {
     ) -> Result<bool, PcapngError> {
         let mut sorted = reuse(std::mem::take(&mut self.sorted));
         let mut wholes = Vec::new();
+        // Out of `self` while the block's packets are read, beside `sort`'s own state.
+        let mut window = std::mem::take(&mut self.repeats);
+        let mut repeats = window.block();
         for packet in packets {
-            if self.repeats.repeat(&packet) {
+            if repeats.repeat(&packet) {
                 continue;
             }
             sorted.extend(self.sort(packet.data, packet.timestamp, options, &mut wholes));
         }
+        drop(repeats);
+        self.repeats = window;
         let given_up = self.fragments.take_given_up();
         // Counted in the thread's own shard and encoded into its own batch; only the append
         // to the capture is shared.

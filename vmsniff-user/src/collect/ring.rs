@@ -327,7 +327,8 @@ fn packet_at(block: &[u8], offset: usize) -> Option<(RingPacket<'_>, usize)> {
 /// timestamp (to the nanosecond, taken once on entry), length and bytes; it comes right after
 /// the first, give or take packets from other CPUs.
 pub struct Repeats {
-    /// Receive timestamps (ns) of the recent packets, and their fingerprints.
+    /// Receive timestamps (ns) of the recent packets, and the fingerprints of those read in
+    /// earlier blocks (see [`BlockRepeats`] for this block's).
     timestamps: [u64; REPEAT_WINDOW],
     fingerprints: [u64; REPEAT_WINDOW],
     /// Entries filled so far (up to the window), so that a zeroed entry never matches.
@@ -345,20 +346,71 @@ impl Repeats {
         Repeats { timestamps: [0; REPEAT_WINDOW], fingerprints: [0; REPEAT_WINDOW], filled: 0, next: 0 }
     }
 
+    /// The window while one block is read.
+    pub fn block<'a>(&mut self) -> BlockRepeats<'_, 'a> {
+        BlockRepeats { window: self, here: [None; REPEAT_WINDOW] }
+    }
+}
+
+impl Default for Repeats {
+    fn default() -> Self {
+        Repeats::new()
+    }
+}
+
+/// [`Repeats`] while a block is read. A packet of this block stays in the window as its bytes
+/// in the ring, and is fingerprinted only when the block ends still holding it: a packet is
+/// compared with another only when their timestamps are equal, which is rare outside repeats,
+/// and fingerprinting every packet was a twelfth of a copy's cost.
+pub struct BlockRepeats<'w, 'a> {
+    window: &'w mut Repeats,
+    /// For each window entry of this block, the packet's bytes.
+    here: [Option<&'a [u8]>; REPEAT_WINDOW],
+}
+
+impl<'a> BlockRepeats<'_, 'a> {
     /// Whether `packet` was read just before; remembers it otherwise.
-    pub fn repeat(&mut self, packet: &RingPacket<'_>) -> bool {
+    pub fn repeat(&mut self, packet: &RingPacket<'a>) -> bool {
         let timestamp = packet.timestamp.as_nanos() as u64;
-        let fingerprint = fingerprint(packet.data);
-        let recent = &self.timestamps[..self.filled];
-        if recent.iter().zip(&self.fingerprints).any(|(&t, &f)| t == timestamp && f == fingerprint) {
-            return true;
+        let window = &mut *self.window;
+        let mut fingerprinted = None;
+        for i in 0..window.filled {
+            if window.timestamps[i] != timestamp {
+                continue;
+            }
+            let same = match self.here[i] {
+                Some(earlier) => same_head(earlier, packet.data),
+                None => {
+                    window.fingerprints[i] == *fingerprinted.get_or_insert_with(|| fingerprint(packet.data))
+                }
+            };
+            if same {
+                return true;
+            }
         }
-        self.timestamps[self.next] = timestamp;
-        self.fingerprints[self.next] = fingerprint;
-        self.next = (self.next + 1) % REPEAT_WINDOW;
-        self.filled = (self.filled + 1).min(REPEAT_WINDOW);
+        window.timestamps[window.next] = timestamp;
+        self.here[window.next] = Some(packet.data);
+        window.next = (window.next + 1) % REPEAT_WINDOW;
+        window.filled = (window.filled + 1).min(REPEAT_WINDOW);
         false
     }
+}
+
+impl Drop for BlockRepeats<'_, '_> {
+    /// The block is given back to the kernel after this: what stays in the window is kept as
+    /// fingerprints.
+    fn drop(&mut self) {
+        for (i, data) in self.here.iter().enumerate() {
+            if let Some(data) = data {
+                self.window.fingerprints[i] = fingerprint(data);
+            }
+        }
+    }
+}
+
+/// What a fingerprint stands for, compared in full: the length and the first bytes.
+fn same_head(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a[..a.len().min(FINGERPRINT_BYTES)] == b[..b.len().min(FINGERPRINT_BYTES)]
 }
 
 /// A cheap mix of a packet's length and first bytes: it only has to tell apart packets whose
@@ -648,21 +700,36 @@ pub(crate) mod tests {
         let b = ipv4(47, &gre(false, Some(3), Some(2), 0x6558, &frame));
         let at = |data: &'static [u8], ns: u64| RingPacket { data, timestamp: Duration::from_nanos(ns) };
         let (a, b): (&'static [u8], &'static [u8]) = (a.leak(), b.leak());
-        let mut repeats = Repeats::new();
-        assert!(!repeats.repeat(&at(a, 10)));
-        assert!(repeats.repeat(&at(a, 10)), "the bridge's delivery of the port's packet");
-        assert!(!repeats.repeat(&at(b, 10)), "another copy at the same nanosecond");
-        assert!(!repeats.repeat(&at(a, 11)), "the same bytes later: a copy sent twice, counted as such");
-        for ns in 100..110 {
-            assert!(!repeats.repeat(&at(b, ns)));
-        }
-        assert!(!repeats.repeat(&at(a, 10)), "only a window of recent packets is kept");
         // One byte longer, its first byte differing in the bit the length does.
         let mut longer = a.to_vec();
         longer.push(0);
         longer[0] ^= (a.len() ^ longer.len()) as u8;
         let longer: &'static [u8] = longer.leak();
-        assert!(!repeats.repeat(&at(longer, 10)), "the length counts apart from the bytes");
+        // Every step in one block (packets compared by their bytes), and each in a block of its
+        // own (compared with the fingerprints of earlier blocks' packets): the same answers.
+        for per_block in [usize::MAX, 1] {
+            let steps: Vec<(RingPacket<'static>, bool, &str)> = vec![
+                (at(a, 10), false, "a first packet"),
+                (at(a, 10), true, "the bridge's delivery of the port's packet"),
+                (at(b, 10), false, "another copy at the same nanosecond"),
+                (at(a, 11), false, "the same bytes later: a copy sent twice, counted as such"),
+                (at(longer, 11), false, "the length counts apart from the bytes"),
+            ];
+            let flush: Vec<_> = (100..108).map(|ns| (at(b, ns), false, "later packets")).collect();
+            let after: Vec<(RingPacket<'static>, bool, &str)> = vec![
+                (at(b, 107), true, "a repeat of the last"),
+                (at(a, 10), false, "only a window of recent packets is kept"),
+            ];
+            let mut window = Repeats::new();
+            for chunk in
+                steps.iter().chain(&flush).chain(&after).collect::<Vec<_>>().chunks(per_block.min(64))
+            {
+                let mut repeats = window.block();
+                for (packet, repeat, what) in chunk {
+                    assert_eq!(repeats.repeat(packet), *repeat, "{what} (blocks of {per_block})");
+                }
+            }
+        }
     }
 
     #[test]
