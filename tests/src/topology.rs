@@ -55,12 +55,17 @@ impl Hypervisor {
 
     /// Adds the `--to-dev` veth pair and returns a capture on its far end.
     pub fn mirror_port(&self) -> PacketSocket {
+        self.mirror_device();
+        PacketSocket::open(&self.ns, MIRROR_CAPTURE)
+    }
+
+    /// Adds the `--to-dev` veth pair alone: the stack on its far end drops the copies.
+    pub fn mirror_device(&self) {
         self.ns.sh(&format!(
             "ip link add {MIRROR_DEV} type veth peer name {MIRROR_CAPTURE}
              ip link set {MIRROR_DEV} up
              ip link set {MIRROR_CAPTURE} up"
         ));
-        PacketSocket::open(&self.ns, MIRROR_CAPTURE)
     }
 
     pub fn vm_sends(&mut self, frames: &[Vec<u8>]) {

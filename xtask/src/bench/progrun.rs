@@ -21,7 +21,7 @@ use nix::sched::{CloneFlags, CpuSet, sched_setaffinity, setns};
 use serde::{Deserialize, Serialize};
 use vmsniff_tests::{
     frames::{self, L4, PEER_MAC, VM_MAC},
-    topology::{Hypervisor, MIRROR_CAPTURE, MIRROR_DEV, TAP},
+    topology::{Hypervisor, MIRROR_DEV, TAP},
 };
 
 use crate::demo::vmsniff_in;
@@ -107,11 +107,7 @@ pub fn run(rounds: usize, vmsniff: &Path, two_cpus: bool) -> anyhow::Result<Samp
     // that sent each one. A capture socket there was one receive queue that both CPUs of the
     // two-CPU runs filled, and its lock made each copy a fifth dearer on two CPUs than on one:
     // the test's cost, not the program's.
-    hv.ns.sh(&format!(
-        "ip link add {MIRROR_DEV} type veth peer name {MIRROR_CAPTURE}
-         ip link set {MIRROR_DEV} up
-         ip link set {MIRROR_CAPTURE} up"
-    ));
+    hv.mirror_device();
     // A session on another device for the whole run keeps vmsniff's programs pinned, so that
     // each path's attach reuses them instead of waiting for the verifier (seconds under TCG).
     hv.ns.sh(&format!("ip link add {KEEPER} type veth peer name {KEEPER}p\nip link set {KEEPER} up"));
