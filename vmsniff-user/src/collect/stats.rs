@@ -180,9 +180,8 @@ impl StreamStats {
 pub struct Stats {
     /// Streams counted at most (`--max-streams`), by all shards together.
     pub max_streams: usize,
-    /// Hashed, not ordered: it is looked up once per copy (a B-tree search of the key was a
-    /// sixth of a copy's cost). [`Stats::streams_sorted`] orders it for reading.
-    pub streams: HashMap<StreamKey, StreamStats, foldhash::fast::RandomState>,
+    /// Looked up once per copy; [`Stats::streams_sorted`] orders it for reading.
+    pub streams: Streams,
     pub undecodable: BTreeMap<Undecodable, u64>,
     /// Packets from senders outside `--from`.
     pub ignored: u64,
@@ -355,7 +354,7 @@ impl Stats {
     fn sharing(shared: &Arc<Shared>) -> Stats {
         Stats {
             max_streams: shared.max_streams,
-            streams: HashMap::default(),
+            streams: Streams::default(),
             undecodable: BTreeMap::new(),
             ignored: 0,
             socket_drops: BTreeMap::new(),
@@ -370,7 +369,7 @@ impl Stats {
 
     /// Counts a copy of stream `key`; false when it is refused (a new stream, the table full).
     pub fn copy(&mut self, key: StreamKey, frame_len: usize, sequence: Option<u32>) -> bool {
-        match stream(&mut self.streams, &self.shared, &mut self.refused_streams, key) {
+        match self.streams.get_or_make(key, &self.shared, &mut self.refused_streams) {
             Some(stream) => {
                 stream.count(frame_len, sequence);
                 true
@@ -488,7 +487,7 @@ impl Stats {
         frame_len: usize,
         sequence: Option<u32>,
     ) -> bool {
-        let Some(stream) = stream(&mut self.streams, &self.shared, &mut self.refused_streams, key) else {
+        let Some(stream) = self.streams.get_or_make(key, &self.shared, &mut self.refused_streams) else {
             return false;
         };
         let starts_over = match sequence {
@@ -518,21 +517,46 @@ impl Stats {
     }
 }
 
-/// The counts of stream `key` in `streams`, made if there is room for another stream (counted in
-/// `refused` if not).
-fn stream<'a>(
-    streams: &'a mut HashMap<StreamKey, StreamStats, foldhash::fast::RandomState>,
-    shared: &Shared,
-    refused: &mut u64,
-    key: StreamKey,
-) -> Option<&'a mut StreamStats> {
-    match streams.entry(key) {
-        Entry::Occupied(stream) => Some(stream.into_mut()),
-        Entry::Vacant(_) if !shared.take_stream() => {
-            *refused += 1;
-            None
+/// Each stream's counts. Hashed, not ordered (a B-tree search of the key was a sixth of a
+/// copy's cost), and the stream of the last copy is tried first: a ring block holds runs of one
+/// sender's copies of one session, and a key compare is cheaper than a hash lookup.
+#[derive(Debug, Default)]
+pub struct Streams {
+    counts: Vec<(StreamKey, StreamStats)>,
+    /// Index in `counts` by stream.
+    index: HashMap<StreamKey, usize, foldhash::fast::RandomState>,
+    /// The index of the stream looked up last.
+    last: usize,
+}
+
+impl Streams {
+    pub fn iter(&self) -> impl Iterator<Item = (&StreamKey, &StreamStats)> {
+        self.counts.iter().map(|(key, stats)| (key, stats))
+    }
+
+    /// The counts of stream `key`, made if `shared` has room for another stream (counted in
+    /// `refused` if not).
+    fn get_or_make(
+        &mut self,
+        key: StreamKey,
+        shared: &Shared,
+        refused: &mut u64,
+    ) -> Option<&mut StreamStats> {
+        if self.counts.get(self.last).is_none_or(|(last, _)| *last != key) {
+            self.last = match self.index.entry(key) {
+                Entry::Occupied(stream) => *stream.get(),
+                Entry::Vacant(_) if !shared.take_stream() => {
+                    *refused += 1;
+                    return None;
+                }
+                Entry::Vacant(stream) => {
+                    stream.insert(self.counts.len());
+                    self.counts.push((key, StreamStats::default()));
+                    self.counts.len() - 1
+                }
+            };
         }
-        Entry::Vacant(stream) => Some(stream.insert(StreamStats::default())),
+        Some(&mut self.counts[self.last].1)
     }
 }
 
@@ -705,7 +729,7 @@ mod tests {
         stats.fleet_copy(interface, key(a), 60, Some(0));
         stats.fleet_copy(interface, key(a), 60, Some(1));
         assert_eq!(stats.moves(), [(interface, Moves { last: a, moves: 2 })]);
-        let lost: u64 = stats.streams.values().map(|s| s.sequence.lost + s.sequence.duplicates).sum();
+        let lost: u64 = stats.streams.iter().map(|(_, s)| s.sequence.lost + s.sequence.duplicates).sum();
         assert_eq!(lost, 0, "a move is no loss: {:?}", stats.streams);
         assert!(render_summary(&stats.snapshot(), |_| "web".into()).contains("web: moved 2 time(s)"));
     }
@@ -843,7 +867,7 @@ mod tests {
         for session in 0..(DEFAULT_MAX_STREAMS as u32 + 100) {
             stats.copy(key(session), 60, Some(0));
         }
-        assert_eq!((stats.streams.len(), stats.refused_streams), (DEFAULT_MAX_STREAMS, 100));
+        assert_eq!((stats.streams.iter().count(), stats.refused_streams), (DEFAULT_MAX_STREAMS, 100));
         // Streams already counted go on.
         assert!(stats.copy(key(1), 60, Some(1)));
         assert!(!stats.copy(key(DEFAULT_MAX_STREAMS as u32 + 5), 60, Some(1)));
