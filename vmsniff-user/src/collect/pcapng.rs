@@ -151,6 +151,8 @@ pub struct Batch<K> {
     streams: Vec<(K, u32)>,
     /// Index in `streams` by stream.
     index: HashMap<K, usize, foldhash::fast::RandomState>,
+    /// The stream of the last packet, tried before `index`: packets come in runs of one stream.
+    last: usize,
     /// Interface ids as the capture last told them, in its file `file`.
     known: HashMap<K, u32, foldhash::fast::RandomState>,
     file: u32,
@@ -168,23 +170,26 @@ impl<K: std::hash::Hash + Eq + Clone> Batch<K> {
             packets: Vec::new(),
             streams: Vec::new(),
             index: HashMap::default(),
+            last: 0,
             known: HashMap::default(),
             file: 0,
         }
     }
 
     pub fn push(&mut self, key: &K, packet: &Packet) {
-        let stream = match self.index.get(key) {
-            Some(&stream) => stream,
-            None => {
-                let id = self.known.get(key).copied().unwrap_or(UNKNOWN_ID);
-                self.streams.push((key.clone(), id));
-                self.index.insert(key.clone(), self.streams.len() - 1);
-                self.streams.len() - 1
-            }
-        };
-        self.packets.push((self.blocks.len(), stream));
-        encode_packet(&mut self.blocks, self.streams[stream].1, packet);
+        if self.streams.get(self.last).is_none_or(|(last, _)| last != key) {
+            self.last = match self.index.get(key) {
+                Some(&stream) => stream,
+                None => {
+                    let id = self.known.get(key).copied().unwrap_or(UNKNOWN_ID);
+                    self.streams.push((key.clone(), id));
+                    self.index.insert(key.clone(), self.streams.len() - 1);
+                    self.streams.len() - 1
+                }
+            };
+        }
+        self.packets.push((self.blocks.len(), self.last));
+        encode_packet(&mut self.blocks, self.streams[self.last].1, packet);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -294,9 +299,7 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
     }
 
     /// Adds `batch`'s packets in their order and empties it; [`append_shared`] writes a full
-    /// buffer out. Its streams' ids are checked once each; a batch that would cross a size
-    /// rotation goes packet by packet, so that every file starts with its own interfaces, as
-    /// with [`Capture::write`].
+    /// buffer out.
     fn append(
         &mut self,
         batch: &mut Batch<K>,
@@ -305,6 +308,30 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
         if batch.is_empty() {
             return Ok(());
         }
+        let result = match self.number(batch, &interface) {
+            Ok(Numbered::Whole) => match self.destination {
+                Destination::Stdout => self.write_whole(&batch.blocks),
+                Destination::File(_) => {
+                    self.pending.extend_from_slice(&batch.blocks);
+                    Ok(())
+                }
+            },
+            Ok(Numbered::Added) => Ok(()),
+            Err(e) => Err(e),
+        };
+        batch.clear();
+        result
+    }
+
+    /// Rotates if due, then gives `batch`'s packets their streams' interface ids in this file
+    /// (announcing new streams), each stream's checked once. A batch that would cross a size
+    /// rotation is added packet by packet instead, so that every file starts with its own
+    /// interfaces, as with [`Capture::write`].
+    fn number(
+        &mut self,
+        batch: &mut Batch<K>,
+        interface: &impl Fn(&K) -> Interface,
+    ) -> Result<Numbered, PcapngError> {
         self.rotate_if_due()?;
         let fits = match self.rotate {
             Some(Rotate::Bytes(limit)) => {
@@ -312,17 +339,10 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
             }
             _ => true,
         };
-        let result =
-            if fits { self.append_whole(batch, &interface) } else { self.append_each(batch, &interface) };
-        batch.clear();
-        result
-    }
-
-    fn append_whole(
-        &mut self,
-        batch: &mut Batch<K>,
-        interface: &impl Fn(&K) -> Interface,
-    ) -> Result<(), PcapngError> {
+        if !fits {
+            self.append_each(batch, interface)?;
+            return Ok(Numbered::Added);
+        }
         let mut patch = false;
         for stream in 0..batch.streams.len() {
             let key = &batch.streams[stream].0;
@@ -336,13 +356,7 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
             }
         }
         self.learn(batch);
-        match self.destination {
-            Destination::Stdout => self.write_whole(&batch.blocks),
-            Destination::File(_) => {
-                self.pending.extend_from_slice(&batch.blocks);
-                Ok(())
-            }
-        }
+        Ok(Numbered::Whole)
     }
 
     fn append_each(
@@ -453,30 +467,60 @@ impl<K: std::hash::Hash + Eq + Clone> Capture<K> {
     }
 }
 
-/// Appends `batch` to the capture (see [`Capture::append`]). When a buffer's worth of blocks is
-/// pending, this thread writes it out after letting the capture go, so that the other reading
-/// threads append while the file system copies it; the output's own lock, taken first, keeps
-/// the buffers in order.
+/// What [`Capture::number`] did with a batch.
+enum Numbered {
+    /// Its blocks carry their ids: to be added whole.
+    Whole,
+    /// Added packet by packet already.
+    Added,
+}
+
+/// Appends `batch` to the capture and empties it (see [`Capture::append`]). When a buffer's
+/// worth of blocks is pending, this thread writes it out after letting the capture go, so that
+/// the other reading threads append while the file system copies it; the output's own lock,
+/// taken first, keeps the buffers in order. A large batch (a flood's: a ring block's copies)
+/// is written out as it is, after the blocks pending before it, rather than copied into the
+/// pending buffer first.
 pub fn append_shared<K: std::hash::Hash + Eq + Clone>(
     capture: &Mutex<Capture<K>>,
     batch: &mut Batch<K>,
     interface: impl Fn(&K) -> Interface,
 ) -> Result<(), PcapngError> {
     let mut guard = capture.lock().unwrap_or_else(PoisonError::into_inner);
-    guard.append(batch, interface)?;
-    if guard.pending.len() < FLUSH_BYTES || guard.destination == Destination::Stdout {
-        return Ok(());
-    }
-    let blocks = std::mem::replace(&mut guard.pending, Vec::with_capacity(FLUSH_BYTES + FLUSH_SLACK));
-    guard.written += blocks.len() as u64;
+    let file = guard.destination != Destination::Stdout;
+    let (pending, as_is) = if !file || batch.blocks.len() < AS_IS_BYTES {
+        guard.append(batch, interface)?;
+        if !file || guard.pending.len() < FLUSH_BYTES {
+            return Ok(());
+        }
+        (std::mem::replace(&mut guard.pending, Vec::with_capacity(FLUSH_BYTES + FLUSH_SLACK)), false)
+    } else {
+        match guard.number(batch, &interface) {
+            Ok(Numbered::Whole) => {}
+            numbered => {
+                batch.clear();
+                return numbered.map(drop);
+            }
+        }
+        (std::mem::take(&mut guard.pending), true)
+    };
+    let as_is: &[u8] = if as_is { &batch.blocks } else { &[] };
+    guard.written += (pending.len() + as_is.len()) as u64;
     let (out, destination, what) = (Arc::clone(&guard.out), guard.destination.clone(), guard.what());
     let mut output = lock_output(&out);
     drop(guard);
-    output.write_whole(&blocks, &destination, || what)
+    let result = output
+        .write_whole(&pending, &destination, || what.clone())
+        .and_then(|()| output.write_whole(as_is, &destination, || what));
+    batch.clear();
+    result
 }
 
 /// Room beyond a buffer's worth, for the batch that fills it.
 const FLUSH_SLACK: usize = 1 << 18;
+/// A batch at least this large is written as it is (see [`append_shared`]): still one large
+/// write.
+const AS_IS_BYTES: usize = 1 << 17;
 
 /// Where whole blocks go: the current file (or stdout) and how much of it is whole.
 pub struct Output {
@@ -843,6 +887,12 @@ mod tests {
             push(&mut b, stream);
         }
         append_shared(&capture, &mut b, name).unwrap();
+        // A flood's batch, written as it is after the blocks pending before it (4 is new: its
+        // interface is announced between them).
+        for i in 0..AS_IS_BYTES / 100 {
+            push(&mut b, [1, 4][i % 2]);
+        }
+        append_shared(&capture, &mut b, name).unwrap();
         for stream in [3, 1, 2] {
             push(&mut a, stream);
         }
@@ -851,7 +901,7 @@ mod tests {
         append_shared(&capture, &mut b, name).unwrap();
         capture.lock().unwrap().flush().unwrap();
         let (names, _) = read_back(&path);
-        assert_eq!(names, ["s1", "s2", "s3"], "each stream announced once, when first written");
+        assert_eq!(names, ["s1", "s2", "s3", "s4"], "each stream announced once, when first written");
         let written: Vec<String> = streams_of_packets(&path)
             .into_iter()
             .map(|(name, stream)| {
@@ -902,18 +952,24 @@ mod tests {
     #[test]
     fn after_a_failed_write_no_thread_adds_to_the_file() {
         let capture = Mutex::new(full_capture());
-        let mut batch = Batch::new();
         let frame = vec![0u8; 1400];
-        let fill = |batch: &mut Batch<u32>| {
-            for _ in 0..FLUSH_BYTES / 1400 + 1 {
-                batch.push(&1, &packet(&frame, 0));
+        // Small batches, until a buffer's worth of them is written out.
+        let mut small = Batch::new();
+        let error = loop {
+            for _ in 0..AS_IS_BYTES / 1500 {
+                small.push(&1, &packet(&frame, 0));
+            }
+            if let Err(error) = append_shared(&capture, &mut small, |_| iface("x")) {
+                break error;
             }
         };
-        fill(&mut batch);
-        let error = append_shared(&capture, &mut batch, |_| iface("x")).unwrap_err();
         assert!(error.to_string().contains("/dev/full"), "{error}");
-        fill(&mut batch);
-        let error = append_shared(&capture, &mut batch, |_| iface("x")).unwrap_err();
+        // Then a flood's batch, which would be written as it is.
+        let mut large = Batch::new();
+        for _ in 0..AS_IS_BYTES / 1400 + 1 {
+            large.push(&1, &packet(&frame, 0));
+        }
+        let error = append_shared(&capture, &mut large, |_| iface("x")).unwrap_err();
         let cause = std::error::Error::source(&error).map(ToString::to_string).unwrap_or_default();
         assert!(cause.contains("earlier write"), "{error}: {cause}");
         assert_eq!(lock_output(&capture.lock().unwrap().out).whole, 0);
