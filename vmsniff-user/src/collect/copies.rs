@@ -8,7 +8,7 @@ use super::{
     decode::{self, Copy, Kind, Undecodable},
     names::Names,
     pcapng::{Capture, Destination, Interface, Packet, PcapngError, Rotate},
-    stats::{InterfaceKey, Stats, StreamKey},
+    stats::{InterfaceKey, Stats, StreamIndex, StreamKey},
 };
 use crate::model::wire::pcapng_direction_flags;
 
@@ -136,8 +136,8 @@ pub fn decode_copy<'a>(
 /// What becomes of a decoded copy once counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
-    /// Counted and to be written, on this interface.
-    Write(InterfaceKey),
+    /// Counted and to be written, on `interface`; `stream` is its stream's index in the shard.
+    Write { interface: InterfaceKey, stream: StreamIndex },
     /// Counted as refused (plain GRE, the stream table full): not written.
     Refused,
     /// `--count` copies are admitted already (written, or about to be by the reading thread
@@ -167,19 +167,19 @@ pub fn admit(copy: &Copy<'_>, options: &Options, stats: &mut Stats) -> Admission
         return Admission::Counted;
     }
     let counted = match names.fleet_interface(&key) {
-        Some(interface) => {
-            stats.fleet_copy(interface, key, copy.frame.len(), copy.sequence).then_some(interface)
-        }
-        None => stats.copy(key, copy.frame.len(), copy.sequence).then(|| key.interface()),
+        Some(interface) => stats
+            .fleet_copy(interface, key, copy.frame.len(), copy.sequence)
+            .map(|stream| (interface, stream)),
+        None => stats.copy(key, copy.frame.len(), copy.sequence).map(|stream| (key.interface(), stream)),
     };
-    let Some(interface) = counted else {
+    let Some((interface, stream)) = counted else {
         if options.count.is_some() {
             stats.give_back_one();
         }
         return Admission::Refused;
     };
     stats.written += 1;
-    Admission::Write(interface)
+    Admission::Write { interface, stream }
 }
 
 /// The pcapng interface of a stream: its name and description.
@@ -205,7 +205,7 @@ pub fn record(
     stats: &mut Stats,
     capture: &mut Capture<InterfaceKey>,
 ) -> Result<bool, PcapngError> {
-    if let Admission::Write(key) = admit(copy, options, stats) {
+    if let Admission::Write { interface: key, .. } = admit(copy, options, stats) {
         capture.write(&key, || interface(&options.names, &key), &packet(copy, timestamp))?;
     }
     Ok(settle(options, stats))

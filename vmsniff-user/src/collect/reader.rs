@@ -276,7 +276,9 @@ impl Sorter {
                 }
             };
             match copies::admit(&copy, options, &mut stats) {
-                Admission::Write(interface) => self.batch.push(&interface, &copies::packet(&copy, timestamp)),
+                Admission::Write { interface, stream } => {
+                    self.batch.push(stream.0, &interface, &copies::packet(&copy, timestamp));
+                }
                 Admission::Refused => {}
                 // The count is reached: nothing after this copy is written.
                 Admission::Counted => break,

@@ -367,15 +367,11 @@ impl Stats {
         }
     }
 
-    /// Counts a copy of stream `key`; false when it is refused (a new stream, the table full).
-    pub fn copy(&mut self, key: StreamKey, frame_len: usize, sequence: Option<u32>) -> bool {
-        match self.streams.get_or_make(key, &self.shared, &mut self.refused_streams) {
-            Some(stream) => {
-                stream.count(frame_len, sequence);
-                true
-            }
-            None => false,
-        }
+    /// Counts a copy of stream `key`; None when it is refused (a new stream, the table full).
+    pub fn copy(&mut self, key: StreamKey, frame_len: usize, sequence: Option<u32>) -> Option<StreamIndex> {
+        let (index, stream) = self.streams.get_or_make(key, &self.shared, &mut self.refused_streams)?;
+        stream.count(frame_len, sequence);
+        Some(index)
     }
 
     /// Takes one of `--count`'s `count` copies for this shard; false once `count` copies are
@@ -486,10 +482,8 @@ impl Stats {
         key: StreamKey,
         frame_len: usize,
         sequence: Option<u32>,
-    ) -> bool {
-        let Some(stream) = self.streams.get_or_make(key, &self.shared, &mut self.refused_streams) else {
-            return false;
-        };
+    ) -> Option<StreamIndex> {
+        let (index, stream) = self.streams.get_or_make(key, &self.shared, &mut self.refused_streams)?;
         let starts_over = match sequence {
             Some(seq) => stream.sequence.starts_over_at(seq),
             None => stream.packets == 0,
@@ -505,17 +499,23 @@ impl Stats {
                 stream.sequenced = true;
                 stream.packets += 1;
                 stream.bytes += frame_len as u64;
-                return true;
+                return Some(index);
             }
         }
         stream.count(frame_len, sequence);
-        true
+        Some(index)
     }
 
     pub fn undecodable(&mut self, why: Undecodable) {
         *self.undecodable.entry(why).or_default() += 1;
     }
 }
+
+/// A stream's place in its shard's table: the same for the stream as long as the shard
+/// lives, and below the number of streams the shard counts (a dense index for tables of the
+/// shard's thread).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamIndex(pub usize);
 
 /// Each stream's counts. Hashed, not ordered (a B-tree search of the key was a sixth of a
 /// copy's cost), and the stream of the last copy is tried first: a ring block holds runs of one
@@ -541,7 +541,7 @@ impl Streams {
         key: StreamKey,
         shared: &Shared,
         refused: &mut u64,
-    ) -> Option<&mut StreamStats> {
+    ) -> Option<(StreamIndex, &mut StreamStats)> {
         if self.counts.get(self.last).is_none_or(|(last, _)| *last != key) {
             self.last = match self.index.entry(key) {
                 Entry::Occupied(stream) => *stream.get(),
@@ -556,7 +556,7 @@ impl Streams {
                 }
             };
         }
-        Some(&mut self.counts[self.last].1)
+        Some((StreamIndex(self.last), &mut self.counts[self.last].1))
     }
 }
 
@@ -801,10 +801,11 @@ mod tests {
         let stats = ShardedStats::new(10, 2);
         {
             let (mut a, mut b) = (stats.reader(0), stats.reader(1));
-            (0..6).for_each(|session| assert!(a.copy(stream(1, session), 60, Some(0))));
-            let counted: Vec<bool> = (0..6).map(|session| b.copy(stream(2, session), 60, Some(0))).collect();
+            (0..6).for_each(|session| assert!(a.copy(stream(1, session), 60, Some(0)).is_some()));
+            let counted: Vec<bool> =
+                (0..6).map(|session| b.copy(stream(2, session), 60, Some(0)).is_some()).collect();
             assert_eq!(counted, [true, true, true, true, false, false], "10 streams in all");
-            assert!(b.copy(stream(2, 0), 60, Some(1)), "a stream counted goes on");
+            assert!(b.copy(stream(2, 0), 60, Some(1)).is_some(), "a stream counted goes on");
             a.undecodable(Undecodable::UnknownProtocol);
             b.undecodable(Undecodable::UnknownProtocol);
             b.socket_drops.insert(16, 3);
@@ -869,8 +870,8 @@ mod tests {
         }
         assert_eq!((stats.streams.iter().count(), stats.refused_streams), (DEFAULT_MAX_STREAMS, 100));
         // Streams already counted go on.
-        assert!(stats.copy(key(1), 60, Some(1)));
-        assert!(!stats.copy(key(DEFAULT_MAX_STREAMS as u32 + 5), 60, Some(1)));
+        assert!(stats.copy(key(1), 60, Some(1)).is_some());
+        assert!(stats.copy(key(DEFAULT_MAX_STREAMS as u32 + 5), 60, Some(1)).is_none());
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.streams.len(), DEFAULT_MAX_STREAMS);
         assert_eq!(snapshot.refused_streams, 101);
