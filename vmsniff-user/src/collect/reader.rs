@@ -197,13 +197,14 @@ fn count_drops(ring: &Ring, index: usize, stats: &SharedStats) {
     }
 }
 
-/// A ring packet, sorted and decoded without any lock.
+/// What a ring packet is.
 enum Sorted<'a> {
-    Copy(Copy<'a>, Duration),
-    /// A datagram made whole from fragments: the block's `wholes[index]`, decoded under the
-    /// lock (it is owned by the block's pass, not by the ring).
-    Whole(usize, Duration),
+    Copy(Copy<'a>),
+    /// A datagram made whole from fragments, to decode.
+    Whole(Vec<u8>),
     Skipped(Skip),
+    /// A fragment kept until its datagram is whole.
+    Kept,
 }
 
 /// One thread's state between blocks.
@@ -213,8 +214,6 @@ struct Sorter {
     local: LocalAddresses,
     fragments: Reassembly,
     repeats: Repeats,
-    /// The last block's list, kept for its allocation.
-    sorted: Vec<Sorted<'static>>,
     batch: Batch<InterfaceKey>,
 }
 
@@ -225,13 +224,13 @@ impl Sorter {
             local: LocalAddresses::new(),
             fragments: Reassembly::default(),
             repeats: Repeats::new(),
-            sorted: Vec::new(),
             batch: Batch::new(),
         }
     }
 
-    /// Sorts, decodes, counts and encodes a block's packets, then adds them to the capture;
-    /// `Ok(true)` once `--count` copies are written.
+    /// Sorts, decodes, counts and encodes a block's packets in one pass, then adds them to the
+    /// capture; `Ok(true)` once `--count` copies are written. Counted in the thread's own shard
+    /// and encoded into its own batch: only the append to the capture is shared.
     fn block(
         &mut self,
         packets: BlockPackets<'_>,
@@ -239,8 +238,7 @@ impl Sorter {
         stats: &SharedStats,
         capture: &SharedCapture,
     ) -> Result<bool, PcapngError> {
-        let mut sorted = reuse(std::mem::take(&mut self.sorted));
-        let mut wholes = Vec::new();
+        let mut stats = stats.reader(self.index);
         // Out of `self` while the block's packets are read, beside `sort`'s own state.
         let mut window = std::mem::take(&mut self.repeats);
         let mut repeats = window.block();
@@ -248,81 +246,70 @@ impl Sorter {
             if repeats.repeat(&packet) {
                 continue;
             }
-            sorted.extend(self.sort(packet.data, packet.timestamp, options, &mut wholes));
-        }
-        drop(repeats);
-        self.repeats = window;
-        let given_up = self.fragments.take_given_up();
-        // Counted in the thread's own shard and encoded into its own batch; only the append
-        // to the capture is shared.
-        let mut stats = stats.reader(self.index);
-        if given_up > 0 {
-            *stats.undecodable.entry(super::decode::Undecodable::FragmentsIncomplete).or_default() +=
-                given_up;
-        }
-        for item in sorted.drain(..) {
-            let (copy, timestamp) = match item {
-                Sorted::Copy(copy, timestamp) => (copy, timestamp),
-                Sorted::Whole(index, timestamp) => match decode_whole(&wholes[index], options) {
-                    Ok(copy) => (copy, timestamp),
-                    Err(skip) => {
-                        skip.count(&mut stats);
-                        continue;
+            let whole;
+            let copy = match self.sort(packet.data, packet.timestamp, options) {
+                Sorted::Copy(copy) => copy,
+                Sorted::Whole(datagram) => {
+                    whole = datagram;
+                    match decode_whole(&whole, options) {
+                        Ok(copy) => copy,
+                        Err(skip) => {
+                            skip.count(&mut stats);
+                            continue;
+                        }
                     }
-                },
+                }
                 Sorted::Skipped(skip) => {
                     skip.count(&mut stats);
                     continue;
                 }
+                Sorted::Kept => continue,
             };
             match copies::admit(&copy, options, &mut stats) {
                 Admission::Write { interface, stream } => {
-                    self.batch.push(stream.0, &interface, &copies::packet(&copy, timestamp));
+                    self.batch.push(stream.0, &interface, &copies::packet(&copy, packet.timestamp));
                 }
                 Admission::Refused => {}
                 // The count is reached: nothing after this copy is written.
                 Admission::Counted => break,
             }
         }
+        drop(repeats);
+        self.repeats = window;
+        let given_up = self.fragments.take_given_up();
+        if given_up > 0 {
+            *stats.undecodable.entry(super::decode::Undecodable::FragmentsIncomplete).or_default() +=
+                given_up;
+        }
         let counted = copies::settle(options, &mut stats);
         drop(stats);
-        self.sorted = reuse(sorted);
         pcapng::append_shared(capture, &mut self.batch, |key| copies::interface(&options.names, key))?;
         Ok(counted)
     }
 
-    /// What one packet from the ring is: a copy, a datagram just made whole, or a reason;
-    /// None for a fragment kept until its datagram is whole.
-    fn sort<'a>(
-        &mut self,
-        packet: &'a [u8],
-        timestamp: Duration,
-        options: &Options,
-        wholes: &mut Vec<Vec<u8>>,
-    ) -> Option<Sorted<'a>> {
+    /// What one packet from the ring is: a copy, a datagram just made whole, a fragment kept
+    /// until its datagram is whole, or a reason.
+    fn sort<'a>(&mut self, packet: &'a [u8], timestamp: Duration, options: &Options) -> Sorted<'a> {
         let classified = if packet.first().is_some_and(|b| b >> 4 == 4) {
             let ipv4 = match ring::ipv4_for_this_host(packet, &mut self.local) {
                 Ok(ipv4) => ipv4,
-                Err(why) => return Some(Sorted::Skipped(why.into())),
+                Err(why) => return Sorted::Skipped(why.into()),
             };
             if reassembly::is_fragment(ipv4) {
                 return match self.fragments.offer(ipv4, timestamp) {
-                    Offered::Complete(datagram) => {
-                        wholes.push(datagram);
-                        Some(Sorted::Whole(wholes.len() - 1, timestamp))
-                    }
-                    Offered::Pending => None,
-                    Offered::Refused(why) => Some(Sorted::Skipped(why.into())),
+                    Offered::Complete(datagram) => Sorted::Whole(datagram),
+                    Offered::Pending => Sorted::Kept,
+                    Offered::Refused(why) => Sorted::Skipped(why.into()),
                 };
             }
             ring::classify_ipv4(ipv4, options.vxlan_port)
         } else {
             ring::classify_ipv6(packet, options.vxlan_port, &mut self.local)
         };
-        Some(match classified.map_err(Skip::from).and_then(|c| decode_classified(c, options)) {
-            Ok(copy) => Sorted::Copy(copy, timestamp),
+        match classified.map_err(Skip::from).and_then(|c| decode_classified(c, options)) {
+            Ok(copy) => Sorted::Copy(copy),
             Err(skip) => Sorted::Skipped(skip),
-        })
+        }
     }
 }
 
@@ -339,13 +326,4 @@ fn decode_classified<'a>(classified: Classified<'a>, options: &Options) -> Resul
             copies::decode_copy(Listener::Vxlan, datagram, Some(sender), options)
         }
     }
-}
-
-/// An empty list of another lifetime in `list`'s allocation: the block's borrows end with the
-/// block, its capacity serves the next one (collecting from an empty iterator of the same
-/// layout reuses the allocation).
-#[expect(clippy::unnecessary_filter_map, reason = "filter cannot change the lifetime; filter_map can")]
-fn reuse<'a, 'b>(mut list: Vec<Sorted<'a>>) -> Vec<Sorted<'b>> {
-    list.clear();
-    list.into_iter().filter_map(|_| None).collect()
 }
